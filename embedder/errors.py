@@ -1,0 +1,29 @@
+"""Errors of the embedding tier (subclasses of the engine-wide hierarchy in imgsearch.errors)."""
+
+from imgsearch.errors import (
+    DeadlineExceededError,
+    ImgsearchError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+
+class EmbedderError(ImgsearchError):
+    """Base of the embedding tier's errors."""
+
+
+class InvalidImageError(EmbedderError, InvalidArgumentError):
+    """The bytes are not a decodable image (empty, truncated, unknown format)."""
+
+
+class ImageTooLargeError(EmbedderError, ResourceExhaustedError):
+    """The image exceeds the configured byte or pixel limits (decompression bombs included)."""
+
+
+class EmbedderUnavailableError(EmbedderError, UnavailableError):
+    """The embedding service cannot be reached or is not ready."""
+
+
+class EmbedderTimeoutError(EmbedderError, DeadlineExceededError):
+    """The embedding service did not answer within the deadline."""

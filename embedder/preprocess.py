@@ -1,0 +1,110 @@
+"""Image decoding and preprocessing in one place, shared by training, evaluation, export checks and serving
+(the Triton preprocessing model imports this module too).
+
+Decoding applies EXIF orientation, converts any PIL mode (CMYK, LA, P, I;16, RGBA...) to RGB, and refuses
+decompression bombs and truncated files with a clear error instead of a crash.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from embedder.errors import ImageTooLargeError, InvalidImageError
+
+# ImageNet statistics: the backbone's pretrained weights expect them.
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+# Never silently decode a truncated file as a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image:
+    """Decode encoded bytes into an upright RGB image, or raise InvalidImageError / ImageTooLargeError."""
+    if not data:
+        raise InvalidImageError("empty image")
+    if len(data) > max_image_bytes:
+        raise ImageTooLargeError(f"image is {len(data)} bytes, limit is {max_image_bytes}")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(str(exc)) from exc
+    except Exception as exc:  # PIL raises many types for garbage input
+        raise InvalidImageError("not a decodable image (unknown format or corrupt header)") from exc
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        raise InvalidImageError("image has no pixels")
+    if width * height > max_image_pixels:
+        raise ImageTooLargeError(f"image is {width}x{height} pixels, limit is {max_image_pixels} pixels")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(str(exc)) from exc
+    except Exception as exc:
+        raise InvalidImageError(f"could not decode image: {exc}") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white, as shops show packshots."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 1.0
+        arr = (arr / (hi if hi > 0 else 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = ((arr - lo) / ((hi - lo) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_for_model(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
+    """Shorter side to `size`, then centre crop to size x size (the evaluation transform)."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def normalise(img: Image.Image) -> np.ndarray:
+    """RGB image -> float32 CHW array normalised with the ImageNet statistics."""
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = (arr - MEAN) / STD
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def image_to_tensor(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
+    """Decoded RGB image -> model input, float32 (3, size, size)."""
+    return normalise(resize_for_model(to_rgb(img), size))
+
+
+def preprocess_bytes(data: bytes, size: int = DEFAULT_IMAGE_SIZE, **limits) -> np.ndarray:
+    """Encoded bytes -> model input, float32 (3, size, size)."""
+    return image_to_tensor(decode_image(data, **limits), size)

@@ -1,0 +1,78 @@
+"""One exception hierarchy for the whole engine, mapped to gRPC status codes in one place.
+
+Packages raise subclasses of these (``shard_server.errors``, ``embedder.errors``, ``broker.errors``); the server
+plumbing in :mod:`imgsearch.serving` turns any :class:`ImgsearchError` into the matching gRPC status, and the
+clients turn gRPC statuses back into these types with :func:`from_rpc_error`.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ImgsearchError(Exception):
+    """Base of every error the engine reports to a caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgumentError(ImgsearchError, ValueError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFoundError(ImgsearchError, LookupError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhaustedError(ImgsearchError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class UnavailableError(ImgsearchError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceededError(ImgsearchError, TimeoutError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class PermissionDeniedError(ImgsearchError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class UnauthenticatedError(ImgsearchError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class FailedPreconditionError(ImgsearchError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class InternalError(ImgsearchError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ImgsearchError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        ResourceExhaustedError,
+        UnavailableError,
+        DeadlineExceededError,
+        PermissionDeniedError,
+        UnauthenticatedError,
+        FailedPreconditionError,
+        InternalError,
+    )
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> ImgsearchError:
+    """The typed error for a failed call (clients raise this instead of a bare ``grpc.RpcError``)."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    cls = _BY_CODE.get(code, ImgsearchError)
+    exc = cls(details or code.name)
+    exc.code = code
+    return exc

@@ -1,0 +1,261 @@
+"""gRPC server plumbing shared by the broker and the shard servers.
+
+Every service gets the same things here: standard gRPC server metrics (the names of go-grpc-prometheus, which
+dashboards expect), the mapping of :class:`imgsearch.errors.ImgsearchError` to status codes, health and
+reflection services, optional TLS, message size limits, a Prometheus ``/metrics`` endpoint and graceful shutdown
+on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from imgsearch.errors import ImgsearchError
+
+log = logging.getLogger(__name__)
+
+# Millisecond-resolution buckets, dense around the 5-50 ms search objectives.
+LATENCY_BUCKETS_S = (
+    0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0,
+)
+
+GRPC_STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"]
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+GRPC_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Response latency of RPCs handled by the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=LATENCY_BUCKETS_S,
+)
+BUILD_INFO = Gauge("imgsearch_build_info", "Build information; always 1.", ["component", "version"])
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    # "/imgsearch.v1.ShardService/Search" -> ("imgsearch.v1.ShardService", "Search")
+    _, service, method = full_method.split("/", 2)
+    return service, method
+
+
+async def _finish(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
+    """Map an exception raised by a handler to a status, aborting the call when needed."""
+    if exc is None:
+        code = context.code() if hasattr(context, "code") else None
+        return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+    if isinstance(exc, ImgsearchError):
+        await context.abort(exc.code, str(exc) or exc.code.name)
+    if isinstance(exc, asyncio.CancelledError):
+        raise exc
+    log.exception("unhandled error in RPC handler", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+    return grpc.StatusCode.INTERNAL  # pragma: no cover - abort raises
+
+
+def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
+    if isinstance(exc, ImgsearchError):
+        return exc.code.name
+    code = context.code() if hasattr(context, "code") else None
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        for c in grpc.StatusCode:
+            if c.value[0] == code:
+                return c.name
+    if exc is None:
+        return "OK"
+    if isinstance(exc, asyncio.CancelledError):
+        return "CANCELLED"
+    return "INTERNAL" if not isinstance(exc, grpc.aio.AbortError) else "UNKNOWN"
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every RPC and turns ImgsearchError into its status code."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        if service.startswith("grpc."):
+            return handler  # health and reflection stay out of the service metrics
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, "unary", service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(handler.stream_unary, "client_stream", service, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    @staticmethod
+    def _wrap_unary(behaviour: Callable[..., Awaitable], rpc_type: str, service: str, method: str):
+        started = GRPC_STARTED.labels(rpc_type, service, method)
+        timing = GRPC_HANDLING_SECONDS.labels(rpc_type, service, method)
+
+        async def wrapped(request_or_iterator, context):
+            started.inc()
+            t0 = time.perf_counter()
+            exc: BaseException | None = None
+            try:
+                return await behaviour(request_or_iterator, context)
+            except BaseException as e:  # noqa: BLE001 - re-raised or mapped below
+                exc = e
+                if isinstance(e, grpc.aio.AbortError):
+                    raise
+                await _finish(context, e)
+                raise
+            finally:
+                timing.observe(time.perf_counter() - t0)
+                GRPC_HANDLED.labels(rpc_type, service, method, _code_of(context, exc)).inc()
+
+        return wrapped
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerOptions:
+    """Network settings common to every service."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: any free port
+    max_message_bytes: int = 16 * 1024 * 1024
+    shutdown_grace_s: float = 10.0
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+
+
+class GrpcService:
+    """A running grpc.aio server with health, reflection and metrics; `stop()` is graceful."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
+                 service_names: list[str], metrics_port: int | None, grace_s: float):
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+        self.service_names = service_names
+        self.metrics_port = metrics_port
+        self._grace_s = grace_s
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.set_serving(False)
+        await self.server.stop(self._grace_s if grace_s is None else grace_s)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_grpc_service(
+    options: ServerOptions,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    *,
+    component: str,
+    version: str = "0.1.0",
+) -> GrpcService:
+    """Build and start a server. `register` adds the servicers and returns their full service names.
+
+    Health starts NOT_SERVING; the caller flips it with ``set_serving(True)`` once it is ready.
+    """
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", options.max_message_bytes),
+            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    names = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    address = f"{options.host}:{options.port}"
+    if options.tls_cert_file and options.tls_key_file:
+        creds = grpc.ssl_server_credentials(
+            [(options.tls_key_file.read_bytes(), options.tls_cert_file.read_bytes())],
+            root_certificates=options.tls_client_ca_file.read_bytes() if options.tls_client_ca_file else None,
+            require_client_auth=options.tls_client_ca_file is not None,
+        )
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    metrics_port = None
+    if options.metrics_port is not None:
+        metrics_port = start_metrics_endpoint(options.host, options.metrics_port)
+    BUILD_INFO.labels(component, version).set(1)
+    await server.start()
+    service = GrpcService(server, port, health_servicer, names, metrics_port, options.shutdown_grace_s)
+    await service.set_serving(False)
+    return service
+
+
+def start_metrics_endpoint(host: str, port: int) -> int:
+    """Serve the default Prometheus registry over HTTP; returns the bound port."""
+    httpd, _thread = start_http_server(port, addr=host)
+    return httpd.server_address[1]
+
+
+async def run_until_signalled(service: GrpcService, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Block until SIGTERM/SIGINT, then drain: health NOT_SERVING, stop accepting, finish in-flight RPCs."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(service.wait())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down (grace %.1fs)", service._grace_s)
+    await service.stop()
+    if on_stop is not None:
+        await on_stop()
+    waiter.cancel()
+    stopper.cancel()
+
+
+def remaining_timeout_s(context: grpc.aio.ServicerContext, default_s: float) -> float:
+    """Seconds left before the caller's deadline (``default_s`` when the caller set none)."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return default_s
+    return max(0.0, min(remaining, default_s))
+
+
+def client_channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tuple[str, object]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.enable_retries", 0),
+    ]

@@ -1,0 +1,118 @@
+"""Plain data types of the shard tier: frozen keyword-only dataclasses; protobuf stays at the boundary
+(`shard_server.convert`). The broker uses the same types, so one interface has two implementations
+(the in-process engine and the gRPC client) that can be checked against each other."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+AttributeValue = str | float | bool
+Attributes = Mapping[str, AttributeValue]
+
+
+class Exactness(enum.Enum):
+    DEFAULT = "default"
+    FAST = "fast"
+    HIGH = "high"
+    EXACT = "exact"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Equals:
+    value: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnyOf:
+    values: frozenset[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Range:
+    min: float | None = None
+    max: float | None = None
+    exclusive: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Is:
+    value: bool
+
+
+Predicate = Equals | AnyOf | Range | Is
+
+
+@dataclass(frozen=True, kw_only=True)
+class Condition:
+    field: str
+    predicate: Predicate
+
+
+@dataclass(frozen=True, kw_only=True)
+class Filter:
+    """A conjunction of conditions; the empty filter matches everything."""
+
+    all_of: tuple[Condition, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.all_of)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    image_id: str
+    product_id: str
+    category: str
+    vector: np.ndarray  # float32, shape (dim,), L2-normalised by the writer or the shard
+    attributes: Attributes = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchQuery:
+    vector: np.ndarray  # float32, shape (dim,)
+    top_k: int
+    categories: tuple[str, ...] = ()  # empty: every category of the shard
+    filter: Filter = Filter()
+    nprobe: int = 0  # 0: derived from exactness and the server's default
+    exactness: Exactness = Exactness.DEFAULT
+
+
+@dataclass(frozen=True, kw_only=True)
+class Hit:
+    image_id: str
+    product_id: str
+    category: str
+    score: float
+    attributes: Attributes = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchResult:
+    hits: tuple[Hit, ...]
+    candidates_scanned: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CategoryStats:
+    category: str
+    vectors: int
+    trained: bool
+    index_type: str
+    resident_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardStats:
+    categories: tuple[CategoryStats, ...]
+    dimension: int
+    wal_bytes: int
+
+
+__all__ = [
+    "AnyOf", "AttributeValue", "Attributes", "CategoryStats", "Condition", "Equals", "Exactness", "Filter",
+    "Hit", "Is", "Range", "Record", "SearchQuery", "SearchResult", "ShardStats", "Sequence",
+]
