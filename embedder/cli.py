@@ -1,0 +1,33 @@
+"""`imgsearch-embed`: train, evaluate, export and serve the embedding model.
+
+Each subcommand lives in its own module with its own argument parser; this only dispatches.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "train": ("embedder.train", "train the ArcFace model on a catalogue (CSV or folders per product)"),
+    "eval": ("embedder.evaluate", "Recall@K, MAP@R and a same-product threshold sweep"),
+    "export": ("embedder.export", "export a checkpoint to ONNX (dynamic batch axis)"),
+    "triton-repo": ("embedder.triton_repo", "write a Triton model repository for a model"),
+    "serve": ("embedder.triton_server", "run a Triton Inference Server hosting the model"),
+    "bench": ("embedder.bench", "embedding throughput: PyTorch, ONNX Runtime, Triton"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        print("usage: imgsearch-embed {" + ",".join(SUBCOMMANDS) + "} [options]\n")
+        for name, (_, text) in SUBCOMMANDS.items():
+            print(f"  {name:12s} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
