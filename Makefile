@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 DATA ?= ../shared/data
 STAMP := $(VENV)/.installed
+# The CPU torch wheel lies here on our machines (PIP_FIND_LINKS points at it too).
+FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
 .PHONY: demo test bench proto lint install system-deps clean
 
@@ -13,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch==2.13.0 (CPU) comes from the wheel on this machine's find-links; see pyproject.
-	$(PIP) install -q -e '.[train,serve,dev]'
+	$(PIP) install -q $(FIND_LINKS) -e '.[train,serve,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

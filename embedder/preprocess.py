@@ -31,8 +31,14 @@ def decode_image(
     *,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    draft_min_side: int | None = None,
 ) -> Image.Image:
-    """Decode encoded bytes into an upright RGB image, or raise InvalidImageError / ImageTooLargeError."""
+    """Decode encoded bytes into an upright RGB image, or raise InvalidImageError / ImageTooLargeError.
+
+    `draft_min_side`: for callers that only need a small image (perceptual hashing), JPEGs are decoded at a
+    reduced DCT scale (1/2, 1/4 or 1/8) that keeps both sides >= draft_min_side: several times faster on
+    12 MP phone photos. None (the default, used for the model) decodes at full resolution.
+    """
     if not data:
         raise InvalidImageError("empty image")
     if len(data) > max_image_bytes:
@@ -48,16 +54,27 @@ def decode_image(
         raise InvalidImageError("image has no pixels")
     if width * height > max_image_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} pixels, limit is {max_image_pixels} pixels")
+    if draft_min_side and img.format == "JPEG":
+        img.draft(None, (draft_min_side, draft_min_side))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            img = ImageOps.exif_transpose(img)
+            img = _upright(img)
             return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(str(exc)) from exc
     except Exception as exc:
         raise InvalidImageError(f"could not decode image: {exc}") from exc
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a malformed EXIF block leaves the pixels as stored rather than
+    rejecting an image whose pixels decoded fine."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # PIL raises several types on corrupt EXIF (struct.error, SyntaxError, ...)
+        return img
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -84,13 +101,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def resize_for_model(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:
-    """Shorter side to `size`, then centre crop to size x size (the evaluation transform)."""
+    """Shorter side to `size`, then centre crop to size x size (the evaluation transform).
+
+    Only the centre crop is resampled (PIL's `box`), which gives the same pixels (at most 1 level apart) as
+    resizing the whole image first, but never allocates the full resized image: a 1x10000 strip would
+    otherwise become 224x2240000 pixels.
+    """
     w, h = img.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BILINEAR)
     left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return img.resize((size, size), Image.BILINEAR, box=box)
 
 
 def normalise(img: Image.Image) -> np.ndarray:

@@ -1,0 +1,213 @@
+"""Duplicate cache in Redis: catalogue images by perceptual hash, for exact and near-exact lookups.
+
+Layout (all keys under a prefix, default ``imgsearch:``):
+
+- ``img:{image_id}``: hash with the entry (pHash, dHash, product id, category, attributes as JSON, embedding
+  as raw float32 bytes, kept to confirm near matches without a shard call).
+- ``ph:{phash:016x}``: set of image ids with exactly this 64-bit pHash.
+- ``band:{i}:{value:x}``: set of image ids whose pHash has this value in band i (multi-index hashing).
+
+The 64-bit pHash is split into 6 bands (11, 11, 11, 11, 10, 10 bits). Two hashes within Hamming distance
+r <= 5 differ in at most 5 bands, so they agree exactly on at least one: looking up the query's 6 band values
+finds every catalogue hash within the radius. Candidates are then checked on both pHash and dHash distance.
+
+Redis is an optimisation, not a source of truth: every call has a short timeout, and after a failure the cache
+is bypassed for ``backoff_s`` so a dead Redis costs nothing per request. Callers get
+:class:`CacheUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+BAND_BITS = (11, 11, 11, 11, 10, 10)
+# Cap on candidates checked per lookup (a pathological hash value shared by many images).
+MAX_CANDIDATES = 512
+
+_FIELDS = ("phash", "dhash", "product_id", "category", "attributes", "embedding")
+
+
+class CacheUnavailable(Exception):
+    """Redis could not be reached in time; the caller goes on without the cache."""
+
+
+def bands(phash: int) -> tuple[int, ...]:
+    values = []
+    shift = 64
+    for width in BAND_BITS:
+        shift -= width
+        values.append((phash >> shift) & ((1 << width) - 1))
+    return tuple(values)
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheEntry:
+    image_id: str
+    product_id: str
+    category: str
+    phash: int
+    dhash: int
+    embedding: np.ndarray  # float32 (dim,), unit norm
+    attributes: Mapping[str, str | float | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheMatch:
+    entry: CacheEntry
+    exact: bool  # both hashes identical
+    phash_distance: int
+    dhash_distance: int
+
+
+class DuplicateCache:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 0.05,
+        write_timeout_s: float = 1.0,
+        backoff_s: float = 1.0,
+        prefix: str = "imgsearch:",
+        phash_radius: int = 5,
+        dhash_radius: int = 5,
+    ):
+        if phash_radius >= len(BAND_BITS):
+            raise ValueError(f"pHash radius {phash_radius} needs more than {len(BAND_BITS)} bands")
+        self._redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=max(timeout_s, write_timeout_s),
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
+            health_check_interval=0,
+        )
+        self._timeout_s = timeout_s
+        self._write_timeout_s = write_timeout_s
+        self._backoff_s = backoff_s
+        self._prefix = prefix
+        self._phash_radius = phash_radius
+        self._dhash_radius = dhash_radius
+        self._down_until = 0.0
+
+    # -- keys --
+    def _img(self, image_id: str) -> str:
+        return f"{self._prefix}img:{image_id}"
+
+    def _ph(self, phash: int) -> str:
+        return f"{self._prefix}ph:{phash:016x}"
+
+    def _band(self, i: int, value: int) -> str:
+        return f"{self._prefix}band:{i}:{value:x}"
+
+    async def _call(self, coro, timeout_s: float | None = None):
+        """Run one Redis round trip under the timeout; failures open the breaker for backoff_s."""
+        if time.monotonic() < self._down_until:
+            coro.close()
+            raise CacheUnavailable("redis bypassed after a recent failure")
+        try:
+            return await asyncio.wait_for(coro, timeout_s or self._timeout_s)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._down_until = time.monotonic() + self._backoff_s
+            raise CacheUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._call(self._redis.ping()))
+        except CacheUnavailable:
+            return False
+
+    async def lookup(self, phash: int, dhash: int) -> list[CacheMatch]:
+        """Catalogue images within the near-duplicate radius, exact matches first."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.smembers(self._ph(phash))
+        for i, value in enumerate(bands(phash)):
+            pipe.smembers(self._band(i, value))
+        sets = await self._call(pipe.execute())
+        ids: list[bytes] = list(dict.fromkeys(m for s in sets for m in sorted(s)))[:MAX_CANDIDATES]
+        if not ids:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for image_id in ids:
+            pipe.hmget(self._img(image_id.decode()), *_FIELDS)
+        rows = await self._call(pipe.execute())
+        matches = []
+        for image_id, row in zip(ids, rows):
+            if row[0] is None:
+                continue  # entry deleted between the two round trips
+            entry = _entry_from_row(image_id.decode(), row)
+            dp, dd = hamming(entry.phash, phash), hamming(entry.dhash, dhash)
+            if dp <= self._phash_radius and dd <= self._dhash_radius:
+                matches.append(
+                    CacheMatch(entry=entry, exact=dp == 0 and dd == 0, phash_distance=dp, dhash_distance=dd)
+                )
+        matches.sort(key=lambda m: (not m.exact, m.phash_distance + m.dhash_distance, m.entry.image_id))
+        return matches
+
+    async def get(self, image_id: str) -> CacheEntry | None:
+        row = await self._call(self._redis.hmget(self._img(image_id), *_FIELDS))
+        return None if row[0] is None else _entry_from_row(image_id, row)
+
+    async def upsert(self, entry: CacheEntry) -> None:
+        """Add or replace the entry of an image id (its old hash-index memberships are removed)."""
+        old = await self._call(self._redis.hget(self._img(entry.image_id), "phash"), self._write_timeout_s)
+        pipe = self._redis.pipeline(transaction=True)
+        if old is not None:
+            self._unindex(pipe, entry.image_id, int(old, 16))
+        pipe.delete(self._img(entry.image_id))
+        pipe.hset(
+            self._img(entry.image_id),
+            mapping={
+                "phash": f"{entry.phash:016x}",
+                "dhash": f"{entry.dhash:016x}",
+                "product_id": entry.product_id,
+                "category": entry.category,
+                "attributes": json.dumps(dict(entry.attributes), sort_keys=True),
+                "embedding": np.asarray(entry.embedding, dtype="<f4").tobytes(),
+            },
+        )
+        pipe.sadd(self._ph(entry.phash), entry.image_id)
+        for i, value in enumerate(bands(entry.phash)):
+            pipe.sadd(self._band(i, value), entry.image_id)
+        await self._call(pipe.execute(), self._write_timeout_s)
+
+    async def delete(self, image_id: str) -> bool:
+        old = await self._call(self._redis.hget(self._img(image_id), "phash"), self._write_timeout_s)
+        if old is None:
+            return False
+        pipe = self._redis.pipeline(transaction=True)
+        self._unindex(pipe, image_id, int(old, 16))
+        pipe.delete(self._img(image_id))
+        await self._call(pipe.execute(), self._write_timeout_s)
+        return True
+
+    def _unindex(self, pipe, image_id: str, phash: int) -> None:
+        pipe.srem(self._ph(phash), image_id)
+        for i, value in enumerate(bands(phash)):
+            pipe.srem(self._band(i, value), image_id)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _entry_from_row(image_id: str, row) -> CacheEntry:
+    phash, dhash, product_id, category, attributes, embedding = row
+    return CacheEntry(
+        image_id=image_id,
+        product_id=product_id.decode(),
+        category=category.decode(),
+        phash=int(phash, 16),
+        dhash=int(dhash, 16),
+        attributes=json.loads(attributes),
+        embedding=np.frombuffer(embedding, dtype="<f4").astype(np.float32),
+    )

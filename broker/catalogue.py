@@ -1,0 +1,141 @@
+"""Catalogue inputs for the CLI, the demo and the tests: the grocery dataset, folders of images and CSV files.
+
+Synthetic attributes (brand, colour, price, in_stock) are derived deterministically from the ids (crc32), so
+every run, and every test, sees the same catalogue.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+BRANDS = ("Arla", "Garant", "ICA", "Oatly", "Alpro", "Valio", "Zeta", "Bravo")
+COLOURS = ("red", "green", "yellow", "orange", "white", "brown", "purple")
+
+
+def default_data_dir() -> Path:
+    """../shared/data from the repository root (override: IMGSEARCH_DATA_DIR)."""
+    override = os.environ.get("IMGSEARCH_DATA_DIR")
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CatalogueFile:
+    """One image file to ingest, with its ids and attributes."""
+
+    path: Path
+    image_id: str
+    product_id: str
+    category: str
+    attributes: dict[str, str | float | bool] = field(default_factory=dict)
+
+
+def synthetic_attributes(product_id: str, image_id: str) -> dict[str, str | float | bool]:
+    """Brand and colour per product, price and stock per image: deterministic, with known proportions."""
+    p = zlib.crc32(product_id.encode())
+    i = zlib.crc32(image_id.encode())
+    return {
+        "brand": BRANDS[p % len(BRANDS)],
+        "colour": COLOURS[(p // 7) % len(COLOURS)],
+        "price": round(1.0 + (i % 9900) / 100.0, 2),  # 1.00 .. 99.99
+        "in_stock": i % 5 != 0,  # 80 % in stock
+    }
+
+
+def grocery_split(data_dir: Path, split: str = "train", *, level: str = "coarse") -> list[CatalogueFile]:
+    """The grocery photos of a split: product = fine class, category = coarse class (or top class: Fruit,
+    Vegetables, Packages, with level="top")."""
+    root = data_dir / "grocery"
+    names: dict[int, tuple[str, str]] = {}
+    with open(root / "classes.csv", newline="") as f:
+        for row in csv.reader(f):
+            if row and row[1].strip().isdigit():
+                names[int(row[1])] = (row[0].strip(), row[2].strip())
+    files = []
+    for line in (root / f"{split}.txt").read_text().splitlines():
+        if not line.strip():
+            continue
+        rel, fine, _coarse = (part.strip() for part in line.split(","))
+        product, coarse = names[int(fine)]
+        category = rel.split("/")[1] if level == "top" else coarse
+        image_id = rel.rsplit(".", 1)[0]
+        files.append(
+            CatalogueFile(
+                path=root / rel,
+                image_id=image_id,
+                product_id=product,
+                category=category,
+                attributes=synthetic_attributes(product, image_id),
+            )
+        )
+    return files
+
+
+def files_from_folder(folder: Path, *, category: str | None = None) -> list[CatalogueFile]:
+    """Every image under `folder`: product = parent folder name, category = its parent's name (or `category`),
+    image id = path relative to `folder` without suffix."""
+    files = []
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        rel = path.relative_to(folder)
+        product = path.parent.name
+        cat = category or (path.parent.parent.name if len(rel.parts) >= 3 else product)
+        image_id = str(rel.with_suffix(""))
+        files.append(CatalogueFile(path=path, image_id=image_id, product_id=product, category=cat))
+    return files
+
+
+def files_from_csv(csv_path: Path) -> list[CatalogueFile]:
+    """CSV with a header: `image` (path, relative to the CSV's folder), `image_id`, `product_id`, `category`;
+    any other column is an attribute (numbers become numbers, true/false become flags, empty cells are left
+    out)."""
+    base = csv_path.parent
+    files = []
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            attrs: dict[str, str | float | bool] = {}
+            for key, value in row.items():
+                if key in ("image", "image_id", "product_id", "category") or value in (None, ""):
+                    continue
+                attrs[key] = _typed(value)
+            path = Path(row["image"])
+            files.append(
+                CatalogueFile(
+                    path=path if path.is_absolute() else base / path,
+                    image_id=row.get("image_id") or path.stem,
+                    product_id=row["product_id"],
+                    category=row["category"],
+                    attributes=attrs,
+                )
+            )
+    return files
+
+
+def _typed(value: str) -> str | float | bool:
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def iter_items(files: list[CatalogueFile]) -> Iterator:
+    """CatalogueItems with the file bytes read lazily (one file in memory per item in flight)."""
+    from broker.types import CatalogueItem
+
+    for f in files:
+        yield CatalogueItem(
+            image_id=f.image_id,
+            product_id=f.product_id,
+            category=f.category,
+            image=f.path.read_bytes(),
+            attributes=f.attributes,
+        )

@@ -1,0 +1,356 @@
+"""`imgsearch`: run a local stack and talk to a broker.
+
+    imgsearch up [--shards 2] [--port 7100]          whole stack in the foreground, Ctrl-C stops it
+    imgsearch ingest PATH|CSV [--category C]         bulk ingest with a progress bar
+    imgsearch search IMAGE [--category C] [--filter brand=Arla] [--price 10..50] [-k 10] [--json]
+    imgsearch stats
+    imgsearch demo --data ../shared/data             the grocery demo (what `make demo` runs)
+
+The broker address comes from --broker or IMGSEARCH_BROKER (default 127.0.0.1:7100); the write token from
+IMGSEARCH_WRITE_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shard_server.types import AnyOf, Condition, Equals, Filter, Is, Range
+
+DEFAULT_BROKER = "127.0.0.1:7100"
+
+
+# ---------------------------------------------------------------------- filters
+def parse_condition(text: str) -> Condition:
+    """`field=value` (equals), `field=a|b` (any of), `field=lo..hi` (range, either end open), `field=true`."""
+    field, sep, value = text.partition("=")
+    if not sep or not field:
+        raise argparse.ArgumentTypeError(f"filter {text!r} is not field=value")
+    if ".." in value:
+        return Condition(field=field, predicate=parse_range(value))
+    if value.lower() in ("true", "false"):
+        return Condition(field=field, predicate=Is(value=value.lower() == "true"))
+    if "|" in value:
+        return Condition(field=field, predicate=AnyOf(values=frozenset(value.split("|"))))
+    return Condition(field=field, predicate=Equals(value=value))
+
+
+def parse_range(text: str) -> Range:
+    lo, sep, hi = text.partition("..")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"range {text!r} is not lo..hi")
+    try:
+        return Range(min=float(lo) if lo else None, max=float(hi) if hi else None)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"range {text!r}: {exc}") from None
+
+
+def _client(args, *, write: bool = False):
+    from broker.client import SyncBrokerClient
+
+    ca = args.tls_ca_file or os.environ.get("IMGSEARCH_TLS_CA_FILE")
+    token = (os.environ.get("IMGSEARCH_WRITE_TOKEN") or None) if write else None
+    return SyncBrokerClient(args.broker, token=token, root_certificates=Path(ca).read_bytes() if ca else None)
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_up(args) -> int:
+    from broker.stack import LocalStack, StackConfig
+
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="imgsearch-up-"))
+    config = StackConfig(
+        work_dir=work,
+        shards=args.shards,
+        broker_port=args.port,
+        broker_metrics_port=args.metrics_port,
+        redis_url=os.environ.get("REDIS_URL") or None,
+        write_token=os.environ.get("IMGSEARCH_WRITE_TOKEN") or None,
+    )
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"starting the stack in {work} ...", flush=True)
+    stack = LocalStack(config)
+    try:
+        stack.start()
+        for key, value in stack.describe().items():
+            print(f"  {key:15s} {value}")
+        print(
+            f"ready: export IMGSEARCH_BROKER={stack.broker_address}   (Ctrl-C stops everything)", flush=True
+        )
+        while not stop["now"]:
+            dead = [p.name for p in stack.processes.values() if not p.running]
+            if dead:
+                print(f"stopping: {', '.join(dead)} exited (see {stack.logs})", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
+        print("stopped.")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from tqdm import tqdm
+
+    from broker.catalogue import files_from_csv, files_from_folder, iter_items
+
+    source = Path(args.source)
+    if source.suffix.lower() == ".csv":
+        files = files_from_csv(source)
+    elif source.is_dir():
+        files = files_from_folder(source, category=args.category)
+    else:
+        from broker.catalogue import CatalogueFile
+
+        files = [
+            CatalogueFile(
+                path=source,
+                image_id=args.image_id or source.stem,
+                product_id=args.product_id or source.stem,
+                category=args.category or "default",
+            )
+        ]
+    if not files:
+        print(f"no images found under {source}", file=sys.stderr)
+        return 1
+    t0 = time.perf_counter()
+    with (
+        _client(args, write=True) as client,
+        tqdm(total=len(files), unit="img", desc="ingest") as bar,
+    ):
+
+        def items():
+            for item in iter_items(files):
+                yield item
+                bar.update(1)
+
+        summary = client.ingest_stream(items(), timeout_s=args.timeout_s)
+    elapsed = time.perf_counter() - t0
+    print(
+        f"ingested {summary.ingested} images in {elapsed:.1f}s ({summary.ingested / elapsed:.1f}/s); "
+        f"cache entries pending repair: {summary.cache_pending}"
+    )
+    return 0
+
+
+def cmd_search(args) -> int:
+
+    conditions = list(args.filter or [])
+    if args.price:
+        conditions.append(Condition(field="price", predicate=args.price))
+    with _client(args) as client:
+        answer = client.search(
+            image=Path(args.image).read_bytes(),
+            top_k=args.k,
+            categories=args.category or (),
+            filter=Filter(all_of=tuple(conditions)),
+            use_duplicate_cache=not args.no_cache,
+            timeout_s=args.timeout_s,
+        )
+    if args.json:
+        print(json.dumps(answer_to_json(answer), indent=2))
+    else:
+        print_answer(answer, title=Path(args.image).name)
+    return 0
+
+
+def answer_to_json(answer) -> dict:
+    return {
+        "hits": [
+            {
+                "image_id": h.image_id,
+                "product_id": h.product_id,
+                "category": h.category,
+                "score": round(h.score, 4),
+                "attributes": dict(h.attributes),
+            }
+            for h in answer.hits
+        ],
+        "cache": answer.cache.value,
+        "from_duplicate_cache": answer.from_duplicate_cache,
+        "partial": answer.partial,
+        "shards": [
+            {"shard": s.shard, "address": s.address, "outcome": s.outcome, "message": s.message}
+            for s in answer.shards
+        ],
+        "timings_ms": {k.removesuffix("_s"): round(v * 1000, 2) for k, v in vars(answer.timings).items()},
+    }
+
+
+def print_answer(answer, *, title: str, expected_product: str | None = None) -> None:
+    from rich.table import Table
+
+    t = answer.timings
+    source = "duplicate cache" if answer.from_duplicate_cache else "vector index"
+    caption = (
+        f"from {source} (cache: {answer.cache.value}){' PARTIAL' if answer.partial else ''} | "
+        f"total {t.total_s * 1000:.1f} ms: hash {t.decode_hash_s * 1000:.1f}, cache {t.cache_s * 1000:.1f}, "
+        f"embed {t.embed_s * 1000:.1f}, fan-out {t.fanout_s * 1000:.1f}, merge {t.merge_s * 1000:.2f}"
+    )
+    table = Table(title=title, caption=caption, expand=False)
+    for col in ("#", "score", "product", "category", "image id", "attributes"):
+        table.add_column(col)
+    for rank, h in enumerate(answer.hits, 1):
+        mark = "bold green" if expected_product and h.product_id == expected_product else None
+        attrs = " ".join(f"{k}={v}" for k, v in sorted(h.attributes.items()))
+        table.add_row(
+            str(rank),
+            f"{h.score:.3f}",
+            h.product_id,
+            h.category,
+            h.image_id.rsplit("/", 1)[-1],
+            attrs,
+            style=mark,
+        )
+    for s in answer.shards:
+        if s.outcome != "ok":
+            table.add_row("!", "", "", "", f"{s.shard} {s.outcome}", s.message[:60], style="red")
+    _console().print(table)
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    # Piped output (make demo | tee) gets a wide table instead of rich's 80-column default.
+    return console if console.is_terminal else Console(width=160)
+
+
+def cmd_stats(args) -> int:
+    from rich.table import Table
+
+    with _client(args) as client:
+        shards = client.stats(timeout_s=args.timeout_s)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "shard": s.shard,
+                        "address": s.address,
+                        "reachable": s.reachable,
+                        "categories": [vars(c) for c in s.categories],
+                    }
+                    for s in shards
+                ],
+                indent=2,
+            )
+        )
+        return 0
+    table = Table(title="imgsearch shards")
+    for col in ("shard", "address", "reachable", "category", "vectors", "index", "trained", "MiB"):
+        table.add_column(col)
+    for s in shards:
+        if not s.categories:
+            table.add_row(s.shard, s.address, str(s.reachable), "-", "0", "", "", "")
+        for c in s.categories:
+            table.add_row(
+                s.shard,
+                s.address,
+                str(s.reachable),
+                c.category,
+                str(c.vectors),
+                c.index_type,
+                str(c.trained),
+                f"{c.resident_bytes / 2**20:.2f}",
+            )
+    _console().print(table)
+    total = sum(c.vectors for s in shards for c in s.categories)
+    print(f"{total} vectors in {len(shards)} shard replicas")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from broker.demo import run_demo
+
+    return run_demo(data_dir=Path(args.data), shards=args.shards, queries=args.queries, limit=args.limit)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="imgsearch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    broker = os.environ.get("IMGSEARCH_BROKER", DEFAULT_BROKER)
+
+    up = sub.add_parser("up", help="run redis, Triton (CPU), shards and the broker in the foreground")
+    up.add_argument("--shards", type=int, default=2)
+    up.add_argument("--port", type=int, default=7100, help="broker port")
+    up.add_argument("--metrics-port", type=int, default=9100, help="broker /metrics port")
+    up.add_argument("--work-dir", help="data and logs (default: a new temporary folder)")
+    up.set_defaults(func=cmd_up)
+
+    ing = sub.add_parser("ingest", help="ingest an image, a folder of images or a CSV")
+    ing.add_argument("source", help="image file, folder (<category>/<product>/<image>) or CSV")
+    ing.add_argument("--category", help="category of every image (folder or single file)")
+    ing.add_argument("--product-id", help="product id (single file)")
+    ing.add_argument("--image-id", help="image id (single file)")
+    ing.add_argument("--broker", default=broker)
+    ing.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    ing.add_argument("--timeout-s", type=float, default=3600.0)
+    ing.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("search", help="search with a query image")
+    s.add_argument("image")
+    s.add_argument("--category", action="append", help="restrict to a category (repeatable)")
+    s.add_argument(
+        "--filter",
+        action="append",
+        type=parse_condition,
+        help="field=value | field=a|b | field=lo..hi | field=true (repeatable, all must hold)",
+    )
+    s.add_argument("--price", type=parse_range, help="price range lo..hi")
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--no-cache", action="store_true", help="do not answer from the duplicate cache")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--broker", default=broker)
+    s.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    s.add_argument("--timeout-s", type=float, default=10.0)
+    s.set_defaults(func=cmd_search)
+
+    st = sub.add_parser("stats", help="vectors per shard and category")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--broker", default=broker)
+    st.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    st.add_argument("--timeout-s", type=float, default=10.0)
+    st.set_defaults(func=cmd_stats)
+
+    d = sub.add_parser("demo", help="bring a stack up, ingest the grocery photos, run queries, shut down")
+    d.add_argument("--data", default=None, help="data folder holding grocery/ (default ../shared/data)")
+    d.add_argument("--shards", type=int, default=2)
+    d.add_argument("--queries", type=int, default=6, help="val photos to search with")
+    d.add_argument("--limit", type=int, default=0, help="ingest only this many train photos (0: all)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "data", "unset") is None:
+        from broker.catalogue import default_data_dir
+
+        args.data = str(default_data_dir())
+    from imgsearch.errors import ImgsearchError
+
+    try:
+        return int(args.func(args) or 0)
+    except ImgsearchError as exc:
+        print(f"imgsearch {args.command}: {exc.code.name}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""Python clients of the broker (async and sync) over the generated stubs: plain data types in and out,
+a timeout on every call, and typed errors (imgsearch.errors, via from_rpc_error) instead of grpc.RpcError.
+
+    async with BrokerClient("127.0.0.1:7100") as client:
+        answer = await client.search(image=open("photo.jpg", "rb").read(), top_k=5, categories=["Milk"])
+
+    with SyncBrokerClient("127.0.0.1:7100", token="...") as client:
+        client.ingest(CatalogueItem(image_id="sku-1", product_id="sku", category="Milk", image=data))
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Iterable, Sequence
+
+import grpc
+import numpy as np
+from imgsearch.errors import from_rpc_error
+from imgsearch.serving import client_channel_options
+from imgsearch.v1 import broker_pb2, broker_pb2_grpc
+
+from broker import convert
+from broker.types import CatalogueItem, IngestSummary, Query, SearchAnswer, ShardSummary
+from shard_server.types import Exactness, Filter
+
+
+def _query(image, vector, top_k, categories, filter, exactness, nprobe, use_duplicate_cache) -> Query:
+    return Query(
+        image=image,
+        vector=None if vector is None else np.asarray(vector, dtype=np.float32),
+        top_k=top_k,
+        categories=tuple(categories),
+        filter=filter or Filter(),
+        nprobe=nprobe,
+        exactness=exactness,
+        use_duplicate_cache=use_duplicate_cache,
+    )
+
+
+def _metadata(token: str | None):
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+class BrokerClient:
+    """Async client (grpc.aio)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout_s: float = 5.0,
+        ingest_timeout_s: float = 120.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ):
+        options = client_channel_options(max_message_bytes)
+        if root_certificates is not None:
+            self._channel = grpc.aio.secure_channel(
+                address, grpc.ssl_channel_credentials(root_certificates), options=options
+            )
+        else:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
+        self._metadata = _metadata(token)
+        self.timeout_s = timeout_s
+        self.ingest_timeout_s = ingest_timeout_s
+
+    async def __aenter__(self) -> BrokerClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def search(
+        self,
+        *,
+        image: bytes | None = None,
+        vector: Sequence[float] | None = None,
+        top_k: int = 10,
+        categories: Sequence[str] = (),
+        filter: Filter | None = None,
+        exactness: Exactness = Exactness.DEFAULT,
+        nprobe: int = 0,
+        use_duplicate_cache: bool = True,
+        timeout_s: float | None = None,
+    ) -> SearchAnswer:
+        req = convert.query_to_proto(
+            _query(image, vector, top_k, categories, filter, exactness, nprobe, use_duplicate_cache)
+        )
+        try:
+            resp = await self._stub.Search(req, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return convert.answer_from_proto(resp)
+
+    async def ingest(self, item: CatalogueItem, *, timeout_s: float | None = None) -> IngestSummary:
+        req = broker_pb2.IngestRequest(item=convert.item_to_proto(item))
+        try:
+            resp = await self._stub.Ingest(
+                req, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
+
+    async def ingest_stream(
+        self, items: Iterable[CatalogueItem] | AsyncIterable[CatalogueItem], *, timeout_s: float | None = None
+    ) -> IngestSummary:
+        async def messages():
+            if hasattr(items, "__aiter__"):
+                async for item in items:
+                    yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
+            else:
+                for item in items:
+                    yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
+
+        try:
+            resp = await self._stub.IngestStream(
+                messages(), timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
+
+    async def delete(self, image_ids: Sequence[str], *, timeout_s: float | None = None) -> int:
+        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=list(image_ids))
+        try:
+            resp = await self._stub.Delete(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return resp.deleted
+
+    async def stats(self, *, timeout_s: float | None = None) -> list[ShardSummary]:
+        try:
+            resp = await self._stub.Stats(
+                broker_pb2.BrokerServiceStatsRequest(), timeout=timeout_s or self.timeout_s
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return convert.stats_from_proto(resp)
+
+
+class SyncBrokerClient:
+    """Blocking client (plain grpc channel), same methods as :class:`BrokerClient`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout_s: float = 5.0,
+        ingest_timeout_s: float = 120.0,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ):
+        options = client_channel_options(max_message_bytes)
+        if root_certificates is not None:
+            self._channel = grpc.secure_channel(
+                address, grpc.ssl_channel_credentials(root_certificates), options=options
+            )
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
+        self._metadata = _metadata(token)
+        self.timeout_s = timeout_s
+        self.ingest_timeout_s = ingest_timeout_s
+
+    def __enter__(self) -> SyncBrokerClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def search(
+        self,
+        *,
+        image: bytes | None = None,
+        vector: Sequence[float] | None = None,
+        top_k: int = 10,
+        categories: Sequence[str] = (),
+        filter: Filter | None = None,
+        exactness: Exactness = Exactness.DEFAULT,
+        nprobe: int = 0,
+        use_duplicate_cache: bool = True,
+        timeout_s: float | None = None,
+    ) -> SearchAnswer:
+        req = convert.query_to_proto(
+            _query(image, vector, top_k, categories, filter, exactness, nprobe, use_duplicate_cache)
+        )
+        try:
+            return convert.answer_from_proto(self._stub.Search(req, timeout=timeout_s or self.timeout_s))
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def ingest(self, item: CatalogueItem, *, timeout_s: float | None = None) -> IngestSummary:
+        req = broker_pb2.IngestRequest(item=convert.item_to_proto(item))
+        try:
+            resp = self._stub.Ingest(req, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
+
+    def ingest_stream(
+        self, items: Iterable[CatalogueItem], *, timeout_s: float | None = None
+    ) -> IngestSummary:
+        messages = (broker_pb2.IngestStreamRequest(item=convert.item_to_proto(i)) for i in items)
+        try:
+            resp = self._stub.IngestStream(
+                messages, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
+
+    def delete(self, image_ids: Sequence[str], *, timeout_s: float | None = None) -> int:
+        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=list(image_ids))
+        try:
+            return self._stub.Delete(
+                req, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+            ).deleted
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+
+    def stats(self, *, timeout_s: float | None = None) -> list[ShardSummary]:
+        try:
+            resp = self._stub.Stats(
+                broker_pb2.BrokerServiceStatsRequest(), timeout=timeout_s or self.timeout_s
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from None
+        return convert.stats_from_proto(resp)
+
+    def wait_until_serving(self, *, timeout_s: float = 60.0) -> None:
+        """Block until the broker's health check says SERVING (raises UnavailableError after timeout_s)."""
+        import time
+
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from imgsearch.errors import UnavailableError
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+                last = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+            except grpc.RpcError as err:
+                last = err.code().name
+            time.sleep(0.2)
+        raise UnavailableError(f"broker not serving after {timeout_s:.0f}s ({last})")

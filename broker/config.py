@@ -1,0 +1,159 @@
+"""Broker configuration: a frozen dataclass built from flags with environment-variable defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgsearch.serving import ServerOptions
+
+from broker.routing import ShardMap
+
+DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerConfig:
+    server: ServerOptions
+    shard_map: ShardMap
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "imgsearch"
+    # None: no duplicate cache at all (every search goes to the index).
+    redis_url: str | None = None
+    # Redis is an optimisation: it gets a short leash, and the search goes on without it.
+    redis_timeout_s: float = 0.05
+    # After a Redis failure the cache is bypassed for this long instead of paying the timeout on every call.
+    redis_backoff_s: float = 1.0
+    cache_repair_interval_s: float = 1.0
+    # Deadline used when the caller sets none.
+    search_timeout_s: float = 2.0
+    ingest_timeout_s: float = 60.0
+    embed_max_batch: int = 32
+    # Concurrent chunks of a bulk ingest stream (each chunk is one embedding batch and one shard upsert).
+    ingest_concurrency: int = 4
+    ingest_chunk_size: int = 32
+    dimension: int = 512
+    max_top_k: int = 1000
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # Near-duplicate rule (pHash AND dHash within these Hamming radii), confirmed by embedding similarity.
+    near_phash_radius: int = 5
+    near_dhash_radius: int = 5
+    near_min_similarity: float = 0.9
+    # Bearer token required in the `authorization` metadata of Ingest/IngestStream/Delete; None: open.
+    write_token: str | None = None
+    # CA certificate to verify the shards' TLS certificates; None: plaintext to the shards.
+    shard_tls_ca_file: Path | None = None
+    health_check_interval_s: float = 1.0
+
+    @classmethod
+    def from_env(cls, argv: list[str] | None = None) -> BrokerConfig:
+        env = os.environ.get
+        p = argparse.ArgumentParser(prog="imgsearch-broker", description="imgsearch broker gRPC service")
+        p.add_argument("--host", default=env("IMGSEARCH_BROKER_HOST", "127.0.0.1"))
+        p.add_argument("--port", type=int, default=int(env("IMGSEARCH_BROKER_PORT", "7100")))
+        p.add_argument(
+            "--metrics-port",
+            type=int,
+            default=_opt_int(env("IMGSEARCH_BROKER_METRICS_PORT", "9100")),
+            help="Prometheus /metrics port; -1 disables it, 0 picks a free one",
+        )
+        p.add_argument(
+            "--shard-map",
+            default=env("IMGSEARCH_SHARD_MAP"),
+            help="shard map: path to a YAML/JSON file, or inline JSON",
+        )
+        p.add_argument("--triton-url", default=env("IMGSEARCH_TRITON_URL", "127.0.0.1:8001"))
+        p.add_argument("--triton-model", default=env("IMGSEARCH_TRITON_MODEL", "imgsearch"))
+        p.add_argument(
+            "--redis-url",
+            default=env("REDIS_URL") or None,
+            help="redis://host:port/db for the duplicate cache; unset: no cache",
+        )
+        p.add_argument(
+            "--redis-timeout-s", type=float, default=float(env("IMGSEARCH_REDIS_TIMEOUT_S", "0.05"))
+        )
+        p.add_argument(
+            "--search-timeout-s", type=float, default=float(env("IMGSEARCH_SEARCH_TIMEOUT_S", "2.0"))
+        )
+        p.add_argument(
+            "--ingest-timeout-s", type=float, default=float(env("IMGSEARCH_INGEST_TIMEOUT_S", "60"))
+        )
+        p.add_argument(
+            "--ingest-concurrency", type=int, default=int(env("IMGSEARCH_INGEST_CONCURRENCY", "4"))
+        )
+        p.add_argument("--dimension", type=int, default=int(env("IMGSEARCH_DIMENSION", "512")))
+        p.add_argument(
+            "--max-image-bytes",
+            type=int,
+            default=int(env("IMGSEARCH_MAX_IMAGE_BYTES", str(DEFAULT_MAX_IMAGE_BYTES))),
+        )
+        p.add_argument(
+            "--max-image-pixels",
+            type=int,
+            default=int(env("IMGSEARCH_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_IMAGE_PIXELS))),
+        )
+        p.add_argument(
+            "--max-message-bytes",
+            type=int,
+            default=int(env("IMGSEARCH_MAX_MESSAGE_BYTES", str(16 * 1024 * 1024))),
+        )
+        p.add_argument(
+            "--near-min-similarity", type=float, default=float(env("IMGSEARCH_NEAR_MIN_SIMILARITY", "0.9"))
+        )
+        p.add_argument(
+            "--write-token-file",
+            default=env("IMGSEARCH_WRITE_TOKEN_FILE"),
+            help="file holding the bearer token required for writes (or IMGSEARCH_WRITE_TOKEN)",
+        )
+        p.add_argument("--tls-cert-file", default=env("IMGSEARCH_TLS_CERT_FILE"))
+        p.add_argument("--tls-key-file", default=env("IMGSEARCH_TLS_KEY_FILE"))
+        p.add_argument("--tls-client-ca-file", default=env("IMGSEARCH_TLS_CLIENT_CA_FILE"))
+        p.add_argument("--shard-tls-ca-file", default=env("IMGSEARCH_SHARD_TLS_CA_FILE"))
+        p.add_argument(
+            "--shutdown-grace-s", type=float, default=float(env("IMGSEARCH_SHUTDOWN_GRACE_S", "10"))
+        )
+        a = p.parse_args(argv)
+        if not a.shard_map:
+            p.error("a shard map is required (--shard-map or IMGSEARCH_SHARD_MAP)")
+        token = env("IMGSEARCH_WRITE_TOKEN") or None
+        if a.write_token_file:
+            token = Path(a.write_token_file).read_text().strip() or None
+        server = ServerOptions(
+            host=a.host,
+            port=a.port,
+            metrics_port=None if a.metrics_port is None or a.metrics_port < 0 else a.metrics_port,
+            max_message_bytes=a.max_message_bytes,
+            shutdown_grace_s=a.shutdown_grace_s,
+            tls_cert_file=_opt_path(a.tls_cert_file),
+            tls_key_file=_opt_path(a.tls_key_file),
+            tls_client_ca_file=_opt_path(a.tls_client_ca_file),
+        )
+        return cls(
+            server=server,
+            shard_map=ShardMap.load(a.shard_map),
+            triton_url=a.triton_url,
+            triton_model=a.triton_model,
+            redis_url=a.redis_url,
+            redis_timeout_s=a.redis_timeout_s,
+            search_timeout_s=a.search_timeout_s,
+            ingest_timeout_s=a.ingest_timeout_s,
+            ingest_concurrency=a.ingest_concurrency,
+            dimension=a.dimension,
+            max_image_bytes=a.max_image_bytes,
+            max_image_pixels=a.max_image_pixels,
+            near_min_similarity=a.near_min_similarity,
+            write_token=token,
+            shard_tls_ca_file=_opt_path(a.shard_tls_ca_file),
+        )
+
+
+def _opt_int(text: str | None) -> int | None:
+    return None if text in (None, "") else int(text)
+
+
+def _opt_path(text: str | None) -> Path | None:
+    return Path(text) if text else None

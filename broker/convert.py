@@ -1,0 +1,219 @@
+"""Protobuf <-> broker data types (the filter, attribute and hit converters are the shard tier's)."""
+
+from __future__ import annotations
+
+import numpy as np
+from imgsearch.v1 import broker_pb2, common_pb2
+
+from broker.errors import InvalidRequestError
+from broker.types import (
+    CacheOutcome,
+    CatalogueItem,
+    CategorySize,
+    IngestSummary,
+    Query,
+    SearchAnswer,
+    ShardReport,
+    ShardSummary,
+    StageTimings,
+)
+from shard_server.convert import (
+    attributes_from_proto,
+    attributes_to_proto,
+    filter_from_proto,
+    filter_to_proto,
+    hit_from_proto,
+    hit_to_proto,
+)
+from shard_server.types import Exactness, Filter
+
+_EXACTNESS_FROM_PROTO = {
+    common_pb2.EXACTNESS_UNSPECIFIED: Exactness.DEFAULT,
+    common_pb2.EXACTNESS_FAST: Exactness.FAST,
+    common_pb2.EXACTNESS_HIGH: Exactness.HIGH,
+    common_pb2.EXACTNESS_EXACT: Exactness.EXACT,
+}
+_EXACTNESS_TO_PROTO = {v: k for k, v in _EXACTNESS_FROM_PROTO.items()}
+_CACHE_TO_PROTO = {
+    CacheOutcome.NOT_USED: broker_pb2.CACHE_OUTCOME_NOT_USED,
+    CacheOutcome.MISS: broker_pb2.CACHE_OUTCOME_MISS,
+    CacheOutcome.EXACT: broker_pb2.CACHE_OUTCOME_EXACT,
+    CacheOutcome.NEAR: broker_pb2.CACHE_OUTCOME_NEAR,
+    CacheOutcome.ERROR: broker_pb2.CACHE_OUTCOME_ERROR,
+}
+_CACHE_FROM_PROTO = {v: k for k, v in _CACHE_TO_PROTO.items()}
+_SHARD_OUTCOME_TO_PROTO = {
+    "ok": broker_pb2.SHARD_OUTCOME_OK,
+    "timeout": broker_pb2.SHARD_OUTCOME_TIMEOUT,
+    "unavailable": broker_pb2.SHARD_OUTCOME_UNAVAILABLE,
+    "error": broker_pb2.SHARD_OUTCOME_ERROR,
+}
+_SHARD_OUTCOME_FROM_PROTO = {v: k for k, v in _SHARD_OUTCOME_TO_PROTO.items()}
+
+
+def _vector(msg: common_pb2.Vector) -> np.ndarray:
+    return np.asarray(msg.values, dtype=np.float32)
+
+
+# ---------------------------------------------------------------- search
+def query_from_proto(req: broker_pb2.SearchRequest) -> Query:
+    which = req.WhichOneof("query")
+    if which is None:
+        raise InvalidRequestError("a search needs an image or a vector")
+    if req.options.exactness not in _EXACTNESS_FROM_PROTO:
+        raise InvalidRequestError(f"unknown exactness {req.options.exactness}")
+    return Query(
+        image=req.image if which == "image" else None,
+        vector=_vector(req.vector) if which == "vector" else None,
+        top_k=req.top_k,
+        categories=tuple(req.categories),
+        filter=filter_from_proto(req.filter) if req.HasField("filter") else Filter(),
+        nprobe=req.options.nprobe,
+        exactness=_EXACTNESS_FROM_PROTO[req.options.exactness],
+        use_duplicate_cache=not req.skip_duplicate_cache,
+    )
+
+
+def query_to_proto(q: Query) -> broker_pb2.SearchRequest:
+    req = broker_pb2.SearchRequest(
+        top_k=q.top_k,
+        categories=list(q.categories),
+        skip_duplicate_cache=not q.use_duplicate_cache,
+        options=common_pb2.SearchOptions(nprobe=q.nprobe, exactness=_EXACTNESS_TO_PROTO[q.exactness]),
+    )
+    if q.image is not None:
+        req.image = q.image
+    elif q.vector is not None:
+        req.vector.values.extend(np.asarray(q.vector, dtype=np.float32).reshape(-1).tolist())
+    if q.filter:
+        req.filter.CopyFrom(filter_to_proto(q.filter))
+    return req
+
+
+def answer_to_proto(a: SearchAnswer) -> broker_pb2.SearchResponse:
+    t = a.timings
+    return broker_pb2.SearchResponse(
+        hits=[hit_to_proto(h) for h in a.hits],
+        cache=_CACHE_TO_PROTO[a.cache],
+        from_duplicate_cache=a.from_duplicate_cache,
+        partial=a.partial,
+        shards=[
+            broker_pb2.ShardReport(
+                shard=s.shard,
+                address=s.address,
+                outcome=_SHARD_OUTCOME_TO_PROTO[s.outcome],
+                message=s.message,
+            )
+            for s in a.shards
+        ],
+        timings=broker_pb2.StageTimings(
+            decode_hash_seconds=t.decode_hash_s,
+            cache_seconds=t.cache_s,
+            embed_seconds=t.embed_s,
+            fanout_seconds=t.fanout_s,
+            merge_seconds=t.merge_s,
+            total_seconds=t.total_s,
+        ),
+    )
+
+
+def answer_from_proto(r: broker_pb2.SearchResponse) -> SearchAnswer:
+    t = r.timings
+    return SearchAnswer(
+        hits=tuple(hit_from_proto(h) for h in r.hits),
+        cache=_CACHE_FROM_PROTO.get(r.cache, CacheOutcome.NOT_USED),
+        from_duplicate_cache=r.from_duplicate_cache,
+        partial=r.partial,
+        shards=tuple(
+            ShardReport(
+                shard=s.shard,
+                address=s.address,
+                outcome=_SHARD_OUTCOME_FROM_PROTO.get(s.outcome, "error"),
+                message=s.message,
+            )
+            for s in r.shards
+        ),
+        timings=StageTimings(
+            decode_hash_s=t.decode_hash_seconds,
+            cache_s=t.cache_seconds,
+            embed_s=t.embed_seconds,
+            fanout_s=t.fanout_seconds,
+            merge_s=t.merge_seconds,
+            total_s=t.total_seconds,
+        ),
+    )
+
+
+# ---------------------------------------------------------------- ingest
+def item_from_proto(msg: broker_pb2.CatalogueItem) -> CatalogueItem:
+    which = msg.WhichOneof("content")
+    return CatalogueItem(
+        image_id=msg.image_id,
+        product_id=msg.product_id,
+        category=msg.category,
+        image=msg.image if which == "image" else None,
+        vector=_vector(msg.vector) if which == "vector" else None,
+        attributes=attributes_from_proto(msg.attributes),
+    )
+
+
+def item_to_proto(item: CatalogueItem) -> broker_pb2.CatalogueItem:
+    msg = broker_pb2.CatalogueItem(image_id=item.image_id, product_id=item.product_id, category=item.category)
+    if item.image is not None:
+        msg.image = item.image
+    elif item.vector is not None:
+        msg.vector.values.extend(np.asarray(item.vector, dtype=np.float32).reshape(-1).tolist())
+    for key, value in attributes_to_proto(item.attributes).items():
+        msg.attributes[key].CopyFrom(value)
+    return msg
+
+
+def summary_to_proto(s: IngestSummary) -> broker_pb2.IngestResponse:
+    return broker_pb2.IngestResponse(ingested=s.ingested, cache_pending=s.cache_pending)
+
+
+# ---------------------------------------------------------------- stats
+def stats_to_proto(shards: list[ShardSummary]) -> broker_pb2.BrokerServiceStatsResponse:
+    from imgsearch.v1 import shard_pb2
+
+    return broker_pb2.BrokerServiceStatsResponse(
+        shards=[
+            broker_pb2.ShardStats(
+                shard=s.shard,
+                address=s.address,
+                reachable=s.reachable,
+                categories=[
+                    shard_pb2.CategoryStats(
+                        category=c.category,
+                        vectors=c.vectors,
+                        trained=c.trained,
+                        index_type=c.index_type,
+                        resident_bytes=c.resident_bytes,
+                    )
+                    for c in s.categories
+                ],
+            )
+            for s in shards
+        ]
+    )
+
+
+def stats_from_proto(r: broker_pb2.BrokerServiceStatsResponse) -> list[ShardSummary]:
+    return [
+        ShardSummary(
+            shard=s.shard,
+            address=s.address,
+            reachable=s.reachable,
+            categories=tuple(
+                CategorySize(
+                    category=c.category,
+                    vectors=c.vectors,
+                    trained=c.trained,
+                    index_type=c.index_type,
+                    resident_bytes=c.resident_bytes,
+                )
+                for c in s.categories
+            ),
+        )
+        for s in r.shards
+    ]

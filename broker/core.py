@@ -1,0 +1,354 @@
+"""The broker's logic on plain data types: search (cache, embedding, fan-out), ingest, delete, stats.
+
+Search flow: validate -> decode + hash (pHash, dHash) -> duplicate cache -> embed -> fan-out -> merge.
+
+Duplicate-cache policy (see broker.cache for the Redis layout):
+- *exact*: both 64-bit hashes equal a catalogue image's. Answered from the cache without an embedding call
+  (two independent 64-bit hashes agreeing is a re-encode of the same picture in practice), so it still works
+  while Triton is down.
+- *near*: pHash and dHash both within 5 bits. The query is embedded and the match is trusted only when the
+  cosine similarity with the stored embedding reaches `near_min_similarity`; otherwise the same embedding goes
+  on to the vector search (no second embedding call).
+- The cache answers only searches without an attribute filter (filters are defined and validated by the
+  shards' attribute schema), and only with duplicates inside the requested categories.
+- Redis down or slow: the lookup is skipped (outcome ERROR, counted) and the search goes to the index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+from imgsearch.errors import ImgsearchError
+
+from broker.cache import CacheEntry, CacheMatch, CacheUnavailable, DuplicateCache
+from broker.errors import InvalidRequestError
+from broker.fanout import ShardPool
+from broker.metrics import CACHE_LOOKUPS, SEARCHES, STAGE_SECONDS
+from broker.repair import CacheRepairQueue
+from broker.types import (
+    CacheOutcome,
+    CatalogueItem,
+    CategorySize,
+    IngestSummary,
+    Query,
+    SearchAnswer,
+    ShardReport,
+    ShardSummary,
+    StageTimings,
+)
+from embedder.client import Embedder
+from embedder.hashing import ImageHashes, image_hashes
+from embedder.preprocess import decode_image
+from shard_server.types import Hit, Record, SearchQuery
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 512
+
+
+class Broker:
+    def __init__(
+        self,
+        *,
+        pool: ShardPool,
+        embedder: Embedder,
+        cache: DuplicateCache | None,
+        repair: CacheRepairQueue | None,
+        dimension: int = 512,
+        max_top_k: int = 1000,
+        max_image_bytes: int,
+        max_image_pixels: int,
+        near_min_similarity: float = 0.9,
+    ):
+        self.pool = pool
+        self.embedder = embedder
+        self.cache = cache
+        self.repair = repair
+        self.dimension = dimension
+        self.max_top_k = max_top_k
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self.near_min_similarity = near_min_similarity
+
+    # ------------------------------------------------------------------ search
+    async def search(self, query: Query, *, timeout_s: float) -> SearchAnswer:
+        t_start = time.perf_counter()
+        deadline = time.monotonic() + timeout_s
+        if not 1 <= query.top_k <= self.max_top_k:
+            raise InvalidRequestError(f"top_k must be in 1..{self.max_top_k}, got {query.top_k}")
+        decode_s = cache_s = embed_s = 0.0
+        outcome = CacheOutcome.NOT_USED
+        near: list[CacheMatch] = []
+        if query.vector is not None:
+            vector = self._checked_vector(query.vector)
+        elif query.image is not None:
+            t0 = time.perf_counter()
+            hashes = await asyncio.to_thread(self._hash, query.image)
+            decode_s = time.perf_counter() - t0
+            vector = None
+            if self.cache is not None and query.use_duplicate_cache and not query.filter:
+                t0 = time.perf_counter()
+                outcome, exact, near = await self._lookup(hashes, query.categories)
+                cache_s = time.perf_counter() - t0
+                if exact:
+                    hits = tuple(_hit(m.entry, 1.0) for m in exact[: query.top_k])
+                    return self._cache_answer(hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0)
+            t0 = time.perf_counter()
+            vector = await self._embed_one(query.image, deadline)
+            embed_s = time.perf_counter() - t0
+            if near:
+                scored = sorted(
+                    ((float(np.dot(m.entry.embedding, vector)), m) for m in near), key=lambda sm: -sm[0]
+                )
+                confirmed = [(s, m) for s, m in scored if s >= self.near_min_similarity]
+                if confirmed:
+                    hits = tuple(_hit(m.entry, s) for s, m in confirmed[: query.top_k])
+                    return self._cache_answer(hits, CacheOutcome.NEAR, t_start, decode_s, cache_s, embed_s)
+                outcome = CacheOutcome.MISS
+                CACHE_LOOKUPS.labels("miss").inc()
+        else:
+            raise InvalidRequestError("a search needs an image or a vector")
+
+        shard_query = SearchQuery(
+            vector=vector,
+            top_k=query.top_k,
+            categories=tuple(query.categories),
+            filter=query.filter,
+            nprobe=query.nprobe,
+            exactness=query.exactness,
+        )
+        result = await self.pool.search(shard_query, timeout_s=max(0.0, deadline - time.monotonic()))
+        total_s = time.perf_counter() - t_start
+        timings = StageTimings(
+            decode_hash_s=decode_s,
+            cache_s=cache_s,
+            embed_s=embed_s,
+            fanout_s=result.fanout_s,
+            merge_s=result.merge_s,
+            total_s=total_s,
+        )
+        self._observe(timings)
+        SEARCHES.labels("index").inc()
+        return SearchAnswer(
+            hits=result.hits,
+            cache=outcome,
+            from_duplicate_cache=False,
+            partial=result.partial,
+            shards=tuple(
+                ShardReport(shard=a.shard, address=a.address, outcome=a.outcome, message=a.message)
+                for a in result.answers
+            ),
+            timings=timings,
+        )
+
+    async def _lookup(
+        self, hashes: ImageHashes, categories: Sequence[str]
+    ) -> tuple[CacheOutcome, list[CacheMatch], list[CacheMatch]]:
+        try:
+            matches = await self.cache.lookup(hashes.phash, hashes.dhash)
+        except CacheUnavailable as exc:
+            log.debug("cache bypassed: %s", exc)
+            CACHE_LOOKUPS.labels("error").inc()
+            return CacheOutcome.ERROR, [], []
+        if categories:
+            wanted = set(categories)
+            matches = [m for m in matches if m.entry.category in wanted]
+        exact = [m for m in matches if m.exact]
+        if exact:
+            CACHE_LOOKUPS.labels("hit").inc()
+            return CacheOutcome.EXACT, exact, []
+        near = [m for m in matches if not m.exact]
+        if not near:
+            CACHE_LOOKUPS.labels("miss").inc()
+            return CacheOutcome.MISS, [], []
+        return (
+            CacheOutcome.MISS,
+            [],
+            near,
+        )  # counted once the embedding has confirmed (near_hit) or not (miss)
+
+    def _cache_answer(
+        self, hits, outcome: CacheOutcome, t_start: float, decode_s: float, cache_s: float, embed_s: float
+    ) -> SearchAnswer:
+        if outcome is CacheOutcome.NEAR:
+            CACHE_LOOKUPS.labels("near_hit").inc()
+        timings = StageTimings(
+            decode_hash_s=decode_s, cache_s=cache_s, embed_s=embed_s, total_s=time.perf_counter() - t_start
+        )
+        self._observe(timings)
+        SEARCHES.labels("cache").inc()
+        return SearchAnswer(
+            hits=hits, cache=outcome, from_duplicate_cache=True, partial=False, timings=timings
+        )
+
+    @staticmethod
+    def _observe(t: StageTimings) -> None:
+        for stage, value in (
+            ("decode_hash", t.decode_hash_s),
+            ("cache", t.cache_s),
+            ("embed", t.embed_s),
+            ("fanout", t.fanout_s),
+            ("merge", t.merge_s),
+            ("total", t.total_s),
+        ):
+            if value > 0:
+                STAGE_SECONDS.labels(stage).observe(value)
+
+    # ------------------------------------------------------------------ ingest
+    async def ingest(self, items: Sequence[CatalogueItem], *, timeout_s: float) -> IngestSummary:
+        """Embed, write to the owning shards (durable), then the cache entries. Idempotent by image id."""
+        deadline = time.monotonic() + timeout_s
+        for item in items:
+            _check_item(item)
+        images = [i for i, item in enumerate(items) if item.image is not None]
+        hashes: dict[int, ImageHashes] = {}
+        vectors: dict[int, np.ndarray] = {}
+        if images:
+            hashed = await asyncio.to_thread(lambda: [self._hash_item(items[i]) for i in images])
+            hashes = dict(zip(images, hashed))
+            embedded = await self._embed([items[i].image for i in images], deadline)
+            vectors.update(zip(images, embedded))
+        for i, item in enumerate(items):
+            if item.image is None:
+                vectors[i] = self._checked_vector(item.vector)
+        records = [
+            Record(
+                image_id=item.image_id,
+                product_id=item.product_id,
+                category=item.category,
+                vector=vectors[i],
+                attributes=dict(item.attributes),
+            )
+            for i, item in enumerate(items)
+        ]
+        await self.pool.upsert(records, timeout_s=max(0.0, deadline - time.monotonic()))
+        pending = 0
+        if self.cache is not None:
+            writes = [
+                (
+                    item.image_id,
+                    CacheEntry(
+                        image_id=item.image_id,
+                        product_id=item.product_id,
+                        category=item.category,
+                        phash=hashes[i].phash,
+                        dhash=hashes[i].dhash,
+                        embedding=vectors[i],
+                        attributes=dict(item.attributes),
+                    )
+                    if i in hashes
+                    else None,
+                )
+                for i, item in enumerate(items)
+            ]
+            pending = await self._write_cache(writes)
+        return IngestSummary(ingested=len(records), cache_pending=pending)
+
+    async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
+        for image_id in image_ids:
+            if not image_id or len(image_id) > MAX_ID_CHARS:
+                raise InvalidRequestError("image ids must be non-empty strings of at most 512 characters")
+        deleted = await self.pool.delete(list(image_ids), timeout_s=timeout_s)
+        if self.cache is not None:
+            await self._write_cache([(image_id, None) for image_id in image_ids])
+        return deleted
+
+    async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]]) -> int:
+        """Apply cache upserts (entry) and deletes (None); failed ones go to the repair queue."""
+
+        async def one(image_id: str, entry: CacheEntry | None) -> bool:
+            try:
+                if entry is None:
+                    await self.cache.delete(image_id)  # a vector-only re-ingest drops an old image entry
+                else:
+                    await self.cache.upsert(entry)
+            except CacheUnavailable:
+                if self.repair is not None:
+                    self.repair.add(image_id, entry)
+                return False
+            if self.repair is not None:
+                self.repair.discard(image_id)
+            return True
+
+        done = await asyncio.gather(*(one(i, e) for i, e in writes))
+        return sum(1 for ok in done if not ok)
+
+    # ------------------------------------------------------------------ stats
+    async def stats(self, *, timeout_s: float) -> list[ShardSummary]:
+        replicas = await self.pool.stats(timeout_s=timeout_s)
+        return [
+            ShardSummary(
+                shard=r.shard,
+                address=r.address,
+                reachable=r.stats is not None,
+                categories=tuple(
+                    CategorySize(
+                        category=c.category,
+                        vectors=c.vectors,
+                        trained=c.trained,
+                        index_type=c.index_type,
+                        resident_bytes=c.resident_bytes,
+                    )
+                    for c in (r.stats.categories if r.stats is not None else ())
+                ),
+            )
+            for r in replicas
+        ]
+
+    # ------------------------------------------------------------------ helpers
+    def _hash(self, data: bytes) -> ImageHashes:
+        img = decode_image(data, max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels)
+        return image_hashes(img)
+
+    def _hash_item(self, item: CatalogueItem) -> ImageHashes:
+        """Hash an item's image; a bad image fails with its image id in the message (same status code)."""
+        try:
+            return self._hash(item.image)
+        except ImgsearchError as exc:
+            renamed = type(exc)(f"item {item.image_id!r}: {exc}")
+            raise renamed from exc
+
+    async def _embed_one(self, image: bytes, deadline: float) -> np.ndarray:
+        return (await self._embed([image], deadline))[0]
+
+    async def _embed(self, images: list[bytes], deadline: float) -> np.ndarray:
+        vectors = await self.embedder.embed(images, timeout_s=max(0.001, deadline - time.monotonic()))
+        return np.asarray(vectors, dtype=np.float32)
+
+    def _checked_vector(self, vector: np.ndarray) -> np.ndarray:
+        v = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if v.shape[0] != self.dimension:
+            raise InvalidRequestError(f"vector has dimension {v.shape[0]}, expected {self.dimension}")
+        if not np.all(np.isfinite(v)):
+            raise InvalidRequestError("vector contains NaN or infinity")
+        norm = float(np.linalg.norm(v))
+        if norm == 0.0 or not math.isfinite(norm):
+            raise InvalidRequestError("vector has zero (or overflowing) norm")
+        return v / norm
+
+
+def _check_item(item: CatalogueItem) -> None:
+    for name in ("image_id", "product_id", "category"):
+        value = getattr(item, name)
+        if not value or len(value) > MAX_ID_CHARS:
+            raise InvalidRequestError(
+                f"{name} must be a non-empty string of at most {MAX_ID_CHARS} characters "
+                f"(item {item.image_id!r})"
+            )
+    if (item.image is None) == (item.vector is None):
+        raise InvalidRequestError(f"item {item.image_id!r} needs exactly one of image or vector")
+
+
+def _hit(entry: CacheEntry, score: float) -> Hit:
+    return Hit(
+        image_id=entry.image_id,
+        product_id=entry.product_id,
+        category=entry.category,
+        score=score,
+        attributes=dict(entry.attributes),
+    )

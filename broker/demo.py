@@ -1,0 +1,111 @@
+"""`imgsearch demo` / `make demo`: a local stack, the grocery train photos as the catalogue, a few val photos
+as queries, one re-encoded catalogue photo (the duplicate-cache path), then shut down."""
+
+from __future__ import annotations
+
+import io
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from shard_server.types import Condition, Filter, Range
+
+
+def reencode_jpeg(data: bytes, *, quality: int = 80, scale: float = 1.0) -> bytes:
+    """The same picture as a shop's CDN would serve it: decoded, optionally resized, saved again as JPEG."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    if scale != 1.0:
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BICUBIC)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def pick_queries(val, n: int):
+    """n val photos spread evenly over the split (so over many products), deterministic."""
+    if n <= 0 or not val:
+        return []
+    step = max(1, len(val) // n)
+    return val[step // 2 :: step][:n]
+
+
+def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 0) -> int:
+    from tqdm import tqdm
+
+    from broker.catalogue import grocery_split, iter_items
+    from broker.cli import print_answer
+    from broker.client import SyncBrokerClient
+    from broker.stack import LocalStack, StackConfig
+
+    if not (data_dir / "grocery" / "train.txt").exists():
+        print(f"no grocery data under {data_dir} (expected {data_dir}/grocery/train.txt)", file=sys.stderr)
+        return 1
+    train = grocery_split(data_dir, "train")
+    if limit:
+        train = train[:: max(1, len(train) // limit)][:limit]
+    val = grocery_split(data_dir, "val")
+    with tempfile.TemporaryDirectory(prefix="imgsearch-demo-") as work:
+        t0 = time.perf_counter()
+        print(f"starting redis, Triton (CPU), {shards} shards and the broker in {work} ...", flush=True)
+        with LocalStack(StackConfig(work_dir=Path(work), shards=shards, search_timeout_s=10.0)) as stack:
+            print(f"stack up in {time.perf_counter() - t0:.1f}s:")
+            for key, value in stack.describe().items():
+                print(f"  {key:15s} {value}")
+            with SyncBrokerClient(stack.broker_address) as client:
+                t1 = time.perf_counter()
+                with tqdm(total=len(train), unit="img", desc="ingest") as bar:
+
+                    def items():
+                        for item in iter_items(train):
+                            yield item
+                            bar.update(1)
+
+                    summary = client.ingest_stream(items(), timeout_s=3600)
+                took = time.perf_counter() - t1
+                print(
+                    f"ingested {summary.ingested} photos of {len({f.product_id for f in train})} products in "
+                    f"{len({f.category for f in train})} categories in {took:.1f}s "
+                    f"({summary.ingested / took:.1f} photos/s); cache pending: {summary.cache_pending}"
+                )
+
+                found = 0
+                picked = pick_queries(val, queries)
+                for q in picked:
+                    answer = client.search(image=q.path.read_bytes(), top_k=5, timeout_s=30)
+                    found += any(h.product_id == q.product_id for h in answer.hits)
+                    print_answer(
+                        answer,
+                        title=f"query {q.image_id} (product {q.product_id})",
+                        expected_product=q.product_id,
+                    )
+                if picked:
+                    print(f"right product in the top 5 for {found} of {len(picked)} val queries")
+
+                q = picked[0] if picked else val[0]
+                answer = client.search(
+                    image=q.path.read_bytes(),
+                    top_k=5,
+                    categories=[q.category],
+                    filter=Filter(all_of=(Condition(field="price", predicate=Range(min=10, max=50)),)),
+                    timeout_s=30,
+                )
+                print_answer(
+                    answer,
+                    title=f"query {q.image_id}, category {q.category}, price 10..50",
+                    expected_product=q.product_id,
+                )
+
+                item = train[len(train) // 2]
+                copy = reencode_jpeg(item.path.read_bytes(), quality=75)
+                answer = client.search(image=copy, top_k=5, timeout_s=30)
+                print_answer(
+                    answer,
+                    title=f"re-encoded copy of catalogue photo {item.image_id}",
+                    expected_product=item.product_id,
+                )
+            print("stopping the stack ...", flush=True)
+    print(f"demo done in {time.perf_counter() - t0:.1f}s")
+    return 0

@@ -1,0 +1,230 @@
+"""Shard replicas, fan-out of a search to the owning shards, writes to every replica, and the k-way merge.
+
+Searches spread over a shard's replicas round-robin and move to the next replica on UNAVAILABLE while the
+caller's deadline allows. A shard that cannot answer yields a failed :class:`ShardAnswer` (the search goes on
+with the others and is flagged partial), except for INVALID_ARGUMENT, which is the caller's fault (for example
+an unknown filter field) and fails the whole search.
+
+Writes go to every replica of the owning shard (replicas hold the same data) and succeed only when every
+replica made them durable; a failed write is safe to retry because upserts and deletes are idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+from imgsearch.errors import DeadlineExceededError, ImgsearchError, InvalidArgumentError, UnavailableError
+
+from broker.errors import NoShardAvailableError
+from broker.merge import merge_top_k
+from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS
+from broker.routing import ShardMap
+from shard_server.client import ShardClient
+from shard_server.types import Hit, Record, SearchQuery, ShardStats
+
+# Time kept back from the caller's deadline for merging and answering.
+RESPONSE_MARGIN_S = 0.005
+
+log = logging.getLogger(__name__)
+
+OK, TIMEOUT, UNAVAILABLE, ERROR = "ok", "timeout", "unavailable", "error"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardAnswer:
+    shard: str
+    address: str
+    outcome: str  # ok | timeout | unavailable | error
+    message: str = ""
+    hits: tuple[Hit, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class FanoutResult:
+    hits: tuple[Hit, ...]
+    answers: tuple[ShardAnswer, ...]
+    fanout_s: float
+    merge_s: float
+
+    @property
+    def partial(self) -> bool:
+        return any(a.outcome != OK for a in self.answers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaStats:
+    shard: str
+    address: str
+    stats: ShardStats | None  # None: unreachable
+
+
+class ShardPool:
+    """One ShardClient per replica address of every shard in the map."""
+
+    def __init__(self, shard_map: ShardMap, *, tls_ca_file: Path | None = None):
+        self.shard_map = shard_map
+        creds = grpc.ssl_channel_credentials(tls_ca_file.read_bytes()) if tls_ca_file else None
+        self._replicas: dict[str, list[ShardClient]] = {
+            name: [ShardClient(address, channel_credentials=creds) for address in addresses]
+            for name, addresses in shard_map.shards.items()
+        }
+        self._addresses = {name: list(addresses) for name, addresses in shard_map.shards.items()}
+        self._next = {name: itertools.count() for name in shard_map.shards}
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            *(c.close() for clients in self._replicas.values() for c in clients), return_exceptions=True
+        )
+
+    # -- search --
+    async def search(self, query: SearchQuery, *, timeout_s: float) -> FanoutResult:
+        deadline = time.monotonic() + max(0.0, timeout_s - RESPONSE_MARGIN_S)
+        targets = self.shard_map.shards_for(query.categories)
+        t0 = time.perf_counter()
+        answers = await asyncio.gather(
+            *(
+                self._search_shard(name, replace(query, categories=cats), deadline)
+                for name, cats in targets.items()
+            )
+        )
+        t1 = time.perf_counter()
+        hits = merge_top_k([a.hits for a in answers], query.top_k)
+        t2 = time.perf_counter()
+        result = FanoutResult(hits=hits, answers=tuple(answers), fanout_s=t1 - t0, merge_s=t2 - t1)
+        if result.partial:
+            PARTIAL_RESULTS.inc()
+        return result
+
+    async def _search_shard(self, name: str, query: SearchQuery, deadline: float) -> ShardAnswer:
+        clients, addresses = self._replicas[name], self._addresses[name]
+        start = next(self._next[name])
+        answer = ShardAnswer(
+            shard=name,
+            address=addresses[start % len(clients)],
+            outcome=TIMEOUT,
+            message="deadline exceeded before the shard was called",
+        )
+        for attempt in range(len(clients)):
+            i = (start + attempt) % len(clients)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                result = await clients[i].search(query, timeout_s=remaining)
+            except InvalidArgumentError:
+                raise  # the request is wrong, not the shard
+            except UnavailableError as exc:
+                answer = ShardAnswer(shard=name, address=addresses[i], outcome=UNAVAILABLE, message=str(exc))
+                continue  # another replica may be up
+            except DeadlineExceededError as exc:
+                answer = ShardAnswer(shard=name, address=addresses[i], outcome=TIMEOUT, message=str(exc))
+                break
+            except ImgsearchError as exc:
+                answer = ShardAnswer(
+                    shard=name, address=addresses[i], outcome=ERROR, message=f"{exc.code.name}: {exc}"
+                )
+                break
+            answer = ShardAnswer(shard=name, address=addresses[i], outcome=OK, hits=tuple(result.hits))
+            break
+        SHARD_REQUESTS.labels(name, answer.outcome).inc()
+        return answer
+
+    # -- writes --
+    async def upsert(self, records: Sequence[Record], *, timeout_s: float) -> int:
+        """Write records to every replica of their owning shards; the number of records written."""
+        by_shard = shard_for_records(self.shard_map, records)
+        await asyncio.gather(
+            *(
+                self._on_every_replica(name, lambda c, recs=recs: c.upsert(recs, timeout_s=timeout_s))
+                for name, recs in by_shard.items()
+            )
+        )
+        # Idempotency by image id across a category change: an id re-ingested under a category owned by
+        # another shard must not stay in its old shard. Written first, removed elsewhere second, so a failure
+        # in between leaves a duplicate, never a loss. Best effort: a shard that is down does not fail the
+        # ingest (the write is durable in its owner); re-ingesting later removes the stale copy.
+        others = {
+            name: [r.image_id for recs in (v for k, v in by_shard.items() if k != name) for r in recs]
+            for name in self._replicas
+        }
+        results = await asyncio.gather(
+            *(
+                self._on_every_replica(name, lambda c, ids=ids: c.delete(ids, timeout_s=timeout_s))
+                for name, ids in others.items()
+                if ids
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                log.warning("could not remove re-ingested ids from their former shard: %s", result)
+        return len(records)
+
+    async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
+        """Delete ids from every replica of every shard (the category of an id is not known here)."""
+        counts = await asyncio.gather(
+            *(
+                self._on_every_replica(name, lambda c: c.delete(list(image_ids), timeout_s=timeout_s))
+                for name in self._replicas
+            )
+        )
+        return sum(counts)
+
+    async def _on_every_replica(self, name: str, call) -> int:
+        results = await asyncio.gather(*(call(c) for c in self._replicas[name]), return_exceptions=True)
+        for address, result in zip(self._addresses[name], results):
+            if isinstance(result, InvalidArgumentError):
+                raise result
+            if isinstance(result, BaseException):
+                raise NoShardAvailableError(
+                    f"shard {name} replica {address}: {type(result).__name__}: {result}"
+                )
+        return max(results)
+
+    # -- stats and health --
+    async def stats(self, *, timeout_s: float) -> list[ReplicaStats]:
+        async def one(name: str, address: str, client: ShardClient) -> ReplicaStats:
+            try:
+                return ReplicaStats(
+                    shard=name, address=address, stats=await client.stats(timeout_s=timeout_s)
+                )
+            except ImgsearchError:
+                return ReplicaStats(shard=name, address=address, stats=None)
+
+        return list(
+            await asyncio.gather(
+                *(
+                    one(name, address, client)
+                    for name in self.shard_map.shard_names
+                    for address, client in zip(self._addresses[name], self._replicas[name])
+                )
+            )
+        )
+
+    async def reachable(self, *, timeout_s: float) -> bool:
+        """True when every shard has at least one replica that answers its health check."""
+
+        async def any_replica(clients: list[ShardClient]) -> bool:
+            for client in clients:
+                try:
+                    if await client.health(timeout_s=timeout_s):
+                        return True
+                except ImgsearchError:
+                    continue
+            return False
+
+        return all(await asyncio.gather(*(any_replica(c) for c in self._replicas.values())))
+
+
+def shard_for_records(shard_map: ShardMap, records: Iterable[Record]) -> Mapping[str, list[Record]]:
+    by_shard: dict[str, list[Record]] = {}
+    for record in records:
+        by_shard.setdefault(shard_map.shard_for(record.category), []).append(record)
+    return by_shard

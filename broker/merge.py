@@ -1,0 +1,15 @@
+"""k-way merge of per-shard top-K lists into the global top-K."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Iterable, Sequence
+
+from shard_server.types import Hit
+
+
+def merge_top_k(hit_lists: Iterable[Sequence[Hit]], top_k: int) -> tuple[Hit, ...]:
+    """Each list is sorted again defensively (cheap: at most top_k per shard), then merged lazily."""
+    merged = heapq.merge(*(sorted(h, key=lambda x: -x.score) for h in hit_lists), key=lambda x: -x.score)
+    return tuple(itertools.islice(merged, top_k))

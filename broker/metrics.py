@@ -1,0 +1,43 @@
+"""Prometheus metrics of the broker (names fixed by the ops contract; labels: bounded enums, shard names)."""
+
+from imgsearch.serving import LATENCY_BUCKETS_S
+from prometheus_client import Counter, Gauge, Histogram
+
+STAGES = ("decode_hash", "cache", "embed", "fanout", "merge", "total")
+
+STAGE_SECONDS = Histogram(
+    "imgsearch_broker_stage_duration_seconds",
+    "Wall time of each stage of a broker search.",
+    ["stage"],
+    buckets=LATENCY_BUCKETS_S,
+)
+CACHE_LOOKUPS = Counter(
+    "imgsearch_broker_cache_lookups_total",
+    "Duplicate-cache lookups by result (hit, near_hit, miss, error).",
+    ["result"],
+)
+SHARD_REQUESTS = Counter(
+    "imgsearch_broker_shard_requests_total",
+    "Shard searches by configured shard name and outcome (ok, timeout, unavailable, error).",
+    ["shard", "outcome"],
+)
+PARTIAL_RESULTS = Counter(
+    "imgsearch_broker_partial_results_total",
+    "Searches answered without at least one shard that should have answered.",
+)
+CACHE_REPAIR_PENDING = Gauge(
+    "imgsearch_broker_cache_repair_pending",
+    "Duplicate-cache writes (upserts or deletes) that failed and wait for the repair loop.",
+)
+SEARCHES = Counter(
+    "imgsearch_broker_searches_total",
+    "Answered searches by where the answer came from (cache, index).",
+    ["source"],
+)
+
+for _stage in STAGES:
+    STAGE_SECONDS.labels(_stage)
+for _result in ("hit", "near_hit", "miss", "error"):
+    CACHE_LOOKUPS.labels(_result)
+for _source in ("cache", "index"):
+    SEARCHES.labels(_source)

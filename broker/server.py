@@ -1,0 +1,142 @@
+"""`imgsearch-broker`: the broker gRPC server (also startable in-process with :func:`start_broker`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from imgsearch.serving import GrpcService, run_until_signalled, start_grpc_service
+from imgsearch.v1 import broker_pb2, broker_pb2_grpc
+
+from broker.cache import DuplicateCache
+from broker.config import BrokerConfig
+from broker.core import Broker
+from broker.fanout import ShardPool
+from broker.repair import CacheRepairQueue
+from broker.service import BrokerService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
+
+
+@dataclass
+class BrokerHandle:
+    service: GrpcService
+    broker: Broker
+    _stop_hooks: list[Callable]
+
+    @property
+    def port(self) -> int:
+        return self.service.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.service.metrics_port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.service.stop(grace_s)
+        await self.close()
+
+    async def close(self) -> None:
+        for hook in reversed(self._stop_hooks):
+            with contextlib.suppress(Exception):
+                await hook()
+
+
+def _default_embedder(config: BrokerConfig):
+    from embedder.client import TritonEmbedder
+
+    return TritonEmbedder(config.triton_url, model_name=config.triton_model, max_batch=config.embed_max_batch)
+
+
+async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
+    """Start the server; health turns SERVING once Triton is ready and every shard has a reachable replica."""
+    embedder = embedder or _default_embedder(config)
+    pool = ShardPool(config.shard_map, tls_ca_file=config.shard_tls_ca_file)
+    cache = repair = None
+    hooks: list[Callable] = [embedder.close, pool.close]
+    if config.redis_url:
+        cache = DuplicateCache(
+            config.redis_url,
+            timeout_s=config.redis_timeout_s,
+            backoff_s=config.redis_backoff_s,
+            phash_radius=config.near_phash_radius,
+            dhash_radius=config.near_dhash_radius,
+        )
+        repair = CacheRepairQueue(cache, interval_s=config.cache_repair_interval_s)
+        repair.start()
+        hooks += [cache.close, repair.stop]
+    broker = Broker(
+        pool=pool,
+        embedder=embedder,
+        cache=cache,
+        repair=repair,
+        dimension=config.dimension,
+        max_top_k=config.max_top_k,
+        max_image_bytes=config.max_image_bytes,
+        max_image_pixels=config.max_image_pixels,
+        near_min_similarity=config.near_min_similarity,
+    )
+    servicer = BrokerService(
+        broker,
+        search_timeout_s=config.search_timeout_s,
+        ingest_timeout_s=config.ingest_timeout_s,
+        write_token=config.write_token,
+        ingest_chunk_size=config.ingest_chunk_size,
+        ingest_concurrency=config.ingest_concurrency,
+    )
+
+    def register(server):
+        broker_pb2_grpc.add_BrokerServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    service = await start_grpc_service(config.server, register, component="broker")
+    gate = asyncio.create_task(_serve_when_ready(service, broker, config.health_check_interval_s))
+
+    async def cancel_gate():
+        gate.cancel()
+
+    hooks.append(cancel_gate)
+    return BrokerHandle(service=service, broker=broker, _stop_hooks=hooks)
+
+
+async def _serve_when_ready(service: GrpcService, broker: Broker, interval_s: float) -> None:
+    """Startup gate only: once SERVING, the broker stays SERVING while Triton or shards fail, because it still
+    answers (exact matches without Triton, partial results without a shard); turning every broker NOT_SERVING
+    on a Triton blip would make a partial outage total."""
+    while True:
+        try:
+            triton_ok = await broker.embedder.ready(timeout_s=interval_s)
+        except Exception:  # noqa: BLE001 - any failure means not ready yet
+            triton_ok = False
+        shards_ok = await broker.pool.reachable(timeout_s=interval_s)
+        if triton_ok and shards_ok:
+            await service.set_serving(True)
+            log.info("broker serving on port %d", service.port)
+            return
+        log.info("waiting: triton ready=%s, shards reachable=%s", triton_ok, shards_ok)
+        await asyncio.sleep(interval_s)
+
+
+async def _amain(argv: list[str] | None) -> None:
+    config = BrokerConfig.from_env(argv)
+    handle = await start_broker(config)
+    print(
+        f"imgsearch-broker listening on {config.server.host}:{handle.port} (metrics :{handle.metrics_port})",
+        flush=True,
+    )
+    await run_until_signalled(handle.service, on_stop=handle.close)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_amain(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

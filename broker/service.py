@@ -1,0 +1,116 @@
+"""gRPC boundary of the broker: protobuf in, protobuf out, the bearer token for writes, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+import grpc
+from imgsearch.serving import remaining_timeout_s
+from imgsearch.v1 import broker_pb2, broker_pb2_grpc
+
+from broker import convert
+from broker.core import Broker
+from broker.errors import MissingTokenError, WrongTokenError
+from broker.types import CatalogueItem
+
+
+class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        search_timeout_s: float,
+        ingest_timeout_s: float,
+        write_token: str | None = None,
+        ingest_chunk_size: int = 32,
+        ingest_concurrency: int = 4,
+    ):
+        self._broker = broker
+        self._search_timeout_s = search_timeout_s
+        self._ingest_timeout_s = ingest_timeout_s
+        self._write_token = write_token
+        self._chunk = ingest_chunk_size
+        self._concurrency = ingest_concurrency
+
+    def _authorise_write(self, context: grpc.aio.ServicerContext) -> None:
+        if self._write_token is None:
+            return
+        metadata = dict(context.invocation_metadata() or ())
+        header = metadata.get("authorization", "")
+        if not header:
+            raise MissingTokenError("writes need `authorization: Bearer <token>` metadata")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self._write_token.encode()
+        ):
+            raise WrongTokenError("the bearer token is not valid for writes")
+
+    async def Search(self, request, context):
+        query = convert.query_from_proto(request)
+        answer = await self._broker.search(
+            query, timeout_s=remaining_timeout_s(context, self._search_timeout_s)
+        )
+        return convert.answer_to_proto(answer)
+
+    async def Ingest(self, request, context):
+        self._authorise_write(context)
+        item = convert.item_from_proto(request.item)
+        summary = await self._broker.ingest(
+            [item], timeout_s=remaining_timeout_s(context, self._ingest_timeout_s)
+        )
+        return convert.summary_to_proto(summary)
+
+    async def IngestStream(self, request_iterator, context):
+        """Chunks of the stream go through embed + shard upsert + cache concurrently (bounded). Acknowledged
+        once every chunk is durable; on an error the chunks already written stay (re-sending is safe: ingest
+        is idempotent by image id)."""
+        self._authorise_write(context)
+        slots = asyncio.Semaphore(self._concurrency)
+        tasks: list[asyncio.Task] = []
+
+        async def run(chunk: list[CatalogueItem]):
+            try:
+                return await self._broker.ingest(
+                    chunk, timeout_s=remaining_timeout_s(context, self._ingest_timeout_s)
+                )
+            finally:
+                slots.release()
+
+        async def submit(chunk: list[CatalogueItem]) -> None:
+            await slots.acquire()
+            failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
+            if failed is not None:
+                slots.release()
+                raise failed.exception()
+            tasks.append(asyncio.create_task(run(chunk)))
+
+        chunk: list[CatalogueItem] = []
+        try:
+            async for message in request_iterator:
+                chunk.append(convert.item_from_proto(message.item))
+                if len(chunk) >= self._chunk:
+                    await submit(chunk)
+                    chunk = []
+            if chunk:
+                await submit(chunk)
+            summaries = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return broker_pb2.IngestStreamResponse(
+            ingested=sum(s.ingested for s in summaries), cache_pending=sum(s.cache_pending for s in summaries)
+        )
+
+    async def Delete(self, request, context):
+        self._authorise_write(context)
+        deleted = await self._broker.delete(
+            list(request.image_ids), timeout_s=remaining_timeout_s(context, self._ingest_timeout_s)
+        )
+        return broker_pb2.BrokerServiceDeleteResponse(deleted=deleted)
+
+    async def Stats(self, request, context):
+        shards = await self._broker.stats(timeout_s=remaining_timeout_s(context, self._search_timeout_s))
+        return convert.stats_to_proto(shards)

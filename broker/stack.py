@@ -1,0 +1,344 @@
+"""A whole imgsearch stack on this machine, as real processes on loopback ports: redis-server (or REDIS_URL),
+Triton on CPU with the default model, N `imgsearch-shard` processes and the broker. Used by `imgsearch up`,
+`imgsearch demo` and the end-to-end tests.
+
+Each process writes its log to ``<work_dir>/logs/<name>.log``; `stop()` terminates everything in reverse
+order (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from broker.routing import ShardMap
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+
+
+def free_port(host: str = HOST) -> int:
+    """A port that was free a moment ago (bind to port 0 and release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def console_script(name: str) -> list[str]:
+    """The command of one of our console scripts, from this interpreter's venv when installed there."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return [str(candidate)]
+    found = shutil.which(name)
+    if found:
+        return [found]
+    module = {
+        "imgsearch-shard": "shard_server.server",
+        "imgsearch-broker": "broker.server",
+        "imgsearch": "broker.cli",
+    }[name]
+    return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
+
+
+def wait_for_port(
+    host: str, port: int, *, timeout_s: float, process: subprocess.Popen | None = None, name: str = ""
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{name} exited with code {process.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} not listening on {host}:{port} after {timeout_s:.0f}s")
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+    def kill(self) -> None:
+        self.stop(grace_s=5.0, sig=signal.SIGKILL)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StackConfig:
+    work_dir: Path
+    shards: int = 2
+    broker_port: int = 0  # 0: a free port
+    broker_metrics_port: int = 0
+    # None: start an own redis-server in work_dir; otherwise use this Redis.
+    redis_url: str | None = None
+    model_path: Path | None = None
+    # Pinned categories (category -> shard index); the rest follow the default hash rule.
+    pinned_categories: dict[str, int] = field(default_factory=dict)
+    write_token: str | None = None
+    search_timeout_s: float = 5.0
+    redis_timeout_s: float = 0.2
+    ingest_concurrency: int = 4
+    startup_timeout_s: float = 180.0
+    shard_args: tuple[str, ...] = ()
+
+
+class LocalStack:
+    def __init__(self, config: StackConfig):
+        self.config = config
+        self.work_dir = config.work_dir
+        self.logs = self.work_dir / "logs"
+        self.processes: dict[str, ManagedProcess] = {}
+        self.triton = None
+        self.redis_url: str | None = config.redis_url
+        self.redis_port: int | None = None
+        self.triton_url = ""
+        self.triton_metrics_url = ""
+        self.shard_addresses: list[str] = []
+        self.shard_metrics_ports: list[int] = []
+        self.broker_address = ""
+        self.broker_metrics_port = 0
+        self.shard_map: ShardMap | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(exist_ok=True)
+        try:
+            if self.redis_url is None:
+                self.start_redis()
+            self.start_triton()
+            self.start_shards()
+            self.start_broker()
+            self.wait_until_serving()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for name in reversed(list(self.processes)):
+            self.processes[name].stop()
+        self.stop_triton()
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+        log_path = self.logs / f"{name}.log"
+        out = open(log_path, "ab")
+        process = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            cwd=self.work_dir,
+        )
+        out.close()
+        managed = ManagedProcess(name=name, process=process, log_path=log_path)
+        self.processes[name] = managed
+        return managed
+
+    # ------------------------------------------------------------------ redis
+    def start_redis(self) -> None:
+        port = self.redis_port or free_port()
+        data = self.work_dir / "redis"
+        data.mkdir(exist_ok=True)
+        proc = self._spawn(
+            "redis",
+            [
+                shutil.which("redis-server") or "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                HOST,
+                "--dir",
+                str(data),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+            ],
+        )
+        wait_for_port(HOST, port, timeout_s=20, process=proc.process, name="redis-server")
+        self.redis_port = port
+        self.redis_url = f"redis://{HOST}:{port}/0"
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        client.close()
+
+    def stop_redis(self) -> None:
+        if "redis" in self.processes:
+            self.processes["redis"].stop()
+
+    # ------------------------------------------------------------------ triton
+    def start_triton(self) -> None:
+        from embedder.triton_repo import write_model_repository
+        from embedder.triton_server import available_backends, start_triton
+
+        repo = self.work_dir / "triton-repo"
+        if not repo.exists():
+            # The tritonserver shipped in nvidia-pytriton has only the python backend: the ONNX model then
+            # runs through ONNX Runtime inside a python-backend model (same tensors, same batching).
+            backend = "onnxruntime" if "onnxruntime" in available_backends() else "python"
+            write_model_repository(
+                repo, model_path=self.config.model_path, instance_kind="KIND_CPU", embedding_backend=backend
+            )
+        self.triton = start_triton(repo, startup_timeout_s=self.config.startup_timeout_s)
+        self.triton_url = self.triton.grpc_url
+        self.triton_metrics_url = self.triton.metrics_url
+
+    def stop_triton(self) -> None:
+        if self.triton is not None:
+            self.triton.stop()
+
+    # ------------------------------------------------------------------ shards
+    def start_shards(self) -> None:
+        names = [f"shard-{i}" for i in range(self.config.shards)]
+        ports = [free_port() for _ in names]
+        metrics = [free_port() for _ in names]
+        for name, port, metrics_port in zip(names, ports, metrics):
+            self._spawn(
+                name,
+                [
+                    *console_script("imgsearch-shard"),
+                    "--data-dir",
+                    str(self.work_dir / name),
+                    "--host",
+                    HOST,
+                    "--port",
+                    str(port),
+                    "--metrics-port",
+                    str(metrics_port),
+                    *self.config.shard_args,
+                ],
+            )
+        for name, port in zip(names, ports):
+            wait_for_port(
+                HOST,
+                port,
+                timeout_s=self.config.startup_timeout_s,
+                process=self.processes[name].process,
+                name=name,
+            )
+        self.shard_addresses = [f"{HOST}:{p}" for p in ports]
+        self.shard_metrics_ports = metrics
+        self.shard_map = ShardMap(
+            shards={name: (address,) for name, address in zip(names, self.shard_addresses)},
+            categories={c: names[i] for c, i in self.config.pinned_categories.items()},
+        )
+
+    def restart_shard(self, index: int) -> None:
+        """Start a stopped shard again on the same port and data directory."""
+        name = f"shard-{index}"
+        port = int(self.shard_addresses[index].rsplit(":", 1)[1])
+        self._spawn(
+            name,
+            [
+                *console_script("imgsearch-shard"),
+                "--data-dir",
+                str(self.work_dir / name),
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(self.shard_metrics_ports[index]),
+                *self.config.shard_args,
+            ],
+        )
+        wait_for_port(HOST, port, timeout_s=60, process=self.processes[name].process, name=name)
+
+    # ------------------------------------------------------------------ broker
+    def start_broker(self) -> None:
+        port = self.config.broker_port or free_port()
+        metrics_port = self.config.broker_metrics_port or free_port()
+        (self.work_dir / "shard-map.json").write_text(self.shard_map.to_json())
+        argv = [
+            *console_script("imgsearch-broker"),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--shard-map",
+            str(self.work_dir / "shard-map.json"),
+            "--triton-url",
+            self.triton_url,
+            "--search-timeout-s",
+            str(self.config.search_timeout_s),
+            "--redis-timeout-s",
+            str(self.config.redis_timeout_s),
+            "--ingest-concurrency",
+            str(self.config.ingest_concurrency),
+        ]
+        if self.redis_url:
+            argv += ["--redis-url", self.redis_url]
+        env = {"IMGSEARCH_WRITE_TOKEN": self.config.write_token} if self.config.write_token else {}
+        proc = self._spawn("broker", argv, env)
+        wait_for_port(HOST, port, timeout_s=60, process=proc.process, name="imgsearch-broker")
+        self.broker_address = f"{HOST}:{port}"
+        self.broker_metrics_port = metrics_port
+
+    def wait_until_serving(self) -> None:
+        from broker.client import SyncBrokerClient
+
+        with SyncBrokerClient(self.broker_address) as client:
+            client.wait_until_serving(timeout_s=self.config.startup_timeout_s)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "broker": self.broker_address,
+            "broker_metrics": f"http://{HOST}:{self.broker_metrics_port}/metrics",
+            "triton": self.triton_url,
+            "triton_metrics": self.triton_metrics_url,
+            "shards": dict(zip(self.shard_map.shards, self.shard_addresses)) if self.shard_map else {},
+            "shard_metrics": [f"http://{HOST}:{p}/metrics" for p in self.shard_metrics_ports],
+            "redis": self.redis_url,
+            "logs": str(self.logs),
+        }

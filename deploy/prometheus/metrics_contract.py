@@ -1,0 +1,65 @@
+"""The metric names imgsearch's services export (the ops contract), for checking rules and dashboards.
+
+Rules and dashboards may only use these, Triton's own ``nv_*`` series and Prometheus's ``up``; a typo in a
+metric name would otherwise give an alert that can never fire or an empty panel.
+"""
+
+from __future__ import annotations
+
+import re
+
+# name -> Prometheus type, as the services declare them.
+CONTRACT_METRICS: dict[str, str] = {
+    "grpc_server_started_total": "counter",
+    "grpc_server_handled_total": "counter",
+    "grpc_server_handling_seconds": "histogram",
+    "imgsearch_build_info": "gauge",
+    "imgsearch_broker_stage_duration_seconds": "histogram",
+    "imgsearch_broker_cache_lookups_total": "counter",
+    "imgsearch_broker_shard_requests_total": "counter",
+    "imgsearch_broker_partial_results_total": "counter",
+    "imgsearch_broker_cache_repair_pending": "gauge",
+    "imgsearch_broker_searches_total": "counter",
+    "imgsearch_shard_search_duration_seconds": "histogram",
+    "imgsearch_shard_candidates_scanned": "histogram",
+    "imgsearch_shard_vectors": "gauge",
+    "imgsearch_shard_index_trained": "gauge",
+    "imgsearch_shard_training_events_total": "counter",
+    "imgsearch_shard_index_swaps_total": "counter",
+    "imgsearch_shard_wal_bytes": "gauge",
+    "imgsearch_shard_snapshots_total": "counter",
+    "imgsearch_shard_resident_bytes": "gauge",
+}
+# Triton's metrics used by rules and dashboards (names of Triton 2.4x-2.5x).
+TRITON_METRICS = {
+    "nv_inference_request_success",
+    "nv_inference_queue_duration_us",
+    "nv_inference_compute_infer_duration_us",
+}
+PROMETHEUS_METRICS = {"up"}
+
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+_MATCHERS = re.compile(r"\{[^}]*\}|\[[^\]]*\]")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_IDENT = re.compile(r"(?<![\w.$])([a-zA-Z_:][\w:]*)\b(?!\s*\()")
+_KEYWORDS = {"and", "or", "unless", "bool", "offset", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """Series names an expression selects (suffixes _bucket/_sum/_count folded onto histograms)."""
+    bare = _GROUPING.sub(" ", _MATCHERS.sub(" ", _STRINGS.sub(" ", expr)))
+    found = set()
+    for name in _IDENT.findall(bare):
+        if name.lower() in _KEYWORDS:
+            continue
+        for suffix in ("_bucket", "_sum", "_count"):
+            base = name.removesuffix(suffix)
+            if base != name and CONTRACT_METRICS.get(base) == "histogram":
+                name = base
+        found.add(name)
+    return found
+
+
+def unknown_metrics(expr: str, recorded: set[str] = frozenset()) -> set[str]:
+    """Names in `expr` that nobody exports (`recorded`: names of recording rules, which are fine)."""
+    return metric_names(expr) - set(CONTRACT_METRICS) - TRITON_METRICS - PROMETHEUS_METRICS - set(recorded)

@@ -1,0 +1,372 @@
+"""The Embedder interface: encoded images in, L2-normalised 512-d embeddings out.
+
+Two implementations with the same behaviour:
+
+- `TritonEmbedder`: a Triton Inference Server over gRPC (tritonclient.grpc.aio) hosting the `imgsearch`
+  ensemble (bytes in, embedding out; see embedder.triton_repo). The same code talks to a GPU Triton and to the
+  CPU one of ``imgsearch-embed serve``.
+- `OnnxEmbedder`: ONNX Runtime in this process, decoding with embedder.preprocess, in a worker thread.
+
+Both micro-batch: concurrent `embed()` calls that arrive within `batch_window_s` (2 ms) are merged into one
+inference of at most `max_batch` images, which is how a busy broker keeps the model's batch dimension full.
+Every call takes a deadline (`timeout_s`). Errors are embedder.errors types: a bad image ->
+InvalidImageError (only the caller that sent it fails, the others in its batch are retried on their own),
+too large -> ImageTooLargeError (checked before anything is sent), server unreachable or not serving the
+model -> EmbedderUnavailableError, deadline -> EmbedderTimeoutError.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from embedder.errors import (
+    EmbedderError,
+    EmbedderTimeoutError,
+    EmbedderUnavailableError,
+    ImageTooLargeError,
+    InvalidImageError,
+)
+from embedder.model_files import INPUT_NAME, OUTPUT_NAME, default_model_path
+from embedder.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, preprocess_bytes
+
+EMBEDDING_DIM = 512
+DEFAULT_MAX_BATCH = 32
+DEFAULT_BATCH_WINDOW_S = 0.002
+
+
+class Embedder(abc.ABC):
+    """Images (encoded bytes) -> float32 (n, 512) L2-normalised embeddings."""
+
+    @abc.abstractmethod
+    async def embed(self, images: Sequence[bytes], *, timeout_s: float) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    async def ready(self, *, timeout_s: float) -> bool: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Embedder:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+def check_sizes(images: Sequence[bytes], *, max_image_bytes: int) -> None:
+    """Refuse empty and oversized images before any work is spent on them."""
+    for i, data in enumerate(images):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidImageError(f"image {i} is {type(data).__name__}, not bytes")
+        if len(data) == 0:
+            raise InvalidImageError(f"image {i} is empty")
+        if len(data) > max_image_bytes:
+            raise ImageTooLargeError(f"image {i} is {len(data)} bytes, limit is {max_image_bytes}")
+
+
+# Runs one merged batch: (images, timeout_s) -> (n, 512).
+RunBatch = Callable[[list[bytes], float], Awaitable[np.ndarray]]
+
+
+@dataclass(eq=False)
+class _Pending:
+    images: list[bytes]
+    deadline: float  # loop.time()
+    future: asyncio.Future = field(repr=False)
+
+
+class MicroBatcher:
+    """Merges concurrent requests into batches of at most `max_batch` images.
+
+    The first request of a batch waits `window_s` for company, then everything queued (up to `max_batch`
+    images) goes out as one inference. A batch that fails on a bad image is split per caller and retried,
+    so one caller's bad image never fails its neighbours.
+    """
+
+    def __init__(self, run_batch: RunBatch, *, max_batch: int, window_s: float,
+                 max_inflight: int | None = None) -> None:
+        self._run_batch = run_batch
+        self._max_batch = max_batch
+        self._window_s = window_s
+        # With a bound, requests queue up while the model is busy and leave as one bigger batch (in-process
+        # models with one worker); None suits Triton, whose own dynamic batcher does that server-side.
+        self._max_inflight = max_inflight
+        self._slots: asyncio.Semaphore | None = None
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._carry: _Pending | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._inflight: set[asyncio.Task] = set()
+
+    async def submit(self, images: list[bytes], *, timeout_s: float) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
+            self._queue, self._carry = asyncio.Queue(), None
+            self._slots = asyncio.Semaphore(self._max_inflight) if self._max_inflight else None
+            self._loop_task = loop.create_task(self._run())
+        deadline = loop.time() + timeout_s
+        chunks = [images[i : i + self._max_batch] for i in range(0, len(images), self._max_batch)]
+        pending = [_Pending(chunk, deadline, loop.create_future()) for chunk in chunks]
+        for item in pending:
+            self._queue.put_nowait(item)
+        try:
+            parts = await asyncio.wait_for(asyncio.gather(*(item.future for item in pending)), timeout_s)
+        except (TimeoutError, asyncio.TimeoutError):
+            raise EmbedderTimeoutError(f"no embedding within {timeout_s:.3f}s") from None
+        finally:
+            for item in pending:
+                item.future.cancel()  # no-op when done; drops it from a batch not yet sent
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    async def _next_batch(self) -> list[_Pending]:
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch, size = [first], len(first.images)
+        if self._window_s > 0 and size < self._max_batch:
+            await asyncio.sleep(self._window_s)
+        while size < self._max_batch and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if size + len(item.images) > self._max_batch:
+                self._carry = item
+                break
+            batch.append(item)
+            size += len(item.images)
+        return batch
+
+    async def _run(self) -> None:
+        while True:
+            if self._slots is not None:
+                await self._slots.acquire()
+            batch = await self._next_batch()
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._batch_done)
+
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._inflight.discard(task)
+        if self._slots is not None:
+            self._slots.release()
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        batch = [item for item in batch if not item.future.done()]  # caller gone or timed out
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        timeout_s = max(item.deadline for item in batch) - loop.time()
+        if timeout_s <= 0:
+            return  # every caller's own timeout fires
+        images = [data for item in batch for data in item.images]
+        try:
+            embeddings = await self._run_batch(images, timeout_s)
+        except InvalidImageError as exc:
+            if len(batch) == 1:
+                _fail(batch[0], exc)
+            else:  # find the culprit: each caller on its own
+                await asyncio.gather(*(self._send([item]) for item in batch))
+            return
+        except asyncio.CancelledError:  # close(): nobody will answer these callers any more
+            for item in batch:
+                _fail(item, EmbedderUnavailableError("embedder closed"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the callers, who raise it
+            for item in batch:
+                _fail(item, exc)
+            return
+        start = 0
+        for item in batch:
+            part = embeddings[start : start + len(item.images)]
+            start += len(item.images)
+            if not item.future.done():
+                item.future.set_result(part)
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._loop_task, *self._inflight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._loop_task = None
+        if self._queue is not None:
+            while not self._queue.empty():
+                _fail(self._queue.get_nowait(), EmbedderUnavailableError("embedder closed"))
+        if self._carry is not None:
+            _fail(self._carry, EmbedderUnavailableError("embedder closed"))
+            self._carry = None
+
+
+def _fail(item: _Pending, exc: BaseException) -> None:
+    if not item.future.done():
+        item.future.set_exception(exc)
+
+
+def _check_output(embeddings: np.ndarray, n: int) -> np.ndarray:
+    if embeddings is None or embeddings.shape != (n, EMBEDDING_DIM):
+        shape = None if embeddings is None else embeddings.shape
+        raise EmbedderError(f"model returned embeddings of shape {shape}, expected ({n}, {EMBEDDING_DIM})")
+    return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+
+class TritonEmbedder(Embedder):
+    """Embeddings from a Triton Inference Server hosting the `imgsearch` ensemble (bytes in)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model_name: str = "imgsearch",
+        max_batch: int = DEFAULT_MAX_BATCH,
+        batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        ssl: bool = False,
+        root_certificates: str | None = None,
+    ) -> None:
+        self.url = url
+        self.model_name = model_name
+        self.max_image_bytes = max_image_bytes
+        self._ssl = ssl
+        self._root_certificates = root_certificates
+        self._client = None
+        self._batcher = MicroBatcher(self._infer, max_batch=max_batch, window_s=batch_window_s)
+
+    def _grpc_client(self):
+        # Created inside the running loop: grpc.aio channels belong to the loop that made them.
+        if self._client is None:
+            import tritonclient.grpc.aio as grpcclient
+
+            self._client = grpcclient.InferenceServerClient(
+                self.url, ssl=self._ssl, root_certificates=self._root_certificates
+            )
+        return self._client
+
+    async def embed(self, images: Sequence[bytes], *, timeout_s: float) -> np.ndarray:
+        images = [bytes(data) for data in images]
+        check_sizes(images, max_image_bytes=self.max_image_bytes)
+        if not images:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        return await self._batcher.submit(images, timeout_s=timeout_s)
+
+    async def _infer(self, images: list[bytes], timeout_s: float) -> np.ndarray:
+        import tritonclient.grpc.aio as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        encoded = np.empty((len(images), 1), dtype=np.object_)
+        encoded[:, 0] = images
+        image_input = grpcclient.InferInput("image", list(encoded.shape), "BYTES")
+        image_input.set_data_from_numpy(encoded)
+        try:
+            result = await self._grpc_client().infer(
+                self.model_name, [image_input], outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
+                client_timeout=timeout_s,
+            )
+        except InferenceServerException as exc:
+            raise triton_error(exc) from None
+        return _check_output(result.as_numpy(OUTPUT_NAME), len(images))
+
+    async def ready(self, *, timeout_s: float) -> bool:
+        try:
+            client = self._grpc_client()
+            deadline = time.monotonic() + timeout_s
+            if not await client.is_server_ready(client_timeout=timeout_s):
+                return False
+            remaining = max(deadline - time.monotonic(), 0.001)
+            return bool(await client.is_model_ready(self.model_name, client_timeout=remaining))
+        except Exception:  # noqa: BLE001 - not ready is the answer, whatever the reason
+            return False
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        if self._client is not None:
+            client, self._client = self._client, None
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
+def triton_error(exc: Exception) -> EmbedderError:
+    """Map a tritonclient error (status is the gRPC code's str, e.g. 'StatusCode.UNAVAILABLE')."""
+    status = str(exc.status() if hasattr(exc, "status") else "")
+    message = exc.message() if hasattr(exc, "message") else str(exc)
+    if "ImageTooLargeError" in message:
+        return ImageTooLargeError(message)
+    if "InvalidImageError" in message:
+        return InvalidImageError(message)
+    if status.endswith("DEADLINE_EXCEEDED"):
+        return EmbedderTimeoutError(f"Triton deadline exceeded: {message}")
+    if status.endswith(("UNAVAILABLE", "NOT_FOUND", "CANCELLED")) or "unknown model" in message \
+            or "is not ready" in message:
+        return EmbedderUnavailableError(f"Triton unavailable ({status}): {message}")
+    return EmbedderError(f"Triton error ({status}): {message}")
+
+
+class OnnxEmbedder(Embedder):
+    """Embeddings computed in this process with ONNX Runtime (decoding in the same worker thread)."""
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        intra_op_threads: int = 0,
+        allow_spinning: bool = False,
+        workers: int = 1,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.model_path = Path(model_path) if model_path else default_model_path()
+        if not self.model_path.is_file():
+            raise EmbedderUnavailableError(f"ONNX model not found: {self.model_path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        # Spin-waiting threads waste a small shared box's cores (see embedder.triton_repo.RepositoryOptions).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        self._session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+        self.max_image_bytes = max_image_bytes
+        self._limits = {"max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels}
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="onnx-embedder")
+        self._batcher = MicroBatcher(self._infer, max_batch=max_batch, window_s=batch_window_s,
+                                     max_inflight=workers)
+
+    def embed_sync(self, images: Sequence[bytes]) -> np.ndarray:
+        """Decode, preprocess and run one batch in the calling thread."""
+        pixels = np.stack([preprocess_bytes(bytes(data), **self._limits) for data in images])
+        return _check_output(self._session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0], len(images))
+
+    async def embed(self, images: Sequence[bytes], *, timeout_s: float) -> np.ndarray:
+        images = [bytes(data) for data in images]
+        check_sizes(images, max_image_bytes=self.max_image_bytes)
+        if not images:
+            return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
+        return await self._batcher.submit(images, timeout_s=timeout_s)
+
+    async def _infer(self, images: list[bytes], timeout_s: float) -> np.ndarray:
+        # The timeout is enforced by the batcher; a started ONNX run cannot be interrupted anyway.
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self.embed_sync, images)
+
+    async def ready(self, *, timeout_s: float) -> bool:
+        return self._session is not None
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = [
+    "Embedder",
+    "MicroBatcher",
+    "OnnxEmbedder",
+    "TritonEmbedder",
+    "check_sizes",
+    "triton_error",
+]

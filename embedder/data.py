@@ -1,0 +1,207 @@
+"""Catalogues of product photos (CSV, folders per product, the grocery dataset), the group-aware split, the
+in-memory image cache and the training augmentations (PIL/numpy only: the project ships no torchvision).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+from embedder.preprocess import decode_image, image_to_tensor, normalise
+
+DATA_DIR_ENV_VAR = "IMGSEARCH_DATA_DIR"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def data_dir() -> Path:
+    """The shared data folder: $IMGSEARCH_DATA_DIR, else ../shared/data next to the repository."""
+    override = os.environ.get(DATA_DIR_ENV_VAR)
+    return Path(override) if override else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def grocery_dir() -> Path:
+    return data_dir() / "grocery"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CatalogueImage:
+    path: Path
+    product_id: str
+    category: str = ""
+
+
+def read_catalogue_csv(csv_path: Path) -> list[CatalogueImage]:
+    """Rows `path, product_id[, category]`; a header row is allowed; relative paths are relative to the CSV."""
+    items = []
+    with open(csv_path, newline="") as handle:
+        for row in csv.reader(handle):
+            row = [cell.strip() for cell in row]
+            if not row or not row[0] or row[0].startswith("#") or row[0].lower() == "path":
+                continue
+            if len(row) < 2:
+                raise ValueError(f"{csv_path}: row {row!r} needs at least path and product id")
+            path = Path(row[0])
+            items.append(CatalogueImage(path=path if path.is_absolute() else csv_path.parent / path,
+                                        product_id=row[1], category=row[2] if len(row) > 2 else ""))
+    return items
+
+
+def read_catalogue_dir(root: Path) -> list[CatalogueImage]:
+    """One folder per product (`root/<product_id>/*.jpg`); the folder's parent names the category if nested."""
+    items = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.parent != root:
+            category = path.parent.parent.name if path.parent.parent != root else ""
+            items.append(CatalogueImage(path=path, product_id=path.parent.name, category=category))
+    return items
+
+
+def read_catalogue(source: Path) -> list[CatalogueImage]:
+    return read_catalogue_dir(source) if source.is_dir() else read_catalogue_csv(source)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroceryClass:
+    name: str
+    class_id: int
+    coarse_name: str
+    iconic_path: Path
+
+
+def grocery_classes(root: Path) -> dict[int, GroceryClass]:
+    classes = {}
+    with open(root / "classes.csv", newline="") as handle:
+        reader = csv.reader(handle)
+        next(reader)  # header
+        for row in reader:
+            classes[int(row[1])] = GroceryClass(name=row[0], class_id=int(row[1]), coarse_name=row[2],
+                                                iconic_path=root / row[4].lstrip("/"))
+    return classes
+
+
+def read_grocery(root: Path, split: str = "train") -> list[CatalogueImage]:
+    """The grocery dataset's `train`/`val` photos: product = fine class name, category = coarse class name."""
+    classes = grocery_classes(root)
+    items = []
+    for line in (root / f"{split}.txt").read_text().splitlines():
+        if line.strip():
+            rel, fine, _coarse = (part.strip() for part in line.split(","))
+            cls = classes[int(fine)]
+            items.append(CatalogueImage(path=root / rel, product_id=cls.name, category=cls.coarse_name))
+    return items
+
+
+def read_grocery_iconic(root: Path) -> list[CatalogueImage]:
+    """The 81 iconic catalogue packshots, one per product."""
+    return [CatalogueImage(path=c.iconic_path, product_id=c.name, category=c.coarse_name)
+            for c in grocery_classes(root).values()]
+
+
+def split_by_product(items: Sequence[CatalogueImage], val_fraction: float, seed: int = 0
+                     ) -> tuple[list[CatalogueImage], list[CatalogueImage]]:
+    """Hold out whole products, so validation measures retrieval of products the model never trained on."""
+    products = sorted({item.product_id for item in items})
+    n_val = int(round(len(products) * val_fraction))
+    if val_fraction > 0 and len(products) > 1:
+        n_val = min(max(n_val, 1), len(products) - 1)
+    val_products = set(random.Random(seed).sample(products, n_val))
+    train = [item for item in items if item.product_id not in val_products]
+    val = [item for item in items if item.product_id in val_products]
+    return train, val
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode a file the way serving decodes uploads (EXIF orientation, any mode to RGB)."""
+    return decode_image(path.read_bytes())
+
+
+def shrink(img: Image.Image, shorter_side: int) -> Image.Image:
+    """Downscale so the shorter side is `shorter_side` (never upscale): keeps the cache small."""
+    w, h = img.size
+    scale = shorter_side / min(w, h)
+    if scale >= 1:
+        return img
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+
+
+def load_cached(items: Sequence[CatalogueImage], shorter_side: int, progress: bool = False) -> list[Image.Image]:
+    """Decode every image once; training epochs then augment from memory instead of re-reading JPEGs."""
+    from tqdm import tqdm
+
+    return [shrink(load_image(item.path), shorter_side)
+            for item in tqdm(items, desc="decoding", unit="img", disable=not progress)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentConfig:
+    image_size: int = 224
+    min_crop_area: float = 0.35
+    max_aspect_ratio: float = 4 / 3
+    flip_probability: float = 0.5
+    # Mild: colour separates products (Granny Smith vs Golden Delicious), so hue is never jittered.
+    brightness: float = 0.3
+    contrast: float = 0.3
+    saturation: float = 0.2
+
+
+def random_resized_crop(img: Image.Image, rng: random.Random, size: int, min_area: float,
+                        max_ratio: float) -> Image.Image:
+    """Crop a random area fraction in [min_area, 1] with a random aspect ratio, resized to size x size."""
+    w, h = img.size
+    for _ in range(10):
+        area = w * h * rng.uniform(min_area, 1.0)
+        ratio = math.exp(rng.uniform(-math.log(max_ratio), math.log(max_ratio)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return img.resize((size, size), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    side = min(w, h)  # fallback: centre square
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+
+
+def colour_jitter(img: Image.Image, rng: random.Random, brightness: float, contrast: float,
+                  saturation: float) -> Image.Image:
+    enhancers = [(ImageEnhance.Brightness, brightness), (ImageEnhance.Contrast, contrast),
+                 (ImageEnhance.Color, saturation)]
+    rng.shuffle(enhancers)
+    for enhancer, strength in enhancers:
+        if strength > 0:
+            img = enhancer(img).enhance(rng.uniform(1 - strength, 1 + strength))
+    return img
+
+
+def augment(img: Image.Image, rng: random.Random, config: AugmentConfig) -> np.ndarray:
+    """Training view of a decoded RGB image -> float32 (3, size, size), normalised like serving."""
+    img = random_resized_crop(img, rng, config.image_size, config.min_crop_area, config.max_aspect_ratio)
+    if rng.random() < config.flip_probability:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    img = colour_jitter(img, rng, config.brightness, config.contrast, config.saturation)
+    return normalise(img)
+
+
+class TrainDataset:
+    """Map-style dataset over cached images: (augmented pixels, product label)."""
+
+    def __init__(self, images: Sequence[Image.Image], labels: Sequence[int], config: AugmentConfig, seed: int):
+        self.images, self.labels, self.config = images, list(labels), config
+        self.rng = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return augment(self.images[index], self.rng, self.config), self.labels[index]
+
+
+def eval_tensor(img: Image.Image, size: int = 224) -> np.ndarray:
+    """The serving transform (shorter side + centre crop + ImageNet normalisation)."""
+    return image_to_tensor(img, size)

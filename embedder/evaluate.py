@@ -1,0 +1,153 @@
+"""`imgsearch-embed eval`: Recall@1/5/10, MAP@R and a "same product" threshold sweep, query photos vs a gallery.
+
+On the grocery data (default): val photos against the train photos, and val photos against the 81 iconic
+catalogue images. The model is an ONNX file (default: the shipped artifact), a training checkpoint, or the
+no-fine-tuning baseline (ImageNet backbone + GeM, 1280-d, no projection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from embedder import data
+from embedder.metrics import cosine_similarities, retrieval_report
+from embedder.model_files import INPUT_NAME, OUTPUT_NAME, default_model_path
+
+EmbedFn = Callable[[np.ndarray], np.ndarray]  # (N,3,224,224) float32 -> (N,D) float32
+
+
+def onnx_embed_fn(path: Path, threads: int = 2) -> EmbedFn:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+
+
+def torch_embed_fn(model) -> EmbedFn:
+    import torch
+
+    model = model.eval()
+
+    def embed(pixels: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(pixels)).numpy()
+
+    return embed
+
+
+def embed_catalogue(embed: EmbedFn, items: Sequence[data.CatalogueImage], batch_size: int = 32,
+                    progress: bool = True) -> np.ndarray:
+    """Decode each file exactly as serving does (embedder.preprocess), embed in batches."""
+    from tqdm import tqdm
+
+    chunks = []
+    bar = tqdm(total=len(items), desc="embedding", unit="img", disable=not progress)
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        pixels = np.stack([data.eval_tensor(data.load_image(item.path)) for item in batch])
+        chunks.append(np.asarray(embed(pixels), dtype=np.float32))
+        bar.update(len(batch))
+    bar.close()
+    return np.concatenate(chunks)
+
+
+def evaluate_pair(query_emb: np.ndarray, query_labels: Sequence[str], gallery_emb: np.ndarray,
+                  gallery_labels: Sequence[str]) -> dict:
+    return retrieval_report(cosine_similarities(query_emb, gallery_emb), query_labels, gallery_labels)
+
+
+def evaluate_grocery(embed: EmbedFn, root: Path, *, heldout_products: set[str] | None = None,
+                     batch_size: int = 32, progress: bool = True) -> dict:
+    """val vs train photos and val vs iconic images; also restricted to held-out products when given."""
+    queries = data.read_grocery(root, "val")
+    gallery_photos = data.read_grocery(root, "train")
+    iconic = data.read_grocery_iconic(root)
+    q = embed_catalogue(embed, queries, batch_size, progress)
+    g = embed_catalogue(embed, gallery_photos, batch_size, progress)
+    ic = embed_catalogue(embed, iconic, batch_size, progress)
+    q_labels = [i.product_id for i in queries]
+    g_labels = [i.product_id for i in gallery_photos]
+    ic_labels = [i.product_id for i in iconic]
+    results = {
+        "val_vs_train": evaluate_pair(q, q_labels, g, g_labels),
+        "val_vs_iconic": evaluate_pair(q, q_labels, ic, ic_labels),
+    }
+    if heldout_products:
+        keep = np.array([label in heldout_products for label in q_labels])
+        kept_labels = [label for label, k in zip(q_labels, keep) if k]
+        # Queries of products the model never trained on, against the whole gallery (all 81 products).
+        results["heldout_val_vs_train"] = evaluate_pair(q[keep], kept_labels, g, g_labels)
+        results["heldout_val_vs_iconic"] = evaluate_pair(q[keep], kept_labels, ic, ic_labels)
+    return results
+
+
+def summary_table(results: dict) -> str:
+    lines = [f"{'protocol':24s} {'queries':>7s} {'gallery':>7s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} "
+             f"{'MAP@R':>6s} {'best-F1 thr':>11s} {'P':>5s} {'R':>5s} {'F1':>5s}"]
+    for name, r in results.items():
+        b = r["best_f1"]
+        lines.append(f"{name:24s} {r['queries']:7d} {r['gallery']:7d} {r['recall@1']:6.3f} {r['recall@5']:6.3f} "
+                     f"{r['recall@10']:6.3f} {r['map@r']:6.3f} {b['threshold']:11.2f} {b['precision']:5.3f} "
+                     f"{b['recall']:5.3f} {b['f1']:5.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imgsearch-embed eval", description=__doc__.splitlines()[0])
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--onnx", type=Path, help="ONNX model (default: the shipped artifact / $IMGSEARCH_MODEL)")
+    model.add_argument("--checkpoint", type=Path, help="checkpoint written by `imgsearch-embed train`")
+    model.add_argument("--baseline", action="store_true",
+                       help="ImageNet backbone + GeM (p=3), no fine-tuning, no projection")
+    parser.add_argument("--grocery", type=Path, default=data.grocery_dir(), help="grocery dataset folder")
+    parser.add_argument("--queries", type=Path, help="query catalogue CSV/folder (instead of the grocery data)")
+    parser.add_argument("--gallery", type=Path, help="gallery catalogue CSV/folder (with --queries)")
+    parser.add_argument("--heldout", type=Path,
+                        help="a run's split.json: also report queries of the products held out of training")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    if bool(args.queries) != bool(args.gallery):
+        parser.error("--queries and --gallery go together")
+
+    if args.checkpoint or args.baseline:
+        import torch
+
+        from embedder.model import GeMBaseline, load_checkpoint
+
+        torch.set_num_threads(args.threads)
+        net = GeMBaseline() if args.baseline else load_checkpoint(args.checkpoint)
+        embed, model_name = torch_embed_fn(net), ("imagenet-gem-baseline" if args.baseline else str(args.checkpoint))
+    else:
+        onnx_path = args.onnx or default_model_path()
+        embed, model_name = onnx_embed_fn(onnx_path, args.threads), str(onnx_path)
+
+    started = time.monotonic()
+    if args.queries:
+        queries, gallery = data.read_catalogue(args.queries), data.read_catalogue(args.gallery)
+        results = {"queries_vs_gallery": evaluate_pair(
+            embed_catalogue(embed, queries, args.batch_size), [i.product_id for i in queries],
+            embed_catalogue(embed, gallery, args.batch_size), [i.product_id for i in gallery])}
+    else:
+        heldout = set(json.loads(args.heldout.read_text())["val_products"]) if args.heldout else None
+        results = evaluate_grocery(embed, args.grocery, heldout_products=heldout, batch_size=args.batch_size)
+    print(f"model: {model_name}  ({time.monotonic() - started:.0f} s)")
+    print(summary_table(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"model": model_name, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

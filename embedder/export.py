@@ -1,0 +1,95 @@
+"""`imgsearch-embed export`: a checkpoint (or the untrained ImageNet starting point) to ONNX.
+
+The graph follows the model contract: input `pixels` float32 [N,3,224,224] (embedder.preprocess.image_to_tensor),
+output `embedding` float32 [N,512], L2-normalised, dynamic batch axis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embedder.model import build_pretrained_embedder, load_checkpoint
+from embedder.model_files import INPUT_NAME, OUTPUT_NAME
+from embedder.preprocess import DEFAULT_IMAGE_SIZE
+
+OPSET = 17
+
+
+def export_onnx(model: torch.nn.Module, out: Path, *, image_size: int = DEFAULT_IMAGE_SIZE) -> Path:
+    """Write `model` (eval mode) as a single-file ONNX graph with a dynamic batch axis."""
+    model = model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros(2, 3, image_size, image_size)
+    tmp = out.with_suffix(".onnx.tmp")
+    with torch.no_grad():
+        # The TorchScript exporter: the dynamo one needs onnxscript, which this project does not ship.
+        torch.onnx.export(
+            model, (dummy,), str(tmp), dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    _pin_embedding_width(tmp, _embedding_width(model, image_size))
+    tmp.replace(out)
+    return out
+
+
+def _embedding_width(model: torch.nn.Module, image_size: int) -> int:
+    with torch.no_grad():
+        return int(model(torch.zeros(1, 3, image_size, image_size)).shape[1])
+
+
+def _pin_embedding_width(path: Path, width: int) -> None:
+    """The exporter leaves the output's second axis symbolic (shape inference stops at the L2 division);
+    pin it so Triton and clients read [batch, 512] from the graph itself."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    dims = proto.graph.output[0].type.tensor_type.shape.dim
+    dims[1].Clear()
+    dims[1].dim_value = width
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def max_onnx_deviation(model: torch.nn.Module, onnx_path: Path, pixels: np.ndarray) -> float:
+    """1 - min cosine between PyTorch and ONNX Runtime embeddings of `pixels` (N,3,H,W)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run([OUTPUT_NAME], {INPUT_NAME: pixels.astype(np.float32)})[0]
+    with torch.no_grad():
+        torch_out = model.eval()(torch.from_numpy(pixels)).numpy()
+    cos = (onnx_out * torch_out).sum(1) / (np.linalg.norm(onnx_out, axis=1) * np.linalg.norm(torch_out, axis=1))
+    return float(1.0 - cos.min())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imgsearch-embed export", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="checkpoint written by `imgsearch-embed train`")
+    source.add_argument("--pretrained", action="store_true",
+                        help="no fine-tuning: ImageNet backbone + GeM + a fixed random orthogonal projection")
+    parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    parser.add_argument("--seed", type=int, default=0, help="projection seed for --pretrained")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    model = load_checkpoint(args.checkpoint) if args.checkpoint else build_pretrained_embedder(seed=args.seed)
+    export_onnx(model, args.out)
+    rng = np.random.default_rng(0)
+    deviation = max_onnx_deviation(model, args.out, rng.standard_normal((3, 3, 224, 224)).astype(np.float32))
+    size_mb = args.out.stat().st_size / 1e6
+    print(f"wrote {args.out} ({size_mb:.1f} MB); max 1-cosine vs PyTorch on random input: {deviation:.2e}")
+    if deviation > 1e-4:
+        print("ONNX output deviates from PyTorch", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

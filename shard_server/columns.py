@@ -1,0 +1,43 @@
+"""Growable numpy columns (amortised O(1) appends) used for row-aligned per-partition data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class GrowableArray:
+    """A 1-d or 2-d numpy array that grows along axis 0 by doubling its capacity."""
+
+    def __init__(self, dtype, row_shape: tuple[int, ...] = (), fill=0, initial: np.ndarray | None = None):
+        self._dtype = np.dtype(dtype)
+        self._row_shape = row_shape
+        self._fill = fill
+        if initial is not None:
+            self._data = np.array(initial, dtype=self._dtype, copy=True)
+            self._len = len(initial)
+        else:
+            self._data = np.full((16, *row_shape), fill, dtype=self._dtype)
+            self._len = 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def extend(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=self._dtype)
+        need = self._len + len(values)
+        if need > len(self._data):
+            capacity = max(need, 2 * len(self._data))
+            grown = np.full((capacity, *self._row_shape), self._fill, dtype=self._dtype)
+            grown[: self._len] = self._data[: self._len]
+            self._data = grown
+        self._data[self._len : need] = values
+        self._len = need
+
+    @property
+    def view(self) -> np.ndarray:
+        """The filled part (a view: valid until the next extend)."""
+        return self._data[: self._len]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._data.nbytes)

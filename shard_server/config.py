@@ -1,0 +1,135 @@
+"""Shard server configuration: a frozen dataclass read from command-line flags and IMGSEARCH_SHARD_* variables.
+
+Flags win over environment variables, which win over the defaults below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from shard_server.errors import InvalidRequestError
+
+ATTRIBUTE_KINDS = ("text", "number", "flag")
+DEFAULT_ATTRIBUTE_SCHEMA = "brand:text,colour:text,price:number,in_stock:flag"
+ENV_PREFIX = "IMGSEARCH_SHARD_"
+
+
+def parse_attribute_schema(spec: str) -> tuple[tuple[str, str], ...]:
+    """``"brand:text,price:number"`` -> ``(("brand", "text"), ("price", "number"))``."""
+    schema: list[tuple[str, str]] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, kind = item.partition(":")
+        name, kind = name.strip(), kind.strip()
+        if not name or kind not in ATTRIBUTE_KINDS:
+            raise ValueError(f"bad attribute schema entry {item!r}: expected name:{'|'.join(ATTRIBUTE_KINDS)}")
+        if any(name == n for n, _ in schema):
+            raise ValueError(f"attribute {name!r} declared twice")
+        schema.append((name, kind))
+    return tuple(schema)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardConfig:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int | None = None  # None: no /metrics endpoint; 0: a free port
+    dimension: int = 512
+    # "{nlist}" is replaced by the partition's list count when it is trained.
+    index_factory: str = "IVF{nlist},PQ64x4fs"
+    # Fixed list count; 0 derives it from the partition size: nlist_per_sqrt_n * sqrt(n).
+    nlist: int = 0
+    nlist_per_sqrt_n: float = 4.0
+    nprobe: int = 16
+    max_nprobe: int = 1024
+    # PQ candidates re-ranked with the exact vectors: top_k * rerank_factor.
+    rerank_factor: int = 10
+    # A partition is trained once it holds train_points_per_centroid * nlist vectors...
+    train_points_per_centroid: int = 39
+    # ...and k-means sees at most this many points per centroid (a sample; keeps training time bounded).
+    max_train_points_per_centroid: int = 64
+    kmeans_iterations: int = 15
+    # A trained partition is rebuilt in the background (larger nlist) once it has grown by this factor.
+    retrain_growth_factor: float = 4.0
+    # Filters matching at most this many vectors are answered by an exact scan of just those vectors.
+    exact_scan_max_rows: int = 20_000
+    # Filters matching less than this fraction of a partition probe more lists (nprobe / selectivity).
+    wide_probe_below_selectivity: float = 0.5
+    max_top_k: int = 1000
+    max_records_per_request: int = 10_000
+    max_stream_bytes: int = 1 << 30
+    snapshot_interval_s: float = 600.0
+    # A snapshot is also taken once the write-ahead log grows past this size.
+    snapshot_wal_bytes: int = 1 << 30
+    search_threads: int = 4
+    write_threads: int = 4
+    train_threads: int = 0  # 0: faiss/OpenMP default (all cores)
+    max_message_bytes: int = 64 * 1024 * 1024
+    shutdown_grace_s: float = 10.0
+    attribute_schema: tuple[tuple[str, str], ...] = field(
+        default_factory=lambda: parse_attribute_schema(DEFAULT_ATTRIBUTE_SCHEMA)
+    )
+
+    def __post_init__(self) -> None:
+        if self.dimension <= 0:
+            raise ValueError("dimension must be positive")
+        if self.nprobe <= 0 or self.rerank_factor <= 0 or self.max_top_k <= 0:
+            raise ValueError("nprobe, rerank_factor and max_top_k must be positive")
+
+    @property
+    def attribute_kinds(self) -> Mapping[str, str]:
+        return dict(self.attribute_schema)
+
+    def nlist_for(self, n: int) -> int:
+        if self.nlist > 0:
+            return self.nlist
+        return max(1, int(round(self.nlist_per_sqrt_n * math.sqrt(max(n, 1)))))
+
+    def training_threshold(self, n: int) -> int:
+        """Vectors a partition of size ``n`` needs before its IVF index can be trained."""
+        return self.train_points_per_centroid * self.nlist_for(n)
+
+    def factory_for(self, nlist: int) -> str:
+        return self.index_factory.replace("{nlist}", str(nlist))
+
+    @classmethod
+    def from_env(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> ShardConfig:
+        """Read flags (``--data-dir``, ``--port`` ...) over ``IMGSEARCH_SHARD_*`` variables over defaults."""
+        env = os.environ if env is None else env
+        parser = argparse.ArgumentParser(prog="imgsearch-shard", description="imgsearch shard server")
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, dest=f.name, default=env.get(ENV_PREFIX + f.name.upper()),
+                                help=f"(env {ENV_PREFIX}{f.name.upper()})")
+        args = vars(parser.parse_args(list(argv) if argv is not None else []))
+        if args["data_dir"] is None:
+            raise SystemExit("imgsearch-shard: --data-dir (or IMGSEARCH_SHARD_DATA_DIR) is required")
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = args[f.name]
+            if raw is None:
+                continue
+            values[f.name] = _coerce(f.name, raw)
+        return cls(**values)
+
+
+def _coerce(name: str, raw: str) -> object:
+    if name == "data_dir":
+        return Path(raw)
+    if name == "attribute_schema":
+        return parse_attribute_schema(raw)
+    if name in ("host", "index_factory"):
+        return raw
+    if name == "metrics_port":
+        return None if raw.lower() in ("", "none", "off") else int(raw)
+    default = {f.name: f.default for f in fields(ShardConfig)}[name]
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, int):
+        return int(raw)
+    raise InvalidRequestError(f"unknown setting {name}")  # pragma: no cover

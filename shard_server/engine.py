@@ -1,0 +1,353 @@
+"""The shard engine: categories -> partitions, the image id map, validated writes through the write-ahead log,
+searches across categories, background training and periodic snapshots. Synchronous and thread-safe: the gRPC
+service calls it from thread pools (faiss and numpy release the GIL).
+
+An unknown category in a search contributes no hits (an empty result, not NOT_FOUND): a shard that has not yet
+received a category's first vector simply has nothing to return for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+import faiss
+import numpy as np
+
+from imgsearch.v1 import shard_pb2
+from shard_server import convert, metrics
+from shard_server.attributes import validate_attributes, validate_filter
+from shard_server.config import ShardConfig
+from shard_server.errors import InvalidRequestError, RequestTooLargeError, WalError
+from shard_server.partition import Partition
+from shard_server.snapshot import SnapshotStore
+from shard_server.types import (
+    CategoryStats, Exactness, Hit, Record, SearchQuery, SearchResult, ShardStats,
+)
+from shard_server.wal import WriteAheadLog
+
+log = logging.getLogger(__name__)
+
+OP_UPSERT = b"U"
+OP_DELETE = b"D"
+
+
+def normalised(vector: np.ndarray, dim: int, what: str) -> np.ndarray:
+    """A float32 unit vector, or InvalidRequestError saying what is wrong with it."""
+    v = np.asarray(vector, dtype=np.float32).ravel()
+    if v.shape[0] != dim:
+        raise InvalidRequestError(f"{what}: vector has dimension {v.shape[0]}, expected {dim}")
+    if not np.all(np.isfinite(v)):
+        raise InvalidRequestError(f"{what}: vector contains NaN or Inf")
+    norm = float(np.linalg.norm(v))
+    if norm == 0.0 or not np.isfinite(norm):
+        raise InvalidRequestError(f"{what}: vector is zero (cannot be normalised)")
+    return v / norm
+
+
+class ShardEngine:
+    def __init__(self, config: ShardConfig):
+        self.config = config
+        self.schema = config.attribute_kinds
+        self.partitions: dict[str, Partition] = {}  # replaced, never mutated (readers need no lock)
+        self.id_map: dict[str, tuple[str, int]] = {}  # image id -> (category, row); touched only when applying
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.wal = WriteAheadLog(config.data_dir / "wal")
+        self.snapshots = SnapshotStore(config.data_dir / "snapshots")
+        self._apply_cond = threading.Condition()
+        self._applied_seq = 0
+        self._stop = threading.Event()
+        self._train_wakeup = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_snapshot_at = time.monotonic()
+        self._snapshot_lock = threading.Lock()
+        # Work a snapshot would save on restart: applied writes, and trained indexes (minutes to rebuild).
+        self._writes_since_snapshot = 0
+        self._swaps_since_snapshot = 0
+        self.loaded = False
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Load the newest snapshot (checksums verified), replay the log after it, open a fresh log segment."""
+        t0 = time.perf_counter()
+        snapshot = self.snapshots.load_latest(self.config)
+        after = 0
+        if snapshot is not None:
+            self.partitions = snapshot.partitions
+            for category, p in self.partitions.items():
+                for row in np.flatnonzero(p.alive.view):
+                    self.id_map[p.image_ids[row]] = (category, int(row))
+            after = snapshot.wal_generation
+        replayed = 0
+        for payload in self.wal.replay(after):
+            try:
+                self._apply_payload(payload)
+            except Exception:  # noqa: BLE001 - one bad record must not keep the shard down
+                log.exception("skipping a write-ahead log record that cannot be applied")
+            replayed += 1
+        self.wal.open(min_generation=after + 1)
+        self._writes_since_snapshot = replayed
+        self.loaded = True
+        self._update_gauges()
+        log.info("shard loaded: %d categories, %d vectors, %d log records replayed in %.1fs",
+                 len(self.partitions), len(self.id_map), replayed, time.perf_counter() - t0)
+
+    def start_background(self) -> None:
+        for target, name in ((self._training_loop, "shard-trainer"), (self._snapshot_loop, "shard-snapshotter")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self._train_wakeup.set()
+
+    def close(self, *, snapshot: bool = False) -> None:
+        self._stop.set()
+        self._train_wakeup.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+        if snapshot and self.loaded and (self._writes_since_snapshot or self._swaps_since_snapshot):
+            self.snapshot()
+        self.wal.close()
+
+    # --- writes ----------------------------------------------------------------------------------------------
+    def upsert(self, records: Sequence[Record], *, encoded: bytes | None = None) -> int:
+        """Validate, log (fsync) and apply records; returns how many were written.
+
+        ``encoded`` may carry the records already serialised as an UpsertRequest (the gRPC path), which saves
+        re-encoding them for the log.
+        """
+        if len(records) > self.config.max_records_per_request and encoded is None:
+            raise RequestTooLargeError(
+                f"{len(records)} records in one request; the limit is {self.config.max_records_per_request} "
+                "(use UpsertStream for bulk loads)")
+        self._validate_records(records)
+        if not records:
+            return 0
+        if encoded is None:
+            encoded = shard_pb2.UpsertRequest(
+                records=[convert.record_to_proto(r) for r in records]).SerializeToString()
+        self._commit(OP_UPSERT + encoded, lambda: self._apply_upsert(records))
+        return len(records)
+
+    def delete(self, image_ids: Sequence[str]) -> int:
+        if len(image_ids) > self.config.max_records_per_request:
+            raise RequestTooLargeError(f"{len(image_ids)} ids in one request; the limit is "
+                                       f"{self.config.max_records_per_request}")
+        for image_id in image_ids:
+            if not image_id:
+                raise InvalidRequestError("empty image id in delete request")
+        if not image_ids:
+            return 0
+        payload = OP_DELETE + shard_pb2.ShardServiceDeleteRequest(image_ids=list(image_ids)).SerializeToString()
+        result: list[int] = []
+        self._commit(payload, lambda: result.append(self._apply_delete(image_ids)))
+        return result[0]
+
+    def _validate_records(self, records: Iterable[Record]) -> None:
+        dim = self.config.dimension
+        for r in records:
+            if not r.image_id:
+                raise InvalidRequestError("record with an empty image id")
+            if not r.category:
+                raise InvalidRequestError(f"record {r.image_id!r}: empty category")
+            normalised(r.vector, dim, f"record {r.image_id!r}")
+            validate_attributes(r.attributes, self.schema, r.image_id)
+
+    def _commit(self, payload: bytes, apply) -> None:
+        """Log then apply, in log order (replay must reproduce exactly what live writers did)."""
+        if not self.loaded:
+            raise WalError("shard is not loaded yet")
+        try:
+            seq = self.wal.append(payload)
+        except WalError as e:
+            seq = getattr(e, "seq", None)
+            if seq is not None:  # written but not known durable: never apply it, but keep the order moving
+                self._advance(seq, None)
+            raise
+        self._advance(seq, apply)
+        self._train_wakeup.set()
+
+    def _advance(self, seq: int, apply) -> None:
+        with self._apply_cond:
+            while self._applied_seq != seq - 1:
+                self._apply_cond.wait()
+            try:
+                if apply is not None:
+                    self._writes_since_snapshot += 1
+                    apply()
+            finally:
+                self._applied_seq = seq
+                self._apply_cond.notify_all()
+        metrics.WAL_BYTES.set(self.wal.size_bytes)
+
+    def _apply_payload(self, payload: bytes) -> None:
+        op, body = payload[:1], payload[1:]
+        if op == OP_UPSERT:
+            records = convert.records_from_proto(shard_pb2.UpsertRequest.FromString(body).records)
+            self._validate_records(records)
+            self._apply_upsert(records)
+        elif op == OP_DELETE:
+            self._apply_delete(list(shard_pb2.ShardServiceDeleteRequest.FromString(body).image_ids))
+        else:
+            raise WalError(f"unknown log record type {op!r}")
+
+    def _apply_upsert(self, records: Sequence[Record]) -> None:
+        latest: dict[str, Record] = {}
+        for r in records:  # the last record of an id in one batch wins
+            latest.pop(r.image_id, None)
+            latest[r.image_id] = r
+        self._remove_ids(latest.keys())
+        by_category: dict[str, list[Record]] = {}
+        for r in latest.values():
+            by_category.setdefault(r.category, []).append(r)
+        dim = self.config.dimension
+        for category, group in by_category.items():
+            partition = self.partitions.get(category)
+            if partition is None:
+                partition = Partition(category, self.config)
+                self.partitions = {**self.partitions, category: partition}
+            vectors = np.stack([normalised(r.vector, dim, r.image_id) for r in group])
+            rows = partition.append([r.image_id for r in group], [r.product_id for r in group], vectors,
+                                    [r.attributes for r in group])
+            for r, row in zip(group, rows.tolist()):
+                self.id_map[r.image_id] = (category, row)
+            metrics.VECTORS.labels(category).set(partition.live_count)
+            metrics.INDEX_TRAINED.labels(category).set(1 if partition.ivf is not None else 0)
+
+    def _apply_delete(self, image_ids: Iterable[str]) -> int:
+        return self._remove_ids(set(image_ids))
+
+    def _remove_ids(self, image_ids: Iterable[str]) -> int:
+        rows_by_category: dict[str, list[int]] = {}
+        for image_id in image_ids:
+            located = self.id_map.pop(image_id, None)
+            if located is not None:
+                rows_by_category.setdefault(located[0], []).append(located[1])
+        for category, rows in rows_by_category.items():
+            self.partitions[category].delete(np.array(rows, dtype=np.int64))
+            metrics.VECTORS.labels(category).set(self.partitions[category].live_count)
+        return sum(map(len, rows_by_category.values()))
+
+    # --- search ----------------------------------------------------------------------------------------------
+    def validate_query(self, query: SearchQuery) -> np.ndarray:
+        if query.top_k <= 0 or query.top_k > self.config.max_top_k:
+            raise InvalidRequestError(f"top_k must be in 1..{self.config.max_top_k}, got {query.top_k}")
+        if query.nprobe < 0:
+            raise InvalidRequestError(f"nprobe must be >= 0, got {query.nprobe}")
+        for category in query.categories:
+            if not category:
+                raise InvalidRequestError("empty category name in search request")
+        validate_filter(query.filter, self.schema)
+        return normalised(query.vector, self.config.dimension, "query")
+
+    def nprobe_for(self, query: SearchQuery) -> int:
+        if query.nprobe > 0:
+            return min(query.nprobe, self.config.max_nprobe)
+        base = self.config.nprobe
+        return {Exactness.FAST: max(1, base // 2), Exactness.HIGH: base * 4}.get(query.exactness, base)
+
+    def search(self, query: SearchQuery) -> SearchResult:
+        vector = self.validate_query(query)
+        partitions = self.partitions
+        categories = query.categories or tuple(sorted(partitions))
+        nprobe = self.nprobe_for(query)
+        exhaustive = query.exactness is Exactness.EXACT
+        found: list[tuple[float, str, tuple[str, str, dict]]] = []
+        scanned = 0
+        for category in dict.fromkeys(categories):
+            partition = partitions.get(category)
+            if partition is None:
+                continue  # unknown category: no hits, not an error
+            hits = partition.search(vector, query.top_k, query.filter, nprobe, exhaustive)
+            scanned += hits.candidates_scanned
+            found.extend(zip(hits.scores.tolist(), [category] * len(hits.details), hits.details))
+        found.sort(key=lambda item: -item[0])
+        out = tuple(Hit(image_id=image_id, product_id=product_id, category=category, score=score,
+                        attributes=attributes)
+                    for score, category, (image_id, product_id, attributes) in found[: query.top_k])
+        return SearchResult(hits=out, candidates_scanned=scanned)
+
+    # --- stats -----------------------------------------------------------------------------------------------
+    def stats(self) -> ShardStats:
+        categories = tuple(
+            CategoryStats(category=name, vectors=p.live_count, trained=p.ivf is not None,
+                          index_type=p.index_type, resident_bytes=p.resident_bytes())
+            for name, p in sorted(self.partitions.items()))
+        return ShardStats(categories=categories, dimension=self.config.dimension, wal_bytes=self.wal.size_bytes)
+
+    def _update_gauges(self) -> None:
+        total = 0
+        for name, p in self.partitions.items():
+            metrics.VECTORS.labels(name).set(p.live_count)
+            metrics.INDEX_TRAINED.labels(name).set(1 if p.ivf is not None else 0)
+            total += p.resident_bytes()
+        metrics.RESIDENT_BYTES.set(total)
+        metrics.WAL_BYTES.set(self.wal.size_bytes)
+
+    # --- background training ---------------------------------------------------------------------------------
+    def _training_loop(self) -> None:
+        if self.config.train_threads > 0:
+            faiss.omp_set_num_threads(self.config.train_threads)  # per-thread in OpenMP: searches keep theirs
+        while not self._stop.is_set():
+            self._train_wakeup.wait(timeout=2.0)
+            self._train_wakeup.clear()
+            if self._stop.is_set():
+                break
+            self.train_pending()
+            self._update_gauges()
+
+    def train_pending(self) -> int:
+        """Train (and swap in) every partition that wants it; returns how many were swapped."""
+        swapped = 0
+        for partition in list(self.partitions.values()):
+            if self._stop.is_set() or not partition.wants_training():
+                continue
+            metrics.TRAINING_EVENTS.labels("started").inc()
+            try:
+                partition.train_and_swap()
+            except Exception:  # noqa: BLE001 - keep serving exact search; retry only after more writes
+                log.exception("training partition %s failed", partition.name)
+                partition.training_failed_at_rows = partition.live_count
+                metrics.TRAINING_EVENTS.labels("failed").inc()
+                continue
+            metrics.TRAINING_EVENTS.labels("completed").inc()
+            metrics.INDEX_SWAPS.inc()
+            metrics.INDEX_TRAINED.labels(partition.name).set(1)
+            self._swaps_since_snapshot += 1
+            swapped += 1
+        return swapped
+
+    # --- snapshots -------------------------------------------------------------------------------------------
+    def _snapshot_loop(self) -> None:
+        while not self._stop.wait(timeout=1.0):
+            due = time.monotonic() - self._last_snapshot_at >= self.config.snapshot_interval_s
+            if self._swaps_since_snapshot or (
+                    self._writes_since_snapshot and (due or self.wal.size_bytes >= self.config.snapshot_wal_bytes)):
+                try:
+                    self.snapshot()
+                except Exception:  # noqa: BLE001 - the log still holds everything; try again later
+                    log.exception("snapshot failed")
+                    self._last_snapshot_at = time.monotonic()
+
+    def snapshot(self) -> None:
+        """Write a snapshot covering every applied write, then drop the log segments it covers."""
+        with self._snapshot_lock:
+            t0 = time.perf_counter()
+            closed_generation, last_seq = self.wal.rotate()
+            swaps = self._swaps_since_snapshot
+            with self._apply_cond:
+                while self._applied_seq < last_seq:
+                    self._apply_cond.wait()
+                self._writes_since_snapshot = 0
+                # No write is applied while we hold the condition; later ones queue (already logged durably
+                # in the new segment, re-applied idempotently on replay if they also made it into this dump).
+                path = self.snapshots.write(self.partitions, wal_generation=closed_generation, config=self.config)
+                self.snapshots.rebase_vectors(path, self.partitions)
+            self._swaps_since_snapshot -= swaps
+            self.wal.drop_through(closed_generation)
+            self.snapshots.prune(keep=path)
+            self._last_snapshot_at = time.monotonic()
+            metrics.SNAPSHOTS.inc()
+            self._update_gauges()
+            log.info("snapshot %s written in %.1fs", path.name, time.perf_counter() - t0)

@@ -1,0 +1,36 @@
+"""Errors of the shard tier; each maps to a gRPC status through :mod:`imgsearch.errors`."""
+
+from __future__ import annotations
+
+from imgsearch.errors import (
+    FailedPreconditionError,
+    ImgsearchError,
+    InternalError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+
+
+class ShardError(ImgsearchError):
+    """Base of the shard server's own errors."""
+
+
+class InvalidRequestError(ShardError, InvalidArgumentError):
+    """Malformed input: wrong dimension, NaN/Inf, zero vector, bad top_k, unknown filter field..."""
+
+
+class RequestTooLargeError(ShardError, ResourceExhaustedError):
+    """More records or bytes in one request than the shard accepts."""
+
+
+class ShardNotReadyError(ShardError, UnavailableError):
+    """The shard is still loading its snapshot and replaying its write-ahead log."""
+
+
+class SnapshotCorruptError(ShardError, FailedPreconditionError):
+    """A snapshot file is missing or its sha256 does not match the manifest: the shard refuses to load it."""
+
+
+class WalError(ShardError, InternalError):
+    """The write-ahead log could not be written or read."""

@@ -1,0 +1,276 @@
+"""One category's vectors: exact search while small, IVF-PQ (trained in the background) once big enough.
+
+Rows are append-only: a row number is the faiss id, an index into the exact vectors, the attribute columns and
+the id lists. Upserting an existing image appends a new row and tombstones the old one (``alive``); tombstoned
+rows are removed from the IVF index at once and excluded from every exact scan.
+
+Concurrency: searches hold the read side of ``lock``; writes (applied one at a time by the engine) and the
+final swap of a freshly trained index hold the write side, briefly. Training itself runs without the lock on
+copies, then catches up with rows written meanwhile, so searches never wait on training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from shard_server import metrics
+from shard_server.attributes import AttributeColumns
+from shard_server.columns import GrowableArray
+from shard_server.config import ShardConfig
+from shard_server.rwlock import ReadWriteLock
+from shard_server.types import Filter
+from shard_server.vectors import VectorStore
+
+log = logging.getLogger(__name__)
+
+ADD_CHUNK_ROWS = 65_536
+CATCH_UP_UNDER_LOCK_ROWS = 1_024
+MASK_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionHits:
+    rows: np.ndarray  # int64, best first
+    scores: np.ndarray  # float32
+    candidates_scanned: int
+    strategy: str
+    details: list[tuple[str, str, dict]] | None = None  # (image id, product id, attributes) per row
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Selection:
+    mask: np.ndarray  # bool over rows [0, n): alive and matching the filter
+    count: int
+    bitmap: np.ndarray  # the mask packed little-endian for faiss.IDSelectorBitmap
+
+
+class Partition:
+    def __init__(self, name: str, config: ShardConfig):
+        self.name = name
+        self.config = config
+        self.lock = ReadWriteLock()
+        self.vectors = VectorStore(config.dimension)
+        self.attributes = AttributeColumns(config.attribute_kinds)
+        self.alive = GrowableArray(np.bool_)
+        self.image_ids: list[str] = []
+        self.product_ids: list[str] = []
+        self.live_count = 0
+        self.version = 0  # bumped by every write; keys the filter-mask cache
+        # Exact mode: float32 copy of all rows (fast BLAS scans). IVF mode: the trained index.
+        self._exact = GrowableArray(np.float32, row_shape=(config.dimension,))
+        self.ivf: faiss.Index | None = None
+        self.nlist = 0
+        self.trained_at_rows = 0
+        self._masks: OrderedDict[tuple[Filter, int], _Selection] = OrderedDict()
+        self._masks_lock = threading.Lock()
+        self.training_failed_at_rows = -1
+
+    # --- writes (engine applies them one at a time) ----------------------------------------------------------
+    def append(self, image_ids: list[str], product_ids: list[str], vectors: np.ndarray,
+               attributes: list) -> np.ndarray:
+        with self.lock.write():
+            start = len(self.image_ids)
+            rows = np.arange(start, start + len(image_ids), dtype=np.int64)
+            self.vectors.append(vectors)
+            if self.ivf is None:
+                self._exact.extend(vectors)
+            else:
+                self.ivf.add_with_ids(vectors, rows)
+            self.attributes.append(attributes)
+            self.alive.extend(np.ones(len(rows), dtype=bool))
+            self.image_ids.extend(image_ids)
+            self.product_ids.extend(product_ids)
+            self.live_count += len(rows)
+            self.version += 1
+            return rows
+
+    def delete(self, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        with self.lock.write():
+            rows = np.asarray(rows, dtype=np.int64)
+            self.alive.view[rows] = False
+            self.live_count -= len(rows)
+            if self.ivf is not None:
+                self.ivf.remove_ids(faiss.IDSelectorBatch(rows))
+            self.version += 1
+
+    # --- search ----------------------------------------------------------------------------------------------
+    def search(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool) -> PartitionHits:
+        """Top-k rows (with their ids and attributes, read under the same lock) for a unit query vector."""
+        with self.lock.read():
+            t0 = time.perf_counter()
+            hits = self._search_locked(query, k, flt, nprobe, exhaustive)
+            details = [(self.image_ids[r], self.product_ids[r], self.attributes.row(r)) for r in hits.rows.tolist()]
+            metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
+            metrics.CANDIDATES_SCANNED.observe(hits.candidates_scanned)
+            return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
+                                 strategy=hits.strategy, details=details)
+
+    def _search_locked(self, query: np.ndarray, k: int, flt: Filter, nprobe: int,
+                       exhaustive: bool) -> PartitionHits:
+        n = len(self.image_ids)
+        selection = self._selection(flt, n) if flt else None
+        count = selection.count if selection is not None else self.live_count
+        if count == 0:
+            return PartitionHits(rows=np.empty(0, np.int64), scores=np.empty(0, np.float32),
+                                 candidates_scanned=0, strategy="exact")
+        if self.ivf is None:
+            mask = selection.mask if selection is not None else self.alive.view[:n]
+            scores = self._exact.view[:n] @ query
+            return self._top_k_of(np.flatnonzero(mask), scores[mask], k, scanned=n)
+        if exhaustive or (selection is not None and count <= self.config.exact_scan_max_rows):
+            rows = np.flatnonzero(selection.mask if selection is not None else self.alive.view[:n])
+            return self._top_k_of(rows, self.vectors.take(rows) @ query, k, scanned=len(rows))
+        return self._search_ivf(query, k, nprobe, selection, count)
+
+    def _search_ivf(self, query: np.ndarray, k: int, nprobe: int, selection: _Selection | None,
+                    count: int) -> PartitionHits:
+        strategy = "ivf"
+        selectivity = count / max(self.live_count, 1)
+        if selection is not None and selectivity < self.config.wide_probe_below_selectivity:
+            # A selective filter at a low nprobe leaves too few matching codes in the probed lists (-1 padding):
+            # probe proportionally more lists so the expected number of matches stays the same.
+            nprobe = math.ceil(nprobe / selectivity)
+            strategy = "ivf_wide"
+        nprobe = max(1, min(nprobe, self.nlist, self.config.max_nprobe))
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        if selection is not None:
+            params.sel = faiss.IDSelectorBitmap(len(selection.mask), faiss.swig_ptr(selection.bitmap))
+        k_candidates = min(k * self.config.rerank_factor, count)
+        _, labels = self.ivf.search(query[None, :], k_candidates, params=params)
+        rows = labels[0][labels[0] >= 0]
+        exact_scores = self.vectors.take(rows) @ query
+        scanned = int(self.ivf.ntotal * nprobe / max(self.nlist, 1) * (selectivity if selection else 1.0))
+        hits = self._top_k_of(rows, exact_scores, k, scanned=scanned + len(rows))
+        return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
+                             strategy=strategy)
+
+    @staticmethod
+    def _top_k_of(rows: np.ndarray, scores: np.ndarray, k: int, *, scanned: int) -> PartitionHits:
+        if len(rows) > k:
+            part = np.argpartition(-scores, k - 1)[:k]
+            rows, scores = rows[part], scores[part]
+        order = np.argsort(-scores, kind="stable")
+        return PartitionHits(rows=rows[order], scores=scores[order].astype(np.float32),
+                             candidates_scanned=scanned, strategy="exact")
+
+    def _selection(self, flt: Filter, n: int) -> _Selection:
+        key = (flt, self.version)
+        with self._masks_lock:
+            cached = self._masks.get(key)
+            if cached is not None:
+                self._masks.move_to_end(key)
+                return cached
+        mask = self.attributes.mask(flt, n) & self.alive.view[:n]
+        selection = _Selection(mask=mask, count=int(np.count_nonzero(mask)),
+                               bitmap=np.packbits(mask, bitorder="little"))
+        with self._masks_lock:
+            self._masks[key] = selection
+            while len(self._masks) > MASK_CACHE_SIZE:
+                self._masks.popitem(last=False)
+        return selection
+
+    # --- background training -----------------------------------------------------------------------------------
+    def wants_training(self) -> bool:
+        live = self.live_count
+        if live <= self.training_failed_at_rows:
+            return False
+        if self.ivf is None:
+            return live >= self.config.training_threshold(live)
+        return (live >= self.config.retrain_growth_factor * max(self.trained_at_rows, 1)
+                and self.config.nlist_for(live) > self.nlist)
+
+    def train_and_swap(self) -> None:
+        """Train a fresh IVF index on a sample, add every row, catch up with writes, swap it in."""
+        with self.lock.read():
+            n0 = len(self.image_ids)
+            live_rows = np.flatnonzero(self.alive.view[:n0])
+        nlist = self.config.nlist_for(len(live_rows))
+        rng = np.random.default_rng(len(live_rows))
+        sample_size = min(len(live_rows), self.config.max_train_points_per_centroid * nlist)
+        sample = np.sort(rng.choice(live_rows, size=sample_size, replace=False))
+        with self.lock.read():
+            train_x = self.vectors.take(sample)
+        factory = self.config.factory_for(nlist)
+        index = faiss.index_factory(self.config.dimension, factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = self.config.kmeans_iterations
+        ivf.cp.max_points_per_centroid = max(self.config.max_train_points_per_centroid, 1)
+        t0 = time.perf_counter()
+        index.train(train_x)
+        del train_x
+        log.info("partition %s: trained %s on %d of %d vectors in %.1fs", self.name, factory, sample_size,
+                 len(live_rows), time.perf_counter() - t0)
+        added_until = 0
+        while True:
+            with self.lock.read():
+                n_now = len(self.image_ids)
+            if n_now - added_until <= CATCH_UP_UNDER_LOCK_ROWS:
+                break
+            for start in range(added_until, n_now, ADD_CHUNK_ROWS):
+                self._add_rows(index, start, min(n_now, start + ADD_CHUNK_ROWS))
+            added_until = n_now
+        with self.lock.write():
+            n_now = len(self.image_ids)
+            self._add_rows(index, added_until, n_now, locked=True)
+            dead = np.flatnonzero(~self.alive.view[:added_until])
+            if len(dead):
+                index.remove_ids(faiss.IDSelectorBatch(dead.astype(np.int64)))
+            self.ivf = index
+            self.nlist = nlist
+            self.trained_at_rows = self.live_count
+            self._exact = GrowableArray(np.float32, row_shape=(self.config.dimension,))
+            self.version += 1
+        log.info("partition %s: swapped in %s (%d vectors) in %.1fs total", self.name, factory, index.ntotal,
+                 time.perf_counter() - t0)
+
+    def _add_rows(self, index: faiss.Index, start: int, stop: int, *, locked: bool = False) -> None:
+        if stop <= start:
+            return
+        if locked:
+            rows = start + np.flatnonzero(self.alive.view[start:stop])
+            x = self.vectors.take(rows)
+        else:
+            with self.lock.read():
+                rows = start + np.flatnonzero(self.alive.view[start:stop])
+                x = self.vectors.take(rows)
+        if len(rows):
+            index.add_with_ids(x, rows.astype(np.int64))
+
+    # --- introspection ---------------------------------------------------------------------------------------
+    @property
+    def index_type(self) -> str:
+        return self.config.factory_for(self.nlist) if self.ivf is not None else "Flat"
+
+    def resident_bytes(self) -> int:
+        """Index codes + ids (+ coarse centroids), exact-mode float32 copy, unsnapshotted vectors, attributes."""
+        total = self.attributes.nbytes + self.alive.nbytes + self.vectors.resident_nbytes + self._exact.nbytes
+        if self.ivf is not None:
+            total += self.index_code_bytes()
+            total += self.nlist * self.config.dimension * 4
+        return total
+
+    def index_code_bytes(self) -> int:
+        """PQ codes and ids held by the IVF lists."""
+        if self.ivf is None:
+            return 0
+        invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(self.ivf).invlists)
+        blocked = isinstance(invlists, faiss.BlockInvertedLists)  # fast-scan: codes in blocks of n_per_block
+        total = 0
+        for i in range(invlists.nlist):
+            size = invlists.list_size(i)
+            if blocked:
+                total += -(-size // invlists.n_per_block) * invlists.block_size
+            else:
+                total += size * invlists.code_size
+            total += size * 8  # int64 ids
+        return total

@@ -1,0 +1,132 @@
+"""The shard server process: ``imgsearch-shard --data-dir DIR --port N --metrics-port M ...``.
+
+Start-up: the gRPC port opens at once with health NOT_SERVING (RPCs answer UNAVAILABLE), the newest snapshot is
+loaded (checksums verified) and the write-ahead log replayed, then health turns SERVING. SIGTERM drains in-flight
+RPCs, writes a final snapshot and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import faiss
+
+from imgsearch.serving import ServerOptions, start_grpc_service, run_until_signalled, GrpcService
+from imgsearch.v1 import shard_pb2_grpc
+from shard_server.config import ShardConfig
+from shard_server.engine import ShardEngine
+from shard_server.service import SERVICE_NAME, ShardServicer
+
+log = logging.getLogger("shard_server")
+
+
+def _single_threaded_faiss() -> None:
+    # One OpenMP thread per search: concurrent single-query searches scale across the pool's threads
+    # instead of fighting over one OpenMP team (and the setting is per thread, so training keeps its own).
+    faiss.omp_set_num_threads(1)
+
+
+@dataclass
+class ShardServerHandle:
+    service: GrpcService
+    engine: ShardEngine
+    search_pool: ThreadPoolExecutor
+    write_pool: ThreadPoolExecutor
+    load_task: asyncio.Task
+
+    @property
+    def port(self) -> int:
+        return self.service.port
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.service.metrics_port
+
+    async def wait_loaded(self) -> None:
+        await self.load_task
+
+    async def stop(self, *, snapshot: bool = True) -> None:
+        await self.service.stop()
+        self.load_task.cancel()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, lambda: self.engine.close(snapshot=snapshot))
+        self.search_pool.shutdown(wait=True)
+        self.write_pool.shutdown(wait=True)
+
+
+async def start_shard_server(config: ShardConfig, *, wait_loaded: bool = True) -> ShardServerHandle:
+    """Start serving; with ``wait_loaded`` return only once the snapshot and log are loaded (health SERVING)."""
+    engine = ShardEngine(config)
+    search_pool = ThreadPoolExecutor(config.search_threads, thread_name_prefix="shard-search",
+                                     initializer=_single_threaded_faiss)
+    write_pool = ThreadPoolExecutor(config.write_threads, thread_name_prefix="shard-write",
+                                    initializer=_single_threaded_faiss)
+    servicer = ShardServicer(engine, search_pool, write_pool)
+
+    def register(server):
+        shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    options = ServerOptions(host=config.host, port=config.port, metrics_port=config.metrics_port,
+                            max_message_bytes=config.max_message_bytes, shutdown_grace_s=config.shutdown_grace_s)
+    service = await start_grpc_service(options, register, component="shard")
+
+    async def load() -> None:
+        await asyncio.get_running_loop().run_in_executor(None, engine.load)
+        engine.start_background()
+        await service.set_serving(True)
+
+    load_task = asyncio.create_task(load())
+    handle = ShardServerHandle(service=service, engine=engine, search_pool=search_pool, write_pool=write_pool,
+                               load_task=load_task)
+    if wait_loaded:
+        try:
+            await load_task
+        except BaseException:
+            await service.stop(0)
+            search_pool.shutdown(wait=False)
+            write_pool.shutdown(wait=False)
+            raise
+    return handle
+
+
+async def _serve(config: ShardConfig) -> int:
+    handle = await start_shard_server(config, wait_loaded=False)
+    log.info("shard listening on %s:%d (metrics %s), data dir %s", config.host, handle.port,
+             handle.metrics_port, config.data_dir)
+
+    async def watch_load() -> None:
+        try:
+            await handle.load_task
+        except Exception:
+            log.exception("shard failed to load its data; exiting")
+            await handle.service.server.stop(0)
+
+    watcher = asyncio.create_task(watch_load())
+    await run_until_signalled(handle.service, on_stop=lambda: _drain(handle))
+    await asyncio.gather(watcher, return_exceptions=True)
+    if handle.load_task.done() and not handle.load_task.cancelled() and handle.load_task.exception():
+        return 1
+    return 0
+
+
+async def _drain(handle: ShardServerHandle) -> None:
+    loop = asyncio.get_running_loop()
+    handle.load_task.cancel()
+    await loop.run_in_executor(None, lambda: handle.engine.close(snapshot=handle.engine.loaded))
+    handle.search_pool.shutdown(wait=True)
+    handle.write_pool.shutdown(wait=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ShardConfig.from_env(sys.argv[1:] if argv is None else argv)
+    sys.exit(asyncio.run(_serve(config)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""gRPC boundary of the shard: protobuf in, dataclasses to the engine (in thread pools), protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+from imgsearch.v1 import shard_pb2, shard_pb2_grpc
+from shard_server import convert
+from shard_server.engine import ShardEngine
+from shard_server.errors import RequestTooLargeError, ShardNotReadyError
+
+SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
+
+
+class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
+    def __init__(self, engine: ShardEngine, search_pool: ThreadPoolExecutor, write_pool: ThreadPoolExecutor):
+        self.engine = engine
+        self._search_pool = search_pool
+        self._write_pool = write_pool
+
+    def _ready(self) -> None:
+        if not self.engine.loaded:
+            raise ShardNotReadyError("shard is loading its snapshot and replaying its log; retry shortly")
+
+    async def _run(self, pool, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+    async def Search(self, request, context):
+        self._ready()
+        query = convert.query_from_proto(request)
+        result = await self._run(self._search_pool, self.engine.search, query)
+        return convert.result_to_proto(result)
+
+    async def Upsert(self, request, context):
+        self._ready()
+        limit = self.engine.config.max_records_per_request
+        if len(request.records) > limit:
+            raise RequestTooLargeError(f"{len(request.records)} records in one request; the limit is {limit} "
+                                       "(use UpsertStream for bulk loads)")
+        records = convert.records_from_proto(request.records)
+        written = await self._run(self._write_pool, self.engine.upsert, records,
+                                  encoded=request.SerializeToString())
+        return shard_pb2.UpsertResponse(upserted=written)
+
+    async def UpsertStream(self, request_iterator, context):
+        """Buffer the whole stream; only a cleanly half-closed stream is logged (one frame) and applied."""
+        self._ready()
+        chunks: list[bytes] = []
+        records = []
+        size = 0
+        async for message in request_iterator:
+            encoded = message.SerializeToString()  # wire-compatible with UpsertRequest: frames concatenate
+            size += len(encoded)
+            if size > self.engine.config.max_stream_bytes:
+                raise RequestTooLargeError(
+                    f"upsert stream exceeds {self.engine.config.max_stream_bytes} bytes; split it into streams")
+            chunks.append(encoded)
+            records.extend(convert.records_from_proto(message.records))
+        written = await self._run(self._write_pool, self.engine.upsert, records, encoded=b"".join(chunks))
+        return shard_pb2.UpsertStreamResponse(upserted=written)
+
+    async def Delete(self, request, context):
+        self._ready()
+        deleted = await self._run(self._write_pool, self.engine.delete, list(request.image_ids))
+        return shard_pb2.ShardServiceDeleteResponse(deleted=deleted)
+
+    async def Stats(self, request, context):
+        self._ready()
+        stats = await self._run(self._search_pool, self.engine.stats)
+        return convert.stats_to_proto(stats)

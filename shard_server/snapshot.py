@@ -1,0 +1,197 @@
+"""Snapshots: every partition's exact vectors, tombstones, attributes, ids and trained index, plus a manifest
+with the sha256 of every file. Written into a temporary directory, fsynced, then renamed into place (atomic);
+loading verifies every checksum first and refuses a snapshot that does not match (SnapshotCorruptError)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from shard_server.attributes import AttributeColumns
+from shard_server.columns import GrowableArray
+from shard_server.config import ShardConfig
+from shard_server.errors import SnapshotCorruptError
+from shard_server.partition import Partition
+from shard_server.vectors import STORAGE_DTYPE, VectorStore
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PREFIX = "snap-"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedSnapshot:
+    wal_generation: int
+    partitions: dict[str, Partition]
+    path: Path
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SnapshotStore:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(".tmp-*"):  # an interrupted snapshot: never renamed, never used
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def complete(self) -> list[Path]:
+        return sorted(p for p in self.directory.glob(PREFIX + "*") if (p / MANIFEST).exists())
+
+    # --- writing ---------------------------------------------------------------------------------------------
+    def write(self, partitions: dict[str, Partition], *, wal_generation: int, config: ShardConfig) -> Path:
+        """Dump every partition (the caller stops writes meanwhile). Returns the snapshot's directory."""
+        name = f"{PREFIX}{wal_generation:012d}"
+        tmp = self.directory / f".tmp-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        entries = []
+        for i, (category, partition) in enumerate(sorted(partitions.items())):
+            sub = f"p{i:05d}"
+            (tmp / sub).mkdir()
+            with partition.lock.read():
+                entries.append(self._write_partition(tmp / sub, sub, category, partition))
+        files = {}
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                _fsync(path)
+                files[str(path.relative_to(tmp))] = _sha256_of(path)
+        for sub_dir in [tmp, *(p for p in tmp.iterdir() if p.is_dir())]:
+            _fsync(sub_dir)
+        manifest = {"format": FORMAT_VERSION, "wal_generation": wal_generation, "dimension": config.dimension,
+                    "attribute_schema": list(map(list, config.attribute_schema)), "partitions": entries,
+                    "files": files}
+        manifest_path = tmp / MANIFEST
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+        _fsync(manifest_path)
+        _fsync(tmp)
+        final = self.directory / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        _fsync(self.directory)
+        return final
+
+    @staticmethod
+    def _write_partition(directory: Path, sub: str, category: str, partition: Partition) -> dict:
+        n = len(partition.image_ids)
+        vectors = np.lib.format.open_memmap(directory / "vectors.npy", mode="w+", dtype=STORAGE_DTYPE,
+                                            shape=(n, partition.config.dimension))
+        for start, block in partition.vectors.chunks():
+            vectors[start : start + len(block)] = block
+        vectors.flush()
+        del vectors
+        np.save(directory / "alive.npy", partition.alive.view)
+        arrays, dictionaries = partition.attributes.to_state()
+        np.savez(directory / "attributes.npz", **arrays)
+        (directory / "ids.json").write_text(json.dumps(
+            {"image_ids": partition.image_ids, "product_ids": partition.product_ids, "dictionaries": dictionaries}))
+        if partition.ivf is not None:
+            faiss.write_index(partition.ivf, str(directory / "index.faiss"))
+        return {"category": category, "dir": sub, "rows": n, "nlist": partition.nlist,
+                "trained_at_rows": partition.trained_at_rows, "trained": partition.ivf is not None}
+
+    def prune(self, keep: Path) -> None:
+        for path in self.directory.glob(PREFIX + "*"):
+            if path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    # --- loading ---------------------------------------------------------------------------------------------
+    def load_latest(self, config: ShardConfig) -> LoadedSnapshot | None:
+        snapshots = self.complete()
+        if not snapshots:
+            return None
+        return self.load(snapshots[-1], config)
+
+    @staticmethod
+    def verify(path: Path) -> dict:
+        """The manifest, once every listed file exists with its recorded sha256."""
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise SnapshotCorruptError(f"snapshot {path}: unreadable manifest: {e}") from e
+        if manifest.get("format") != FORMAT_VERSION:
+            raise SnapshotCorruptError(f"snapshot {path}: unknown format {manifest.get('format')!r}")
+        for rel, expected in manifest["files"].items():
+            file = path / rel
+            if not file.is_file():
+                raise SnapshotCorruptError(f"snapshot {path}: missing file {rel}")
+            actual = _sha256_of(file)
+            if actual != expected:
+                raise SnapshotCorruptError(
+                    f"snapshot {path}: checksum mismatch for {rel} (sha256 {actual[:16]}..., manifest says "
+                    f"{expected[:16]}...); refusing to load it")
+        return manifest
+
+    def load(self, path: Path, config: ShardConfig) -> LoadedSnapshot:
+        manifest = self.verify(path)
+        if manifest["dimension"] != config.dimension:
+            raise SnapshotCorruptError(
+                f"snapshot {path} has dimension {manifest['dimension']}, configured {config.dimension}")
+        partitions = {}
+        for entry in manifest["partitions"]:
+            partitions[entry["category"]] = self._load_partition(path / entry["dir"], entry, config)
+        return LoadedSnapshot(wal_generation=manifest["wal_generation"], partitions=partitions, path=path)
+
+    @staticmethod
+    def _load_partition(directory: Path, entry: dict, config: ShardConfig) -> Partition:
+        partition = Partition(entry["category"], config)
+        n = entry["rows"]
+        vectors = np.load(directory / "vectors.npy", mmap_mode="r")
+        alive = np.load(directory / "alive.npy")
+        ids = json.loads((directory / "ids.json").read_text())
+        with np.load(directory / "attributes.npz") as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        if len(vectors) != n or len(alive) != n or len(ids["image_ids"]) != n:
+            raise SnapshotCorruptError(f"snapshot partition {directory}: row counts disagree")
+        partition.vectors = VectorStore(config.dimension, base=vectors)
+        partition.alive = GrowableArray(np.bool_, initial=alive)
+        partition.image_ids = ids["image_ids"]
+        partition.product_ids = ids["product_ids"]
+        partition.attributes = AttributeColumns.from_state(config.attribute_kinds, arrays, ids["dictionaries"], n)
+        partition.live_count = int(np.count_nonzero(alive))
+        if entry["trained"]:
+            partition.ivf = faiss.read_index(str(directory / "index.faiss"))
+            partition.nlist = entry["nlist"]
+            partition.trained_at_rows = entry["trained_at_rows"]
+        else:
+            partition._exact = GrowableArray(np.float32, row_shape=(config.dimension,),
+                                             initial=np.asarray(vectors, dtype=np.float32))
+        return partition
+
+    def rebase_vectors(self, path: Path, partitions: dict[str, Partition]) -> None:
+        """Point each partition's exact vectors at the snapshot file (memory-mapped) instead of process memory.
+
+        Only valid while no row was appended since the snapshot was written (the caller still stops writes).
+        """
+        manifest = json.loads((path / MANIFEST).read_text())
+        for entry in manifest["partitions"]:
+            partition = partitions.get(entry["category"])
+            if partition is None or len(partition.image_ids) != entry["rows"]:
+                continue
+            mapped = np.load(path / entry["dir"] / "vectors.npy", mmap_mode="r")
+            with partition.lock.write():
+                partition.vectors = VectorStore(partition.config.dimension, base=mapped)

@@ -1,0 +1,176 @@
+"""Prometheus alerting and recording rules (deploy/prometheus/rules): `promtool check rules`, the promtool
+unit tests in deploy/prometheus/tests, and the conventions (every alert tested firing and quiet, documented,
+and built only on metrics the services export)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROM = ROOT / "deploy" / "prometheus"
+RULE_FILES = sorted((PROM / "rules").glob("*.yml"))
+TEST_FILES = sorted((PROM / "tests").glob("*.test.yml"))
+
+
+def load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_contract():
+    return load_module(PROM / "metrics_contract.py", "metrics_contract")
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    assert found, "promtool not found: `make system-deps` installs Debian's prometheus package"
+    return found
+
+
+def rules() -> list[dict]:
+    return [
+        rule
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+    ]
+
+
+def alerts() -> list[dict]:
+    return [r for r in rules() if "alert" in r]
+
+
+def test_rule_files_exist():
+    assert RULE_FILES and TEST_FILES
+
+
+def test_promtool_check_rules_passes():
+    out = subprocess.run(
+        [promtool(), "check", "rules", *map(str, RULE_FILES)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout
+
+
+def test_promtool_check_rules_rejects_a_broken_rule(tmp_path):
+    """The check above can fail: a bad expression and a bad template are caught."""
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        yaml.safe_dump(
+            {
+                "groups": [
+                    {
+                        "name": "g",
+                        "rules": [
+                            {
+                                "alert": "A",
+                                "expr": "sum(rate(x[5m]) > ",
+                                "annotations": {"summary": "{{ $value | nope }}"},
+                            }
+                        ],
+                    }
+                ]
+            }
+        )
+    )
+    out = subprocess.run(
+        [promtool(), "check", "rules", str(broken)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode != 0
+
+
+def test_promtool_unit_tests_pass():
+    out = subprocess.run(
+        [promtool(), "test", "rules", *map(str, TEST_FILES)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "SUCCESS" in out.stdout and "FAILED" not in out.stdout
+
+
+def test_every_alert_is_unit_tested_firing_and_quiet():
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for path in TEST_FILES:
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fired if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {a["alert"] for a in alerts()}
+    assert names <= fired, f"never tested firing: {sorted(names - fired)}"
+    assert names <= quiet, f"never tested quiet: {sorted(names - quiet)}"
+
+
+def test_alerts_have_severity_summary_and_description():
+    for alert in alerts():
+        assert alert["labels"]["severity"] in ("page", "warning"), alert["alert"]
+        assert alert["annotations"]["summary"] and alert["annotations"]["description"], alert["alert"]
+
+
+def test_rules_use_only_exported_metrics():
+    contract = load_contract()
+    recorded = {r["record"] for r in rules() if "record" in r}
+    for rule in rules():
+        assert not contract.unknown_metrics(rule["expr"], recorded), rule.get("alert") or rule["record"]
+
+
+def test_the_issue_s_alerts_exist():
+    by_metric = {a["alert"]: load_contract().metric_names(a["expr"]) for a in alerts()}
+
+    def alert_on(metric: str, text: str = "") -> bool:
+        return any(metric in by_metric[a["alert"]] and text in a["expr"] for a in alerts())
+
+    assert alert_on(
+        "imgsearch_broker_stage_duration_seconds", "histogram_quantile(0.99"
+    )  # p99 over objective
+    assert alert_on("grpc_server_handled_total", "grpc_code")  # error ratio
+    assert alert_on("up", "imgsearch-shard")  # shard down
+    assert alert_on("imgsearch_broker_partial_results_total")  # partial results
+    assert alert_on("imgsearch_broker_cache_lookups_total", 'result="error"')  # cache errors
+    assert alert_on("nv_inference_queue_duration_us")  # Triton queue time
+
+
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        (
+            "histogram_quantile(0.99, sum by (le) "
+            '(rate(imgsearch_broker_stage_duration_seconds_bucket{le="1"}[5m])))',
+            {"imgsearch_broker_stage_duration_seconds"},
+        ),
+        (
+            "sum by (model) (rate(nv_inference_queue_duration_us[5m])) / 1e6 > 2 * 1024",
+            {"nv_inference_queue_duration_us"},
+        ),
+        (
+            'max(imgsearch_brokr_cache_repair_pending{a="b"}) and up',
+            {"imgsearch_brokr_cache_repair_pending", "up"},
+        ),
+    ],
+)
+def test_metric_name_extraction(expr, expected):
+    assert load_contract().metric_names(expr) == expected
+
+
+def test_latency_objectives_sit_on_histogram_bucket_edges():
+    """A threshold inside a bucket would make "p99 over the objective" an artefact of interpolation."""
+    from imgsearch.serving import LATENCY_BUCKETS_S
+
+    latency_alerts = [a for a in alerts() if a["expr"].lstrip().startswith("histogram_quantile(")]
+    assert len(latency_alerts) >= 2
+    for alert in latency_alerts:
+        threshold = float(alert["expr"].rsplit(">", 1)[1])
+        assert threshold in LATENCY_BUCKETS_S, (alert["alert"], threshold)
+
+
+def test_the_prometheusrule_in_the_manifests_is_the_rules_file():
+    generator = load_module(PROM / "prometheus_rule.py", "prometheus_rule")
+    committed = ROOT / "deploy" / "base" / "prometheusrule.yaml"
+    assert committed.read_text() == generator.render(), "run: python deploy/prometheus/prometheus_rule.py"
+    assert yaml.safe_load(committed.read_text())["spec"] == yaml.safe_load(RULE_FILES[0].read_text())

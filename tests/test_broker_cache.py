@@ -1,0 +1,126 @@
+"""The Redis duplicate cache against a real redis-server: exact and near lookups, replacement, deletion,
+repair after an outage, and a fast bypass while Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import numpy as np
+import pytest
+
+from broker.cache import BAND_BITS, CacheEntry, CacheUnavailable, DuplicateCache, bands
+from broker.repair import CacheRepairQueue
+from broker.stack import free_port
+
+
+def _entry(image_id: str, phash: int, dhash: int, category: str = "Milk") -> CacheEntry:
+    v = np.random.default_rng(abs(hash(image_id)) % 2**32).standard_normal(512).astype(np.float32)
+    return CacheEntry(
+        image_id=image_id,
+        product_id=f"p-{image_id}",
+        category=category,
+        phash=phash,
+        dhash=dhash,
+        embedding=v / np.linalg.norm(v),
+        attributes={"brand": "Arla", "price": 12.5},
+    )
+
+
+def _flip(h: int, bits: list[int]) -> int:
+    for b in bits:
+        h ^= 1 << b
+    return h
+
+
+def test_band_split_covers_64_bits_and_radius():
+    assert sum(BAND_BITS) == 64
+    rng = random.Random(1)
+    for _ in range(2000):
+        h = rng.getrandbits(64)
+        near = _flip(h, rng.sample(range(64), 5))
+        # any hash within 5 bits shares at least one band exactly: the multi-index guarantee
+        assert any(a == b for a, b in zip(bands(h), bands(near)))
+
+
+@pytest.fixture
+async def cache(redis_server):
+    c = DuplicateCache(redis_server.url, timeout_s=0.5, prefix=f"t{time.monotonic_ns()}:")
+    yield c
+    await c.close()
+
+
+async def test_exact_and_near_lookup(cache):
+    rng = random.Random(7)
+    base_p, base_d = rng.getrandbits(64), rng.getrandbits(64)
+    await cache.upsert(_entry("a", base_p, base_d))
+    for i in range(200):  # unrelated catalogue images
+        await cache.upsert(_entry(f"x{i}", rng.getrandbits(64), rng.getrandbits(64)))
+
+    exact = await cache.lookup(base_p, base_d)
+    assert [m.entry.image_id for m in exact] == ["a"] and exact[0].exact
+    assert exact[0].entry.attributes == {"brand": "Arla", "price": 12.5}
+    assert exact[0].entry.embedding.shape == (512,)
+
+    near = await cache.lookup(_flip(base_p, [0, 9, 20, 40, 63]), _flip(base_d, [3, 33]))
+    assert [(m.entry.image_id, m.exact, m.phash_distance, m.dhash_distance) for m in near] == [
+        ("a", False, 5, 2)
+    ]
+
+    assert await cache.lookup(_flip(base_p, [0, 9, 20, 40, 50, 63]), base_d) == []  # pHash 6 bits away
+    assert await cache.lookup(base_p, _flip(base_d, [1, 2, 3, 4, 5, 6])) == []  # dHash 6 bits away
+
+
+async def test_reingest_replaces_and_delete_removes(cache):
+    await cache.upsert(_entry("img", 0x1234, 0x5678))
+    await cache.upsert(_entry("img", 0xFFFF0000FFFF0000, 0x5678, category="Juice"))
+    assert await cache.lookup(0x1234, 0x5678) == []  # the old hash no longer points at the image
+    [m] = await cache.lookup(0xFFFF0000FFFF0000, 0x5678)
+    assert m.entry.category == "Juice"
+    assert await cache.delete("img")
+    assert await cache.lookup(0xFFFF0000FFFF0000, 0x5678) == []
+    assert not await cache.delete("img")
+
+
+async def test_redis_down_is_bypassed_fast_and_repaired(redis_server):
+    cache = DuplicateCache(redis_server.url, timeout_s=0.2, backoff_s=0.5, prefix="repair:")
+    repair = CacheRepairQueue(cache, interval_s=0.1)
+    try:
+        redis_server.stop()
+        t0 = time.perf_counter()
+        with pytest.raises(CacheUnavailable):
+            await cache.lookup(1, 2)
+        with pytest.raises(CacheUnavailable):  # breaker open: no second timeout
+            await cache.lookup(1, 2)
+        assert time.perf_counter() - t0 < 1.0
+        with pytest.raises(CacheUnavailable):
+            await cache.upsert(_entry("late", 42, 43))
+        repair.add("late", _entry("late", 42, 43))
+        assert await repair.repair_once() == 0 and len(repair) == 1
+
+        redis_server.start()
+        await asyncio.sleep(0.6)  # breaker closes
+        repair.start()
+        for _ in range(50):
+            if not len(repair):
+                break
+            await asyncio.sleep(0.1)
+        assert len(repair) == 0
+        [m] = await cache.lookup(42, 43)
+        assert m.entry.image_id == "late"
+    finally:
+        await repair.stop()
+        await cache.close()
+        if redis_server.process.poll() is not None:
+            redis_server.start()
+
+
+async def test_unreachable_redis_address_fails_within_timeout():
+    cache = DuplicateCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.1)
+    t0 = time.perf_counter()
+    with pytest.raises(CacheUnavailable):
+        await cache.lookup(1, 2)
+    assert time.perf_counter() - t0 < 0.5
+    assert not await cache.ping()
+    await cache.close()

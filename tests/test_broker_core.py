@@ -1,0 +1,184 @@
+"""Unit tests of broker.core's decisions (cache policy, near-duplicate confirmation, cache repair), with small
+stand-ins for its collaborators. The real collaborators are exercised together in test_e2e_broker.py."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from broker.cache import CacheEntry, CacheMatch, CacheUnavailable
+from broker.core import Broker
+from broker.fanout import FanoutResult, ShardAnswer
+from broker.types import CacheOutcome, CatalogueItem, Query
+from embedder.errors import EmbedderUnavailableError
+from shard_server.types import Condition, Equals, Filter, Hit
+
+DIM = 8
+
+
+def _unit(i: int) -> np.ndarray:
+    v = np.zeros(DIM, np.float32)
+    v[i] = 1.0
+    return v
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class StubEmbedder:
+    def __init__(self, vector: np.ndarray | None, error: Exception | None = None):
+        self.vector, self.error, self.calls = vector, error, 0
+
+    async def embed(self, images, *, timeout_s):
+        self.calls += 1
+        if self.error:
+            raise self.error
+        return np.stack([self.vector] * len(images))
+
+
+class StubCache:
+    def __init__(self, matches=(), error: bool = False):
+        self.matches, self.error = list(matches), error
+        self.lookups, self.upserts = 0, []
+
+    async def lookup(self, phash, dhash):
+        self.lookups += 1
+        if self.error:
+            raise CacheUnavailable("down")
+        return self.matches
+
+    async def upsert(self, entry):
+        if self.error:
+            raise CacheUnavailable("down")
+        self.upserts.append(entry)
+
+    async def delete(self, image_id):
+        if self.error:
+            raise CacheUnavailable("down")
+
+
+class StubPool:
+    def __init__(self):
+        self.queries, self.records = [], []
+
+    async def search(self, query, *, timeout_s):
+        self.queries.append(query)
+        hit = Hit(image_id="from-index", product_id="p", category="c", score=0.5)
+        return FanoutResult(
+            hits=(hit,),
+            answers=(ShardAnswer(shard="s0", address="a", outcome="ok"),),
+            fanout_s=0.001,
+            merge_s=0,
+        )
+
+    async def upsert(self, records, *, timeout_s):
+        self.records += records
+        return len(records)
+
+
+class StubRepair:
+    def __init__(self):
+        self.pending = {}
+
+    def add(self, image_id, write):
+        self.pending[image_id] = write
+
+    def discard(self, image_id):
+        self.pending.pop(image_id, None)
+
+
+def _match(exact: bool, embedding: np.ndarray, category: str = "Milk") -> CacheMatch:
+    entry = CacheEntry(
+        image_id="dup", product_id="p-dup", category=category, phash=1, dhash=2, embedding=embedding
+    )
+    return CacheMatch(
+        entry=entry, exact=exact, phash_distance=0 if exact else 3, dhash_distance=0 if exact else 2
+    )
+
+
+def _broker(cache, embedder, pool=None, repair=None) -> Broker:
+    return Broker(
+        pool=pool or StubPool(),
+        embedder=embedder,
+        cache=cache,
+        repair=repair,
+        dimension=DIM,
+        max_image_bytes=1 << 20,
+        max_image_pixels=1 << 20,
+        near_min_similarity=0.9,
+    )
+
+
+async def test_exact_match_answers_without_embedding_even_when_triton_is_down():
+    embedder = StubEmbedder(None, EmbedderUnavailableError("down"))
+    answer = await _broker(StubCache([_match(True, _unit(0))]), embedder).search(
+        Query(image=_png(), top_k=3), timeout_s=1
+    )
+    assert answer.from_duplicate_cache and answer.cache is CacheOutcome.EXACT
+    assert [h.image_id for h in answer.hits] == ["dup"] and embedder.calls == 0
+
+
+async def test_near_match_needs_embedding_confirmation():
+    near = StubCache([_match(False, _unit(0))])
+    confirmed = await _broker(near, StubEmbedder(_unit(0))).search(Query(image=_png(), top_k=3), timeout_s=1)
+    assert confirmed.cache is CacheOutcome.NEAR and confirmed.hits[0].image_id == "dup"
+
+    pool = StubPool()
+    embedder = StubEmbedder(_unit(1))  # orthogonal: same hashes by chance, different picture
+    rejected = await _broker(near, embedder, pool).search(Query(image=_png(), top_k=3), timeout_s=1)
+    assert rejected.cache is CacheOutcome.MISS and not rejected.from_duplicate_cache
+    assert rejected.hits[0].image_id == "from-index" and embedder.calls == 1  # one embedding, reused
+    assert np.array_equal(pool.queries[0].vector, _unit(1))
+
+
+async def test_duplicates_outside_the_requested_categories_are_ignored():
+    cache = StubCache([_match(True, _unit(0), category="Juice")])
+    answer = await _broker(cache, StubEmbedder(_unit(0))).search(
+        Query(image=_png(), top_k=3, categories=("Milk",)), timeout_s=1
+    )
+    assert not answer.from_duplicate_cache and answer.cache is CacheOutcome.MISS
+
+
+async def test_filtered_and_vector_searches_do_not_use_the_cache():
+    cache = StubCache([_match(True, _unit(0))])
+    broker = _broker(cache, StubEmbedder(_unit(0)))
+    flt = Filter(all_of=(Condition(field="brand", predicate=Equals(value="x")),))
+    answer = await broker.search(Query(image=_png(), top_k=3, filter=flt), timeout_s=1)
+    assert answer.cache is CacheOutcome.NOT_USED and cache.lookups == 0
+    answer = await broker.search(Query(vector=_unit(2) * 3, top_k=3), timeout_s=1)
+    assert answer.cache is CacheOutcome.NOT_USED and cache.lookups == 0
+
+
+async def test_cache_error_bypasses_and_ingest_queues_the_repair():
+    repair = StubRepair()
+    pool = StubPool()
+    broker = _broker(StubCache(error=True), StubEmbedder(_unit(0)), pool, repair)
+    answer = await broker.search(Query(image=_png(), top_k=3), timeout_s=1)
+    assert answer.cache is CacheOutcome.ERROR and answer.hits[0].image_id == "from-index"
+    summary = await broker.ingest(
+        [CatalogueItem(image_id="i1", product_id="p", category="Milk", image=_png())], timeout_s=1
+    )
+    assert summary.ingested == 1 and summary.cache_pending == 1
+    assert [r.image_id for r in pool.records] == ["i1"] and set(repair.pending) == {"i1"}
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        Query(vector=np.ones(DIM + 1, np.float32), top_k=3),
+        Query(vector=np.full(DIM, np.inf, np.float32), top_k=3),
+        Query(vector=np.ones(DIM, np.float32), top_k=0),
+        Query(top_k=3),
+    ],
+)
+async def test_invalid_queries(query):
+    from imgsearch.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError):
+        await _broker(None, StubEmbedder(_unit(0))).search(query, timeout_s=1)

@@ -1,0 +1,117 @@
+"""The broker server on its own (in-process, real gRPC on loopback): health gate, TLS, write token, limits.
+Its dependencies are unreachable addresses here, which is exactly what the health gate is about; the full
+stack is exercised in test_e2e_broker.py."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import shutil
+import subprocess
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from imgsearch.errors import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from imgsearch.serving import ServerOptions
+from PIL import Image
+
+from broker.client import BrokerClient
+from broker.config import BrokerConfig
+from broker.routing import ShardMap
+from broker.server import start_broker
+from broker.stack import free_port
+from broker.types import CatalogueItem
+
+
+def _config(**server) -> BrokerConfig:
+    dead = f"127.0.0.1:{free_port()}"
+    return BrokerConfig(
+        server=ServerOptions(host="127.0.0.1", port=0, **server),
+        shard_map=ShardMap(shards={"s0": (dead,), "s1": (f"127.0.0.1:{free_port()}",)}),
+        triton_url=f"127.0.0.1:{free_port()}",
+        write_token="secret",
+        health_check_interval_s=0.2,
+    )
+
+
+async def _health(channel) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return (
+        await stub.Check(health_pb2.HealthCheckRequest(service="imgsearch.v1.BrokerService"), timeout=2)
+    ).status
+
+
+async def test_not_serving_until_dependencies_reachable_and_typed_errors():
+    handle = await start_broker(_config())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            await asyncio.sleep(0.6)
+            assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        async with BrokerClient(f"127.0.0.1:{handle.port}", timeout_s=3) as client:
+            stats = await client.stats()
+            assert [(s.shard, s.reachable) for s in stats] == [("s0", False), ("s1", False)]
+            # vector search: every shard down -> partial, empty, not an error
+            answer = await client.search(vector=[1.0] * 512, top_k=3, timeout_s=2)
+            assert answer.partial and not answer.hits
+            assert {s.outcome for s in answer.shards} <= {"unavailable", "timeout"}
+            # image search needs Triton: UNAVAILABLE
+            buf = io.BytesIO()
+            Image.new("RGB", (64, 48), "red").save(buf, format="PNG")
+            with pytest.raises(UnavailableError):
+                await client.search(image=buf.getvalue(), top_k=3, timeout_s=3)
+            with pytest.raises(InvalidArgumentError):
+                await client.search(vector=[1.0] * 3, top_k=3)
+            with pytest.raises(UnauthenticatedError):
+                await client.ingest(
+                    CatalogueItem(image_id="a", product_id="p", category="c", vector=[1.0] * 512)
+                )
+        async with BrokerClient(f"127.0.0.1:{handle.port}", token="nope") as client:
+            with pytest.raises(PermissionDeniedError):
+                await client.delete(["a"])
+        async with BrokerClient(f"127.0.0.1:{handle.port}", token="secret") as client:
+            with pytest.raises(UnavailableError):  # authorised, but no shard to write to
+                await client.delete(["a"], timeout_s=2)
+    finally:
+        await handle.stop(0)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make a test certificate")
+async def test_tls(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    handle = await start_broker(_config(tls_cert_file=cert, tls_key_file=key))
+    try:
+        async with BrokerClient(f"localhost:{handle.port}", root_certificates=cert.read_bytes()) as client:
+            assert len(await client.stats()) == 2
+        async with BrokerClient(f"127.0.0.1:{handle.port}", timeout_s=2) as plaintext:
+            with pytest.raises(UnavailableError):
+                await plaintext.stats()
+    finally:
+        await handle.stop(0)

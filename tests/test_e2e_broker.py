@@ -1,0 +1,559 @@
+"""End to end, all real processes on loopback ports: redis-server, Triton (CPU) with the default model, two
+`imgsearch-shard` processes and the `imgsearch-broker`, started by broker.stack.LocalStack (as `imgsearch up`
+does). One stack for the module; a slice of the grocery photos (12 products x 4 photos) is ingested once.
+The destructive tests (shard killed, Redis stopped, Triton stopped) run last, in that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import signal
+import struct
+import subprocess
+import time
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+from imgsearch.errors import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from PIL import Image, ImageEnhance
+
+from broker.catalogue import grocery_split
+from broker.client import BrokerClient, SyncBrokerClient
+from broker.demo import reencode_jpeg
+from broker.fanout import ShardPool
+from broker.routing import ShardMap
+from broker.stack import LocalStack, StackConfig, console_script, free_port
+from broker.types import CacheOutcome, CatalogueItem
+from embedder.hashing import hashes_of_bytes
+from shard_server.types import Condition, Equals, Filter, Is, Range, SearchQuery
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "e2e-write-token"
+PRODUCTS_EVERY = 7  # every 7th of the 81 products -> 12 products
+PHOTOS_PER_PRODUCT = 4
+
+
+@pytest.fixture(scope="module")
+def catalogue(data_dir):
+    train = grocery_split(data_dir, "train")
+    val = grocery_split(data_dir, "val")
+    products = sorted({f.product_id for f in train})[::PRODUCTS_EVERY]
+    gallery, queries = [], []
+    for product in products:
+        photos = [f for f in train if f.product_id == product]
+        gallery += photos[:: max(1, len(photos) // PHOTOS_PER_PRODUCT)][:PHOTOS_PER_PRODUCT]
+        queries += [f for f in val if f.product_id == product][:1]
+    categories = sorted({f.category for f in gallery})
+    return {"gallery": gallery, "queries": queries, "categories": categories}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, catalogue):
+    # Categories alternate between the two shards, so both hold data and a category's owner is known.
+    pinned = {c: i % 2 for i, c in enumerate(catalogue["categories"])}
+    config = StackConfig(
+        work_dir=tmp_path_factory.mktemp("stack"),
+        shards=2,
+        pinned_categories=pinned,
+        write_token=TOKEN,
+        search_timeout_s=10.0,
+        redis_timeout_s=0.2,
+    )
+    s = LocalStack(config)
+    s.start()
+    try:
+        with SyncBrokerClient(s.broker_address, token=TOKEN) as client:
+            items = [
+                CatalogueItem(
+                    image_id=f.image_id,
+                    product_id=f.product_id,
+                    category=f.category,
+                    image=f.path.read_bytes(),
+                    attributes=f.attributes,
+                )
+                for f in catalogue["gallery"]
+            ]
+            summary = client.ingest_stream(items, timeout_s=600)
+            assert summary.ingested == len(items) and summary.cache_pending == 0
+        yield s
+    except BaseException:
+        for p in s.processes.values():
+            print(f"--- {p.name} ---\n{p.log_tail()}")
+        raise
+    finally:
+        s.stop()
+
+
+@pytest.fixture
+def client(stack):
+    with SyncBrokerClient(stack.broker_address, token=TOKEN, timeout_s=10.0) as c:
+        yield c
+
+
+def _owner(stack, category: str) -> int:
+    return int(stack.shard_map.shard_for(category).rsplit("-", 1)[1])
+
+
+# ---------------------------------------------------------------------------------------------- search
+def test_val_photos_find_their_product(client, catalogue):
+    found = []
+    for q in catalogue["queries"]:
+        answer = client.search(image=q.path.read_bytes(), top_k=5)
+        assert not answer.partial and not answer.from_duplicate_cache
+        assert answer.cache is CacheOutcome.MISS
+        assert answer.timings.embed_s > 0 and answer.timings.fanout_s > 0
+        assert [h.score for h in answer.hits] == sorted((h.score for h in answer.hits), reverse=True)
+        found.append(any(h.product_id == q.product_id for h in answer.hits))
+    print(f"right product in the top 5 for {sum(found)}/{len(found)} val queries")
+    assert sum(found) >= 0.7 * len(found), f"right product in top 5 for only {sum(found)}/{len(found)}"
+
+
+def test_stats_count_every_vector(client, catalogue):
+    shards = client.stats()
+    assert all(s.reachable for s in shards) and len(shards) == 2
+    assert sum(c.vectors for s in shards for c in s.categories) == len(catalogue["gallery"])
+
+
+# ---------------------------------------------------------------------------------------- duplicate cache
+def test_reencoded_and_resized_copies_come_from_the_cache(client, catalogue):
+    item = catalogue["gallery"][5]
+    data = item.path.read_bytes()
+    same = client.search(image=data, top_k=3)
+    assert same.from_duplicate_cache and same.cache is CacheOutcome.EXACT
+    assert same.hits[0].image_id == item.image_id and same.timings.embed_s == 0
+    for copy in (reencode_jpeg(data, quality=70), reencode_jpeg(data, quality=90, scale=0.6)):
+        answer = client.search(image=copy, top_k=3)
+        assert answer.from_duplicate_cache, answer.cache
+        assert answer.cache in (CacheOutcome.EXACT, CacheOutcome.NEAR)
+        assert answer.hits[0].image_id == item.image_id
+    # the cache can be skipped on request
+    skipped = client.search(image=data, top_k=3, use_duplicate_cache=False)
+    assert not skipped.from_duplicate_cache and skipped.hits[0].image_id == item.image_id
+
+
+def _edited(data: bytes, edit: str) -> bytes:
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    if edit == "contrast":
+        img = ImageEnhance.Contrast(img).enhance(1.3)
+    elif edit == "brightness":
+        img = ImageEnhance.Brightness(img).enhance(1.15)
+    elif edit == "crop2":
+        img = img.crop((w // 50, h // 50, w - w // 50, h - h // 50))
+    elif edit == "crop6":
+        img = img.crop((w * 6 // 100, h * 6 // 100, w - w * 6 // 100, h - h * 6 // 100))
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def test_near_duplicate_is_confirmed_by_embedding(client, catalogue):
+    """An edit moving the hashes by 1-5 bits is found through the band index and confirmed by embedding."""
+    tried = []
+    for item in catalogue["gallery"][:12]:
+        data = item.path.read_bytes()
+        original = hashes_of_bytes(data)
+        for edit in ("contrast", "brightness", "crop2"):
+            copy = _edited(data, edit)
+            dp, dd = original.distance(hashes_of_bytes(copy))
+            tried.append((item.image_id, edit, dp, dd))
+            if dp + dd > 0 and dp <= 5 and dd <= 5:
+                answer = client.search(image=copy, top_k=3)
+                assert answer.cache is CacheOutcome.NEAR and answer.from_duplicate_cache
+                assert answer.hits[0].image_id == item.image_id and answer.hits[0].score >= 0.9
+                assert answer.timings.embed_s > 0  # a near hit costs an embedding call
+                return
+    pytest.fail(f"no edit landed within the near radius: {tried}")
+
+
+def test_edit_beyond_the_radius_goes_to_the_index(client, catalogue):
+    item = catalogue["gallery"][2]
+    copy = _edited(item.path.read_bytes(), "crop6")
+    dp, dd = hashes_of_bytes(item.path.read_bytes()).distance(hashes_of_bytes(copy))
+    assert dp > 5 or dd > 5, (dp, dd)  # deterministic: fixed photo, fixed edit
+    answer = client.search(image=copy, top_k=3)
+    assert not answer.from_duplicate_cache and answer.cache is CacheOutcome.MISS
+    assert answer.hits[0].image_id == item.image_id  # the vector search still finds it
+
+
+def test_other_photo_of_the_same_product_is_not_a_duplicate(client, catalogue, data_dir):
+    """Photos of catalogue products that were not ingested (same shelf, same session) must go to the index."""
+    gallery_ids = {f.image_id for f in catalogue["gallery"]}
+    products = {f.product_id for f in catalogue["gallery"]}
+    others = [
+        f
+        for f in grocery_split(data_dir, "train")
+        if f.product_id in products and f.image_id not in gallery_ids
+    ]
+    for other in others[::12][:10]:
+        answer = client.search(image=other.path.read_bytes(), top_k=5)
+        assert not answer.from_duplicate_cache and answer.cache is CacheOutcome.MISS, other.image_id
+
+
+# ------------------------------------------------------------------------------------ filters, categories
+def test_categories_and_filters_are_honoured(client, catalogue):
+    q = catalogue["queries"][0]
+    data = q.path.read_bytes()
+    cat = catalogue["categories"][1]
+    answer = client.search(image=data, top_k=20, categories=[cat])
+    assert answer.hits and {h.category for h in answer.hits} == {cat}
+
+    brand = catalogue["gallery"][0].attributes["brand"]
+    answer = client.search(
+        image=data, top_k=50, filter=Filter(all_of=(Condition(field="brand", predicate=Equals(value=brand)),))
+    )
+    expected = {f.image_id for f in catalogue["gallery"] if f.attributes["brand"] == brand}
+    assert {h.image_id for h in answer.hits} == expected  # every match, and only matches
+
+    price = Filter(
+        all_of=(
+            Condition(field="price", predicate=Range(min=20, max=60)),
+            Condition(field="in_stock", predicate=Is(value=True)),
+        )
+    )
+    answer = client.search(image=data, top_k=50, filter=price)
+    expected = {
+        f.image_id
+        for f in catalogue["gallery"]
+        if 20 <= f.attributes["price"] <= 60 and f.attributes["in_stock"]
+    }
+    assert {h.image_id for h in answer.hits} == expected
+    assert all(20 <= h.attributes["price"] <= 60 and h.attributes["in_stock"] is True for h in answer.hits)
+
+
+def test_category_search_asks_only_the_owning_shard(stack, client, catalogue):
+    for cat in catalogue["categories"][:2]:
+        answer = client.search(image=catalogue["queries"][0].path.read_bytes(), top_k=5, categories=[cat])
+        assert [s.shard for s in answer.shards] == [f"shard-{_owner(stack, cat)}"]
+
+
+def test_vector_query(client, catalogue):
+    answer = client.search(
+        image=catalogue["queries"][1].path.read_bytes(), top_k=5, use_duplicate_cache=False
+    )
+    assert answer.hits
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal(512).astype(np.float32)
+    vec = client.search(vector=v, top_k=7)
+    assert len(vec.hits) == 7 and vec.cache is CacheOutcome.NOT_USED
+
+
+# ------------------------------------------------------------------------------------------ writes
+def test_writes_need_the_token(stack, catalogue):
+    item = catalogue["gallery"][0]
+    ci = CatalogueItem(image_id="tok", product_id="p", category="Milk", image=item.path.read_bytes())
+    with SyncBrokerClient(stack.broker_address) as anonymous:
+        with pytest.raises(UnauthenticatedError):
+            anonymous.ingest(ci)
+        with pytest.raises(UnauthenticatedError):
+            anonymous.delete(["x"])
+        anonymous.search(image=item.path.read_bytes(), top_k=1)  # reads stay open
+    with SyncBrokerClient(stack.broker_address, token="wrong") as wrong, pytest.raises(PermissionDeniedError):
+        wrong.ingest(ci)
+
+
+def test_delete_and_reingest(client, catalogue):
+    item = catalogue["gallery"][9]
+    data = item.path.read_bytes()
+    ci = CatalogueItem(
+        image_id=item.image_id,
+        product_id=item.product_id,
+        category=item.category,
+        image=data,
+        attributes=item.attributes,
+    )
+    assert client.delete([item.image_id]) == 1
+    answer = client.search(image=data, top_k=50)
+    assert not answer.from_duplicate_cache and item.image_id not in {h.image_id for h in answer.hits}
+    assert client.ingest(ci).ingested == 1
+    assert client.ingest(ci).ingested == 1  # idempotent: re-ingest replaces
+    again = client.search(image=data, top_k=5)
+    assert again.from_duplicate_cache and again.hits[0].image_id == item.image_id
+    answer = client.search(image=data, top_k=50, use_duplicate_cache=False)
+    assert [h.image_id for h in answer.hits].count(item.image_id) == 1
+
+
+def test_reingest_under_a_category_of_another_shard_moves_the_image(stack, client, catalogue):
+    item = catalogue["gallery"][10]
+    data = item.path.read_bytes()
+    other = next(c for c in catalogue["categories"] if _owner(stack, c) != _owner(stack, item.category))
+    total = sum(c.vectors for s in client.stats() for c in s.categories)
+    for category in (other, item.category):  # move it, then move it back
+        client.ingest(
+            CatalogueItem(
+                image_id=item.image_id,
+                product_id=item.product_id,
+                category=category,
+                image=data,
+                attributes=item.attributes,
+            )
+        )
+        assert sum(c.vectors for s in client.stats() for c in s.categories) == total  # moved, not copied
+        answer = client.search(image=data, top_k=50, use_duplicate_cache=False)
+        assert [(h.image_id, h.category) for h in answer.hits if h.image_id == item.image_id] == [
+            (item.image_id, category)
+        ]
+
+
+async def test_async_client(stack, catalogue):
+    async with BrokerClient(stack.broker_address, token=TOKEN) as c:
+        answers = await asyncio.gather(
+            *(c.search(image=q.path.read_bytes(), top_k=3) for q in catalogue["queries"][:4])
+        )
+        assert all(a.hits for a in answers)
+        with pytest.raises(InvalidArgumentError):
+            await c.search(image=b"", top_k=3)
+
+
+def _cli(stack, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "IMGSEARCH_BROKER": stack.broker_address, "IMGSEARCH_WRITE_TOKEN": TOKEN}
+    return subprocess.run(
+        [*console_script("imgsearch"), *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_ingest_csv_search_and_stats(stack, catalogue, tmp_path):
+    item = catalogue["gallery"][1]
+    (tmp_path / "cat.csv").write_text(
+        "image,image_id,product_id,category,brand,price,in_stock\n"
+        f"{item.path},cli-1,cli-product,{item.category},CliBrand,12.5,true\n"
+    )
+    done = _cli(stack, "ingest", str(tmp_path / "cat.csv"))
+    assert done.returncode == 0, done.stderr
+    assert "ingested 1 images" in done.stdout
+
+    done = _cli(stack, "search", str(item.path), "-k", "3", "--filter", "brand=CliBrand", "--json")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    assert [h["image_id"] for h in answer["hits"]] == ["cli-1"]
+    assert answer["hits"][0]["attributes"] == {"brand": "CliBrand", "price": 12.5, "in_stock": True}
+
+    done = _cli(stack, "search", str(item.path), "--price", "10..20", "--category", item.category)
+    assert done.returncode == 0 and "score" in done.stdout, done.stderr
+
+    done = _cli(stack, "stats", "--json")
+    assert done.returncode == 0, done.stderr
+    assert sum(c["vectors"] for s in json.loads(done.stdout) for c in s["categories"]) >= len(
+        catalogue["gallery"]
+    )
+
+    done = _cli(stack, "search", str(item.path), "--filter", "nope=1")
+    assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr
+    assert client_delete(stack, ["cli-1"]) == 1
+
+
+def client_delete(stack, ids) -> int:
+    with SyncBrokerClient(stack.broker_address, token=TOKEN) as c:
+        return c.delete(ids)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_bad_input_gets_the_right_status(stack, client, catalogue):
+    good = catalogue["queries"][0].path.read_bytes()
+    cases = [
+        (dict(image=b"", top_k=5), InvalidArgumentError),
+        (dict(image=good[: len(good) // 3], top_k=5), InvalidArgumentError),  # truncated JPEG
+        (dict(image=b"\xff\xd8\xff\xe0" + b"garbage" * 100, top_k=5), InvalidArgumentError),
+        (dict(image=_png_header(20000, 20000), top_k=5), ResourceExhaustedError),
+        (dict(image=np.random.default_rng(1).bytes(50 * 1024 * 1024), top_k=5), ResourceExhaustedError),
+        (dict(vector=np.ones(100, np.float32), top_k=5), InvalidArgumentError),
+        (dict(vector=np.full(512, np.nan, np.float32), top_k=5), InvalidArgumentError),
+        (dict(vector=np.zeros(512, np.float32), top_k=5), InvalidArgumentError),
+        (dict(image=good, top_k=0), InvalidArgumentError),
+        (dict(image=good, top_k=10**9), InvalidArgumentError),
+        (
+            dict(
+                image=good,
+                top_k=5,
+                filter=Filter(all_of=(Condition(field="nope", predicate=Equals(value="x")),)),
+            ),
+            InvalidArgumentError,
+        ),
+        (
+            dict(
+                image=good,
+                top_k=5,
+                filter=Filter(all_of=(Condition(field="price", predicate=Equals(value="x")),)),
+            ),
+            InvalidArgumentError,
+        ),
+    ]
+    for kwargs, error in cases:
+        with pytest.raises(error):
+            client.search(**kwargs)
+    with pytest.raises(InvalidArgumentError):
+        client.ingest(CatalogueItem(image_id="", product_id="p", category="c", image=good))
+    with pytest.raises(InvalidArgumentError):
+        client.ingest(CatalogueItem(image_id="bad", product_id="p", category="c", image=b"not an image"))
+    # everything is still up and answering
+    assert client.search(image=good, top_k=3).hits
+    assert all(p.running for p in stack.processes.values())
+
+
+# ------------------------------------------------------------------------------------------ replicas
+async def test_replica_failover_within_the_deadline(stack, catalogue):
+    """A shard whose first replica is down is still searched through its other replica."""
+    dead = f"127.0.0.1:{free_port()}"
+    pool = ShardPool(ShardMap(shards={"s": (dead, stack.shard_addresses[0])}))
+    query = SearchQuery(vector=np.ones(512, np.float32) / np.sqrt(512), top_k=3)
+    try:
+        for _ in range(4):  # round-robin starts on either replica
+            result = await pool.search(query, timeout_s=5.0)
+            assert not result.partial and result.answers[0].address == stack.shard_addresses[0]
+        only_dead = ShardPool(ShardMap(shards={"s": (dead,)}))
+        t0 = time.perf_counter()
+        result = await only_dead.search(query, timeout_s=2.0)
+        assert result.partial and result.answers[0].outcome in ("unavailable", "timeout")
+        assert time.perf_counter() - t0 < 2.5
+        await only_dead.close()
+    finally:
+        await pool.close()
+
+
+def _metrics(stack) -> str:
+    url = f"http://127.0.0.1:{stack.broker_metrics_port}/metrics"
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
+def _metric_value(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def test_metrics_are_exported(stack, client, catalogue):
+    text = _metrics(stack)
+    for name in (
+        "imgsearch_broker_stage_duration_seconds_bucket",
+        "imgsearch_broker_cache_lookups_total",
+        "imgsearch_broker_shard_requests_total",
+        "imgsearch_broker_partial_results_total",
+        "imgsearch_broker_cache_repair_pending",
+        "imgsearch_broker_searches_total",
+        'grpc_server_handled_total{grpc_code="OK",grpc_method="Search"',
+        'imgsearch_build_info{component="broker"',
+    ):
+        assert name in text, name
+    assert 'imgsearch_broker_cache_lookups_total{result="hit"}' in text
+
+
+# ------------------------------------------------------------------------------- faults (destructive, last)
+def test_shard_killed_gives_partial_results_and_other_categories_work(stack, client, catalogue):
+    victim = 1
+    on_victim = [c for c in catalogue["categories"] if _owner(stack, c) == victim]
+    on_survivor = [c for c in catalogue["categories"] if _owner(stack, c) != victim]
+    q = catalogue["queries"][2].path.read_bytes()
+    stack.processes[f"shard-{victim}"].kill()
+
+    answer = client.search(image=q, top_k=10, use_duplicate_cache=False)
+    assert answer.partial
+    by_shard = {s.shard: s.outcome for s in answer.shards}
+    assert by_shard == {"shard-0": "ok", "shard-1": "unavailable"}
+    assert answer.hits and all(_owner(stack, h.category) == 0 for h in answer.hits)
+
+    ok = client.search(image=q, top_k=10, categories=on_survivor[:2])
+    assert not ok.partial and ok.hits
+    down = client.search(image=q, top_k=10, categories=on_victim[:1])
+    assert down.partial and not down.hits
+
+    metrics = _metrics(stack)
+    assert 'imgsearch_broker_shard_requests_total{outcome="unavailable",shard="shard-1"}' in metrics
+    assert _metric_value(metrics, "imgsearch_broker_partial_results_total") >= 2
+
+    # the shard comes back with its data (writes were durable) and the broker uses it again
+    stack.restart_shard(victim)
+    deadline = time.monotonic() + 30
+    while True:
+        back = client.search(image=q, top_k=10, categories=on_victim[:1])
+        if not back.partial or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not back.partial and back.hits
+
+
+def test_redis_stopped_searches_still_answered_and_cache_repaired(stack, client, catalogue):
+    item = catalogue["gallery"][3]
+    data = item.path.read_bytes()
+    # slow first: a frozen redis-server accepts connections but never answers
+    stack.processes["redis"].process.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.perf_counter()
+        slow = client.search(image=data, top_k=5)
+        assert time.perf_counter() - t0 < 3.0
+        assert slow.cache is CacheOutcome.ERROR and slow.hits[0].image_id == item.image_id
+    finally:
+        stack.processes["redis"].process.send_signal(signal.SIGCONT)
+    stack.stop_redis()
+    t0 = time.perf_counter()
+    answer = client.search(image=data, top_k=5)
+    assert time.perf_counter() - t0 < 3.0
+    assert answer.cache is CacheOutcome.ERROR and not answer.from_duplicate_cache
+    assert answer.hits[0].image_id == item.image_id  # the index still finds the image itself
+    summary = client.ingest(
+        CatalogueItem(
+            image_id="during-outage",
+            product_id=item.product_id,
+            category=item.category,
+            image=reencode_jpeg(data, quality=60),
+            attributes=item.attributes,
+        )
+    )
+    assert summary.ingested == 1 and summary.cache_pending == 1
+
+    stack.start_redis()
+    deadline = time.monotonic() + 20
+    while True:
+        answer = client.search(image=reencode_jpeg(data, quality=60), top_k=5)
+        if answer.from_duplicate_cache or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert answer.from_duplicate_cache and answer.hits[0].image_id == "during-outage"
+
+
+def test_triton_stopped_exact_matches_served_others_fail_fast(stack, client, catalogue):
+    # Redis restarted empty in the previous test: put one catalogue image back into the cache.
+    item = catalogue["gallery"][7]
+    data = item.path.read_bytes()
+    client.ingest(
+        CatalogueItem(
+            image_id=item.image_id,
+            product_id=item.product_id,
+            category=item.category,
+            image=data,
+            attributes=item.attributes,
+        )
+    )
+    stack.stop_triton()
+
+    answer = client.search(image=data, top_k=3)
+    assert answer.from_duplicate_cache and answer.hits[0].image_id == item.image_id
+
+    t0 = time.perf_counter()
+    with pytest.raises(UnavailableError):
+        client.search(image=catalogue["queries"][0].path.read_bytes(), top_k=3, timeout_s=5.0)
+    assert time.perf_counter() - t0 < 1.5  # fails fast, well inside the 5 s deadline
+    # vector queries need no embedding and still work
+    assert client.search(vector=np.ones(512, np.float32), top_k=3).hits

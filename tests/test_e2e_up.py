@@ -1,0 +1,83 @@
+"""`imgsearch up` as a user runs it: the whole stack in the foreground, addresses printed, a working broker,
+and Ctrl-C (SIGINT) stops every process it started."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from broker.client import SyncBrokerClient
+from broker.stack import console_script, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def _listening(address: str) -> bool:
+    host, port = address.replace("redis://", "").split("/")[0].rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "IMGSEARCH_WRITE_TOKEN")}
+    proc = subprocess.Popen(
+        [
+            *console_script("imgsearch"),
+            "up",
+            "--shards",
+            "2",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--work-dir",
+            str(tmp_path / "stack"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, so a failed test can still stop the children
+    )
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("ready:"):
+                break
+        output = "".join(lines)
+        assert "ready:" in output, output
+        addresses = re.findall(r"(?:redis://)?127\.0\.0\.1:\d+(?:/0)?", output)
+        assert f"127.0.0.1:{port}" in addresses and len(addresses) >= 5  # broker, triton, 2 shards, redis
+        with SyncBrokerClient(f"127.0.0.1:{port}") as client:
+            shards = client.stats(timeout_s=10)
+            assert [s.reachable for s in shards] == [True, True]
+        assert all(_listening(a) for a in addresses)
+
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, rest
+        assert "stopped." in rest
+        assert not any(_listening(a) for a in addresses), addresses
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # the clean path first: `up` stops what it started
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)

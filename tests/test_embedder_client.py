@@ -1,0 +1,203 @@
+"""Embedder client: the micro-batcher (unit, with a recording batch function), error mapping, and
+OnnxEmbedder on the shipped model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from embedder.client import MicroBatcher, OnnxEmbedder, check_sizes, triton_error
+from embedder.errors import (
+    EmbedderError,
+    EmbedderTimeoutError,
+    EmbedderUnavailableError,
+    ImageTooLargeError,
+    InvalidImageError,
+)
+from embedder.model_files import default_model_path
+from embedder.preprocess import preprocess_bytes
+
+DATA_DIR = Path(os.environ.get("IMGSEARCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+ODD = DATA_DIR / "odd-images"
+
+
+class RecordingModel:
+    """Batch function for the batcher's unit tests: image i of value b"k" embeds to k * e_0."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.batches: list[list[bytes]] = []
+        self.delay_s = delay_s
+
+    async def __call__(self, images: list[bytes], timeout_s: float) -> np.ndarray:
+        self.batches.append(list(images))
+        await asyncio.sleep(self.delay_s)
+        if any(img == b"bad" for img in images):
+            raise InvalidImageError("bad image")
+        out = np.zeros((len(images), 512), dtype=np.float32)
+        out[:, 0] = [int(img) for img in images]
+        return out
+
+
+async def test_concurrent_calls_merge_into_one_batch():
+    model = RecordingModel()
+    batcher = MicroBatcher(model, max_batch=8, window_s=0.01)
+    try:
+        results = await asyncio.gather(*(batcher.submit([str(i).encode()], timeout_s=5) for i in range(5)))
+    finally:
+        await batcher.close()
+    assert len(model.batches) == 1 and len(model.batches[0]) == 5
+    assert [float(r[0, 0]) for r in results] == [0, 1, 2, 3, 4]
+
+
+async def test_batches_never_exceed_max_batch_and_results_keep_order():
+    model = RecordingModel()
+    batcher = MicroBatcher(model, max_batch=4, window_s=0.01)
+    try:
+        big = await batcher.submit([str(i).encode() for i in range(10)], timeout_s=5)
+        mixed = await asyncio.gather(
+            batcher.submit([b"1", b"2", b"3"], timeout_s=5),
+            batcher.submit([b"4", b"5"], timeout_s=5),
+            batcher.submit([b"6"], timeout_s=5),
+        )
+    finally:
+        await batcher.close()
+    assert big[:, 0].tolist() == list(range(10))
+    assert [r[:, 0].tolist() for r in mixed] == [[1, 2, 3], [4, 5], [6]]
+    assert max(len(b) for b in model.batches) <= 4
+    assert sum(len(b) for b in model.batches) == 16
+
+
+async def test_bounded_inflight_batches_grow_while_the_model_is_busy():
+    model = RecordingModel(delay_s=0.1)
+    batcher = MicroBatcher(model, max_batch=8, window_s=0.001, max_inflight=1)
+    try:
+        first = asyncio.ensure_future(batcher.submit([b"0"], timeout_s=5))
+        await asyncio.sleep(0.02)  # batch [0] is running; the next five wait for it
+        rest = await asyncio.gather(*(batcher.submit([str(i).encode()], timeout_s=5) for i in range(1, 6)))
+        await first
+    finally:
+        await batcher.close()
+    assert [len(b) for b in model.batches] == [1, 5]
+    assert [float(r[0, 0]) for r in rest] == [1, 2, 3, 4, 5]
+
+
+async def test_a_bad_image_fails_only_its_caller():
+    model = RecordingModel()
+    batcher = MicroBatcher(model, max_batch=8, window_s=0.01)
+    try:
+        results = await asyncio.gather(
+            batcher.submit([b"1"], timeout_s=5), batcher.submit([b"bad"], timeout_s=5),
+            batcher.submit([b"3"], timeout_s=5), return_exceptions=True,
+        )
+    finally:
+        await batcher.close()
+    assert isinstance(results[1], InvalidImageError)
+    assert float(results[0][0, 0]) == 1 and float(results[2][0, 0]) == 3
+    assert model.batches[0] == [b"1", b"bad", b"3"]  # merged first, then retried one by one
+
+
+async def test_deadline_and_other_errors_reach_every_caller():
+    batcher = MicroBatcher(RecordingModel(delay_s=0.5), max_batch=8, window_s=0)
+    try:
+        with pytest.raises(EmbedderTimeoutError):
+            await batcher.submit([b"1"], timeout_s=0.05)
+    finally:
+        await batcher.close()
+
+    async def unavailable(images, timeout_s):
+        raise EmbedderUnavailableError("down")
+
+    batcher = MicroBatcher(unavailable, max_batch=8, window_s=0.01)
+    try:
+        results = await asyncio.gather(*(batcher.submit([b"1"], timeout_s=5) for _ in range(3)),
+                                       return_exceptions=True)
+    finally:
+        await batcher.close()
+    assert all(isinstance(r, EmbedderUnavailableError) for r in results)
+
+
+async def test_close_fails_waiting_callers():
+    batcher = MicroBatcher(RecordingModel(delay_s=5), max_batch=1, window_s=0)
+    calls = [asyncio.ensure_future(batcher.submit([b"1"], timeout_s=10)) for _ in range(3)]
+    await asyncio.sleep(0.05)  # the first is in flight, the others queued
+    await batcher.close()
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 2)
+    assert all(isinstance(r, EmbedderUnavailableError) for r in results), results
+
+
+def test_check_sizes():
+    check_sizes([b"abc"], max_image_bytes=3)
+    with pytest.raises(ImageTooLargeError):
+        check_sizes([b"abc", b"abcd"], max_image_bytes=3)
+    with pytest.raises(InvalidImageError):
+        check_sizes([b""], max_image_bytes=3)
+    with pytest.raises(InvalidImageError):
+        check_sizes(["not bytes"], max_image_bytes=3)
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "expected"),
+    [
+        ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", EmbedderUnavailableError),
+        ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", EmbedderTimeoutError),
+        ("StatusCode.INVALID_ARGUMENT", "in ensemble 'imgsearch', InvalidImageError: not a decodable image",
+         InvalidImageError),
+        ("StatusCode.INVALID_ARGUMENT", "in ensemble 'imgsearch', ImageTooLargeError: 12000x10000 pixels",
+         ImageTooLargeError),
+        ("StatusCode.NOT_FOUND", "Request for unknown model: 'x' is not found", EmbedderUnavailableError),
+        ("StatusCode.INTERNAL", "onnxruntime failed", EmbedderError),
+    ],
+)
+def test_triton_error_mapping(status, message, expected):
+    error = triton_error(InferenceServerException(msg=message, status=status))
+    assert type(error) is expected
+    assert message in str(error)
+
+
+@pytest.fixture(scope="module")
+def onnx_model() -> Path:
+    path = default_model_path()
+    assert path.is_file(), f"the shipped model is missing: {path}"
+    return path
+
+
+async def test_onnx_embedder_embeds_and_refuses_bad_images(onnx_model):
+    files = [ODD / "pdq" / "misc-images" / "modes" / name for name in ("original.jpg", "CMYK.jpg", "LA.png")]
+    images = [p.read_bytes() for p in files]
+    embedder = OnnxEmbedder(onnx_model, intra_op_threads=2)
+    try:
+        assert await embedder.ready(timeout_s=1)
+        vectors = await embedder.embed(images, timeout_s=30)
+        assert vectors.shape == (3, 512) and vectors.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+        # Same photo in another mode: nearly the same vector.
+        assert vectors[0] @ vectors[1] > 0.9
+        # Exactly the training preprocessing + the model.
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(onnx_model), providers=["CPUExecutionProvider"])
+        direct = session.run(["embedding"], {"pixels": np.stack([preprocess_bytes(b) for b in images])})[0]
+        np.testing.assert_allclose(vectors, direct, atol=1e-5)
+        truncated = (ODD / "imagededup" / "mixed_images" / "ukbench09268_corrupt.jpg").read_bytes()
+        results = await asyncio.gather(embedder.embed([truncated], timeout_s=30),
+                                       embedder.embed(images[:1], timeout_s=30), return_exceptions=True)
+        assert isinstance(results[0], InvalidImageError)
+        np.testing.assert_allclose(results[1], vectors[:1], atol=1e-5)
+    finally:
+        await embedder.close()
+    with pytest.raises(ImageTooLargeError):
+        small = OnnxEmbedder(onnx_model, max_image_bytes=100)
+        try:
+            await small.embed(images[:1], timeout_s=30)
+        finally:
+            await small.close()
+
+
+def test_onnx_embedder_missing_model(tmp_path):
+    with pytest.raises(EmbedderUnavailableError):
+        OnnxEmbedder(tmp_path / "missing.onnx")

@@ -1,0 +1,116 @@
+"""Retrieval metrics against hand-computed cases, and the eval CLI end to end on a tiny real catalogue."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from embedder import data, evaluate
+from embedder.metrics import (
+    best_f1,
+    cosine_similarities,
+    map_at_r,
+    recall_at_k,
+    retrieval_report,
+    threshold_sweep,
+)
+
+# Two queries (labels a, b) against four gallery items (a, b, a, c).
+# q0 ranks: g0 (a, relevant), g1 (b), g3 (c), g2 (a, relevant)   -> R=2, AP@R = (1/1 + 0)/2 = 0.5
+# q1 ranks: g2 (a), g3 (c), g1 (b, relevant), g0 (a)              -> R=1, AP@R = 0
+SIMS = np.array([[0.9, 0.8, 0.1, 0.5],
+                 [0.2, 0.3, 0.9, 0.4]], dtype=np.float32)
+Q_LABELS = ["a", "b"]
+G_LABELS = ["a", "b", "a", "c"]
+
+
+def test_recall_at_k_hand_computed():
+    assert recall_at_k(SIMS, Q_LABELS, G_LABELS, ks=(1, 2, 3)) == {1: 0.5, 2: 0.5, 3: 1.0}
+
+
+def test_map_at_r_hand_computed():
+    assert map_at_r(SIMS, Q_LABELS, G_LABELS) == pytest.approx(0.25)
+
+
+def test_map_at_r_counts_only_the_first_r_positions():
+    # R=2; relevant items at ranks 2 and 3 -> (0 + 1/2 + [rank 3 is beyond R]) / 2 = 0.25
+    sims = np.array([[0.9, 0.8, 0.7, 0.1]])
+    assert map_at_r(sims, ["x"], ["y", "x", "x", "z"]) == pytest.approx(0.25)
+    # Both relevant items on top -> 1.0
+    assert map_at_r(np.array([[0.9, 0.8, 0.1]]), ["x"], ["x", "x", "y"]) == pytest.approx(1.0)
+
+
+def test_queries_without_a_relevant_item_are_left_out():
+    sims = np.array([[0.9, 0.1], [0.5, 0.4]])
+    # The second query ("z") has no gallery item: only the first one counts.
+    assert recall_at_k(sims, ["a", "z"], ["a", "b"], ks=(1,)) == {1: 1.0}
+    assert map_at_r(sims, ["a", "z"], ["a", "b"]) == 1.0
+    assert math.isnan(map_at_r(sims, ["y", "z"], ["a", "b"]))
+
+
+def test_leave_one_out_never_matches_itself():
+    emb = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    sims = cosine_similarities(emb, emb)
+    labels = ["a", "a", "b"]
+    # Without exclusion every query finds itself; with it, "b" has no other item and is left out.
+    assert recall_at_k(sims, labels, labels, ks=(1,), exclude_self=True) == {1: 1.0}
+    assert map_at_r(sims, labels, labels, exclude_self=True) == 1.0
+    with pytest.raises(ValueError):
+        recall_at_k(SIMS, Q_LABELS, G_LABELS, exclude_self=True)
+
+
+def test_threshold_sweep_hand_computed():
+    # Positive pairs: (q0,g0)=0.9, (q0,g2)=0.1, (q1,g1)=0.3; 8 pairs in all.
+    points = {p.threshold: p for p in threshold_sweep(SIMS, Q_LABELS, G_LABELS, [0.95, 0.85, 0.5, 0.0])}
+    assert (points[0.95].precision, points[0.95].recall, points[0.95].f1) == (1.0, 0.0, 0.0)
+    assert points[0.85].precision == pytest.approx(0.5) and points[0.85].recall == pytest.approx(1 / 3)
+    assert points[0.5].precision == pytest.approx(0.25) and points[0.5].recall == pytest.approx(1 / 3)
+    assert points[0.0].precision == pytest.approx(3 / 8) and points[0.0].recall == 1.0
+    assert points[0.0].f1 == pytest.approx(2 * (3 / 8) / (3 / 8 + 1))
+    assert best_f1(list(points.values())).threshold == 0.0
+
+
+def test_threshold_sweep_is_inclusive_at_the_threshold():
+    points = threshold_sweep(np.array([[0.5, 0.2]]), ["a"], ["a", "b"], [0.5])
+    assert (points[0].precision, points[0].recall) == (1.0, 1.0)
+
+
+def test_retrieval_report_is_json_ready():
+    report = retrieval_report(SIMS, Q_LABELS, G_LABELS)
+    assert report["recall@1"] == 0.5 and report["map@r"] == pytest.approx(0.25)
+    assert set(report["best_f1"]) == {"threshold", "precision", "recall", "f1"}
+    json.dumps(report)
+
+
+@pytest.fixture(scope="module")
+def tiny_catalogues(tmp_path_factory):
+    """3 grocery products: 3 train photos each as the gallery, 2 val photos each as the queries."""
+    root = data.grocery_dir()
+    products = {"Banana", "Granny-Smith", "Arla-Standard-Milk"}
+    folder = tmp_path_factory.mktemp("catalogue")
+    for split, per_product, name in (("train", 3, "gallery.csv"), ("val", 2, "queries.csv")):
+        counts: dict[str, int] = {}
+        rows = []
+        for item in data.read_grocery(root, split):
+            if item.product_id in products and counts.get(item.product_id, 0) < per_product:
+                counts[item.product_id] = counts.get(item.product_id, 0) + 1
+                rows.append(f"{item.path},{item.product_id},{item.category}")
+        assert len(rows) == 3 * per_product
+        (folder / name).write_text("path,product_id,category\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+def test_eval_cli_on_a_tiny_catalogue(tiny_catalogues, capsys):
+    out = tiny_catalogues / "eval.json"
+    code = evaluate.main(["--queries", str(tiny_catalogues / "queries.csv"),
+                          "--gallery", str(tiny_catalogues / "gallery.csv"), "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())["results"]["queries_vs_gallery"]
+    assert (result["queries"], result["gallery"]) == (6, 9)
+    # Bananas, green apples and milk cartons are easy to tell apart for any sensible model.
+    assert result["recall@1"] >= 0.8
+    assert 0 <= result["map@r"] <= 1
+    assert "R@1" in capsys.readouterr().out

@@ -1,0 +1,204 @@
+"""The embedding model: pretrained weights, ONNX export parity, the shipped artifact, and a tiny training run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from embedder import data, export, train
+from embedder.losses import ArcFaceHead
+from embedder.model import (
+    NUM_BLOCKS,
+    ImageEmbedder,
+    build_pretrained_embedder,
+    freeze_backbone_prefix,
+    load_checkpoint,
+    load_pretrained_backbone,
+    set_train_mode,
+)
+from embedder.model_files import INPUT_NAME, MODEL_ENV_VAR, OUTPUT_NAME, default_model_path
+
+GROCERY = data.grocery_dir()
+IMAGENET_BANANA, IMAGENET_LEMON, IMAGENET_ORANGE = 954, 951, 950
+
+
+def photos(product: str, n: int, split: str = "train") -> list[Path]:
+    return [item.path for item in data.read_grocery(GROCERY, split) if item.product_id == product][:n]
+
+
+def pixels_of(paths: list[Path]) -> np.ndarray:
+    return np.stack([data.eval_tensor(data.load_image(p)) for p in paths])
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_pretrained_backbone()
+
+
+@pytest.mark.parametrize("product, imagenet_class", [
+    ("Banana", IMAGENET_BANANA), ("Lemon", IMAGENET_LEMON), ("Orange", IMAGENET_ORANGE)])
+def test_pretrained_weights_classify_fruit(backbone, product, imagenet_class):
+    """The ImageNet weights really loaded: grocery photos get their fruit among the top-5 ImageNet labels."""
+    with torch.no_grad():
+        logits = backbone(torch.from_numpy(pixels_of(photos(product, 3))))
+    top5 = logits.topk(5, dim=1).indices
+    assert all(imagenet_class in row.tolist() for row in top5), top5
+
+
+def test_random_weights_do_not_classify_fruit():
+    """Guards the test above: an uninitialised backbone does not pass it by chance."""
+    from embedder.model import EfficientNetLite0
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        logits = EfficientNetLite0().eval()(torch.from_numpy(pixels_of(photos("Banana", 3))))
+    assert not all(IMAGENET_BANANA in row.tolist() for row in logits.topk(5, dim=1).indices)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, backbone):
+    """An embedder with non-trivial head statistics, exported to ONNX."""
+    torch.manual_seed(0)
+    model = build_pretrained_embedder()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(0.0, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(0.5, 1.5)
+        model.bn.bias.uniform_(-0.2, 0.2)
+        model.pool.p.fill_(2.5)
+    path = export.export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx")
+    return model.eval(), path
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_onnx_matches_pytorch_on_real_photos(exported, batch):
+    model, path = exported
+    paths = (photos("Banana", 1) + photos("Arla-Standard-Milk", 1) + photos("Granny-Smith", 1))[:batch]
+    pixels = pixels_of(paths)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_out = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+    with torch.no_grad():
+        torch_out = model(torch.from_numpy(pixels)).numpy()
+    assert onnx_out.shape == (batch, 512)
+    cosines = (onnx_out * torch_out).sum(1) / np.linalg.norm(onnx_out, axis=1) / np.linalg.norm(torch_out, axis=1)
+    assert cosines.min() >= 0.9999
+
+
+def test_default_artifact_follows_the_contract(monkeypatch):
+    monkeypatch.delenv(MODEL_ENV_VAR, raising=False)
+    path = default_model_path()
+    assert path.name == "model.onnx" and path.is_file()
+    assert path.stat().st_size < 25 * 1024 * 1024
+    graph = onnx.load(str(path), load_external_data=False).graph
+    (inp,), (out,) = graph.input, graph.output
+    assert inp.name == INPUT_NAME and out.name == OUTPUT_NAME
+    in_dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    out_dims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+    assert isinstance(in_dims[0], str) and in_dims[1:] == [3, 224, 224]  # dynamic batch axis
+    assert isinstance(out_dims[0], str) and out_dims[1:] == [512]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 4):
+        paths = (photos("Banana", 2) + photos("Oatly-Oat-Milk", 2))[:batch]
+        emb = session.run([OUTPUT_NAME], {INPUT_NAME: pixels_of(paths)})[0]
+        assert emb.shape == (batch, 512) and emb.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+    assert emb[0] @ emb[1] > emb[0] @ emb[2]  # two bananas are closer than a banana and oat milk
+
+
+def test_model_path_env_override(monkeypatch, tmp_path):
+    monkeypatch.setenv(MODEL_ENV_VAR, str(tmp_path / "other.onnx"))
+    assert default_model_path() == tmp_path / "other.onnx"
+
+
+def test_arcface_margin_lowers_only_the_true_class_logit():
+    torch.manual_seed(0)
+    head = ArcFaceHead(8, 4, scale=10.0, margin=0.5)
+    emb = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+    labels = torch.tensor([0, 1, 2, 3, 0])
+    logits, plain = head(emb, labels), head.scale * head.cosine(emb)
+    true = torch.nn.functional.one_hot(labels, 4).bool()
+    assert torch.allclose(logits[~true], plain[~true])
+    assert (logits[true] < plain[true]).all()
+
+
+def test_freezing_keeps_early_layers_and_their_statistics():
+    model = ImageEmbedder()
+    freeze_backbone_prefix(model, trainable_blocks=4)
+    assert not model.backbone._conv_stem.weight.requires_grad
+    assert not model.backbone._blocks[NUM_BLOCKS - 5]._project_conv.weight.requires_grad
+    assert model.backbone._blocks[NUM_BLOCKS - 4]._project_conv.weight.requires_grad
+    set_train_mode(model)
+    assert not model.backbone._bn0.training and model.backbone._bn1.training and model.bn.training
+
+
+def test_group_split_holds_out_whole_products():
+    items = data.read_grocery(GROCERY, "train")
+    train_items, val_items = data.split_by_product(items, 0.1, seed=0)
+    train_products = {i.product_id for i in train_items}
+    val_products = {i.product_id for i in val_items}
+    assert not train_products & val_products
+    assert len(val_products) == 8 and len(train_products) == 73
+    assert len(train_items) + len(val_items) == len(items)
+
+
+def test_augment_gives_normalised_training_views():
+    import random
+
+    img = data.load_image(photos("Banana", 1)[0])
+    config = data.AugmentConfig(image_size=96)
+    views = [data.augment(img, random.Random(seed), config) for seed in range(3)]
+    assert all(v.shape == (3, 96, 96) and v.dtype == np.float32 for v in views)
+    assert not np.allclose(views[0], views[1])  # random crops differ
+    assert -3 < views[0].mean() < 3
+
+
+def test_catalogue_from_folders_per_product(tmp_path):
+    for product in ("sku-1", "sku-2"):
+        (tmp_path / "drinks" / product).mkdir(parents=True)
+        for i, src in enumerate(photos("Oatly-Oat-Milk", 2)):
+            (tmp_path / "drinks" / product / f"{i}.jpg").write_bytes(src.read_bytes())
+    items = data.read_catalogue(tmp_path)
+    assert sorted({(i.product_id, i.category) for i in items}) == [("sku-1", "drinks"), ("sku-2", "drinks")]
+    assert len(items) == 4
+
+
+@pytest.mark.parametrize("mode", [
+    ["--feature-views", "1", "--trainable-blocks", "0"],  # cached frozen features (the default)
+    ["--feature-views", "0", "--trainable-blocks", "1"],  # fresh augmentations every step, a block fine-tuned
+], ids=["cached-features", "online-augmentation"])
+def test_tiny_training_run_end_to_end(tmp_path, mode):
+    """A handful of steps on 5 products from a CSV catalogue: checkpoints, metrics JSON, exportable."""
+    products = ["Banana", "Lemon", "Granny-Smith", "Oatly-Oat-Milk", "Arla-Standard-Milk"]
+    rows = [f"{p},{product},test" for product in products for p in photos(product, 4)]
+    catalogue = tmp_path / "catalogue.csv"
+    catalogue.write_text("path,product_id,category\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code = train.main(["--catalogue", str(catalogue), "--out", str(out), "--epochs", "2", "--max-steps", "3",
+                       "--batch-size", "6", "--image-size", "64", "--val-fraction", "0.4", "--warmup-steps", "1", *mode])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_products"] == 3 and metrics["val_products"] == 2
+    epochs = metrics["epochs"]
+    assert epochs and epochs[-1]["steps"] == 3
+    assert np.isfinite(epochs[-1]["train_loss"]) and 0 <= epochs[-1]["val_map@r"] <= 1
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["val_products"]) == 2 and not set(split["val_products"]) & set(split["train_products"])
+    model = load_checkpoint(out / "best.pt")
+    start = build_pretrained_embedder()
+    assert not torch.equal(model.proj.weight, start.proj.weight)  # training changed the projection
+    onnx_path = tmp_path / "model.onnx"
+    assert export.main(["--checkpoint", str(out / "best.pt"), "--out", str(onnx_path)]) == 0
+    pixels = pixels_of(photos("Banana", 2))
+    assert export.max_onnx_deviation(model, onnx_path, pixels) < 1e-4

@@ -1,0 +1,139 @@
+"""Perceptual hashes on real odd images: stable under re-encodes/resizes/mode changes, EXIF-aware, discriminative."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import imagehash
+import pytest
+from PIL import Image, ImageOps
+
+from embedder.errors import InvalidImageError
+from embedder.hashing import ImageHashes, hamming, hashes_of_bytes, image_hashes
+from embedder.preprocess import decode_image
+
+DATA_DIR = Path(os.environ.get("IMGSEARCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+ODD = DATA_DIR / "odd-images"
+BRIDGE = ODD / "pdq" / "bridge-mods"
+NEAR_BITS = 6  # "within a few bits"
+FAR_BITS = 16  # unrelated photos differ in about half of the 64 bits
+
+
+def _hashes(path: Path) -> ImageHashes:
+    return hashes_of_bytes(path.read_bytes())
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_hashes_are_unsigned_64_bit_and_match_imagehash_hex():
+    img = Image.open(ODD / "imagededup" / "base_images" / "ukbench00120.jpg")  # 640x480, upright: hashed as is
+    hashes = image_hashes(img)
+    for value in (hashes.phash, hashes.dhash):
+        assert 0 <= value < 2**64
+    assert hashes.phash == int(str(imagehash.phash(img.convert("RGB"))), 16)
+    assert hashes.dhash == int(str(imagehash.dhash(img.convert("RGB"))), 16)
+    assert len(hashes.hex()) == 32 and int(hashes.hex()[:16], 16) == hashes.phash
+
+
+def test_hamming():
+    assert hamming(0, 0) == 0
+    assert hamming(0, 2**64 - 1) == 64
+    assert hamming(0b1011, 0b0001) == 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["blur-a-little.jpg", "high-contrast.jpg", "high-saturation.jpg", "sharpen-a-little.jpg",
+     "shrink-a-little.jpg", "shrink-a-lot.jpg", "square-256x256.jpg"],
+)
+def test_edits_of_one_photo_stay_within_a_few_bits(name):
+    original, edited = _hashes(BRIDGE / "aaa-orig.jpg"), _hashes(BRIDGE / name)
+    assert max(original.distance(edited)) <= NEAR_BITS, name
+
+
+def test_reencodes_and_resizes_stay_within_a_few_bits():
+    img = Image.open(ODD / "imagededup" / "base_images" / "ukbench00120.jpg").convert("RGB")
+    original = image_hashes(img)
+    variants = [
+        hashes_of_bytes(_jpeg(img, 30)),
+        hashes_of_bytes(_jpeg(img.resize((160, 120)), 90)),
+        hashes_of_bytes(_jpeg(img.resize((1280, 960)), 75)),
+        _hashes(ODD / "imagededup" / "mixed_images" / "ukbench00120_resize.jpg"),
+        _hashes(ODD / "imagededup" / "ukbench00120_gray.jpg"),
+    ]
+    for variant in variants:
+        assert max(original.distance(variant)) <= NEAR_BITS
+    # The same photo stored in other formats hashes identically or nearly so.
+    formats = sorted((ODD / "imagededup" / "formats_images").glob("ukbench09380.*"))
+    assert len(formats) >= 5
+    reference = _hashes(ODD / "imagededup" / "base_images" / "ukbench09380.jpg")
+    for path in formats:
+        assert max(reference.distance(_hashes(path))) <= NEAR_BITS, path.name
+
+
+def test_every_pil_mode_hashes_like_the_original():
+    reference = _hashes(ODD / "pdq" / "misc-images" / "modes" / "original.jpg")
+    files = [p for p in sorted((ODD / "pdq" / "misc-images" / "modes").iterdir()) if p.suffix != ".md"]
+    assert len(files) >= 14
+    for path in files:
+        assert max(reference.distance(_hashes(path))) <= NEAR_BITS, path.name
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_rotated_files_hash_like_their_upright_originals(orientation):
+    path = ODD / "pdq" / "reg-test-input" / "exif-rotn" / f"exif-rotn-{orientation}.jpg"
+    raw = Image.open(path)
+    assert raw.getexif().get(0x0112) == orientation
+    # The upright original: the pixels physically rotated, re-encoded without any EXIF.
+    upright = ImageOps.exif_transpose(raw).convert("RGB")
+    upright_bytes = _jpeg(upright, 95)
+    assert Image.open(io.BytesIO(upright_bytes)).getexif().get(0x0112) is None
+    assert max(_hashes(path).distance(hashes_of_bytes(upright_bytes))) <= NEAR_BITS
+    # Ignoring the tag would hash the sideways/upside-down pixels: far from the upright photo.
+    raw_pixels = Image.frombytes("RGB", raw.size, raw.convert("RGB").tobytes())  # no EXIF attached
+    assert hamming(image_hashes(raw_pixels).phash, _hashes(path).phash) >= FAR_BITS
+
+
+def test_large_images_are_reduced_first_without_changing_the_hash_much():
+    img = decode_image((ODD / "pdq" / "reg-test-input" / "exif-rotn" / "exif-rotn-6.jpg").read_bytes())
+    assert min(img.size) > 512
+    full = (int(str(imagehash.phash(img)), 16), int(str(imagehash.dhash(img)), 16))
+    fast = image_hashes(img)
+    assert hamming(full[0], fast.phash) <= 3 and hamming(full[1], fast.dhash) <= 3
+
+
+def test_image_hashes_applies_exif_to_undecoded_images_too():
+    path = ODD / "pdq" / "reg-test-input" / "exif-rotn" / "exif-rotn-6.jpg"
+    assert image_hashes(Image.open(path)) == image_hashes(decode_image(path.read_bytes())) == _hashes(path)
+
+
+def test_physically_rotated_copies_match_once_turned_back():
+    dih = ODD / "pdq" / "reg-test-input" / "dih"
+    original = _hashes(dih / "bridge-1-original.jpg")
+    turned_back = Image.open(dih / "bridge-2-rotate-90.jpg").transpose(Image.Transpose.ROTATE_270)
+    assert max(original.distance(image_hashes(turned_back))) <= NEAR_BITS
+    # Hashes are not rotation invariant: a rotated copy is a different key.
+    assert original.distance(_hashes(dih / "bridge-3-rotate-180.jpg"))[0] >= FAR_BITS
+
+
+def test_different_photos_are_far_apart():
+    photos = sorted((ODD / "imagededup" / "base_images").glob("*.jpg"))
+    assert len(photos) == 10
+    hashes = [_hashes(p) for p in photos]
+    for i in range(len(hashes)):
+        for j in range(i + 1, len(hashes)):
+            ph, dh = hashes[i].distance(hashes[j])
+            assert ph >= FAR_BITS and dh >= FAR_BITS - 4, (photos[i].name, photos[j].name, ph, dh)
+
+
+def test_truncated_jpeg_is_a_clear_error():
+    with pytest.raises(InvalidImageError):
+        _hashes(ODD / "imagededup" / "mixed_images" / "ukbench09268_corrupt.jpg")
+    with pytest.raises(InvalidImageError):
+        hashes_of_bytes(b"")

@@ -1,0 +1,159 @@
+"""Decoding and preprocessing robustness on real odd images: every file embeds or fails with a clear error."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedder.errors import ImageTooLargeError, InvalidImageError
+from embedder.preprocess import decode_image, image_to_tensor, preprocess_bytes, resize_for_model, to_rgb
+
+DATA_DIR = Path(os.environ.get("IMGSEARCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+ODD = DATA_DIR / "odd-images"
+MODES = ODD / "pdq" / "misc-images" / "modes"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tiff", ".ppm", ".pgm", ".pbm", ".svg"}
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_every_odd_file_decodes_to_rgb_or_fails_clearly():
+    files = [p for p in sorted(ODD.rglob("*")) if p.is_file()]
+    assert len(files) > 70
+    decoded, refused = [], []
+    for path in files:
+        try:
+            img = decode_image(path.read_bytes())
+        except (InvalidImageError, ImageTooLargeError) as exc:
+            assert str(exc), path
+            refused.append(path)
+            continue
+        assert img.mode == "RGB" and min(img.size) > 0, path
+        assert preprocess_bytes(path.read_bytes()).shape == (3, 224, 224)
+        decoded.append(path)
+    # Every image file but the truncated JPEGs decodes; licences, READMEs and pickles are refused.
+    refused_images = {p.name for p in refused if p.suffix.lower() in IMAGE_SUFFIXES}
+    assert refused_images == {"ukbench09268_corrupt.jpg"}
+    assert len(decoded) >= 60
+
+
+def test_truncated_jpeg_is_invalid_image():
+    with pytest.raises(InvalidImageError):
+        decode_image((ODD / "imagededup" / "mixed_images" / "ukbench09268_corrupt.jpg").read_bytes())
+    # A JPEG cut in the middle of its entropy-coded data (the header still parses) is refused too,
+    # never decoded as a half-grey image.
+    whole = (ODD / "imagededup" / "base_images" / "ukbench09268.jpg").read_bytes()
+    with pytest.raises(InvalidImageError):
+        decode_image(whole[: len(whole) // 2])
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_garbage_is_invalid_image(data):
+    with pytest.raises(InvalidImageError):
+        preprocess_bytes(data)
+
+
+def test_all_pil_modes_decode_to_rgb_close_to_the_original():
+    def small(img: Image.Image) -> np.ndarray:  # box-averaged, so 1-bit dithering averages out
+        return np.asarray(img.resize((80, 50), Image.BOX), dtype=np.float32)
+
+    reference = small(decode_image((MODES / "original.jpg").read_bytes()))
+    files = [p for p in sorted(MODES.iterdir()) if p.suffix != ".md"]
+    assert {p.stem for p in files} >= {"1", "CMYK", "F", "HSV", "I", "L", "LA", "LAB", "P", "PA", "RGBA", "YCbCr"}
+    for path in files:
+        img = decode_image(path.read_bytes())
+        assert img.mode == "RGB", path.name
+        assert img.size == (1600, 1004), path.name
+        arr, ref = small(img), reference
+        if path.stem in ("1", "L", "LA", "I", "F"):  # grey versions: compare luminance
+            arr, ref = arr.mean(axis=2), ref.mean(axis=2)
+        assert np.abs(arr - ref).mean() < 20, (path.name, np.abs(arr - ref).mean())
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+                                  "I", "F", "I;16", "I;16B"])
+def test_to_rgb_handles_in_memory_modes(mode):
+    base = Image.open(MODES / "original.jpg").convert("RGB").resize((64, 40))
+    img = Image.new(mode, (64, 40)) if mode in ("PA", "LAB", "HSV", "I;16B") else base.convert(mode)
+    rgb = to_rgb(img)
+    assert rgb.mode == "RGB" and rgb.size == (64, 40)
+    tensor = image_to_tensor(img)
+    assert tensor.shape == (3, 224, 224) and tensor.dtype == np.float32 and np.isfinite(tensor).all()
+
+
+def test_transparency_is_composited_on_white():
+    img = Image.new("RGBA", (32, 32), (255, 0, 0, 0))
+    assert to_rgb(img).getpixel((5, 5)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_is_applied(orientation):
+    path = ODD / "pdq" / "reg-test-input" / "exif-rotn" / f"exif-rotn-{orientation}.jpg"
+    stored = Image.open(path).size
+    upright = decode_image(path.read_bytes()).size
+    assert upright == (stored[::-1] if orientation in (6, 8) else stored)
+
+
+def test_corrupt_exif_keeps_the_pixels():
+    img = Image.new("RGB", (40, 20), (10, 200, 30))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")  # IFD count runs off the end
+    decoded = decode_image(buf.getvalue())
+    assert decoded.size == (40, 20)
+
+
+def test_byte_and_pixel_limits():
+    small = _png(Image.new("L", (10, 10)))
+    with pytest.raises(ImageTooLargeError):
+        decode_image(small, max_image_bytes=len(small) - 1)
+    # A decompression bomb: tiny file, huge canvas. Refused before the pixels are allocated.
+    bomb = _png(Image.new("1", (12_000, 10_000)))
+    assert len(bomb) < 1_000_000
+    with pytest.raises(ImageTooLargeError):
+        decode_image(bomb)
+    with pytest.raises(ImageTooLargeError):
+        decode_image(_png(Image.new("L", (100, 100))), max_image_pixels=9_999)
+
+
+def test_extreme_aspect_ratio_does_not_blow_up():
+    strip = Image.new("RGB", (1, 20_000), (0, 0, 255))
+    out = resize_for_model(strip)
+    assert out.size == (224, 224)
+    assert preprocess_bytes(_png(strip)).shape == (3, 224, 224)
+
+
+def test_centre_crop_matches_resize_then_crop():
+    img = decode_image((MODES / "original.jpg").read_bytes())
+    w, h = img.size
+    scale = 224 / min(w, h)
+    new_w, new_h = round(w * scale), round(h * scale)
+    left, top = (new_w - 224) // 2, (new_h - 224) // 2
+    full = img.resize((new_w, new_h), Image.BILINEAR).crop((left, top, left + 224, top + 224))
+    diff = np.abs(np.asarray(resize_for_model(img), np.int16) - np.asarray(full, np.int16))
+    assert diff.max() <= 1
+
+
+def test_tensor_is_imagenet_normalised_chw():
+    white = image_to_tensor(Image.new("RGB", (300, 500), (255, 255, 255)))
+    expected = (1.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(white[:, 100, 100], expected, rtol=1e-5)
+    assert white.flags["C_CONTIGUOUS"]
+
+
+def test_draft_decoding_for_small_consumers():
+    data = (ODD / "pdq" / "reg-test-input" / "exif-rotn" / "exif-rotn-6.jpg").read_bytes()
+    full = decode_image(data)
+    small = decode_image(data, draft_min_side=512)
+    assert full.size == (3024, 4032)
+    assert small.size == (756, 1008)  # 1/4 DCT scale, still upright, both sides >= 512
+    # Not a JPEG: unaffected.
+    png = _png(Image.new("RGB", (2000, 1500), (1, 2, 3)))
+    assert decode_image(png, draft_min_side=512).size == (2000, 1500)

@@ -1,0 +1,173 @@
+"""Durability: a real `imgsearch-shard` process SIGKILLed in the middle of a streaming upsert keeps every
+acknowledged write and shows nothing of the cut stream; torn log tails are cut; snapshots are checksummed;
+a graceful SIGTERM leaves a snapshot that the next start loads."""
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from imgsearch.errors import ImgsearchError
+from imgsearch.v1 import shard_pb2
+from shard_server import convert, synthetic
+from shard_server.client import ShardClient
+from shard_server.config import ShardConfig
+from shard_server.engine import ShardEngine
+from shard_server.errors import SnapshotCorruptError
+from shard_server.process import ShardProcess
+from shard_server.types import Exactness, SearchQuery
+from shard_server.wal import HEADER, WriteAheadLog
+
+DIM = 64
+SHARD_ARGS = ("--dimension", str(DIM), "--nlist", "16", "--index-factory", "IVF{nlist},PQ16x4fs",
+              "--train-threads", "1", "--snapshot-wal-bytes", "200000", "--max-records-per-request", "2000")
+
+
+async def _top1(client: ShardClient, vector: np.ndarray) -> str | None:
+    hits = (await client.search(SearchQuery(vector=vector, top_k=1, exactness=Exactness.EXACT), timeout_s=10)).hits
+    return hits[0].image_id if hits else None
+
+
+@pytest.mark.timeout(180)
+async def test_sigkill_mid_stream_keeps_acknowledged_writes_only(tmp_path):
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=30, seed=2)
+    vectors = catalogue.vectors(0, 3000)
+    shard = ShardProcess(tmp_path / "data", extra_args=SHARD_ARGS).start()
+    try:
+        client = ShardClient(shard.address)
+        # Acknowledged: one stream (over the snapshot threshold), then unary upserts and deletes after the snapshot.
+        assert await client.upsert_stream(catalogue.iter_records(0, 1000), batch_size=100, timeout_s=60) == 1000
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "data" / "snapshots").glob("snap-*/manifest.json")):
+            assert time.monotonic() < deadline, "no snapshot was taken"
+            await asyncio.sleep(0.1)
+        assert await client.upsert(catalogue.records(1000, 1500), timeout_s=30) == 500
+        deleted = [synthetic.image_id(i) for i in range(0, 1500, 50)]
+        assert await client.delete(deleted, timeout_s=30) == len(deleted)
+
+        # Unacknowledged: a stream that has sent 1,000 records but never half-closes.
+        sent, hold = asyncio.Event(), asyncio.Event()
+
+        async def endless():
+            for lo in range(1500, 2500, 100):
+                for r in catalogue.records(lo, lo + 100):
+                    yield r
+            sent.set()
+            await hold.wait()
+
+        stream = asyncio.create_task(client.upsert_stream(endless(), batch_size=100, timeout_s=60))
+        await asyncio.wait_for(sent.wait(), 30)
+        await asyncio.sleep(0.5)  # let the server receive the messages
+        shard.kill()
+        with pytest.raises(ImgsearchError):
+            await stream
+        await client.close()
+
+        shard.start()
+        client = ShardClient(shard.address)
+        stats = await client.stats(timeout_s=10)
+        assert sum(c.vectors for c in stats.categories) == 1500 - len(deleted)
+        deleted_set = set(deleted)
+        for i in range(0, 1500, 7):
+            expected = synthetic.image_id(i)
+            found = await _top1(client, vectors[i])
+            assert (found != expected) if expected in deleted_set else (found == expected), (i, found)
+        for i in range(1500, 2500, 25):
+            assert await _top1(client, vectors[i]) != synthetic.image_id(i), "a write of the cut stream is visible"
+        # The restarted shard keeps accepting writes.
+        assert await client.upsert(catalogue.records(2500, 2510), timeout_s=30) == 10
+        assert await _top1(client, vectors[2505]) == synthetic.image_id(2505)
+        await client.close()
+    finally:
+        shard.kill()
+
+
+def test_torn_wal_tail_is_cut_on_replay(tmp_path):
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    for i in range(5):
+        wal.append(f"record-{i}".encode())
+    wal.close()
+    segment = wal.segments()[-1]
+    whole = segment.stat().st_size
+    with open(segment, "ab") as f:  # a crash in the middle of the next frame
+        f.write(HEADER.pack(1000, 12345) + b"partial")
+    reopened = WriteAheadLog(tmp_path)
+    assert [p.decode() for p in reopened.replay(0)] == [f"record-{i}" for i in range(5)]
+    assert segment.stat().st_size == whole
+    with open(segment, "r+b") as f:  # a flipped byte inside the last frame: CRC catches it
+        f.seek(whole - 2)
+        f.write(b"X")
+    assert [p.decode() for p in WriteAheadLog(tmp_path).replay(0)] == [f"record-{i}" for i in range(4)]
+
+
+def _engine_with_snapshot(tmp_path: Path) -> tuple[ShardConfig, Path]:
+    config = ShardConfig(data_dir=tmp_path / "data", dimension=DIM, nlist=16, index_factory="IVF{nlist},PQ16x4fs",
+                         train_threads=1)
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=10, seed=4)
+    engine = ShardEngine(config)
+    engine.load()
+    engine.upsert(catalogue.records(0, 1000, category="trained"))
+    engine.upsert(catalogue.records(1000, 1100, category="small"))
+    assert engine.train_pending() == 1
+    engine.snapshot()
+    engine.close()
+    [snapshot] = engine.snapshots.complete()
+    return config, snapshot
+
+
+def test_snapshot_round_trip_and_checksum(tmp_path):
+    config, snapshot = _engine_with_snapshot(tmp_path)
+    assert not any(p.stat().st_size for p in (config.data_dir / "wal").glob("*.wal")), "log not truncated"
+    engine = ShardEngine(config)
+    engine.load()
+    stats = {c.category: (c.vectors, c.trained) for c in engine.stats().categories}
+    assert stats == {"trained": (1000, True), "small": (100, False)}
+    vector = synthetic.SyntheticCatalogue(dim=DIM, clusters=10, seed=4).vectors(1050, 1051)[0]
+    assert engine.search(SearchQuery(vector=vector, top_k=1)).hits[0].image_id == synthetic.image_id(1050)
+    engine.close()
+
+    vectors_file = next(snapshot.rglob("vectors.npy"))
+    data = bytearray(vectors_file.read_bytes())
+    data[-3] ^= 0xFF  # one flipped bit pattern deep inside the exact vectors
+    vectors_file.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorruptError, match=r"checksum mismatch for p\d+/vectors.npy"):
+        ShardEngine(config).load()
+
+
+def test_corrupt_snapshot_stops_the_process_with_a_clear_error(tmp_path):
+    config, snapshot = _engine_with_snapshot(tmp_path)
+    index_file = next(snapshot.rglob("index.faiss"))
+    index_file.write_bytes(index_file.read_bytes()[:-10])
+    shard = ShardProcess(config.data_dir, extra_args=("--dimension", str(DIM)))
+    with pytest.raises(RuntimeError, match="exited with 1") as info:
+        shard.start(timeout_s=60)
+    assert "checksum mismatch" in str(info.value) and "index.faiss" in str(info.value)
+
+
+@pytest.mark.timeout(120)
+async def test_sigterm_drains_and_snapshots(tmp_path):
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=10, seed=9)
+    shard = ShardProcess(tmp_path / "data", extra_args=SHARD_ARGS[:-4]).start()
+    try:
+        async with ShardClient(shard.address) as client:
+            await client.upsert(catalogue.records(0, 300), timeout_s=30)
+        assert shard.stop() == 0
+        assert list((tmp_path / "data" / "snapshots").glob("snap-*/manifest.json")), "no snapshot on SIGTERM"
+        shard.start()
+        async with ShardClient(shard.address) as client:
+            assert (await client.stats(timeout_s=5)).categories[0].vectors == 300
+            assert (await client.stats(timeout_s=5)).wal_bytes == 0
+    finally:
+        shard.kill()
+
+
+def test_stream_payload_is_an_upsert_request():
+    """Concatenated UpsertStreamRequest messages parse as one UpsertRequest (the log stores them that way)."""
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=2)
+    parts = [shard_pb2.UpsertStreamRequest(records=[convert.record_to_proto(r) for r in catalogue.records(i, i + 3)])
+             for i in (0, 3)]
+    merged = shard_pb2.UpsertRequest.FromString(b"".join(p.SerializeToString() for p in parts))
+    assert [r.image_id for r in merged.records] == [synthetic.image_id(i) for i in range(6)]

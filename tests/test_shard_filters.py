@@ -1,0 +1,101 @@
+"""Filtered recall@10 at 50 %, 10 %, 1 % and 0.1 % selectivity with filters unrelated to the clusters, the
+strategy chosen for each, and deletes/upserts never leaking stale rows."""
+
+import numpy as np
+import pytest
+
+from shard_server import synthetic
+from shard_server.config import ShardConfig
+from shard_server.engine import ShardEngine
+from shard_server.types import AnyOf, Condition, Filter, Range, SearchQuery
+
+DIM, N, QUERIES, K = 128, 20_000, 60, 10
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    return synthetic.SyntheticCatalogue(dim=DIM, clusters=100, seed=11)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, catalogue):
+    # A low exact-scan limit so that this small partition exercises all three strategies.
+    config = ShardConfig(data_dir=tmp_path_factory.mktemp("filters"), dimension=DIM, nlist=64,
+                         index_factory="IVF{nlist},PQ32x4fs", exact_scan_max_rows=300, train_threads=1)
+    engine = ShardEngine(config)
+    engine.load()
+    for lo in range(0, N, 5000):
+        engine.upsert(catalogue.records(lo, lo + 5000))
+    assert engine.train_pending() == 1
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize(("selectivity", "strategy"), [
+    (0.5, "ivf"), (0.1, "ivf_wide"), (0.01, "exact"), (0.001, "exact")])
+def test_filtered_recall(engine, catalogue, selectivity, strategy):
+    flt = synthetic.selectivity_filter(selectivity)
+    attributes = catalogue.attributes(0, N)
+    mask = np.array([synthetic.matches(a, flt) for a in attributes])
+    assert abs(mask.mean() - selectivity) < 0.3 * selectivity + 0.0005
+    queries = catalogue.queries(QUERIES)
+    truth = synthetic.brute_force_top_k(catalogue.vectors(0, N), queries, K, mask)
+    found = []
+    for q in queries:
+        result = engine.search(SearchQuery(vector=q, top_k=K, filter=flt))
+        ids = [h.image_id for h in result.hits]
+        assert all(synthetic.matches(h.attributes, flt) for h in result.hits)
+        assert len(ids) == min(K, int(mask.sum())), "filtered search returned padding instead of K hits"
+        found.append(ids)
+    recall = synthetic.recall_at_k(found, truth, K)
+    assert recall >= 0.95, f"recall@{K} {recall:.3f} at selectivity {selectivity}"
+    partition = engine.partitions["default"]
+    hits = partition.search(engine.validate_query(SearchQuery(vector=queries[0], top_k=K)), K, flt,
+                            engine.config.nprobe, False)
+    assert hits.strategy == strategy
+
+
+def test_text_and_flag_filters(engine, catalogue):
+    flt = synthetic.mixed_filter()
+    q = catalogue.queries(1)[0]
+    result = engine.search(SearchQuery(vector=q, top_k=K, filter=flt))
+    assert len(result.hits) == K
+    assert all(h.attributes["colour"] == "colour-3" and h.attributes["in_stock"] for h in result.hits)
+    any_of = Filter(all_of=(Condition(field="brand", predicate=AnyOf(values=frozenset({"brand-01", "brand-02"}))),
+                            Condition(field="price", predicate=Range(min=10.0, max=20.0))))
+    result = engine.search(SearchQuery(vector=q, top_k=K, filter=any_of))
+    assert len(result.hits) == K
+    assert all(h.attributes["brand"] in {"brand-01", "brand-02"} and 10 <= h.attributes["price"] <= 20
+               for h in result.hits)
+    none = Filter(all_of=(Condition(field="brand", predicate=AnyOf(values=frozenset({"no-brand"}))),))
+    assert engine.search(SearchQuery(vector=q, top_k=K, filter=none)).hits == ()
+
+
+def test_deletes_and_upserts_replace(tmp_path, catalogue):
+    config = ShardConfig(data_dir=tmp_path, dimension=DIM, nlist=16, index_factory="IVF{nlist},PQ32x4fs",
+                         train_threads=1)
+    engine = ShardEngine(config)
+    engine.load()
+    try:
+        engine.upsert(catalogue.records(0, 2000))
+        assert engine.train_pending() == 1
+        vectors = catalogue.vectors(0, 2000)
+        victim = synthetic.image_id(5)
+        assert engine.search(SearchQuery(vector=vectors[5], top_k=1)).hits[0].image_id == victim
+        assert engine.delete([victim, "never-existed"]) == 1
+        assert engine.delete([victim]) == 0
+        for flt in (Filter(), synthetic.selectivity_filter(1.0), synthetic.selectivity_filter(0.01)):
+            hits = engine.search(SearchQuery(vector=vectors[5], top_k=50, filter=flt)).hits
+            assert victim not in {h.image_id for h in hits}
+        # Upsert of an existing id replaces it, here moving it to another category with a new vector.
+        moved = catalogue.records(7, 8)[0]
+        new_vector = catalogue.vectors(9, 10)[0] * -1.0
+        from dataclasses import replace
+        engine.upsert([replace(moved, category="other", vector=new_vector, attributes={"colour": "red"})])
+        hits = engine.search(SearchQuery(vector=vectors[7], top_k=20, categories=("default",))).hits
+        assert moved.image_id not in {h.image_id for h in hits}
+        hit = engine.search(SearchQuery(vector=new_vector, top_k=1)).hits[0]
+        assert (hit.image_id, hit.category, hit.attributes) == (moved.image_id, "other", {"colour": "red"})
+        assert {c.category: c.vectors for c in engine.stats().categories} == {"default": 1998, "other": 1}
+    finally:
+        engine.close()
