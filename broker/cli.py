@@ -67,6 +67,7 @@ def cmd_up(args) -> int:
     config = StackConfig(
         work_dir=work,
         shards=args.shards,
+        replicas=args.replicas,
         broker_port=args.port,
         broker_metrics_port=args.metrics_port,
         redis_url=os.environ.get("REDIS_URL") or None,
@@ -288,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run redis, Triton (CPU), shards and the broker in the foreground")
     up.add_argument("--shards", type=int, default=2)
+    up.add_argument("--replicas", type=int, default=1, help="shard processes per shard")
     up.add_argument("--port", type=int, default=7100, help="broker port")
     up.add_argument("--metrics-port", type=int, default=9100, help="broker /metrics port")
     up.add_argument("--work-dir", help="data and logs (default: a new temporary folder)")

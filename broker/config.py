@@ -28,7 +28,7 @@ class BrokerConfig:
     # After a Redis failure the cache is bypassed for this long instead of paying the timeout on every call.
     redis_backoff_s: float = 1.0
     cache_repair_interval_s: float = 1.0
-    # Deadline used when the caller sets none.
+    # Deadline used when the caller sets none, and the cap on a longer one.
     search_timeout_s: float = 2.0
     ingest_timeout_s: float = 60.0
     embed_max_batch: int = 32

@@ -49,6 +49,9 @@ from shard_server.types import Hit, Record, SearchQuery
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 512
+# Share of a search's remaining deadline kept back from the embedding call for the fan-out, capped.
+FANOUT_RESERVE_FRACTION = 0.2
+FANOUT_RESERVE_MAX_S = 0.1
 
 
 class Broker:
@@ -99,7 +102,11 @@ class Broker:
                     hits = tuple(_hit(m.entry, 1.0) for m in exact[: query.top_k])
                     return self._cache_answer(hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0)
             t0 = time.perf_counter()
-            vector = await self._embed_one(query.image, deadline)
+            # Keep part of the deadline for the fan-out: a slow Triton should not leave the shards no time.
+            fanout_reserve_s = min(
+                FANOUT_RESERVE_MAX_S, FANOUT_RESERVE_FRACTION * (deadline - time.monotonic())
+            )
+            vector = await self._embed_one(query.image, deadline - fanout_reserve_s)
             embed_s = time.perf_counter() - t0
             if near:
                 scored = sorted(
@@ -166,11 +173,8 @@ class Broker:
         if not near:
             CACHE_LOOKUPS.labels("miss").inc()
             return CacheOutcome.MISS, [], []
-        return (
-            CacheOutcome.MISS,
-            [],
-            near,
-        )  # counted once the embedding has confirmed (near_hit) or not (miss)
+        # counted once the embedding has confirmed it (near_hit) or not (miss)
+        return CacheOutcome.MISS, [], near
 
     def _cache_answer(
         self, hits, outcome: CacheOutcome, t_start: float, decode_s: float, cache_s: float, embed_s: float
@@ -253,10 +257,11 @@ class Broker:
         for image_id in image_ids:
             if not image_id or len(image_id) > MAX_ID_CHARS:
                 raise InvalidRequestError("image ids must be non-empty strings of at most 512 characters")
-        deleted = await self.pool.delete(list(image_ids), timeout_s=timeout_s)
+        # Cache first: a delete that then fails on a shard must not leave the cache answering with the image
+        # (a missing cache entry only costs an index search; the caller retries the delete, idempotent).
         if self.cache is not None:
             await self._write_cache([(image_id, None) for image_id in image_ids])
-        return deleted
+        return await self.pool.delete(list(image_ids), timeout_s=timeout_s)
 
     async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]]) -> int:
         """Apply cache upserts (entry) and deletes (None); failed ones go to the repair queue."""

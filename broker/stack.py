@@ -98,6 +98,8 @@ class ManagedProcess:
 class StackConfig:
     work_dir: Path
     shards: int = 2
+    # Shard processes per shard, holding the same data (the broker writes to all, searches any).
+    replicas: int = 1
     broker_port: int = 0  # 0: a free port
     broker_metrics_port: int = 0
     # None: start an own redis-server in work_dir; otherwise use this Redis.
@@ -124,7 +126,8 @@ class LocalStack:
         self.redis_port: int | None = None
         self.triton_url = ""
         self.triton_metrics_url = ""
-        self.shard_addresses: list[str] = []
+        self.shard_addresses: list[str] = []  # the first replica of each shard
+        self.shard_ports: dict[str, tuple[int, int]] = {}  # process name -> (port, metrics port)
         self.shard_metrics_ports: list[int] = []
         self.broker_address = ""
         self.broker_metrics_port = 0
@@ -238,60 +241,58 @@ class LocalStack:
 
     # ------------------------------------------------------------------ shards
     def start_shards(self) -> None:
-        names = [f"shard-{i}" for i in range(self.config.shards)]
-        ports = [free_port() for _ in names]
-        metrics = [free_port() for _ in names]
-        for name, port, metrics_port in zip(names, ports, metrics):
-            self._spawn(
-                name,
-                [
-                    *console_script("imgsearch-shard"),
-                    "--data-dir",
-                    str(self.work_dir / name),
-                    "--host",
-                    HOST,
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    str(metrics_port),
-                    *self.config.shard_args,
-                ],
-            )
-        for name, port in zip(names, ports):
+        """`shards` shards with `replicas` processes each. Process (and data folder) names: `shard-<i>` for
+        the first replica, `shard-<i>-r<j>` for the others."""
+        replicas: dict[str, list[str]] = {}
+        self.shard_ports = {}
+        for i in range(self.config.shards):
+            name = f"shard-{i}"
+            replicas[name] = []
+            for j in range(self.config.replicas):
+                process_name = name if j == 0 else f"{name}-r{j}"
+                self.shard_ports[process_name] = (free_port(), free_port())
+                self._spawn_shard(process_name)
+                replicas[name].append(f"{HOST}:{self.shard_ports[process_name][0]}")
+        for process_name, (port, _) in self.shard_ports.items():
             wait_for_port(
                 HOST,
                 port,
                 timeout_s=self.config.startup_timeout_s,
-                process=self.processes[name].process,
-                name=name,
+                process=self.processes[process_name].process,
+                name=process_name,
             )
-        self.shard_addresses = [f"{HOST}:{p}" for p in ports]
-        self.shard_metrics_ports = metrics
+        self.shard_addresses = [replicas[f"shard-{i}"][0] for i in range(self.config.shards)]
+        self.shard_metrics_ports = [metrics for _, metrics in self.shard_ports.values()]
         self.shard_map = ShardMap(
-            shards={name: (address,) for name, address in zip(names, self.shard_addresses)},
-            categories={c: names[i] for c, i in self.config.pinned_categories.items()},
+            shards={name: tuple(addresses) for name, addresses in replicas.items()},
+            categories={c: f"shard-{i}" for c, i in self.config.pinned_categories.items()},
         )
 
-    def restart_shard(self, index: int) -> None:
-        """Start a stopped shard again on the same port and data directory."""
-        name = f"shard-{index}"
-        port = int(self.shard_addresses[index].rsplit(":", 1)[1])
-        self._spawn(
-            name,
+    def _spawn_shard(self, process_name: str) -> ManagedProcess:
+        port, metrics_port = self.shard_ports[process_name]
+        return self._spawn(
+            process_name,
             [
                 *console_script("imgsearch-shard"),
                 "--data-dir",
-                str(self.work_dir / name),
+                str(self.work_dir / process_name),
                 "--host",
                 HOST,
                 "--port",
                 str(port),
                 "--metrics-port",
-                str(self.shard_metrics_ports[index]),
+                str(metrics_port),
                 *self.config.shard_args,
             ],
         )
-        wait_for_port(HOST, port, timeout_s=60, process=self.processes[name].process, name=name)
+
+    def restart_shard(self, index: int | str) -> None:
+        """Start a stopped shard process again on the same port and data folder (index, or process name)."""
+        process_name = f"shard-{index}" if isinstance(index, int) else index
+        proc = self._spawn_shard(process_name)
+        wait_for_port(
+            HOST, self.shard_ports[process_name][0], timeout_s=60, process=proc.process, name=process_name
+        )
 
     # ------------------------------------------------------------------ broker
     def start_broker(self) -> None:
@@ -337,7 +338,7 @@ class LocalStack:
             "broker_metrics": f"http://{HOST}:{self.broker_metrics_port}/metrics",
             "triton": self.triton_url,
             "triton_metrics": self.triton_metrics_url,
-            "shards": dict(zip(self.shard_map.shards, self.shard_addresses)) if self.shard_map else {},
+            "shards": {k: ", ".join(v) for k, v in self.shard_map.shards.items()} if self.shard_map else {},
             "shard_metrics": [f"http://{HOST}:{p}/metrics" for p in self.shard_metrics_ports],
             "redis": self.redis_url,
             "logs": str(self.logs),

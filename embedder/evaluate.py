@@ -101,6 +101,17 @@ def summary_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_markdown(results: dict) -> str:
+    lines = ["| protocol | queries | gallery | R@1 | R@5 | R@10 | MAP@R | best-F1 threshold | P | R | F1 |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        b = r["best_f1"]
+        lines.append(f"| {name} | {r['queries']} | {r['gallery']} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | "
+                     f"{r['recall@10']:.3f} | {r['map@r']:.3f} | {b['threshold']:.2f} | {b['precision']:.3f} | "
+                     f"{b['recall']:.3f} | {b['f1']:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="imgsearch-embed eval", description=__doc__.splitlines()[0])
     model = parser.add_mutually_exclusive_group()
@@ -114,9 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heldout", type=Path,
                         help="a run's split.json: also report queries of the products held out of training")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--markdown", action="store_true", help="print the summary as a Markdown table")
+    parser.add_argument("--show", type=Path, help="only print the summary of a results JSON written by --out")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.show:
+        saved = json.loads(args.show.read_text())
+        print(f"model: {saved['model']}")
+        print(summary_markdown(saved["results"]) if args.markdown else summary_table(saved["results"]))
+        return 0
     if bool(args.queries) != bool(args.gallery):
         parser.error("--queries and --gallery go together")
 
@@ -142,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         heldout = set(json.loads(args.heldout.read_text())["val_products"]) if args.heldout else None
         results = evaluate_grocery(embed, args.grocery, heldout_products=heldout, batch_size=args.batch_size)
     print(f"model: {model_name}  ({time.monotonic() - started:.0f} s)")
-    print(summary_table(results))
+    print(summary_markdown(results) if args.markdown else summary_table(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"model": model_name, "results": results}, indent=1))

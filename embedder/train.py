@@ -112,7 +112,8 @@ def online_batches(model: ImageEmbedder, loader: DataLoader, block: int, device:
     """One epoch of fresh augmentations, pushed through the frozen part of the backbone."""
     for pixels, labels in loader:
         with torch.no_grad():
-            yield model.backbone.features_until(pixels.to(device), block), labels
+            features = model.backbone.features_until(pixels.to(device), block)
+        yield features, labels  # outside no_grad: the consumer trains on it
 
 
 @torch.no_grad()

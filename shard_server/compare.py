@@ -115,6 +115,43 @@ def synthetic_data(*, n: int, dim: int, n_queries: int, seed: int, clusters: int
                                   "seed": seed})
 
 
+def grocery_data(data_dir: Path, *, cache: Path | None = None) -> BenchData:
+    """Real embeddings: the grocery train photos are the catalogue, the val photos the queries, embedded in
+    process by the default ONNX model (embedder.client.OnnxEmbedder, the same model Triton serves). Attributes are
+    the catalogue's deterministic ones (broker.catalogue.synthetic_attributes), prices turned into ranks. `cache`: an .npz file that keeps the embeddings between runs."""
+    from broker.catalogue import grocery_split  # noqa: PLC0415 - the real-data run only
+    from embedder.client import OnnxEmbedder  # noqa: PLC0415
+
+    train, val = grocery_split(data_dir, "train"), grocery_split(data_dir, "val")
+    if cache is not None and cache.exists():
+        stored = np.load(cache)
+        vectors, queries = stored["vectors"], stored["queries"]
+    else:
+        async def embed_all(files) -> np.ndarray:
+            embedder = OnnxEmbedder()
+            try:
+                parts = [await embedder.embed([f.path.read_bytes() for f in files[i:i + 32]], timeout_s=600)
+                         for i in range(0, len(files), 32)]
+            finally:
+                await embedder.close()
+            return np.concatenate(parts).astype(np.float32)
+
+        vectors, queries = asyncio.run(embed_all(train)), asyncio.run(embed_all(val))
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, vectors=vectors, queries=queries)
+    attrs = [f.attributes for f in train]
+    # Prices as ranks spread over [0, 100): the synthetic selectivity filters (price < 100*s) then keep the same
+    # fractions (the catalogue's own prices start at 1.00, which would leave the 1 % and 0.1 % filters empty).
+    ranks = np.argsort(np.argsort([a["price"] for a in attrs], kind="stable"), kind="stable")
+    return BenchData(vectors=vectors, prices=(ranks + 0.5) * (100.0 / len(attrs)),
+                     colours=tuple(a["colour"] for a in attrs), brands=tuple(a["brand"] for a in attrs),
+                     in_stock=np.array([a["in_stock"] for a in attrs], dtype=bool), queries=queries,
+                     description={"generator": "grocery photos embedded by the default ONNX model "
+                                               "(train = catalogue, val = queries)", "n": len(train),
+                                  "dim": int(vectors.shape[1]), "queries": len(val)})
+
+
 def attributes_of(data: BenchData, row: int) -> dict:
     return {"price": float(data.prices[row]), "colour": data.colours[row], "brand": data.brands[row],
             "in_stock": bool(data.in_stock[row])}
@@ -183,8 +220,8 @@ class BuildReport:
 
 
 class Engine:
-    """One engine under test. `build`, `search` and `close` are plain functions (search is called from worker
-    threads) or, when `is_async`, coroutines run on the benchmark's event loop."""
+    """One engine under test. `build` and `search` are plain functions (search is called from worker threads)
+    or, when `is_async`, coroutines run on the benchmark's event loop."""
 
     name = "engine"
     knob = "nprobe"
@@ -200,7 +237,7 @@ class Engine:
     def build(self, data: BenchData) -> BuildReport:
         raise NotImplementedError
 
-    def search(self, query: np.ndarray, knob: int, selectivity: float | None):  # list[int] or its awaitable
+    def search(self, query: np.ndarray, knob: int, selectivity: float | None):  # list[int] or an awaitable of it
         raise NotImplementedError
 
     def close(self) -> None:
@@ -248,7 +285,8 @@ class FaissEngine(Engine):
 
 class LanceEngine(Engine):
     """Embedded LanceDB: IVF_PQ with the shard's lists, sub-vectors, bits and k-means iterations; refine_factor =
-    the shard's re-rank factor; filters are prefilters served by a BTree index on price."""
+    the shard's re-rank factor; filters are prefilters served by a BTree index on price, with Lance's adaptive
+    probing (maximum_nprobes unbounded: more lists while fewer than k rows match)."""
 
     name = "lancedb"
 
@@ -257,6 +295,8 @@ class LanceEngine(Engine):
         self.work_dir = work_dir / "lancedb"
 
     def build(self, data: BenchData) -> BuildReport:
+        # Lance warns on every query that `_distance` will stop being returned by default; we never read it.
+        os.environ.setdefault("LANCEDB_LOG", "error")
         import lancedb  # noqa: PLC0415 - the bench extra
         import pyarrow as pa  # noqa: PLC0415
         from lancedb.index import BTree, IvfPq  # noqa: PLC0415
@@ -289,9 +329,11 @@ class LanceEngine(Engine):
     def search(self, query: np.ndarray, knob: int, selectivity: float | None) -> list[int]:
         q = (self._table.search(query, vector_column_name="vector").distance_type("dot")
              .nprobes(int(knob)).refine_factor(self.params.rerank_factor).limit(TOP_K)
-             .select(["row"]).disable_scoring_autoprojection())
+             .select(["row"]))
         if selectivity is not None:
-            q = q.where(f"price < {self._data.price_limit(selectivity)!r}", prefilter=True)
+            # Lance's own remedy for selective prefilters: probe further lists while fewer than k rows match.
+            q = (q.where(f"price < {self._data.price_limit(selectivity)!r}", prefilter=True)
+                 .minimum_nprobes(int(knob)).maximum_nprobes(0))
         return q.to_arrow().column("row").to_pylist()
 
 
@@ -322,8 +364,10 @@ class MilvusEngine(Engine):
         schema.add_field("in_stock", DataType.BOOL)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=data.dim)
         index_params = client.prepare_index_params()
+        # pymilvus 3 flattens `params` into the request while milvus-lite 3.2 reads only a "params" entry (and
+        # silently builds nlist=128 otherwise): nest it once more so the list count arrives.
         index_params.add_index(field_name="vector", index_type=self.index_type, metric_type="IP",
-                               params={"nlist": self.params.nlist})
+                               params={"params": {"nlist": self.params.nlist}})
         client.create_collection("vectors", schema=schema, index_params=index_params)
         batch = 10_000
         for start in range(0, data.n, batch):
@@ -342,9 +386,14 @@ class MilvusEngine(Engine):
         build_s = time.perf_counter() - started
         self._client = client
         size = sum(f.stat().st_size for f in self.work_dir.rglob("*") if f.is_file())
+        built = client.describe_index("vectors", "vector")  # what the server says it built, not what we asked
+        built_params = built.get("params") or {}
+        if isinstance(built_params, str):
+            built_params = json.loads(built_params)
+        built.setdefault("nlist", built_params.get("nlist", "default"))
         return BuildReport(build_s=build_s, bytes_per_vector=size / data.n,
                            bytes_basis="files on disk: float32 vectors + attributes + index",
-                           index=f"{self.index_type}(nlist={self.params.nlist})")
+                           index=f"{built.get('index_type')}(nlist={built['nlist']})")
 
     def search(self, query: np.ndarray, knob: int, selectivity: float | None) -> list[int]:
         kwargs = {}
@@ -410,7 +459,9 @@ async def run_queries(engine: Engine, queries: np.ndarray, knob: int, selectivit
     if concurrency == 1:
         sync_worker()
     else:
-        with ThreadPoolExecutor(concurrency) as pool:
+        # OpenMP's thread count is per thread in faiss: give the workers this thread's setting.
+        with ThreadPoolExecutor(concurrency, initializer=faiss.omp_set_num_threads,
+                                initargs=(faiss.omp_get_max_threads(),)) as pool:
             futures = [pool.submit(sync_worker) for _ in range(concurrency)]
             for f in futures:
                 await asyncio.wrap_future(f)
@@ -425,7 +476,56 @@ class EngineResult:
     sweep: list[dict] = field(default_factory=list)
     matched: dict[str, dict] = field(default_factory=dict)
     filtered: dict[str, dict] = field(default_factory=dict)
+    profile: dict | None = None
     error: str | None = None
+
+
+async def profile_engine(engine: Engine, queries: np.ndarray, knob: int, cfg: CompareConfig) -> dict:
+    """py-spy (sampling, non-blocking) on this process and the engine's server processes while `concurrency`
+    clients search for `profile_s` seconds; returns the hottest functions of each process."""
+    targets = {"client": os.getpid(), **getattr(engine, "profile_targets", dict)()}
+    cfg.profile_dir.mkdir(parents=True, exist_ok=True)
+    spies = {}
+    for proc_name, pid in targets.items():
+        out = cfg.profile_dir / f"{engine.name}-{proc_name}.txt"
+        spies[proc_name] = (out, await asyncio.create_subprocess_exec(
+            str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration",
+            str(int(cfg.profile_s)), "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(out),
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+    deadline = time.perf_counter() + cfg.profile_s
+    rounds = 0
+    while time.perf_counter() < deadline:
+        await run_queries(engine, queries, knob, None, cfg.concurrency)
+        rounds += 1
+    summary = {"seconds": cfg.profile_s, "knob": knob, "rounds": rounds, "processes": {}}
+    for proc_name, (out, spy) in spies.items():
+        await spy.wait()
+        if out.exists():
+            summary["processes"][proc_name] = {"file": str(out), "top": hottest_functions(out.read_text())}
+    return summary
+
+
+def hottest_functions(collapsed: str, *, top: int = 12) -> list[dict]:
+    """From py-spy's raw (collapsed) stacks: the functions with the largest share of samples, self and inclusive."""
+    total = 0
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
+                  if " (" in f else f for f in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+    if not total:
+        return []
+    hottest = sorted(own.items(), key=lambda kv: -kv[1])[:top]
+    return [{"function": f, "self_pct": round(100 * c / total, 1), "inclusive_pct": round(100 * inclusive[f] / total, 1)}
+            for f, c in hottest]
 
 
 async def measure_engine(engine: Engine, data: BenchData, truth: np.ndarray,
@@ -460,6 +560,9 @@ async def measure_engine(engine: Engine, data: BenchData, truth: np.ndarray,
         result.matched[f"{target:.2f}"] = {"reached": True, "single": asdict(chosen), "concurrent": asdict(conc)}
         log.info("%s: target %.2f at %s=%d: single %.0f qps, %d-way %.0f qps p50=%.2fms p99=%.2fms", engine.name,
                  target, engine.knob, chosen.knob, chosen.qps, cfg.concurrency, conc.qps, conc.p50_ms, conc.p99_ms)
+    matched = result.matched.get(f"{cfg.filter_target:.2f}", {})
+    if cfg.profile_s > 0 and cfg.profile_dir is not None and matched.get("reached"):
+        result.profile = await profile_engine(engine, queries, matched["single"]["knob"], cfg)
     # Filtered recall at the setting matched to the filter target (or the best one reached).
     at = next((p for p in points if p.recall >= cfg.filter_target), max(points, key=lambda p: p.recall))
     fq = queries[: cfg.filter_queries]
@@ -493,7 +596,15 @@ class CompareConfig:
     concurrency: int = 8
     # OpenMP threads of this process' faiss, builds included (the shard searches with 1 per query).
     faiss_threads: int = 1
+    # Fixed IVF list count for every engine (passed to the shards as --nlist); 0: the shard's sqrt rule.
+    nlist: int = 0
     milvus_index: str = "IVF_SQ8"
+    # Grocery photos (train = catalogue, val = queries) instead of synthetic vectors; None: synthetic.
+    grocery_dir: Path | None = None
+    embeddings_cache: Path | None = None
+    # py-spy profiles (client, broker, shard) of the recall-0.95 setting under concurrency, this many seconds.
+    profile_s: float = 0.0
+    profile_dir: Path | None = None
     work_dir: Path | None = None
     out_json: Path = Path("docs/bench/compare.json")
     plot_dir: Path | None = Path("docs/bench")
@@ -511,7 +622,14 @@ class CompareConfig:
         p.add_argument("--nprobes", default=",".join(map(str, DEFAULT_NPROBES)))
         p.add_argument("--concurrency", type=int, default=cls.concurrency)
         p.add_argument("--faiss-threads", type=int, default=cls.faiss_threads)
+        p.add_argument("--nlist", type=int, default=0, help="IVF lists for every engine; 0: the shard's rule")
         p.add_argument("--milvus-index", default=cls.milvus_index, choices=("IVF_SQ8", "IVF_FLAT", "HNSW", "FLAT"))
+        p.add_argument("--grocery", type=Path, default=None, metavar="DATA_DIR",
+                       help="real data: embed the grocery photos under DATA_DIR/grocery (e.g. ../shared/data)")
+        p.add_argument("--embeddings-cache", type=Path, default=None, help=".npz keeping the grocery embeddings")
+        p.add_argument("--profile-s", type=float, default=0.0,
+                       help="py-spy the client, broker and shard processes this long at the 0.95 setting")
+        p.add_argument("--profile-dir", type=Path, default=Path("docs/bench/profiles"))
         p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
         p.add_argument("--out", type=Path, default=cls.out_json)
         p.add_argument("--plots", default="docs/bench", help="plot directory; empty for none")
@@ -523,7 +641,9 @@ class CompareConfig:
         return cls(n_vectors=a.vectors, dim=a.dim, n_queries=a.queries, filter_queries=a.filter_queries,
                    clusters=a.clusters, seed=a.seed, engines=engines,
                    nprobes=tuple(int(x) for x in a.nprobes.split(",")), concurrency=a.concurrency,
-                   faiss_threads=a.faiss_threads, milvus_index=a.milvus_index, work_dir=a.work_dir,
+                   faiss_threads=a.faiss_threads, nlist=a.nlist, milvus_index=a.milvus_index, grocery_dir=a.grocery,
+                   embeddings_cache=a.embeddings_cache, profile_s=a.profile_s, profile_dir=a.profile_dir,
+                   work_dir=a.work_dir,
                    out_json=a.out, plot_dir=Path(a.plots) if a.plots else None)
 
 
@@ -545,27 +665,48 @@ def machine_info() -> dict:
             "load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "versions": versions}
 
 
-def make_engine(name: str, cfg: CompareConfig, params: IndexParams, work_dir: Path) -> Engine:
+def shard_config(cfg: CompareConfig) -> ShardConfig:
+    """The shard settings of the run: the defaults, with the list count fixed when asked."""
+    return ShardConfig(data_dir=Path("."), nlist=cfg.nlist)
+
+
+def make_engine(name: str, cfg: CompareConfig, params: IndexParams, work_dir: Path, tiers: dict) -> Engine:
     if name == "faiss":
         return FaissEngine(params, cfg.nprobes)
     if name == "lancedb":
         return LanceEngine(params, cfg.nprobes, work_dir)
     if name == "milvus":
         return MilvusEngine(params, cfg.nprobes, work_dir, cfg.milvus_index)
-    from shard_server.compare_grpc import ShardTierEngine  # noqa: PLC0415 - only for the gRPC engines
+    from shard_server.compare_grpc import ShardTier, ShardTierEngine  # noqa: PLC0415 - gRPC engines only
 
     shards = 1 if name == "shard" else int(name.removeprefix("broker-"))
-    return ShardTierEngine(params, cfg.nprobes, work_dir, shards=shards, via_broker=name != "shard",
-                           search_threads=max(4, cfg.concurrency))
+    if shards not in tiers:
+        tiers[shards] = ShardTier(work_dir, shards=shards, search_threads=max(4, cfg.concurrency),
+                                  config=shard_config(cfg))
+    return ShardTierEngine(params, cfg.nprobes, tiers[shards], via_broker=name != "shard")
+
+
+def _last_users(engines: Sequence[str]) -> dict[int, str]:
+    """Shard count -> the last engine in the run that searches that tier (the tier is closed after it)."""
+    last = {}
+    for name in engines:
+        if name == "shard":
+            last[1] = name
+        elif name.startswith("broker-"):
+            last[int(name.removeprefix("broker-"))] = name
+    return last
 
 
 async def run(cfg: CompareConfig) -> dict:
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t_start = time.perf_counter()
     faiss.omp_set_num_threads(cfg.faiss_threads)
-    data = synthetic_data(n=cfg.n_vectors, dim=cfg.dim, n_queries=cfg.n_queries, seed=cfg.seed,
-                          clusters=cfg.clusters)
-    params = IndexParams.of_shard(data.n)
+    if cfg.grocery_dir is not None:
+        data = grocery_data(cfg.grocery_dir, cache=cfg.embeddings_cache)
+    else:
+        data = synthetic_data(n=cfg.n_vectors, dim=cfg.dim, n_queries=cfg.n_queries, seed=cfg.seed,
+                              clusters=cfg.clusters)
+    params = IndexParams.of_shard(data.n, shard_config(cfg))
     log.info("data: %s; index params %s", data.description, params)
     truth = ground_truth(data, None)
     filtered_truth = {s: ground_truth(data, s, queries=data.queries[: cfg.filter_queries])
@@ -573,20 +714,25 @@ async def run(cfg: CompareConfig) -> dict:
     work_dir = cfg.work_dir or Path(tempfile.mkdtemp(prefix="imgsearch-compare-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
+    tiers: dict = {}
+    last_users = _last_users(cfg.engines)
     try:
         for name in cfg.engines:
-            engine = make_engine(name, cfg, params, work_dir)
+            engine = make_engine(name, cfg, params, work_dir, tiers)
             try:
                 res = await measure_engine(engine, data, truth, filtered_truth, cfg)
             except Exception as exc:  # one engine failing must not lose the others' numbers
                 log.exception("%s failed", engine.name)
                 res = EngineResult(name=engine.name, knob=engine.knob, error=f"{type(exc).__name__}: {exc}")
             finally:
-                closing = engine.close()
-                if asyncio.iscoroutine(closing):
-                    await closing
+                engine.close()
+                for shards, last in last_users.items():
+                    if last == name and shards in tiers:
+                        await tiers.pop(shards).close()
             results[engine.name] = asdict(res)
     finally:
+        for tier in tiers.values():
+            await tier.close()
         if cfg.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
     return {

@@ -91,18 +91,145 @@ def plot_loadtest(report: dict, out_dir: Path, *, stem: str = "loadtest") -> lis
     ax.set_title("Broker latency by stage (StageTimings)", fontsize=9)
     ax.legend(fontsize=7)
     ax = axes[1]
-    ax.plot(labels, [s["qps"] for s in steps], marker="o", label="throughput")
+    xs = list(range(len(steps)))
+    ax.plot(xs, [s["qps"] for s in steps], marker="o", label="throughput (left axis)")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels)
     ax.set_xlabel("concurrent clients")
     ax.set_ylabel("searches per second")
     ax2 = ax.twinx()
-    ax2.plot(labels, [s["client"]["p99_ms"] for s in steps], marker="s", color="tab:red", label="client p99")
-    ax2.plot(labels, [s["client"]["p50_ms"] for s in steps], marker="^", color="tab:orange", label="client p50")
+    ax2.plot(xs, [s["client"]["p99_ms"] for s in steps], marker="s", color="tab:red", label="client p99")
+    ax2.plot(xs, [s["client"]["p50_ms"] for s in steps], marker="^", color="tab:orange", label="client p50")
     ax2.set_ylabel("client-side latency, ms")
     ax.set_title("Throughput and client latency", fontsize=9)
-    fig.legend(fontsize=7, loc="lower right")
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="upper left")
     fig.suptitle(f"Full-stack load test (image queries, Triton on CPU); {_subtitle(report)}", fontsize=9)
     fig.tight_layout()
     path = out_dir / f"{stem}-stages.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
+
+
+# ------------------------------------------------------------------------------------------ markdown tables
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def comparison_tables(report: dict) -> str:
+    """Markdown tables of an engine-comparison report (docs/benchmarks.md is written from these)."""
+    engines = report["engines"]
+    out = ["| engine | index | build s | bytes/vector | what the bytes count |", "|---|---|---:|---:|---|"]
+    for name, e in engines.items():
+        if e.get("error"):
+            out.append(f"| {name} | failed: {e['error']} | | | |")
+            continue
+        b = e["build"]
+        out.append(f"| {name} | {b['index']} | {b['build_s']:.1f} | {b['bytes_per_vector']:.0f} | {b['bytes_basis']} |")
+    conc = report.get("concurrency")
+    for target in (f"{t:.2f}" for t in report.get("targets", [])):
+        out += ["", f"**recall@10 >= {target}** (cheapest nprobe that reaches it; 1 client, then {conc} clients)", "",
+                f"| engine | nprobe | recall@10 | QPS (1) | p50 ms (1) | p99 ms (1) | QPS ({conc}) | p50 ms ({conc}) "
+                f"| p99 ms ({conc}) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, e in engines.items():
+            m = e.get("matched", {}).get(target)
+            if not m:
+                continue
+            if not m["reached"]:
+                out.append(f"| {name} | - | not reached (best {m['best_recall']:.3f} at {m['knob']}) | | | | | | |")
+                continue
+            s, c = m["single"], m["concurrent"]
+            out.append(f"| {name} | {s['knob']} | {s['recall']:.3f} | {s['qps']:.0f} | {_ms(s['p50_ms'])} | "
+                       f"{_ms(s['p99_ms'])} | {c['qps']:.0f} | {_ms(c['p50_ms'])} | {_ms(c['p99_ms'])} |")
+    sels = [f"{s:g}" for s in report.get("selectivities", [])]
+    out += ["", f"**Filtered recall@10** (price filter keeping the given fraction; each engine at its "
+            f"recall-{report.get('filter_target')} nprobe; recall / p50 ms)", "",
+            "| engine | nprobe | " + " | ".join(f"{float(s) * 100:g} %" for s in sels) + " |",
+            "|---|---:|" + "---:|" * len(sels)]
+    for name, e in engines.items():
+        f = e.get("filtered") or {}
+        if not f:
+            continue
+        knob = next(iter(f.values()))["knob"]
+        cells = [f"{f[s]['recall']:.3f} / {_ms(f[s]['p50_ms'])}" if s in f else "-" for s in sels]
+        out.append(f"| {name} | {knob} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def target_check(report: dict, *, target: str = "0.95") -> str:
+    """The issue's targets, measured: broker vs in-process faiss latency, filtered recall, QPS vs the others."""
+    engines = report["engines"]
+    lines = []
+    faiss_m = engines.get("faiss", {}).get("matched", {}).get(target)
+    for name, e in engines.items():
+        if not name.startswith("broker-") or e.get("error"):
+            continue
+        m = e.get("matched", {}).get(target)
+        if not (m and m["reached"] and faiss_m and faiss_m["reached"]):
+            continue
+        for mode in ("single", "concurrent"):
+            b, f = m[mode], faiss_m[mode]
+            lines.append(f"- {name} vs faiss ({mode}, recall {target}): p50 {b['p50_ms']:.2f} / {f['p50_ms']:.2f} ms "
+                         f"= {b['p50_ms'] / f['p50_ms']:.1f}x (target <= 2x); p99 {b['p99_ms']:.2f} / "
+                         f"{f['p99_ms']:.2f} ms = {b['p99_ms'] / f['p99_ms']:.1f}x (target <= 3x)")
+    for name, e in engines.items():
+        f = e.get("filtered") or {}
+        if f:
+            worst = min(f.items(), key=lambda kv: kv[1]["recall"])
+            verdict = "meets" if worst[1]["recall"] >= 0.95 else "misses"
+            lines.append(f"- {name}: lowest filtered recall@10 {worst[1]['recall']:.3f} at {float(worst[0]) * 100:g} % "
+                         f"selectivity ({verdict} >= 0.95)")
+    qps = {n: e["matched"][target]["single"]["qps"] for n, e in engines.items()
+           if not e.get("error") and e.get("matched", {}).get(target, {}).get("reached")}
+    if qps:
+        lines.append(f"- single-client QPS at recall {target}: " + ", ".join(
+            f"{n} {q:.0f}" for n, q in sorted(qps.items(), key=lambda kv: -kv[1])))
+    return "\n".join(lines) + "\n"
+
+
+def loadtest_tables(report: dict) -> str:
+    stages = list(STAGES)
+    out = ["| clients | requests | QPS | client p50 / p99 ms | " + " | ".join(f"{s} p50 / p99 ms" for s in stages)
+           + " | cache | partial | errors |", "|---:|---:|---:|---:|" + "---:|" * len(stages) + "---|---:|---|"]
+    for s in report["steps"]:
+        cells = [f"{_ms(s['stages'][st]['p50_ms'])} / {_ms(s['stages'][st]['p99_ms'])}" for st in stages]
+        out.append(f"| {s['concurrency']} | {s['requests']} | {s['qps']:.1f} | {_ms(s['client']['p50_ms'])} / "
+                   f"{_ms(s['client']['p99_ms'])} | " + " | ".join(cells)
+                   + f" | {s['cache']} | {s['partial']} | {s['errors'] or '-'} |")
+    k = report.get("shard_killed")
+    if k:
+        out += ["", f"**{k['victim']} SIGKILLed at t={k['killed_at_s']} s** ({k['concurrency']} clients)", "",
+                "| window | requests | complete | partial | errors | client p50 / p99 ms | cache |",
+                "|---|---:|---:|---:|---|---:|---|"]
+        for label in ("before", "after"):
+            w = k[label]
+            ok = sum(w["cache"].values())
+            out.append(f"| {label} | {w['requests']} | {ok - w['partial']} | {w['partial']} | {w['errors'] or '-'} | "
+                       f"{_ms(w['client']['p50_ms'])} / {_ms(w['client']['p99_ms'])} | {w['cache']} |")
+        out += ["", "| t (s) | complete | partial | errors | p50 ms |", "|---:|---:|---:|---:|---:|"]
+        for row in k["timeline"]:
+            out.append(f"| {row['t_s']} | {row['complete']} | {row['partial']} | {row['errors']} | {_ms(row['p50_ms'])} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m shard_server.compare_plots REPORT.json ...: print the markdown tables of each report."""
+    import json
+    import sys
+
+    for path in (argv if argv is not None else sys.argv[1:]):
+        report = json.loads(Path(path).read_text())
+        print(f"<!-- tables from {path} -->")
+        if report.get("kind") == "full-stack-loadtest":
+            print(loadtest_tables(report))
+        else:
+            print(comparison_tables(report))
+            print(target_check(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

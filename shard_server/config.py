@@ -48,7 +48,7 @@ class ShardConfig:
     nprobe: int = 16
     max_nprobe: int = 1024
     # PQ candidates re-ranked with the exact vectors: top_k * rerank_factor.
-    rerank_factor: int = 10
+    rerank_factor: int = 20
     # A partition is trained once it holds train_points_per_centroid * nlist vectors...
     train_points_per_centroid: int = 39
     # ...and k-means sees at most this many points per centroid (a sample; keeps training time bounded).

@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 import pytest
+from imgsearch.errors import UnavailableError
 from PIL import Image
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable
@@ -45,7 +46,7 @@ class StubEmbedder:
 class StubCache:
     def __init__(self, matches=(), error: bool = False):
         self.matches, self.error = list(matches), error
-        self.lookups, self.upserts = 0, []
+        self.lookups, self.upserts, self.deletes = 0, [], []
 
     async def lookup(self, phash, dhash):
         self.lookups += 1
@@ -61,6 +62,7 @@ class StubCache:
     async def delete(self, image_id):
         if self.error:
             raise CacheUnavailable("down")
+        self.deletes.append(image_id)
 
 
 class StubPool:
@@ -182,3 +184,14 @@ async def test_invalid_queries(query):
 
     with pytest.raises(InvalidArgumentError):
         await _broker(None, StubEmbedder(_unit(0))).search(query, timeout_s=1)
+
+
+async def test_delete_clears_the_cache_even_when_a_shard_write_fails():
+    class DownPool(StubPool):
+        async def delete(self, image_ids, *, timeout_s):
+            raise UnavailableError("shard down")
+
+    cache = StubCache()
+    with pytest.raises(UnavailableError):
+        await _broker(cache, StubEmbedder(_unit(0)), DownPool()).delete(["gone"], timeout_s=1)
+    assert cache.deletes == ["gone"]  # no stale duplicate answers for a deleted image

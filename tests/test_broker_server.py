@@ -47,12 +47,23 @@ async def _health(channel) -> int:
     ).status
 
 
+async def _reflected_services(channel) -> list[str]:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    async for response in stub.ServerReflectionInfo(iter([request]), timeout=2):
+        return [s.name for s in response.list_services_response.service]
+    return []
+
+
 async def test_not_serving_until_dependencies_reachable_and_typed_errors():
     handle = await start_broker(_config())
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
             await asyncio.sleep(0.6)
             assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert "imgsearch.v1.BrokerService" in await _reflected_services(channel)
         async with BrokerClient(f"127.0.0.1:{handle.port}", timeout_s=3) as client:
             stats = await client.stats()
             assert [(s.shard, s.reachable) for s in stats] == [("s0", False), ("s1", False)]

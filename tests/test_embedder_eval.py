@@ -114,3 +114,5 @@ def test_eval_cli_on_a_tiny_catalogue(tiny_catalogues, capsys):
     assert result["recall@1"] >= 0.8
     assert 0 <= result["map@r"] <= 1
     assert "R@1" in capsys.readouterr().out
+    assert evaluate.main(["--show", str(out), "--markdown"]) == 0
+    assert "| queries_vs_gallery | 6 | 9 |" in capsys.readouterr().out

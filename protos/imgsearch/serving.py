@@ -48,6 +48,37 @@ GRPC_HANDLING_SECONDS = Histogram(
 )
 BUILD_INFO = Gauge("imgsearch_build_info", "Build information; always 1.", ["component", "version"])
 
+# A health "service" that is SERVING for as long as the process runs: Kubernetes liveness probes ask for it,
+# so a broker whose dependencies are down turns unready (readiness: service "") without being restarted.
+LIVENESS_SERVICE = "imgsearch.liveness"
+
+
+def _rpc_type(method) -> str:
+    if method.client_streaming and method.server_streaming:
+        return "bidi_stream"
+    if method.client_streaming:
+        return "client_stream"
+    if method.server_streaming:
+        return "server_stream"
+    return "unary"
+
+
+def preinitialise_rpc_metrics(service_names: Iterable[str]) -> None:
+    """Create the series of every method up front, so that rate() sees the first calls after a restart."""
+    from google.protobuf import descriptor_pool
+
+    pool = descriptor_pool.Default()
+    for name in service_names:
+        try:
+            service = pool.FindServiceByName(name)
+        except KeyError:
+            continue
+        for method in service.methods:
+            labels = (_rpc_type(method), name, method.name)
+            GRPC_STARTED.labels(*labels)
+            GRPC_HANDLING_SECONDS.labels(*labels)
+            GRPC_HANDLED.labels(*labels, "OK")
+
 
 def _split_method(full_method: str) -> tuple[str, str]:
     # "/imgsearch.v1.ShardService/Search" -> ("imgsearch.v1.ShardService", "Search")
@@ -167,6 +198,7 @@ class GrpcService:
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self._grace_s if grace_s is None else grace_s)
 
     async def wait(self) -> None:
@@ -193,6 +225,7 @@ async def start_grpc_service(
         ],
     )
     names = list(register(server))
+    preinitialise_rpc_metrics(names)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -217,6 +250,7 @@ async def start_grpc_service(
     await server.start()
     service = GrpcService(server, port, health_servicer, names, metrics_port, options.shutdown_grace_s)
     await service.set_serving(False)
+    await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return service
 
 

@@ -1,0 +1,106 @@
+"""The engine comparison (shard_server.compare) on a small catalogue, every engine real: faiss in process, shard
+processes over gRPC, the broker process over them, embedded LanceDB and Milvus Lite."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from shard_server.compare import (
+    CompareConfig,
+    IndexParams,
+    ground_truth,
+    recall_at_k,
+    run,
+    synthetic_data,
+)
+from shard_server.compare_plots import plot_comparison
+from shard_server.config import ShardConfig
+
+
+def test_index_params_are_the_shards():
+    config = ShardConfig(data_dir=".")
+    params = IndexParams.of_shard(200_000)
+    assert params.nlist == config.nlist_for(200_000)
+    assert params.factory == config.factory_for(params.nlist)
+    assert (params.pq_m, params.pq_bits) == (64, 4)  # "PQ64x4fs"
+    assert params.rerank_factor == config.rerank_factor
+    assert IndexParams.of_shard(200_000, ShardConfig(data_dir=".", nlist=32)).nlist == 32
+
+
+def test_synthetic_data_is_deterministic_with_known_selectivities():
+    a = synthetic_data(n=6000, dim=32, n_queries=5, seed=3)
+    b = synthetic_data(n=6000, dim=32, n_queries=5, seed=3)
+    assert np.array_equal(a.vectors, b.vectors) and np.array_equal(a.queries, b.queries)
+    assert np.array_equal(a.prices, b.prices) and a.colours == b.colours
+    assert np.allclose(np.linalg.norm(a.vectors, axis=1), 1.0, atol=1e-5)
+    for selectivity, tolerance in ((0.5, 0.03), (0.1, 0.015), (0.01, 0.005)):
+        assert abs(a.mask(selectivity).mean() - selectivity) < tolerance
+    assert not np.array_equal(a.vectors, synthetic_data(n=6000, dim=32, n_queries=5, seed=4).vectors)
+
+
+def test_ground_truth_and_recall():
+    data = synthetic_data(n=3000, dim=16, n_queries=20, seed=1)
+    truth = ground_truth(data, None)
+    scores = data.queries @ data.vectors.T
+    assert np.array_equal(truth[:, 0], scores.argmax(axis=1))
+    filtered = ground_truth(data, 0.01)
+    mask = data.mask(0.01)
+    assert all(mask[r] for r in filtered.ravel() if r >= 0)
+    assert recall_at_k(truth, truth) == 1.0
+    assert recall_at_k([row[:5] for row in truth], truth) == 0.5
+
+
+def small_run(tmp_path, engines: tuple[str, ...]) -> dict:
+    # nlist 32: every shard (4000 and 2 x 2000 vectors) passes the training threshold, so the shards answer
+    # from IVF-PQ and the nprobe knob reaches them; filters below 20k rows are exact scans in the shard.
+    cfg = CompareConfig(n_vectors=4000, dim=64, n_queries=40, filter_queries=20, nlist=32, engines=engines,
+                        nprobes=(1, 4, 32), concurrency=2, work_dir=tmp_path / "work",
+                        out_json=tmp_path / "compare.json", plot_dir=tmp_path)
+    return asyncio.run(run(cfg))
+
+
+def test_faiss_shard_and_broker_side_by_side(tmp_path):
+    engines = ("faiss", "shard", "broker-1", "broker-2")
+    report = small_run(tmp_path, engines)
+    json.dumps(report)  # the report is plain JSON
+    engines = report["engines"]
+    assert tuple(engines) == ("faiss", "shard", "broker-1", "broker-2")
+    for name, e in engines.items():
+        assert e["error"] is None, (name, e["error"])
+        assert e["build"]["build_s"] > 0 and e["build"]["bytes_per_vector"] > 0
+        recalls = [p["recall"] for p in e["sweep"]]
+        assert recalls[-1] >= 0.9, (name, e["sweep"])
+        assert set(e["filtered"]) == {"0.5", "0.1", "0.01", "0.001"}
+    assert "IVF32,PQ64x4fs" in engines["shard"]["build"]["index"]
+    # Same index parameters: the shard over gRPC finds what faiss in process finds, knob for knob.
+    faiss_by_knob = {p["knob"]: p["recall"] for p in engines["faiss"]["sweep"]}
+    for p in engines["shard"]["sweep"]:
+        assert abs(p["recall"] - faiss_by_knob[p["knob"]]) <= 0.15, (p, faiss_by_knob)
+    assert engines["shard"]["sweep"][0]["recall"] < engines["shard"]["sweep"][-1]["recall"]
+    # The broker adds a hop, not an error: over one shard it returns exactly the shard's answers' recall.
+    assert [p["recall"] for p in engines["broker-1"]["sweep"]] == [p["recall"] for p in engines["shard"]["sweep"]]
+    for name in ("shard", "broker-1", "broker-2"):
+        for selectivity, point in engines[name]["filtered"].items():
+            assert point["recall"] >= 0.95, (name, selectivity, point)
+    reached = engines["faiss"]["matched"]["0.90"]
+    assert reached["reached"] and reached["concurrent"]["qps"] > 0 and reached["concurrent"]["concurrency"] == 2
+    paths = plot_comparison(report, tmp_path, stem="compare")
+    assert [p.name for p in paths] == ["compare-recall-qps.png", "compare-filtered-recall.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_lancedb_and_milvus_lite_on_the_same_data(tmp_path):
+    pytest.importorskip("lancedb", reason="needs the bench extra: pip install -e '.[bench]'")
+    pytest.importorskip("pymilvus", reason="needs the bench extra: pip install -e '.[bench]'")
+    report = small_run(tmp_path, ("lancedb", "milvus"))
+    for name, e in report["engines"].items():
+        assert e["error"] is None, (name, e["error"])
+        assert [p["knob"] for p in e["sweep"]][0] == 1
+        assert e["sweep"][-1]["recall"] >= 0.9, (name, e["sweep"])
+    # The list count reaches the engines (milvus-lite silently falls back to 128 lists when it does not).
+    assert "num_partitions=32" in report["engines"]["lancedb"]["build"]["index"]
+    assert report["engines"]["milvus"]["build"]["index"] == "IVF_SQ8(nlist=32)"
