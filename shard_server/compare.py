@@ -549,6 +549,8 @@ async def measure_engine(engine: Engine, data: BenchData, truth: np.ndarray,
                  point.recall, point.qps, point.p50_ms, point.p99_ms)
         if point.recall >= cfg.stop_recall:
             break
+        if len(points) >= 3 and points[-1].recall - points[-3].recall < 0.002:
+            break  # a plateau (quantisation-bound): more lists only cost time
     for target in cfg.targets:
         chosen = next((p for p in points if p.recall >= target), None)
         if chosen is None:
@@ -697,7 +699,8 @@ def _last_users(engines: Sequence[str]) -> dict[int, str]:
     return last
 
 
-async def run(cfg: CompareConfig) -> dict:
+async def run(cfg: CompareConfig, *, on_engine_done=None) -> dict:
+    """The whole comparison; `on_engine_done(report)` gets the report so far after every engine."""
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     t_start = time.perf_counter()
     faiss.omp_set_num_threads(cfg.faiss_threads)
@@ -711,6 +714,7 @@ async def run(cfg: CompareConfig) -> dict:
     truth = ground_truth(data, None)
     filtered_truth = {s: ground_truth(data, s, queries=data.queries[: cfg.filter_queries])
                       for s in cfg.selectivities}
+    report = _report_factory(cfg, data, params, started_at, t_start, machine_info())
     work_dir = cfg.work_dir or Path(tempfile.mkdtemp(prefix="imgsearch-compare-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -730,35 +734,50 @@ async def run(cfg: CompareConfig) -> dict:
                     if last == name and shards in tiers:
                         await tiers.pop(shards).close()
             results[engine.name] = asdict(res)
+            if on_engine_done is not None:
+                on_engine_done(report(results, complete=False))
     finally:
         for tier in tiers.values():
             await tier.close()
         if cfg.work_dir is None:
             shutil.rmtree(work_dir, ignore_errors=True)
-    return {
-        "kind": "engine-comparison",
-        "started_at": started_at,
-        "duration_s": round(time.perf_counter() - t_start, 1),
-        "command": "python -m shard_server.compare " + " ".join(sys.argv[1:]),
-        "machine": {**machine_info(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "data": data.description,
-        "index_params": asdict(params),
-        "top_k": TOP_K,
-        "concurrency": cfg.concurrency,
-        "faiss_threads": cfg.faiss_threads,
-        "targets": list(cfg.targets),
-        "filter_target": cfg.filter_target,
-        "selectivities": list(cfg.selectivities),
-        "engines": results,
-    }
+    return report(results, complete=True)
+
+
+def _report_factory(cfg: CompareConfig, data: BenchData, params: IndexParams, started_at: str, t_start: float,
+                    machine: dict):
+    def report(results: dict, *, complete: bool) -> dict:
+        return {
+            "kind": "engine-comparison",
+            "complete": complete,
+            "started_at": started_at,
+            "duration_s": round(time.perf_counter() - t_start, 1),
+            "command": "python -m shard_server.compare " + " ".join(sys.argv[1:]),
+            "machine": {**machine, "load_avg_now": [round(x, 2) for x in os.getloadavg()]},
+            "data": data.description,
+            "index_params": asdict(params),
+            "top_k": TOP_K,
+            "concurrency": cfg.concurrency,
+            "faiss_threads": cfg.faiss_threads,
+            "targets": list(cfg.targets),
+            "filter_target": cfg.filter_target,
+            "selectivities": list(cfg.selectivities),
+            "engines": dict(results),
+        }
+
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = CompareConfig.from_args(argv)
-    report = asyncio.run(run(cfg))
     cfg.out_json.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out_json.write_text(json.dumps(report, indent=2) + "\n")
+
+    def write(report: dict) -> None:  # after every engine too, so a long run that is cut short keeps its numbers
+        cfg.out_json.write_text(json.dumps(report, indent=2) + "\n")
+
+    report = asyncio.run(run(cfg, on_engine_done=write))
+    write(report)
     log.info("wrote %s", cfg.out_json)
     if cfg.plot_dir is not None:
         from shard_server.compare_plots import plot_comparison  # noqa: PLC0415 - matplotlib only here

@@ -18,6 +18,7 @@ import numpy as np
 
 from imgsearch.v1 import shard_pb2
 from shard_server import convert, metrics
+from shard_server.blas import limit_numpy_blas_threads
 from shard_server.attributes import validate_attributes, validate_filter
 from shard_server.config import ShardConfig
 from shard_server.errors import InvalidRequestError, RequestTooLargeError, WalError
@@ -50,6 +51,7 @@ def normalised(vector: np.ndarray, dim: int, what: str) -> np.ndarray:
 class ShardEngine:
     def __init__(self, config: ShardConfig):
         self.config = config
+        limit_numpy_blas_threads(1)  # per-query mat-vecs: parallelism comes from concurrent queries
         self.schema = config.attribute_kinds
         self.partitions: dict[str, Partition] = {}  # replaced, never mutated (readers need no lock)
         self.id_map: dict[str, tuple[str, int]] = {}  # image id -> (category, row); touched only when applying

@@ -145,7 +145,8 @@ class Partition:
         params = faiss.SearchParametersIVF(nprobe=nprobe)
         if selection is not None:
             params.sel = faiss.IDSelectorBitmap(len(selection.mask), faiss.swig_ptr(selection.bitmap))
-        k_candidates = min(k * self.config.rerank_factor, count)
+        wanted = min(k * self.config.rerank_factor, self.config.max_rerank_candidates)
+        k_candidates = min(max(k, wanted), count)
         _, labels = self.ivf.search(query[None, :], k_candidates, params=params)
         rows = labels[0][labels[0] >= 0]
         exact_scores = self.vectors.take(rows) @ query

@@ -20,7 +20,7 @@ from shard_server.columns import GrowableArray
 from shard_server.config import ShardConfig
 from shard_server.errors import SnapshotCorruptError
 from shard_server.partition import Partition
-from shard_server.vectors import STORAGE_DTYPE, VectorStore
+from shard_server.vectors import STORAGE_DTYPE, VectorStore, map_npy
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class SnapshotStore:
     def _load_partition(directory: Path, entry: dict, config: ShardConfig) -> Partition:
         partition = Partition(entry["category"], config)
         n = entry["rows"]
-        vectors = np.load(directory / "vectors.npy", mmap_mode="r")
+        vectors = map_npy(directory / "vectors.npy")
         alive = np.load(directory / "alive.npy")
         ids = json.loads((directory / "ids.json").read_text())
         with np.load(directory / "attributes.npz") as npz:
@@ -192,6 +192,6 @@ class SnapshotStore:
             partition = partitions.get(entry["category"])
             if partition is None or len(partition.image_ids) != entry["rows"]:
                 continue
-            mapped = np.load(path / entry["dir"] / "vectors.npy", mmap_mode="r")
+            mapped = map_npy(path / entry["dir"] / "vectors.npy")
             with partition.lock.write():
                 partition.vectors = VectorStore(partition.config.dimension, base=mapped)

@@ -6,11 +6,35 @@ what is hot; it is not anonymous process memory); rows written since live in a g
 
 from __future__ import annotations
 
+import mmap
+from pathlib import Path
+
 import numpy as np
 
 from shard_server.columns import GrowableArray
 
 STORAGE_DTYPE = np.float16
+
+
+def map_npy(path: Path) -> np.ndarray:
+    """A read-only view of a ``.npy`` file, memory-mapped with its page tables populated up front.
+
+    np.load(mmap_mode="r") maps lazily: every first touch of a page is a fault, and re-ranking 800 random rows
+    of a 1 GB file then costs ~10 ms instead of ~1.5 ms until the whole file has been touched once.
+    """
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(f)
+        offset = f.tell()
+        count = int(np.prod(shape))
+        if fortran_order or count == 0:
+            return np.load(path, mmap_mode="r") if count else np.empty(shape, dtype=dtype)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 class VectorStore:
