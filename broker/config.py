@@ -42,7 +42,7 @@ class BrokerConfig:
     # Near-duplicate rule (pHash AND dHash within these Hamming radii), confirmed by embedding similarity.
     near_phash_radius: int = 5
     near_dhash_radius: int = 5
-    near_min_similarity: float = 0.9
+    near_min_similarity: float = 0.8
     # Bearer token required in the `authorization` metadata of Ingest/IngestStream/Delete; None: open.
     write_token: str | None = None
     # CA certificate to verify the shards' TLS certificates; None: plaintext to the shards.
@@ -102,7 +102,7 @@ class BrokerConfig:
             default=int(env("IMGSEARCH_MAX_MESSAGE_BYTES", str(16 * 1024 * 1024))),
         )
         p.add_argument(
-            "--near-min-similarity", type=float, default=float(env("IMGSEARCH_NEAR_MIN_SIMILARITY", "0.9"))
+            "--near-min-similarity", type=float, default=float(env("IMGSEARCH_NEAR_MIN_SIMILARITY", "0.8"))
         )
         p.add_argument(
             "--write-token-file",

@@ -119,6 +119,7 @@ class Bench:
             self.result["restart_load_s"] = time.perf_counter() - t0
             queries = self.catalogue.queries(a.queries)
             truth = self.ground_truth(queries)
+            self.result["rpc_floor"] = self.measure_rpc_floor(shard.address)
             engine = self.load_in_process_copy()
             try:
                 self.result["search"] = self.measure_paired(shard, engine, queries, truth)
@@ -199,6 +200,22 @@ class Bench:
 
     def _requests(self, queries: np.ndarray, nprobe: int, flt: Filter = Filter()):
         return [convert.query_to_proto(SearchQuery(vector=q, top_k=10, nprobe=nprobe, filter=flt)) for q in queries]
+
+    def measure_rpc_floor(self, address: str) -> dict:
+        """Round trip of a near-empty RPC (gRPC health Check): the transport and scheduling floor."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        latencies = []
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            request = health_pb2.HealthCheckRequest(service="imgsearch.v1.ShardService")
+            for i in range(self.args.warmup + 500):
+                t0 = time.perf_counter()
+                stub.Check(request, timeout=30)
+                if i >= self.args.warmup:
+                    latencies.append(time.perf_counter() - t0)
+        floor = latency_summary(latencies)
+        print(f"  health Check RPC round trip: {floor}", flush=True)
+        return floor
 
     def load_in_process_copy(self) -> ShardEngine:
         """The shard's snapshot, hard-linked into a private data dir and loaded into this process."""
@@ -341,7 +358,10 @@ def markdown(result: dict) -> str:
             f"| {l['p99_ms']:.2f} | {x['grpc_over_in_process_p50']:.2f} "
             f"| {x['faiss_ivf_only_latency']['p50_ms']:.2f} | {x['qps_1_client']:.0f} | {x[qps_key]:.0f} |")
     lines += ["", "gRPC and in-process queries alternate one by one (same snapshot, hard-linked), so both see the "
-              "same machine load. In-process latency is `ShardEngine.search` (validation, IVF-PQ scan with the "
+              "same machine load. A near-empty RPC (gRPC health Check) takes "
+              f"{r['rpc_floor']['p50_ms']:.2f} ms p50 / {r['rpc_floor']['p99_ms']:.2f} ms p99 round trip on this "
+              "machine: the transport and scheduling floor that every gRPC figure includes. "
+              "In-process latency is `ShardEngine.search` (validation, IVF-PQ scan with the "
               "filter selector, exact re-rank, hit details); the faiss column is the bare IVF-PQ scan of "
               f"{r['rerank_factor']}x10 candidates.",
               "", "## Filtered search (gRPC, default nprobe)", "",

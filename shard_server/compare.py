@@ -505,6 +505,14 @@ async def profile_engine(engine: Engine, queries: np.ndarray, knob: int, cfg: Co
     return summary
 
 
+def _frame_name(frame: str) -> str:
+    """"search (/path/to/engine.py:120)" -> "search (engine.py)": one entry per function, not per line."""
+    name, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    return f"{name} ({where.split(':')[0].rsplit('/', 1)[-1].rstrip(')')})"
+
+
 def hottest_functions(collapsed: str, *, top: int = 12) -> list[dict]:
     """From py-spy's raw (collapsed) stacks: the functions with the largest share of samples, self and inclusive."""
     total = 0
@@ -516,8 +524,7 @@ def hottest_functions(collapsed: str, *, top: int = 12) -> list[dict]:
             continue
         n = int(count)
         total += n
-        frames = [f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].rsplit("/", 1)[-1]
-                  if " (" in f else f for f in stack.split(";")]
+        frames = [_frame_name(f) for f in stack.split(";")]
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + n
         own[frames[-1]] = own.get(frames[-1], 0) + n
@@ -551,14 +558,17 @@ async def measure_engine(engine: Engine, data: BenchData, truth: np.ndarray,
             break
         if len(points) >= 3 and points[-1].recall - points[-3].recall < 0.002:
             break  # a plateau (quantisation-bound): more lists only cost time
+    concurrent: dict[int, Point] = {}
     for target in cfg.targets:
         chosen = next((p for p in points if p.recall >= target), None)
         if chosen is None:
             best = max(points, key=lambda p: p.recall)
             result.matched[f"{target:.2f}"] = {"reached": False, "best_recall": best.recall, "knob": best.knob}
             continue
-        found, lat, wall = await run_queries(engine, queries, chosen.knob, None, cfg.concurrency)
-        conc = _summary(chosen.knob, lat, wall, recall_at_k(found, truth), cfg.concurrency)
+        if chosen.knob not in concurrent:  # targets often share a setting: measure each setting once
+            found, lat, wall = await run_queries(engine, queries, chosen.knob, None, cfg.concurrency)
+            concurrent[chosen.knob] = _summary(chosen.knob, lat, wall, recall_at_k(found, truth), cfg.concurrency)
+        conc = concurrent[chosen.knob]
         result.matched[f"{target:.2f}"] = {"reached": True, "single": asdict(chosen), "concurrent": asdict(conc)}
         log.info("%s: target %.2f at %s=%d: single %.0f qps, %d-way %.0f qps p50=%.2fms p99=%.2fms", engine.name,
                  target, engine.knob, chosen.knob, chosen.qps, cfg.concurrency, conc.qps, conc.p50_ms, conc.p99_ms)

@@ -59,10 +59,15 @@ class ShardConfig:
     kmeans_iterations: int = 15
     # A trained partition is rebuilt in the background (larger nlist) once it has grown by this factor.
     retrain_growth_factor: float = 4.0
-    # Filters matching at most this many vectors are answered by an exact scan of just those vectors.
-    exact_scan_max_rows: int = 20_000
-    # Filters matching less than this fraction of a partition probe more lists (nprobe / selectivity).
-    wide_probe_below_selectivity: float = 0.5
+    # Filters matching at most this many vectors are answered by an exact scan of just those vectors (recall 1,
+    # ~1.4 us per float16 row). Above it, a wide IVF probe: on 300k synthetic vectors a 1 % filter (3k rows)
+    # through IVF probing nprobe/selectivity lists gave recall@10 0.963 at 10 ms p50; exact is both better and
+    # cheaper up to ~10k rows.
+    exact_scan_max_rows: int = 12_000
+    # Filters matching less than this fraction of a partition probe more lists (nprobe / selectivity), so the
+    # probed lists hold as many matching candidates as an unfiltered search sees (at 50 % and nprobe 16 of 283
+    # lists, plain IVF had recall@10 0.94 on the synthetic data; widened, 1.0).
+    wide_probe_below_selectivity: float = 0.9
     max_top_k: int = 1000
     max_records_per_request: int = 10_000
     max_stream_bytes: int = 1 << 30
@@ -131,6 +136,10 @@ def _coerce(name: str, raw: str) -> object:
     if name == "metrics_port":
         return None if raw.lower() in ("", "none", "off") else int(raw)
     default = {f.name: f.default for f in fields(ShardConfig)}[name]
+    if isinstance(default, bool):
+        if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(f"{name}: expected true or false, got {raw!r}")
+        return raw.lower() in ("1", "true", "yes", "on")
     if isinstance(default, float):
         return float(raw)
     if isinstance(default, int):

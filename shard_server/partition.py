@@ -149,6 +149,12 @@ class Partition:
         k_candidates = min(max(k, wanted), count)
         _, labels = self.ivf.search(query[None, :], k_candidates, params=params)
         rows = labels[0][labels[0] >= 0]
+        if selection is not None and len(rows) < min(k, count):
+            # The probed lists held fewer than k matches (-1 padding): answer from all matching rows instead.
+            rows = np.flatnonzero(selection.mask)
+            hits = self._top_k_of(rows, self.vectors.take(rows) @ query, k, scanned=len(rows))
+            return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
+                                 strategy="exact")
         exact_scores = self.vectors.take(rows) @ query
         scanned = int(self.ivf.ntotal * nprobe / max(self.nlist, 1) * (selectivity if selection else 1.0))
         hits = self._top_k_of(rows, exact_scores, k, scanned=scanned + len(rows))

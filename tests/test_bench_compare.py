@@ -13,11 +13,12 @@ from shard_server.compare import (
     CompareConfig,
     IndexParams,
     ground_truth,
+    hottest_functions,
     recall_at_k,
     run,
     synthetic_data,
 )
-from shard_server.compare_plots import plot_comparison
+from shard_server.compare_plots import comparison_tables, plot_comparison, target_check
 from shard_server.config import ShardConfig
 
 
@@ -88,6 +89,9 @@ def test_faiss_shard_and_broker_side_by_side(tmp_path):
             assert point["recall"] >= 0.95, (name, selectivity, point)
     reached = engines["faiss"]["matched"]["0.90"]
     assert reached["reached"] and reached["concurrent"]["qps"] > 0 and reached["concurrent"]["concurrency"] == 2
+    tables = comparison_tables(report)
+    assert "| broker-2 |" in tables and "**Filtered recall@10**" in tables
+    assert "broker-1 vs faiss (single, recall 0.95)" in target_check(report)
     paths = plot_comparison(report, tmp_path, stem="compare")
     assert [p.name for p in paths] == ["compare-recall-qps.png", "compare-filtered-recall.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
@@ -104,3 +108,15 @@ def test_lancedb_and_milvus_lite_on_the_same_data(tmp_path):
     # The list count reaches the engines (milvus-lite silently falls back to 128 lists when it does not).
     assert "num_partitions=32" in report["engines"]["lancedb"]["build"]["index"]
     assert report["engines"]["milvus"]["build"]["index"] == "IVF_SQ8(nlist=32)"
+
+
+def test_hottest_functions_from_collapsed_stacks():
+    collapsed = "\n".join([
+        "process 1:main;run (a.py:1);search (b.py:10);IndexIVF.search (swigfaiss.py:5) 60",
+        "process 1:main;run (a.py:1);convert (c.py:3) 30",
+        "process 1:main;run (a.py:1) 10",
+    ])
+    top = hottest_functions(collapsed)
+    assert top[0] == {"function": "IndexIVF.search (swigfaiss.py)", "self_pct": 60.0, "inclusive_pct": 60.0}
+    by_name = {t["function"]: t for t in top}
+    assert by_name["run (a.py)"]["inclusive_pct"] == 100.0 and by_name["run (a.py)"]["self_pct"] == 10.0

@@ -32,7 +32,7 @@ def engine(tmp_path_factory, catalogue):
 
 
 @pytest.mark.parametrize(("selectivity", "strategy"), [
-    (0.5, "ivf"), (0.1, "ivf_wide"), (0.01, "exact"), (0.001, "exact")])
+    (0.95, "ivf"), (0.5, "ivf_wide"), (0.1, "ivf_wide"), (0.01, "exact"), (0.001, "exact")])
 def test_filtered_recall(engine, catalogue, selectivity, strategy):
     flt = synthetic.selectivity_filter(selectivity)
     attributes = catalogue.attributes(0, N)

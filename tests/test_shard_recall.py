@@ -99,7 +99,8 @@ async def test_unknown_category_is_empty_and_categories_merge(tmp_path):
             ("shoes", 300, False, "Flat"), ("bags", 300, False, "Flat")}
         with urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=5) as response:
             exposition = response.read().decode()
-        for line in ('imgsearch_shard_vectors{category="shoes"} 300.0', 'imgsearch_shard_index_trained{category="bags"} 0.0',
+        for line in ('imgsearch_shard_vectors{category="shoes"} 300.0',
+                     'imgsearch_shard_index_trained{category="bags"} 0.0',
                      'imgsearch_shard_search_duration_seconds_count{strategy="exact"}',
                      'grpc_server_handled_total{grpc_code="OK",grpc_method="Search"',
                      "imgsearch_shard_candidates_scanned_count", "imgsearch_shard_wal_bytes",
