@@ -1,4 +1,4 @@
-"""Bulk-ingest throughput through a whole local stack, per broker ingest concurrency (a benchmark, not a test):
+"""Bulk-ingest throughput through a whole local stack, per broker ingest concurrency (a benchmark, no test):
 
     .venv/bin/python -m broker.bench --photos 256 --concurrency 1 4
 

@@ -196,6 +196,7 @@ class IndexParams:
     pq_m: int
     pq_bits: int
     rerank_factor: int
+    max_rerank_candidates: int
     kmeans_iterations: int
     train_points_per_centroid: int
 
@@ -207,7 +208,9 @@ class IndexParams:
         pq = factory.split(",")[1]  # "PQ64x4fs"
         m, _, bits = pq.removeprefix("PQ").removesuffix("fs").partition("x")
         return cls(nlist=nlist, factory=factory, pq_m=int(m), pq_bits=int(bits or 8),
-                   rerank_factor=config.rerank_factor, kmeans_iterations=config.kmeans_iterations,
+                   rerank_factor=config.rerank_factor,
+                   max_rerank_candidates=getattr(config, "max_rerank_candidates", 1 << 30),
+                   kmeans_iterations=config.kmeans_iterations,
                    train_points_per_centroid=config.max_train_points_per_centroid)
 
 
@@ -277,7 +280,8 @@ class FaissEngine(Engine):
             if bitmap is None:
                 bitmap = self._bitmaps[selectivity] = np.packbits(self._data.mask(selectivity), bitorder="little")
             params.sel = faiss.IDSelectorBitmap(self._data.n, faiss.swig_ptr(bitmap))
-        _, labels = self._index.search(query[None, :], TOP_K * self.params.rerank_factor, params=params)
+        candidates = min(TOP_K * self.params.rerank_factor, self.params.max_rerank_candidates)
+        _, labels = self._index.search(query[None, :], candidates, params=params)
         rows = labels[0][labels[0] >= 0]
         scores = self._data.vectors[rows] @ query
         return rows[np.argsort(-scores, kind="stable")[:TOP_K]].tolist()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -87,7 +88,7 @@ class Partition:
             self.attributes.append(attributes)
             self.alive.extend(np.ones(len(rows), dtype=bool))
             self.image_ids.extend(image_ids)
-            self.product_ids.extend(product_ids)
+            self.product_ids.extend(map(sys.intern, product_ids))  # several images share a product id
             self.live_count += len(rows)
             self.version += 1
             return rows
@@ -109,7 +110,8 @@ class Partition:
         with self.lock.read():
             t0 = time.perf_counter()
             hits = self._search_locked(query, k, flt, nprobe, exhaustive)
-            details = [(self.image_ids[r], self.product_ids[r], self.attributes.row(r)) for r in hits.rows.tolist()]
+            details = [(self.image_ids[r], self.product_ids[r], self.attributes.row(r))
+                       for r in hits.rows.tolist()]
             metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
             metrics.CANDIDATES_SCANNED.observe(hits.candidates_scanned)
             return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
@@ -148,7 +150,7 @@ class Partition:
         wanted = min(k * self.config.rerank_factor, self.config.max_rerank_candidates)
         k_candidates = min(max(k, wanted), count)
         _, labels = self.ivf.search(query[None, :], k_candidates, params=params)
-        rows = labels[0][labels[0] >= 0]
+        rows = np.sort(labels[0][labels[0] >= 0])  # ascending rows: sequential-ish reads of the mapped vectors
         if selection is not None and len(rows) < min(k, count):
             # The probed lists held fewer than k matches (-1 padding): answer from all matching rows instead.
             rows = np.flatnonzero(selection.mask)

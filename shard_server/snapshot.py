@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,7 +171,7 @@ class SnapshotStore:
         partition.vectors = VectorStore(config.dimension, base=vectors)
         partition.alive = GrowableArray(np.bool_, initial=alive)
         partition.image_ids = ids["image_ids"]
-        partition.product_ids = ids["product_ids"]
+        partition.product_ids = [sys.intern(p) for p in ids["product_ids"]]
         partition.attributes = AttributeColumns.from_state(config.attribute_kinds, arrays, ids["dictionaries"], n)
         partition.live_count = int(np.count_nonzero(alive))
         if entry["trained"]:

@@ -411,7 +411,9 @@ def test_bad_input_gets_the_right_status(stack, client, catalogue):
     with pytest.raises(InvalidArgumentError):
         client.ingest(CatalogueItem(image_id="bad", product_id="p", category="c", image=b"not an image"))
     stream = [CatalogueItem(image_id=f"ok-{i}", product_id="p", category="c", image=good) for i in range(3)]
-    stream.insert(1, CatalogueItem(image_id="bad-in-stream", product_id="p", category="c", image=b"\xff\xd8junk"))
+    stream.insert(
+        1, CatalogueItem(image_id="bad-in-stream", product_id="p", category="c", image=b"\xff\xd8junk")
+    )
     with pytest.raises(InvalidArgumentError, match="bad-in-stream"):
         client.ingest_stream(stream)
     # everything is still up and answering
