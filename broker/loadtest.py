@@ -2,8 +2,8 @@
 
     python -m broker.loadtest --out docs/bench/loadtest.json --plots docs/bench
 
-1. Starts the whole stack as `imgsearch up` does (broker.stack.LocalStack: redis-server, Triton on CPU with the
-   default model, N `imgsearch-shard` processes, the broker), every process on a free loopback port.
+1. Starts the whole stack as `imgsearch up` does (broker.stack.LocalStack: redis-server, Triton on CPU with
+   the default model, N `imgsearch-shard` processes, the broker), every process on a free loopback port.
 2. Ingests a gallery of grocery train photos through the broker (embedded by Triton, hashed into the cache).
 3. Mixed image queries: a fraction `--hit-ratio` are byte-identical gallery photos (duplicate-cache hits: no
    embedding, no fan-out), the rest are val photos of the same products (misses: decode + hash, cache lookup,
@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -156,7 +157,7 @@ async def run_clients(
     t0: float,
     during: asyncio.Future | None = None,
 ) -> list[Outcome]:
-    """`concurrency` closed-loop clients walk through `mix` until `duration_s` or `max_requests` is reached."""
+    """`concurrency` closed-loop clients walk through `mix` until `duration_s` or `max_requests` is hit."""
     outcomes: list[Outcome] = []
     counter = iter(range(max_requests))
     deadline = time.perf_counter() + duration_s
@@ -402,6 +403,8 @@ def run(cfg: LoadTestConfig) -> dict:
         result = asyncio.run(drive(cfg, stack, gallery, misses))
     finally:
         stack.stop()
+        if cfg.work_dir is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
     return {
         "kind": "full-stack-loadtest",
         "started_at": started_at,

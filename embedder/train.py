@@ -262,13 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser_args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     catalogue = (data.read_grocery(args.grocery, "train") if args.grocery is not None
                  else data.read_catalogue(args.catalogue))
+    if args.image_size % 32:
+        print("--image-size must be a multiple of 32 (the backbone's fixed 'SAME' padding assumes it)")
+        return 2
     if len({item.product_id for item in catalogue}) < 2:
         print("the catalogue needs at least two products")
         return 2
-    fields = {k: v for k, v in vars(parser_args).items() if k not in ("catalogue", "grocery", "out")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("catalogue", "grocery", "out")}
     metrics = train(TrainConfig(out_dir=args.out, **fields), catalogue)
     print(f"done in {metrics.get('total_seconds')} s; checkpoints and metrics.json in {args.out}")
     return 0

@@ -2,19 +2,21 @@
 
 Engines (each built from the same vectors and attributes, each searched with the same queries):
 
-* ``faiss``: raw faiss in this process, IVF-PQ with exact re-ranking, the same parameters as the shard (the limit);
+* ``faiss``: raw faiss in this process, IVF-PQ with exact re-ranking, the shard's parameters (the limit);
 * ``shard``: one ``imgsearch-shard`` process over gRPC;
-* ``broker-N``: the broker process over N shard processes (vector queries: no embedding, no cache); the vectors
-  are split evenly into N categories, each pinned to one shard;
+* ``broker-N``: the broker process over N shard processes (vector queries: no embedding, no cache); the
+  vectors are split evenly into N categories, each pinned to one shard;
 * ``lancedb``: embedded LanceDB, IVF_PQ with the same lists/sub-vectors/bits and refine factor, prefiltered;
 * ``milvus``: Milvus Lite (milvus-lite 3.x has IVF_FLAT / IVF_SQ8 / HNSW / FLAT, no IVF_PQ: IVF_SQ8 is used).
 
 For every engine the search knob (nprobe) is swept with single queries, one at a time; recall@10 is measured
-against brute-force ground truth. At each target recall (0.90 / 0.95 / 0.99) the cheapest setting that reaches
-it is taken and measured again under concurrency. At the 0.95 setting, recall under filters that keep 50 / 10 /
-1 / 0.1 % of the vectors is measured against filtered brute force. The result is one JSON file (and plots).
+against brute-force ground truth. At each target recall (0.90 / 0.95 / 0.99) the cheapest setting that
+reaches it is taken and measured again under concurrency. At the 0.95 setting, recall under filters that keep
+50 / 10 / 1 / 0.1 % of the vectors is measured against filtered brute force. The result is one JSON file (and
+plots).
 
-Run ``python -m shard_server.compare --help``; docs/benchmarks.md has the commands behind the published numbers.
+Run ``python -m shard_server.compare --help``; docs/benchmarks.md has the commands behind the published
+numbers.
 """
 
 from __future__ import annotations
@@ -108,17 +110,30 @@ def synthetic_data(*, n: int, dim: int, n_queries: int, seed: int, clusters: int
             in_stock[j] = attrs["in_stock"]
             colours.append(attrs["colour"])
             brands.append(attrs["brand"])
-    return BenchData(vectors=vectors, prices=prices, colours=tuple(colours), brands=tuple(brands),
-                     in_stock=in_stock, queries=catalogue.queries(n_queries),
-                     description={"generator": "shard_server.synthetic.SyntheticCatalogue", "n": n, "dim": dim,
-                                  "queries": n_queries, "clusters": clusters, "spread": catalogue.spread,
-                                  "seed": seed})
+    return BenchData(
+        vectors=vectors,
+        prices=prices,
+        colours=tuple(colours),
+        brands=tuple(brands),
+        in_stock=in_stock,
+        queries=catalogue.queries(n_queries),
+        description={
+            "generator": "shard_server.synthetic.SyntheticCatalogue",
+            "n": n,
+            "dim": dim,
+            "queries": n_queries,
+            "clusters": clusters,
+            "spread": catalogue.spread,
+            "seed": seed,
+        },
+    )
 
 
 def grocery_data(data_dir: Path, *, cache: Path | None = None) -> BenchData:
     """Real embeddings: the grocery train photos are the catalogue, the val photos the queries, embedded in
-    process by the default ONNX model (embedder.client.OnnxEmbedder, the same model Triton serves). Attributes are
-    the catalogue's deterministic ones (broker.catalogue.synthetic_attributes), prices turned into ranks. `cache`: an .npz file that keeps the embeddings between runs."""
+    process by the default ONNX model (embedder.client.OnnxEmbedder, the same model Triton serves). Attributes
+    are the catalogue's deterministic ones (broker.catalogue.synthetic_attributes), prices turned into ranks.
+    `cache`: an .npz file that keeps the embeddings between runs."""
     from broker.catalogue import grocery_split  # noqa: PLC0415 - the real-data run only
     from embedder.client import OnnxEmbedder  # noqa: PLC0415
 
@@ -127,11 +142,14 @@ def grocery_data(data_dir: Path, *, cache: Path | None = None) -> BenchData:
         stored = np.load(cache)
         vectors, queries = stored["vectors"], stored["queries"]
     else:
+
         async def embed_all(files) -> np.ndarray:
             embedder = OnnxEmbedder()
             try:
-                parts = [await embedder.embed([f.path.read_bytes() for f in files[i:i + 32]], timeout_s=600)
-                         for i in range(0, len(files), 32)]
+                parts = [
+                    await embedder.embed([f.path.read_bytes() for f in files[i : i + 32]], timeout_s=600)
+                    for i in range(0, len(files), 32)
+                ]
             finally:
                 await embedder.close()
             return np.concatenate(parts).astype(np.float32)
@@ -141,20 +159,33 @@ def grocery_data(data_dir: Path, *, cache: Path | None = None) -> BenchData:
             cache.parent.mkdir(parents=True, exist_ok=True)
             np.savez(cache, vectors=vectors, queries=queries)
     attrs = [f.attributes for f in train]
-    # Prices as ranks spread over [0, 100): the synthetic selectivity filters (price < 100*s) then keep the same
-    # fractions (the catalogue's own prices start at 1.00, which would leave the 1 % and 0.1 % filters empty).
+    # Prices as ranks spread over [0, 100): the synthetic selectivity filters (price < 100*s) then keep the
+    # same fractions (the catalogue's own prices start at 1.00: the 1 % and 0.1 % filters would be empty).
     ranks = np.argsort(np.argsort([a["price"] for a in attrs], kind="stable"), kind="stable")
-    return BenchData(vectors=vectors, prices=(ranks + 0.5) * (100.0 / len(attrs)),
-                     colours=tuple(a["colour"] for a in attrs), brands=tuple(a["brand"] for a in attrs),
-                     in_stock=np.array([a["in_stock"] for a in attrs], dtype=bool), queries=queries,
-                     description={"generator": "grocery photos embedded by the default ONNX model "
-                                               "(train = catalogue, val = queries)", "n": len(train),
-                                  "dim": int(vectors.shape[1]), "queries": len(val)})
+    return BenchData(
+        vectors=vectors,
+        prices=(ranks + 0.5) * (100.0 / len(attrs)),
+        colours=tuple(a["colour"] for a in attrs),
+        brands=tuple(a["brand"] for a in attrs),
+        in_stock=np.array([a["in_stock"] for a in attrs], dtype=bool),
+        queries=queries,
+        description={
+            "generator": "grocery photos embedded by the default ONNX model "
+            "(train = catalogue, val = queries)",
+            "n": len(train),
+            "dim": int(vectors.shape[1]),
+            "queries": len(val),
+        },
+    )
 
 
 def attributes_of(data: BenchData, row: int) -> dict:
-    return {"price": float(data.prices[row]), "colour": data.colours[row], "brand": data.brands[row],
-            "in_stock": bool(data.in_stock[row])}
+    return {
+        "price": float(data.prices[row]),
+        "colour": data.colours[row],
+        "brand": data.brands[row],
+        "in_stock": bool(data.in_stock[row]),
+    }
 
 
 def row_of(image_id: str) -> int:
@@ -162,8 +193,9 @@ def row_of(image_id: str) -> int:
     return int(image_id.rsplit("-", 1)[1])
 
 
-def ground_truth(data: BenchData, selectivity: float | None, *, k: int = TOP_K,
-                 queries: np.ndarray | None = None) -> np.ndarray:
+def ground_truth(
+    data: BenchData, selectivity: float | None, *, k: int = TOP_K, queries: np.ndarray | None = None
+) -> np.ndarray:
     """Exact top-k rows by inner product (brute force), restricted to the filter's rows when given."""
     queries = data.queries if queries is None else queries
     mask = data.mask(selectivity)
@@ -207,11 +239,16 @@ class IndexParams:
         factory = config.factory_for(nlist)
         pq = factory.split(",")[1]  # "PQ64x4fs"
         m, _, bits = pq.removeprefix("PQ").removesuffix("fs").partition("x")
-        return cls(nlist=nlist, factory=factory, pq_m=int(m), pq_bits=int(bits or 8),
-                   rerank_factor=config.rerank_factor,
-                   max_rerank_candidates=getattr(config, "max_rerank_candidates", 1 << 30),
-                   kmeans_iterations=config.kmeans_iterations,
-                   train_points_per_centroid=config.max_train_points_per_centroid)
+        return cls(
+            nlist=nlist,
+            factory=factory,
+            pq_m=int(m),
+            pq_bits=int(bits or 8),
+            rerank_factor=config.rerank_factor,
+            max_rerank_candidates=getattr(config, "max_rerank_candidates", 1 << 30),
+            kmeans_iterations=config.kmeans_iterations,
+            train_points_per_centroid=config.max_train_points_per_centroid,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,6 +257,11 @@ class BuildReport:
     bytes_per_vector: float
     bytes_basis: str  # what the bytes count
     index: str
+    disk_bytes_per_vector: float | None = None  # files the engine keeps (None: nothing on disk)
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.suffix != ".log")
 
 
 class Engine:
@@ -240,7 +282,9 @@ class Engine:
     def build(self, data: BenchData) -> BuildReport:
         raise NotImplementedError
 
-    def search(self, query: np.ndarray, knob: int, selectivity: float | None):  # list[int] or an awaitable of it
+    def search(
+        self, query: np.ndarray, knob: int, selectivity: float | None
+    ):  # list[int] or an awaitable of it
         raise NotImplementedError
 
     def close(self) -> None:
@@ -261,24 +305,30 @@ class FaissEngine(Engine):
         ivf = faiss.extract_index_ivf(index)
         ivf.cp.niter = p.kmeans_iterations
         ivf.cp.max_points_per_centroid = p.train_points_per_centroid
-        sample = np.random.default_rng(data.n).choice(data.n, min(data.n, p.train_points_per_centroid * p.nlist),
-                                                      replace=False)
+        sample = np.random.default_rng(data.n).choice(
+            data.n, min(data.n, p.train_points_per_centroid * p.nlist), replace=False
+        )
         index.train(data.vectors[np.sort(sample)])
         index.add(data.vectors)
         build_s = time.perf_counter() - started
         self._index, self._data = index, data
         self._bitmaps: dict[float, np.ndarray] = {}
         codes = len(faiss.serialize_index(index))
-        return BuildReport(build_s=build_s, bytes_per_vector=(codes + data.vectors.nbytes) / data.n,
-                           bytes_basis="serialized faiss index (codes, ids, centroids) + the float32 vectors "
-                                       "for re-ranking", index=f"{p.factory} + exact re-rank x{p.rerank_factor}")
+        return BuildReport(
+            build_s=build_s,
+            bytes_per_vector=(codes + data.vectors.nbytes) / data.n,
+            bytes_basis="serialized faiss index (codes, ids, centroids) + the float32 vectors for re-ranking",
+            index=f"{p.factory} + exact re-rank x{p.rerank_factor}",
+        )
 
     def search(self, query: np.ndarray, knob: int, selectivity: float | None) -> list[int]:
         params = faiss.SearchParametersIVF(nprobe=int(knob))
         if selectivity is not None:
             bitmap = self._bitmaps.get(selectivity)
             if bitmap is None:
-                bitmap = self._bitmaps[selectivity] = np.packbits(self._data.mask(selectivity), bitorder="little")
+                bitmap = self._bitmaps[selectivity] = np.packbits(
+                    self._data.mask(selectivity), bitorder="little"
+                )
             params.sel = faiss.IDSelectorBitmap(self._data.n, faiss.swig_ptr(bitmap))
         candidates = min(TOP_K * self.params.rerank_factor, self.params.max_rerank_candidates)
         _, labels = self._index.search(query[None, :], candidates, params=params)
@@ -288,9 +338,9 @@ class FaissEngine(Engine):
 
 
 class LanceEngine(Engine):
-    """Embedded LanceDB: IVF_PQ with the shard's lists, sub-vectors, bits and k-means iterations; refine_factor =
-    the shard's re-rank factor; filters are prefilters served by a BTree index on price, with Lance's adaptive
-    probing (maximum_nprobes unbounded: more lists while fewer than k rows match)."""
+    """Embedded LanceDB: IVF_PQ with the shard's lists, sub-vectors, bits and k-means iterations;
+    refine_factor = the shard's re-rank factor; filters are prefilters served by a BTree index on price, with
+    Lance's adaptive probing (maximum_nprobes unbounded: more lists while fewer than k rows match)."""
 
     name = "lancedb"
 
@@ -310,34 +360,56 @@ class LanceEngine(Engine):
         shutil.rmtree(self.work_dir, ignore_errors=True)
         started = time.perf_counter()
         db = lancedb.connect(str(self.work_dir))
-        table = pa.table({
-            "row": pa.array(np.arange(data.n, dtype=np.int64)),
-            "brand": pa.array(data.brands),
-            "colour": pa.array(data.colours),
-            "price": pa.array(data.prices),
-            "in_stock": pa.array(data.in_stock),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(data.vectors.reshape(-1)), data.dim),
-        })
+        table = pa.table(
+            {
+                "row": pa.array(np.arange(data.n, dtype=np.int64)),
+                "brand": pa.array(data.brands),
+                "colour": pa.array(data.colours),
+                "price": pa.array(data.prices),
+                "in_stock": pa.array(data.in_stock),
+                "vector": pa.FixedSizeListArray.from_arrays(pa.array(data.vectors.reshape(-1)), data.dim),
+            }
+        )
         self._table = db.create_table("vectors", table)
-        self._table.create_index("vector", config=IvfPq(
-            distance_type="dot", num_partitions=p.nlist, num_sub_vectors=p.pq_m, num_bits=p.pq_bits,
-            max_iterations=p.kmeans_iterations, sample_rate=p.train_points_per_centroid))
+        self._table.create_index(
+            "vector",
+            config=IvfPq(
+                distance_type="dot",
+                num_partitions=p.nlist,
+                num_sub_vectors=p.pq_m,
+                num_bits=p.pq_bits,
+                max_iterations=p.kmeans_iterations,
+                sample_rate=p.train_points_per_centroid,
+            ),
+        )
         self._table.create_index("price", config=BTree())
         build_s = time.perf_counter() - started
-        size = sum(f.stat().st_size for f in self.work_dir.rglob("*") if f.is_file())
-        return BuildReport(build_s=build_s, bytes_per_vector=size / data.n,
-                           bytes_basis="files on disk: float32 vectors + attributes + IVF_PQ index + BTree(price)",
-                           index=f"IVF_PQ(num_partitions={p.nlist}, num_sub_vectors={p.pq_m}, "
-                                 f"num_bits={p.pq_bits}), refine_factor={p.rerank_factor}")
+        size = disk_bytes(self.work_dir)
+        return BuildReport(
+            build_s=build_s,
+            bytes_per_vector=size / data.n,
+            disk_bytes_per_vector=size / data.n,
+            bytes_basis="files on disk: float32 vectors + attributes + IVF_PQ index + BTree(price)",
+            index=f"IVF_PQ(num_partitions={p.nlist}, num_sub_vectors={p.pq_m}, "
+            f"num_bits={p.pq_bits}), refine_factor={p.rerank_factor}",
+        )
 
     def search(self, query: np.ndarray, knob: int, selectivity: float | None) -> list[int]:
-        q = (self._table.search(query, vector_column_name="vector").distance_type("dot")
-             .nprobes(int(knob)).refine_factor(self.params.rerank_factor).limit(TOP_K)
-             .select(["row"]))
+        q = (
+            self._table.search(query, vector_column_name="vector")
+            .distance_type("dot")
+            .nprobes(int(knob))
+            .refine_factor(self.params.rerank_factor)
+            .limit(TOP_K)
+            .select(["row"])
+        )
         if selectivity is not None:
             # Lance's own remedy for selective prefilters: probe further lists while fewer than k rows match.
-            q = (q.where(f"price < {self._data.price_limit(selectivity)!r}", prefilter=True)
-                 .minimum_nprobes(int(knob)).maximum_nprobes(0))
+            q = (
+                q.where(f"price < {self._data.price_limit(selectivity)!r}", prefilter=True)
+                .minimum_nprobes(int(knob))
+                .maximum_nprobes(0)
+            )
         return q.to_arrow().column("row").to_pylist()
 
 
@@ -370,41 +442,66 @@ class MilvusEngine(Engine):
         index_params = client.prepare_index_params()
         # pymilvus 3 flattens `params` into the request while milvus-lite 3.2 reads only a "params" entry (and
         # silently builds nlist=128 otherwise): nest it once more so the list count arrives.
-        index_params.add_index(field_name="vector", index_type=self.index_type, metric_type="IP",
-                               params={"params": {"nlist": self.params.nlist}})
+        index_params.add_index(
+            field_name="vector",
+            index_type=self.index_type,
+            metric_type="IP",
+            params={"params": {"nlist": self.params.nlist}},
+        )
         client.create_collection("vectors", schema=schema, index_params=index_params)
         batch = 10_000
         for start in range(0, data.n, batch):
-            client.insert("vectors", [{"row": i, **attributes_of(data, i), "vector": data.vectors[i]}
-                                      for i in range(start, min(data.n, start + batch))])
+            client.insert(
+                "vectors",
+                [
+                    {"row": i, **attributes_of(data, i), "vector": data.vectors[i]}
+                    for i in range(start, min(data.n, start + batch))
+                ],
+            )
         client.flush("vectors")
         client.load_collection("vectors")
+        deadline = time.monotonic() + 7200
         while True:  # the index is built in the background after the flush
             info = client.describe_index("vectors", "vector")
             if int(info.get("pending_index_rows", 0)) == 0 and info.get("state") == "Finished":
                 break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Milvus Lite index not built after 2 h: {info}")
             time.sleep(0.2)
         # One search makes every segment's index built or loaded before the clock stops.
-        client.search("vectors", data=[data.queries[0]], limit=TOP_K,
-                      search_params={"metric_type": "IP", "params": {"nprobe": 1}})
+        client.search(
+            "vectors",
+            data=[data.queries[0]],
+            limit=TOP_K,
+            search_params={"metric_type": "IP", "params": {"nprobe": 1}},
+        )
         build_s = time.perf_counter() - started
         self._client = client
-        size = sum(f.stat().st_size for f in self.work_dir.rglob("*") if f.is_file())
+        size = disk_bytes(self.work_dir)
         built = client.describe_index("vectors", "vector")  # what the server says it built, not what we asked
         built_params = built.get("params") or {}
         if isinstance(built_params, str):
             built_params = json.loads(built_params)
         built.setdefault("nlist", built_params.get("nlist", "default"))
-        return BuildReport(build_s=build_s, bytes_per_vector=size / data.n,
-                           bytes_basis="files on disk: float32 vectors + attributes + index",
-                           index=f"{built.get('index_type')}(nlist={built['nlist']})")
+        return BuildReport(
+            build_s=build_s,
+            bytes_per_vector=size / data.n,
+            disk_bytes_per_vector=size / data.n,
+            bytes_basis="files on disk: float32 vectors + attributes + index",
+            index=f"{built.get('index_type')}(nlist={built['nlist']})",
+        )
 
     def search(self, query: np.ndarray, knob: int, selectivity: float | None) -> list[int]:
         kwargs = {}
         if selectivity is not None:
             kwargs["filter"] = f"price < {self._data.price_limit(selectivity)!r}"
-        result = self._client.search("vectors", data=[query], limit=TOP_K,
-                                     search_params={"metric_type": "IP", "params": {"nprobe": int(knob)}}, **kwargs)
+        result = self._client.search(
+            "vectors",
+            data=[query],
+            limit=TOP_K,
+            search_params={"metric_type": "IP", "params": {"nprobe": int(knob)}},
+            **kwargs,
+        )
         return [int(hit["row"]) for hit in result[0]]
 
     def close(self) -> None:
@@ -430,19 +527,27 @@ class Point:
 
 def _summary(knob: int, latencies_s: list[float], wall_s: float, recall: float, concurrency: int) -> Point:
     lat = np.asarray(latencies_s) * 1000.0
-    return Point(knob=knob, recall=round(recall, 4), qps=round(len(lat) / wall_s, 1),
-                 p50_ms=round(float(np.percentile(lat, 50)), 3), p99_ms=round(float(np.percentile(lat, 99)), 3),
-                 queries=len(lat), concurrency=concurrency)
+    return Point(
+        knob=knob,
+        recall=round(recall, 4),
+        qps=round(len(lat) / wall_s, 1),
+        p50_ms=round(float(np.percentile(lat, 50)), 3),
+        p99_ms=round(float(np.percentile(lat, 99)), 3),
+        queries=len(lat),
+        concurrency=concurrency,
+    )
 
 
-async def run_queries(engine: Engine, queries: np.ndarray, knob: int, selectivity: float | None,
-                      concurrency: int) -> tuple[list[list[int]], list[float], float]:
-    """Every query once, by `concurrency` closed-loop workers; returns results, per-query latencies and wall time."""
+async def run_queries(
+    engine: Engine, queries: np.ndarray, knob: int, selectivity: float | None, concurrency: int
+) -> tuple[list[list[int]], list[float], float]:
+    """Every query once, by `concurrency` closed-loop workers: results, per-query latencies, wall time."""
     results: list[list[int] | None] = [None] * len(queries)
     latencies: list[float] = [0.0] * len(queries)
     next_query = iter(range(len(queries)))
 
     if engine.is_async:
+
         async def worker() -> None:
             for i in next_query:
                 t0 = time.perf_counter()
@@ -464,8 +569,9 @@ async def run_queries(engine: Engine, queries: np.ndarray, knob: int, selectivit
         sync_worker()
     else:
         # OpenMP's thread count is per thread in faiss: give the workers this thread's setting.
-        with ThreadPoolExecutor(concurrency, initializer=faiss.omp_set_num_threads,
-                                initargs=(faiss.omp_get_max_threads(),)) as pool:
+        with ThreadPoolExecutor(
+            concurrency, initializer=faiss.omp_set_num_threads, initargs=(faiss.omp_get_max_threads(),)
+        ) as pool:
             futures = [pool.submit(sync_worker) for _ in range(concurrency)]
             for f in futures:
                 await asyncio.wrap_future(f)
@@ -492,10 +598,26 @@ async def profile_engine(engine: Engine, queries: np.ndarray, knob: int, cfg: Co
     spies = {}
     for proc_name, pid in targets.items():
         out = cfg.profile_dir / f"{engine.name}-{proc_name}.txt"
-        spies[proc_name] = (out, await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration",
-            str(int(cfg.profile_s)), "--rate", "200", "--nonblocking", "--format", "raw", "--output", str(out),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+        spies[proc_name] = (
+            out,
+            await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(int(cfg.profile_s)),
+                "--rate",
+                "200",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            ),
+        )
     deadline = time.perf_counter() + cfg.profile_s
     rounds = 0
     while time.perf_counter() < deadline:
@@ -510,7 +632,7 @@ async def profile_engine(engine: Engine, queries: np.ndarray, knob: int, cfg: Co
 
 
 def _frame_name(frame: str) -> str:
-    """"search (/path/to/engine.py:120)" -> "search (engine.py)": one entry per function, not per line."""
+    """ "search (/path/to/engine.py:120)" -> "search (engine.py)": one entry per function, not per line."""
     name, sep, where = frame.partition(" (")
     if not sep:
         return frame
@@ -518,7 +640,7 @@ def _frame_name(frame: str) -> str:
 
 
 def hottest_functions(collapsed: str, *, top: int = 12) -> list[dict]:
-    """From py-spy's raw (collapsed) stacks: the functions with the largest share of samples, self and inclusive."""
+    """From py-spy's raw (collapsed) stacks: the functions with the most samples, self and inclusive."""
     total = 0
     inclusive: dict[str, int] = {}
     own: dict[str, int] = {}
@@ -535,18 +657,34 @@ def hottest_functions(collapsed: str, *, top: int = 12) -> list[dict]:
     if not total:
         return []
     hottest = sorted(own.items(), key=lambda kv: -kv[1])[:top]
-    return [{"function": f, "self_pct": round(100 * c / total, 1), "inclusive_pct": round(100 * inclusive[f] / total, 1)}
-            for f, c in hottest]
+    return [
+        {
+            "function": f,
+            "self_pct": round(100 * c / total, 1),
+            "inclusive_pct": round(100 * inclusive[f] / total, 1),
+        }
+        for f, c in hottest
+    ]
 
 
-async def measure_engine(engine: Engine, data: BenchData, truth: np.ndarray,
-                         filtered_truth: dict[float, np.ndarray], cfg: CompareConfig) -> EngineResult:
+async def measure_engine(
+    engine: Engine,
+    data: BenchData,
+    truth: np.ndarray,
+    filtered_truth: dict[float, np.ndarray],
+    cfg: CompareConfig,
+) -> EngineResult:
     result = EngineResult(name=engine.name, knob=engine.knob)
     log.info("%s: building on %d vectors", engine.name, data.n)
     build = await asyncio.to_thread(engine.build, data) if not engine.is_async else await engine.build(data)
     result.build = asdict(build)
-    log.info("%s: built in %.1fs (%s), %.0f bytes/vector", engine.name, build.build_s, build.index,
-             build.bytes_per_vector)
+    log.info(
+        "%s: built in %.1fs (%s), %.0f bytes/vector",
+        engine.name,
+        build.build_s,
+        build.index,
+        build.bytes_per_vector,
+    )
     queries = data.queries
     # Warm-up: caches, lazily loaded index files, gRPC channels.
     await run_queries(engine, queries[: min(20, len(queries))], engine.knobs()[0], None, 1)
@@ -556,8 +694,16 @@ async def measure_engine(engine: Engine, data: BenchData, truth: np.ndarray,
         point = _summary(knob, lat, wall, recall_at_k(found, truth), 1)
         points.append(point)
         result.sweep.append(asdict(point))
-        log.info("%s: %s=%d recall@10=%.4f qps=%.0f p50=%.2fms p99=%.2fms", engine.name, engine.knob, knob,
-                 point.recall, point.qps, point.p50_ms, point.p99_ms)
+        log.info(
+            "%s: %s=%d recall@10=%.4f qps=%.0f p50=%.2fms p99=%.2fms",
+            engine.name,
+            engine.knob,
+            knob,
+            point.recall,
+            point.qps,
+            point.p50_ms,
+            point.p99_ms,
+        )
         if point.recall >= cfg.stop_recall:
             break
         if len(points) >= 3 and points[-1].recall - points[-3].recall < 0.002:
@@ -567,15 +713,35 @@ async def measure_engine(engine: Engine, data: BenchData, truth: np.ndarray,
         chosen = next((p for p in points if p.recall >= target), None)
         if chosen is None:
             best = max(points, key=lambda p: p.recall)
-            result.matched[f"{target:.2f}"] = {"reached": False, "best_recall": best.recall, "knob": best.knob}
+            result.matched[f"{target:.2f}"] = {
+                "reached": False,
+                "best_recall": best.recall,
+                "knob": best.knob,
+            }
             continue
         if chosen.knob not in concurrent:  # targets often share a setting: measure each setting once
             found, lat, wall = await run_queries(engine, queries, chosen.knob, None, cfg.concurrency)
-            concurrent[chosen.knob] = _summary(chosen.knob, lat, wall, recall_at_k(found, truth), cfg.concurrency)
+            concurrent[chosen.knob] = _summary(
+                chosen.knob, lat, wall, recall_at_k(found, truth), cfg.concurrency
+            )
         conc = concurrent[chosen.knob]
-        result.matched[f"{target:.2f}"] = {"reached": True, "single": asdict(chosen), "concurrent": asdict(conc)}
-        log.info("%s: target %.2f at %s=%d: single %.0f qps, %d-way %.0f qps p50=%.2fms p99=%.2fms", engine.name,
-                 target, engine.knob, chosen.knob, chosen.qps, cfg.concurrency, conc.qps, conc.p50_ms, conc.p99_ms)
+        result.matched[f"{target:.2f}"] = {
+            "reached": True,
+            "single": asdict(chosen),
+            "concurrent": asdict(conc),
+        }
+        log.info(
+            "%s: target %.2f at %s=%d: single %.0f qps, %d-way %.0f qps p50=%.2fms p99=%.2fms",
+            engine.name,
+            target,
+            engine.knob,
+            chosen.knob,
+            chosen.qps,
+            cfg.concurrency,
+            conc.qps,
+            conc.p50_ms,
+            conc.p99_ms,
+        )
     matched = result.matched.get(f"{cfg.filter_target:.2f}", {})
     if cfg.profile_s > 0 and cfg.profile_dir is not None and matched.get("reached"):
         result.profile = await profile_engine(engine, queries, matched["single"]["knob"], cfg)
@@ -586,8 +752,15 @@ async def measure_engine(engine: Engine, data: BenchData, truth: np.ndarray,
         found, lat, wall = await run_queries(engine, fq, at.knob, selectivity, 1)
         point = _summary(at.knob, lat, wall, recall_at_k(found, filtered_truth[selectivity]), 1)
         result.filtered[f"{selectivity:g}"] = asdict(point)
-        log.info("%s: selectivity %g at %s=%d: recall@10=%.4f p50=%.2fms", engine.name, selectivity, engine.knob,
-                 at.knob, point.recall, point.p50_ms)
+        log.info(
+            "%s: selectivity %g at %s=%d: recall@10=%.4f p50=%.2fms",
+            engine.name,
+            selectivity,
+            engine.knob,
+            at.knob,
+            point.recall,
+            point.p50_ms,
+        )
     return result
 
 
@@ -634,17 +807,32 @@ class CompareConfig:
         p.add_argument("--filter-queries", type=int, default=cls.filter_queries)
         p.add_argument("--clusters", type=int, default=0, help="synthetic clusters; 0: vectors / 100")
         p.add_argument("--seed", type=int, default=cls.seed)
-        p.add_argument("--engines", default=",".join(ALL_ENGINES), help=f"comma list of {', '.join(ALL_ENGINES)}")
+        p.add_argument(
+            "--engines", default=",".join(ALL_ENGINES), help=f"comma list of {', '.join(ALL_ENGINES)}"
+        )
         p.add_argument("--nprobes", default=",".join(map(str, DEFAULT_NPROBES)))
         p.add_argument("--concurrency", type=int, default=cls.concurrency)
         p.add_argument("--faiss-threads", type=int, default=cls.faiss_threads)
         p.add_argument("--nlist", type=int, default=0, help="IVF lists for every engine; 0: the shard's rule")
-        p.add_argument("--milvus-index", default=cls.milvus_index, choices=("IVF_SQ8", "IVF_FLAT", "HNSW", "FLAT"))
-        p.add_argument("--grocery", type=Path, default=None, metavar="DATA_DIR",
-                       help="real data: embed the grocery photos under DATA_DIR/grocery (e.g. ../shared/data)")
-        p.add_argument("--embeddings-cache", type=Path, default=None, help=".npz keeping the grocery embeddings")
-        p.add_argument("--profile-s", type=float, default=0.0,
-                       help="py-spy the client, broker and shard processes this long at the 0.95 setting")
+        p.add_argument(
+            "--milvus-index", default=cls.milvus_index, choices=("IVF_SQ8", "IVF_FLAT", "HNSW", "FLAT")
+        )
+        p.add_argument(
+            "--grocery",
+            type=Path,
+            default=None,
+            metavar="DATA_DIR",
+            help="real data: embed the grocery photos under DATA_DIR/grocery (e.g. ../shared/data)",
+        )
+        p.add_argument(
+            "--embeddings-cache", type=Path, default=None, help=".npz keeping the grocery embeddings"
+        )
+        p.add_argument(
+            "--profile-s",
+            type=float,
+            default=0.0,
+            help="py-spy the client, broker and shard processes this long at the 0.95 setting",
+        )
         p.add_argument("--profile-dir", type=Path, default=Path("docs/bench/profiles"))
         p.add_argument("--work-dir", type=Path, default=None, help="scratch directory (default: a temp dir)")
         p.add_argument("--out", type=Path, default=cls.out_json)
@@ -654,13 +842,27 @@ class CompareConfig:
         unknown = set(engines) - set(ALL_ENGINES)
         if unknown:
             p.error(f"unknown engines: {sorted(unknown)}")
-        return cls(n_vectors=a.vectors, dim=a.dim, n_queries=a.queries, filter_queries=a.filter_queries,
-                   clusters=a.clusters, seed=a.seed, engines=engines,
-                   nprobes=tuple(int(x) for x in a.nprobes.split(",")), concurrency=a.concurrency,
-                   faiss_threads=a.faiss_threads, nlist=a.nlist, milvus_index=a.milvus_index, grocery_dir=a.grocery,
-                   embeddings_cache=a.embeddings_cache, profile_s=a.profile_s, profile_dir=a.profile_dir,
-                   work_dir=a.work_dir,
-                   out_json=a.out, plot_dir=Path(a.plots) if a.plots else None)
+        return cls(
+            n_vectors=a.vectors,
+            dim=a.dim,
+            n_queries=a.queries,
+            filter_queries=a.filter_queries,
+            clusters=a.clusters,
+            seed=a.seed,
+            engines=engines,
+            nprobes=tuple(int(x) for x in a.nprobes.split(",")),
+            concurrency=a.concurrency,
+            faiss_threads=a.faiss_threads,
+            nlist=a.nlist,
+            milvus_index=a.milvus_index,
+            grocery_dir=a.grocery,
+            embeddings_cache=a.embeddings_cache,
+            profile_s=a.profile_s,
+            profile_dir=a.profile_dir,
+            work_dir=a.work_dir,
+            out_json=a.out,
+            plot_dir=Path(a.plots) if a.plots else None,
+        )
 
 
 def machine_info() -> dict:
@@ -677,8 +879,14 @@ def machine_info() -> dict:
     for module in ("lancedb", "pymilvus", "milvus_lite", "grpc"):
         with contextlib.suppress(Exception):
             versions[module] = __import__(module).__version__
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": mem_gib, "os": platform.platform(),
-            "load_avg_at_start": [round(x, 2) for x in os.getloadavg()], "versions": versions}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": mem_gib,
+        "os": platform.platform(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "versions": versions,
+    }
 
 
 def shard_config(cfg: CompareConfig) -> ShardConfig:
@@ -697,8 +905,9 @@ def make_engine(name: str, cfg: CompareConfig, params: IndexParams, work_dir: Pa
 
     shards = 1 if name == "shard" else int(name.removeprefix("broker-"))
     if shards not in tiers:
-        tiers[shards] = ShardTier(work_dir, shards=shards, search_threads=max(4, cfg.concurrency),
-                                  config=shard_config(cfg))
+        tiers[shards] = ShardTier(
+            work_dir, shards=shards, search_threads=max(4, cfg.concurrency), config=shard_config(cfg)
+        )
     return ShardTierEngine(params, cfg.nprobes, tiers[shards], via_broker=name != "shard")
 
 
@@ -721,13 +930,15 @@ async def run(cfg: CompareConfig, *, on_engine_done=None) -> dict:
     if cfg.grocery_dir is not None:
         data = grocery_data(cfg.grocery_dir, cache=cfg.embeddings_cache)
     else:
-        data = synthetic_data(n=cfg.n_vectors, dim=cfg.dim, n_queries=cfg.n_queries, seed=cfg.seed,
-                              clusters=cfg.clusters)
+        data = synthetic_data(
+            n=cfg.n_vectors, dim=cfg.dim, n_queries=cfg.n_queries, seed=cfg.seed, clusters=cfg.clusters
+        )
     params = IndexParams.of_shard(data.n, shard_config(cfg))
     log.info("data: %s; index params %s", data.description, params)
     truth = ground_truth(data, None)
-    filtered_truth = {s: ground_truth(data, s, queries=data.queries[: cfg.filter_queries])
-                      for s in cfg.selectivities}
+    filtered_truth = {
+        s: ground_truth(data, s, queries=data.queries[: cfg.filter_queries]) for s in cfg.selectivities
+    }
     report = _report_factory(cfg, data, params, started_at, t_start, machine_info())
     work_dir = cfg.work_dir or Path(tempfile.mkdtemp(prefix="imgsearch-compare-"))
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -758,8 +969,9 @@ async def run(cfg: CompareConfig, *, on_engine_done=None) -> dict:
     return report(results, complete=True)
 
 
-def _report_factory(cfg: CompareConfig, data: BenchData, params: IndexParams, started_at: str, t_start: float,
-                    machine: dict):
+def _report_factory(
+    cfg: CompareConfig, data: BenchData, params: IndexParams, started_at: str, t_start: float, machine: dict
+):
     def report(results: dict, *, complete: bool) -> dict:
         return {
             "kind": "engine-comparison",
@@ -787,7 +999,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = CompareConfig.from_args(argv)
     cfg.out_json.parent.mkdir(parents=True, exist_ok=True)
 
-    def write(report: dict) -> None:  # after every engine too, so a long run that is cut short keeps its numbers
+    def write(
+        report: dict,
+    ) -> None:  # after every engine too, so a long run that is cut short keeps its numbers
         cfg.out_json.write_text(json.dumps(report, indent=2) + "\n")
 
     report = asyncio.run(run(cfg, on_engine_done=write))

@@ -5,8 +5,9 @@ Layout: one shard holds every vector in one category ("all"), as the in-process 
 the broker over N shards the vectors are split evenly (row i -> category ``part-{i % N}``), each category
 pinned to its own shard; queries name no category, so every search fans out to all N shards and each searches
 its partition with the same nprobe (N partitions of n/N vectors, each with the shard's own list count).
-The single shard serves both "shard" and "broker-1" (built once). Each shard is loaded with one atomic UpsertStream, then trains its IVF-PQ index in the background on the whole
-partition; the build time runs from the first record sent to the last partition trained.
+The single shard serves both "shard" and "broker-1" (built once). Each shard is loaded with one atomic
+UpsertStream, then trains its IVF-PQ index in the background on the whole partition; the build time runs
+from the first record sent to the last partition trained.
 """
 
 from __future__ import annotations
@@ -27,7 +28,16 @@ from broker.client import BrokerClient
 from broker.stack import console_script, free_port, wait_for_port
 from shard_server import synthetic
 from shard_server.client import ShardClient
-from shard_server.compare import TOP_K, BenchData, BuildReport, Engine, IndexParams, attributes_of, row_of
+from shard_server.compare import (
+    TOP_K,
+    BenchData,
+    BuildReport,
+    Engine,
+    IndexParams,
+    attributes_of,
+    disk_bytes,
+    row_of,
+)
 from shard_server.config import ShardConfig
 from shard_server.process import ShardProcess
 from shard_server.types import Filter, Record, SearchQuery
@@ -60,11 +70,23 @@ class ShardTier:
         return ["all"] if self.shards == 1 else [f"part-{j}" for j in range(self.shards)]
 
     def shard_args(self, data: BenchData) -> tuple[str, ...]:
-        return ("--dimension", str(data.dim), "--search-threads", str(self.search_threads),
-                # A whole partition is one atomic stream; no snapshot may run during the measurement.
-                "--max-stream-bytes", str(1 << 40), "--snapshot-interval-s", "1000000000",
-                "--snapshot-wal-bytes", str(1 << 50), "--max-message-bytes", str(64 << 20),
-                "--nlist", str(self.config.nlist))
+        return (
+            "--dimension",
+            str(data.dim),
+            "--search-threads",
+            str(self.search_threads),
+            # A whole partition is one atomic stream; no snapshot may run during the measurement.
+            "--max-stream-bytes",
+            str(1 << 40),
+            "--snapshot-interval-s",
+            "1000000000",
+            "--snapshot-wal-bytes",
+            str(1 << 50),
+            "--max-message-bytes",
+            str(64 << 20),
+            "--nlist",
+            str(self.config.nlist),
+        )
 
     async def build(self, data: BenchData, params: IndexParams) -> BuildReport:
         async with self._lock:
@@ -77,13 +99,18 @@ class ShardTier:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         categories = self.categories()
         for j in range(self.shards):
-            proc = ShardProcess(self.work_dir / f"shard-{j}", log_path=self.work_dir / f"shard-{j}.log",
-                                extra_args=self.shard_args(data))
+            proc = ShardProcess(
+                self.work_dir / f"shard-{j}",
+                log_path=self.work_dir / f"shard-{j}.log",
+                extra_args=self.shard_args(data),
+            )
             self.processes.append(proc)
             await asyncio.to_thread(proc.start, timeout_s=120)
         self.clients = [ShardClient(p.address) for p in self.processes]
         started = time.perf_counter()
-        await asyncio.gather(*(self._load(client, data, j, categories[j]) for j, client in enumerate(self.clients)))
+        await asyncio.gather(
+            *(self._load(client, data, j, categories[j]) for j, client in enumerate(self.clients))
+        )
         rows_per_shard = data.n // self.shards
         config = self.config
         trains = rows_per_shard >= config.training_threshold(rows_per_shard)
@@ -96,17 +123,25 @@ class ShardTier:
         self.nlist = config.nlist_for(rows_per_shard) if trains else 1
         layout = f"{self.shards} shard process(es) x {rows_per_shard} vectors"
         return BuildReport(
-            build_s=build_s, bytes_per_vector=resident / data.n,
-            bytes_basis="shard Stats resident_bytes (IVF codes + ids + centroids + attributes + vectors not yet "
-                        "in a memory-mapped snapshot)",
+            build_s=build_s,
+            bytes_per_vector=resident / data.n,
+            disk_bytes_per_vector=disk_bytes(self.work_dir) / data.n,
+            bytes_basis="shard Stats resident_bytes (IVF codes + ids + centroids + attributes; the vectors "
+            "only while not yet in the shard's memory-mapped file); disk: WAL + snapshot + vector files",
             index=f"{', '.join(index_types)} + exact re-rank x{params.rerank_factor}; {layout}"
-                  + ("" if trains else " (below the training threshold: exact scan)"))
+            + ("" if trains else " (below the training threshold: exact scan)"),
+        )
 
     async def _load(self, client: ShardClient, data: BenchData, shard: int, category: str) -> None:
         def records() -> Iterator[Record]:
             for i in range(shard, data.n, self.shards):
-                yield Record(image_id=synthetic.image_id(i), product_id=f"product-{i // 4}", category=category,
-                             vector=data.vectors[i], attributes=attributes_of(data, i))
+                yield Record(
+                    image_id=synthetic.image_id(i),
+                    product_id=f"product-{i // 4}",
+                    category=category,
+                    vector=data.vectors[i],
+                    attributes=attributes_of(data, i),
+                )
 
         expected = len(range(shard, data.n, self.shards))
         written = await client.upsert_stream(records(), batch_size=1000, timeout_s=LOAD_TIMEOUT_S)
@@ -127,8 +162,10 @@ class ShardTier:
         if self.broker is not None:
             return self.broker
         names = [f"shard-{j}" for j in range(self.shards)]
-        shard_map = {"shards": {name: [p.address] for name, p in zip(names, self.processes, strict=True)},
-                     "categories": dict(zip(self.categories(), names, strict=True))}
+        shard_map = {
+            "shards": {name: [p.address] for name, p in zip(names, self.processes, strict=True)},
+            "categories": dict(zip(self.categories(), names, strict=True)),
+        }
         map_path = self.work_dir / "shard-map.json"
         map_path.write_text(json.dumps(shard_map))
         port = free_port()
@@ -136,12 +173,30 @@ class ShardTier:
         # No Triton and no Redis: vector queries need neither (the broker's health stays NOT_SERVING without
         # Triton, but Search answers vector queries regardless).
         self._broker_proc = subprocess.Popen(
-            [*console_script("imgsearch-broker"), "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1",
-             "--shard-map", str(map_path), "--triton-url", f"127.0.0.1:{free_port()}",
-             "--search-timeout-s", str(SEARCH_TIMEOUT_S), "--dimension", str(self.dimension)],
-            stdout=self._broker_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        await asyncio.to_thread(wait_for_port, "127.0.0.1", port, timeout_s=60, process=self._broker_proc,
-                                name="imgsearch-broker")
+            [
+                *console_script("imgsearch-broker"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--metrics-port",
+                "-1",
+                "--shard-map",
+                str(map_path),
+                "--triton-url",
+                f"127.0.0.1:{free_port()}",
+                "--search-timeout-s",
+                str(SEARCH_TIMEOUT_S),
+                "--dimension",
+                str(self.dimension),
+            ],
+            stdout=self._broker_log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        await asyncio.to_thread(
+            wait_for_port, "127.0.0.1", port, timeout_s=60, process=self._broker_proc, name="imgsearch-broker"
+        )
         self.broker = BrokerClient(f"127.0.0.1:{port}", timeout_s=SEARCH_TIMEOUT_S)
         return self.broker
 
@@ -172,7 +227,9 @@ class ShardTierEngine(Engine):
 
     is_async = True
 
-    def __init__(self, params: IndexParams, knobs: Sequence[int], tier: ShardTier, *, via_broker: bool) -> None:
+    def __init__(
+        self, params: IndexParams, knobs: Sequence[int], tier: ShardTier, *, via_broker: bool
+    ) -> None:
         super().__init__(params, knobs)
         self.tier = tier
         self.via_broker = via_broker
@@ -198,13 +255,21 @@ class ShardTierEngine(Engine):
     async def search(self, query: np.ndarray, knob: int, selectivity: float | None) -> list[int]:
         flt = self._filters[selectivity] if selectivity is not None else Filter()
         if self._broker is not None:
-            answer = await self._broker.search(vector=query, top_k=TOP_K, nprobe=int(knob), filter=flt,
-                                               use_duplicate_cache=False, timeout_s=SEARCH_TIMEOUT_S)
+            answer = await self._broker.search(
+                vector=query,
+                top_k=TOP_K,
+                nprobe=int(knob),
+                filter=flt,
+                use_duplicate_cache=False,
+                timeout_s=SEARCH_TIMEOUT_S,
+            )
             if answer.partial:
                 raise RuntimeError(f"partial answer: {answer.shards}")
             hits = answer.hits
         else:
             result = await self.tier.clients[0].search(
-                SearchQuery(vector=query, top_k=TOP_K, nprobe=int(knob), filter=flt), timeout_s=SEARCH_TIMEOUT_S)
+                SearchQuery(vector=query, top_k=TOP_K, nprobe=int(knob), filter=flt),
+                timeout_s=SEARCH_TIMEOUT_S,
+            )
             hits = result.hits
         return [row_of(h.image_id) for h in hits]

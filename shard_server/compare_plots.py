@@ -1,4 +1,5 @@
-"""PNG plots of an engine-comparison report (shard_server.compare) and of a load-test report (broker.loadtest)."""
+"""PNG plots and markdown tables of an engine-comparison report (shard_server.compare) and of a load-test
+report (broker.loadtest)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ def _subtitle(report: dict) -> str:
     data = report.get("data", {})
     n = data.get("n")
     size = f"{n:,} x {data.get('dim')}-d, " if n else ""
-    return f"{size}{machine.get('cores')} cores ({machine.get('cpu', '?')}), load avg {machine.get('load_avg_at_start')}"
+    load = machine.get("load_avg_at_start")
+    return f"{size}{machine.get('cores')} cores ({machine.get('cpu', '?')}), load avg {load}"
 
 
 def plot_comparison(report: dict, out_dir: Path, *, stem: str = "compare") -> list[Path]:
@@ -30,8 +32,9 @@ def plot_comparison(report: dict, out_dir: Path, *, stem: str = "compare") -> li
         sweep = e["sweep"]
         ax.plot([p["recall"] for p in sweep], [p["qps"] for p in sweep], marker="o", label=name)
         for p in sweep:
-            ax.annotate(str(p["knob"]), (p["recall"], p["qps"]), fontsize=6, xytext=(2, 2),
-                        textcoords="offset points")
+            ax.annotate(
+                str(p["knob"]), (p["recall"], p["qps"]), fontsize=6, xytext=(2, 2), textcoords="offset points"
+            )
     for target in report.get("targets", []):
         ax.axvline(target, color="grey", linestyle=":", linewidth=0.8)
     ax.set_yscale("log")
@@ -59,8 +62,11 @@ def plot_comparison(report: dict, out_dir: Path, *, stem: str = "compare") -> li
         ax.set_xlabel("fraction of the catalogue the filter keeps")
         ax.set_ylabel("filtered recall@10")
         ax.set_ylim(0, 1.3)  # head room for the legend above the bars
-        ax.set_title(f"Recall under filters, at each engine's recall-{report.get('filter_target')} setting\n"
-                     f"{_subtitle(report)}", fontsize=9)
+        ax.set_title(
+            f"Recall under filters, at each engine's recall-{report.get('filter_target')} setting\n"
+            f"{_subtitle(report)}",
+            fontsize=9,
+        )
         ax.legend(fontsize=7, ncol=4, loc="upper center")
         fig.tight_layout()
         paths.append(out_dir / f"{stem}-filtered-recall.png")
@@ -122,33 +128,53 @@ def _ms(value) -> str:
 def comparison_tables(report: dict) -> str:
     """Markdown tables of an engine-comparison report (docs/benchmarks.md is written from these)."""
     engines = report["engines"]
-    out = ["| engine | index | build s | bytes/vector | what the bytes count |", "|---|---|---:|---:|---|"]
+    out = [
+        "| engine | index | build s | bytes/vector | disk bytes/vector | what the bytes count |",
+        "|---|---|---:|---:|---:|---|",
+    ]
     for name, e in engines.items():
         if e.get("error"):
-            out.append(f"| {name} | failed: {e['error']} | | | |")
+            out.append(f"| {name} | failed: {e['error']} | | | | |")
             continue
         b = e["build"]
-        out.append(f"| {name} | {b['index']} | {b['build_s']:.1f} | {b['bytes_per_vector']:.0f} | {b['bytes_basis']} |")
+        disk = b.get("disk_bytes_per_vector")
+        out.append(
+            f"| {name} | {b['index']} | {b['build_s']:.1f} | {b['bytes_per_vector']:.0f} "
+            f"| {'-' if disk is None else f'{disk:.0f}'} | {b['bytes_basis']} |"
+        )
     conc = report.get("concurrency")
     for target in (f"{t:.2f}" for t in report.get("targets", [])):
-        out += ["", f"**recall@10 >= {target}** (cheapest nprobe that reaches it; 1 client, then {conc} clients)", "",
-                f"| engine | nprobe | recall@10 | QPS (1) | p50 ms (1) | p99 ms (1) | QPS ({conc}) | p50 ms ({conc}) "
-                f"| p99 ms ({conc}) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            "",
+            f"**recall@10 >= {target}** (cheapest nprobe that reaches it; 1 client, then {conc} clients)",
+            "",
+            f"| engine | nprobe | recall@10 | QPS (1) | p50 ms (1) | p99 ms (1) | QPS ({conc}) "
+            f"| p50 ms ({conc}) | p99 ms ({conc}) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, e in engines.items():
             m = e.get("matched", {}).get(target)
             if not m:
                 continue
             if not m["reached"]:
-                out.append(f"| {name} | - | not reached (best {m['best_recall']:.3f} at {m['knob']}) | | | | | | |")
+                out.append(
+                    f"| {name} | - | not reached (best {m['best_recall']:.3f} at {m['knob']}) | | | | | | |"
+                )
                 continue
             s, c = m["single"], m["concurrent"]
-            out.append(f"| {name} | {s['knob']} | {s['recall']:.3f} | {s['qps']:.0f} | {_ms(s['p50_ms'])} | "
-                       f"{_ms(s['p99_ms'])} | {c['qps']:.0f} | {_ms(c['p50_ms'])} | {_ms(c['p99_ms'])} |")
+            out.append(
+                f"| {name} | {s['knob']} | {s['recall']:.3f} | {s['qps']:.0f} | {_ms(s['p50_ms'])} | "
+                f"{_ms(s['p99_ms'])} | {c['qps']:.0f} | {_ms(c['p50_ms'])} | {_ms(c['p99_ms'])} |"
+            )
     sels = [f"{s:g}" for s in report.get("selectivities", [])]
-    out += ["", f"**Filtered recall@10** (price filter keeping the given fraction; each engine at its "
-            f"recall-{report.get('filter_target')} nprobe; recall / p50 ms)", "",
-            "| engine | nprobe | " + " | ".join(f"{float(s) * 100:g} %" for s in sels) + " |",
-            "|---|---:|" + "---:|" * len(sels)]
+    out += [
+        "",
+        f"**Filtered recall@10** (price filter keeping the given fraction; each engine at its "
+        f"recall-{report.get('filter_target')} nprobe; recall / p50 ms)",
+        "",
+        "| engine | nprobe | " + " | ".join(f"{float(s) * 100:g} %" for s in sels) + " |",
+        "|---|---:|" + "---:|" * len(sels),
+    ]
     for name, e in engines.items():
         f = e.get("filtered") or {}
         if not f:
@@ -160,7 +186,7 @@ def comparison_tables(report: dict) -> str:
 
 
 def target_check(report: dict, *, target: str = "0.95") -> str:
-    """The issue's targets, measured: broker vs in-process faiss latency, filtered recall, QPS vs the others."""
+    """The issue's targets, measured: broker vs in-process faiss latency, filtered recall, QPS."""
     engines = report["engines"]
     lines = []
     faiss_m = engines.get("faiss", {}).get("matched", {}).get(target)
@@ -172,46 +198,73 @@ def target_check(report: dict, *, target: str = "0.95") -> str:
             continue
         for mode in ("single", "concurrent"):
             b, f = m[mode], faiss_m[mode]
-            lines.append(f"- {name} vs faiss ({mode}, recall {target}): p50 {b['p50_ms']:.2f} / {f['p50_ms']:.2f} ms "
-                         f"= {b['p50_ms'] / f['p50_ms']:.1f}x (target <= 2x); p99 {b['p99_ms']:.2f} / "
-                         f"{f['p99_ms']:.2f} ms = {b['p99_ms'] / f['p99_ms']:.1f}x (target <= 3x)")
+            lines.append(
+                f"- {name} vs faiss ({mode}, recall {target}): p50 {b['p50_ms']:.2f} / {f['p50_ms']:.2f} ms "
+                f"= {b['p50_ms'] / f['p50_ms']:.1f}x (target <= 2x); p99 {b['p99_ms']:.2f} / "
+                f"{f['p99_ms']:.2f} ms = {b['p99_ms'] / f['p99_ms']:.1f}x (target <= 3x)"
+            )
     for name, e in engines.items():
         f = e.get("filtered") or {}
         if f:
             worst = min(f.items(), key=lambda kv: kv[1]["recall"])
             verdict = "meets" if worst[1]["recall"] >= 0.95 else "misses"
-            lines.append(f"- {name}: lowest filtered recall@10 {worst[1]['recall']:.3f} at {float(worst[0]) * 100:g} % "
-                         f"selectivity ({verdict} >= 0.95)")
-    qps = {n: e["matched"][target]["single"]["qps"] for n, e in engines.items()
-           if not e.get("error") and e.get("matched", {}).get(target, {}).get("reached")}
+            lines.append(
+                f"- {name}: lowest filtered recall@10 {worst[1]['recall']:.3f} "
+                f"at {float(worst[0]) * 100:g} % "
+                f"selectivity ({verdict} >= 0.95)"
+            )
+    qps = {
+        n: e["matched"][target]["single"]["qps"]
+        for n, e in engines.items()
+        if not e.get("error") and e.get("matched", {}).get(target, {}).get("reached")
+    }
     if qps:
-        lines.append(f"- single-client QPS at recall {target}: " + ", ".join(
-            f"{n} {q:.0f}" for n, q in sorted(qps.items(), key=lambda kv: -kv[1])))
+        lines.append(
+            f"- single-client QPS at recall {target}: "
+            + ", ".join(f"{n} {q:.0f}" for n, q in sorted(qps.items(), key=lambda kv: -kv[1]))
+        )
     return "\n".join(lines) + "\n"
 
 
 def loadtest_tables(report: dict) -> str:
     stages = list(STAGES)
-    out = ["| clients | requests | QPS | client p50 / p99 ms | " + " | ".join(f"{s} p50 / p99 ms" for s in stages)
-           + " | cache | partial | errors |", "|---:|---:|---:|---:|" + "---:|" * len(stages) + "---|---:|---|"]
+    out = [
+        "| clients | requests | QPS | client p50 / p99 ms | "
+        + " | ".join(f"{s} p50 / p99 ms" for s in stages)
+        + " | cache | partial | errors |",
+        "|---:|---:|---:|---:|" + "---:|" * len(stages) + "---|---:|---|",
+    ]
     for s in report["steps"]:
         cells = [f"{_ms(s['stages'][st]['p50_ms'])} / {_ms(s['stages'][st]['p99_ms'])}" for st in stages]
-        out.append(f"| {s['concurrency']} | {s['requests']} | {s['qps']:.1f} | {_ms(s['client']['p50_ms'])} / "
-                   f"{_ms(s['client']['p99_ms'])} | " + " | ".join(cells)
-                   + f" | {s['cache']} | {s['partial']} | {s['errors'] or '-'} |")
+        out.append(
+            f"| {s['concurrency']} | {s['requests']} | {s['qps']:.1f} | {_ms(s['client']['p50_ms'])} / "
+            f"{_ms(s['client']['p99_ms'])} | "
+            + " | ".join(cells)
+            + f" | {s['cache']} | {s['partial']} | {s['errors'] or '-'} |"
+        )
     k = report.get("shard_killed")
     if k:
-        out += ["", f"**{k['victim']} SIGKILLed at t={k['killed_at_s']} s** ({k['concurrency']} clients)", "",
-                "| window | requests | complete | partial | errors | client p50 / p99 ms | cache |",
-                "|---|---:|---:|---:|---|---:|---|"]
+        out += [
+            "",
+            f"**{k['victim']} SIGKILLed at t={k['killed_at_s']} s** ({k['concurrency']} clients)",
+            "",
+            "| window | requests | complete | partial | errors | client p50 / p99 ms | cache |",
+            "|---|---:|---:|---:|---|---:|---|",
+        ]
         for label in ("before", "after"):
             w = k[label]
             ok = sum(w["cache"].values())
-            out.append(f"| {label} | {w['requests']} | {ok - w['partial']} | {w['partial']} | {w['errors'] or '-'} | "
-                       f"{_ms(w['client']['p50_ms'])} / {_ms(w['client']['p99_ms'])} | {w['cache']} |")
+            out.append(
+                f"| {label} | {w['requests']} | {ok - w['partial']} | {w['partial']} "
+                f"| {w['errors'] or '-'} | "
+                f"{_ms(w['client']['p50_ms'])} / {_ms(w['client']['p99_ms'])} | {w['cache']} |"
+            )
         out += ["", "| t (s) | complete | partial | errors | p50 ms |", "|---:|---:|---:|---:|---:|"]
         for row in k["timeline"]:
-            out.append(f"| {row['t_s']} | {row['complete']} | {row['partial']} | {row['errors']} | {_ms(row['p50_ms'])} |")
+            out.append(
+                f"| {row['t_s']} | {row['complete']} | {row['partial']} | {row['errors']} "
+                f"| {_ms(row['p50_ms'])} |"
+            )
     return "\n".join(out) + "\n"
 
 
@@ -220,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import sys
 
-    for path in (argv if argv is not None else sys.argv[1:]):
+    for path in argv if argv is not None else sys.argv[1:]:
         report = json.loads(Path(path).read_text())
         print(f"<!-- tables from {path} -->")
         if report.get("kind") == "full-stack-loadtest":

@@ -1,5 +1,5 @@
-"""The engine comparison (shard_server.compare) on a small catalogue, every engine real: faiss in process, shard
-processes over gRPC, the broker process over them, embedded LanceDB and Milvus Lite."""
+"""The engine comparison (shard_server.compare) on a small catalogue, every engine real: faiss in process,
+shard processes over gRPC, the broker process over them, embedded LanceDB and Milvus Lite."""
 
 from __future__ import annotations
 
@@ -58,9 +58,19 @@ def test_ground_truth_and_recall():
 def small_run(tmp_path, engines: tuple[str, ...]) -> dict:
     # nlist 32: every shard (4000 and 2 x 2000 vectors) passes the training threshold, so the shards answer
     # from IVF-PQ and the nprobe knob reaches them; filters below 20k rows are exact scans in the shard.
-    cfg = CompareConfig(n_vectors=4000, dim=64, n_queries=40, filter_queries=20, nlist=32, engines=engines,
-                        nprobes=(1, 4, 32), concurrency=2, work_dir=tmp_path / "work",
-                        out_json=tmp_path / "compare.json", plot_dir=tmp_path)
+    cfg = CompareConfig(
+        n_vectors=4000,
+        dim=64,
+        n_queries=40,
+        filter_queries=20,
+        nlist=32,
+        engines=engines,
+        nprobes=(1, 4, 32),
+        concurrency=2,
+        work_dir=tmp_path / "work",
+        out_json=tmp_path / "compare.json",
+        plot_dir=tmp_path,
+    )
     return asyncio.run(run(cfg))
 
 
@@ -77,18 +87,24 @@ def test_faiss_shard_and_broker_side_by_side(tmp_path):
         assert recalls[-1] >= 0.9, (name, e["sweep"])
         assert set(e["filtered"]) == {"0.5", "0.1", "0.01", "0.001"}
     assert "IVF32,PQ64x4fs" in engines["shard"]["build"]["index"]
+    # The shard keeps at least the vectors on disk (WAL, snapshot or vector file): 64 floats of >= 2 bytes.
+    assert engines["shard"]["build"]["disk_bytes_per_vector"] >= 128
     # Same index parameters: the shard over gRPC finds what faiss in process finds, knob for knob.
     faiss_by_knob = {p["knob"]: p["recall"] for p in engines["faiss"]["sweep"]}
     for p in engines["shard"]["sweep"]:
         assert abs(p["recall"] - faiss_by_knob[p["knob"]]) <= 0.15, (p, faiss_by_knob)
     assert engines["shard"]["sweep"][0]["recall"] < engines["shard"]["sweep"][-1]["recall"]
     # The broker adds a hop, not an error: over one shard it returns exactly the shard's answers' recall.
-    assert [p["recall"] for p in engines["broker-1"]["sweep"]] == [p["recall"] for p in engines["shard"]["sweep"]]
+    assert [p["recall"] for p in engines["broker-1"]["sweep"]] == [
+        p["recall"] for p in engines["shard"]["sweep"]
+    ]
     for name in ("shard", "broker-1", "broker-2"):
         for selectivity, point in engines[name]["filtered"].items():
             assert point["recall"] >= 0.95, (name, selectivity, point)
     reached = engines["faiss"]["matched"]["0.90"]
-    assert reached["reached"] and reached["concurrent"]["qps"] > 0 and reached["concurrent"]["concurrency"] == 2
+    assert (
+        reached["reached"] and reached["concurrent"]["qps"] > 0 and reached["concurrent"]["concurrency"] == 2
+    )
     tables = comparison_tables(report)
     assert "| broker-2 |" in tables and "**Filtered recall@10**" in tables
     assert "broker-1 vs faiss (single, recall 0.95)" in target_check(report)
@@ -111,11 +127,13 @@ def test_lancedb_and_milvus_lite_on_the_same_data(tmp_path):
 
 
 def test_hottest_functions_from_collapsed_stacks():
-    collapsed = "\n".join([
-        "process 1:main;run (a.py:1);search (b.py:10);IndexIVF.search (swigfaiss.py:5) 60",
-        "process 1:main;run (a.py:1);convert (c.py:3) 30",
-        "process 1:main;run (a.py:1) 10",
-    ])
+    collapsed = "\n".join(
+        [
+            "process 1:main;run (a.py:1);search (b.py:10);IndexIVF.search (swigfaiss.py:5) 60",
+            "process 1:main;run (a.py:1);convert (c.py:3) 30",
+            "process 1:main;run (a.py:1) 10",
+        ]
+    )
     top = hottest_functions(collapsed)
     assert top[0] == {"function": "IndexIVF.search (swigfaiss.py)", "self_pct": 60.0, "inclusive_pct": 60.0}
     by_name = {t["function"]: t for t in top}

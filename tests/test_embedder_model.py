@@ -202,3 +202,27 @@ def test_tiny_training_run_end_to_end(tmp_path, mode):
     assert export.main(["--checkpoint", str(out / "best.pt"), "--out", str(onnx_path)]) == 0
     pixels = pixels_of(photos("Banana", 2))
     assert export.max_onnx_deviation(model, onnx_path, pixels) < 1e-4
+
+
+def test_default_model_embeds_every_odd_image_or_rejects_it_clearly():
+    """../shared/data/odd-images: every format, PIL mode and EXIF orientation embeds to a unit vector; only the
+    truncated JPEG is refused, with InvalidImageError. (The `.svg` there is a JPEG by content and decodes.)"""
+    from embedder.errors import InvalidImageError
+    from embedder.preprocess import preprocess_bytes
+
+    files = sorted(p for p in (data.data_dir() / "odd-images").rglob("*")
+                   if p.is_file() and p.suffix.lower() not in {".md", ".pkl", ""} and p.name != "LICENSE")
+    assert len(files) > 50
+    pixels, refused = [], []
+    for path in files:
+        try:
+            pixels.append(preprocess_bytes(path.read_bytes()))
+        except InvalidImageError as exc:
+            assert str(exc)
+            refused.append(path.name)
+    assert sorted(refused) == sorted(p.name for p in files if "corrupt" in p.name)
+    session = ort.InferenceSession(str(default_model_path()), providers=["CPUExecutionProvider"])
+    emb = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: np.stack(pixels[i:i + 16])})[0]
+                          for i in range(0, len(pixels), 16)])
+    assert emb.shape == (len(files) - len(refused), 512) and np.isfinite(emb).all()
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)

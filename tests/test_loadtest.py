@@ -13,11 +13,21 @@ from shard_server.compare_plots import plot_loadtest
 
 
 def _answer(*, cache: CacheOutcome, partial: bool = False, embed_s: float = 0.0) -> SearchAnswer:
-    timings = StageTimings(decode_hash_s=0.002, cache_s=0.001, embed_s=embed_s,
-                           fanout_s=0.004 if embed_s else 0.0, merge_s=0.0001 if embed_s else 0.0,
-                           total_s=0.003 + (embed_s + 0.0041 if embed_s else 0.0))
-    return SearchAnswer(hits=(), cache=cache, from_duplicate_cache=cache is CacheOutcome.EXACT, partial=partial,
-                        timings=timings)
+    timings = StageTimings(
+        decode_hash_s=0.002,
+        cache_s=0.001,
+        embed_s=embed_s,
+        fanout_s=0.004 if embed_s else 0.0,
+        merge_s=0.0001 if embed_s else 0.0,
+        total_s=0.003 + (embed_s + 0.0041 if embed_s else 0.0),
+    )
+    return SearchAnswer(
+        hits=(),
+        cache=cache,
+        from_duplicate_cache=cache is CacheOutcome.EXACT,
+        partial=partial,
+        timings=timings,
+    )
 
 
 def test_query_mix_keeps_the_hit_ratio():
@@ -30,12 +40,22 @@ def test_query_mix_keeps_the_hit_ratio():
 
 
 def test_summary_counts_stages_only_where_they_ran():
-    outcomes = [Outcome(started_s=0.1 * i, latency_s=0.004, kind="hit", answer=_answer(cache=CacheOutcome.EXACT))
-                for i in range(10)]
-    outcomes += [Outcome(started_s=1.0 + 0.1 * i, latency_s=0.05, kind="miss",
-                         answer=_answer(cache=CacheOutcome.MISS, embed_s=0.04, partial=i >= 5))
-                 for i in range(10)]
-    outcomes.append(Outcome(started_s=2.5, latency_s=5.0, kind="miss", answer=None, error="DeadlineExceededError"))
+    outcomes = [
+        Outcome(started_s=0.1 * i, latency_s=0.004, kind="hit", answer=_answer(cache=CacheOutcome.EXACT))
+        for i in range(10)
+    ]
+    outcomes += [
+        Outcome(
+            started_s=1.0 + 0.1 * i,
+            latency_s=0.05,
+            kind="miss",
+            answer=_answer(cache=CacheOutcome.MISS, embed_s=0.04, partial=i >= 5),
+        )
+        for i in range(10)
+    ]
+    outcomes.append(
+        Outcome(started_s=2.5, latency_s=5.0, kind="miss", answer=None, error="DeadlineExceededError")
+    )
     s = summarize(outcomes, wall_s=2.0)
     assert s["requests"] == 21 and s["qps"] == 10.0
     assert s["errors"] == {"DeadlineExceededError": 1} and s["partial"] == 5
@@ -51,9 +71,20 @@ def test_summary_counts_stages_only_where_they_ran():
 
 @pytest.mark.slow
 def test_full_stack_run_with_a_shard_killed(tmp_path, data_dir):
-    cfg = LoadTestConfig(data_dir=data_dir, shards=2, gallery=16, queries=8, hit_ratio=0.3, concurrency=(1, 2),
-                         step_s=2.0, kill_concurrency=2, kill_run_s=4.0, work_dir=tmp_path / "stack",
-                         out_json=tmp_path / "loadtest.json", plot_dir=tmp_path)
+    cfg = LoadTestConfig(
+        data_dir=data_dir,
+        shards=2,
+        gallery=16,
+        queries=8,
+        hit_ratio=0.3,
+        concurrency=(1, 2),
+        step_s=2.0,
+        kill_concurrency=2,
+        kill_run_s=4.0,
+        work_dir=tmp_path / "stack",
+        out_json=tmp_path / "loadtest.json",
+        plot_dir=tmp_path,
+    )
     report = run(cfg)
     json.dumps(report)
     assert report["ingest"]["images"] == 16 and report["ingest"]["cache_pending"] == 0
