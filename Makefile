@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The CPU torch wheel lies here on our machines (PIP_FIND_LINKS points at it too).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: demo test bench proto lint install system-deps clean
+.PHONY: demo test bench bench-install bench-shard bench-embedder bench-compare bench-load proto lint install system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,9 +33,30 @@ test: install system-deps
 demo: install system-deps
 	$(VENV)/bin/imgsearch demo --data $(DATA)
 
-bench: install
-	$(PIP) install -q -e '.[train,serve,dev,bench]'
+# Benchmarks: slow (about 1.5 hours on 2 cores), never part of `make test`. Each writes JSON (+ markdown/plots)
+# under docs/; the pieces can be run one by one: make bench-shard bench-embedder bench-compare bench-load.
+bench: bench-shard bench-embedder bench-compare bench-load
+
+bench-install: install
+	$(PIP) install -q $(FIND_LINKS) -e '.[train,serve,dev,bench]'
+
+# one shard process over 1M synthetic vectors: gRPC vs in process, filtered recall, bytes per vector
+bench-shard: bench-install
 	$(PY) -m shard_server.bench --out docs/bench-shard.json --markdown docs/bench-shard.md
+
+# embedding throughput: in-process PyTorch and ONNX Runtime vs a real Triton server on this CPU
+bench-embedder: bench-install system-deps
+	$(VENV)/bin/imgsearch-embed bench --duration-s 4
+
+# raw faiss, one shard, the broker over 1/2/4 shards, LanceDB and Milvus Lite on the same data
+bench-compare: bench-install
+	$(PY) -m shard_server.compare --vectors 200000 --queries 200 --filter-queries 100 --out docs/bench/compare-200k.json --plots docs/bench
+	$(PY) -m shard_server.compare --vectors 50000 --queries 300 --filter-queries 100 --out docs/bench/compare-50k.json --plots docs/bench
+	$(PY) -m shard_server.compare --grocery $(DATA) --nlist 32 --filter-queries 296 --nprobes 1,2,4,8,16,32 --out docs/bench/compare-grocery.json --plots docs/bench
+
+# the full stack (Triton on CPU, redis, shards, broker) at rising client concurrency, then one shard killed
+bench-load: bench-install system-deps
+	$(PY) -m broker.loadtest --out docs/bench/loadtest.json --plots docs/bench
 
 proto: install
 	./scripts/gen_protos.sh

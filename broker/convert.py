@@ -9,7 +9,6 @@ from broker.errors import InvalidRequestError
 from broker.types import (
     CacheOutcome,
     CatalogueItem,
-    CategorySize,
     IngestSummary,
     Query,
     SearchAnswer,
@@ -20,6 +19,8 @@ from broker.types import (
 from shard_server.convert import (
     attributes_from_proto,
     attributes_to_proto,
+    category_stats_from_proto,
+    category_stats_to_proto,
     filter_from_proto,
     filter_to_proto,
     hit_from_proto,
@@ -174,24 +175,13 @@ def summary_to_proto(s: IngestSummary) -> broker_pb2.IngestResponse:
 
 # ---------------------------------------------------------------- stats
 def stats_to_proto(shards: list[ShardSummary]) -> broker_pb2.BrokerServiceStatsResponse:
-    from imgsearch.v1 import shard_pb2
-
     return broker_pb2.BrokerServiceStatsResponse(
         shards=[
             broker_pb2.ShardStats(
                 shard=s.shard,
                 address=s.address,
                 reachable=s.reachable,
-                categories=[
-                    shard_pb2.CategoryStats(
-                        category=c.category,
-                        vectors=c.vectors,
-                        trained=c.trained,
-                        index_type=c.index_type,
-                        resident_bytes=c.resident_bytes,
-                    )
-                    for c in s.categories
-                ],
+                categories=[category_stats_to_proto(c) for c in s.categories],
             )
             for s in shards
         ]
@@ -204,16 +194,7 @@ def stats_from_proto(r: broker_pb2.BrokerServiceStatsResponse) -> list[ShardSumm
             shard=s.shard,
             address=s.address,
             reachable=s.reachable,
-            categories=tuple(
-                CategorySize(
-                    category=c.category,
-                    vectors=c.vectors,
-                    trained=c.trained,
-                    index_type=c.index_type,
-                    resident_bytes=c.resident_bytes,
-                )
-                for c in s.categories
-            ),
+            categories=tuple(category_stats_from_proto(c) for c in s.categories),
         )
         for s in r.shards
     ]

@@ -33,7 +33,6 @@ from broker.repair import CacheRepairQueue
 from broker.types import (
     CacheOutcome,
     CatalogueItem,
-    CategorySize,
     IngestSummary,
     Query,
     SearchAnswer,
@@ -291,16 +290,7 @@ class Broker:
                 shard=r.shard,
                 address=r.address,
                 reachable=r.stats is not None,
-                categories=tuple(
-                    CategorySize(
-                        category=c.category,
-                        vectors=c.vectors,
-                        trained=c.trained,
-                        index_type=c.index_type,
-                        resident_bytes=c.resident_bytes,
-                    )
-                    for c in (r.stats.categories if r.stats is not None else ())
-                ),
+                categories=tuple(r.stats.categories) if r.stats is not None else (),
             )
             for r in replicas
         ]

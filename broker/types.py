@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shard_server.types import Exactness, Filter, Hit
+from shard_server.types import CategoryStats, Exactness, Filter, Hit
 
 
 class CacheOutcome(enum.Enum):
@@ -80,17 +80,8 @@ class IngestSummary:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CategorySize:
-    category: str
-    vectors: int
-    trained: bool
-    index_type: str
-    resident_bytes: int
-
-
-@dataclass(frozen=True, kw_only=True)
 class ShardSummary:
     shard: str
     address: str
     reachable: bool
-    categories: tuple[CategorySize, ...] = ()
+    categories: tuple[CategoryStats, ...] = ()  # as the shard reports them

@@ -201,7 +201,7 @@ def write_markdown(path: Path, *, command: str, machine: dict, results: list[Loa
         "",
         f"- CPU: {machine['cpu']}, {machine['cores']} cores (shared with other work; load average at start "
         f"{machine['load_average_at_start']})",
-        f"- GPU: none in this session, so the GPU configuration (KIND_GPU instance group, TensorRT FP16) was "
+        "- GPU: none in this session, so the GPU configuration (KIND_GPU instance group, TensorRT FP16) was "
         "generated and checked by tests but not measured.",
         f"- Python {machine['python']}, ONNX Runtime {machine['onnxruntime']}, PyTorch {machine.get('torch', '-')}, "
         "Triton Inference Server 2.51.0 (the tritonserver of nvidia-pytriton 0.7.0)",

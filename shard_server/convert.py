@@ -212,17 +212,22 @@ def result_from_proto(message: shard_pb2.ShardServiceSearchResponse) -> SearchRe
                         candidates_scanned=message.candidates_scanned)
 
 
+def category_stats_to_proto(c: CategoryStats) -> shard_pb2.CategoryStats:
+    return shard_pb2.CategoryStats(category=c.category, vectors=c.vectors, trained=c.trained,
+                                   index_type=c.index_type, resident_bytes=c.resident_bytes)
+
+
+def category_stats_from_proto(c: shard_pb2.CategoryStats) -> CategoryStats:
+    return CategoryStats(category=c.category, vectors=c.vectors, trained=c.trained, index_type=c.index_type,
+                         resident_bytes=c.resident_bytes)
+
+
 def stats_to_proto(stats: ShardStats) -> shard_pb2.ShardServiceStatsResponse:
     return shard_pb2.ShardServiceStatsResponse(
-        categories=[shard_pb2.CategoryStats(category=c.category, vectors=c.vectors, trained=c.trained,
-                                            index_type=c.index_type, resident_bytes=c.resident_bytes)
-                    for c in stats.categories],
+        categories=[category_stats_to_proto(c) for c in stats.categories],
         dimension=stats.dimension, wal_bytes=stats.wal_bytes)
 
 
 def stats_from_proto(message: shard_pb2.ShardServiceStatsResponse) -> ShardStats:
-    return ShardStats(
-        categories=tuple(CategoryStats(category=c.category, vectors=c.vectors, trained=c.trained,
-                                       index_type=c.index_type, resident_bytes=c.resident_bytes)
-                         for c in message.categories),
-        dimension=message.dimension, wal_bytes=message.wal_bytes)
+    return ShardStats(categories=tuple(category_stats_from_proto(c) for c in message.categories),
+                      dimension=message.dimension, wal_bytes=message.wal_bytes)

@@ -17,16 +17,21 @@ def catalogue():
     return synthetic.SyntheticCatalogue(dim=DIM, clusters=100, seed=11)
 
 
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory, catalogue):
+def trained_engine(data_dir, catalogue, *, nlist: int) -> ShardEngine:
     # A low exact-scan limit so that this small partition exercises all three strategies.
-    config = ShardConfig(data_dir=tmp_path_factory.mktemp("filters"), dimension=DIM, nlist=64,
-                         index_factory="IVF{nlist},PQ32x4fs", exact_scan_max_rows=300, train_threads=1)
+    config = ShardConfig(data_dir=data_dir, dimension=DIM, nlist=nlist, index_factory="IVF{nlist},PQ32x4fs",
+                         exact_scan_max_rows=300, train_threads=1)
     engine = ShardEngine(config)
     engine.load()
     for lo in range(0, N, 5000):
         engine.upsert(catalogue.records(lo, lo + 5000))
     assert engine.train_pending() == 1
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, catalogue):
+    engine = trained_engine(tmp_path_factory.mktemp("filters"), catalogue, nlist=64)
     yield engine
     engine.close()
 
@@ -58,13 +63,7 @@ def test_filtered_recall(engine, catalogue, selectivity, strategy):
 @pytest.fixture(scope="module")
 def many_lists_engine(tmp_path_factory, catalogue):
     # Many small lists (about 80 vectors each), like a large partition: a few probed lists hold few neighbours.
-    config = ShardConfig(data_dir=tmp_path_factory.mktemp("filters-many-lists"), dimension=DIM, nlist=256,
-                         index_factory="IVF{nlist},PQ32x4fs", exact_scan_max_rows=300, train_threads=1)
-    engine = ShardEngine(config)
-    engine.load()
-    for lo in range(0, N, 5000):
-        engine.upsert(catalogue.records(lo, lo + 5000))
-    assert engine.train_pending() == 1
+    engine = trained_engine(tmp_path_factory.mktemp("filters-many-lists"), catalogue, nlist=256)
     yield engine
     engine.close()
 
