@@ -65,7 +65,7 @@ class Broker:
         max_top_k: int = 1000,
         max_image_bytes: int,
         max_image_pixels: int,
-        near_min_similarity: float = 0.8,
+        near_min_similarity: float = 0.82,
     ):
         self.pool = pool
         self.embedder = embedder
