@@ -928,7 +928,8 @@ async def run(cfg: CompareConfig, *, on_engine_done=None) -> dict:
     t_start = time.perf_counter()
     faiss.omp_set_num_threads(cfg.faiss_threads)
     if cfg.grocery_dir is not None:
-        data = grocery_data(cfg.grocery_dir, cache=cfg.embeddings_cache)
+        # In a worker thread: grocery_data runs its own event loop for the embedder (asyncio.run cannot nest).
+        data = await asyncio.to_thread(grocery_data, cfg.grocery_dir, cache=cfg.embeddings_cache)
     else:
         data = synthetic_data(
             n=cfg.n_vectors, dim=cfg.dim, n_queries=cfg.n_queries, seed=cfg.seed, clusters=cfg.clusters
