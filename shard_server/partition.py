@@ -140,11 +140,11 @@ class Partition:
         selectivity = count / max(self.live_count, 1)
         if selection is not None and selectivity < self.config.wide_probe_below_selectivity:
             # A selective filter at a low nprobe leaves too few matching codes in the probed lists (-1 padding):
-            # probe proportionally more lists so the expected number of matches stays the same. The floor (the
-            # configured nprobe) matters because the filtered top-k lie farther out than the unfiltered top-k
-            # (only one row in 1/selectivity qualifies): a query's own low nprobe, tuned for unfiltered
+            # probe proportionally more lists so the expected number of matches stays the same. The floor
+            # (filtered_nprobe_floor) matters because the filtered top-k lie farther out than the unfiltered
+            # top-k (only one row in 1/selectivity qualifies): a query's own low nprobe, tuned for unfiltered
             # neighbours, gave recall@10 0.93 at 10 % selectivity on 200k vectors (docs/benchmarks.md).
-            nprobe = math.ceil(max(nprobe, self.config.nprobe) / selectivity)
+            nprobe = math.ceil(max(nprobe, self.config.filtered_nprobe_floor) / selectivity)
             strategy = "ivf_wide"
         nprobe = max(1, min(nprobe, self.nlist, self.config.max_nprobe))
         params = faiss.SearchParametersIVF(nprobe=nprobe)
