@@ -51,6 +51,9 @@ class ShardConfig:
     # 4-bit fast-scan codes rank near neighbours coarsely: on the 1M synthetic benchmark recall@10 is 0.69 with
     # 200 candidates, 0.88 with 400 and 0.99 with 800 (docs/bench-shard.md), whatever nprobe.
     rerank_factor: int = 80
+    # Exact vectors for the re-rank and exact scans, memory-mapped from the snapshot: "float32" (2 KB/vector of
+    # disk and page cache at 512-d) or "float16" (half, but the conversion makes the re-rank ~1 ms slower).
+    vector_dtype: str = "float32"
     max_rerank_candidates: int = 4096
     # A partition is trained once it holds train_points_per_centroid * nlist vectors...
     train_points_per_centroid: int = 39
@@ -93,6 +96,8 @@ class ShardConfig:
             raise ValueError("dimension must be positive")
         if self.nprobe <= 0 or self.rerank_factor <= 0 or self.max_top_k <= 0:
             raise ValueError("nprobe, rerank_factor and max_top_k must be positive")
+        if self.vector_dtype not in ("float32", "float16"):
+            raise ValueError(f"vector_dtype must be float32 or float16, got {self.vector_dtype!r}")
 
     @property
     def attribute_kinds(self) -> Mapping[str, str]:
@@ -136,7 +141,7 @@ def _coerce(name: str, raw: str) -> object:
         return Path(raw)
     if name == "attribute_schema":
         return parse_attribute_schema(raw)
-    if name in ("host", "index_factory"):
+    if name in ("host", "index_factory", "vector_dtype"):
         return raw
     if name == "metrics_port":
         return None if raw.lower() in ("", "none", "off") else int(raw)

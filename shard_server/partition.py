@@ -58,7 +58,7 @@ class Partition:
         self.name = name
         self.config = config
         self.lock = ReadWriteLock()
-        self.vectors = VectorStore(config.dimension)
+        self.vectors = VectorStore(config.dimension, dtype=config.vector_dtype)
         self.attributes = AttributeColumns(config.attribute_kinds)
         self.alive = GrowableArray(np.bool_)
         self.image_ids: list[str] = []

@@ -21,7 +21,7 @@ from shard_server.columns import GrowableArray
 from shard_server.config import ShardConfig
 from shard_server.errors import SnapshotCorruptError
 from shard_server.partition import Partition
-from shard_server.vectors import STORAGE_DTYPE, VectorStore, map_npy
+from shard_server.vectors import VectorStore, map_npy
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class SnapshotStore:
     @staticmethod
     def _write_partition(directory: Path, sub: str, category: str, partition: Partition) -> dict:
         n = len(partition.image_ids)
-        vectors = np.lib.format.open_memmap(directory / "vectors.npy", mode="w+", dtype=STORAGE_DTYPE,
+        vectors = np.lib.format.open_memmap(directory / "vectors.npy", mode="w+", dtype=partition.vectors.dtype,
                                             shape=(n, partition.config.dimension))
         for start, block in partition.vectors.chunks():
             vectors[start : start + len(block)] = block
@@ -168,7 +168,7 @@ class SnapshotStore:
             arrays = {k: npz[k] for k in npz.files}
         if len(vectors) != n or len(alive) != n or len(ids["image_ids"]) != n:
             raise SnapshotCorruptError(f"snapshot partition {directory}: row counts disagree")
-        partition.vectors = VectorStore(config.dimension, base=vectors)
+        partition.vectors = VectorStore(config.dimension, base=vectors, dtype=config.vector_dtype)
         partition.alive = GrowableArray(np.bool_, initial=alive)
         partition.image_ids = ids["image_ids"]
         partition.product_ids = [sys.intern(p) for p in ids["product_ids"]]
@@ -195,4 +195,5 @@ class SnapshotStore:
                 continue
             mapped = map_npy(path / entry["dir"] / "vectors.npy")
             with partition.lock.write():
-                partition.vectors = VectorStore(partition.config.dimension, base=mapped)
+                partition.vectors = VectorStore(partition.config.dimension, base=mapped,
+                                                    dtype=partition.config.vector_dtype)

@@ -3,6 +3,7 @@ acknowledged write and shows nothing of the cut stream; torn log tails are cut; 
 a graceful SIGTERM leaves a snapshot that the next start loads."""
 
 import asyncio
+import dataclasses
 import time
 from pathlib import Path
 
@@ -103,9 +104,9 @@ def test_torn_wal_tail_is_cut_on_replay(tmp_path):
     assert [p.decode() for p in WriteAheadLog(tmp_path).replay(0)] == [f"record-{i}" for i in range(4)]
 
 
-def _engine_with_snapshot(tmp_path: Path) -> tuple[ShardConfig, Path]:
+def _engine_with_snapshot(tmp_path: Path, **settings) -> tuple[ShardConfig, Path]:
     config = ShardConfig(data_dir=tmp_path / "data", dimension=DIM, nlist=16, index_factory="IVF{nlist},PQ16x4fs",
-                         train_threads=1)
+                         train_threads=1, **settings)
     catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=10, seed=4)
     engine = ShardEngine(config)
     engine.load()
@@ -135,6 +136,32 @@ def test_snapshot_round_trip_and_checksum(tmp_path):
     vectors_file.write_bytes(bytes(data))
     with pytest.raises(SnapshotCorruptError, match=r"checksum mismatch for p\d+/vectors.npy"):
         ShardEngine(config).load()
+
+
+def test_float16_snapshot_loads_under_the_float32_default(tmp_path):
+    """A shard whose snapshot stored its exact vectors as float16 keeps working after the switch to float32:
+    the old rows are read as they are, new rows are float32, exact search over both matches brute force."""
+    config16, snapshot = _engine_with_snapshot(tmp_path, vector_dtype="float16")
+    assert np.load(next(snapshot.rglob("vectors.npy")), mmap_mode="r").dtype == np.float16
+    config = dataclasses.replace(config16, vector_dtype="float32")
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=10, seed=4)
+    engine = ShardEngine(config)
+    engine.load()
+    try:
+        engine.upsert(catalogue.records(1100, 1200, category="trained"))
+        vectors = np.concatenate([catalogue.vectors(0, 1000), catalogue.vectors(1100, 1200)])
+        ids = [synthetic.image_id(i) for i in (*range(1000), *range(1100, 1200))]
+        for query in catalogue.queries(10):
+            found = engine.search(SearchQuery(vector=query, top_k=5, categories=("trained",),
+                                              exactness=Exactness.EXACT)).hits
+            truth = [ids[i] for i in np.argsort(-(vectors @ query))[:5]]
+            assert found[0].image_id == truth[0]
+            assert len({h.image_id for h in found} & set(truth)) >= 4  # float16 rounding may swap near-ties
+        engine.snapshot()
+    finally:
+        engine.close()
+    [newest] = sorted(engine.snapshots.complete())[-1:]
+    assert {np.load(f, mmap_mode="r").dtype for f in newest.rglob("vectors.npy")} == {np.dtype(np.float32)}
 
 
 def test_corrupt_snapshot_stops_the_process_with_a_clear_error(tmp_path):
