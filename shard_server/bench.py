@@ -70,8 +70,10 @@ class Bench:
         self.nlist = args.nlist or max(1, int(round(args.nlist_per_sqrt_n * math.sqrt(args.n))))
         self.result: dict = {"n": args.n, "dim": args.dim, "nlist": self.nlist, "factory": args.factory,
                              "rerank_factor": args.rerank_factor, "queries": args.queries,
+                             "vector_dtype": ShardConfig.vector_dtype,
                              "machine": {"cpus": len(os.sched_getaffinity(0)),
-                                         "platform": platform.platform()}}
+                                         "platform": platform.platform(),
+                                         "load_avg_at_start": list(os.getloadavg())}}
 
     def shard_args(self, *, training: bool) -> tuple[str, ...]:
         a = self.args
@@ -336,9 +338,11 @@ def markdown(result: dict) -> str:
         "# Shard benchmark",
         "",
         f"One `imgsearch-shard` process, {r['n']:,} synthetic {r['dim']}-d clustered unit vectors, one category, "
-        f"index `{r['stats']['index_type']}` (re-rank top {r['rerank_factor']}xK with float16 exact vectors, "
+        f"index `{r['stats']['index_type']}` (re-rank top {r['rerank_factor']}xK with "
+        f"{r.get('vector_dtype', 'float16')} exact vectors, "
         f"memory-mapped), {r['queries']} queries, single-query requests. Machine: {r['machine']['cpus']} CPUs "
-        f"({r['machine']['platform']}), shared with other work while measuring.",
+        f"({r['machine']['platform']}), load average at start "
+        f"{r['machine'].get('load_avg_at_start', 'not recorded')}.",
         "",
         "Reproduce: `" + r["command"] + "`",
         "",
@@ -381,7 +385,7 @@ def markdown(result: dict) -> str:
         f"- Stats RPC resident bytes (codes, ids, centroids, attribute columns, tombstones): "
         f"{r['stats']['resident_bytes_per_vector']:.1f} bytes/vector.",
         f"- Shard process anonymous RSS minus an empty shard's: {m['shard_rss_anon_minus_empty_per_vector']:.0f} "
-        "bytes/vector (includes Python id lists and the id map; the float16 exact vectors are memory-mapped "
+        "bytes/vector (includes Python id lists and the id map; the exact vectors are memory-mapped "
         "and not in RssAnon).",
         "",
     ]
