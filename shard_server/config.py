@@ -73,8 +73,8 @@ class ShardConfig:
     wide_probe_below_selectivity: float = 0.9
     # ...starting from at least this many lists before dividing by the selectivity: the filtered top-k lie
     # farther out than the unfiltered top-k. 1M synthetic vectors, 4,000 lists, 10 % filter
-    # (`python -m shard_server.filter_probe`): floor 16 -> recall@10 0.945 (4.0 ms), 32 -> 0.960 (4.8 ms),
-    # 64 -> 0.964 (5.9 ms).
+    # (`python -m shard_server.filter_probe`, float32 vectors): floor 16 -> recall@10 0.942 (2.8 ms),
+    # 32 -> 0.957 (3.7 ms), 64 -> 0.962 (5.0 ms).
     filtered_nprobe_floor: int = 32
     max_top_k: int = 1000
     max_records_per_request: int = 10_000
