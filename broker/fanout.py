@@ -88,12 +88,12 @@ class ShardPool:
         deadline = time.monotonic() + max(0.0, timeout_s - RESPONSE_MARGIN_S)
         targets = self.shard_map.shards_for(query.categories)
         t0 = time.perf_counter()
-        answers = await asyncio.gather(
-            *(
-                self._search_shard(name, replace(query, categories=cats), deadline)
-                for name, cats in targets.items()
-            )
-        )
+        calls = [
+            self._search_shard(name, replace(query, categories=cats), deadline)
+            for name, cats in targets.items()
+        ]
+        # One shard: await it here rather than through a task (a loop iteration less on the hot path).
+        answers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         t1 = time.perf_counter()
         hits = merge_top_k([a.hits for a in answers], query.top_k)
         t2 = time.perf_counter()

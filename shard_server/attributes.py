@@ -92,20 +92,26 @@ class AttributeColumns:
         for name, column in self._flags.items():
             column.extend(np.array([int(a[name]) if name in a else -1 for a in rows], dtype=np.int8))
 
-    def row(self, i: int) -> dict[str, str | float | bool]:
-        out: dict[str, str | float | bool] = {}
+    def rows(self, indices: Sequence[int]) -> list[dict[str, str | float | bool]]:
+        """The attributes of the given rows (absent values left out), read with one fancy-index per column:
+        numpy scalars per cell cost ~10 us a row, a search's top-k paid ~0.1 ms for them."""
+        out: list[dict[str, str | float | bool]] = [{} for _ in indices]
+        if not out:
+            return out
+        index = np.asarray(indices, dtype=np.int64)
         for name, column in self._codes.items():
-            code = column.view[i]
-            if code >= 0:
-                out[name] = self._values[name][code]
+            values = self._values[name]
+            for row, code in zip(out, column.view[index].tolist()):
+                if code >= 0:
+                    row[name] = values[code]
         for name, column in self._numbers.items():
-            value = column.view[i]
-            if not np.isnan(value):
-                out[name] = float(value)
+            for row, value in zip(out, column.view[index].tolist()):
+                if value == value:  # not NaN
+                    row[name] = value
         for name, column in self._flags.items():
-            value = column.view[i]
-            if value >= 0:
-                out[name] = bool(value)
+            for row, value in zip(out, column.view[index].tolist()):
+                if value >= 0:
+                    row[name] = bool(value)
         return out
 
     def mask(self, flt: Filter, n: int) -> np.ndarray:

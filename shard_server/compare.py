@@ -42,6 +42,7 @@ import numpy as np
 
 from shard_server import synthetic
 from shard_server.config import ShardConfig
+from shard_server.hop_floor import hop_floor
 
 log = logging.getLogger("imgsearch.compare")
 
@@ -940,7 +941,10 @@ async def run(cfg: CompareConfig, *, on_engine_done=None) -> dict:
     filtered_truth = {
         s: ground_truth(data, s, queries=data.queries[: cfg.filter_queries]) for s in cfg.selectivities
     }
-    report = _report_factory(cfg, data, params, started_at, t_start, machine_info())
+    # The cost of one gRPC hop with no search behind it: the floor under the shard (one hop) and the broker (two).
+    hop = await hop_floor(queries=1000, concurrencies=(1, cfg.concurrency))
+    log.info("gRPC hop floor (echo shard, no search): %s", hop)
+    report = _report_factory(cfg, data, params, started_at, t_start, machine_info(), hop)
     work_dir = cfg.work_dir or Path(tempfile.mkdtemp(prefix="imgsearch-compare-"))
     work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
@@ -971,7 +975,13 @@ async def run(cfg: CompareConfig, *, on_engine_done=None) -> dict:
 
 
 def _report_factory(
-    cfg: CompareConfig, data: BenchData, params: IndexParams, started_at: str, t_start: float, machine: dict
+    cfg: CompareConfig,
+    data: BenchData,
+    params: IndexParams,
+    started_at: str,
+    t_start: float,
+    machine: dict,
+    hop: list[dict],
 ):
     def report(results: dict, *, complete: bool) -> dict:
         return {
@@ -989,6 +999,7 @@ def _report_factory(
             "targets": list(cfg.targets),
             "filter_target": cfg.filter_target,
             "selectivities": list(cfg.selectivities),
+            "grpc_hop_floor": hop,
             "engines": dict(results),
         }
 

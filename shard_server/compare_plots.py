@@ -213,6 +213,16 @@ def target_check(report: dict, *, target: str = "0.95") -> str:
                 f"at {float(worst[0]) * 100:g} % "
                 f"selectivity ({verdict} >= 0.95)"
             )
+    for hop in report.get("grpc_hop_floor") or ():
+        f = (faiss_m or {}).get("single" if hop["concurrency"] == 1 else "concurrent") if faiss_m else None
+        versus = ""
+        if f and faiss_m.get("reached"):
+            versus = (f"; two hops (broker) >= {2 * hop['p50_ms']:.2f} ms = "
+                      f"{2 * hop['p50_ms'] / f['p50_ms']:.1f}x faiss p50 before any search")
+        lines.append(
+            f"- one gRPC hop with no search ({hop['concurrency']} client(s), `python -m shard_server.hop_floor`): "
+            f"p50 {hop['p50_ms']:.2f} ms, p99 {hop['p99_ms']:.2f} ms{versus}"
+        )
     qps = {
         n: e["matched"][target]["single"]["qps"]
         for n, e in engines.items()

@@ -82,6 +82,13 @@ class ShardConfig:
     snapshot_interval_s: float = 600.0
     # A snapshot is also taken once the write-ahead log grows past this size.
     snapshot_wal_bytes: int = 1 << 30
+    # Searches run on the gRPC event loop itself instead of a search thread, except exhaustive (EXACT) ones.
+    # Handing each search to a thread and back costs a thread wake-up, a loop wake-up and GIL hand-overs that
+    # outweigh the parallelism the thread pool buys (faiss and numpy release the GIL only for a fraction of a
+    # ~0.3 ms search): 200k synthetic vectors on the 2-core box, one shard over gRPC, 1 client 204 -> 263
+    # searches/s, 8 clients 472 -> 867 (`python -m shard_server.compare --vectors 200000 --engines shard`).
+    # Off: every search goes to the search_threads pool (a shard that mostly runs long exact scans).
+    inline_search: bool = True
     search_threads: int = 4
     write_threads: int = 4
     train_threads: int = 0  # 0: faiss/OpenMP default (all cores)

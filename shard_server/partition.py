@@ -110,8 +110,9 @@ class Partition:
         with self.lock.read():
             t0 = time.perf_counter()
             hits = self._search_locked(query, k, flt, nprobe, exhaustive)
-            details = [(self.image_ids[r], self.product_ids[r], self.attributes.row(r))
-                       for r in hits.rows.tolist()]
+            rows = hits.rows.tolist()
+            details = [(self.image_ids[r], self.product_ids[r], attributes)
+                       for r, attributes in zip(rows, self.attributes.rows(rows))]
             metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
             metrics.CANDIDATES_SCANNED.observe(hits.candidates_scanned)
             return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,

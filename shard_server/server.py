@@ -61,6 +61,8 @@ class ShardServerHandle:
 async def start_shard_server(config: ShardConfig, *, wait_loaded: bool = True) -> ShardServerHandle:
     """Start serving; with ``wait_loaded`` return only once the snapshot and log are loaded (health SERVING)."""
     engine = ShardEngine(config)
+    if config.inline_search:
+        _single_threaded_faiss()  # this thread runs the event loop, and with inline_search the searches
     search_pool = ThreadPoolExecutor(config.search_threads, thread_name_prefix="shard-search",
                                      initializer=_single_threaded_faiss)
     write_pool = ThreadPoolExecutor(config.write_threads, thread_name_prefix="shard-write",

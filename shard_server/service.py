@@ -10,6 +10,7 @@ from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.engine import ShardEngine
 from shard_server.errors import RequestTooLargeError, ShardNotReadyError
+from shard_server.types import Exactness
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
 
@@ -30,7 +31,10 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
     async def Search(self, request, context):
         self._ready()
         query = convert.query_from_proto(request)
-        result = await self._run(self._search_pool, self.engine.search, query)
+        if self.engine.config.inline_search and query.exactness is not Exactness.EXACT:
+            result = self.engine.search(query)  # see ShardConfig.inline_search
+        else:
+            result = await self._run(self._search_pool, self.engine.search, query)
         return convert.result_to_proto(result)
 
     async def Upsert(self, request, context):

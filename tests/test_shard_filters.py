@@ -128,3 +128,15 @@ def test_deletes_and_upserts_replace(tmp_path, catalogue):
         assert {c.category: c.vectors for c in engine.stats().categories} == {"default": 1998, "other": 1}
     finally:
         engine.close()
+
+
+def test_attribute_rows_leave_out_absent_values():
+    from shard_server.attributes import AttributeColumns
+
+    columns = AttributeColumns({"brand": "text", "price": "number", "in_stock": "flag"})
+    columns.append([{"brand": "acme", "price": 2.5, "in_stock": True}, {}, {"brand": "zeta", "in_stock": False},
+                    {"price": 0.0}])
+    assert columns.rows([3, 0, 2, 1]) == [
+        {"price": 0.0}, {"brand": "acme", "price": 2.5, "in_stock": True}, {"brand": "zeta", "in_stock": False}, {}]
+    assert columns.rows([]) == []
+    assert type(columns.rows([0])[0]["price"]) is float and type(columns.rows([0])[0]["in_stock"]) is bool

@@ -120,11 +120,24 @@ def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> st
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every RPC and turns ImgsearchError into its status code."""
 
+    def __init__(self) -> None:
+        # Wrapped handlers by method name (a bounded set: unknown methods get no handler), built once per
+        # method rather than once per RPC.
+        self._wrapped: dict[str, tuple[object, object]] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        service, method = _split_method(handler_call_details.method)
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap_handler(handler, handler_call_details.method)
+        self._wrapped[handler_call_details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(self, handler, full_method: str):
+        service, method = _split_method(full_method)
         if service.startswith("grpc."):
             return handler  # health and reflection stay out of the service metrics
         if handler.unary_unary:
