@@ -46,6 +46,8 @@ log = logging.getLogger("imgsearch.compare")
 
 SEARCH_TIMEOUT_S = 10.0
 LOAD_TIMEOUT_S = 7200.0
+# A shard's write-ahead log below this size holds no bulk load any more (the load was snapshotted).
+SETTLED_WAL_BYTES = 1 << 20
 
 
 class ShardTier:
@@ -117,6 +119,8 @@ class ShardTier:
         if trains:
             await asyncio.gather(*(self._wait_trained(c) for c in self.clients))
         build_s = time.perf_counter() - started
+        if trains:
+            await asyncio.gather(*(self._wait_snapshotted(c) for c in self.clients))
         stats = await asyncio.gather(*(c.stats(timeout_s=60) for c in self.clients))
         resident = sum(c.resident_bytes for s in stats for c in s.categories)
         index_types = sorted({c.index_type for s in stats for c in s.categories})
@@ -157,6 +161,17 @@ class ShardTier:
                 return
             await asyncio.sleep(0.5)
         raise TimeoutError("shard index not trained in time")
+
+    @staticmethod
+    async def _wait_snapshotted(client: ShardClient) -> None:
+        """Until the snapshot a swapped-in index triggers has been written and the log it covers dropped: the
+        searches are then measured in the steady state, not while the shard writes and hashes gigabytes."""
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if (await client.stats(timeout_s=60)).wal_bytes < SETTLED_WAL_BYTES:
+                return
+            await asyncio.sleep(0.5)
+        raise TimeoutError("shard did not snapshot in time")
 
     async def start_broker(self) -> BrokerClient:
         if self.broker is not None:
