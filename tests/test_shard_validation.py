@@ -17,10 +17,11 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-@pytest.fixture
-async def shard(tmp_path):
+@pytest.fixture(params=[True, False], ids=["inline", "search-pool"])
+async def shard(tmp_path, request):
+    # Both ways of running a search (on the event loop, in the search thread pool) map errors the same way.
     config = ShardConfig(data_dir=tmp_path / "shard", dimension=DIM, max_top_k=100, max_records_per_request=50,
-                         max_stream_bytes=64 * 1024, max_message_bytes=256 * 1024)
+                         max_stream_bytes=64 * 1024, max_message_bytes=256 * 1024, inline_search=request.param)
     handle = await start_shard_server(config)
     client = ShardClient(f"127.0.0.1:{handle.port}")
     catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=4)
