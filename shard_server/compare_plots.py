@@ -236,6 +236,17 @@ def target_check(report: dict, *, target: str = "0.95") -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_table(report: dict, *, top: int = 5) -> str:
+    """The py-spy summaries of a comparison (`--profile-s`): hottest functions per engine and process."""
+    out = ["| engine | process | hottest functions (self % of samples) |", "|---|---|---|"]
+    for name, e in report["engines"].items():
+        for process, summary in ((e.get("profile") or {}).get("processes") or {}).items():
+            functions = summary.get("top") or []
+            cells = ", ".join(f"`{f['function']}` {f['self_pct']:.0f}" for f in functions[:top])
+            out.append(f"| {name} | {process} | {cells or summary.get('error', '-')} |")
+    return "\n".join(out) + "\n"
+
+
 def loadtest_tables(report: dict) -> str:
     stages = list(STAGES)
     out = [
@@ -291,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(comparison_tables(report))
             print(target_check(report))
+            print(profile_table(report))
     return 0
 
 

@@ -18,7 +18,7 @@ from shard_server.compare import (
     run,
     synthetic_data,
 )
-from shard_server.compare_plots import comparison_tables, plot_comparison, target_check
+from shard_server.compare_plots import comparison_tables, plot_comparison, profile_table, target_check
 from shard_server.config import ShardConfig
 
 
@@ -142,3 +142,14 @@ def test_hottest_functions_from_collapsed_stacks():
     assert top[0] == {"function": "IndexIVF.search (swigfaiss.py)", "self_pct": 60.0, "inclusive_pct": 60.0}
     by_name = {t["function"]: t for t in top}
     assert by_name["run (a.py)"]["inclusive_pct"] == 100.0 and by_name["run (a.py)"]["self_pct"] == 10.0
+
+
+def test_profile_table_lists_each_profiled_process():
+    report = {"engines": {
+        "shard": {"profile": {"processes": {"shard-0": {"top": [
+            {"function": "VectorStore.take (vectors.py)", "self_pct": 15.2, "inclusive_pct": 15.4}]}}}},
+        "lancedb": {"profile": None},
+    }}
+    table = profile_table(report)
+    assert "| shard | shard-0 | `VectorStore.take (vectors.py)` 15 |" in table
+    assert "lancedb" not in table
