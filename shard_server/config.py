@@ -85,8 +85,9 @@ class ShardConfig:
     # Searches run on the gRPC event loop itself instead of a search thread, except exhaustive (EXACT) ones.
     # Handing each search to a thread and back costs a thread wake-up, a loop wake-up and GIL hand-overs that
     # outweigh the parallelism the thread pool buys (faiss and numpy release the GIL only for a fraction of a
-    # ~0.3 ms search): 200k synthetic vectors on the 2-core box, one shard over gRPC, 1 client 204 -> 263
-    # searches/s, 8 clients 472 -> 867 (`python -m shard_server.compare --vectors 200000 --engines shard`).
+    # ~0.3 ms search): 200k synthetic vectors on the 2-core box, one shard over gRPC, p50 1.73 -> 1.49 ms,
+    # 1 client 476 -> 531 searches/s, 8 clients 964 -> 1,110 (`IMGSEARCH_SHARD_INLINE_SEARCH=false|true
+    # python -m shard_server.compare --vectors 200000 --engines shard,broker-1`, docs/benchmarks.md).
     # Off: every search goes to the search_threads pool (a shard that mostly runs long exact scans).
     inline_search: bool = True
     search_threads: int = 4
