@@ -1,0 +1,101 @@
+"""`python -m shard_server.stall_probe --vectors N`: does a freshly bulk-loaded shard stall, and does a restart cure it?
+
+Builds one shard process the way the comparison does (one atomic UpsertStream of N synthetic vectors, background
+training, the snapshot the swap triggers), then runs rounds of 200 searches with 1 and then 8 clients and
+prints p50 / max latency per round and the shard's page faults; then restarts the same shard from its snapshot
+and runs the rounds again. Written for the half-second stall seen in the 1M comparison's first 8-client run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from shard_server.client import ShardClient
+from shard_server.compare import IndexParams, run_queries, synthetic_data
+from shard_server.compare_grpc import ShardTier, ShardTierEngine
+from shard_server.config import ShardConfig
+from shard_server.process import ShardProcess
+
+
+class GcPauses:
+    """The longest garbage-collector pause of this (client) process since the last reset."""
+
+    def __init__(self) -> None:
+        self.longest_s = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.longest_s = max(self.longest_s, time.perf_counter() - self._started)
+
+    def take(self) -> float:
+        longest, self.longest_s = self.longest_s, 0.0
+        return longest
+
+
+GC_PAUSES = GcPauses()
+
+
+def _faults(pid: int) -> tuple[int, int]:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[9])  # minor, major
+
+
+async def _rounds(engine: ShardTierEngine, queries: np.ndarray, pid: int, rounds: int, label: str) -> None:
+    for r in range(rounds):
+        for clients in (1, 8):
+            before = _faults(pid)
+            GC_PAUSES.take()
+            _, latencies, _ = await run_queries(engine, queries, 1, None, clients)
+            after = _faults(pid)
+            ms = np.asarray(latencies) * 1e3
+            print(f"{label} round {r} clients {clients}: p50 {np.median(ms):.2f} ms, max {ms.max():.1f} ms; "
+                  f"shard page faults +{after[0] - before[0]} minor, +{after[1] - before[1]} major; "
+                  f"longest client GC pause {GC_PAUSES.take() * 1e3:.1f} ms", flush=True)
+
+
+async def probe(n: int, rounds: int, work_dir: Path) -> None:
+    data = synthetic_data(n=n, dim=512, n_queries=200, seed=0)
+    tier = ShardTier(work_dir, shards=1, search_threads=8, config=ShardConfig(data_dir=work_dir))
+    engine = ShardTierEngine(IndexParams.of_shard(n), (1,), tier, via_broker=False)
+    try:
+        report = await engine.build(data)
+        print(f"built {n} vectors in {report.build_s:.0f} s", flush=True)
+        await _rounds(engine, data.queries, tier.processes[0].proc.pid, rounds, "fresh")
+        for client in tier.clients:
+            await client.close()
+        tier.processes[0].kill()
+        restarted = ShardProcess(tier.processes[0].data_dir, log_path=work_dir / "restarted.log",
+                                 extra_args=tier.shard_args(data))
+        t0 = time.perf_counter()
+        await asyncio.to_thread(restarted.start, timeout_s=600)
+        print(f"restarted from the snapshot in {time.perf_counter() - t0:.1f} s", flush=True)
+        tier.processes[0] = restarted
+        tier.clients = [ShardClient(restarted.address)]
+        await _rounds(engine, data.queries, restarted.proc.pid, rounds, "restarted")
+    finally:
+        await tier.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shard_server.stall_probe", description=__doc__.split("\n")[0])
+    parser.add_argument("--vectors", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="imgsearch-stall-") as tmp:
+        asyncio.run(probe(args.vectors, args.rounds, Path(tmp)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
