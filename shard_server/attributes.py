@@ -7,6 +7,7 @@ per (filter, write version), so the per-query cost is paid once per distinct fil
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -92,13 +93,13 @@ class AttributeColumns:
         for name, column in self._flags.items():
             column.extend(np.array([int(a[name]) if name in a else -1 for a in rows], dtype=np.int8))
 
-    def rows(self, indices: Sequence[int]) -> list[dict[str, str | float | bool]]:
+    def rows(self, indices: Sequence[int] | np.ndarray) -> list[dict[str, str | float | bool]]:
         """The attributes of the given rows (absent values left out), read with one fancy-index per column:
         numpy scalars per cell cost ~10 us a row, a search's top-k paid ~0.1 ms for them."""
-        out: list[dict[str, str | float | bool]] = [{} for _ in indices]
+        index = np.asarray(indices, dtype=np.int64)
+        out: list[dict[str, str | float | bool]] = [{} for _ in range(len(index))]
         if not out:
             return out
-        index = np.asarray(indices, dtype=np.int64)
         for name, column in self._codes.items():
             values = self._values[name]
             for row, code in zip(out, column.view[index].tolist()):
@@ -106,7 +107,7 @@ class AttributeColumns:
                     row[name] = values[code]
         for name, column in self._numbers.items():
             for row, value in zip(out, column.view[index].tolist()):
-                if value == value:  # not NaN
+                if not math.isnan(value):
                     row[name] = value
         for name, column in self._flags.items():
             for row, value in zip(out, column.view[index].tolist()):

@@ -40,7 +40,7 @@ from shard_server.compare import (
 )
 from shard_server.config import ShardConfig
 from shard_server.process import ShardProcess
-from shard_server.types import Filter, Record, SearchQuery
+from shard_server.types import Filter, Record, SearchQuery, ShardStats
 
 log = logging.getLogger("imgsearch.compare")
 
@@ -48,6 +48,14 @@ SEARCH_TIMEOUT_S = 10.0
 LOAD_TIMEOUT_S = 7200.0
 # A shard's write-ahead log below this size holds no bulk load any more (the load was snapshotted).
 SETTLED_WAL_BYTES = 1 << 20
+
+
+def _trained(stats: ShardStats) -> bool:
+    return bool(stats.categories) and all(c.trained for c in stats.categories)
+
+
+def _snapshotted(stats: ShardStats) -> bool:
+    return stats.wal_bytes < SETTLED_WAL_BYTES
 
 
 class ShardTier:
@@ -117,10 +125,12 @@ class ShardTier:
         config = self.config
         trains = rows_per_shard >= config.training_threshold(rows_per_shard)
         if trains:
-            await asyncio.gather(*(self._wait_trained(c) for c in self.clients))
+            await asyncio.gather(*(self._wait_until(c, _trained, "trained") for c in self.clients))
         build_s = time.perf_counter() - started
         if trains:
-            await asyncio.gather(*(self._wait_snapshotted(c) for c in self.clients))
+            # Searches are measured in the steady state, not while the shard writes and hashes the snapshot its
+            # index swap triggers (the log it covers is dropped once it is written).
+            await asyncio.gather(*(self._wait_until(c, _snapshotted, "snapshotted") for c in self.clients))
         stats = await asyncio.gather(*(c.stats(timeout_s=60) for c in self.clients))
         resident = sum(c.resident_bytes for s in stats for c in s.categories)
         index_types = sorted({c.index_type for s in stats for c in s.categories})
@@ -153,25 +163,14 @@ class ShardTier:
             raise RuntimeError(f"shard {shard} stored {written} of {expected} records")
 
     @staticmethod
-    async def _wait_trained(client: ShardClient) -> None:
+    async def _wait_until(client: ShardClient, settled, what: str) -> None:
+        """Poll the shard's Stats until ``settled(stats)`` holds."""
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while time.monotonic() < deadline:
-            stats = await client.stats(timeout_s=60)
-            if stats.categories and all(c.trained for c in stats.categories):
+            if settled(await client.stats(timeout_s=60)):
                 return
             await asyncio.sleep(0.5)
-        raise TimeoutError("shard index not trained in time")
-
-    @staticmethod
-    async def _wait_snapshotted(client: ShardClient) -> None:
-        """Until the snapshot a swapped-in index triggers has been written and the log it covers dropped: the
-        searches are then measured in the steady state, not while the shard writes and hashes gigabytes."""
-        deadline = time.monotonic() + LOAD_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if (await client.stats(timeout_s=60)).wal_bytes < SETTLED_WAL_BYTES:
-                return
-            await asyncio.sleep(0.5)
-        raise TimeoutError("shard did not snapshot in time")
+        raise TimeoutError(f"shard not {what} in time")
 
     async def start_broker(self) -> BrokerClient:
         if self.broker is not None:

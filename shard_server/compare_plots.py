@@ -214,9 +214,9 @@ def target_check(report: dict, *, target: str = "0.95") -> str:
                 f"selectivity ({verdict} >= 0.95)"
             )
     for hop in report.get("grpc_hop_floor") or ():
-        f = (faiss_m or {}).get("single" if hop["concurrency"] == 1 else "concurrent") if faiss_m else None
         versus = ""
-        if f and faiss_m.get("reached"):
+        if faiss_m and faiss_m["reached"]:
+            f = faiss_m["single" if hop["concurrency"] == 1 else "concurrent"]
             versus = (f"; two hops (broker) >= {2 * hop['p50_ms']:.2f} ms = "
                       f"{2 * hop['p50_ms'] / f['p50_ms']:.1f}x faiss p50 before any search")
         lines.append(

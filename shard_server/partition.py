@@ -110,9 +110,8 @@ class Partition:
         with self.lock.read():
             t0 = time.perf_counter()
             hits = self._search_locked(query, k, flt, nprobe, exhaustive)
-            rows = hits.rows.tolist()
             details = [(self.image_ids[r], self.product_ids[r], attributes)
-                       for r, attributes in zip(rows, self.attributes.rows(rows))]
+                       for r, attributes in zip(hits.rows.tolist(), self.attributes.rows(hits.rows))]
             metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
             metrics.CANDIDATES_SCANNED.observe(hits.candidates_scanned)
             return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,

@@ -43,35 +43,34 @@ class GcPauses:
         return longest
 
 
-GC_PAUSES = GcPauses()
-
-
 def _faults(pid: int) -> tuple[int, int]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[7]), int(fields[9])  # minor, major
 
 
-async def _rounds(engine: ShardTierEngine, queries: np.ndarray, pid: int, rounds: int, label: str) -> None:
+async def _rounds(engine: ShardTierEngine, queries: np.ndarray, pid: int, rounds: int, label: str,
+                  gc_pauses: GcPauses) -> None:
     for r in range(rounds):
         for clients in (1, 8):
             before = _faults(pid)
-            GC_PAUSES.take()
+            gc_pauses.take()
             _, latencies, _ = await run_queries(engine, queries, 1, None, clients)
             after = _faults(pid)
             ms = np.asarray(latencies) * 1e3
             print(f"{label} round {r} clients {clients}: p50 {np.median(ms):.2f} ms, max {ms.max():.1f} ms; "
                   f"shard page faults +{after[0] - before[0]} minor, +{after[1] - before[1]} major; "
-                  f"longest client GC pause {GC_PAUSES.take() * 1e3:.1f} ms", flush=True)
+                  f"longest client GC pause {gc_pauses.take() * 1e3:.1f} ms", flush=True)
 
 
 async def probe(n: int, rounds: int, work_dir: Path) -> None:
+    gc_pauses = GcPauses()
     data = synthetic_data(n=n, dim=512, n_queries=200, seed=0)
     tier = ShardTier(work_dir, shards=1, search_threads=8, config=ShardConfig(data_dir=work_dir))
     engine = ShardTierEngine(IndexParams.of_shard(n), (1,), tier, via_broker=False)
     try:
         report = await engine.build(data)
         print(f"built {n} vectors in {report.build_s:.0f} s", flush=True)
-        await _rounds(engine, data.queries, tier.processes[0].proc.pid, rounds, "fresh")
+        await _rounds(engine, data.queries, tier.processes[0].proc.pid, rounds, "fresh", gc_pauses)
         for client in tier.clients:
             await client.close()
         tier.processes[0].kill()
@@ -82,7 +81,7 @@ async def probe(n: int, rounds: int, work_dir: Path) -> None:
         print(f"restarted from the snapshot in {time.perf_counter() - t0:.1f} s", flush=True)
         tier.processes[0] = restarted
         tier.clients = [ShardClient(restarted.address)]
-        await _rounds(engine, data.queries, restarted.proc.pid, rounds, "restarted")
+        await _rounds(engine, data.queries, restarted.proc.pid, rounds, "restarted", gc_pauses)
     finally:
         await tier.close()
 
