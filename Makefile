@@ -54,11 +54,11 @@ bench-compare: bench-install
 	$(PY) -m shard_server.compare --vectors 50000 --queries 300 --filter-queries 100 --out docs/bench/compare-50k.json --plots docs/bench
 	$(PY) -m shard_server.compare --grocery $(DATA) --nlist 32 --filter-queries 296 --nprobes 1,2,4,8,16,32 --out docs/bench/compare-grocery.json --plots docs/bench
 
-# the full stack (Triton on CPU, redis, shards, broker) at rising client concurrency, then one shard killed
 # The 1M-vector comparison of docs/benchmarks.md: about an hour on 2 cores (Milvus Lite is most of it).
 bench-compare-1m: bench-install
 	nice -n 10 $(PY) -m shard_server.compare --vectors 1000000 --queries 200 --filter-queries 100 --profile-s 10 --out docs/bench/compare-1m.json --plots docs/bench
 
+# the full stack (Triton on CPU, redis, shards, broker) at rising client concurrency, then one shard killed
 bench-load: bench-install system-deps
 	$(PY) -m broker.loadtest --out docs/bench/loadtest.json --plots docs/bench
 

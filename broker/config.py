@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgsearch.serving import ServerOptions
+from imgsearch.serving import EVENT_LOOPS, ServerOptions
 
 from broker.routing import ShardMap
 
@@ -118,6 +118,7 @@ class BrokerConfig:
         p.add_argument(
             "--shutdown-grace-s", type=float, default=float(env("IMGSEARCH_SHUTDOWN_GRACE_S", "10"))
         )
+        p.add_argument("--event-loop", choices=EVENT_LOOPS, default=env("IMGSEARCH_EVENT_LOOP", "uvloop"))
         a = p.parse_args(argv)
         if not a.shard_map:
             p.error("a shard map is required (--shard-map or IMGSEARCH_SHARD_MAP)")
@@ -133,6 +134,7 @@ class BrokerConfig:
             tls_cert_file=_opt_path(a.tls_cert_file),
             tls_key_file=_opt_path(a.tls_key_file),
             tls_client_ca_file=_opt_path(a.tls_client_ca_file),
+            event_loop=a.event_loop,
         )
         return cls(
             server=server,

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imgsearch.serving import GrpcService, run_until_signalled, start_grpc_service
+from imgsearch.serving import GrpcService, run_event_loop, run_until_signalled, start_grpc_service
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 
 from broker.cache import DuplicateCache
@@ -122,8 +122,7 @@ async def _serve_when_ready(service: GrpcService, broker: Broker, interval_s: fl
         await asyncio.sleep(interval_s)
 
 
-async def _amain(argv: list[str] | None) -> None:
-    config = BrokerConfig.from_env(argv)
+async def _amain(config: BrokerConfig) -> None:
     handle = await start_broker(config)
     print(
         f"imgsearch-broker listening on {config.server.host}:{handle.port} (metrics :{handle.metrics_port})",
@@ -134,7 +133,8 @@ async def _amain(argv: list[str] | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_amain(argv))
+    config = BrokerConfig.from_env(argv)
+    run_event_loop(_amain(config), event_loop=config.server.event_loop)
     return 0
 
 

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from imgsearch.serving import EVENT_LOOPS
+
 from shard_server.errors import InvalidRequestError
 
 ATTRIBUTE_KINDS = ("text", "number", "flag")
@@ -95,6 +97,8 @@ class ShardConfig:
     train_threads: int = 0  # 0: faiss/OpenMP default (all cores)
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 10.0
+    # "uvloop" or "asyncio": the event loop main() runs the server on (imgsearch.serving.run_event_loop).
+    event_loop: str = "uvloop"
     attribute_schema: tuple[tuple[str, str], ...] = field(
         default_factory=lambda: parse_attribute_schema(DEFAULT_ATTRIBUTE_SCHEMA)
     )
@@ -106,6 +110,8 @@ class ShardConfig:
             raise ValueError("nprobe, rerank_factor and max_top_k must be positive")
         if self.vector_dtype not in ("float32", "float16"):
             raise ValueError(f"vector_dtype must be float32 or float16, got {self.vector_dtype!r}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
 
     @property
     def attribute_kinds(self) -> Mapping[str, str]:
@@ -149,7 +155,7 @@ def _coerce(name: str, raw: str) -> object:
         return Path(raw)
     if name == "attribute_schema":
         return parse_attribute_schema(raw)
-    if name in ("host", "index_factory", "vector_dtype"):
+    if name in ("host", "index_factory", "vector_dtype", "event_loop"):
         return raw
     if name == "metrics_port":
         return None if raw.lower() in ("", "none", "off") else int(raw)

@@ -17,7 +17,7 @@ import sys
 import time
 
 import numpy as np
-from imgsearch.serving import ServerOptions, start_grpc_service
+from imgsearch.serving import EVENT_LOOPS, ServerOptions, run_event_loop, start_grpc_service
 from imgsearch.v1 import shard_pb2_grpc
 
 from shard_server import convert
@@ -49,12 +49,12 @@ class EchoShard(shard_pb2_grpc.ShardServiceServicer):
         return self._response
 
 
-async def _serve() -> None:
+async def _serve(event_loop: str) -> None:
     def register(server):
         shard_pb2_grpc.add_ShardServiceServicer_to_server(EchoShard(), server)
         return ["imgsearch.v1.ShardService"]
 
-    service = await start_grpc_service(ServerOptions(host="127.0.0.1", port=0), register, component="hop-floor")
+    service = await start_grpc_service(ServerOptions(host="127.0.0.1", port=0, event_loop=event_loop), register, component="hop-floor")
     await service.set_serving(True)
     print(service.port, flush=True)
     await service.server.wait_for_termination()
@@ -86,9 +86,12 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
 class EchoShardProcess:
     """The echo server in its own process (a hop between processes, as in the comparison)."""
 
+    def __init__(self, event_loop: str = "uvloop") -> None:
+        self.event_loop = event_loop
+
     def __enter__(self) -> str:
-        self.proc = subprocess.Popen([sys.executable, "-m", "shard_server.hop_floor", "--serve"],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "shard_server.hop_floor", "--serve",
+                                      "--event-loop", self.event_loop], stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         if not line.isdigit():
             self.proc.kill()
@@ -100,8 +103,9 @@ class EchoShardProcess:
         self.proc.wait()
 
 
-async def hop_floor(*, queries: int, concurrencies: tuple[int, ...]) -> list[dict]:
-    with EchoShardProcess() as address:
+async def hop_floor(*, queries: int, concurrencies: tuple[int, ...], event_loop: str = "uvloop") -> list[dict]:
+    """The echo server on `event_loop` (the shard's default unless told otherwise), measured from this loop."""
+    with EchoShardProcess(event_loop) as address:
         return [await measure(address, queries=queries, concurrency=c) for c in concurrencies]
 
 
@@ -110,12 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,8", help="comma list of client counts")
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop",
+                        help="the event loop of the echo server and of the measuring client")
     args = parser.parse_args(argv)
     if args.serve:
-        asyncio.run(_serve())
+        run_event_loop(_serve(args.event_loop), event_loop=args.event_loop)
         return 0
     levels = tuple(int(c) for c in args.concurrency.split(","))
-    print(json.dumps(asyncio.run(hop_floor(queries=args.queries, concurrencies=levels)), indent=2))
+    result = run_event_loop(hop_floor(queries=args.queries, concurrencies=levels, event_loop=args.event_loop),
+                            event_loop=args.event_loop)
+    print(json.dumps(result, indent=2))
     return 0
 
 

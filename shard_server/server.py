@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import faiss
 
-from imgsearch.serving import ServerOptions, start_grpc_service, run_until_signalled, GrpcService
+from imgsearch.serving import GrpcService, ServerOptions, run_event_loop, run_until_signalled, start_grpc_service
 from imgsearch.v1 import shard_pb2_grpc
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
@@ -74,7 +74,8 @@ async def start_shard_server(config: ShardConfig, *, wait_loaded: bool = True) -
         return [SERVICE_NAME]
 
     options = ServerOptions(host=config.host, port=config.port, metrics_port=config.metrics_port,
-                            max_message_bytes=config.max_message_bytes, shutdown_grace_s=config.shutdown_grace_s)
+                            max_message_bytes=config.max_message_bytes, shutdown_grace_s=config.shutdown_grace_s,
+                            event_loop=config.event_loop)
     service = await start_grpc_service(options, register, component="shard")
 
     async def load() -> None:
@@ -127,7 +128,7 @@ async def _drain(handle: ShardServerHandle) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ShardConfig.from_env(sys.argv[1:] if argv is None else argv)
-    sys.exit(asyncio.run(_serve(config)))
+    sys.exit(run_event_loop(_serve(config), event_loop=config.event_loop))
 
 
 if __name__ == "__main__":

@@ -37,3 +37,11 @@ def test_bad_settings_are_refused():
         parse_attribute_schema("a:text,a:flag")
     with pytest.raises(ValueError):
         ShardConfig(data_dir=Path("d"), dimension=0)
+
+
+def test_event_loop_setting():
+    assert ShardConfig.from_env(["--data-dir", "d"], env={}).event_loop == "uvloop"
+    env = {"IMGSEARCH_SHARD_EVENT_LOOP": "asyncio"}
+    assert ShardConfig.from_env(["--data-dir", "d"], env=env).event_loop == "asyncio"
+    with pytest.raises(ValueError, match="event_loop must be one of"):
+        ShardConfig(data_dir=Path("d"), event_loop="trio")

@@ -13,9 +13,10 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,6 +52,26 @@ BUILD_INFO = Gauge("imgsearch_build_info", "Build information; always 1.", ["com
 # A health "service" that is SERVING for as long as the process runs: Kubernetes liveness probes ask for it,
 # so a broker whose dependencies are down turns unready (readiness: service "") without being restarted.
 LIVENESS_SERVICE = "imgsearch.liveness"
+
+# The event loop a service runs on. uvloop by default: every search pays one gRPC hop per service it crosses,
+# and on uvloop that hop is ~9 % cheaper (`python -m shard_server.hop_floor --event-loop asyncio|uvloop`, 8
+# alternating pairs on the 2-core box, medians: 1 client p50 1.04 -> 0.95 ms, 808 -> 880 calls/s; 8 clients
+# p50 3.26 -> 2.98 ms; uvloop ahead in 6 and 7 of the 8 pairs). "asyncio" is the fallback.
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+T = TypeVar("T")
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], *, event_loop: str = "uvloop") -> T:
+    """Run a service's main coroutine to completion on the chosen event loop (see EVENT_LOOPS)."""
+    if event_loop == "uvloop":
+        import uvloop  # imported here: clients and tests of this module do not need it
+
+        return uvloop.run(main)
+    if event_loop == "asyncio":
+        return asyncio.run(main)
+    main.close()
+    raise ValueError(f"unknown event loop {event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")
 
 
 def _rpc_type(method) -> str:
@@ -190,6 +211,12 @@ class ServerOptions:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    # Read by the service's main() before it starts its loop (run_event_loop); one of EVENT_LOOPS.
+    event_loop: str = "uvloop"
+
+    def __post_init__(self) -> None:
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"unknown event loop {self.event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")
 
 
 class GrpcService:
