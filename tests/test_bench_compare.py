@@ -112,6 +112,7 @@ def test_faiss_shard_and_broker_side_by_side(tmp_path):
     assert [h["concurrency"] for h in report["grpc_hop_floor"]] == [1, 2]
     assert all(0 < h["p50_ms"] <= h["p99_ms"] and h["qps"] > 0 for h in report["grpc_hop_floor"])
     assert "one gRPC hop with no search (1 client(s)" in target_check(report)
+    assert report["event_loops"]["client"] == "asyncio" and set(report["event_loops"]) == {"client", "shard", "broker"}
     paths = plot_comparison(report, tmp_path, stem="compare")
     assert [p.name for p in paths] == ["compare-recall-qps.png", "compare-filtered-recall.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
