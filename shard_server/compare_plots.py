@@ -3,6 +3,9 @@ report (broker.loadtest)."""
 
 from __future__ import annotations
 
+import json
+import re
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -263,6 +266,14 @@ def loadtest_tables(report: dict) -> str:
             + " | ".join(cells)
             + f" | {s['cache']} | {s['partial']} | {s['errors'] or '-'} |"
         )
+    by_kind = [
+        f"{s['concurrency']} clients: "
+        + ", ".join(f"{kind} {_ms(v['p50_ms'])}" for kind, v in s["client_by_kind"].items())
+        for s in report["steps"]
+        if s.get("client_by_kind")
+    ]
+    if by_kind:
+        out += ["", "Client p50 by query kind (ms), per step: " + "; ".join(by_kind)]
     k = report.get("shard_killed")
     if k:
         out += [
@@ -289,20 +300,50 @@ def loadtest_tables(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """python -m shard_server.compare_plots REPORT.json ...: print the markdown tables of each report."""
-    import json
-    import sys
+def render(report: dict) -> str:
+    """Everything docs/benchmarks.md shows of one report: tables, the target check, the profile summary."""
+    if report.get("kind") == "full-stack-loadtest":
+        return loadtest_tables(report)
+    parts = [comparison_tables(report), target_check(report)]
+    if any((e.get("profile") or {}).get("processes") for e in report["engines"].values()):
+        parts.append(profile_table(report))
+    return "\n".join(parts)
 
-    for path in argv if argv is not None else sys.argv[1:]:
-        report = json.loads(Path(path).read_text())
+
+TABLES_BLOCK = re.compile(r"(<!-- tables from (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- end tables -->)", re.DOTALL)
+
+
+def update_document(doc: Path, *, root: Path) -> list[str]:
+    """Re-render every ``<!-- tables from PATH -->`` ... ``<!-- end tables -->`` block of `doc` from its report
+    (PATH relative to `root`), so the tables in the docs are always what the JSON files say; returns the paths."""
+    rendered: list[str] = []
+
+    def replace(match: re.Match) -> str:
+        path = match["path"]
+        rendered.append(path)
+        report = json.loads((root / path).read_text())
+        return f"{match.group(1)}{render(report)}{match.group(4)}"
+
+    text = doc.read_text()
+    updated = TABLES_BLOCK.sub(replace, text)
+    if updated != text:
+        doc.write_text(updated)
+    return rendered
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m shard_server.compare_plots REPORT.json ...: print the markdown of each report;
+    ``--update DOC``: re-render the marked table blocks of DOC (paths relative to the working directory)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--update"]:
+        for doc in args[1:]:
+            for path in update_document(Path(doc), root=Path.cwd()):
+                print(f"{doc}: tables from {path}")
+        return 0
+    for path in args:
         print(f"<!-- tables from {path} -->")
-        if report.get("kind") == "full-stack-loadtest":
-            print(loadtest_tables(report))
-        else:
-            print(comparison_tables(report))
-            print(target_check(report))
-            print(profile_table(report))
+        print(render(json.loads(Path(path).read_text())))
+        print("<!-- end tables -->")
     return 0
 
 

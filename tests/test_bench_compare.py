@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,14 @@ from shard_server.compare import (
     run,
     synthetic_data,
 )
-from shard_server.compare_plots import comparison_tables, plot_comparison, profile_table, target_check
+from shard_server.compare_plots import (
+    comparison_tables,
+    plot_comparison,
+    profile_table,
+    render,
+    target_check,
+    update_document,
+)
 from shard_server.config import ShardConfig
 
 
@@ -154,3 +162,36 @@ def test_profile_table_lists_each_profiled_process():
     table = profile_table(report)
     assert "| shard | shard-0 | `VectorStore.take (vectors.py)` 15 |" in table
     assert "lancedb" not in table
+
+
+def test_update_document_re_renders_the_marked_blocks_from_their_reports(tmp_path):
+    repo = Path(__file__).resolve().parent.parent
+    reports = ("docs/bench/compare-grocery.json", "docs/bench/loadtest.json")
+    doc = tmp_path / "bench.md"
+    doc.write_text(
+        "# Title\n\ntext before\n"
+        f"<!-- tables from {reports[0]} -->\n| stale | table |\n<!-- end tables -->\n"
+        "text between\n"
+        f"<!-- tables from {reports[1]} -->\n<!-- end tables -->\ntext after\n"
+    )
+    assert update_document(doc, root=repo) == list(reports)
+    text = doc.read_text()
+    assert "stale" not in text
+    assert text.startswith("# Title\n\ntext before\n") and text.endswith("<!-- end tables -->\ntext after\n")
+    for path in reports:
+        body = render(json.loads((repo / path).read_text()))
+        assert f"<!-- tables from {path} -->\n{body}<!-- end tables -->" in text
+    assert "broker-1 vs faiss (single, recall 0.95)" in text  # the target check comes with the tables
+    update_document(doc, root=repo)
+    assert doc.read_text() == text  # idempotent
+
+
+def test_the_tables_in_docs_benchmarks_are_what_their_json_files_say(tmp_path):
+    """docs/benchmarks.md's table blocks are generated (`python -m shard_server.compare_plots --update
+    docs/benchmarks.md`): a hand edit or a re-run JSON without the re-render fails here."""
+    repo = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "benchmarks.md"
+    copy.write_text((repo / "docs/benchmarks.md").read_text())
+    rendered = update_document(copy, root=repo)
+    assert {"docs/bench/compare-1m.json", "docs/bench/loadtest.json"} <= set(rendered)
+    assert copy.read_text() == (repo / "docs/benchmarks.md").read_text()
