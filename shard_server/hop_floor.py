@@ -5,17 +5,23 @@ options and interceptor as the shard) but answers every request with a canned re
 attributes each, the size of a real top-10; the client sends real 512-d search requests through
 ``ShardClient`` and times them. The latency it reports is the floor under every gRPC engine of the comparison:
 the shard costs at least one such hop, the broker two, whatever the search itself costs.
+
+``--bare`` measures what is left without any of our code: a plain grpc.aio server (no interceptor, no health)
+echoing canned bytes of the same sizes (a serialized 512-d query in, a serialized top-10 out), called with raw
+bytes. The difference between the two is what our conversions, interceptor and metrics add to a hop.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
 
+import grpc
 import numpy as np
 from imgsearch.serving import EVENT_LOOPS, ServerOptions, run_event_loop, start_grpc_service
 from imgsearch.v1 import shard_pb2_grpc
@@ -49,30 +55,69 @@ class EchoShard(shard_pb2_grpc.ShardServiceServicer):
         return self._response
 
 
-async def _serve(event_loop: str) -> None:
-    def register(server):
-        shard_pb2_grpc.add_ShardServiceServicer_to_server(EchoShard(), server)
-        return ["imgsearch.v1.ShardService"]
-
-    service = await start_grpc_service(ServerOptions(host="127.0.0.1", port=0, event_loop=event_loop), register, component="hop-floor")
-    await service.set_serving(True)
-    print(service.port, flush=True)
-    await service.server.wait_for_termination()
+BARE_SERVICE = "imgsearch.hopfloor.Bare"
+BARE_METHOD = f"/{BARE_SERVICE}/Ping"
 
 
-async def measure(address: str, *, queries: int, concurrency: int, dim: int = 512) -> dict:
+def _bare_handler() -> grpc.GenericRpcHandler:
+    response = canned_response_bytes()
+
+    async def ping(request: bytes, context) -> bytes:
+        return response
+
+    return grpc.method_handlers_generic_handler(BARE_SERVICE, {"Ping": grpc.unary_unary_rpc_method_handler(ping)})
+
+
+def canned_response_bytes() -> bytes:
+    return convert.result_to_proto(canned_result()).SerializeToString()
+
+
+async def _serve(event_loop: str, bare: bool) -> None:
+    if bare:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((_bare_handler(),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+    else:
+        def register(server):
+            shard_pb2_grpc.add_ShardServiceServicer_to_server(EchoShard(), server)
+            return ["imgsearch.v1.ShardService"]
+
+        options = ServerOptions(host="127.0.0.1", port=0, event_loop=event_loop)
+        service = await start_grpc_service(options, register, component="hop-floor")
+        await service.set_serving(True)
+        server, port = service.server, service.port
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+async def measure(address: str, *, queries: int, concurrency: int, dim: int = 512, bare: bool = False) -> dict:
     """Closed-loop workers sending `queries` searches in all: p50/p99 latency (ms) and searches/s."""
     vectors = np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
-    async with ShardClient(address) as client:
-        for v in vectors:  # connect and warm up
-            await client.search(SearchQuery(vector=v, top_k=TOP_K), timeout_s=10)
+    async with contextlib.AsyncExitStack() as stack:
+        if bare:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            ping = channel.unary_unary(BARE_METHOD)
+            payloads = [convert.query_to_proto(SearchQuery(vector=v, top_k=TOP_K)).SerializeToString()
+                        for v in vectors]
+
+            async def call(i: int) -> None:
+                await ping(payloads[i % len(payloads)], timeout=10)
+        else:
+            client = await stack.enter_async_context(ShardClient(address))
+
+            async def call(i: int) -> None:
+                await client.search(SearchQuery(vector=vectors[i % len(vectors)], top_k=TOP_K), timeout_s=10)
+
+        for i in range(len(vectors)):  # connect and warm up
+            await call(i)
         latencies: list[float] = []
         remaining = iter(range(queries))
 
         async def worker() -> None:
             for i in remaining:
                 t0 = time.perf_counter()
-                await client.search(SearchQuery(vector=vectors[i % len(vectors)], top_k=TOP_K), timeout_s=10)
+                await call(i)
                 latencies.append(time.perf_counter() - t0)
 
         started = time.perf_counter()
@@ -86,12 +131,13 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
 class EchoShardProcess:
     """The echo server in its own process (a hop between processes, as in the comparison)."""
 
-    def __init__(self, event_loop: str = "uvloop") -> None:
+    def __init__(self, event_loop: str = "uvloop", *, bare: bool = False) -> None:
         self.event_loop = event_loop
+        self.bare = bare
 
     def __enter__(self) -> str:
-        self.proc = subprocess.Popen([sys.executable, "-m", "shard_server.hop_floor", "--serve",
-                                      "--event-loop", self.event_loop], stdout=subprocess.PIPE, text=True)
+        args = [sys.executable, "-m", "shard_server.hop_floor", "--serve", "--event-loop", self.event_loop]
+        self.proc = subprocess.Popen(args + (["--bare"] if self.bare else []), stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         if not line.isdigit():
             self.proc.kill()
@@ -103,10 +149,11 @@ class EchoShardProcess:
         self.proc.wait()
 
 
-async def hop_floor(*, queries: int, concurrencies: tuple[int, ...], event_loop: str = "uvloop") -> list[dict]:
+async def hop_floor(*, queries: int, concurrencies: tuple[int, ...], event_loop: str = "uvloop",
+                    bare: bool = False) -> list[dict]:
     """The echo server on `event_loop` (the shard's default unless told otherwise), measured from this loop."""
-    with EchoShardProcess(event_loop) as address:
-        return [await measure(address, queries=queries, concurrency=c) for c in concurrencies]
+    with EchoShardProcess(event_loop, bare=bare) as address:
+        return [await measure(address, queries=queries, concurrency=c, bare=bare) for c in concurrencies]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,13 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,8", help="comma list of client counts")
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop",
                         help="the event loop of the echo server and of the measuring client")
+    parser.add_argument("--bare", action="store_true",
+                        help="plain grpc.aio echo of raw bytes: no protobuf, interceptor or metrics of ours")
     args = parser.parse_args(argv)
     if args.serve:
-        run_event_loop(_serve(args.event_loop), event_loop=args.event_loop)
+        run_event_loop(_serve(args.event_loop, args.bare), event_loop=args.event_loop)
         return 0
     levels = tuple(int(c) for c in args.concurrency.split(","))
-    result = run_event_loop(hop_floor(queries=args.queries, concurrencies=levels, event_loop=args.event_loop),
-                            event_loop=args.event_loop)
+    floor = hop_floor(queries=args.queries, concurrencies=levels, event_loop=args.event_loop, bare=args.bare)
+    result = run_event_loop(floor, event_loop=args.event_loop)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -28,6 +28,7 @@ from shard_server.compare_plots import (
     update_document,
 )
 from shard_server.config import ShardConfig
+from shard_server.hop_floor import hop_floor
 
 
 def test_index_params_are_the_shards():
@@ -195,3 +196,10 @@ def test_the_tables_in_docs_benchmarks_are_what_their_json_files_say(tmp_path):
     rendered = update_document(copy, root=repo)
     assert {"docs/bench/compare-1m.json", "docs/bench/loadtest.json"} <= set(rendered)
     assert copy.read_text() == (repo / "docs/benchmarks.md").read_text()
+
+
+@pytest.mark.parametrize("bare", [False, True], ids=["echo-shard", "bare-grpc"])
+def test_hop_floor_measures_the_echo_shard_and_the_bare_library(bare):
+    [one, two] = asyncio.run(hop_floor(queries=50, concurrencies=(1, 2), bare=bare))
+    assert (one["concurrency"], two["concurrency"]) == (1, 2)
+    assert all(0 < h["p50_ms"] <= h["p99_ms"] < 1000 and h["qps"] > 0 and h["queries"] == 50 for h in (one, two))
