@@ -118,7 +118,7 @@ class BrokerConfig:
         p.add_argument(
             "--shutdown-grace-s", type=float, default=float(env("IMGSEARCH_SHUTDOWN_GRACE_S", "10"))
         )
-        p.add_argument("--event-loop", choices=EVENT_LOOPS, default=env("IMGSEARCH_EVENT_LOOP", "uvloop"))
+        p.add_argument("--event-loop", choices=EVENT_LOOPS, default=env("IMGSEARCH_EVENT_LOOP", "asyncio"))
         a = p.parse_args(argv)
         if not a.shard_map:
             p.error("a shard map is required (--shard-map or IMGSEARCH_SHARD_MAP)")

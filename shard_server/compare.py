@@ -1004,8 +1004,8 @@ def _report_factory(
             # the loops of the measuring client and of the shard and broker processes (their env settings)
             "event_loops": {
                 "client": type(asyncio.get_running_loop()).__module__.split(".")[0],
-                "shard": os.environ.get("IMGSEARCH_SHARD_EVENT_LOOP", "uvloop"),
-                "broker": os.environ.get("IMGSEARCH_EVENT_LOOP", "uvloop"),
+                "shard": os.environ.get("IMGSEARCH_SHARD_EVENT_LOOP", "asyncio"),
+                "broker": os.environ.get("IMGSEARCH_EVENT_LOOP", "asyncio"),
             },
             "engines": dict(results),
         }
@@ -1023,8 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
     ) -> None:  # after every engine too, so a long run that is cut short keeps its numbers
         cfg.out_json.write_text(json.dumps(report, indent=2) + "\n")
 
-    # The measuring client on uvloop, like the services: the cheapest Python gRPC client there is.
-    report = run_event_loop(run(cfg, on_engine_done=write))
+    # The measuring client's loop: asyncio unless IMGSEARCH_EVENT_LOOP says otherwise, like the broker's.
+    event_loop = os.environ.get("IMGSEARCH_EVENT_LOOP", "asyncio")
+    report = run_event_loop(run(cfg, on_engine_done=write), event_loop=event_loop)
     write(report)
     log.info("wrote %s", cfg.out_json)
     if cfg.plot_dir is not None:

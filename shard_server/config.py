@@ -97,8 +97,8 @@ class ShardConfig:
     train_threads: int = 0  # 0: faiss/OpenMP default (all cores)
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 10.0
-    # "uvloop" or "asyncio": the event loop main() runs the server on (imgsearch.serving.run_event_loop).
-    event_loop: str = "uvloop"
+    # "asyncio" or "uvloop": the event loop main() runs the server on (imgsearch.serving.run_event_loop).
+    event_loop: str = "asyncio"
     attribute_schema: tuple[tuple[str, str], ...] = field(
         default_factory=lambda: parse_attribute_schema(DEFAULT_ATTRIBUTE_SCHEMA)
     )

@@ -131,7 +131,7 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
 class EchoShardProcess:
     """The echo server in its own process (a hop between processes, as in the comparison)."""
 
-    def __init__(self, event_loop: str = "uvloop", *, bare: bool = False) -> None:
+    def __init__(self, event_loop: str = "asyncio", *, bare: bool = False) -> None:
         self.event_loop = event_loop
         self.bare = bare
 
@@ -149,7 +149,7 @@ class EchoShardProcess:
         self.proc.wait()
 
 
-async def hop_floor(*, queries: int, concurrencies: tuple[int, ...], event_loop: str = "uvloop",
+async def hop_floor(*, queries: int, concurrencies: tuple[int, ...], event_loop: str = "asyncio",
                     bare: bool = False) -> list[dict]:
     """The echo server on `event_loop` (the shard's default unless told otherwise), measured from this loop."""
     with EchoShardProcess(event_loop, bare=bare) as address:
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,8", help="comma list of client counts")
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="uvloop",
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio",
                         help="the event loop of the echo server and of the measuring client")
     parser.add_argument("--bare", action="store_true",
                         help="plain grpc.aio echo of raw bytes: no protobuf, interceptor or metrics of ours")

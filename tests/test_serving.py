@@ -19,10 +19,10 @@ async def _loop_type() -> type:
     return type(asyncio.get_running_loop())
 
 
-def test_services_run_on_uvloop_by_default_and_on_asyncio_when_told():
-    assert issubclass(run_event_loop(_loop_type()), uvloop.Loop)
-    assert not issubclass(run_event_loop(_loop_type(), event_loop="asyncio"), uvloop.Loop)
-    assert ServerOptions().event_loop == "uvloop"
+def test_services_run_on_asyncio_by_default_and_on_uvloop_when_told():
+    assert not issubclass(run_event_loop(_loop_type()), uvloop.Loop)
+    assert issubclass(run_event_loop(_loop_type(), event_loop="uvloop"), uvloop.Loop)
+    assert ServerOptions().event_loop == "asyncio"
 
 
 def test_an_unknown_event_loop_is_refused_without_leaking_the_coroutine():
@@ -35,10 +35,11 @@ def test_an_unknown_event_loop_is_refused_without_leaking_the_coroutine():
 
 
 def test_broker_event_loop_from_flag_and_environment(monkeypatch):
-    assert BrokerConfig.from_env(["--shard-map", SHARD_MAP]).server.event_loop == "uvloop"
-    monkeypatch.setenv("IMGSEARCH_EVENT_LOOP", "asyncio")
+    monkeypatch.delenv("IMGSEARCH_EVENT_LOOP", raising=False)
     assert BrokerConfig.from_env(["--shard-map", SHARD_MAP]).server.event_loop == "asyncio"
-    assert BrokerConfig.from_env(["--shard-map", SHARD_MAP, "--event-loop", "uvloop"]).server.event_loop == "uvloop"
+    monkeypatch.setenv("IMGSEARCH_EVENT_LOOP", "uvloop")
+    assert BrokerConfig.from_env(["--shard-map", SHARD_MAP]).server.event_loop == "uvloop"
+    assert BrokerConfig.from_env(["--shard-map", SHARD_MAP, "--event-loop", "asyncio"]).server.event_loop == "asyncio"
     with pytest.raises(SystemExit):
         BrokerConfig.from_env(["--shard-map", SHARD_MAP, "--event-loop", "trio"])
-    assert set(EVENT_LOOPS) == {"uvloop", "asyncio"}
+    assert set(EVENT_LOOPS) == {"asyncio", "uvloop"}

@@ -40,8 +40,8 @@ def test_bad_settings_are_refused():
 
 
 def test_event_loop_setting():
-    assert ShardConfig.from_env(["--data-dir", "d"], env={}).event_loop == "uvloop"
-    env = {"IMGSEARCH_SHARD_EVENT_LOOP": "asyncio"}
-    assert ShardConfig.from_env(["--data-dir", "d"], env=env).event_loop == "asyncio"
+    assert ShardConfig.from_env(["--data-dir", "d"], env={}).event_loop == "asyncio"
+    env = {"IMGSEARCH_SHARD_EVENT_LOOP": "uvloop"}
+    assert ShardConfig.from_env(["--data-dir", "d"], env=env).event_loop == "uvloop"
     with pytest.raises(ValueError, match="event_loop must be one of"):
         ShardConfig(data_dir=Path("d"), event_loop="trio")

@@ -53,20 +53,25 @@ BUILD_INFO = Gauge("imgsearch_build_info", "Build information; always 1.", ["com
 # so a broker whose dependencies are down turns unready (readiness: service "") without being restarted.
 LIVENESS_SERVICE = "imgsearch.liveness"
 
-# The event loop a service runs on. uvloop by default: every search pays one gRPC hop per service it crosses,
-# and on uvloop that hop is ~9 % cheaper (`python -m shard_server.hop_floor --event-loop asyncio|uvloop`, 8
-# alternating pairs on the 2-core box, medians: 1 client p50 1.04 -> 0.95 ms, 808 -> 880 calls/s; 8 clients
-# p50 3.26 -> 2.98 ms; uvloop ahead in 6 and 7 of the 8 pairs). "asyncio" is the fallback.
-EVENT_LOOPS = ("uvloop", "asyncio")
+# The event loop a service runs on: asyncio's own by default, uvloop on request (`pip install imgsearch[uvloop]`).
+# Measured on the 2-core box: a bare echo hop is ~9 % cheaper on uvloop (`python -m shard_server.hop_floor
+# --event-loop asyncio|uvloop`, 8 alternating pairs, 1 client p50 1.04 -> 0.95 ms), but the full stack is slower
+# on it (`IMGSEARCH_EVENT_LOOP=asyncio|uvloop IMGSEARCH_SHARD_EVENT_LOOP=... python -m broker.loadtest`, two pairs
+# in both orders: 8 clients 55-56 searches/s on asyncio vs 38-40 on uvloop, the broker's embed and fan-out stages
+# both slower), so the default stays asyncio. Re-measure on other hardware before switching.
+EVENT_LOOPS = ("asyncio", "uvloop")
 
 T = TypeVar("T")
 
 
-def run_event_loop(main: Coroutine[Any, Any, T], *, event_loop: str = "uvloop") -> T:
+def run_event_loop(main: Coroutine[Any, Any, T], *, event_loop: str = "asyncio") -> T:
     """Run a service's main coroutine to completion on the chosen event loop (see EVENT_LOOPS)."""
     if event_loop == "uvloop":
-        import uvloop  # imported here: clients and tests of this module do not need it
-
+        try:
+            import uvloop  # optional: the imgsearch[uvloop] extra
+        except ImportError as exc:
+            main.close()
+            raise RuntimeError("event loop 'uvloop' needs the uvloop package: pip install 'imgsearch[uvloop]'") from exc
         return uvloop.run(main)
     if event_loop == "asyncio":
         return asyncio.run(main)
@@ -212,7 +217,7 @@ class ServerOptions:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     # Read by the service's main() before it starts its loop (run_event_loop); one of EVENT_LOOPS.
-    event_loop: str = "uvloop"
+    event_loop: str = "asyncio"
 
     def __post_init__(self) -> None:
         if self.event_loop not in EVENT_LOOPS:
