@@ -300,11 +300,32 @@ def loadtest_tables(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def run_line(report: dict) -> str:
+    """When and under which conditions a report's run happened, as one markdown line."""
+    load = (report.get("machine") or {}).get("load_avg_at_start")
+    facts = [f"Run {report.get('started_at', '?')}"]
+    if report.get("duration_s") is not None:
+        facts.append(f"{report['duration_s']:.0f} s")
+    if report.get("kind") == "full-stack-loadtest":
+        stack, ingest = report.get("stack") or {}, report.get("ingest") or {}
+        if "startup_s" in stack:
+            facts.append(f"stack up in {stack['startup_s']} s")
+        if ingest:
+            facts.append(f"{ingest['images']} images ingested in {ingest['seconds']} s "
+                         f"({ingest['images_per_s']} images/s)")
+    if load:
+        facts.append(f"load average at start {load}")
+    loops = report.get("event_loops")
+    if loops:
+        facts.append("event loops: " + ", ".join(f"{who} {loop}" for who, loop in loops.items()))
+    return ", ".join(facts) + ".\n"
+
+
 def render(report: dict) -> str:
     """Everything docs/benchmarks.md shows of one report: tables, the target check, the profile summary."""
     if report.get("kind") == "full-stack-loadtest":
-        return loadtest_tables(report)
-    parts = [comparison_tables(report), target_check(report)]
+        return "\n".join([run_line(report), loadtest_tables(report)])
+    parts = [run_line(report), comparison_tables(report), target_check(report)]
     if any((e.get("profile") or {}).get("processes") for e in report["engines"].values()):
         parts.append(profile_table(report))
     return "\n".join(parts)
