@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgsearch.serving import EVENT_LOOPS, ServerOptions
+from imgsearch.serving import DEFAULT_EVENT_LOOP, EVENT_LOOPS, ServerOptions
 
 from broker.routing import ShardMap
 
@@ -118,7 +118,9 @@ class BrokerConfig:
         p.add_argument(
             "--shutdown-grace-s", type=float, default=float(env("IMGSEARCH_SHUTDOWN_GRACE_S", "10"))
         )
-        p.add_argument("--event-loop", choices=EVENT_LOOPS, default=env("IMGSEARCH_EVENT_LOOP", "asyncio"))
+        p.add_argument(
+            "--event-loop", choices=EVENT_LOOPS, default=env("IMGSEARCH_EVENT_LOOP", DEFAULT_EVENT_LOOP)
+        )
         a = p.parse_args(argv)
         if not a.shard_map:
             p.error("a shard map is required (--shard-map or IMGSEARCH_SHARD_MAP)")

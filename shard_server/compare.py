@@ -39,7 +39,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from imgsearch.serving import run_event_loop
+from imgsearch.serving import DEFAULT_EVENT_LOOP, run_event_loop
 
 from shard_server import synthetic
 from shard_server.config import ShardConfig
@@ -1004,8 +1004,8 @@ def _report_factory(
             # the loops of the measuring client and of the shard and broker processes (their env settings)
             "event_loops": {
                 "client": type(asyncio.get_running_loop()).__module__.split(".")[0],
-                "shard": os.environ.get("IMGSEARCH_SHARD_EVENT_LOOP", "asyncio"),
-                "broker": os.environ.get("IMGSEARCH_EVENT_LOOP", "asyncio"),
+                "shard": os.environ.get("IMGSEARCH_SHARD_EVENT_LOOP", DEFAULT_EVENT_LOOP),
+                "broker": os.environ.get("IMGSEARCH_EVENT_LOOP", DEFAULT_EVENT_LOOP),
             },
             "engines": dict(results),
         }
@@ -1024,7 +1024,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.out_json.write_text(json.dumps(report, indent=2) + "\n")
 
     # The measuring client's loop: asyncio unless IMGSEARCH_EVENT_LOOP says otherwise, like the broker's.
-    event_loop = os.environ.get("IMGSEARCH_EVENT_LOOP", "asyncio")
+    event_loop = os.environ.get("IMGSEARCH_EVENT_LOOP", DEFAULT_EVENT_LOOP)
     report = run_event_loop(run(cfg, on_engine_done=write), event_loop=event_loop)
     write(report)
     log.info("wrote %s", cfg.out_json)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from imgsearch.serving import EVENT_LOOPS
+from imgsearch.serving import DEFAULT_EVENT_LOOP, check_event_loop
 
 from shard_server.errors import InvalidRequestError
 
@@ -98,7 +98,7 @@ class ShardConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     # "asyncio" or "uvloop": the event loop main() runs the server on (imgsearch.serving.run_event_loop).
-    event_loop: str = "asyncio"
+    event_loop: str = DEFAULT_EVENT_LOOP
     attribute_schema: tuple[tuple[str, str], ...] = field(
         default_factory=lambda: parse_attribute_schema(DEFAULT_ATTRIBUTE_SCHEMA)
     )
@@ -110,8 +110,7 @@ class ShardConfig:
             raise ValueError("nprobe, rerank_factor and max_top_k must be positive")
         if self.vector_dtype not in ("float32", "float16"):
             raise ValueError(f"vector_dtype must be float32 or float16, got {self.vector_dtype!r}")
-        if self.event_loop not in EVENT_LOOPS:
-            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
+        check_event_loop(self.event_loop)
 
     @property
     def attribute_kinds(self) -> Mapping[str, str]:

@@ -23,7 +23,13 @@ import time
 
 import grpc
 import numpy as np
-from imgsearch.serving import EVENT_LOOPS, ServerOptions, run_event_loop, start_grpc_service
+from imgsearch.serving import (
+    DEFAULT_EVENT_LOOP,
+    EVENT_LOOPS,
+    ServerOptions,
+    run_event_loop,
+    start_grpc_service,
+)
 from imgsearch.v1 import shard_pb2_grpc
 
 from shard_server import convert
@@ -65,14 +71,15 @@ def _bare_handler() -> grpc.GenericRpcHandler:
     async def ping(request: bytes, context) -> bytes:
         return response
 
-    return grpc.method_handlers_generic_handler(BARE_SERVICE, {"Ping": grpc.unary_unary_rpc_method_handler(ping)})
+    handlers = {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
+    return grpc.method_handlers_generic_handler(BARE_SERVICE, handlers)
 
 
 def canned_response_bytes() -> bytes:
     return convert.result_to_proto(canned_result()).SerializeToString()
 
 
-async def _serve(event_loop: str, bare: bool) -> None:
+async def _serve(bare: bool) -> None:
     if bare:
         server = grpc.aio.server()
         server.add_generic_rpc_handlers((_bare_handler(),))
@@ -83,7 +90,7 @@ async def _serve(event_loop: str, bare: bool) -> None:
             shard_pb2_grpc.add_ShardServiceServicer_to_server(EchoShard(), server)
             return ["imgsearch.v1.ShardService"]
 
-        options = ServerOptions(host="127.0.0.1", port=0, event_loop=event_loop)
+        options = ServerOptions(host="127.0.0.1", port=0)
         service = await start_grpc_service(options, register, component="hop-floor")
         await service.set_serving(True)
         server, port = service.server, service.port
@@ -91,7 +98,8 @@ async def _serve(event_loop: str, bare: bool) -> None:
     await server.wait_for_termination()
 
 
-async def measure(address: str, *, queries: int, concurrency: int, dim: int = 512, bare: bool = False) -> dict:
+async def measure(address: str, *, queries: int, concurrency: int, dim: int = 512,
+                  bare: bool = False) -> dict:
     """Closed-loop workers sending `queries` searches in all: p50/p99 latency (ms) and searches/s."""
     vectors = np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
     async with contextlib.AsyncExitStack() as stack:
@@ -131,13 +139,15 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
 class EchoShardProcess:
     """The echo server in its own process (a hop between processes, as in the comparison)."""
 
-    def __init__(self, event_loop: str = "asyncio", *, bare: bool = False) -> None:
+    def __init__(self, event_loop: str = DEFAULT_EVENT_LOOP, *, bare: bool = False) -> None:
         self.event_loop = event_loop
         self.bare = bare
 
     def __enter__(self) -> str:
         args = [sys.executable, "-m", "shard_server.hop_floor", "--serve", "--event-loop", self.event_loop]
-        self.proc = subprocess.Popen(args + (["--bare"] if self.bare else []), stdout=subprocess.PIPE, text=True)
+        if self.bare:
+            args.append("--bare")
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         if not line.isdigit():
             self.proc.kill()
@@ -149,9 +159,9 @@ class EchoShardProcess:
         self.proc.wait()
 
 
-async def hop_floor(*, queries: int, concurrencies: tuple[int, ...], event_loop: str = "asyncio",
-                    bare: bool = False) -> list[dict]:
-    """The echo server on `event_loop` (the shard's default unless told otherwise), measured from this loop."""
+async def hop_floor(*, queries: int, concurrencies: tuple[int, ...],
+                    event_loop: str = DEFAULT_EVENT_LOOP, bare: bool = False) -> list[dict]:
+    """The echo server on `event_loop` (the services' default unless told otherwise), timed from this loop."""
     with EchoShardProcess(event_loop, bare=bare) as address:
         return [await measure(address, queries=queries, concurrency=c, bare=bare) for c in concurrencies]
 
@@ -161,13 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,8", help="comma list of client counts")
-    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio",
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP,
                         help="the event loop of the echo server and of the measuring client")
     parser.add_argument("--bare", action="store_true",
                         help="plain grpc.aio echo of raw bytes: no protobuf, interceptor or metrics of ours")
     args = parser.parse_args(argv)
     if args.serve:
-        run_event_loop(_serve(args.event_loop, args.bare), event_loop=args.event_loop)
+        run_event_loop(_serve(args.bare), event_loop=args.event_loop)
         return 0
     levels = tuple(int(c) for c in args.concurrency.split(","))
     floor = hop_floor(queries=args.queries, concurrencies=levels, event_loop=args.event_loop, bare=args.bare)

@@ -80,8 +80,7 @@ async def start_shard_server(config: ShardConfig, *, wait_loaded: bool = True) -
         return [SERVICE_NAME]
 
     options = ServerOptions(host=config.host, port=config.port, metrics_port=config.metrics_port,
-                            max_message_bytes=config.max_message_bytes, shutdown_grace_s=config.shutdown_grace_s,
-                            event_loop=config.event_loop)
+                            max_message_bytes=config.max_message_bytes, shutdown_grace_s=config.shutdown_grace_s)
     service = await start_grpc_service(options, register, component="shard")
 
     async def load() -> None:

@@ -53,30 +53,41 @@ BUILD_INFO = Gauge("imgsearch_build_info", "Build information; always 1.", ["com
 # so a broker whose dependencies are down turns unready (readiness: service "") without being restarted.
 LIVENESS_SERVICE = "imgsearch.liveness"
 
-# The event loop a service runs on: asyncio's own by default, uvloop on request (`pip install imgsearch[uvloop]`).
+# The event loop a service runs on: asyncio's own by default, uvloop on request (the imgsearch[uvloop] extra).
 # Measured on the 2-core box: a bare echo hop is ~9 % cheaper on uvloop (`python -m shard_server.hop_floor
-# --event-loop asyncio|uvloop`, 8 alternating pairs, 1 client p50 1.04 -> 0.95 ms), but the full stack is slower
-# on it (`IMGSEARCH_EVENT_LOOP=asyncio|uvloop IMGSEARCH_SHARD_EVENT_LOOP=... python -m broker.loadtest`, two pairs
-# in both orders: 8 clients 55-56 searches/s on asyncio vs 38-40 on uvloop, the broker's embed and fan-out stages
-# both slower), so the default stays asyncio. Re-measure on other hardware before switching.
+# --event-loop asyncio|uvloop`, 8 alternating pairs, 1 client p50 1.04 -> 0.95 ms), but the full stack is
+# slower on it (`IMGSEARCH_EVENT_LOOP=asyncio|uvloop IMGSEARCH_SHARD_EVENT_LOOP=... python -m broker.loadtest`,
+# two pairs in both orders: 8 clients 55-56 searches/s on asyncio vs 38-40 on uvloop, the broker's embed and
+# fan-out stages both slower), so the default stays asyncio. Re-measure on other hardware before switching.
 EVENT_LOOPS = ("asyncio", "uvloop")
+DEFAULT_EVENT_LOOP = EVENT_LOOPS[0]
 
 T = TypeVar("T")
 
 
-def run_event_loop(main: Coroutine[Any, Any, T], *, event_loop: str = "asyncio") -> T:
+def check_event_loop(event_loop: str) -> str:
+    """`event_loop` if it is one of EVENT_LOOPS, else ValueError (the configs check theirs with this)."""
+    if event_loop not in EVENT_LOOPS:
+        raise ValueError(f"unknown event loop {event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")
+    return event_loop
+
+
+def run_event_loop(main: Coroutine[Any, Any, T], *, event_loop: str = DEFAULT_EVENT_LOOP) -> T:
     """Run a service's main coroutine to completion on the chosen event loop (see EVENT_LOOPS)."""
+    try:
+        check_event_loop(event_loop)
+    except ValueError:
+        main.close()
+        raise
     if event_loop == "uvloop":
         try:
             import uvloop  # optional: the imgsearch[uvloop] extra
         except ImportError as exc:
             main.close()
-            raise RuntimeError("event loop 'uvloop' needs the uvloop package: pip install 'imgsearch[uvloop]'") from exc
+            raise RuntimeError("event loop 'uvloop' needs the uvloop package: "
+                               "pip install 'imgsearch[uvloop]'") from exc
         return uvloop.run(main)
-    if event_loop == "asyncio":
-        return asyncio.run(main)
-    main.close()
-    raise ValueError(f"unknown event loop {event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")
+    return asyncio.run(main)
 
 
 def _rpc_type(method) -> str:
@@ -217,11 +228,10 @@ class ServerOptions:
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
     # Read by the service's main() before it starts its loop (run_event_loop); one of EVENT_LOOPS.
-    event_loop: str = "asyncio"
+    event_loop: str = DEFAULT_EVENT_LOOP
 
     def __post_init__(self) -> None:
-        if self.event_loop not in EVENT_LOOPS:
-            raise ValueError(f"unknown event loop {self.event_loop!r}: expected one of {', '.join(EVENT_LOOPS)}")
+        check_event_loop(self.event_loop)
 
 
 class GrpcService:
