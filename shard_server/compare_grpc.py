@@ -123,7 +123,7 @@ class ShardTier:
         )
         rows_per_shard = data.n // self.shards
         config = self.config
-        trains = rows_per_shard >= config.training_threshold(rows_per_shard)
+        trains = rows_per_shard >= config.training_threshold()
         if trains:
             await asyncio.gather(*(self._wait_until(c, _trained, "trained") for c in self.clients))
         build_s = time.perf_counter() - started

@@ -197,7 +197,7 @@ class Partition:
         if live <= self.training_failed_at_rows:
             return False
         if self.ivf is None:
-            return live >= self.config.training_threshold(live)
+            return live >= self.config.training_threshold()
         return (live >= self.config.retrain_growth_factor * max(self.trained_at_rows, 1)
                 and self.config.nlist_for(live) > self.nlist)
 

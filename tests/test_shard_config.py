@@ -24,8 +24,13 @@ def test_derived_nlist_and_training_threshold():
     config = ShardConfig(data_dir=Path("d"))
     assert config.nlist_for(1_000_000) == 4000
     assert config.factory_for(4000) == "IVF4000,PQ64x4fs"
-    assert config.training_threshold(40_000) == 39 * 800
-    assert ShardConfig(data_dir=Path("d"), nlist=256).nlist_for(10) == 256
+    # Small partitions get fewer lists, each with at least 39 training points: 12,500 rows -> 320, not 447.
+    assert config.nlist_for(12_500) == 12_500 // 39
+    assert config.nlist_for(40_000) == 800
+    assert config.training_threshold() == config.min_train_rows == 10_000
+    fixed = ShardConfig(data_dir=Path("d"), nlist=256)
+    assert fixed.nlist_for(10) == 256
+    assert fixed.training_threshold() == 39 * 256
 
 
 def test_bad_settings_are_refused():
