@@ -2,7 +2,8 @@
 
 Builds one shard process the way the comparison does (one atomic UpsertStream of N synthetic vectors, background
 training, the snapshot the swap triggers), then runs rounds of 200 searches with 1 and then 8 clients and
-prints p50 / max latency per round and the shard's page faults; then restarts the same shard from its snapshot
+prints p50 / max latency per round, the shard's page faults and the stacks its event-loop lag monitor logged
+while its loop was stalled (imgsearch.serving.EventLoopLagMonitor); then restarts the same shard from its snapshot
 and runs the rounds again. Written for the half-second stall seen in the 1M comparison's first 8-client run.
 """
 
@@ -48,8 +49,18 @@ def _faults(pid: int) -> tuple[int, int]:
     return int(fields[7]), int(fields[9])  # minor, major
 
 
+def _print_loop_stalls(log_path: Path, seen: int) -> int:
+    """Print the shard's "event loop stalled" reports (imgsearch.serving.EventLoopLagMonitor) after `seen`."""
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    reports = text.split("event loop stalled")[1:]
+    for report in reports[seen:]:
+        print("  shard: event loop stalled" + report.split("\n20", 1)[0].rstrip(), flush=True)
+    return len(reports)
+
+
 async def _rounds(engine: ShardTierEngine, queries: np.ndarray, pid: int, rounds: int, label: str,
-                  gc_pauses: GcPauses) -> None:
+                  gc_pauses: GcPauses, log_path: Path) -> None:
+    stalls_seen = _print_loop_stalls(log_path, 0)
     for r in range(rounds):
         for clients in (1, 8):
             before = _faults(pid)
@@ -60,6 +71,7 @@ async def _rounds(engine: ShardTierEngine, queries: np.ndarray, pid: int, rounds
             print(f"{label} round {r} clients {clients}: p50 {np.median(ms):.2f} ms, max {ms.max():.1f} ms; "
                   f"shard page faults +{after[0] - before[0]} minor, +{after[1] - before[1]} major; "
                   f"longest client GC pause {gc_pauses.take() * 1e3:.1f} ms", flush=True)
+            stalls_seen = _print_loop_stalls(log_path, stalls_seen)
 
 
 async def probe(n: int, rounds: int, work_dir: Path) -> None:
@@ -70,7 +82,8 @@ async def probe(n: int, rounds: int, work_dir: Path) -> None:
     try:
         report = await engine.build(data)
         print(f"built {n} vectors in {report.build_s:.0f} s", flush=True)
-        await _rounds(engine, data.queries, tier.processes[0].proc.pid, rounds, "fresh", gc_pauses)
+        await _rounds(engine, data.queries, tier.processes[0].proc.pid, rounds, "fresh", gc_pauses,
+                      tier.processes[0].log_path)
         for client in tier.clients:
             await client.close()
         tier.processes[0].kill()
@@ -81,7 +94,8 @@ async def probe(n: int, rounds: int, work_dir: Path) -> None:
         print(f"restarted from the snapshot in {time.perf_counter() - t0:.1f} s", flush=True)
         tier.processes[0] = restarted
         tier.clients = [ShardClient(restarted.address)]
-        await _rounds(engine, data.queries, restarted.proc.pid, rounds, "restarted", gc_pauses)
+        await _rounds(engine, data.queries, restarted.proc.pid, rounds, "restarted", gc_pauses,
+                      restarted.log_path)
     finally:
         await tier.close()
 

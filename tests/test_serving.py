@@ -1,13 +1,16 @@
-"""imgsearch.serving.run_event_loop and the event-loop setting of both services' configs."""
+"""imgsearch.serving: run_event_loop, the event-loop setting of both services' configs, the loop lag monitor."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 
 import pytest
 import uvloop
-from imgsearch.serving import EVENT_LOOPS, ServerOptions, run_event_loop
+from imgsearch.serving import EVENT_LOOPS, EventLoopLagMonitor, ServerOptions, run_event_loop
+from prometheus_client import REGISTRY
 
 from broker.config import BrokerConfig
 
@@ -43,3 +46,28 @@ def test_broker_event_loop_from_flag_and_environment(monkeypatch):
     with pytest.raises(SystemExit):
         BrokerConfig.from_env(["--shard-map", SHARD_MAP, "--event-loop", "trio"])
     assert set(EVENT_LOOPS) == {"asyncio", "uvloop"}
+
+
+def _hold_the_loop(seconds: float) -> None:
+    time.sleep(seconds)  # blocking call on the event loop: what the lag monitor is for
+
+
+def test_lag_monitor_logs_where_a_stalled_loop_is_stuck_and_times_the_lag(caplog):
+    async def main() -> None:
+        monitor = EventLoopLagMonitor(asyncio.get_running_loop(), interval_s=0.02, stall_log_s=0.1)
+        monitor.start()
+        await asyncio.sleep(0.1)  # a few prompt rounds
+        _hold_the_loop(0.5)
+        await asyncio.sleep(0.1)
+        monitor.stop()
+
+    before = REGISTRY.get_sample_value("imgsearch_event_loop_lag_seconds_count") or 0.0
+    slow_before = before - (REGISTRY.get_sample_value("imgsearch_event_loop_lag_seconds_bucket", {"le": "0.25"}) or 0.0)
+    with caplog.at_level(logging.WARNING, logger="imgsearch.serving"):
+        asyncio.run(main())
+    stalls = [r.getMessage() for r in caplog.records if "event loop stalled" in r.getMessage()]
+    assert len(stalls) == 1 and "_hold_the_loop" in stalls[0] and "time.sleep(seconds)" in stalls[0]
+    after = REGISTRY.get_sample_value("imgsearch_event_loop_lag_seconds_count")
+    slow_after = after - REGISTRY.get_sample_value("imgsearch_event_loop_lag_seconds_bucket", {"le": "0.25"})
+    assert after - before >= 3  # prompt rounds were timed too
+    assert slow_after - slow_before == 1  # the stall, once, in a bucket above 0.25 s

@@ -9,10 +9,14 @@ on SIGTERM/SIGINT.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import signal
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +52,12 @@ GRPC_HANDLING_SECONDS = Histogram(
     buckets=LATENCY_BUCKETS_S,
 )
 BUILD_INFO = Gauge("imgsearch_build_info", "Build information; always 1.", ["component", "version"])
+EVENT_LOOP_LAG_SECONDS = Histogram(
+    "imgsearch_event_loop_lag_seconds",
+    "How late the event loop ran a callback scheduled from a watchdog thread: time every RPC of the process "
+    "waited behind other work on the loop.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
 
 # A health "service" that is SERVING for as long as the process runs: Kubernetes liveness probes ask for it,
 # so a broker whose dependencies are down turns unready (readiness: service "") without being restarted.
@@ -215,6 +225,53 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
+class EventLoopLagMonitor:
+    """A watchdog thread that measures the event loop's lag and logs where a stalled loop is stuck.
+
+    Every ``interval_s`` it schedules a no-op on the loop and times how long the loop takes to run it
+    (``imgsearch_event_loop_lag_seconds``). Every RPC a process serves passes through its one loop, so a long
+    lag is a latency spike for every call in flight; when the no-op has not run after ``stall_log_s``, the loop
+    thread's Python stack is logged while it is still stuck (unless a C call holds the GIL: the stack is then
+    taken when it lets go, and the log says how late).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, interval_s: float, stall_log_s: float) -> None:
+        self._loop = loop
+        self._loop_thread_id = threading.get_ident()  # constructed on the loop's thread
+        self._interval_s = interval_s
+        self._stall_log_s = stall_log_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="event-loop-lag", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            ran: concurrent.futures.Future[None] = concurrent.futures.Future()
+            t0 = time.perf_counter()
+            try:
+                self._loop.call_soon_threadsafe(ran.set_result, None)
+            except RuntimeError:  # the loop is closed
+                return
+            try:
+                ran.result(timeout=self._stall_log_s)
+            except concurrent.futures.TimeoutError:
+                late_s = time.perf_counter() - t0
+                frame = sys._current_frames().get(self._loop_thread_id)
+                stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no frame)\n"
+                log.warning("event loop stalled: a callback has waited %.0f ms; the loop thread is in:\n%s",
+                            late_s * 1e3, stack.rstrip())
+                while not self._stopped.is_set():
+                    with contextlib.suppress(concurrent.futures.TimeoutError):
+                        ran.result(timeout=1.0)
+                        break
+            EVENT_LOOP_LAG_SECONDS.observe(time.perf_counter() - t0)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServerOptions:
     """Network settings common to every service."""
@@ -229,6 +286,10 @@ class ServerOptions:
     tls_client_ca_file: Path | None = None
     # Read by the service's main() before it starts its loop (run_event_loop); one of EVENT_LOOPS.
     event_loop: str = DEFAULT_EVENT_LOOP
+    # EventLoopLagMonitor: how often the loop's lag is measured (0: never), and after how long a stalled loop's
+    # stack is logged.
+    loop_lag_interval_s: float = 0.25
+    loop_stall_log_s: float = 0.2
 
     def __post_init__(self) -> None:
         check_event_loop(self.event_loop)
@@ -238,13 +299,15 @@ class GrpcService:
     """A running grpc.aio server with health, reflection and metrics; `stop()` is graceful."""
 
     def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
-                 service_names: list[str], metrics_port: int | None, grace_s: float):
+                 service_names: list[str], metrics_port: int | None, grace_s: float,
+                 lag_monitor: EventLoopLagMonitor | None = None):
         self.server = server
         self.port = port
         self.health = health_servicer
         self.service_names = service_names
         self.metrics_port = metrics_port
         self._grace_s = grace_s
+        self._lag_monitor = lag_monitor
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -255,6 +318,8 @@ class GrpcService:
         await self.set_serving(False)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self._grace_s if grace_s is None else grace_s)
+        if self._lag_monitor is not None:
+            self._lag_monitor.stop()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -303,7 +368,13 @@ async def start_grpc_service(
         metrics_port = start_metrics_endpoint(options.host, options.metrics_port)
     BUILD_INFO.labels(component, version).set(1)
     await server.start()
-    service = GrpcService(server, port, health_servicer, names, metrics_port, options.shutdown_grace_s)
+    lag_monitor = None
+    if options.loop_lag_interval_s > 0:
+        lag_monitor = EventLoopLagMonitor(asyncio.get_running_loop(), interval_s=options.loop_lag_interval_s,
+                                          stall_log_s=options.loop_stall_log_s)
+        lag_monitor.start()
+    service = GrpcService(server, port, health_servicer, names, metrics_port, options.shutdown_grace_s,
+                          lag_monitor)
     await service.set_serving(False)
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return service
