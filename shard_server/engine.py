@@ -120,11 +120,12 @@ class ShardEngine:
         self.wal.close()
 
     # --- writes ----------------------------------------------------------------------------------------------
-    def upsert(self, records: Sequence[Record], *, encoded: bytes | None = None) -> int:
+    def upsert(self, records: Sequence[Record], *, encoded: bytes | Sequence[bytes] | None = None) -> int:
         """Validate, log (fsync) and apply records; returns how many were written.
 
         ``encoded`` may carry the records already serialised as an UpsertRequest (the gRPC path), which saves
-        re-encoding them for the log.
+        re-encoding them for the log; or as UpsertRequest parts whose concatenation is one (a stream's
+        messages), logged as one frame without joining them (see ``WriteAheadLog.append``).
         """
         if len(records) > self.config.max_records_per_request and encoded is None:
             raise RequestTooLargeError(
@@ -136,7 +137,8 @@ class ShardEngine:
         if encoded is None:
             encoded = shard_pb2.UpsertRequest(
                 records=[convert.record_to_proto(r) for r in records]).SerializeToString()
-        self._commit(OP_UPSERT + encoded, lambda: self._apply_upsert(records))
+        parts = [encoded] if isinstance(encoded, bytes) else list(encoded)
+        self._commit([OP_UPSERT, *parts], lambda: self._apply_upsert(records))
         return len(records)
 
     def delete(self, image_ids: Sequence[str]) -> int:
@@ -163,7 +165,7 @@ class ShardEngine:
             normalised(r.vector, dim, f"record {r.image_id!r}")
             validate_attributes(r.attributes, self.schema, r.image_id)
 
-    def _commit(self, payload: bytes, apply) -> None:
+    def _commit(self, payload: bytes | Sequence[bytes], apply) -> None:
         """Log then apply, in log order (replay must reproduce exactly what live writers did)."""
         if not self.loaded:
             raise WalError("shard is not loaded yet")

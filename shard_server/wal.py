@@ -13,7 +13,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from shard_server.errors import WalError
@@ -72,6 +72,8 @@ class WriteAheadLog:
         directory.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
         self._sync_lock = threading.Lock()
+        self._synced = threading.Condition()  # guards _synced_seq and _syncing; writers wait on it for a fsync
+        self._syncing = False
         self._fd: int | None = None
         self._generation = 0
         self._written_seq = 0
@@ -111,22 +113,33 @@ class WriteAheadLog:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def append(self, payload: bytes) -> int:
-        """Write one frame and return once it is on disk; returns its sequence number (in-process order)."""
-        if len(payload) > MAX_FRAME_BYTES:
-            raise WalError(f"record of {len(payload)} bytes exceeds the WAL frame limit")
-        frame = HEADER.pack(len(payload), zlib.crc32(payload))
+    def append(self, payload: bytes | Sequence[bytes]) -> int:
+        """Write one frame and return once it is on disk; returns its sequence number (in-process order).
+
+        ``payload`` may come in parts (one frame, their concatenation): a bulk write of gigabytes is then never
+        joined into one bytes object. Joining holds the GIL for the whole copy, which stalls the gRPC event loop
+        and every search with it; CRC32 and ``os.write`` release it.
+        """
+        parts = (payload,) if isinstance(payload, (bytes, bytearray, memoryview)) else tuple(payload)
+        size = sum(len(part) for part in parts)
+        if size > MAX_FRAME_BYTES:
+            raise WalError(f"record of {size} bytes exceeds the WAL frame limit")
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        frame = HEADER.pack(size, crc)
         with self._write_lock:
             if self._fd is None:
                 raise WalError("write-ahead log is closed")
             try:
                 self._write_all(frame)
-                self._write_all(payload)
+                for part in parts:
+                    self._write_all(part)
             except OSError as e:
                 raise WalError(f"write-ahead log write failed: {e}") from e
             self._written_seq += 1
             seq = self._written_seq
-            self._bytes += HEADER.size + len(payload)
+            self._bytes += HEADER.size + size
         try:
             self._sync(seq)
         except WalError as e:
@@ -141,16 +154,39 @@ class WriteAheadLog:
             view = view[n:]
 
     def _sync(self, seq: int) -> None:
-        with self._sync_lock:
-            if self._synced_seq >= seq:
-                return  # a concurrent writer's fsync already covered this frame
-            with self._write_lock:
-                target, fd = self._written_seq, self._fd
-            try:
-                os.fsync(fd)
-            except OSError as e:
-                raise WalError(f"write-ahead log fsync failed: {e}") from e
-            self._synced_seq = target
+        """Return once frame ``seq`` is on disk: one writer (the leader) fsyncs for every frame written so far.
+
+        Writers covered by the leader's fsync are woken together; a new fsync starts only for frames it did not
+        cover. (With a plain lock, covered writers left one at a time and, meanwhile, a writer with a single new
+        frame started the next fsync ahead of them: on the 2-core box 200 writes from 16 threads took 65-126
+        fsyncs instead of ~15, and covered writers waited a whole extra fsync.)
+        """
+        with self._synced:
+            while self._synced_seq < seq:
+                if not self._syncing:
+                    self._syncing = True
+                    break
+                self._synced.wait()
+            else:
+                return  # a concurrent writer's fsync covered this frame
+        target = None
+        try:
+            with self._sync_lock:  # excludes rotate() and close() while the descriptor is in use
+                if self._synced_seq >= seq:
+                    return  # rotate() synced it meanwhile
+                with self._write_lock:
+                    written, fd = self._written_seq, self._fd
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    raise WalError(f"write-ahead log fsync failed: {e}") from e
+                target = written
+        finally:
+            with self._synced:
+                self._syncing = False
+                if target is not None:
+                    self._synced_seq = max(self._synced_seq, target)
+                self._synced.notify_all()  # on failure too: a waiter takes over as the leader and retries
 
     def rotate(self) -> tuple[int, int]:
         """Close the current segment and start the next one.
@@ -163,7 +199,9 @@ class WriteAheadLog:
             if self._fd is not None:
                 os.fsync(self._fd)
                 os.close(self._fd)
-            self._synced_seq = self._written_seq
+            with self._synced:
+                self._synced_seq = self._written_seq
+                self._synced.notify_all()
             self._generation += 1
             self._open_segment()
             return closed, self._written_seq

@@ -78,3 +78,16 @@ def test_replay_reproduces_concurrent_writes_exactly(tmp_path):
     assert {c.category: c.vectors for c in replayed.stats().categories} == {
         c.category: c.vectors for c in engine.stats().categories}
     replayed.close()
+
+
+def test_a_payload_in_parts_is_one_frame_identical_to_the_joined_payload(tmp_path):
+    parts = [b"op", b"", b"first-message" * 1000, b"second-message"]
+    in_parts, joined = WriteAheadLog(tmp_path / "parts"), WriteAheadLog(tmp_path / "joined")
+    for wal, payload in ((in_parts, parts), (joined, b"".join(parts))):
+        wal.open()
+        wal.append(payload)
+        wal.append(b"next")
+        wal.close()
+    segment = min((tmp_path / "parts").iterdir()).name
+    assert (tmp_path / "parts" / segment).read_bytes() == (tmp_path / "joined" / segment).read_bytes()
+    assert list(WriteAheadLog(tmp_path / "parts").replay(0)) == [b"".join(parts), b"next"]
