@@ -200,6 +200,14 @@ def build() -> dict:
     )
     lay.panel(
         "timeseries",
+        "Event-loop lag p99 by instance",
+        [
+            (quantile(0.99, "imgsearch_event_loop_lag_seconds", NS, "job, instance"), "{{job}} {{instance}}"),
+        ],
+        unit="s",
+    )
+    lay.panel(
+        "timeseries",
         "Triton queue and compute time per request",
         [
             (

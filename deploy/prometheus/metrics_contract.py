@@ -14,6 +14,7 @@ CONTRACT_METRICS: dict[str, str] = {
     "grpc_server_handled_total": "counter",
     "grpc_server_handling_seconds": "histogram",
     "imgsearch_build_info": "gauge",
+    "imgsearch_event_loop_lag_seconds": "histogram",
     "imgsearch_broker_stage_duration_seconds": "histogram",
     "imgsearch_broker_cache_lookups_total": "counter",
     "imgsearch_broker_shard_requests_total": "counter",
