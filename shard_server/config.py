@@ -125,7 +125,7 @@ class ShardConfig:
     def nlist_for(self, n: int) -> int:
         if self.nlist > 0:
             return self.nlist
-        by_size = int(round(self.nlist_per_sqrt_n * math.sqrt(max(n, 1))))
+        by_size = round(self.nlist_per_sqrt_n * math.sqrt(max(n, 1)))
         return max(1, min(by_size, n // self.train_points_per_centroid))
 
     def training_threshold(self) -> int:
