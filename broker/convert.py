@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from imgsearch.v1 import broker_pb2, common_pb2
 
 from broker.errors import InvalidRequestError
@@ -17,6 +16,7 @@ from broker.types import (
     StageTimings,
 )
 from shard_server.convert import (
+    add_hits,
     attributes_from_proto,
     attributes_to_proto,
     category_stats_from_proto,
@@ -24,7 +24,8 @@ from shard_server.convert import (
     filter_from_proto,
     filter_to_proto,
     hit_from_proto,
-    hit_to_proto,
+    vector_from_proto,
+    vector_to_proto,
 )
 from shard_server.types import Exactness, Filter
 
@@ -52,10 +53,6 @@ _SHARD_OUTCOME_TO_PROTO = {
 _SHARD_OUTCOME_FROM_PROTO = {v: k for k, v in _SHARD_OUTCOME_TO_PROTO.items()}
 
 
-def _vector(msg: common_pb2.Vector) -> np.ndarray:
-    return np.asarray(msg.values, dtype=np.float32)
-
-
 # ---------------------------------------------------------------- search
 def query_from_proto(req: broker_pb2.SearchRequest) -> Query:
     which = req.WhichOneof("query")
@@ -65,7 +62,7 @@ def query_from_proto(req: broker_pb2.SearchRequest) -> Query:
         raise InvalidRequestError(f"unknown exactness {req.options.exactness}")
     return Query(
         image=req.image if which == "image" else None,
-        vector=_vector(req.vector) if which == "vector" else None,
+        vector=vector_from_proto(req.vector) if which == "vector" else None,
         top_k=req.top_k,
         categories=tuple(req.categories),
         filter=filter_from_proto(req.filter) if req.HasField("filter") else Filter(),
@@ -85,7 +82,7 @@ def query_to_proto(q: Query) -> broker_pb2.SearchRequest:
     if q.image is not None:
         req.image = q.image
     elif q.vector is not None:
-        req.vector.values.extend(np.asarray(q.vector, dtype=np.float32).reshape(-1).tolist())
+        req.vector.CopyFrom(vector_to_proto(q.vector))
     if q.filter:
         req.filter.CopyFrom(filter_to_proto(q.filter))
     return req
@@ -93,8 +90,7 @@ def query_to_proto(q: Query) -> broker_pb2.SearchRequest:
 
 def answer_to_proto(a: SearchAnswer) -> broker_pb2.SearchResponse:
     t = a.timings
-    return broker_pb2.SearchResponse(
-        hits=[hit_to_proto(h) for h in a.hits],
+    response = broker_pb2.SearchResponse(
         cache=_CACHE_TO_PROTO[a.cache],
         from_duplicate_cache=a.from_duplicate_cache,
         partial=a.partial,
@@ -116,6 +112,8 @@ def answer_to_proto(a: SearchAnswer) -> broker_pb2.SearchResponse:
             total_seconds=t.total_s,
         ),
     )
+    add_hits(response.hits, a.hits)
+    return response
 
 
 def answer_from_proto(r: broker_pb2.SearchResponse) -> SearchAnswer:
@@ -153,7 +151,7 @@ def item_from_proto(msg: broker_pb2.CatalogueItem) -> CatalogueItem:
         product_id=msg.product_id,
         category=msg.category,
         image=msg.image if which == "image" else None,
-        vector=_vector(msg.vector) if which == "vector" else None,
+        vector=vector_from_proto(msg.vector) if which == "vector" else None,
         attributes=attributes_from_proto(msg.attributes),
     )
 
@@ -163,7 +161,7 @@ def item_to_proto(item: CatalogueItem) -> broker_pb2.CatalogueItem:
     if item.image is not None:
         msg.image = item.image
     elif item.vector is not None:
-        msg.vector.values.extend(np.asarray(item.vector, dtype=np.float32).reshape(-1).tolist())
+        msg.vector.CopyFrom(vector_to_proto(item.vector))
     for key, value in attributes_to_proto(item.attributes).items():
         msg.attributes[key].CopyFrom(value)
     return msg

@@ -190,11 +190,13 @@ def _set_attributes(target, attributes: Attributes) -> None:
             raise InvalidRequestError(f"attribute value {value!r} is not text, number or flag")
 
 
-def hit_to_proto(hit: Hit) -> common_pb2.Hit:
-    message = common_pb2.Hit(image_id=hit.image_id, product_id=hit.product_id, category=hit.category,
+def add_hits(target, hits: Iterable[Hit]) -> None:
+    """Append hits to a repeated Hit field in place (building Hit messages first and passing them to the
+    constructor copies each one again)."""
+    for hit in hits:
+        message = target.add(image_id=hit.image_id, product_id=hit.product_id, category=hit.category,
                              score=hit.score)
-    _set_attributes(message.attributes, hit.attributes)
-    return message
+        _set_attributes(message.attributes, hit.attributes)
 
 
 def hit_from_proto(message: common_pb2.Hit) -> Hit:
@@ -203,8 +205,9 @@ def hit_from_proto(message: common_pb2.Hit) -> Hit:
 
 
 def result_to_proto(result: SearchResult) -> shard_pb2.ShardServiceSearchResponse:
-    return shard_pb2.ShardServiceSearchResponse(hits=[hit_to_proto(h) for h in result.hits],
-                                                candidates_scanned=result.candidates_scanned)
+    response = shard_pb2.ShardServiceSearchResponse(candidates_scanned=result.candidates_scanned)
+    add_hits(response.hits, result.hits)
+    return response
 
 
 def result_from_proto(message: shard_pb2.ShardServiceSearchResponse) -> SearchResult:
