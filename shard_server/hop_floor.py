@@ -9,6 +9,12 @@ the shard costs at least one such hop, the broker two, whatever the search itsel
 ``--bare`` measures what is left without any of our code: a plain grpc.aio server (no interceptor, no health)
 echoing canned bytes of the same sizes (a serialized 512-d query in, a serialized top-10 out), called with raw
 bytes. The difference between the two is what our conversions, interceptor and metrics add to a hop.
+
+``--layers N`` splits that difference: it measures, one client each and alternating N times, (1) the bare hop,
+(2) the generated ShardService stub and protobuf messages on a plain server, (3) our server plumbing on top
+(``start_grpc_service``: interceptor and metrics, health, reflection, lag monitor; the query parsed into a
+SearchQuery) and (4) our client on top (``ShardClient``: conversions to and from the frozen dataclasses), which
+is the echo shard above; and prints the median p50 of each.
 """
 
 from __future__ import annotations
@@ -51,18 +57,29 @@ def canned_result() -> SearchResult:
 
 
 class EchoShard(shard_pb2_grpc.ShardServiceServicer):
-    """Parses the request like the shard, does no search, returns the canned top-10."""
+    """Parses the request like the shard (unless told not to), does no search, returns the canned top-10."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, parse: bool = True) -> None:
         self._response = convert.result_to_proto(canned_result())
+        self._parse = parse
 
     async def Search(self, request, context):
-        convert.query_from_proto(request)
+        if self._parse:
+            convert.query_from_proto(request)
         return self._response
 
 
 BARE_SERVICE = "imgsearch.hopfloor.Bare"
 BARE_METHOD = f"/{BARE_SERVICE}/Ping"
+# What serves the hop: raw bytes on a plain server; the generated stub on a plain server; our service plumbing.
+SERVERS = ("bare", "stub", "service")
+# (label, server, client) from the bare library to the full echo shard; see --layers.
+LAYERS = (
+    ("grpc.aio, raw bytes", "bare", "bytes"),
+    ("+ generated stub, protobuf messages", "stub", "stub"),
+    ("+ our server plumbing", "service", "stub"),
+    ("+ our client (ShardClient) = echo shard", "service", "ShardClient"),
+)
 
 
 def _bare_handler() -> grpc.GenericRpcHandler:
@@ -79,10 +96,13 @@ def canned_response_bytes() -> bytes:
     return convert.result_to_proto(canned_result()).SerializeToString()
 
 
-async def _serve(bare: bool) -> None:
-    if bare:
+async def _serve(server_kind: str) -> None:
+    if server_kind in ("bare", "stub"):
         server = grpc.aio.server()
-        server.add_generic_rpc_handlers((_bare_handler(),))
+        if server_kind == "bare":
+            server.add_generic_rpc_handlers((_bare_handler(),))
+        else:
+            shard_pb2_grpc.add_ShardServiceServicer_to_server(EchoShard(parse=False), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
     else:
@@ -99,23 +119,33 @@ async def _serve(bare: bool) -> None:
 
 
 async def measure(address: str, *, queries: int, concurrency: int, dim: int = 512,
-                  bare: bool = False) -> dict:
-    """Closed-loop workers sending `queries` searches in all: p50/p99 latency (ms) and searches/s."""
+                  bare: bool = False, client_kind: str | None = None) -> dict:
+    """Closed-loop workers sending `queries` searches in all: p50/p99 latency (ms) and searches/s.
+
+    `client_kind`: "bytes" (raw bytes to the bare server; what `bare` means), "stub" (the generated stub with
+    prepared requests) or "ShardClient" (the default)."""
+    client_kind = client_kind or ("bytes" if bare else "ShardClient")
     vectors = np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
     async with contextlib.AsyncExitStack() as stack:
-        if bare:
-            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
-            ping = channel.unary_unary(BARE_METHOD)
-            payloads = [convert.query_to_proto(SearchQuery(vector=v, top_k=TOP_K)).SerializeToString()
-                        for v in vectors]
-
-            async def call(i: int) -> None:
-                await ping(payloads[i % len(payloads)], timeout=10)
-        else:
+        if client_kind == "ShardClient":
             client = await stack.enter_async_context(ShardClient(address))
 
             async def call(i: int) -> None:
                 await client.search(SearchQuery(vector=vectors[i % len(vectors)], top_k=TOP_K), timeout_s=10)
+        else:
+            channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
+            requests = [convert.query_to_proto(SearchQuery(vector=v, top_k=TOP_K)) for v in vectors]
+            if client_kind == "bytes":
+                ping = channel.unary_unary(BARE_METHOD)
+                payloads = [r.SerializeToString() for r in requests]
+
+                async def call(i: int) -> None:
+                    await ping(payloads[i % len(payloads)], timeout=10)
+            else:
+                stub = shard_pb2_grpc.ShardServiceStub(channel)
+
+                async def call(i: int) -> None:
+                    await stub.Search(requests[i % len(requests)], timeout=10)
 
         for i in range(len(vectors)):  # connect and warm up
             await call(i)
@@ -139,14 +169,14 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
 class EchoShardProcess:
     """The echo server in its own process (a hop between processes, as in the comparison)."""
 
-    def __init__(self, event_loop: str = DEFAULT_EVENT_LOOP, *, bare: bool = False) -> None:
+    def __init__(self, event_loop: str = DEFAULT_EVENT_LOOP, *, bare: bool = False,
+                 server_kind: str | None = None) -> None:
         self.event_loop = event_loop
-        self.bare = bare
+        self.server_kind = server_kind or ("bare" if bare else "service")
 
     def __enter__(self) -> str:
-        args = [sys.executable, "-m", "shard_server.hop_floor", "--serve", "--event-loop", self.event_loop]
-        if self.bare:
-            args.append("--bare")
+        args = [sys.executable, "-m", "shard_server.hop_floor", "--serve", self.server_kind,
+                "--event-loop", self.event_loop]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         if not line.isdigit():
@@ -166,18 +196,36 @@ async def hop_floor(*, queries: int, concurrencies: tuple[int, ...],
         return [await measure(address, queries=queries, concurrency=c, bare=bare) for c in concurrencies]
 
 
+async def hop_layers(*, queries: int, repeats: int, event_loop: str = DEFAULT_EVENT_LOOP) -> list[dict]:
+    """One client through each of LAYERS, alternating the order `repeats` times; the median p50 of each."""
+    p50s: dict[str, list[float]] = {label: [] for label, _, _ in LAYERS}
+    for repeat in range(repeats):
+        for label, server_kind, client_kind in (LAYERS if repeat % 2 == 0 else LAYERS[::-1]):
+            with EchoShardProcess(event_loop, server_kind=server_kind) as address:
+                result = await measure(address, queries=queries, concurrency=1, client_kind=client_kind)
+            p50s[label].append(result["p50_ms"])
+    return [{"layer": label, "p50_ms": round(float(np.median(values)), 3), "runs": values}
+            for label, values in p50s.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shard_server.hop_floor", description=__doc__.split("\n")[0])
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--concurrency", default="1,8", help="comma list of client counts")
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default=DEFAULT_EVENT_LOOP,
                         help="the event loop of the echo server and of the measuring client")
     parser.add_argument("--bare", action="store_true",
                         help="plain grpc.aio echo of raw bytes: no protobuf, interceptor or metrics of ours")
+    parser.add_argument("--layers", type=int, default=0, metavar="N",
+                        help="split the hop into layers, one client, alternating N times (see the module doc)")
     args = parser.parse_args(argv)
     if args.serve:
-        run_event_loop(_serve(args.bare), event_loop=args.event_loop)
+        run_event_loop(_serve(args.serve), event_loop=args.event_loop)
+        return 0
+    if args.layers:
+        layers = hop_layers(queries=args.queries, repeats=args.layers, event_loop=args.event_loop)
+        print(json.dumps(run_event_loop(layers, event_loop=args.event_loop), indent=2))
         return 0
     levels = tuple(int(c) for c in args.concurrency.split(","))
     floor = hop_floor(queries=args.queries, concurrencies=levels, event_loop=args.event_loop, bare=args.bare)

@@ -28,7 +28,7 @@ from shard_server.compare_plots import (
     update_document,
 )
 from shard_server.config import ShardConfig
-from shard_server.hop_floor import hop_floor
+from shard_server.hop_floor import LAYERS, hop_floor, hop_layers
 
 
 def test_index_params_are_the_shards():
@@ -203,3 +203,9 @@ def test_hop_floor_measures_the_echo_shard_and_the_bare_library(bare):
     [one, two] = asyncio.run(hop_floor(queries=50, concurrencies=(1, 2), bare=bare))
     assert (one["concurrency"], two["concurrency"]) == (1, 2)
     assert all(0 < h["p50_ms"] <= h["p99_ms"] < 1000 and h["qps"] > 0 and h["queries"] == 50 for h in (one, two))
+
+
+def test_hop_layers_measure_each_layer_from_the_bare_library_to_the_echo_shard():
+    layers = asyncio.run(hop_layers(queries=30, repeats=2))
+    assert [layer["layer"] for layer in layers] == [label for label, _, _ in LAYERS]
+    assert all(len(layer["runs"]) == 2 and 0 < layer["p50_ms"] < 1000 for layer in layers)
