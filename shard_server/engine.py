@@ -137,8 +137,8 @@ class ShardEngine:
         if encoded is None:
             encoded = shard_pb2.UpsertRequest(
                 records=[convert.record_to_proto(r) for r in records]).SerializeToString()
-        parts = [encoded] if isinstance(encoded, bytes) else list(encoded)
-        self._commit([OP_UPSERT, *parts], lambda: self._apply_upsert(records))
+        parts = (encoded,) if isinstance(encoded, bytes) else encoded
+        self._commit((OP_UPSERT, *parts), lambda: self._apply_upsert(records))
         return len(records)
 
     def delete(self, image_ids: Sequence[str]) -> int:

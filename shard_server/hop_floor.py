@@ -119,12 +119,11 @@ async def _serve(server_kind: str) -> None:
 
 
 async def measure(address: str, *, queries: int, concurrency: int, dim: int = 512,
-                  bare: bool = False, client_kind: str | None = None) -> dict:
+                  client_kind: str = "ShardClient") -> dict:
     """Closed-loop workers sending `queries` searches in all: p50/p99 latency (ms) and searches/s.
 
-    `client_kind`: "bytes" (raw bytes to the bare server; what `bare` means), "stub" (the generated stub with
-    prepared requests) or "ShardClient" (the default)."""
-    client_kind = client_kind or ("bytes" if bare else "ShardClient")
+    `client_kind`: "bytes" (raw bytes, for the bare server), "stub" (the generated stub with prepared requests)
+    or "ShardClient"."""
     vectors = np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
     async with contextlib.AsyncExitStack() as stack:
         if client_kind == "ShardClient":
@@ -169,10 +168,9 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
 class EchoShardProcess:
     """The echo server in its own process (a hop between processes, as in the comparison)."""
 
-    def __init__(self, event_loop: str = DEFAULT_EVENT_LOOP, *, bare: bool = False,
-                 server_kind: str | None = None) -> None:
+    def __init__(self, event_loop: str = DEFAULT_EVENT_LOOP, *, server_kind: str = "service") -> None:
         self.event_loop = event_loop
-        self.server_kind = server_kind or ("bare" if bare else "service")
+        self.server_kind = server_kind
 
     def __enter__(self) -> str:
         args = [sys.executable, "-m", "shard_server.hop_floor", "--serve", self.server_kind,
@@ -192,8 +190,10 @@ class EchoShardProcess:
 async def hop_floor(*, queries: int, concurrencies: tuple[int, ...],
                     event_loop: str = DEFAULT_EVENT_LOOP, bare: bool = False) -> list[dict]:
     """The echo server on `event_loop` (the services' default unless told otherwise), timed from this loop."""
-    with EchoShardProcess(event_loop, bare=bare) as address:
-        return [await measure(address, queries=queries, concurrency=c, bare=bare) for c in concurrencies]
+    _, server_kind, client_kind = LAYERS[0] if bare else LAYERS[-1]
+    with EchoShardProcess(event_loop, server_kind=server_kind) as address:
+        return [await measure(address, queries=queries, concurrency=c, client_kind=client_kind)
+                for c in concurrencies]
 
 
 async def hop_layers(*, queries: int, repeats: int, event_loop: str = DEFAULT_EVENT_LOOP) -> list[dict]:
