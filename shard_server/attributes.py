@@ -65,13 +65,13 @@ class AttributeColumns:
         self._flags: dict[str, GrowableArray] = {}
         for name, kind in self.schema.items():
             if kind == "text":
-                self._codes[name] = GrowableArray(np.int32, fill=-1)
+                self._codes[name] = GrowableArray(np.int32)
                 self._dictionary[name] = {}
                 self._values[name] = []
             elif kind == "number":
-                self._numbers[name] = GrowableArray(np.float64, fill=np.nan)
+                self._numbers[name] = GrowableArray(np.float64)
             else:
-                self._flags[name] = GrowableArray(np.int8, fill=-1)
+                self._flags[name] = GrowableArray(np.int8)
 
     def append(self, rows: Sequence[Attributes]) -> None:
         for name, column in self._codes.items():
@@ -164,12 +164,12 @@ class AttributeColumns:
                 values = list(dictionaries.get(name, [])) if data is not None else []
                 columns._values[name] = values
                 columns._dictionary[name] = {v: i for i, v in enumerate(values)}
-                columns._codes[name] = GrowableArray(np.int32, fill=-1, initial=data if data is not None
+                columns._codes[name] = GrowableArray(np.int32, initial=data if data is not None
                                                      else np.full(n, -1, np.int32))
             elif kind == "number":
-                columns._numbers[name] = GrowableArray(np.float64, fill=np.nan, initial=data if data is not None
+                columns._numbers[name] = GrowableArray(np.float64, initial=data if data is not None
                                                        else np.full(n, np.nan))
             else:
-                columns._flags[name] = GrowableArray(np.int8, fill=-1, initial=data if data is not None
+                columns._flags[name] = GrowableArray(np.int8, initial=data if data is not None
                                                      else np.full(n, -1, np.int8))
         return columns

@@ -6,17 +6,21 @@ import numpy as np
 
 
 class GrowableArray:
-    """A 1-d or 2-d numpy array that grows along axis 0 by doubling its capacity."""
+    """A 1-d or 2-d numpy array that grows along axis 0 by doubling its capacity.
 
-    def __init__(self, dtype, row_shape: tuple[int, ...] = (), fill=0, initial: np.ndarray | None = None):
+    Capacity past the filled rows is never read, so it is allocated uninitialised: its pages stay untouched, and
+    out of the process's resident memory, until rows are written there (a bulk load's vectors would otherwise
+    be resident up to twice over).
+    """
+
+    def __init__(self, dtype, row_shape: tuple[int, ...] = (), initial: np.ndarray | None = None):
         self._dtype = np.dtype(dtype)
         self._row_shape = row_shape
-        self._fill = fill
         if initial is not None:
             self._data = np.array(initial, dtype=self._dtype, copy=True)
             self._len = len(initial)
         else:
-            self._data = np.full((16, *row_shape), fill, dtype=self._dtype)
+            self._data = np.empty((16, *row_shape), dtype=self._dtype)
             self._len = 0
 
     def __len__(self) -> int:
@@ -27,7 +31,7 @@ class GrowableArray:
         need = self._len + len(values)
         if need > len(self._data):
             capacity = max(need, 2 * len(self._data))
-            grown = np.full((capacity, *self._row_shape), self._fill, dtype=self._dtype)
+            grown = np.empty((capacity, *self._row_shape), dtype=self._dtype)
             grown[: self._len] = self._data[: self._len]
             self._data = grown
         self._data[self._len : need] = values

@@ -35,6 +35,8 @@ ROW_BITS = 40
 ROW_MASK = (1 << ROW_BITS) - 1
 OP_UPSERT = b"U"
 OP_DELETE = b"D"
+# Bulk writes are decoded and applied in batches of about this many serialised bytes (~4,000 512-d records).
+UPSERT_BATCH_BYTES = 8 << 20
 
 
 def normalised(vector: np.ndarray, dim: int, what: str) -> np.ndarray:
@@ -120,14 +122,13 @@ class ShardEngine:
         self.wal.close()
 
     # --- writes ----------------------------------------------------------------------------------------------
-    def upsert(self, records: Sequence[Record], *, encoded: bytes | Sequence[bytes] | None = None) -> int:
+    def upsert(self, records: Sequence[Record], *, encoded: bytes | None = None) -> int:
         """Validate, log (fsync) and apply records; returns how many were written.
 
         ``encoded`` may carry the records already serialised as an UpsertRequest (the gRPC path), which saves
-        re-encoding them for the log; or as UpsertRequest parts whose concatenation is one (a stream's
-        messages), logged as one frame without joining them (see ``WriteAheadLog.append``).
+        re-encoding them for the log. Bulk writes go through ``upsert_encoded``.
         """
-        if len(records) > self.config.max_records_per_request and encoded is None:
+        if len(records) > self.config.max_records_per_request:
             raise RequestTooLargeError(
                 f"{len(records)} records in one request; the limit is {self.config.max_records_per_request} "
                 "(use UpsertStream for bulk loads)")
@@ -137,9 +138,34 @@ class ShardEngine:
         if encoded is None:
             encoded = shard_pb2.UpsertRequest(
                 records=[convert.record_to_proto(r) for r in records]).SerializeToString()
-        parts = (encoded,) if isinstance(encoded, bytes) else encoded
-        self._commit((OP_UPSERT, *parts), lambda: self._apply_upsert(records))
+        self._commit((OP_UPSERT, encoded), lambda: self._apply_upsert(records))
         return len(records)
+
+    def upsert_encoded(self, parts: Sequence[bytes]) -> int:
+        """A bulk write given serialised: ``parts`` concatenate to one UpsertRequest (an UpsertStream's messages).
+
+        Validated, logged as one frame and applied batch by batch (``UPSERT_BATCH_BYTES``), so no more than one
+        batch is ever held as Record objects: a stream's records as Python objects take several times their wire
+        size (`python -m shard_server.ingest_memory`). All or nothing: an invalid record anywhere rejects the
+        whole write before anything is logged. Searches may see the first batches shortly before the write
+        returns; after a crash the frame is replayed whole or not at all.
+        """
+        written = 0
+        for records in self._record_batches(parts):
+            self._validate_records(records)
+            written += len(records)
+        if written:
+            self._commit((OP_UPSERT, *parts), lambda: self._apply_upsert_batches(parts))
+        return written
+
+    @staticmethod
+    def _record_batches(parts: Iterable[bytes | memoryview]) -> Iterable[list[Record]]:
+        for batch in convert.upsert_request_batches(parts, batch_bytes=UPSERT_BATCH_BYTES):
+            yield convert.records_from_proto(shard_pb2.UpsertRequest.FromString(batch).records)
+
+    def _apply_upsert_batches(self, parts: Sequence[bytes | memoryview]) -> None:
+        for records in self._record_batches(parts):
+            self._apply_upsert(records)
 
     def delete(self, image_ids: Sequence[str]) -> int:
         if len(image_ids) > self.config.max_records_per_request:
@@ -193,11 +219,12 @@ class ShardEngine:
         metrics.WAL_BYTES.set(self.wal.size_bytes)
 
     def _apply_payload(self, payload: bytes) -> None:
-        op, body = payload[:1], payload[1:]
+        op, body = payload[:1], memoryview(payload)[1:]  # a view: a bulk write's frame can be a gigabyte
         if op == OP_UPSERT:
-            records = convert.records_from_proto(shard_pb2.UpsertRequest.FromString(body).records)
-            self._validate_records(records)
-            self._apply_upsert(records)
+            # Checked whole before any of it is applied: a frame that cannot be applied is skipped entirely.
+            for records in self._record_batches((body,)):
+                self._validate_records(records)
+            self._apply_upsert_batches((body,))
         elif op == OP_DELETE:
             self._apply_delete(list(shard_pb2.ShardServiceDeleteRequest.FromString(body).image_ids))
         else:

@@ -65,14 +65,22 @@ class Partition:
         self.product_ids: list[str] = []
         self.live_count = 0
         self.version = 0  # bumped by every write; keys the filter-mask cache
-        # Exact mode: float32 copy of all rows (fast BLAS scans). IVF mode: the trained index.
-        self._exact = GrowableArray(np.float32, row_shape=(config.dimension,))
+        # Exact mode scans the rows with BLAS: in place when they are float32, through this float32 mirror when
+        # they are stored as float16 (converting every row on every query is far slower). IVF mode: the index.
+        self._exact = self.exact_mirror()
         self.ivf: faiss.Index | None = None
         self.nlist = 0
         self.trained_at_rows = 0
         self._masks: OrderedDict[tuple[Filter, int], _Selection] = OrderedDict()
         self._masks_lock = threading.Lock()
         self.training_failed_at_rows = -1
+
+    def exact_mirror(self, initial: np.ndarray | None = None) -> GrowableArray | None:
+        """A float32 copy of the rows for exact scans, or None where the stored rows are float32 already."""
+        if self.vectors.all_float32:
+            return None
+        return GrowableArray(np.float32, row_shape=(self.config.dimension,),
+                             initial=None if initial is None else np.asarray(initial, dtype=np.float32))
 
     # --- writes (engine applies them one at a time) ----------------------------------------------------------
     def append(self, image_ids: list[str], product_ids: list[str], vectors: np.ndarray,
@@ -81,10 +89,10 @@ class Partition:
             start = len(self.image_ids)
             rows = np.arange(start, start + len(image_ids), dtype=np.int64)
             self.vectors.append(vectors)
-            if self.ivf is None:
-                self._exact.extend(vectors)
-            else:
+            if self.ivf is not None:
                 self.ivf.add_with_ids(vectors, rows)
+            elif self._exact is not None:
+                self._exact.extend(vectors)
             self.attributes.append(attributes)
             self.alive.extend(np.ones(len(rows), dtype=bool))
             self.image_ids.extend(image_ids)
@@ -127,7 +135,7 @@ class Partition:
                                  candidates_scanned=0, strategy="exact")
         if self.ivf is None:
             mask = selection.mask if selection is not None else self.alive.view[:n]
-            scores = self._exact.view[:n] @ query
+            scores = self._exact.view[:n] @ query if self._exact is not None else self.vectors.scores(query)
             return self._top_k_of(np.flatnonzero(mask), scores[mask], k, scanned=n)
         if exhaustive or (selection is not None and count <= self.config.exact_scan_max_rows):
             rows = np.flatnonzero(selection.mask if selection is not None else self.alive.view[:n])
@@ -240,7 +248,7 @@ class Partition:
             self.ivf = index
             self.nlist = nlist
             self.trained_at_rows = self.live_count
-            self._exact = GrowableArray(np.float32, row_shape=(self.config.dimension,))
+            self._exact = None
             self.version += 1
         log.info("partition %s: swapped in %s (%d vectors) in %.1fs total", self.name, factory, index.ntotal,
                  time.perf_counter() - t0)
@@ -265,7 +273,9 @@ class Partition:
 
     def resident_bytes(self) -> int:
         """Index codes + ids (+ coarse centroids), exact-mode float32 copy, unsnapshotted vectors, attributes."""
-        total = self.attributes.nbytes + self.alive.nbytes + self.vectors.resident_nbytes + self._exact.nbytes
+        total = self.attributes.nbytes + self.alive.nbytes + self.vectors.resident_nbytes
+        if self._exact is not None:
+            total += self._exact.nbytes
         if self.ivf is not None:
             total += self.index_code_bytes()
             total += self.nlist * self.config.dimension * 4

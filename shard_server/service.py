@@ -49,10 +49,13 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         return shard_pb2.UpsertResponse(upserted=written)
 
     async def UpsertStream(self, request_iterator, context):
-        """Buffer the whole stream; only a cleanly half-closed stream is logged (one frame) and applied."""
+        """Buffer the whole stream serialised; only a cleanly half-closed stream is logged (one frame) and applied.
+
+        Decoding, validation and the apply happen batch by batch in the write pool (ShardEngine.upsert_encoded),
+        not here: on the event loop they would stall searches, and held as records for the whole stream they took
+        several times the stream's size in memory."""
         self._ready()
         chunks: list[bytes] = []
-        records = []
         size = 0
         async for message in request_iterator:
             encoded = message.SerializeToString()  # wire-compatible with UpsertRequest: frames concatenate
@@ -61,10 +64,9 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                 raise RequestTooLargeError(
                     f"upsert stream exceeds {self.engine.config.max_stream_bytes} bytes; split it into streams")
             chunks.append(encoded)
-            records.extend(convert.records_from_proto(message.records))
         # The parts are logged as one frame without being joined (a join of a bulk load's gigabytes holds the GIL
         # and stalled this event loop, and every search on it, for hundreds of milliseconds).
-        written = await self._run(self._write_pool, self.engine.upsert, records, encoded=chunks)
+        written = await self._run(self._write_pool, self.engine.upsert_encoded, chunks)
         return shard_pb2.UpsertStreamResponse(upserted=written)
 
     async def Delete(self, request, context):

@@ -179,8 +179,7 @@ class SnapshotStore:
             partition.nlist = entry["nlist"]
             partition.trained_at_rows = entry["trained_at_rows"]
         else:
-            partition._exact = GrowableArray(np.float32, row_shape=(config.dimension,),
-                                             initial=np.asarray(vectors, dtype=np.float32))
+            partition._exact = partition.exact_mirror(initial=vectors)
         return partition
 
     def rebase_vectors(self, path: Path, partitions: dict[str, Partition]) -> None:

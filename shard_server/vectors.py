@@ -70,6 +70,17 @@ class VectorStore:
         out[~in_base] = self._tail.view[rows[~in_base] - nbase]
         return out
 
+    @property
+    def all_float32(self) -> bool:
+        return self._base.dtype == np.float32 and self.dtype == np.float32
+
+    def scores(self, query: np.ndarray) -> np.ndarray:
+        """Inner products of every row with a float32 query, in row order (an exact scan, in place)."""
+        parts = [block @ query for block in (self._base, self._tail.view) if len(block)]
+        if not parts:
+            return np.empty(0, dtype=np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
     def slice(self, start: int, stop: int) -> np.ndarray:
         return self.take(np.arange(start, stop, dtype=np.int64))
 

@@ -13,6 +13,7 @@ import pytest
 from imgsearch.errors import ImgsearchError
 from imgsearch.v1 import shard_pb2
 from shard_server import convert, synthetic
+from shard_server import engine as engine_module
 from shard_server.client import ShardClient
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
@@ -198,3 +199,63 @@ def test_stream_payload_is_an_upsert_request():
              for i in (0, 3)]
     merged = shard_pb2.UpsertRequest.FromString(b"".join(p.SerializeToString() for p in parts))
     assert [r.image_id for r in merged.records] == [synthetic.image_id(i) for i in range(6)]
+
+
+def _encoded(records) -> bytes:
+    return shard_pb2.UpsertStreamRequest(records=[convert.record_to_proto(r) for r in records]).SerializeToString()
+
+
+def test_split_upsert_request_cuts_whole_records_without_copying():
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=3)
+    records = catalogue.records(0, 40)
+    encoded = _encoded(records)
+    for max_bytes in (1, 300, 2000, len(encoded)):
+        pieces = list(convert.split_upsert_request(encoded, max_bytes=max_bytes))
+        assert b"".join(pieces) == encoded
+        assert all(len(p) <= max_bytes for p in pieces if len(shard_pb2.UpsertRequest.FromString(p).records) > 1)
+        assert [r.image_id for p in pieces for r in shard_pb2.UpsertRequest.FromString(p).records] == [
+            r.image_id for r in records]
+    with pytest.raises(ValueError, match="runs past the end"):
+        list(convert.split_upsert_request(encoded[:-1], max_bytes=1 << 20))
+    with pytest.raises(ValueError, match="not UpsertRequest.records"):
+        list(convert.split_upsert_request(b"\x08\x01", max_bytes=1 << 20))
+
+
+def test_bulk_write_applied_and_replayed_in_batches_matches_one_upsert(tmp_path, monkeypatch):
+    """A bulk write decoded and applied a few records at a time (the batch size forced down) leaves the shard as
+    one plain upsert of the same records does, live and after replaying its log; a repeated id: the last wins."""
+    monkeypatch.setattr(engine_module, "UPSERT_BATCH_BYTES", 1500)
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=10, seed=5)
+    records = catalogue.records(0, 150, category="a") + catalogue.records(150, 200, category="b")
+    records.append(dataclasses.replace(records[180], image_id=records[5].image_id))  # id 5 moves to "b"
+    # small messages, one big one (split on decode), small ones again
+    parts = [_encoded(records[i:i + 7]) for i in range(0, 21, 7)] + [_encoded(records[21:160])]
+    parts += [_encoded(records[i:i + 3]) for i in range(160, len(records), 3)]
+
+    def settings(name: str) -> ShardConfig:
+        return ShardConfig(data_dir=tmp_path / name, dimension=DIM, nlist=16, train_threads=1,
+                           index_factory="IVF{nlist},PQ16x4fs")
+
+    reference = ShardEngine(settings("reference"))
+    reference.load()
+    assert reference.upsert(records) == len(records)
+    bulk = ShardEngine(settings("bulk"))
+    bulk.load()
+    assert bulk.upsert_encoded(parts) == len(records)
+
+    def state(engine: ShardEngine):
+        stats = [(c.category, c.vectors) for c in engine.stats().categories]
+        found = [[(h.image_id, h.category, round(h.score, 5)) for h in engine.search(
+            SearchQuery(vector=q, top_k=8, exactness=Exactness.EXACT)).hits] for q in catalogue.queries(6)]
+        return stats, found
+
+    expected = state(reference)
+    assert expected[0] == [("a", 149), ("b", 51)]
+    assert state(bulk) == expected
+    bulk.close()
+    assert len(list(WriteAheadLog(tmp_path / "bulk" / "wal").replay(0))) == 1, "one frame for the bulk write"
+    replayed = ShardEngine(settings("bulk"))
+    replayed.load()
+    assert state(replayed) == expected
+    for engine in (reference, replayed):
+        engine.close()
