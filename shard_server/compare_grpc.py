@@ -38,7 +38,7 @@ from shard_server.compare import (
     disk_bytes,
     row_of,
 )
-from shard_server.config import ShardConfig
+from shard_server.config import MAX_LOG_FRAME_BYTES, ShardConfig
 from shard_server.process import ShardProcess
 from shard_server.types import Filter, Record, SearchQuery, ShardStats
 
@@ -87,7 +87,7 @@ class ShardTier:
             str(self.search_threads),
             # A whole partition is one atomic stream; no snapshot may run during the measurement.
             "--max-stream-bytes",
-            str(1 << 40),
+            str(MAX_LOG_FRAME_BYTES),
             "--snapshot-interval-s",
             "1000000000",
             "--snapshot-wal-bytes",

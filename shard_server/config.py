@@ -19,6 +19,7 @@ from shard_server.errors import InvalidRequestError
 ATTRIBUTE_KINDS = ("text", "number", "flag")
 DEFAULT_ATTRIBUTE_SCHEMA = "brand:text,colour:text,price:number,in_stock:flag"
 ENV_PREFIX = "IMGSEARCH_SHARD_"
+MAX_LOG_FRAME_BYTES = (1 << 32) - 1 - 1024  # the log's 32-bit frame length, less room for the op code
 
 
 def parse_attribute_schema(spec: str) -> tuple[tuple[str, str], ...]:
@@ -114,6 +115,9 @@ class ShardConfig:
             raise ValueError("dimension must be positive")
         if self.nprobe <= 0 or self.rerank_factor <= 0 or self.max_top_k <= 0:
             raise ValueError("nprobe, rerank_factor and max_top_k must be positive")
+        if not 0 < self.max_stream_bytes <= MAX_LOG_FRAME_BYTES:
+            # a stream is logged as one frame, whose length the log stores in 32 bits
+            raise ValueError(f"max_stream_bytes must be in 1..{MAX_LOG_FRAME_BYTES}, got {self.max_stream_bytes}")
         if self.vector_dtype not in ("float32", "float16"):
             raise ValueError(f"vector_dtype must be float32 or float16, got {self.vector_dtype!r}")
         check_event_loop(self.event_loop)

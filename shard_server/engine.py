@@ -95,8 +95,15 @@ class ShardEngine:
         for payload in self.wal.replay(after):
             try:
                 self._apply_payload(payload)
-            except Exception:  # noqa: BLE001 - one bad record must not keep the shard down
-                log.exception("skipping a write-ahead log record that cannot be applied")
+            except Exception as exc:
+                # A record with a good checksum was acknowledged to a client: skipping it would lose that write
+                # for good. Stop instead, with the log untouched, so that a configuration (or version) that can
+                # apply it still can. (Skipping once lost a whole acknowledged bulk load: protobuf refuses to
+                # parse a message over 2 GiB, and the record was parsed whole.)
+                raise WalError(
+                    f"write-ahead log record {replayed + 1} after snapshot generation {after} cannot be applied: "
+                    f"{exc}. The shard stops rather than drop an acknowledged write; start it with the "
+                    "configuration (dimension, attribute schema) that wrote the log") from exc
             replayed += 1
         self.wal.open(min_generation=after + 1)
         self._writes_since_snapshot = replayed
@@ -221,7 +228,7 @@ class ShardEngine:
     def _apply_payload(self, payload: bytes) -> None:
         op, body = payload[:1], memoryview(payload)[1:]  # a view: a bulk write's frame can be a gigabyte
         if op == OP_UPSERT:
-            # Checked whole before any of it is applied: a frame that cannot be applied is skipped entirely.
+            # Checked whole before any of it is applied: a frame that cannot be applied changes nothing.
             for records in self._record_batches((body,)):
                 self._validate_records(records)
             self._apply_upsert_batches((body,))

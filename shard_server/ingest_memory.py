@@ -21,6 +21,7 @@ from imgsearch.v1 import shard_pb2
 
 from shard_server import convert, synthetic
 from shard_server.client import ShardClient
+from shard_server.config import MAX_LOG_FRAME_BYTES
 from shard_server.process import ShardProcess
 
 
@@ -43,7 +44,7 @@ async def measure(n: int, batch_size: int) -> None:
     print(f"{n} records, {wire_bytes / 2**20:.0f} MiB on the wire, messages of {batch_size} records", flush=True)
     env = {"IMGSEARCH_SHARD_MIN_TRAIN_ROWS": str(10 * n + 1), "IMGSEARCH_SHARD_SNAPSHOT_INTERVAL_S": "1e9",
            "IMGSEARCH_SHARD_SNAPSHOT_WAL_BYTES": str(1 << 62),
-           "IMGSEARCH_SHARD_MAX_STREAM_BYTES": str(max(1 << 30, 2 * wire_bytes))}
+           "IMGSEARCH_SHARD_MAX_STREAM_BYTES": str(MAX_LOG_FRAME_BYTES)}
     with tempfile.TemporaryDirectory() as tmp:
         shard = ShardProcess(Path(tmp) / "data", env=env).start()
         try:

@@ -42,6 +42,8 @@ def test_bad_settings_are_refused():
         parse_attribute_schema("a:text,a:flag")
     with pytest.raises(ValueError):
         ShardConfig(data_dir=Path("d"), dimension=0)
+    with pytest.raises(ValueError, match="max_stream_bytes"):  # one log frame, 32-bit length
+        ShardConfig(data_dir=Path("d"), max_stream_bytes=5 << 30)
 
 
 def test_event_loop_setting():

@@ -259,3 +259,25 @@ def test_bulk_write_applied_and_replayed_in_batches_matches_one_upsert(tmp_path,
     assert state(replayed) == expected
     for engine in (reference, replayed):
         engine.close()
+
+
+def test_a_log_record_that_cannot_be_applied_stops_the_shard_and_is_kept(tmp_path):
+    """Acknowledged writes are never skipped on replay: a shard restarted with a configuration that refuses its
+    log (here another dimension) exits with a clear error, and the right configuration still replays it all."""
+    config = ShardConfig(data_dir=tmp_path / "data", dimension=DIM, nlist=16, train_threads=1,
+                         index_factory="IVF{nlist},PQ16x4fs")
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=10, seed=6)
+    engine = ShardEngine(config)
+    engine.load()
+    engine.upsert(catalogue.records(0, 50))
+    engine.close()  # no snapshot: the records live in the log only
+    shard = ShardProcess(config.data_dir, extra_args=("--dimension", str(DIM // 2)))
+    with pytest.raises(RuntimeError, match="exited with 1") as info:
+        shard.start(timeout_s=60)
+    assert "cannot be applied" in str(info.value) and "expected 32" in str(info.value)
+    engine = ShardEngine(config)
+    engine.load()
+    try:
+        assert [(c.category, c.vectors) for c in engine.stats().categories] == [("default", 50)]
+    finally:
+        engine.close()
