@@ -15,6 +15,10 @@ bytes. The difference between the two is what our conversions, interceptor and m
 (``start_grpc_service``: interceptor and metrics, health, reflection, lag monitor; the query parsed into a
 SearchQuery) and (4) our client on top (``ShardClient``: conversions to and from the frozen dataclasses), which
 is the echo shard above; and prints the median p50 of each.
+
+``--apis N`` asks whether grpc's synchronous API would make the bare hop cheaper: the bare hop with a grpc.aio or
+a synchronous (thread pool) server, each called from a grpc.aio or a synchronous client, one client, alternating
+N times, median p50 of each.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent import futures
 
 import grpc
 import numpy as np
@@ -72,7 +77,7 @@ class EchoShard(shard_pb2_grpc.ShardServiceServicer):
 BARE_SERVICE = "imgsearch.hopfloor.Bare"
 BARE_METHOD = f"/{BARE_SERVICE}/Ping"
 # What serves the hop: raw bytes on a plain server; the generated stub on a plain server; our service plumbing.
-SERVERS = ("bare", "stub", "service")
+SERVERS = ("bare", "bare-sync", "stub", "service")
 # (label, server, client) from the bare library to the full echo shard; see --layers.
 LAYERS = (
     ("grpc.aio, raw bytes", "bare", "bytes"),
@@ -82,14 +87,55 @@ LAYERS = (
 )
 
 
-def _bare_handler() -> grpc.GenericRpcHandler:
+# (label, server, client) of the bare hop through grpc's two Python APIs; see --apis.
+APIS = (
+    ("grpc.aio server, grpc.aio client", "bare", "bytes"),
+    ("sync server, grpc.aio client", "bare-sync", "bytes"),
+    ("grpc.aio server, sync client", "bare", "bytes-sync"),
+    ("sync server, sync client", "bare-sync", "bytes-sync"),
+)
+
+
+def _bare_handler(*, sync: bool = False) -> grpc.GenericRpcHandler:
     response = canned_response_bytes()
 
     async def ping(request: bytes, context) -> bytes:
         return response
 
-    handlers = {"Ping": grpc.unary_unary_rpc_method_handler(ping)}
+    def ping_sync(request: bytes, context) -> bytes:
+        return response
+
+    handlers = {"Ping": grpc.unary_unary_rpc_method_handler(ping_sync if sync else ping)}
     return grpc.method_handlers_generic_handler(BARE_SERVICE, handlers)
+
+
+def _serve_sync() -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((_bare_handler(sync=True),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
+def measure_sync(address: str, *, queries: int, dim: int = 512) -> dict:
+    """One client on grpc's synchronous API sending raw bytes to the bare server: p50/p99 (ms), searches/s."""
+    vectors = np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
+    payloads = [convert.query_to_proto(SearchQuery(vector=v, top_k=TOP_K)).SerializeToString() for v in vectors]
+    with grpc.insecure_channel(address) as channel:
+        ping = channel.unary_unary(BARE_METHOD)
+        for payload in payloads:  # connect and warm up
+            ping(payload, timeout=10)
+        latencies = []
+        started = time.perf_counter()
+        for i in range(queries):
+            t0 = time.perf_counter()
+            ping(payloads[i % len(payloads)], timeout=10)
+            latencies.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - started
+    ms = np.asarray(latencies) * 1e3
+    return {"concurrency": 1, "queries": queries, "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3), "qps": round(queries / wall, 1)}
 
 
 def canned_response_bytes() -> bytes:
@@ -196,13 +242,17 @@ async def hop_floor(*, queries: int, concurrencies: tuple[int, ...],
                 for c in concurrencies]
 
 
-async def hop_layers(*, queries: int, repeats: int, event_loop: str = DEFAULT_EVENT_LOOP) -> list[dict]:
-    """One client through each of LAYERS, alternating the order `repeats` times; the median p50 of each."""
-    p50s: dict[str, list[float]] = {label: [] for label, _, _ in LAYERS}
+async def hop_layers(*, queries: int, repeats: int, event_loop: str = DEFAULT_EVENT_LOOP,
+                     layers: tuple[tuple[str, str, str], ...] = LAYERS) -> list[dict]:
+    """One client through each of `layers`, alternating the order `repeats` times; the median p50 of each."""
+    p50s: dict[str, list[float]] = {label: [] for label, _, _ in layers}
     for repeat in range(repeats):
-        for label, server_kind, client_kind in (LAYERS if repeat % 2 == 0 else LAYERS[::-1]):
+        for label, server_kind, client_kind in (layers if repeat % 2 == 0 else layers[::-1]):
             with EchoShardProcess(event_loop, server_kind=server_kind) as address:
-                result = await measure(address, queries=queries, concurrency=1, client_kind=client_kind)
+                if client_kind == "bytes-sync":  # blocks this loop, which has nothing else to do meanwhile
+                    result = measure_sync(address, queries=queries)
+                else:
+                    result = await measure(address, queries=queries, concurrency=1, client_kind=client_kind)
             p50s[label].append(result["p50_ms"])
     return [{"layer": label, "p50_ms": round(float(np.median(values)), 3), "runs": values}
             for label, values in p50s.items()]
@@ -219,12 +269,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="plain grpc.aio echo of raw bytes: no protobuf, interceptor or metrics of ours")
     parser.add_argument("--layers", type=int, default=0, metavar="N",
                         help="split the hop into layers, one client, alternating N times (see the module doc)")
+    parser.add_argument("--apis", type=int, default=0, metavar="N",
+                        help="the bare hop with grpc.aio or synchronous server and client, alternating N times")
     args = parser.parse_args(argv)
+    if args.serve == "bare-sync":
+        _serve_sync()
+        return 0
     if args.serve:
         run_event_loop(_serve(args.serve), event_loop=args.event_loop)
         return 0
-    if args.layers:
-        layers = hop_layers(queries=args.queries, repeats=args.layers, event_loop=args.event_loop)
+    if args.layers or args.apis:
+        layers = hop_layers(queries=args.queries, repeats=args.layers or args.apis, event_loop=args.event_loop,
+                            layers=LAYERS if args.layers else APIS)
         print(json.dumps(run_event_loop(layers, event_loop=args.event_loop), indent=2))
         return 0
     levels = tuple(int(c) for c in args.concurrency.split(","))

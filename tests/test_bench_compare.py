@@ -28,7 +28,7 @@ from shard_server.compare_plots import (
     update_document,
 )
 from shard_server.config import ShardConfig
-from shard_server.hop_floor import LAYERS, hop_floor, hop_layers
+from shard_server.hop_floor import APIS, LAYERS, hop_floor, hop_layers
 
 
 def test_index_params_are_the_shards():
@@ -209,3 +209,9 @@ def test_hop_layers_measure_each_layer_from_the_bare_library_to_the_echo_shard()
     layers = asyncio.run(hop_layers(queries=30, repeats=2))
     assert [layer["layer"] for layer in layers] == [label for label, _, _ in LAYERS]
     assert all(len(layer["runs"]) == 2 and 0 < layer["p50_ms"] < 1000 for layer in layers)
+
+
+def test_hop_apis_measure_the_bare_hop_through_the_aio_and_the_synchronous_api():
+    apis = asyncio.run(hop_layers(queries=30, repeats=1, layers=APIS))
+    assert [api["layer"] for api in apis] == [label for label, _, _ in APIS]
+    assert all(len(api["runs"]) == 1 and 0 < api["p50_ms"] < 1000 for api in apis)
