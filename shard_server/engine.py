@@ -70,6 +70,7 @@ class ShardEngine:
         self._applied_seq = 0
         self._stop = threading.Event()
         self._train_wakeup = threading.Event()
+        self._bulk_write_applying = threading.Event()
         self._threads: list[threading.Thread] = []
         self._last_snapshot_at = time.monotonic()
         self._snapshot_lock = threading.Lock()
@@ -171,8 +172,14 @@ class ShardEngine:
             yield convert.records_from_proto(shard_pb2.UpsertRequest.FromString(batch).records)
 
     def _apply_upsert_batches(self, parts: Sequence[bytes | memoryview]) -> None:
-        for records in self._record_batches(parts):
-            self._apply_upsert(records)
+        # Training waits until the whole write is in: started half-way, it would give a partition the list count
+        # of the rows it had so far (a 200k-vector stream got IVF790 instead of IVF1789) and train it again later.
+        self._bulk_write_applying.set()
+        try:
+            for records in self._record_batches(parts):
+                self._apply_upsert(records)
+        finally:
+            self._bulk_write_applying.clear()
 
     def delete(self, image_ids: Sequence[str]) -> int:
         if len(image_ids) > self.config.max_records_per_request:
@@ -355,7 +362,8 @@ class ShardEngine:
         """Train (and swap in) every partition that wants it; returns how many were swapped."""
         swapped = 0
         for partition in list(self.partitions.values()):
-            if self._stop.is_set() or not partition.wants_training():
+            # during a bulk write the training loop tries again later (see _apply_upsert_batches)
+            if self._stop.is_set() or self._bulk_write_applying.is_set() or not partition.wants_training():
                 continue
             metrics.TRAINING_EVENTS.labels("started").inc()
             try:

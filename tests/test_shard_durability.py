@@ -281,3 +281,30 @@ def test_a_log_record_that_cannot_be_applied_stops_the_shard_and_is_kept(tmp_pat
         assert [(c.category, c.vectors) for c in engine.stats().categories] == [("default", 50)]
     finally:
         engine.close()
+
+
+def test_training_waits_until_a_bulk_write_is_applied(tmp_path, monkeypatch):
+    """A partition is not trained half-way through a bulk write (it would get the list count of the rows it had so
+    far): the trainer declines while the batches go in, then trains on all of them."""
+    monkeypatch.setattr(engine_module, "UPSERT_BATCH_BYTES", 64 << 10)  # ~170 records of 64-d per batch
+    config = ShardConfig(data_dir=tmp_path / "data", dimension=DIM, train_threads=1, min_train_rows=200,
+                         index_factory="IVF{nlist},PQ16x4fs")
+    engine = ShardEngine(config)
+    engine.load()
+    swapped_mid_write = []
+    apply = engine._apply_upsert
+
+    def apply_then_try_training(records):
+        apply(records)
+        swapped_mid_write.append(engine.train_pending())
+
+    monkeypatch.setattr(engine, "_apply_upsert", apply_then_try_training)
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=20, seed=7)
+    try:
+        assert engine.upsert_encoded([_encoded(catalogue.records(i, i + 100)) for i in range(0, 2000, 100)]) == 2000
+        assert len(swapped_mid_write) > 5 and not any(swapped_mid_write)
+        assert engine.train_pending() == 1
+        [stats] = engine.stats().categories
+        assert (stats.vectors, stats.index_type) == (2000, config.factory_for(config.nlist_for(2000)))
+    finally:
+        engine.close()
