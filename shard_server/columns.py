@@ -44,4 +44,5 @@ class GrowableArray:
 
     @property
     def nbytes(self) -> int:
-        return int(self._data.nbytes)
+        """Bytes of the filled rows: the spare capacity is allocated but untouched, so not resident."""
+        return int(self.view.nbytes)
