@@ -19,7 +19,7 @@ from shard_server.errors import InvalidRequestError
 ATTRIBUTE_KINDS = ("text", "number", "flag")
 DEFAULT_ATTRIBUTE_SCHEMA = "brand:text,colour:text,price:number,in_stock:flag"
 ENV_PREFIX = "IMGSEARCH_SHARD_"
-MAX_LOG_FRAME_BYTES = (1 << 32) - 1 - 1024  # the log's 32-bit frame length, less room for the op code
+MAX_LOG_FRAME_BYTES = (1 << 32) - 2  # the log stores a frame's length in 32 bits; one byte is the op code
 
 
 def parse_attribute_schema(spec: str) -> tuple[tuple[str, str], ...]:

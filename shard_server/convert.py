@@ -39,7 +39,6 @@ def _varint(n: int) -> bytes:
 _PACKED_VALUES_TAG = 0x0A  # field 1 (values), wire type 2 (length-delimited, packed floats)
 
 
-
 def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
     """The protobuf base-128 varint at ``buf[pos]``: (its value, the position after it)."""
     value = shift = 0
@@ -100,6 +99,7 @@ def upsert_request_batches(parts: Iterable[bytes | memoryview], *, batch_bytes: 
             pending_bytes += len(piece)
     if pending:
         yield pending[0] if len(pending) == 1 else b"".join(pending)
+
 
 def vector_to_proto(vector: np.ndarray) -> common_pb2.Vector:
     # Building the message from raw packed bytes is ~50x faster than assigning 512 Python floats.

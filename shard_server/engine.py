@@ -158,13 +158,18 @@ class ShardEngine:
         whole write before anything is logged. Searches may see the first batches shortly before the write
         returns; after a crash the frame is replayed whole or not at all.
         """
-        written = 0
-        for records in self._record_batches(parts):
-            self._validate_records(records)
-            written += len(records)
+        written = self._validate_encoded(parts)
         if written:
             self._commit((OP_UPSERT, *parts), lambda: self._apply_upsert_batches(parts))
         return written
+
+    def _validate_encoded(self, parts: Sequence[bytes | memoryview]) -> int:
+        """Check every record of serialised parts (batch by batch, none kept); returns how many there are."""
+        count = 0
+        for records in self._record_batches(parts):
+            self._validate_records(records)
+            count += len(records)
+        return count
 
     @staticmethod
     def _record_batches(parts: Iterable[bytes | memoryview]) -> Iterable[list[Record]]:
@@ -236,8 +241,7 @@ class ShardEngine:
         op, body = payload[:1], memoryview(payload)[1:]  # a view: a bulk write's frame can be a gigabyte
         if op == OP_UPSERT:
             # Checked whole before any of it is applied: a frame that cannot be applied changes nothing.
-            for records in self._record_batches((body,)):
-                self._validate_records(records)
+            self._validate_encoded((body,))
             self._apply_upsert_batches((body,))
         elif op == OP_DELETE:
             self._apply_delete(list(shard_pb2.ShardServiceDeleteRequest.FromString(body).image_ids))

@@ -133,9 +133,13 @@ def measure_sync(address: str, *, queries: int, dim: int = 512) -> dict:
             ping(payloads[i % len(payloads)], timeout=10)
             latencies.append(time.perf_counter() - t0)
         wall = time.perf_counter() - started
+    return _summary(latencies, concurrency=1, wall_s=wall)
+
+
+def _summary(latencies: list[float], *, concurrency: int, wall_s: float) -> dict:
     ms = np.asarray(latencies) * 1e3
-    return {"concurrency": 1, "queries": queries, "p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p99_ms": round(float(np.percentile(ms, 99)), 3), "qps": round(queries / wall, 1)}
+    return {"concurrency": concurrency, "queries": len(latencies), "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p99_ms": round(float(np.percentile(ms, 99)), 3), "qps": round(len(latencies) / wall_s, 1)}
 
 
 def canned_response_bytes() -> bytes:
@@ -206,9 +210,7 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - started
-    ms = np.asarray(latencies) * 1e3
-    return {"concurrency": concurrency, "queries": queries, "p50_ms": round(float(np.percentile(ms, 50)), 3),
-            "p99_ms": round(float(np.percentile(ms, 99)), 3), "qps": round(queries / wall, 1)}
+    return _summary(latencies, concurrency=concurrency, wall_s=wall)
 
 
 class EchoShardProcess:
