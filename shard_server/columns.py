@@ -30,12 +30,21 @@ class GrowableArray:
         values = np.asarray(values, dtype=self._dtype)
         need = self._len + len(values)
         if need > len(self._data):
-            capacity = max(need, 2 * len(self._data))
-            grown = np.empty((capacity, *self._row_shape), dtype=self._dtype)
-            grown[: self._len] = self._data[: self._len]
-            self._data = grown
+            self._grow_to(max(need, 2 * len(self._data)))
         self._data[self._len : need] = values
         self._len = need
+
+    def reserve(self, extra_rows: int) -> None:
+        """Make room for ``extra_rows`` more rows in one step. A bulk write that knows its size reserves first:
+        growing by doubling copies the filled rows each time, and while the copy is made the old and the new
+        array are both resident (up to twice the final size)."""
+        if self._len + extra_rows > len(self._data):
+            self._grow_to(self._len + extra_rows)
+
+    def _grow_to(self, capacity: int) -> None:
+        grown = np.empty((capacity, *self._row_shape), dtype=self._dtype)
+        grown[: self._len] = self._data[: self._len]
+        self._data = grown
 
     @property
     def view(self) -> np.ndarray:

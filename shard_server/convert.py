@@ -64,23 +64,55 @@ def split_upsert_request(encoded: bytes | memoryview, *, max_bytes: int) -> Iter
     take several times the frame's size (replaying a 420 MB frame peaked at 3.2 GB). Raises ValueError on
     anything but whole ``records`` fields.
     """
-    view = memoryview(encoded)
+    pieces, _ = _whole_records(memoryview(encoded), max_bytes=max_bytes, final=True)
+    return iter(pieces)
+
+
+def rechunk_upsert_request(chunks: Iterable[bytes | memoryview], *, max_bytes: int) -> Iterator[memoryview]:
+    """Like ``split_upsert_request`` for an UpsertRequest that arrives in chunks cut anywhere (a log frame read
+    from its file a few megabytes at a time): a record cut by a chunk boundary is carried into the next chunk.
+    Raises ValueError if the last chunk ends inside a record."""
+    carry = b""
+    for chunk in chunks:
+        view = memoryview(b"".join((carry, chunk)) if carry else chunk)
+        pieces, end = _whole_records(view, max_bytes=max_bytes, final=False)
+        yield from pieces
+        carry = bytes(view[end:])
+    if carry:
+        raise ValueError(f"the UpsertRequest ends inside a record ({len(carry)} bytes of it)")
+
+
+_MAX_RECORD_HEADER_BYTES = 20  # a field tag and a length, each a varint of at most 10 bytes
+
+
+def _whole_records(view: memoryview, *, max_bytes: int, final: bool) -> tuple[list[memoryview], int]:
+    """Slices of ``view`` of at most ``max_bytes`` cut at record boundaries, and where the last whole record ends.
+    A record cut off by the end of ``view`` is left out, or is an error when ``final``."""
     size = len(view)
+    pieces: list[memoryview] = []
     start = pos = 0
     while pos < size:
-        tag, body = read_varint(view, pos)
+        try:
+            tag, body = read_varint(view, pos)
+            length, body = read_varint(view, body)
+        except ValueError:
+            if final or size - pos > _MAX_RECORD_HEADER_BYTES:
+                raise
+            break  # the header itself is cut off
         if tag != _RECORDS_TAG:
             raise ValueError(f"field tag {tag} at byte {pos} is not UpsertRequest.records")
-        length, body = read_varint(view, body)
         end = body + length
         if end > size:
-            raise ValueError(f"record at byte {pos} runs past the end ({end} > {size} bytes)")
+            if final:
+                raise ValueError(f"record at byte {pos} runs past the end ({end} > {size} bytes)")
+            break
         if end - start > max_bytes and pos > start:
-            yield view[start:pos]
+            pieces.append(view[start:pos])
             start = pos
         pos = end
     if pos > start:
-        yield view[start:pos]
+        pieces.append(view[start:pos])
+    return pieces, pos
 
 
 def upsert_request_batches(parts: Iterable[bytes | memoryview], *, batch_bytes: int) -> Iterator[bytes | memoryview]:

@@ -9,9 +9,13 @@ received a category's first vector simply has nothing to return for it.
 from __future__ import annotations
 
 import logging
+import itertools
+import json
+import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -22,19 +26,24 @@ from shard_server.blas import limit_numpy_blas_threads
 from shard_server.attributes import validate_attributes, validate_filter
 from shard_server.config import ShardConfig
 from shard_server.errors import InvalidRequestError, RequestTooLargeError, WalError
+from shard_server.heap import release_free_memory
 from shard_server.partition import Partition
 from shard_server.snapshot import SnapshotStore
 from shard_server.types import (
     CategoryStats, Exactness, Hit, Record, SearchQuery, SearchResult, ShardStats,
 )
-from shard_server.wal import WriteAheadLog
+from shard_server.wal import LogFrame, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
 ROW_BITS = 40
 ROW_MASK = (1 << ROW_BITS) - 1
+# Log record types: the op code byte, then a serialised UpsertRequest / ShardServiceDeleteRequest. A bulk write's
+# record also carries its rows per category (u32 length, JSON), so that a replay can make room for them up front.
 OP_UPSERT = b"U"
+OP_BULK_UPSERT = b"B"
 OP_DELETE = b"D"
+_BULK_HEADER_LENGTH = struct.Struct("<I")
 # Bulk writes are decoded and applied in batches of about this many serialised bytes (~4,000 512-d records).
 UPSERT_BATCH_BYTES = 8 << 20
 
@@ -50,6 +59,28 @@ def normalised(vector: np.ndarray, dim: int, what: str) -> np.ndarray:
     if norm == 0.0 or not np.isfinite(norm):
         raise InvalidRequestError(f"{what}: vector is zero (cannot be normalised)")
     return v / norm
+
+
+def _take(chunks: Iterable[bytes | memoryview], n: int) -> tuple[bytes, Iterator[bytes | memoryview]]:
+    """The first ``n`` bytes of a payload given in chunks, and the chunks of the rest."""
+    chunks = iter(chunks)
+    head = bytearray()
+    for chunk in chunks:
+        need = n - len(head)
+        head += chunk[:need]
+        if len(chunk) > need:
+            return bytes(head), itertools.chain((memoryview(chunk)[need:],), chunks)
+        if len(head) == n:
+            return bytes(head), chunks
+    raise WalError(f"log record ends after {len(head)} bytes, inside its {n}-byte header")
+
+
+def _drain(parts: list[bytes]) -> Iterator[bytes]:
+    """The parts front to back, each dropped from the list as it is handed out (its memory goes with its last
+    user)."""
+    parts.reverse()
+    while parts:
+        yield parts.pop()
 
 
 class ShardEngine:
@@ -93,9 +124,9 @@ class ShardEngine:
                     self.id_map[p.image_ids[row]] = base | row
             after = snapshot.wal_generation
         replayed = 0
-        for payload in self.wal.replay(after):
+        for frame in self.wal.replay(after):
             try:
-                self._apply_payload(payload)
+                self._replay(frame)
             except Exception as exc:
                 # A record with a good checksum was acknowledged to a client: skipping it would lose that write
                 # for good. Stop instead, with the log untouched, so that a configuration (or version) that can
@@ -149,40 +180,49 @@ class ShardEngine:
         self._commit((OP_UPSERT, encoded), lambda: self._apply_upsert(records))
         return len(records)
 
-    def upsert_encoded(self, parts: Sequence[bytes]) -> int:
+    def upsert_encoded(self, parts: list[bytes]) -> int:
         """A bulk write given serialised: ``parts`` concatenate to one UpsertRequest (an UpsertStream's messages).
 
         Validated, logged as one frame and applied batch by batch (``UPSERT_BATCH_BYTES``), so no more than one
         batch is ever held as Record objects: a stream's records as Python objects take several times their wire
-        size (`python -m shard_server.ingest_memory`). All or nothing: an invalid record anywhere rejects the
-        whole write before anything is logged. Searches may see the first batches shortly before the write
-        returns; after a crash the frame is replayed whole or not at all.
+        size (`python -m shard_server.ingest_memory`). The list is emptied as its parts are applied, so their
+        memory is given back while the vectors take their place. All or nothing: an invalid record anywhere
+        rejects the whole write before anything is logged. Searches may see the first batches shortly before the
+        write returns; after a crash the frame is replayed whole or not at all.
         """
-        written = self._validate_encoded(parts)
+        rows_by_category = self._validate_encoded(parts)
+        written = sum(rows_by_category.values())
         if written:
-            self._commit((OP_UPSERT, *parts), lambda: self._apply_upsert_batches(parts))
+            header = json.dumps(rows_by_category, separators=(",", ":")).encode()
+            # A chain, not a tuple: the log keeps no reference to the parts once the frame is written.
+            self._commit(itertools.chain((OP_BULK_UPSERT, _BULK_HEADER_LENGTH.pack(len(header)), header), parts),
+                         lambda: self._apply_upsert_batches(_drain(parts), rows_by_category))
         return written
 
-    def _validate_encoded(self, parts: Sequence[bytes | memoryview]) -> int:
-        """Check every record of serialised parts (batch by batch, none kept); returns how many there are."""
-        count = 0
-        for records in self._record_batches(parts):
+    def _validate_encoded(self, parts: Sequence[bytes]) -> Counter[str]:
+        """Check every record of serialised parts (batch by batch, none kept); returns the records per category."""
+        rows_by_category: Counter[str] = Counter()
+        for records in self._record_batches(convert.upsert_request_batches(parts, batch_bytes=UPSERT_BATCH_BYTES)):
             self._validate_records(records)
-            count += len(records)
-        return count
+            rows_by_category.update(r.category for r in records)
+        return rows_by_category
 
     @staticmethod
-    def _record_batches(parts: Iterable[bytes | memoryview]) -> Iterable[list[Record]]:
-        for batch in convert.upsert_request_batches(parts, batch_bytes=UPSERT_BATCH_BYTES):
+    def _record_batches(batches: Iterable[bytes | memoryview]) -> Iterator[list[Record]]:
+        for batch in batches:
             yield convert.records_from_proto(shard_pb2.UpsertRequest.FromString(batch).records)
 
-    def _apply_upsert_batches(self, parts: Sequence[bytes | memoryview]) -> None:
+    def _apply_upsert_batches(self, parts: Iterable[bytes], rows_by_category: Mapping[str, int]) -> None:
+        for category, rows in rows_by_category.items():
+            self._partition_for_write(category).reserve(rows)
         # Training waits until the whole write is in: started half-way, it would give a partition the list count
         # of the rows it had so far (a 200k-vector stream got IVF790 instead of IVF1789) and train it again later.
         self._bulk_write_applying.set()
         try:
-            for records in self._record_batches(parts):
+            for records in self._record_batches(convert.upsert_request_batches(parts,
+                                                                               batch_bytes=UPSERT_BATCH_BYTES)):
                 self._apply_upsert(records)
+                release_free_memory()  # the parts drained so far: their pages go while the vectors grow
         finally:
             self._bulk_write_applying.clear()
 
@@ -210,7 +250,7 @@ class ShardEngine:
             normalised(r.vector, dim, f"record {r.image_id!r}")
             validate_attributes(r.attributes, self.schema, r.image_id)
 
-    def _commit(self, payload: bytes | Sequence[bytes], apply) -> None:
+    def _commit(self, payload: bytes | Iterable[bytes], apply) -> None:
         """Log then apply, in log order (replay must reproduce exactly what live writers did)."""
         if not self.loaded:
             raise WalError("shard is not loaded yet")
@@ -237,14 +277,22 @@ class ShardEngine:
                 self._apply_cond.notify_all()
         metrics.WAL_BYTES.set(self.wal.size_bytes)
 
-    def _apply_payload(self, payload: bytes) -> None:
-        op, body = payload[:1], memoryview(payload)[1:]  # a view: a bulk write's frame can be a gigabyte
-        if op == OP_UPSERT:
-            # Checked whole before any of it is applied: a frame that cannot be applied changes nothing.
-            self._validate_encoded((body,))
-            self._apply_upsert_batches((body,))
+    def _replay(self, frame: LogFrame) -> None:
+        op, body = _take(frame.chunks(), 1)
+        if op in (OP_UPSERT, OP_BULK_UPSERT):
+            if op == OP_BULK_UPSERT:
+                length, body = _take(body, _BULK_HEADER_LENGTH.size)
+                header, body = _take(body, _BULK_HEADER_LENGTH.unpack(length)[0])
+                for category, rows in json.loads(header).items():
+                    self._partition_for_write(category).reserve(rows)
+            # One pass, each batch validated then applied: the write was validated whole before it was logged,
+            # and should a batch fail now (a changed dimension or schema), load() stops the shard before anything
+            # is snapshotted, so the batches applied before it are simply dropped with the process.
+            for records in self._record_batches(convert.rechunk_upsert_request(body, max_bytes=UPSERT_BATCH_BYTES)):
+                self._validate_records(records)
+                self._apply_upsert(records)
         elif op == OP_DELETE:
-            self._apply_delete(list(shard_pb2.ShardServiceDeleteRequest.FromString(body).image_ids))
+            self._apply_delete(list(shard_pb2.ShardServiceDeleteRequest.FromString(b"".join(body)).image_ids))
         else:
             raise WalError(f"unknown log record type {op!r}")
 
@@ -259,10 +307,7 @@ class ShardEngine:
             by_category.setdefault(r.category, []).append(r)
         dim = self.config.dimension
         for category, group in by_category.items():
-            partition = self.partitions.get(category)
-            if partition is None:
-                partition = Partition(category, self.config)
-                self.partitions = {**self.partitions, category: partition}
+            partition = self._partition_for_write(category)
             vectors = np.stack([normalised(r.vector, dim, r.image_id) for r in group])
             rows = partition.append([r.image_id for r in group], [r.product_id for r in group], vectors,
                                     [r.attributes for r in group])
@@ -271,6 +316,13 @@ class ShardEngine:
                 self.id_map[r.image_id] = base | row
             metrics.VECTORS.labels(category).set(partition.live_count)
             metrics.INDEX_TRAINED.labels(category).set(1 if partition.ivf is not None else 0)
+
+    def _partition_for_write(self, category: str) -> Partition:
+        partition = self.partitions.get(category)
+        if partition is None:
+            partition = Partition(category, self.config)
+            self.partitions = {**self.partitions, category: partition}
+        return partition
 
     def _category_number(self, category: str) -> int:
         number = self._category_numbers.get(category)

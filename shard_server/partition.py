@@ -83,6 +83,13 @@ class Partition:
                              initial=None if initial is None else np.asarray(initial, dtype=np.float32))
 
     # --- writes (engine applies them one at a time) ----------------------------------------------------------
+    def reserve(self, extra_rows: int) -> None:
+        """Room for a bulk write's rows in the vector store (nearly all of a row's bytes), allocated once."""
+        with self.lock.write():
+            self.vectors.reserve(extra_rows)
+            if self.ivf is None and self._exact is not None:
+                self._exact.reserve(extra_rows)
+
     def append(self, image_ids: list[str], product_ids: list[str], vectors: np.ndarray,
                attributes: list) -> np.ndarray:
         with self.lock.write():

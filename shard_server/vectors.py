@@ -54,6 +54,9 @@ class VectorStore:
     def append(self, vectors: np.ndarray) -> None:
         self._tail.extend(vectors.astype(self.dtype, copy=False))
 
+    def reserve(self, extra_rows: int) -> None:
+        self._tail.reserve(extra_rows)
+
     def take(self, rows: np.ndarray) -> np.ndarray:
         """float32 copies of the given rows (sorted or not)."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -13,7 +13,8 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from shard_server.errors import WalError
@@ -37,8 +38,62 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def read_segment(path: Path, *, truncate_torn_tail: bool) -> Iterator[bytes]:
-    """Payloads of one segment in order; a torn or corrupt tail ends the segment (and is cut off if asked)."""
+# Frames up to this size are read into memory while their checksum is verified; bigger ones (bulk writes, up to
+# 4 GiB) are verified chunk by chunk and read back from the file in chunks when they are applied.
+READ_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogFrame:
+    """One checksummed frame of a segment: its payload, in memory or (a big one) where it lies in the file.
+
+    A bulk write's frame read whole used to sit in the replaying shard's memory next to the vectors it carried:
+    a restart then needed more memory than the write itself, and a shard under a memory limit could be killed on
+    every restart.
+    """
+
+    path: Path
+    offset: int
+    length: int
+    data: bytes | None = None
+
+    def chunks(self, chunk_bytes: int | None = None) -> Iterator[bytes]:
+        """The payload in pieces of at most ``chunk_bytes`` (default ``READ_CHUNK_BYTES``), cut anywhere."""
+        if self.data is not None:
+            yield self.data
+            return
+        chunk_bytes = chunk_bytes or READ_CHUNK_BYTES
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for start in range(0, self.length, chunk_bytes):
+                want = min(chunk_bytes, self.length - start)
+                chunk = os.pread(fd, want, self.offset + start)
+                if len(chunk) != want:
+                    raise WalError(f"{self.path}: frame at byte {self.offset} shrank while it was read")
+                yield chunk
+        finally:
+            os.close(fd)
+
+    def read(self) -> bytes:
+        return self.data if self.data is not None else b"".join(self.chunks())
+
+
+def _checksum(f, length: int) -> tuple[int, int]:
+    """CRC32 of the next ``length`` bytes of ``f`` read in chunks, and how many bytes there were."""
+    crc = got = 0
+    buffer = bytearray(min(length, READ_CHUNK_BYTES))
+    view = memoryview(buffer)
+    while got < length:
+        n = f.readinto(view[: min(len(buffer), length - got)])
+        if not n:
+            break
+        crc = zlib.crc32(view[:n], crc)
+        got += n
+    return crc, got
+
+
+def read_segment(path: Path, *, truncate_torn_tail: bool) -> Iterator[LogFrame]:
+    """Frames of one segment in order; a torn or corrupt tail ends the segment (and is cut off if asked)."""
     good_until = 0
     with open(path, "rb") as f:
         while True:
@@ -49,12 +104,18 @@ def read_segment(path: Path, *, truncate_torn_tail: bool) -> Iterator[bytes]:
                 log.warning("%s: torn frame header at byte %d", path, good_until)
                 break
             length, crc = HEADER.unpack(header)
-            payload = f.read(length)
-            if len(payload) < length or zlib.crc32(payload) != crc:
+            offset = good_until + HEADER.size
+            if length <= READ_CHUNK_BYTES:
+                data = f.read(length)
+                got, actual = len(data), zlib.crc32(data)
+            else:
+                data = None
+                actual, got = _checksum(f, length)
+            if got < length or actual != crc:
                 log.warning("%s: torn or corrupt frame at byte %d (length %d)", path, good_until, length)
                 break
-            good_until += HEADER.size + length
-            yield payload
+            good_until = offset + length
+            yield LogFrame(path=path, offset=offset, length=length, data=data)
         size = f.seek(0, os.SEEK_END)
     if good_until < size and truncate_torn_tail:
         log.warning("%s: truncating %d bytes of unacknowledged tail", path, size - good_until)
@@ -87,8 +148,8 @@ class WriteAheadLog:
     def generation_of(path: Path) -> int:
         return int(path.name[: -len(SEGMENT_SUFFIX)])
 
-    def replay(self, after_generation: int) -> Iterator[bytes]:
-        """Payloads of every segment newer than ``after_generation``, oldest first; cuts a torn tail."""
+    def replay(self, after_generation: int) -> Iterator[LogFrame]:
+        """Frames of every segment newer than ``after_generation``, oldest first; cuts a torn tail."""
         segments = [p for p in self.segments() if self.generation_of(p) > after_generation]
         for path in segments:
             yield from read_segment(path, truncate_torn_tail=True)
@@ -113,7 +174,7 @@ class WriteAheadLog:
     def size_bytes(self) -> int:
         return self._bytes
 
-    def append(self, payload: bytes | Sequence[bytes]) -> int:
+    def append(self, payload: bytes | Iterable[bytes | memoryview]) -> int:
         """Write one frame and return once it is on disk; returns its sequence number (in-process order).
 
         ``payload`` may come in parts (one frame, their concatenation): a bulk write of gigabytes is then never

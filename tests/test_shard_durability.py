@@ -14,7 +14,9 @@ from imgsearch.errors import ImgsearchError
 from imgsearch.v1 import shard_pb2
 from shard_server import convert, synthetic
 from shard_server import engine as engine_module
+from shard_server import wal as wal_module
 from shard_server.client import ShardClient
+from shard_server.columns import GrowableArray
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
 from shard_server.errors import SnapshotCorruptError
@@ -97,12 +99,33 @@ def test_torn_wal_tail_is_cut_on_replay(tmp_path):
     with open(segment, "ab") as f:  # a crash in the middle of the next frame
         f.write(HEADER.pack(1000, 12345) + b"partial")
     reopened = WriteAheadLog(tmp_path)
-    assert [p.decode() for p in reopened.replay(0)] == [f"record-{i}" for i in range(5)]
+    assert [f.read().decode() for f in reopened.replay(0)] == [f"record-{i}" for i in range(5)]
     assert segment.stat().st_size == whole
     with open(segment, "r+b") as f:  # a flipped byte inside the last frame: CRC catches it
         f.seek(whole - 2)
         f.write(b"X")
-    assert [p.decode() for p in WriteAheadLog(tmp_path).replay(0)] == [f"record-{i}" for i in range(4)]
+    assert [f.read().decode() for f in WriteAheadLog(tmp_path).replay(0)] == [f"record-{i}" for i in range(4)]
+
+
+def test_a_big_frame_is_verified_and_read_back_in_chunks(tmp_path, monkeypatch):
+    """Frames over READ_CHUNK_BYTES are checked chunk by chunk and not held in memory; a torn one is still cut."""
+    monkeypatch.setattr(wal_module, "READ_CHUNK_BYTES", 10)
+    payloads = [b"small", bytes(range(256)) * 3, b"x" * 11]
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    for payload in payloads:
+        wal.append(payload)
+    wal.close()
+    frames = list(WriteAheadLog(tmp_path).replay(0))
+    assert [f.data is None for f in frames] == [False, True, True]
+    assert [f.read() for f in frames] == payloads
+    assert [len(c) for c in frames[1].chunks(300)] == [300, 300, 168]
+    segment = wal.segments()[-1]
+    with open(segment, "r+b") as f:  # a flipped byte in the middle of the big frame
+        f.seek(HEADER.size * 2 + len(payloads[0]) + 400)
+        f.write(b"X")
+    assert [f.read() for f in WriteAheadLog(tmp_path).replay(0)] == payloads[:1]
+    assert segment.stat().st_size == HEADER.size + len(payloads[0])
 
 
 def _engine_with_snapshot(tmp_path: Path, **settings) -> tuple[ShardConfig, Path]:
@@ -221,10 +244,30 @@ def test_split_upsert_request_cuts_whole_records_without_copying():
         list(convert.split_upsert_request(b"\x08\x01", max_bytes=1 << 20))
 
 
-def test_bulk_write_applied_and_replayed_in_batches_matches_one_upsert(tmp_path, monkeypatch):
+def test_rechunk_upsert_request_carries_records_cut_by_chunk_boundaries():
+    """A log frame read a few bytes at a time, cut anywhere (inside a record's header too), comes out as whole
+    records, the same ones in the same order; a frame ending inside a record is an error."""
+    records = synthetic.SyntheticCatalogue(dim=DIM, clusters=3).records(0, 12)
+    encoded = _encoded(records)
+    for chunk_bytes in (1, 2, 7, 100, 1000, len(encoded)):
+        chunks = [encoded[i:i + chunk_bytes] for i in range(0, len(encoded), chunk_bytes)]
+        pieces = list(convert.rechunk_upsert_request(chunks, max_bytes=500))
+        assert b"".join(pieces) == encoded
+        assert [r.image_id for p in pieces for r in shard_pb2.UpsertRequest.FromString(p).records] == [
+            r.image_id for r in records]
+    with pytest.raises(ValueError, match="ends inside a record"):
+        list(convert.rechunk_upsert_request([encoded[:100], encoded[100:-1]], max_bytes=500))
+    with pytest.raises(ValueError, match="not UpsertRequest.records"):
+        list(convert.rechunk_upsert_request([b"\x08\x01" * 20], max_bytes=500))
+
+
+@pytest.mark.parametrize("read_chunk_bytes", [5, 1000])
+def test_bulk_write_applied_and_replayed_in_batches_matches_one_upsert(tmp_path, monkeypatch, read_chunk_bytes):
     """A bulk write decoded and applied a few records at a time (the batch size forced down) leaves the shard as
-    one plain upsert of the same records does, live and after replaying its log; a repeated id: the last wins."""
+    one plain upsert of the same records does, live and after replaying its log; a repeated id: the last wins.
+    Replay reads the frame back in chunks cut anywhere: inside its header (5 bytes) or inside records."""
     monkeypatch.setattr(engine_module, "UPSERT_BATCH_BYTES", 1500)
+    monkeypatch.setattr(wal_module, "READ_CHUNK_BYTES", read_chunk_bytes)
     catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=10, seed=5)
     records = catalogue.records(0, 150, category="a") + catalogue.records(150, 200, category="b")
     records.append(dataclasses.replace(records[180], image_id=records[5].image_id))  # id 5 moves to "b"
@@ -242,6 +285,7 @@ def test_bulk_write_applied_and_replayed_in_batches_matches_one_upsert(tmp_path,
     bulk = ShardEngine(settings("bulk"))
     bulk.load()
     assert bulk.upsert_encoded(parts) == len(records)
+    assert parts == [], "the parts are released as they are applied"
 
     def state(engine: ShardEngine):
         stats = [(c.category, c.vectors) for c in engine.stats().categories]
@@ -308,3 +352,15 @@ def test_training_waits_until_a_bulk_write_is_applied(tmp_path, monkeypatch):
         assert (stats.vectors, stats.index_type) == (2000, config.factory_for(config.nlist_for(2000)))
     finally:
         engine.close()
+
+
+def test_a_reserved_growable_array_takes_a_bulk_write_without_growing_again():
+    array = GrowableArray(np.float32, row_shape=(4,))
+    array.extend(np.ones((3, 4)))
+    array.reserve(1000)
+    storage = array._data
+    array.extend(np.full((1000, 4), 2.0))
+    assert array._data is storage, "no copy: the room was made once"
+    assert len(array) == 1003 and array.view[:3].sum() == 12 and array.view[3:].min() == 2.0
+    array.reserve(0)
+    assert array._data is storage

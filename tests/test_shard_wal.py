@@ -36,7 +36,7 @@ def test_group_commit_shares_fsyncs(tmp_path, monkeypatch):
     wal.close()
     assert sorted(seqs) == list(range(1, 201))
     assert len(calls) < 100, f"{len(calls)} fsyncs for 200 concurrent appends: no group commit"
-    assert sorted(WriteAheadLog(tmp_path).replay(0)) == sorted(payloads)
+    assert sorted(f.read() for f in WriteAheadLog(tmp_path).replay(0)) == sorted(payloads)
 
 
 def test_replay_reproduces_concurrent_writes_exactly(tmp_path):
@@ -90,4 +90,4 @@ def test_a_payload_in_parts_is_one_frame_identical_to_the_joined_payload(tmp_pat
         wal.close()
     segment = min((tmp_path / "parts").iterdir()).name
     assert (tmp_path / "parts" / segment).read_bytes() == (tmp_path / "joined" / segment).read_bytes()
-    assert list(WriteAheadLog(tmp_path / "parts").replay(0)) == [b"".join(parts), b"next"]
+    assert [f.read() for f in WriteAheadLog(tmp_path / "parts").replay(0)] == [b"".join(parts), b"next"]
