@@ -44,6 +44,7 @@ from imgsearch.serving import DEFAULT_EVENT_LOOP, run_event_loop
 from shard_server import synthetic
 from shard_server.config import ShardConfig
 from shard_server.hop_floor import hop_floor
+from shard_server.vectors import inner_products_by_rows
 
 log = logging.getLogger("imgsearch.compare")
 
@@ -335,7 +336,7 @@ class FaissEngine(Engine):
         candidates = min(TOP_K * self.params.rerank_factor, self.params.max_rerank_candidates)
         _, labels = self._index.search(query[None, :], candidates, params=params)
         rows = labels[0][labels[0] >= 0]
-        scores = self._data.vectors[rows] @ query
+        scores = inner_products_by_rows(self._data.vectors, rows, query)  # the shard's re-rank, in place
         return rows[np.argsort(-scores, kind="stable")[:TOP_K]].tolist()
 
 

@@ -146,7 +146,7 @@ class Partition:
             return self._top_k_of(np.flatnonzero(mask), scores[mask], k, scanned=n)
         if exhaustive or (selection is not None and count <= self.config.exact_scan_max_rows):
             rows = np.flatnonzero(selection.mask if selection is not None else self.alive.view[:n])
-            return self._top_k_of(rows, self.vectors.take(rows) @ query, k, scanned=len(rows))
+            return self._top_k_of(rows, self.vectors.inner_products(rows, query), k, scanned=len(rows))
         return self._search_ivf(query, k, nprobe, selection, count)
 
     def _search_ivf(self, query: np.ndarray, k: int, nprobe: int, selection: _Selection | None,
@@ -172,10 +172,10 @@ class Partition:
         if selection is not None and len(rows) < min(k, count):
             # The probed lists held fewer than k matches (-1 padding): answer from all matching rows instead.
             rows = np.flatnonzero(selection.mask)
-            hits = self._top_k_of(rows, self.vectors.take(rows) @ query, k, scanned=len(rows))
+            hits = self._top_k_of(rows, self.vectors.inner_products(rows, query), k, scanned=len(rows))
             return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
                                  strategy="exact")
-        exact_scores = self.vectors.take(rows) @ query
+        exact_scores = self.vectors.inner_products(rows, query)
         scanned = int(self.ivf.ntotal * nprobe / max(self.nlist, 1) * (selectivity if selection else 1.0))
         hits = self._top_k_of(rows, exact_scores, k, scanned=scanned + len(rows))
         return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from shard_server.columns import GrowableArray
@@ -38,6 +39,18 @@ def map_npy(path: Path) -> np.ndarray:
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         mapped = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
     return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def inner_products_by_rows(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """``vectors[rows] @ query`` without the gathered copy: faiss reads the rows where they lie.
+    ``vectors`` C-contiguous float32 (memory-mapped or not), ``rows`` int64 in range, ``query`` float32."""
+    if not vectors.flags.c_contiguous:
+        return vectors[rows] @ query
+    out = np.empty(len(rows), dtype=np.float32)
+    if len(rows):
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(query), faiss.swig_ptr(vectors),
+                                          faiss.swig_ptr(rows), vectors.shape[1], 1, len(rows))
+    return out
 
 
 class VectorStore:
@@ -71,6 +84,27 @@ class VectorStore:
         in_base = rows < nbase
         out[in_base] = self._base[rows[in_base]]
         out[~in_base] = self._tail.view[rows[~in_base] - nbase]
+        return out
+
+    def inner_products(self, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+        """Inner products of the given rows with a float32 query: the re-rank of a search's candidates.
+
+        float32 rows are read in place by faiss (``fvec_inner_products_by_idx``); gathering them into a copy
+        first and multiplying took ~1.5x as long (800 rows of 1M: 0.28 vs 0.19 ms p50,
+        ``python -m shard_server.rerank_profile``)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self.all_float32 or len(rows) == 0:
+            return self.take(rows) @ query
+        query = np.ascontiguousarray(query, dtype=np.float32)
+        nbase = len(self._base)
+        if rows.max() < nbase:
+            return inner_products_by_rows(self._base, rows, query)
+        if rows.min() >= nbase:
+            return inner_products_by_rows(self._tail.view, rows - nbase, query)
+        out = np.empty(len(rows), dtype=np.float32)
+        in_base = rows < nbase
+        out[in_base] = inner_products_by_rows(self._base, rows[in_base], query)
+        out[~in_base] = inner_products_by_rows(self._tail.view, rows[~in_base] - nbase, query)
         return out
 
     @property
