@@ -16,6 +16,13 @@ bytes. The difference between the two is what our conversions, interceptor and m
 SearchQuery) and (4) our client on top (``ShardClient``: conversions to and from the frozen dataclasses), which
 is the echo shard above; and prints the median p50 of each.
 
+``--broker N`` does the same for the broker's two hops (client -> broker -> shard), one client, alternating N
+times, median p50 of each: one bare hop, two bare hops (a plain grpc.aio relay forwarding raw bytes to the bare
+echo server), the echo shard through ShardClient (one hop with our code), and the real ``imgsearch-broker``
+process in front of the echo shard, called through ``BrokerClient`` with vector queries (two hops with our code:
+the broker's conversions, validation, routing, fan-out, merge and metrics). The last minus the second is what
+the broker's code and ours on both hops add to the bare two hops.
+
 ``--apis N`` asks whether grpc's synchronous API would make the bare hop cheaper: the bare hop with a grpc.aio or
 a synchronous (thread pool) server, each called from a grpc.aio or a synchronous client, one client, alternating
 N times, median p50 of each.
@@ -29,8 +36,11 @@ import contextlib
 import json
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -43,6 +53,8 @@ from imgsearch.serving import (
 )
 from imgsearch.v1 import shard_pb2_grpc
 
+from broker.client import BrokerClient
+from broker.stack import console_script, free_port, wait_for_port
 from shard_server import convert
 from shard_server.client import ShardClient
 from shard_server.types import Hit, SearchQuery, SearchResult
@@ -77,7 +89,7 @@ class EchoShard(shard_pb2_grpc.ShardServiceServicer):
 BARE_SERVICE = "imgsearch.hopfloor.Bare"
 BARE_METHOD = f"/{BARE_SERVICE}/Ping"
 # What serves the hop: raw bytes on a plain server; the generated stub on a plain server; our service plumbing.
-SERVERS = ("bare", "bare-sync", "stub", "service")
+SERVERS = ("bare", "bare-sync", "stub", "service", "relay")
 # (label, server, client) from the bare library to the full echo shard; see --layers.
 LAYERS = (
     ("grpc.aio, raw bytes", "bare", "bytes"),
@@ -86,6 +98,15 @@ LAYERS = (
     ("+ our client (ShardClient) = echo shard", "service", "ShardClient"),
 )
 
+
+# (label, server, client) of the broker's two hops against one; see --broker. "relay" and "broker" run in front
+# of a second process (the bare echo server, the echo shard).
+BROKER_LAYERS = (
+    ("one bare hop", "bare", "bytes"),
+    ("two bare hops (raw-bytes relay)", "relay", "bytes"),
+    ("echo shard via ShardClient (one hop)", "service", "ShardClient"),
+    ("broker over the echo shard via BrokerClient (two hops)", "broker", "BrokerClient"),
+)
 
 # (label, server, client) of the bare hop through grpc's two Python APIs; see --apis.
 APIS = (
@@ -146,11 +167,25 @@ def canned_response_bytes() -> bytes:
     return convert.result_to_proto(canned_result()).SerializeToString()
 
 
-async def _serve(server_kind: str) -> None:
-    if server_kind in ("bare", "stub"):
+def _relay_handler(downstream: str) -> grpc.GenericRpcHandler:
+    """Forwards each raw request to the bare echo server at ``downstream`` and returns its raw answer."""
+    channel = grpc.aio.insecure_channel(downstream)
+    ping = channel.unary_unary(BARE_METHOD)
+
+    async def relay(request: bytes, context) -> bytes:
+        return await ping(request, timeout=10)
+
+    return grpc.method_handlers_generic_handler(
+        BARE_SERVICE, {"Ping": grpc.unary_unary_rpc_method_handler(relay)})
+
+
+async def _serve(server_kind: str, downstream: str | None = None) -> None:
+    if server_kind in ("bare", "stub", "relay"):
         server = grpc.aio.server()
         if server_kind == "bare":
             server.add_generic_rpc_handlers((_bare_handler(),))
+        elif server_kind == "relay":
+            server.add_generic_rpc_handlers((_relay_handler(downstream),))
         else:
             shard_pb2_grpc.add_ShardServiceServicer_to_server(EchoShard(parse=False), server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -172,8 +207,8 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
                   client_kind: str = "ShardClient") -> dict:
     """Closed-loop workers sending `queries` searches in all: p50/p99 latency (ms) and searches/s.
 
-    `client_kind`: "bytes" (raw bytes, for the bare server), "stub" (the generated stub with prepared requests)
-    or "ShardClient"."""
+    `client_kind`: "bytes" (raw bytes, for the bare server), "stub" (the generated stub with prepared requests),
+    "ShardClient" or "BrokerClient" (vector queries to a broker)."""
     vectors = np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
     async with contextlib.AsyncExitStack() as stack:
         if client_kind == "ShardClient":
@@ -181,6 +216,11 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
 
             async def call(i: int) -> None:
                 await client.search(SearchQuery(vector=vectors[i % len(vectors)], top_k=TOP_K), timeout_s=10)
+        elif client_kind == "BrokerClient":
+            broker = await stack.enter_async_context(BrokerClient(address, timeout_s=10))
+
+            async def call(i: int) -> None:
+                await broker.search(vector=vectors[i % len(vectors)], top_k=TOP_K, use_duplicate_cache=False)
         else:
             channel = await stack.enter_async_context(grpc.aio.insecure_channel(address))
             requests = [convert.query_to_proto(SearchQuery(vector=v, top_k=TOP_K)) for v in vectors]
@@ -216,13 +256,17 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
 class EchoShardProcess:
     """The echo server in its own process (a hop between processes, as in the comparison)."""
 
-    def __init__(self, event_loop: str = DEFAULT_EVENT_LOOP, *, server_kind: str = "service") -> None:
+    def __init__(self, event_loop: str = DEFAULT_EVENT_LOOP, *, server_kind: str = "service",
+                 downstream: str | None = None) -> None:
         self.event_loop = event_loop
         self.server_kind = server_kind
+        self.downstream = downstream
 
     def __enter__(self) -> str:
         args = [sys.executable, "-m", "shard_server.hop_floor", "--serve", self.server_kind,
                 "--event-loop", self.event_loop]
+        if self.downstream:
+            args += ["--downstream", self.downstream]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline().strip()
         if not line.isdigit():
@@ -233,6 +277,43 @@ class EchoShardProcess:
     def __exit__(self, *exc) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+@contextlib.contextmanager
+def broker_process(shard_address: str, work_dir: Path) -> Iterator[str]:
+    """The real ``imgsearch-broker`` over one shard holding category "all" (vector queries: no Triton or Redis)."""
+    shard_map = work_dir / "shard-map.json"
+    shard_map.write_text(json.dumps({"shards": {"echo": [shard_address]}, "categories": {"all": "echo"}}))
+    port = free_port()
+    proc = subprocess.Popen([*console_script("imgsearch-broker"), "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "-1", "--shard-map", str(shard_map),
+                             "--triton-url", f"127.0.0.1:{free_port()}", "--dimension", "512"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, timeout_s=60, process=proc, name="imgsearch-broker")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def serving(server_kind: str, event_loop: str = DEFAULT_EVENT_LOOP) -> Iterator[str]:
+    """The address of a server of `server_kind`, with the bare echo server or echo shard behind a relay or
+    broker."""
+    with contextlib.ExitStack() as stack:
+        if server_kind == "relay":
+            downstream = stack.enter_context(EchoShardProcess(event_loop, server_kind="bare"))
+            yield stack.enter_context(EchoShardProcess(event_loop, server_kind="relay", downstream=downstream))
+        elif server_kind == "broker":
+            shard = stack.enter_context(EchoShardProcess(event_loop, server_kind="service"))
+            work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            yield stack.enter_context(broker_process(shard, work_dir))
+        else:
+            yield stack.enter_context(EchoShardProcess(event_loop, server_kind=server_kind))
 
 
 async def hop_floor(*, queries: int, concurrencies: tuple[int, ...],
@@ -250,7 +331,7 @@ async def hop_layers(*, queries: int, repeats: int, event_loop: str = DEFAULT_EV
     p50s: dict[str, list[float]] = {label: [] for label, _, _ in layers}
     for repeat in range(repeats):
         for label, server_kind, client_kind in (layers if repeat % 2 == 0 else layers[::-1]):
-            with EchoShardProcess(event_loop, server_kind=server_kind) as address:
+            with serving(server_kind, event_loop) as address:
                 if client_kind == "bytes-sync":  # blocks this loop, which has nothing else to do meanwhile
                     result = measure_sync(address, queries=queries)
                 else:
@@ -271,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="plain grpc.aio echo of raw bytes: no protobuf, interceptor or metrics of ours")
     parser.add_argument("--layers", type=int, default=0, metavar="N",
                         help="split the hop into layers, one client, alternating N times (see the module doc)")
+    parser.add_argument("--downstream", help=argparse.SUPPRESS)
+    parser.add_argument("--broker", type=int, default=0, metavar="N",
+                        help="the broker's two hops against one and against two bare hops, alternating N times")
     parser.add_argument("--apis", type=int, default=0, metavar="N",
                         help="the bare hop with grpc.aio or synchronous server and client, alternating N times")
     args = parser.parse_args(argv)
@@ -278,11 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         _serve_sync()
         return 0
     if args.serve:
-        run_event_loop(_serve(args.serve), event_loop=args.event_loop)
+        run_event_loop(_serve(args.serve, args.downstream), event_loop=args.event_loop)
         return 0
-    if args.layers or args.apis:
-        layers = hop_layers(queries=args.queries, repeats=args.layers or args.apis, event_loop=args.event_loop,
-                            layers=LAYERS if args.layers else APIS)
+    if args.layers or args.apis or args.broker:
+        chosen = LAYERS if args.layers else APIS if args.apis else BROKER_LAYERS
+        layers = hop_layers(queries=args.queries, repeats=args.layers or args.apis or args.broker,
+                            event_loop=args.event_loop, layers=chosen)
         print(json.dumps(run_event_loop(layers, event_loop=args.event_loop), indent=2))
         return 0
     levels = tuple(int(c) for c in args.concurrency.split(","))
