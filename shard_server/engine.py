@@ -8,9 +8,9 @@ received a category's first vector simply has nothing to return for it.
 
 from __future__ import annotations
 
-import logging
 import itertools
 import json
+import logging
 import struct
 import threading
 import time
