@@ -56,30 +56,34 @@ def read_varint(buf: bytes | memoryview, pos: int) -> tuple[int, int]:
 _RECORDS_TAG = 0x0A  # UpsertRequest.records: field 1, length-delimited
 
 
-def split_upsert_request(encoded: bytes | memoryview, *, max_bytes: int) -> Iterator[memoryview]:
-    """Cut a serialised UpsertRequest at record boundaries into slices of at most ``max_bytes`` (a single larger
-    record stays whole), each itself a serialised UpsertRequest; no bytes are copied.
+def upsert_request_batches(chunks: Iterable[bytes | memoryview], *, batch_bytes: int) -> Iterator[memoryview]:
+    """Serialised UpsertRequests of about ``batch_bytes`` each (a single larger record stays whole), cut at record
+    boundaries, from ``chunks`` whose concatenation is one UpsertRequest, cut anywhere: an UpsertStream's messages
+    (whole records, often small: joined) or a log frame read from its file a few megabytes at a time (a record
+    cut by a chunk boundary is carried into the next batch). A chunk of at least ``batch_bytes`` that starts on a
+    record boundary is sliced without a copy.
 
     A bulk write is logged as one frame of up to ``max_stream_bytes``: parsed whole, its records as Python objects
     take several times the frame's size (replaying a 420 MB frame peaked at 3.2 GB). Raises ValueError on
-    anything but whole ``records`` fields.
+    anything but whole ``records`` fields, or if the last chunk ends inside a record.
     """
-    pieces, _ = _whole_records(memoryview(encoded), max_bytes=max_bytes, final=True)
-    return iter(pieces)
-
-
-def rechunk_upsert_request(chunks: Iterable[bytes | memoryview], *, max_bytes: int) -> Iterator[memoryview]:
-    """Like ``split_upsert_request`` for an UpsertRequest that arrives in chunks cut anywhere (a log frame read
-    from its file a few megabytes at a time): a record cut by a chunk boundary is carried into the next chunk.
-    Raises ValueError if the last chunk ends inside a record."""
-    carry = b""
+    pending: list[bytes | memoryview] = []
+    pending_bytes = 0
     for chunk in chunks:
-        view = memoryview(b"".join((carry, chunk)) if carry else chunk)
-        pieces, end = _whole_records(view, max_bytes=max_bytes, final=False)
+        pending.append(chunk)
+        pending_bytes += len(chunk)
+        if pending_bytes < batch_bytes:
+            continue
+        view = memoryview(pending[0] if len(pending) == 1 else b"".join(pending))
+        pieces, end = _whole_records(view, max_bytes=batch_bytes, final=False)
+        if pieces and end - len(pieces[-1]) > 0:  # the last piece is a short remainder: joined to what follows
+            end -= len(pieces.pop())
         yield from pieces
-        carry = bytes(view[end:])
-    if carry:
-        raise ValueError(f"the UpsertRequest ends inside a record ({len(carry)} bytes of it)")
+        pending = [view[end:]] if end < len(view) else []
+        pending_bytes = len(view) - end
+    if pending:
+        view = memoryview(pending[0] if len(pending) == 1 else b"".join(pending))
+        yield from _whole_records(view, max_bytes=batch_bytes, final=True)[0]
 
 
 _MAX_RECORD_HEADER_BYTES = 20  # a field tag and a length, each a varint of at most 10 bytes
@@ -113,24 +117,6 @@ def _whole_records(view: memoryview, *, max_bytes: int, final: bool) -> tuple[li
     if pos > start:
         pieces.append(view[start:pos])
     return pieces, pos
-
-
-def upsert_request_batches(parts: Iterable[bytes | memoryview], *, batch_bytes: int) -> Iterator[bytes | memoryview]:
-    """Serialised UpsertRequests of about ``batch_bytes`` each, cut at record boundaries, from ``parts`` whose
-    concatenation is one UpsertRequest (a stream's messages, or one logged frame): big parts are split, small
-    ones joined."""
-    pending: list[bytes | memoryview] = []
-    pending_bytes = 0
-    for part in parts:
-        pieces = (part,) if len(part) <= batch_bytes else split_upsert_request(part, max_bytes=batch_bytes)
-        for piece in pieces:
-            if pending and pending_bytes + len(piece) > batch_bytes:
-                yield pending[0] if len(pending) == 1 else b"".join(pending)
-                pending, pending_bytes = [], 0
-            pending.append(piece)
-            pending_bytes += len(piece)
-    if pending:
-        yield pending[0] if len(pending) == 1 else b"".join(pending)
 
 
 def vector_to_proto(vector: np.ndarray) -> common_pb2.Vector:

@@ -196,7 +196,7 @@ class ShardEngine:
             header = json.dumps(rows_by_category, separators=(",", ":")).encode()
             # A chain, not a tuple: the log keeps no reference to the parts once the frame is written.
             self._commit(itertools.chain((OP_BULK_UPSERT, _BULK_HEADER_LENGTH.pack(len(header)), header), parts),
-                         lambda: self._apply_upsert_batches(_drain(parts), rows_by_category))
+                         lambda: self._apply_upsert_batches(_drain(parts), rows_by_category, validate=False))
         return written
 
     def _validate_encoded(self, parts: Sequence[bytes]) -> Counter[str]:
@@ -212,17 +212,21 @@ class ShardEngine:
         for batch in batches:
             yield convert.records_from_proto(shard_pb2.UpsertRequest.FromString(batch).records)
 
-    def _apply_upsert_batches(self, parts: Iterable[bytes], rows_by_category: Mapping[str, int]) -> None:
+    def _apply_upsert_batches(self, chunks: Iterable[bytes | memoryview], rows_by_category: Mapping[str, int], *,
+                              validate: bool) -> None:
+        """Apply a bulk write batch by batch, validating each first if asked (on replay: see ``_replay``)."""
         for category, rows in rows_by_category.items():
             self._partition_for_write(category).reserve(rows)
         # Training waits until the whole write is in: started half-way, it would give a partition the list count
         # of the rows it had so far (a 200k-vector stream got IVF790 instead of IVF1789) and train it again later.
         self._bulk_write_applying.set()
         try:
-            for records in self._record_batches(convert.upsert_request_batches(parts,
+            for records in self._record_batches(convert.upsert_request_batches(chunks,
                                                                                batch_bytes=UPSERT_BATCH_BYTES)):
+                if validate:
+                    self._validate_records(records)
                 self._apply_upsert(records)
-                release_free_memory()  # the parts drained so far: their pages go while the vectors grow
+                release_free_memory()  # the chunks drained so far: their pages go while the vectors grow
         finally:
             self._bulk_write_applying.clear()
 
@@ -280,17 +284,15 @@ class ShardEngine:
     def _replay(self, frame: LogFrame) -> None:
         op, body = _take(frame.chunks(), 1)
         if op in (OP_UPSERT, OP_BULK_UPSERT):
+            rows_by_category = {}
             if op == OP_BULK_UPSERT:
                 length, body = _take(body, _BULK_HEADER_LENGTH.size)
                 header, body = _take(body, _BULK_HEADER_LENGTH.unpack(length)[0])
-                for category, rows in json.loads(header).items():
-                    self._partition_for_write(category).reserve(rows)
+                rows_by_category = json.loads(header)
             # One pass, each batch validated then applied: the write was validated whole before it was logged,
             # and should a batch fail now (a changed dimension or schema), load() stops the shard before anything
             # is snapshotted, so the batches applied before it are simply dropped with the process.
-            for records in self._record_batches(convert.rechunk_upsert_request(body, max_bytes=UPSERT_BATCH_BYTES)):
-                self._validate_records(records)
-                self._apply_upsert(records)
+            self._apply_upsert_batches(body, rows_by_category, validate=True)
         elif op == OP_DELETE:
             self._apply_delete(list(shard_pb2.ShardServiceDeleteRequest.FromString(b"".join(body)).image_ids))
         else:

@@ -228,37 +228,37 @@ def _encoded(records) -> bytes:
     return shard_pb2.UpsertStreamRequest(records=[convert.record_to_proto(r) for r in records]).SerializeToString()
 
 
-def test_split_upsert_request_cuts_whole_records_without_copying():
+def test_upsert_request_batches_cut_whole_records_without_copying():
     catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=3)
     records = catalogue.records(0, 40)
     encoded = _encoded(records)
     for max_bytes in (1, 300, 2000, len(encoded)):
-        pieces = list(convert.split_upsert_request(encoded, max_bytes=max_bytes))
+        pieces = list(convert.upsert_request_batches([encoded], batch_bytes=max_bytes))
         assert b"".join(pieces) == encoded
         assert all(len(p) <= max_bytes for p in pieces if len(shard_pb2.UpsertRequest.FromString(p).records) > 1)
         assert [r.image_id for p in pieces for r in shard_pb2.UpsertRequest.FromString(p).records] == [
             r.image_id for r in records]
     with pytest.raises(ValueError, match="runs past the end"):
-        list(convert.split_upsert_request(encoded[:-1], max_bytes=1 << 20))
+        list(convert.upsert_request_batches([encoded[:-1]], batch_bytes=1 << 20))
     with pytest.raises(ValueError, match="not UpsertRequest.records"):
-        list(convert.split_upsert_request(b"\x08\x01", max_bytes=1 << 20))
+        list(convert.upsert_request_batches([b"\x08\x01"], batch_bytes=1 << 20))
 
 
-def test_rechunk_upsert_request_carries_records_cut_by_chunk_boundaries():
+def test_upsert_request_batches_carry_records_cut_by_chunk_boundaries():
     """A log frame read a few bytes at a time, cut anywhere (inside a record's header too), comes out as whole
     records, the same ones in the same order; a frame ending inside a record is an error."""
     records = synthetic.SyntheticCatalogue(dim=DIM, clusters=3).records(0, 12)
     encoded = _encoded(records)
     for chunk_bytes in (1, 2, 7, 100, 1000, len(encoded)):
         chunks = [encoded[i:i + chunk_bytes] for i in range(0, len(encoded), chunk_bytes)]
-        pieces = list(convert.rechunk_upsert_request(chunks, max_bytes=500))
+        pieces = list(convert.upsert_request_batches(chunks, batch_bytes=500))
         assert b"".join(pieces) == encoded
         assert [r.image_id for p in pieces for r in shard_pb2.UpsertRequest.FromString(p).records] == [
             r.image_id for r in records]
-    with pytest.raises(ValueError, match="ends inside a record"):
-        list(convert.rechunk_upsert_request([encoded[:100], encoded[100:-1]], max_bytes=500))
+    with pytest.raises(ValueError, match="runs past the end"):
+        list(convert.upsert_request_batches([encoded[:100], encoded[100:-1]], batch_bytes=500))
     with pytest.raises(ValueError, match="not UpsertRequest.records"):
-        list(convert.rechunk_upsert_request([b"\x08\x01" * 20], max_bytes=500))
+        list(convert.upsert_request_batches([b"\x08\x01" * 20], batch_bytes=500))
 
 
 @pytest.mark.parametrize("read_chunk_bytes", [5, 1000])
