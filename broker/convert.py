@@ -119,7 +119,7 @@ def answer_to_proto(a: SearchAnswer) -> broker_pb2.SearchResponse:
 def answer_from_proto(r: broker_pb2.SearchResponse) -> SearchAnswer:
     t = r.timings
     return SearchAnswer(
-        hits=tuple(hit_from_proto(h) for h in r.hits),
+        hits=tuple([hit_from_proto(h) for h in r.hits]),
         cache=_CACHE_FROM_PROTO.get(r.cache, CacheOutcome.NOT_USED),
         from_duplicate_cache=r.from_duplicate_cache,
         partial=r.partial,

@@ -77,6 +77,7 @@ class ShardPool:
         }
         self._addresses = {name: list(addresses) for name, addresses in shard_map.shards.items()}
         self._next = {name: itertools.count() for name in shard_map.shards}
+        self._request_counters: dict[tuple[str, str], object] = {}  # SHARD_REQUESTS children, looked up once
 
     async def close(self) -> None:
         await asyncio.gather(
@@ -105,12 +106,7 @@ class ShardPool:
     async def _search_shard(self, name: str, query: SearchQuery, deadline: float) -> ShardAnswer:
         clients, addresses = self._replicas[name], self._addresses[name]
         start = next(self._next[name])
-        answer = ShardAnswer(
-            shard=name,
-            address=addresses[start % len(clients)],
-            outcome=TIMEOUT,
-            message="deadline exceeded before the shard was called",
-        )
+        answer: ShardAnswer | None = None
         for attempt in range(len(clients)):
             i = (start + attempt) % len(clients)
             remaining = deadline - time.monotonic()
@@ -131,9 +127,19 @@ class ShardPool:
                     shard=name, address=addresses[i], outcome=ERROR, message=f"{exc.code.name}: {exc}"
                 )
                 break
-            answer = ShardAnswer(shard=name, address=addresses[i], outcome=OK, hits=tuple(result.hits))
+            answer = ShardAnswer(shard=name, address=addresses[i], outcome=OK, hits=result.hits)
             break
-        SHARD_REQUESTS.labels(name, answer.outcome).inc()
+        if answer is None:
+            answer = ShardAnswer(
+                shard=name,
+                address=addresses[start % len(clients)],
+                outcome=TIMEOUT,
+                message="deadline exceeded before the shard was called",
+            )
+        counter = self._request_counters.get((name, answer.outcome))
+        if counter is None:
+            counter = self._request_counters[name, answer.outcome] = SHARD_REQUESTS.labels(name, answer.outcome)
+        counter.inc()
         return answer
 
     # -- writes --

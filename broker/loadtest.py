@@ -410,6 +410,7 @@ def run(cfg: LoadTestConfig) -> dict:
         "started_at": started_at,
         "command": "python -m broker.loadtest " + " ".join(sys.argv[1:]),
         "machine": {**machine, "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""),
         "stack": {
             "shards": cfg.shards,
             "triton": "CPU (KIND_CPU), default model",

@@ -1008,6 +1008,8 @@ def _report_factory(
                 "shard": os.environ.get("IMGSEARCH_SHARD_EVENT_LOOP", DEFAULT_EVENT_LOOP),
                 "broker": os.environ.get("IMGSEARCH_EVENT_LOOP", DEFAULT_EVENT_LOOP),
             },
+            # grpc's I/O engine in every process of the run (inherited; see imgsearch.grpc_core)
+            "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""),
             "engines": dict(results),
         }
 

@@ -318,6 +318,8 @@ def run_line(report: dict) -> str:
     loops = report.get("event_loops")
     if loops:
         facts.append("event loops: " + ", ".join(f"{who} {loop}" for who, loop in loops.items()))
+    if "grpc_experiments" in report:
+        facts.append(f"GRPC_EXPERIMENTS={report['grpc_experiments'] or '(unset: EventEngine)'}")
     return ", ".join(facts) + ".\n"
 
 

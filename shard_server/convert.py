@@ -164,7 +164,16 @@ def attributes_to_proto(attributes: Attributes, target=None) -> dict[str, common
 
 
 def attributes_from_proto(attributes: Mapping[str, common_pb2.AttributeValue]) -> dict[str, str | float | bool]:
-    return {name: attribute_value_from_proto(value) for name, value in attributes.items()}
+    # Iterating the keys and indexing is ~1.5x faster than the map's items() view (a Python-level
+    # ItemsView over upb's map), and the hits of every answer pass through here.
+    converted = {}
+    for name in attributes:
+        value = attributes[name]
+        kind = value.WhichOneof("kind")
+        if kind is None:
+            raise InvalidRequestError("attribute value has no text, number or flag set")
+        converted[name] = getattr(value, kind)
+    return converted
 
 
 def condition_to_proto(condition: Condition) -> common_pb2.Condition:
@@ -250,8 +259,19 @@ def records_from_proto(messages: Iterable[shard_pb2.VectorRecord]) -> list[Recor
 
 
 def _set_attributes(target, attributes: Attributes) -> None:
-    # Filling the map slots in place is about twice as fast as building AttributeValue messages first.
+    # Filling the map slots in place is about twice as fast as building AttributeValue messages first; the
+    # exact-type checks take the common Python types without the isinstance chain (a third of the time).
     for name, value in attributes.items():
+        kind = type(value)
+        if kind is str:
+            target[name].text = value
+            continue
+        if kind is float:
+            target[name].number = value
+            continue
+        if kind is bool:
+            target[name].flag = value
+            continue
         slot = target[name]
         if isinstance(value, (bool, np.bool_)):
             slot.flag = bool(value)
@@ -266,9 +286,9 @@ def _set_attributes(target, attributes: Attributes) -> None:
 def add_hits(target, hits: Iterable[Hit]) -> None:
     """Append hits to a repeated Hit field in place (building Hit messages first and passing them to the
     constructor copies each one again)."""
+    add = target.add
     for hit in hits:
-        message = target.add(image_id=hit.image_id, product_id=hit.product_id, category=hit.category,
-                             score=hit.score)
+        message = add(image_id=hit.image_id, product_id=hit.product_id, category=hit.category, score=hit.score)
         _set_attributes(message.attributes, hit.attributes)
 
 
@@ -284,7 +304,7 @@ def result_to_proto(result: SearchResult) -> shard_pb2.ShardServiceSearchRespons
 
 
 def result_from_proto(message: shard_pb2.ShardServiceSearchResponse) -> SearchResult:
-    return SearchResult(hits=tuple(hit_from_proto(h) for h in message.hits),
+    return SearchResult(hits=tuple([hit_from_proto(h) for h in message.hits]),
                         candidates_scanned=message.candidates_scanned)
 
 

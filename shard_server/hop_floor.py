@@ -23,6 +23,11 @@ process in front of the echo shard, called through ``BrokerClient`` with vector 
 the broker's conversions, validation, routing, fan-out, merge and metrics). The last minus the second is what
 the broker's code and ours on both hops add to the bare two hops.
 
+``--experiments N`` runs ``--broker 1`` N times in fresh processes under each of grpc's two I/O engines (its
+default EventEngine, ``GRPC_EXPERIMENTS=``, and iomgr, the services' default, see ``imgsearch.grpc_core``),
+alternating, and prints the median p50 of every layer under each: the engine is chosen when a process imports
+grpc, so it cannot change inside one run.
+
 ``--apis N`` asks whether grpc's synchronous API would make the bare hop cheaper: the bare hop with a grpc.aio or
 a synchronous (thread pool) server, each called from a grpc.aio or a synchronous client, one client, alternating
 N times, median p50 of each.
@@ -34,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -44,6 +50,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from imgsearch.grpc_core import IOMGR_EXPERIMENTS
 from imgsearch.serving import (
     DEFAULT_EVENT_LOOP,
     EVENT_LOOPS,
@@ -341,6 +348,21 @@ async def hop_layers(*, queries: int, repeats: int, event_loop: str = DEFAULT_EV
             for label, values in p50s.items()]
 
 
+def io_engines(*, queries: int, repeats: int) -> list[dict]:
+    """`--broker 1` in a fresh process tree per run under each grpc I/O engine, alternating; median p50s."""
+    engines = (("EventEngine (grpc default)", ""), ("iomgr (imgsearch default)", IOMGR_EXPERIMENTS))
+    p50s: dict[tuple[str, str], list[float]] = {}
+    for repeat in range(repeats):
+        for engine, experiments in (engines if repeat % 2 == 0 else engines[::-1]):
+            run = subprocess.run([sys.executable, "-m", "shard_server.hop_floor", "--broker", "1",
+                                  "--queries", str(queries)], env={**os.environ, "GRPC_EXPERIMENTS": experiments},
+                                 capture_output=True, text=True, check=True)
+            for layer in json.loads(run.stdout):
+                p50s.setdefault((layer["layer"], engine), []).extend(layer["runs"])
+    return [{"layer": layer, "engine": engine, "p50_ms": round(float(np.median(values)), 3), "runs": values}
+            for (layer, engine), values in p50s.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shard_server.hop_floor", description=__doc__.split("\n")[0])
     parser.add_argument("--serve", choices=SERVERS, help=argparse.SUPPRESS)
@@ -357,7 +379,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="the broker's two hops against one and against two bare hops, alternating N times")
     parser.add_argument("--apis", type=int, default=0, metavar="N",
                         help="the bare hop with grpc.aio or synchronous server and client, alternating N times")
+    parser.add_argument("--experiments", type=int, default=0, metavar="N",
+                        help="--broker 1 under grpc's EventEngine and under iomgr, fresh processes, N times each")
     args = parser.parse_args(argv)
+    if args.experiments:
+        print(json.dumps(io_engines(queries=args.queries, repeats=args.experiments), indent=2))
+        return 0
     if args.serve == "bare-sync":
         _serve_sync()
         return 0

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 import uvloop
+from imgsearch.grpc_core import IOMGR_EXPERIMENTS
 from imgsearch.serving import EVENT_LOOPS, EventLoopLagMonitor, ServerOptions, run_event_loop
 from prometheus_client import REGISTRY
 
@@ -71,3 +75,29 @@ def test_lag_monitor_logs_where_a_stalled_loop_is_stuck_and_times_the_lag(caplog
     slow_after = after - REGISTRY.get_sample_value("imgsearch_event_loop_lag_seconds_bucket", {"le": "0.25"})
     assert after - before >= 3  # prompt rounds were timed too
     assert slow_after - slow_before == 1  # the stall, once, in a bucket above 0.25 s
+
+
+# Records GRPC_EXPERIMENTS at the moment grpc is first imported, which is when grpc's core reads it.
+_GRPC_IMPORT_SPY = """
+import builtins, os, sys
+seen = []
+real_import = builtins.__import__
+def spy(name, *args, **kwargs):
+    if name.split(".")[0] == "grpc" and not seen:
+        seen.append(os.environ.get("GRPC_EXPERIMENTS"))
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = spy
+import {module}
+print(repr(seen[0]))
+"""
+
+
+@pytest.mark.parametrize("module", ["broker.server", "shard_server.server", "broker.client"])
+@pytest.mark.parametrize(("preset", "expected"), [(None, IOMGR_EXPERIMENTS), ("", ""), ("-foo", "-foo")])
+def test_services_choose_iomgr_before_grpc_is_imported_unless_told_otherwise(module, preset, expected):
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if preset is not None:
+        env["GRPC_EXPERIMENTS"] = preset
+    run = subprocess.run([sys.executable, "-c", _GRPC_IMPORT_SPY.format(module=module)], env=env,
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert run.stdout.strip() == repr(expected)

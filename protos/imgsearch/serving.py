@@ -147,16 +147,17 @@ async def _finish(context: grpc.aio.ServicerContext, exc: BaseException | None) 
     return grpc.StatusCode.INTERNAL  # pragma: no cover - abort raises
 
 
+_STATUS_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}  # grpc.aio reports the code as an int
+
+
 def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
     if isinstance(exc, ImgsearchError):
         return exc.code.name
     code = context.code() if hasattr(context, "code") else None
     if isinstance(code, grpc.StatusCode):
         return code.name
-    if isinstance(code, int):
-        for c in grpc.StatusCode:
-            if c.value[0] == code:
-                return c.name
+    if isinstance(code, int) and code in _STATUS_NAMES:
+        return _STATUS_NAMES[code]
     if exc is None:
         return "OK"
     if isinstance(exc, asyncio.CancelledError):
