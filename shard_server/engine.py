@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import struct
 import threading
 import time
@@ -53,10 +54,11 @@ def normalised(vector: np.ndarray, dim: int, what: str) -> np.ndarray:
     v = np.asarray(vector, dtype=np.float32).ravel()
     if v.shape[0] != dim:
         raise InvalidRequestError(f"{what}: vector has dimension {v.shape[0]}, expected {dim}")
-    if not np.all(np.isfinite(v)):
-        raise InvalidRequestError(f"{what}: vector contains NaN or Inf")
-    norm = float(np.linalg.norm(v))
-    if norm == 0.0 or not np.isfinite(norm):
+    # One dot product checks everything on the hot path: NaN or Inf anywhere makes it non-finite.
+    norm = math.sqrt(float(np.dot(v, v)))
+    if norm == 0.0 or not math.isfinite(norm):
+        if not np.all(np.isfinite(v)):
+            raise InvalidRequestError(f"{what}: vector contains NaN or Inf")
         raise InvalidRequestError(f"{what}: vector is zero (cannot be normalised)")
     return v / norm
 
