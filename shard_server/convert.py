@@ -148,13 +148,6 @@ def attribute_value_to_proto(value: object) -> common_pb2.AttributeValue:
     raise InvalidRequestError(f"attribute value {value!r} is not text, number or flag")
 
 
-def attribute_value_from_proto(message: common_pb2.AttributeValue) -> str | float | bool:
-    kind = message.WhichOneof("kind")
-    if kind is None:
-        raise InvalidRequestError("attribute value has no text, number or flag set")
-    return getattr(message, kind)
-
-
 def attributes_to_proto(attributes: Attributes, target=None) -> dict[str, common_pb2.AttributeValue]:
     converted = {name: attribute_value_to_proto(value) for name, value in attributes.items()}
     if target is not None:

@@ -356,7 +356,7 @@ def io_engines(*, queries: int, repeats: int) -> list[dict]:
         for engine, experiments in (engines if repeat % 2 == 0 else engines[::-1]):
             run = subprocess.run([sys.executable, "-m", "shard_server.hop_floor", "--broker", "1",
                                   "--queries", str(queries)], env={**os.environ, "GRPC_EXPERIMENTS": experiments},
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True, check=True, timeout=600)
             for layer in json.loads(run.stdout):
                 p50s.setdefault((layer["layer"], engine), []).extend(layer["runs"])
     return [{"layer": layer, "engine": engine, "p50_ms": round(float(np.median(values)), 3), "runs": values}
