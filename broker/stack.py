@@ -21,19 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from imgsearch.ports import free_port
 
 from broker.routing import ShardMap
 
 log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-
-
-def free_port(host: str = HOST) -> int:
-    """A port that was free a moment ago (bind to port 0 and release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def console_script(name: str) -> list[str]:

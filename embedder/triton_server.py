@@ -26,7 +26,6 @@ import os
 import shutil
 import signal
 import site
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -38,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from imgsearch.ports import free_port
 
 from embedder.errors import EmbedderUnavailableError
 
@@ -50,10 +50,8 @@ class TritonStartError(EmbedderUnavailableError):
 
 
 def pick_free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (bind to port 0), so parallel servers never collide."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port nobody listens on right now, outside the ephemeral range (imgsearch.ports)."""
+    return free_port(host)
 
 
 def pytriton_dir() -> Path:

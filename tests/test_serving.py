@@ -6,12 +6,14 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import uvloop
+from imgsearch import ports
 from imgsearch.grpc_core import IOMGR_EXPERIMENTS
 from imgsearch.serving import EVENT_LOOPS, EventLoopLagMonitor, ServerOptions, run_event_loop
 from prometheus_client import REGISTRY
@@ -101,3 +103,22 @@ def test_services_choose_iomgr_before_grpc_is_imported_unless_told_otherwise(mod
     run = subprocess.run([sys.executable, "-c", _GRPC_IMPORT_SPY.format(module=module)], env=env,
                          capture_output=True, text=True, timeout=60, check=True)
     assert run.stdout.strip() == repr(expected)
+
+
+def test_free_ports_lie_below_the_ephemeral_range_are_free_and_never_repeat():
+    low, _ = ports.ephemeral_range()
+    picked = [ports.free_port() for _ in range(200)]
+    assert len(set(picked)) == len(picked)
+    if low - 10_000 >= 1000:  # room below the kernel's range: outgoing connections cannot take these
+        assert all(10_000 <= p < low for p in picked)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", picked[-1]))
+
+
+def test_free_port_falls_back_to_the_kernels_pick_without_room_below_the_range(tmp_path, monkeypatch):
+    range_file = tmp_path / "ip_local_port_range"
+    range_file.write_text("1024\t65535\n")
+    monkeypatch.setattr(ports, "_EPHEMERAL_RANGE_FILE", range_file)
+    assert ports.ephemeral_range() == (1024, 65535)
+    picked = [ports.free_port() for _ in range(20)]
+    assert len(set(picked)) == len(picked)
