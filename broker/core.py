@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Sequence
 
@@ -43,6 +42,8 @@ from broker.types import (
 from embedder.client import Embedder
 from embedder.hashing import ImageHashes, image_hashes
 from embedder.preprocess import decode_image
+from shard_server.engine import normalised
+from shard_server.errors import InvalidRequestError as ShardInvalidRequestError
 from shard_server.types import Hit, Record, SearchQuery
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class Broker:
         outcome = CacheOutcome.NOT_USED
         near: list[CacheMatch] = []
         if query.vector is not None:
-            vector = self._checked_vector(query.vector)
+            vector = self._checked_vector(query.vector, "query")
         elif query.image is not None:
             t0 = time.perf_counter()
             hashes = await asyncio.to_thread(self._hash, query.image)
@@ -215,7 +216,7 @@ class Broker:
             vectors.update(zip(images, embedded))
         for i, item in enumerate(items):
             if item.image is None:
-                vectors[i] = self._checked_vector(item.vector)
+                vectors[i] = self._checked_vector(item.vector, f"item {item.image_id!r}")
         records = [
             Record(
                 image_id=item.image_id,
@@ -312,17 +313,12 @@ class Broker:
         vectors = await self.embedder.embed(images, timeout_s=max(0.001, deadline - time.monotonic()))
         return np.asarray(vectors, dtype=np.float32)
 
-    def _checked_vector(self, vector: np.ndarray) -> np.ndarray:
-        v = np.asarray(vector, dtype=np.float32).reshape(-1)
-        if v.shape[0] != self.dimension:
-            raise InvalidRequestError(f"vector has dimension {v.shape[0]}, expected {self.dimension}")
-        # One dot product checks everything on the hot path: NaN or infinity anywhere makes it non-finite.
-        norm = math.sqrt(float(np.dot(v, v)))
-        if norm == 0.0 or not math.isfinite(norm):
-            if not np.all(np.isfinite(v)):
-                raise InvalidRequestError("vector contains NaN or infinity")
-            raise InvalidRequestError("vector has zero (or overflowing) norm")
-        return v / norm
+    def _checked_vector(self, vector: np.ndarray, what: str) -> np.ndarray:
+        """The shard tier's check and normalisation, failing with the broker's own error type."""
+        try:
+            return normalised(vector, self.dimension, what)
+        except ShardInvalidRequestError as exc:
+            raise InvalidRequestError(str(exc)) from None
 
 
 def _check_item(item: CatalogueItem) -> None:

@@ -77,7 +77,6 @@ class ShardPool:
         }
         self._addresses = {name: list(addresses) for name, addresses in shard_map.shards.items()}
         self._next = {name: itertools.count() for name in shard_map.shards}
-        self._request_counters: dict[tuple[str, str], object] = {}  # SHARD_REQUESTS children, looked up once
 
     async def close(self) -> None:
         await asyncio.gather(
@@ -136,10 +135,7 @@ class ShardPool:
                 outcome=TIMEOUT,
                 message="deadline exceeded before the shard was called",
             )
-        counter = self._request_counters.get((name, answer.outcome))
-        if counter is None:
-            counter = self._request_counters[name, answer.outcome] = SHARD_REQUESTS.labels(name, answer.outcome)
-        counter.inc()
+        SHARD_REQUESTS.labels(name, answer.outcome).inc()
         return answer
 
     # -- writes --

@@ -49,11 +49,6 @@ class TritonStartError(EmbedderUnavailableError):
     """Triton did not start or its models did not become ready."""
 
 
-def pick_free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now, outside the ephemeral range (imgsearch.ports)."""
-    return free_port(host)
-
-
 def pytriton_dir() -> Path:
     import pytriton
 
@@ -192,9 +187,9 @@ class TritonServer:
         raise AssertionError("unreachable")
 
     def _start_once(self) -> TritonServer:
-        self.grpc_port = self.grpc_port or pick_free_port(self.host)
-        self.http_port = self.http_port or pick_free_port(self.host)
-        self.metrics_port = self.metrics_port or pick_free_port(self.host)
+        self.grpc_port = self.grpc_port or free_port(self.host)
+        self.http_port = self.http_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.host)
         self._workdir = Path(tempfile.mkdtemp(prefix="imgsearch-triton-"))
         backend_dir = _prepare_backends(self._workdir)
         log = None if self.log_to_console else open(self._workdir / "tritonserver.log", "wb")  # noqa: SIM115

@@ -19,13 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from imgsearch.ports import free_port
 from PIL import Image
 
 from embedder.client import OnnxEmbedder, TritonEmbedder
-from embedder.errors import EmbedderTimeoutError, EmbedderUnavailableError, ImageTooLargeError, InvalidImageError
+from embedder.errors import (
+    EmbedderTimeoutError,
+    EmbedderUnavailableError,
+    ImageTooLargeError,
+    InvalidImageError,
+)
 from embedder.model_files import default_model_path
 from embedder.triton_repo import RepositoryOptions, write_model_repository
-from embedder.triton_server import TritonStartError, pick_free_port, start_triton, triton_environment
+from embedder.triton_server import TritonStartError, start_triton, triton_environment
 
 DATA_DIR = Path(os.environ.get("IMGSEARCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 ODD = DATA_DIR / "odd-images"
@@ -181,7 +187,7 @@ async def test_stopped_triton_is_unavailable_fast(tmp_path, images):
         await embedder.close()
         server.stop()
     # Never started at all: the same error.
-    nobody = TritonEmbedder(f"127.0.0.1:{pick_free_port()}")
+    nobody = TritonEmbedder(f"127.0.0.1:{free_port()}")
     try:
         with pytest.raises(EmbedderUnavailableError):
             await nobody.embed(images[:1], timeout_s=TIMEOUT_S)
@@ -190,7 +196,7 @@ async def test_stopped_triton_is_unavailable_fast(tmp_path, images):
 
 
 async def test_serve_command_runs_until_interrupted(images):
-    grpc_port, http_port, metrics_port = pick_free_port(), pick_free_port(), pick_free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     command = [sys.executable, "-m", "embedder.cli", "serve", "--grpc-port", str(grpc_port),
                "--http-port", str(http_port), "--metrics-port", str(metrics_port), "--max-batch-size", "8"]
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
