@@ -62,6 +62,12 @@ bench-compare-1m: bench-install
 bench-load: bench-install system-deps
 	$(PY) -m broker.loadtest --out docs/bench/loadtest.json --plots docs/bench
 
+# ruff (its default rules, settings in pyproject.toml; generated code excluded) and buf's proto lint;
+# tests/test_lint.py runs both in `make test` too
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/buf lint protos
+
 proto: install
 	./scripts/gen_protos.sh
 	$(VENV)/bin/buf lint protos

@@ -14,12 +14,12 @@ from collections.abc import AsyncIterable, Iterable, Sequence
 
 import grpc
 import numpy as np
-from imgsearch.errors import from_rpc_error
-from imgsearch.serving import client_channel_options
-from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 
 from broker import convert
 from broker.types import CatalogueItem, IngestSummary, Query, SearchAnswer, ShardSummary
+from imgsearch.errors import from_rpc_error
+from imgsearch.serving import client_channel_options
+from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 from shard_server.types import Exactness, Filter
 
 
@@ -241,6 +241,7 @@ class SyncBrokerClient:
         import time
 
         from grpc_health.v1 import health_pb2, health_pb2_grpc
+
         from imgsearch.errors import UnavailableError
 
         stub = health_pb2_grpc.HealthStub(self._channel)

@@ -7,9 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from imgsearch.serving import DEFAULT_EVENT_LOOP, EVENT_LOOPS, ServerOptions
-
 from broker.routing import ShardMap
+from imgsearch.serving import DEFAULT_EVENT_LOOP, EVENT_LOOPS, ServerOptions
 
 DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from imgsearch.v1 import broker_pb2, common_pb2
-
 from broker.errors import InvalidRequestError
 from broker.types import (
     CacheOutcome,
@@ -15,6 +13,7 @@ from broker.types import (
     ShardSummary,
     StageTimings,
 )
+from imgsearch.v1 import broker_pb2, common_pb2
 from shard_server.convert import (
     add_hits,
     attributes_from_proto,

@@ -22,7 +22,6 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
-from imgsearch.errors import ImgsearchError
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable, DuplicateCache
 from broker.errors import InvalidRequestError
@@ -42,6 +41,7 @@ from broker.types import (
 from embedder.client import Embedder
 from embedder.hashing import ImageHashes, image_hashes
 from embedder.preprocess import decode_image
+from imgsearch.errors import ImgsearchError
 from shard_server.engine import normalised
 from shard_server.errors import InvalidRequestError as ShardInvalidRequestError
 from shard_server.types import Hit, Record, SearchQuery

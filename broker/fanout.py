@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
-from imgsearch.errors import DeadlineExceededError, ImgsearchError, InvalidArgumentError, UnavailableError
 
 from broker.errors import NoShardAvailableError
 from broker.merge import merge_top_k
 from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS
 from broker.routing import ShardMap
+from imgsearch.errors import DeadlineExceededError, ImgsearchError, InvalidArgumentError, UnavailableError
 from shard_server.client import ShardClient
 from shard_server.types import Hit, Record, SearchQuery, ShardStats
 

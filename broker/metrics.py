@@ -1,7 +1,8 @@
 """Prometheus metrics of the broker (names fixed by the ops contract; labels: bounded enums, shard names)."""
 
-from imgsearch.serving import LATENCY_BUCKETS_S
 from prometheus_client import Counter, Gauge, Histogram
+
+from imgsearch.serving import LATENCY_BUCKETS_S
 
 STAGES = ("decode_hash", "cache", "embed", "fanout", "merge", "total")
 

@@ -8,15 +8,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imgsearch.serving import GrpcService, run_event_loop, run_until_signalled, start_grpc_service
-from imgsearch.v1 import broker_pb2, broker_pb2_grpc
-
 from broker.cache import DuplicateCache
 from broker.config import BrokerConfig
 from broker.core import Broker
 from broker.fanout import ShardPool
 from broker.repair import CacheRepairQueue
 from broker.service import BrokerService
+from imgsearch.serving import GrpcService, run_event_loop, run_until_signalled, start_grpc_service
+from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

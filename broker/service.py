@@ -6,13 +6,13 @@ import asyncio
 import hmac
 
 import grpc
-from imgsearch.serving import remaining_timeout_s
-from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 
 from broker import convert
 from broker.core import Broker
 from broker.errors import MissingTokenError, WrongTokenError
 from broker.types import CatalogueItem
+from imgsearch.serving import remaining_timeout_s
+from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 
 
 class BrokerService(broker_pb2_grpc.BrokerServiceServicer):

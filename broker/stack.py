@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
-from imgsearch.ports import free_port
 
 from broker.routing import ShardMap
+from imgsearch.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -156,16 +156,15 @@ class LocalStack:
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
         log_path = self.logs / f"{name}.log"
-        out = open(log_path, "ab")
-        process = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            cwd=self.work_dir,
-        )
-        out.close()
+        with open(log_path, "ab") as out:  # the child has its own copy of the descriptor
+            process = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=self.work_dir,
+            )
         managed = ManagedProcess(name=name, process=process, log_path=log_path)
         self.processes[name] = managed
         return managed

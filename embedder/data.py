@@ -109,7 +109,7 @@ def split_by_product(items: Sequence[CatalogueImage], val_fraction: float, seed:
                      ) -> tuple[list[CatalogueImage], list[CatalogueImage]]:
     """Hold out whole products, so validation measures retrieval of products the model never trained on."""
     products = sorted({item.product_id for item in items})
-    n_val = int(round(len(products) * val_fraction))
+    n_val = round(len(products) * val_fraction)
     if val_fraction > 0 and len(products) > 1:
         n_val = min(max(n_val, 1), len(products) - 1)
     val_products = set(random.Random(seed).sample(products, n_val))

@@ -91,8 +91,8 @@ def evaluate_grocery(embed: EmbedFn, root: Path, *, heldout_products: set[str] |
 
 
 def summary_table(results: dict) -> str:
-    lines = [f"{'protocol':24s} {'queries':>7s} {'gallery':>7s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} "
-             f"{'MAP@R':>6s} {'best-F1 thr':>11s} {'P':>5s} {'R':>5s} {'F1':>5s}"]
+    lines = [(f"{'protocol':24s} {'queries':>7s} {'gallery':>7s} {'R@1':>6s} {'R@5':>6s} {'R@10':>6s} "
+             f"{'MAP@R':>6s} {'best-F1 thr':>11s} {'P':>5s} {'R':>5s} {'F1':>5s}")]
     for name, r in results.items():
         b = r["best_f1"]
         lines.append(f"{name:24s} {r['queries']:7d} {r['gallery']:7d} {r['recall@1']:6.3f} {r['recall@5']:6.3f} "

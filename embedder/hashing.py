@@ -44,7 +44,7 @@ def _to_uint64(h: imagehash.ImageHash) -> int:
 def _upright(img: Image.Image) -> Image.Image:
     try:
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
-    except Exception:  # corrupt EXIF: the pixels as stored (decode_image does the same)
+    except Exception:  # noqa: BLE001 - corrupt EXIF: the pixels as stored (decode_image does the same)
         return img
     # Transposition removes the tag, so an image that decode_image already turned upright stays as it is.
     return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img

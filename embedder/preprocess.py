@@ -73,7 +73,7 @@ def _upright(img: Image.Image) -> Image.Image:
     rejecting an image whose pixels decoded fine."""
     try:
         return ImageOps.exif_transpose(img)
-    except Exception:  # PIL raises several types on corrupt EXIF (struct.error, SyntaxError, ...)
+    except Exception:  # noqa: BLE001 - PIL raises several types on corrupt EXIF (struct.error, SyntaxError, ...)
         return img
 
 

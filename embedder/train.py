@@ -23,9 +23,9 @@ from embedder import data
 from embedder.losses import ArcFaceHead
 from embedder.metrics import map_at_r, recall_at_k
 from embedder.model import (
+    NUM_BLOCKS,
     ImageEmbedder,
     ModelConfig,
-    NUM_BLOCKS,
     build_pretrained_embedder,
     freeze_backbone_prefix,
     save_checkpoint,

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from imgsearch.ports import free_port
 
 from embedder.errors import EmbedderUnavailableError
+from imgsearch.ports import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_READY_MODELS = ("imgsearch",)

@@ -67,7 +67,7 @@ class Bench:
         self.work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="shard-bench-"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.data_dir = self.work / "data"
-        self.nlist = args.nlist or max(1, int(round(args.nlist_per_sqrt_n * math.sqrt(args.n))))
+        self.nlist = args.nlist or max(1, round(args.nlist_per_sqrt_n * math.sqrt(args.n)))
         self.result: dict = {"n": args.n, "dim": args.dim, "nlist": self.nlist, "factory": args.factory,
                              "rerank_factor": args.rerank_factor, "queries": args.queries,
                              "vector_dtype": ShardConfig.vector_dtype,
@@ -337,20 +337,20 @@ def markdown(result: dict) -> str:
     lines = [
         "# Shard benchmark",
         "",
-        f"One `imgsearch-shard` process, {r['n']:,} synthetic {r['dim']}-d clustered unit vectors, one category, "
+        (f"One `imgsearch-shard` process, {r['n']:,} synthetic {r['dim']}-d clustered unit vectors, one category, "
         f"index `{r['stats']['index_type']}` (re-rank top {r['rerank_factor']}xK with "
         f"{r.get('vector_dtype', 'float16')} exact vectors, "
         f"memory-mapped), {r['queries']} queries, single-query requests. Machine: {r['machine']['cpus']} CPUs "
         f"({r['machine']['platform']}), load average at start "
-        f"{r['machine'].get('load_avg_at_start', 'not recorded')}.",
+        f"{r['machine'].get('load_avg_at_start', 'not recorded')}."),
         "",
         "Reproduce: `" + r["command"] + "`",
         "",
         "## Unfiltered search: gRPC vs in process",
         "",
-        "| nprobe | recall@10 gRPC | recall@10 in process | same top-10 | gRPC p50 ms | gRPC p99 ms "
+        ("| nprobe | recall@10 gRPC | recall@10 in process | same top-10 | gRPC p50 ms | gRPC p99 ms "
         "| in-process p50 ms | in-process p99 ms | gRPC/in-process p50 | faiss IVF-PQ scan p50 ms "
-        f"| QPS (1 client) | QPS ({r['concurrency']} clients) |",
+        f"| QPS (1 client) | QPS ({r['concurrency']} clients) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     qps_key = f"qps_{r['concurrency']}_clients"
@@ -361,13 +361,13 @@ def markdown(result: dict) -> str:
             f"| {x['same_top10']:.0%} | {g['p50_ms']:.2f} | {g['p99_ms']:.2f} | {l['p50_ms']:.2f} "
             f"| {l['p99_ms']:.2f} | {x['grpc_over_in_process_p50']:.2f} "
             f"| {x['faiss_ivf_only_latency']['p50_ms']:.2f} | {x['qps_1_client']:.0f} | {x[qps_key]:.0f} |")
-    lines += ["", "gRPC and in-process queries alternate one by one (same snapshot, hard-linked), so both see the "
+    lines += ["", ("gRPC and in-process queries alternate one by one (same snapshot, hard-linked), so both see the "
               "same machine load. A near-empty RPC (gRPC health Check) takes "
               f"{r['rpc_floor']['p50_ms']:.2f} ms p50 / {r['rpc_floor']['p99_ms']:.2f} ms p99 round trip on this "
               "machine: the transport and scheduling floor that every gRPC figure includes. "
               "In-process latency is `ShardEngine.search` (validation, IVF-PQ scan with the "
               "filter selector, exact re-rank, hit details); the faiss column is the bare IVF-PQ scan of "
-              f"{r['rerank_factor']}x10 candidates.",
+              f"{r['rerank_factor']}x10 candidates."),
               "", "## Filtered search (gRPC, default nprobe)", "",
               "| selectivity | matching vectors | recall@10 | p50 ms | p99 ms |", "|---|---|---|---|---|"]
     for f in r["grpc_filtered"]:
@@ -376,17 +376,17 @@ def markdown(result: dict) -> str:
     m = r["memory"]
     lines += [
         "", "## Build and memory", "",
-        f"- Ingest through gRPC UpsertStream: {r['ingest']['seconds']:.0f} s "
-        f"({r['ingest']['vectors_per_s']:.0f} vectors/s, WAL fsync per stream).",
-        f"- Build (background k-means on a sample, add all vectors, swap): {r['build']['train_add_swap_s']:.0f} s; "
-        f"restart from snapshot (checksums verified): {r['restart_load_s']:.1f} s.",
-        f"- IVF codes + ids: {m['ivf_codes_and_ids_per_vector']:.1f} bytes/vector "
-        f"({m['ivf_codes_and_ids_bytes'] / 2**20:.0f} MiB).",
-        f"- Stats RPC resident bytes (codes, ids, centroids, attribute columns, tombstones): "
-        f"{r['stats']['resident_bytes_per_vector']:.1f} bytes/vector.",
-        f"- Shard process anonymous RSS minus an empty shard's: {m['shard_rss_anon_minus_empty_per_vector']:.0f} "
+        (f"- Ingest through gRPC UpsertStream: {r['ingest']['seconds']:.0f} s "
+        f"({r['ingest']['vectors_per_s']:.0f} vectors/s, WAL fsync per stream)."),
+        (f"- Build (background k-means on a sample, add all vectors, swap): {r['build']['train_add_swap_s']:.0f} s; "
+        f"restart from snapshot (checksums verified): {r['restart_load_s']:.1f} s."),
+        (f"- IVF codes + ids: {m['ivf_codes_and_ids_per_vector']:.1f} bytes/vector "
+        f"({m['ivf_codes_and_ids_bytes'] / 2**20:.0f} MiB)."),
+        (f"- Stats RPC resident bytes (codes, ids, centroids, attribute columns, tombstones): "
+        f"{r['stats']['resident_bytes_per_vector']:.1f} bytes/vector."),
+        (f"- Shard process anonymous RSS minus an empty shard's: {m['shard_rss_anon_minus_empty_per_vector']:.0f} "
         "bytes/vector (includes Python id lists and the id map; the exact vectors are memory-mapped "
-        "and not in RssAnon).",
+        "and not in RssAnon)."),
         "",
     ]
     return "\n".join(lines)

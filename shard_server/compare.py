@@ -39,8 +39,8 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from imgsearch.serving import DEFAULT_EVENT_LOOP, run_event_loop
 
+from imgsearch.serving import DEFAULT_EVENT_LOOP, run_event_loop
 from shard_server import synthetic
 from shard_server.config import ShardConfig
 from shard_server.hop_floor import hop_floor

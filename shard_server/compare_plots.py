@@ -151,8 +151,8 @@ def comparison_tables(report: dict) -> str:
             "",
             f"**recall@10 >= {target}** (cheapest nprobe that reaches it; 1 client, then {conc} clients)",
             "",
-            f"| engine | nprobe | recall@10 | QPS (1) | p50 ms (1) | p99 ms (1) | QPS ({conc}) "
-            f"| p50 ms ({conc}) | p99 ms ({conc}) |",
+            (f"| engine | nprobe | recall@10 | QPS (1) | p50 ms (1) | p99 ms (1) | QPS ({conc}) "
+            f"| p50 ms ({conc}) | p99 ms ({conc}) |"),
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, e in engines.items():
@@ -172,8 +172,8 @@ def comparison_tables(report: dict) -> str:
     sels = [f"{s:g}" for s in report.get("selectivities", [])]
     out += [
         "",
-        f"**Filtered recall@10** (price filter keeping the given fraction; each engine at its "
-        f"recall-{report.get('filter_target')} nprobe; recall / p50 ms)",
+        (f"**Filtered recall@10** (price filter keeping the given fraction; each engine at its "
+        f"recall-{report.get('filter_target')} nprobe; recall / p50 ms)"),
         "",
         "| engine | nprobe | " + " | ".join(f"{float(s) * 100:g} %" for s in sels) + " |",
         "|---|---:|" + "---:|" * len(sels),

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from imgsearch.serving import DEFAULT_EVENT_LOOP, check_event_loop
-
 from shard_server.errors import InvalidRequestError
 
 ATTRIBUTE_KINDS = ("text", "number", "flag")

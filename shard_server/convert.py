@@ -11,8 +11,20 @@ import numpy as np
 from imgsearch.v1 import common_pb2, shard_pb2
 from shard_server.errors import InvalidRequestError
 from shard_server.types import (
-    AnyOf, Attributes, CategoryStats, Condition, Equals, Exactness, Filter, Hit, Is, Range, Record, SearchQuery,
-    SearchResult, ShardStats,
+    AnyOf,
+    Attributes,
+    CategoryStats,
+    Condition,
+    Equals,
+    Exactness,
+    Filter,
+    Hit,
+    Is,
+    Range,
+    Record,
+    SearchQuery,
+    SearchResult,
+    ShardStats,
 )
 
 _EXACTNESS_TO_PROTO = {

@@ -23,15 +23,21 @@ import numpy as np
 
 from imgsearch.v1 import shard_pb2
 from shard_server import convert, metrics
-from shard_server.blas import limit_numpy_blas_threads
 from shard_server.attributes import validate_attributes, validate_filter
+from shard_server.blas import limit_numpy_blas_threads
 from shard_server.config import ShardConfig
 from shard_server.errors import InvalidRequestError, RequestTooLargeError, WalError
 from shard_server.heap import release_free_memory
 from shard_server.partition import Partition
 from shard_server.snapshot import SnapshotStore
 from shard_server.types import (
-    CategoryStats, Exactness, Hit, Record, SearchQuery, SearchResult, ShardStats,
+    CategoryStats,
+    Exactness,
+    Hit,
+    Record,
+    SearchQuery,
+    SearchResult,
+    ShardStats,
 )
 from shard_server.wal import LogFrame, WriteAheadLog
 

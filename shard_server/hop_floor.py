@@ -50,6 +50,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+
+from broker.client import BrokerClient
+from broker.stack import console_script, free_port, wait_for_port
 from imgsearch.grpc_core import IOMGR_EXPERIMENTS
 from imgsearch.serving import (
     DEFAULT_EVENT_LOOP,
@@ -59,9 +62,6 @@ from imgsearch.serving import (
     start_grpc_service,
 )
 from imgsearch.v1 import shard_pb2_grpc
-
-from broker.client import BrokerClient
-from broker.stack import console_script, free_port, wait_for_port
 from shard_server import convert
 from shard_server.client import ShardClient
 from shard_server.types import Hit, SearchQuery, SearchResult

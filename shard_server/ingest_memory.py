@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from imgsearch.v1 import shard_pb2
-
 from shard_server import convert, synthetic
 from shard_server.client import ShardClient
 from shard_server.config import MAX_LOG_FRAME_BYTES

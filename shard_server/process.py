@@ -46,7 +46,7 @@ class ShardProcess:
     def start(self, *, timeout_s: float = 120.0, wait_serving: bool = True) -> ShardProcess:
         args = [*shard_command(), "--data-dir", str(self.data_dir), "--host", "127.0.0.1", "--port", "0",
                 *self.extra_args]
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in _reset()
         offset = self._log.tell()
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(self.env or {})})

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import faiss
+
 from imgsearch.serving import (
     GrpcService,
     ServerOptions,
@@ -22,7 +23,6 @@ from imgsearch.serving import (
     start_grpc_service,
 )
 from imgsearch.v1 import shard_pb2_grpc
-
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
 from shard_server.service import SERVICE_NAME, ShardServicer

@@ -113,6 +113,20 @@ class ShardStats:
 
 
 __all__ = [
-    "AnyOf", "AttributeValue", "Attributes", "CategoryStats", "Condition", "Equals", "Exactness", "Filter",
-    "Hit", "Is", "Range", "Record", "SearchQuery", "SearchResult", "ShardStats", "Sequence",
+    "AnyOf",
+    "AttributeValue",
+    "Attributes",
+    "CategoryStats",
+    "Condition",
+    "Equals",
+    "Exactness",
+    "Filter",
+    "Hit",
+    "Is",
+    "Range",
+    "Record",
+    "SearchQuery",
+    "SearchResult",
+    "Sequence",
+    "ShardStats",
 ]

@@ -140,8 +140,8 @@ def test_the_issue_s_alerts_exist():
     "expr, expected",
     [
         (
-            "histogram_quantile(0.99, sum by (le) "
-            '(rate(imgsearch_broker_stage_duration_seconds_bucket{le="1"}[5m])))',
+            ("histogram_quantile(0.99, sum by (le) "
+            '(rate(imgsearch_broker_stage_duration_seconds_bucket{le="1"}[5m])))'),
             {"imgsearch_broker_stage_duration_seconds"},
         ),
         (

@@ -133,7 +133,7 @@ def test_lancedb_and_milvus_lite_on_the_same_data(tmp_path):
     report = small_run(tmp_path, ("lancedb", "milvus"))
     for name, e in report["engines"].items():
         assert e["error"] is None, (name, e["error"])
-        assert [p["knob"] for p in e["sweep"]][0] == 1
+        assert next(p["knob"] for p in e["sweep"]) == 1
         assert e["sweep"][-1]["recall"] >= 0.9, (name, e["sweep"])
     # The list count reaches the engines (milvus-lite silently falls back to 128 lists when it does not).
     assert "num_partitions=32" in report["engines"]["lancedb"]["build"]["index"]
@@ -141,13 +141,7 @@ def test_lancedb_and_milvus_lite_on_the_same_data(tmp_path):
 
 
 def test_hottest_functions_from_collapsed_stacks():
-    collapsed = "\n".join(
-        [
-            "process 1:main;run (a.py:1);search (b.py:10);IndexIVF.search (swigfaiss.py:5) 60",
-            "process 1:main;run (a.py:1);convert (c.py:3) 30",
-            "process 1:main;run (a.py:1) 10",
-        ]
-    )
+    collapsed = "process 1:main;run (a.py:1);search (b.py:10);IndexIVF.search (swigfaiss.py:5) 60\nprocess 1:main;run (a.py:1);convert (c.py:3) 30\nprocess 1:main;run (a.py:1) 10"
     top = hottest_functions(collapsed)
     assert top[0] == {"function": "IndexIVF.search (swigfaiss.py)", "self_pct": 60.0, "inclusive_pct": 60.0}
     by_name = {t["function"]: t for t in top}

@@ -7,7 +7,6 @@ import io
 
 import numpy as np
 import pytest
-from imgsearch.errors import UnavailableError
 from PIL import Image
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable
@@ -15,6 +14,7 @@ from broker.core import Broker
 from broker.fanout import FanoutResult, ShardAnswer
 from broker.types import CacheOutcome, CatalogueItem, Query
 from embedder.errors import EmbedderUnavailableError
+from imgsearch.errors import UnavailableError
 from shard_server.types import Condition, Equals, Filter, Hit
 
 DIM = 8

@@ -12,13 +12,6 @@ import subprocess
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from imgsearch.errors import (
-    InvalidArgumentError,
-    PermissionDeniedError,
-    UnauthenticatedError,
-    UnavailableError,
-)
-from imgsearch.serving import ServerOptions
 from PIL import Image
 
 from broker.client import BrokerClient
@@ -27,6 +20,13 @@ from broker.routing import ShardMap
 from broker.server import start_broker
 from broker.stack import free_port
 from broker.types import CatalogueItem
+from imgsearch.errors import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from imgsearch.serving import ServerOptions
 
 
 def _config(**server) -> BrokerConfig:

@@ -206,7 +206,7 @@ def test_labels_follow_app_kubernetes_io(rendered):
             assert labels.get("app.kubernetes.io/managed-by") == "kustomize"
             assert "app.kubernetes.io/name" in labels, (overlay, doc["kind"], doc["metadata"]["name"])
             assert all(
-                k.startswith("app.kubernetes.io/") or k.startswith("pod-security.kubernetes.io/")
+                k.startswith(("app.kubernetes.io/", "pod-security.kubernetes.io/"))
                 for k in labels
             ), labels
         for workload in of_kind(docs, *WORKLOAD_KINDS):

@@ -19,13 +19,6 @@ import zlib
 
 import numpy as np
 import pytest
-from imgsearch.errors import (
-    InvalidArgumentError,
-    PermissionDeniedError,
-    ResourceExhaustedError,
-    UnauthenticatedError,
-    UnavailableError,
-)
 from PIL import Image, ImageEnhance
 
 from broker.catalogue import grocery_split
@@ -36,6 +29,13 @@ from broker.routing import ShardMap
 from broker.stack import LocalStack, StackConfig, console_script, free_port
 from broker.types import CacheOutcome, CatalogueItem
 from embedder.hashing import hashes_of_bytes
+from imgsearch.errors import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from shard_server.types import Condition, Equals, Filter, Is, Range, SearchQuery
 
 pytestmark = pytest.mark.slow
@@ -376,30 +376,30 @@ def _png_header(width: int, height: int) -> bytes:
 def test_bad_input_gets_the_right_status(stack, client, catalogue):
     good = catalogue["queries"][0].path.read_bytes()
     cases = [
-        (dict(image=b"", top_k=5), InvalidArgumentError),
-        (dict(image=good[: len(good) // 3], top_k=5), InvalidArgumentError),  # truncated JPEG
-        (dict(image=b"\xff\xd8\xff\xe0" + b"garbage" * 100, top_k=5), InvalidArgumentError),
-        (dict(image=_png_header(20000, 20000), top_k=5), ResourceExhaustedError),
-        (dict(image=np.random.default_rng(1).bytes(50 * 1024 * 1024), top_k=5), ResourceExhaustedError),
-        (dict(vector=np.ones(100, np.float32), top_k=5), InvalidArgumentError),
-        (dict(vector=np.full(512, np.nan, np.float32), top_k=5), InvalidArgumentError),
-        (dict(vector=np.zeros(512, np.float32), top_k=5), InvalidArgumentError),
-        (dict(image=good, top_k=0), InvalidArgumentError),
-        (dict(image=good, top_k=10**9), InvalidArgumentError),
+        ({"image": b"", "top_k": 5}, InvalidArgumentError),
+        ({"image": good[: len(good) // 3], "top_k": 5}, InvalidArgumentError),  # truncated JPEG
+        ({"image": b"\xff\xd8\xff\xe0" + b"garbage" * 100, "top_k": 5}, InvalidArgumentError),
+        ({"image": _png_header(20000, 20000), "top_k": 5}, ResourceExhaustedError),
+        ({"image": np.random.default_rng(1).bytes(50 * 1024 * 1024), "top_k": 5}, ResourceExhaustedError),
+        ({"vector": np.ones(100, np.float32), "top_k": 5}, InvalidArgumentError),
+        ({"vector": np.full(512, np.nan, np.float32), "top_k": 5}, InvalidArgumentError),
+        ({"vector": np.zeros(512, np.float32), "top_k": 5}, InvalidArgumentError),
+        ({"image": good, "top_k": 0}, InvalidArgumentError),
+        ({"image": good, "top_k": 10**9}, InvalidArgumentError),
         (
-            dict(
-                image=good,
-                top_k=5,
-                filter=Filter(all_of=(Condition(field="nope", predicate=Equals(value="x")),)),
-            ),
+            {
+                "image": good,
+                "top_k": 5,
+                "filter": Filter(all_of=(Condition(field="nope", predicate=Equals(value="x")),)),
+            },
             InvalidArgumentError,
         ),
         (
-            dict(
-                image=good,
-                top_k=5,
-                filter=Filter(all_of=(Condition(field="price", predicate=Equals(value="x")),)),
-            ),
+            {
+                "image": good,
+                "top_k": 5,
+                "filter": Filter(all_of=(Condition(field="price", predicate=Equals(value="x")),)),
+            },
             InvalidArgumentError,
         ),
     ]

@@ -8,12 +8,12 @@ from __future__ import annotations
 import time
 
 import pytest
-from imgsearch.errors import UnavailableError
 
 from broker.catalogue import grocery_split
 from broker.client import SyncBrokerClient
 from broker.stack import LocalStack, StackConfig
 from broker.types import CatalogueItem
+from imgsearch.errors import UnavailableError
 
 pytestmark = pytest.mark.slow
 

@@ -13,12 +13,12 @@ import time
 
 import pytest
 import uvloop
-from imgsearch import ports
-from imgsearch.grpc_core import IOMGR_EXPERIMENTS
-from imgsearch.serving import EVENT_LOOPS, EventLoopLagMonitor, ServerOptions, run_event_loop
 from prometheus_client import REGISTRY
 
 from broker.config import BrokerConfig
+from imgsearch import ports
+from imgsearch.grpc_core import IOMGR_EXPERIMENTS
+from imgsearch.serving import EVENT_LOOPS, EventLoopLagMonitor, ServerOptions, run_event_loop
 
 SHARD_MAP = json.dumps({"shards": {"s0": ["127.0.0.1:1"]}, "categories": {"shoes": "s0"}})
 

@@ -81,7 +81,7 @@ BAD_RECORDS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_RECORDS))
 async def test_bad_upsert_is_invalid_argument_and_writes_nothing(shard, case):
-    handle, client, _ = shard
+    _handle, client, _ = shard
     record, message = BAD_RECORDS[case]
     good = _record(image_id="good-one")
     for call in (client.upsert([good, record], timeout_s=5), client.upsert_stream([good, record], timeout_s=5)):

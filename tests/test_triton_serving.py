@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from imgsearch.ports import free_port
 from PIL import Image
 
 from embedder.client import OnnxEmbedder, TritonEmbedder
@@ -32,6 +31,7 @@ from embedder.errors import (
 from embedder.model_files import default_model_path
 from embedder.triton_repo import RepositoryOptions, write_model_repository
 from embedder.triton_server import TritonStartError, start_triton, triton_environment
+from imgsearch.ports import free_port
 
 DATA_DIR = Path(os.environ.get("IMGSEARCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 ODD = DATA_DIR / "odd-images"

@@ -130,8 +130,8 @@ def build() -> dict:
         "Cache hit ratio",
         [
             (
-                f'sum(rate({lookups}{{result=~"hit|near_hit", {NS}}}[{RATE}]))'
-                f" / sum(rate({lookups}{{{NS}}}[{RATE}]))",
+                (f'sum(rate({lookups}{{result=~"hit|near_hit", {NS}}}[{RATE}]))'
+                f" / sum(rate({lookups}{{{NS}}}[{RATE}]))"),
                 "hit ratio",
             ),
         ],
@@ -144,8 +144,8 @@ def build() -> dict:
         "Server error ratio (objective 1 %)",
         [
             (
-                f"sum(rate(grpc_server_handled_total{{{BROKER}, {SERVER_ERRORS}, {NS}}}[{RATE}]))"
-                f" / sum(rate(grpc_server_handled_total{{{BROKER}, {NS}}}[{RATE}]))",
+                (f"sum(rate(grpc_server_handled_total{{{BROKER}, {SERVER_ERRORS}, {NS}}}[{RATE}]))"
+                f" / sum(rate(grpc_server_handled_total{{{BROKER}, {NS}}}[{RATE}]))"),
                 "errors",
             ),
         ],
@@ -211,13 +211,13 @@ def build() -> dict:
         "Triton queue and compute time per request",
         [
             (
-                f"sum by (model) (rate(nv_inference_queue_duration_us{{{NS}}}[{RATE}]))"
-                f" / sum by (model) (rate(nv_inference_request_success{{{NS}}}[{RATE}])) / 1e6",
+                (f"sum by (model) (rate(nv_inference_queue_duration_us{{{NS}}}[{RATE}]))"
+                f" / sum by (model) (rate(nv_inference_request_success{{{NS}}}[{RATE}])) / 1e6"),
                 "queue {{model}}",
             ),
             (
-                f"sum by (model) (rate(nv_inference_compute_infer_duration_us{{{NS}}}[{RATE}]))"
-                f" / sum by (model) (rate(nv_inference_request_success{{{NS}}}[{RATE}])) / 1e6",
+                (f"sum by (model) (rate(nv_inference_compute_infer_duration_us{{{NS}}}[{RATE}]))"
+                f" / sum by (model) (rate(nv_inference_request_success{{{NS}}}[{RATE}])) / 1e6"),
                 "compute {{model}}",
             ),
         ],
@@ -242,8 +242,8 @@ def build() -> dict:
         "Errors by status code",
         [
             (
-                "sum by (grpc_service, grpc_code) "
-                f'(rate(grpc_server_handled_total{{grpc_code!="OK", {NS}}}[{RATE}]))',
+                ("sum by (grpc_service, grpc_code) "
+                f'(rate(grpc_server_handled_total{{grpc_code!="OK", {NS}}}[{RATE}]))'),
                 "{{grpc_service}} {{grpc_code}}",
             ),
         ],
@@ -277,8 +277,8 @@ def build() -> dict:
                 "exact",
             ),
             (
-                f'sum(rate({lookups}{{result="near_hit", {NS}}}[{RATE}]))'
-                f" / sum(rate({lookups}{{{NS}}}[{RATE}]))",
+                (f'sum(rate({lookups}{{result="near_hit", {NS}}}[{RATE}]))'
+                f" / sum(rate({lookups}{{{NS}}}[{RATE}]))"),
                 "near",
             ),
         ],

@@ -51,7 +51,7 @@ class TritonPythonModel:
                 error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}", pb_utils.TritonError.INVALID_ARG)
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
-            except Exception as exc:  # never let one request take the model down
+            except Exception as exc:  # noqa: BLE001 - never let one request take the model down
                 error = pb_utils.TritonError(f"preprocessing failed: {type(exc).__name__}: {exc}")
                 responses.append(pb_utils.InferenceResponse(error=error))
                 continue
