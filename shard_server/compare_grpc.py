@@ -96,6 +96,9 @@ class ShardTier:
             str(64 << 20),
             "--nlist",
             str(self.config.nlist),
+            # /metrics on a free port: the stall probe reads the shard's garbage-collector pauses there
+            "--metrics-port",
+            "0",
         )
 
     async def build(self, data: BenchData, params: IndexParams) -> BuildReport:

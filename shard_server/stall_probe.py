@@ -2,9 +2,11 @@
 
 Builds one shard process the way the comparison does (one atomic UpsertStream of N synthetic vectors, background
 training, the snapshot the swap triggers), then runs rounds of 200 searches with 1 and then 8 clients and
-prints p50 / max latency per round, the shard's page faults and the stacks its event-loop lag monitor logged
-while its loop was stalled (imgsearch.serving.EventLoopLagMonitor); then restarts the same shard from its snapshot
-and runs the rounds again. Written for the half-second stall seen in the 1M comparison's first 8-client run.
+prints p50 / max latency per round, the shard's page faults, its full garbage collections (count and the
+longest, from ``imgsearch_gc_pause_seconds`` on its /metrics: a collection holds the GIL, so every search in
+flight waits for it) and the stacks its event-loop lag monitor logged while its loop was stalled
+(imgsearch.serving.EventLoopLagMonitor); then restarts the same shard from its snapshot and runs the rounds
+again. Written for the half-second stall seen in the 1M comparison's first 8-client run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import gc
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +52,36 @@ def _faults(pid: int) -> tuple[int, int]:
     return int(fields[7]), int(fields[9])  # minor, major
 
 
+def full_gc_pauses(metrics_port: int | None) -> tuple[int, float, list[tuple[float, int]]]:
+    """The shard's full (generation 2) collections so far: count, total seconds, cumulative (bound, count)."""
+    if metrics_port is None:
+        return 0, 0.0, []
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    count, total_s, buckets = 0, 0.0, []
+    for line in text.splitlines():
+        if not line.startswith("imgsearch_gc_pause_seconds") or 'generation="2"' not in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        if name.startswith("imgsearch_gc_pause_seconds_count"):
+            count = int(float(value))
+        elif name.startswith("imgsearch_gc_pause_seconds_sum"):
+            total_s = float(value)
+        elif 'le="' in name:
+            bound = name.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float(bound), int(float(value))))
+    return count, total_s, buckets
+
+
+def describe_gc_pauses(before: tuple, after: tuple) -> str:
+    """"N full GCs, longest <= X ms" between two readings of full_gc_pauses."""
+    count = after[0] - before[0]
+    if count == 0:
+        return "0 full GCs"
+    earlier = dict(before[2])
+    longest = next((bound for bound, n in after[2] if n - earlier.get(bound, 0) == count), float("inf"))
+    return f"{count} full GCs ({(after[1] - before[1]) * 1e3:.0f} ms in all), longest <= {longest * 1e3:g} ms"
+
+
 def _print_loop_stalls(log_path: Path, seen: int) -> int:
     """Print the shard's "event loop stalled" reports (imgsearch.serving.EventLoopLagMonitor) after `seen`."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
@@ -58,18 +91,22 @@ def _print_loop_stalls(log_path: Path, seen: int) -> int:
     return len(reports)
 
 
-async def _rounds(engine: ShardTierEngine, queries: np.ndarray, pid: int, rounds: int, label: str,
-                  gc_pauses: GcPauses, log_path: Path) -> None:
+async def _rounds(engine: ShardTierEngine, queries: np.ndarray, shard: ShardProcess, rounds: int, label: str,
+                  gc_pauses: GcPauses) -> None:
+    pid, log_path = shard.proc.pid, shard.log_path
     stalls_seen = _print_loop_stalls(log_path, 0)
     for r in range(rounds):
         for clients in (1, 8):
             before = _faults(pid)
+            gc_before = full_gc_pauses(shard.metrics_port)
             gc_pauses.take()
             _, latencies, _ = await run_queries(engine, queries, 1, None, clients)
             after = _faults(pid)
             ms = np.asarray(latencies) * 1e3
-            print(f"{label} round {r} clients {clients}: p50 {np.median(ms):.2f} ms, max {ms.max():.1f} ms; "
-                  f"shard page faults +{after[0] - before[0]} minor, +{after[1] - before[1]} major; "
+            print(f"{label} round {r} clients {clients}: p50 {np.median(ms):.2f} ms, p99 "
+                  f"{np.percentile(ms, 99):.2f} ms, max {ms.max():.1f} ms; "
+                  f"shard page faults +{after[0] - before[0]} minor, +{after[1] - before[1]} major; shard: "
+                  f"{describe_gc_pauses(gc_before, full_gc_pauses(shard.metrics_port))}; "
                   f"longest client GC pause {gc_pauses.take() * 1e3:.1f} ms", flush=True)
             stalls_seen = _print_loop_stalls(log_path, stalls_seen)
 
@@ -81,9 +118,9 @@ async def probe(n: int, rounds: int, work_dir: Path) -> None:
     engine = ShardTierEngine(IndexParams.of_shard(n), (1,), tier, via_broker=False)
     try:
         report = await engine.build(data)
-        print(f"built {n} vectors in {report.build_s:.0f} s", flush=True)
-        await _rounds(engine, data.queries, tier.processes[0].proc.pid, rounds, "fresh", gc_pauses,
-                      tier.processes[0].log_path)
+        print(f"built {n} vectors in {report.build_s:.0f} s; shard during start-up and the build: "
+              f"{describe_gc_pauses((0, 0.0, []), full_gc_pauses(tier.processes[0].metrics_port))}", flush=True)
+        await _rounds(engine, data.queries, tier.processes[0], rounds, "fresh", gc_pauses)
         for client in tier.clients:
             await client.close()
         tier.processes[0].kill()
@@ -91,11 +128,11 @@ async def probe(n: int, rounds: int, work_dir: Path) -> None:
                                  extra_args=tier.shard_args(data))
         t0 = time.perf_counter()
         await asyncio.to_thread(restarted.start, timeout_s=600)
-        print(f"restarted from the snapshot in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"restarted from the snapshot in {time.perf_counter() - t0:.1f} s; shard during start-up and the "
+              f"load: {describe_gc_pauses((0, 0.0, []), full_gc_pauses(restarted.metrics_port))}", flush=True)
         tier.processes[0] = restarted
         tier.clients = [ShardClient(restarted.address)]
-        await _rounds(engine, data.queries, restarted.proc.pid, rounds, "restarted", gc_pauses,
-                      restarted.log_path)
+        await _rounds(engine, data.queries, restarted, rounds, "restarted", gc_pauses)
     finally:
         await tier.close()
 

@@ -208,6 +208,17 @@ def build() -> dict:
     )
     lay.panel(
         "timeseries",
+        "Full garbage collection pause p99 by instance (every call in flight waits)",
+        [
+            (
+                quantile(0.99, "imgsearch_gc_pause_seconds", f'generation="2", {NS}', "job, instance"),
+                "{{job}} {{instance}}",
+            ),
+        ],
+        unit="s",
+    )
+    lay.panel(
+        "timeseries",
         "Triton queue and compute time per request",
         [
             (

@@ -15,6 +15,8 @@ CONTRACT_METRICS: dict[str, str] = {
     "grpc_server_handling_seconds": "histogram",
     "imgsearch_build_info": "gauge",
     "imgsearch_event_loop_lag_seconds": "histogram",
+    "imgsearch_gc_pause_seconds": "histogram",
+    "imgsearch_gc_frozen_objects": "gauge",
     "imgsearch_broker_stage_duration_seconds": "histogram",
     "imgsearch_broker_cache_lookups_total": "counter",
     "imgsearch_broker_shard_requests_total": "counter",

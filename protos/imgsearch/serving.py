@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from imgsearch.errors import ImgsearchError
+from imgsearch.gc_pauses import install_gc_pause_metric
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +369,7 @@ async def start_grpc_service(
     if options.metrics_port is not None:
         metrics_port = start_metrics_endpoint(options.host, options.metrics_port)
     BUILD_INFO.labels(component, version).set(1)
+    install_gc_pause_metric()
     await server.start()
     lag_monitor = None
     if options.loop_lag_interval_s > 0:
