@@ -14,6 +14,7 @@ from broker.core import Broker
 from broker.fanout import ShardPool
 from broker.repair import CacheRepairQueue
 from broker.service import BrokerService
+from imgsearch.gc_pauses import freeze_startup_objects
 from imgsearch.serving import GrpcService, run_event_loop, run_until_signalled, start_grpc_service
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 
@@ -133,6 +134,7 @@ async def _amain(config: BrokerConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = BrokerConfig.from_env(argv)
+    freeze_startup_objects()  # full collections then walk only what the broker builds (imgsearch.gc_pauses)
     run_event_loop(_amain(config), event_loop=config.server.event_loop)
     return 0
 

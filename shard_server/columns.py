@@ -55,3 +55,32 @@ class GrowableArray:
     def nbytes(self) -> int:
         """Bytes of the filled rows: the spare capacity is allocated but untouched, so not resident."""
         return int(self.view.nbytes)
+
+
+class StringColumn(GrowableArray):
+    """Row-aligned Python strings (image ids, product ids) in a numpy object array.
+
+    A list would do the same job, but the cyclic garbage collector walks every item of every list on each full
+    collection, and a full collection holds the GIL: with two 1M-row lists of ids a shard stopped for 55-65 ms
+    (measured with a gc callback; one such pause landed in the 8-client run of a 1M comparison and set its p99).
+    numpy arrays are not tracked by the collector, and strings cannot form reference cycles, so nothing is lost.
+    """
+
+    def __init__(self, initial: list[str] | None = None):
+        super().__init__(object)
+        if initial:
+            self.extend(initial)
+
+    def extend(self, values) -> None:
+        values = list(values)
+        block = np.empty(len(values), dtype=object)
+        block[:] = values  # one string per cell (np.asarray would build a 2-d array of characters from some inputs)
+        super().extend(block)
+
+    def __getitem__(self, row: int) -> str:
+        if not -self._len <= row < self._len:
+            raise IndexError(row)
+        return self._data[row]
+
+    def tolist(self) -> list[str]:
+        return self.view.tolist()

@@ -128,8 +128,8 @@ class ShardEngine:
             self.partitions = snapshot.partitions
             for category, p in self.partitions.items():
                 base = self._category_number(category) << ROW_BITS
-                for row in np.flatnonzero(p.alive.view).tolist():
-                    self.id_map[p.image_ids[row]] = base | row
+                rows = np.flatnonzero(p.alive.view)
+                self.id_map.update(zip(p.image_ids.view[rows].tolist(), (base | rows).tolist()))
             after = snapshot.wal_generation
         replayed = 0
         for frame in self.wal.replay(after):

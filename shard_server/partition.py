@@ -24,7 +24,7 @@ import numpy as np
 
 from shard_server import metrics
 from shard_server.attributes import AttributeColumns
-from shard_server.columns import GrowableArray
+from shard_server.columns import GrowableArray, StringColumn
 from shard_server.config import ShardConfig
 from shard_server.rwlock import ReadWriteLock
 from shard_server.types import Filter
@@ -61,8 +61,9 @@ class Partition:
         self.vectors = VectorStore(config.dimension, dtype=config.vector_dtype)
         self.attributes = AttributeColumns(config.attribute_kinds)
         self.alive = GrowableArray(np.bool_)
-        self.image_ids: list[str] = []
-        self.product_ids: list[str] = []
+        # Not lists: the garbage collector would walk every id on each full collection (see StringColumn).
+        self.image_ids = StringColumn()
+        self.product_ids = StringColumn()
         self.live_count = 0
         self.version = 0  # bumped by every write; keys the filter-mask cache
         # Exact mode scans the rows with BLAS: in place when they are float32, through this float32 mirror when
@@ -125,8 +126,8 @@ class Partition:
         with self.lock.read():
             t0 = time.perf_counter()
             hits = self._search_locked(query, k, flt, nprobe, exhaustive)
-            details = [(self.image_ids[r], self.product_ids[r], attributes)
-                       for r, attributes in zip(hits.rows.tolist(), self.attributes.rows(hits.rows))]
+            details = list(zip(self.image_ids.view[hits.rows].tolist(), self.product_ids.view[hits.rows].tolist(),
+                               self.attributes.rows(hits.rows)))
             metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
             metrics.CANDIDATES_SCANNED.observe(hits.candidates_scanned)
             return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import faiss
 
+from imgsearch.gc_pauses import freeze_startup_objects
 from imgsearch.serving import (
     GrpcService,
     ServerOptions,
@@ -133,6 +134,7 @@ async def _drain(handle: ShardServerHandle) -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ShardConfig.from_env(sys.argv[1:] if argv is None else argv)
+    freeze_startup_objects()  # full collections then walk only what the shard builds (imgsearch.gc_pauses)
     sys.exit(run_event_loop(_serve(config), event_loop=config.event_loop))
 
 

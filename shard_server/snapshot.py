@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from shard_server.attributes import AttributeColumns
-from shard_server.columns import GrowableArray
+from shard_server.columns import GrowableArray, StringColumn
 from shard_server.config import ShardConfig
 from shard_server.errors import SnapshotCorruptError
 from shard_server.partition import Partition
@@ -109,7 +109,8 @@ class SnapshotStore:
         arrays, dictionaries = partition.attributes.to_state()
         np.savez(directory / "attributes.npz", **arrays)
         (directory / "ids.json").write_text(json.dumps(
-            {"image_ids": partition.image_ids, "product_ids": partition.product_ids, "dictionaries": dictionaries}))
+            {"image_ids": partition.image_ids.view[:n].tolist(), "product_ids": partition.product_ids.view[:n].tolist(),
+             "dictionaries": dictionaries}))
         if partition.ivf is not None:
             faiss.write_index(partition.ivf, str(directory / "index.faiss"))
         return {"category": category, "dir": sub, "rows": n, "nlist": partition.nlist,
@@ -170,8 +171,8 @@ class SnapshotStore:
             raise SnapshotCorruptError(f"snapshot partition {directory}: row counts disagree")
         partition.vectors = VectorStore(config.dimension, base=vectors, dtype=config.vector_dtype)
         partition.alive = GrowableArray(np.bool_, initial=alive)
-        partition.image_ids = ids["image_ids"]
-        partition.product_ids = [sys.intern(p) for p in ids["product_ids"]]
+        partition.image_ids = StringColumn(ids["image_ids"])
+        partition.product_ids = StringColumn(map(sys.intern, ids["product_ids"]))
         partition.attributes = AttributeColumns.from_state(config.attribute_kinds, arrays, ids["dictionaries"], n)
         partition.live_count = int(np.count_nonzero(alive))
         if entry["trained"]:
