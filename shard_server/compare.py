@@ -590,6 +590,8 @@ class EngineResult:
     matched: dict[str, dict] = field(default_factory=dict)
     filtered: dict[str, dict] = field(default_factory=dict)
     profile: dict | None = None
+    # full garbage collections in the engine's server processes from the first query to the last (gRPC engines)
+    gc: dict | None = None
     error: str | None = None
 
 
@@ -691,6 +693,8 @@ async def measure_engine(
     queries = data.queries
     # Warm-up: caches, lazily loaded index files, gRPC channels.
     await run_queries(engine, queries[: min(20, len(queries))], engine.knobs()[0], None, 1)
+    full_collections = getattr(engine, "full_collections", None)
+    gc_before = await full_collections() if full_collections else None
     points: list[Point] = []
     for knob in engine.knobs():
         found, lat, wall = await run_queries(engine, queries, knob, None, 1)
@@ -764,6 +768,10 @@ async def measure_engine(
             point.recall,
             point.p50_ms,
         )
+    if gc_before is not None:
+        during = (await full_collections()).since(gc_before)
+        result.gc = during.as_dict()
+        log.info("%s: server processes during the measurement: %s", engine.name, during.describe())
     return result
 
 

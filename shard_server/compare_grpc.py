@@ -26,6 +26,7 @@ import numpy as np
 
 from broker.client import BrokerClient
 from broker.stack import console_script, free_port, wait_for_port
+from imgsearch.gc_pauses import FullCollections, scrape_full_collections
 from shard_server import synthetic
 from shard_server.client import ShardClient
 from shard_server.compare import (
@@ -70,6 +71,7 @@ class ShardTier:
         self.processes: list[ShardProcess] = []
         self.clients: list[ShardClient] = []
         self.broker: BrokerClient | None = None
+        self.broker_metrics_port: int | None = None
         self.nlist = 0
         self._broker_proc: subprocess.Popen | None = None
         self._broker_log = None
@@ -186,6 +188,7 @@ class ShardTier:
         map_path = self.work_dir / "shard-map.json"
         map_path.write_text(json.dumps(shard_map))
         port = free_port()
+        self.broker_metrics_port = free_port()
         self._broker_log = open(self.work_dir / "broker.log", "ab")  # noqa: SIM115, ASYNC230 - closed in close(); start-up only
         # No Triton and no Redis: vector queries need neither (the broker's health stays NOT_SERVING without
         # Triton, but Search answers vector queries regardless).
@@ -197,7 +200,7 @@ class ShardTier:
                 "--port",
                 str(port),
                 "--metrics-port",
-                "-1",
+                str(self.broker_metrics_port),
                 "--shard-map",
                 str(map_path),
                 "--triton-url",
@@ -268,6 +271,14 @@ class ShardTierEngine(Engine):
         if self.via_broker and self.tier.broker_pid is not None:
             targets["broker"] = self.tier.broker_pid
         return targets
+
+    async def full_collections(self) -> FullCollections:
+        """Full garbage collections so far in the server processes: the shards and, behind it, the broker."""
+        ports = [p.metrics_port for p in self.tier.processes]
+        if self.via_broker:
+            ports.append(self.tier.broker_metrics_port)
+        readings = await asyncio.gather(*(asyncio.to_thread(scrape_full_collections, port) for port in ports))
+        return sum(readings, FullCollections())
 
     async def search(self, query: np.ndarray, knob: int, selectivity: float | None) -> list[int]:
         flt = self._filters[selectivity] if selectivity is not None else Filter()

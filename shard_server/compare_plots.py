@@ -226,6 +226,13 @@ def target_check(report: dict, *, target: str = "0.95") -> str:
             f"- one gRPC hop with no search ({hop['concurrency']} client(s), `python -m shard_server.hop_floor`): "
             f"p50 {hop['p50_ms']:.2f} ms, p99 {hop['p99_ms']:.2f} ms{versus}"
         )
+    for name, e in engines.items():
+        gc_during = e.get("gc")
+        if gc_during is not None:  # every search waits for a full collection in its server processes
+            longest = (f", longest <= {gc_during['longest_at_most_ms']:g} ms"
+                       if gc_during["count"] and gc_during["longest_at_most_ms"] is not None else "")
+            lines.append(f"- {name}: full garbage collections in its server processes while measured: "
+                         f"{gc_during['count']} ({gc_during['total_ms']:g} ms in all){longest}")
     qps = {
         n: e["matched"][target]["single"]["qps"]
         for n, e in engines.items()

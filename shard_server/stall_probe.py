@@ -16,11 +16,11 @@ import asyncio
 import gc
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from imgsearch.gc_pauses import scrape_full_collections
 from shard_server.client import ShardClient
 from shard_server.compare import IndexParams, run_queries, synthetic_data
 from shard_server.compare_grpc import ShardTier, ShardTierEngine
@@ -52,36 +52,6 @@ def _faults(pid: int) -> tuple[int, int]:
     return int(fields[7]), int(fields[9])  # minor, major
 
 
-def full_gc_pauses(metrics_port: int | None) -> tuple[int, float, list[tuple[float, int]]]:
-    """The shard's full (generation 2) collections so far: count, total seconds, cumulative (bound, count)."""
-    if metrics_port is None:
-        return 0, 0.0, []
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    count, total_s, buckets = 0, 0.0, []
-    for line in text.splitlines():
-        if not line.startswith("imgsearch_gc_pause_seconds") or 'generation="2"' not in line:
-            continue
-        name, value = line.rsplit(" ", 1)
-        if name.startswith("imgsearch_gc_pause_seconds_count"):
-            count = int(float(value))
-        elif name.startswith("imgsearch_gc_pause_seconds_sum"):
-            total_s = float(value)
-        elif 'le="' in name:
-            bound = name.split('le="', 1)[1].split('"', 1)[0]
-            buckets.append((float(bound), int(float(value))))
-    return count, total_s, buckets
-
-
-def describe_gc_pauses(before: tuple, after: tuple) -> str:
-    """"N full GCs, longest <= X ms" between two readings of full_gc_pauses."""
-    count = after[0] - before[0]
-    if count == 0:
-        return "0 full GCs"
-    earlier = dict(before[2])
-    longest = next((bound for bound, n in after[2] if n - earlier.get(bound, 0) == count), float("inf"))
-    return f"{count} full GCs ({(after[1] - before[1]) * 1e3:.0f} ms in all), longest <= {longest * 1e3:g} ms"
-
-
 def _print_loop_stalls(log_path: Path, seen: int) -> int:
     """Print the shard's "event loop stalled" reports (imgsearch.serving.EventLoopLagMonitor) after `seen`."""
     text = log_path.read_text(errors="replace") if log_path.exists() else ""
@@ -98,7 +68,7 @@ async def _rounds(engine: ShardTierEngine, queries: np.ndarray, shard: ShardProc
     for r in range(rounds):
         for clients in (1, 8):
             before = _faults(pid)
-            gc_before = full_gc_pauses(shard.metrics_port)
+            gc_before = scrape_full_collections(shard.metrics_port)
             gc_pauses.take()
             _, latencies, _ = await run_queries(engine, queries, 1, None, clients)
             after = _faults(pid)
@@ -106,7 +76,7 @@ async def _rounds(engine: ShardTierEngine, queries: np.ndarray, shard: ShardProc
             print(f"{label} round {r} clients {clients}: p50 {np.median(ms):.2f} ms, p99 "
                   f"{np.percentile(ms, 99):.2f} ms, max {ms.max():.1f} ms; "
                   f"shard page faults +{after[0] - before[0]} minor, +{after[1] - before[1]} major; shard: "
-                  f"{describe_gc_pauses(gc_before, full_gc_pauses(shard.metrics_port))}; "
+                  f"{scrape_full_collections(shard.metrics_port).since(gc_before).describe()}; "
                   f"longest client GC pause {gc_pauses.take() * 1e3:.1f} ms", flush=True)
             stalls_seen = _print_loop_stalls(log_path, stalls_seen)
 
@@ -119,7 +89,7 @@ async def probe(n: int, rounds: int, work_dir: Path) -> None:
     try:
         report = await engine.build(data)
         print(f"built {n} vectors in {report.build_s:.0f} s; shard during start-up and the build: "
-              f"{describe_gc_pauses((0, 0.0, []), full_gc_pauses(tier.processes[0].metrics_port))}", flush=True)
+              f"{scrape_full_collections(tier.processes[0].metrics_port).describe()}", flush=True)
         await _rounds(engine, data.queries, tier.processes[0], rounds, "fresh", gc_pauses)
         for client in tier.clients:
             await client.close()
@@ -129,7 +99,7 @@ async def probe(n: int, rounds: int, work_dir: Path) -> None:
         t0 = time.perf_counter()
         await asyncio.to_thread(restarted.start, timeout_s=600)
         print(f"restarted from the snapshot in {time.perf_counter() - t0:.1f} s; shard during start-up and the "
-              f"load: {describe_gc_pauses((0, 0.0, []), full_gc_pauses(restarted.metrics_port))}", flush=True)
+              f"load: {scrape_full_collections(restarted.metrics_port).describe()}", flush=True)
         tier.processes[0] = restarted
         tier.clients = [ShardClient(restarted.address)]
         await _rounds(engine, data.queries, restarted, rounds, "restarted", gc_pauses)

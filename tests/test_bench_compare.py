@@ -121,6 +121,11 @@ def test_faiss_shard_and_broker_side_by_side(tmp_path):
     assert [h["concurrency"] for h in report["grpc_hop_floor"]] == [1, 2]
     assert all(0 < h["p50_ms"] <= h["p99_ms"] and h["qps"] > 0 for h in report["grpc_hop_floor"])
     assert "one gRPC hop with no search (1 client(s)" in target_check(report)
+    # Full garbage collections in the server processes, read from their /metrics (none for in-process faiss).
+    assert engines["faiss"]["gc"] is None
+    for name in ("shard", "broker-1", "broker-2"):
+        assert engines[name]["gc"]["count"] >= 0 and engines[name]["gc"]["total_ms"] >= 0, engines[name]["gc"]
+    assert "- broker-2: full garbage collections in its server processes while measured: " in target_check(report)
     assert report["event_loops"]["client"] == "asyncio" and set(report["event_loops"]) == {"client", "shard", "broker"}
     paths = plot_comparison(report, tmp_path, stem="compare")
     assert [p.name for p in paths] == ["compare-recall-qps.png", "compare-filtered-recall.png"]

@@ -143,3 +143,22 @@ def test_services_freeze_their_start_up_objects(module, tmp_path):
     frozen, still_tracked = int(out[0]), int(out[1])
     assert frozen > 10_000, out  # modules, classes, functions of everything imported
     assert still_tracked < frozen // 10, out
+
+
+def test_full_collections_are_read_back_from_a_services_metrics_endpoint():
+    """The reading the stall probe and the comparison take: over HTTP, from a real /metrics endpoint."""
+    from imgsearch.gc_pauses import FullCollections, scrape_full_collections
+    from imgsearch.ports import free_port
+    from imgsearch.serving import start_metrics_endpoint
+
+    install_gc_pause_metric()
+    port = start_metrics_endpoint("127.0.0.1", free_port())
+    before = scrape_full_collections(port)
+    gc.collect()
+    gc.collect()
+    during = scrape_full_collections(port).since(before)
+    assert during.count == 2 and during.total_s > 0
+    assert during.longest_at_most_s is not None and during.longest_at_most_s >= during.total_s / 2
+    assert during.describe().startswith("2 full GCs")
+    assert (during + during).count == 4 and (FullCollections() + during).buckets == during.buckets
+    assert scrape_full_collections(None) == FullCollections() and FullCollections().describe() == "0 full GCs"

@@ -11,6 +11,9 @@ what a process keeps in memory, not with its traffic. Two remedies, both here:
 * ``freeze_startup_objects()``: after start-up, move everything alive (modules, classes, functions: tens of
   thousands of objects that live as long as the process) out of the collector's reach with ``gc.freeze()``, so
   a full collection walks only what was created since.
+
+``scrape_full_collections`` reads the full collections back from a running service (the stall probe and the
+comparison record them).
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ from __future__ import annotations
 import bisect
 import gc
 import itertools
+import math
 import time
+import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client import REGISTRY
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 # Buckets around the services' latency budget: a pause past a few milliseconds is visible in a search's p99.
@@ -93,3 +100,65 @@ def freeze_startup_objects() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+@dataclass(frozen=True, kw_only=True)
+class FullCollections:
+    """A process's full (generation 2) collections as its /metrics reports them, or the difference of two
+    readings (``since``)."""
+
+    count: int = 0
+    total_s: float = 0.0
+    buckets: tuple[tuple[float, int], ...] = ()  # cumulative (upper bound in seconds, count), +Inf last
+
+    def since(self, earlier: FullCollections) -> FullCollections:
+        before = dict(earlier.buckets)
+        return FullCollections(count=self.count - earlier.count, total_s=self.total_s - earlier.total_s,
+                               buckets=tuple((b, n - before.get(b, 0)) for b, n in self.buckets))
+
+    def __add__(self, other: FullCollections) -> FullCollections:
+        theirs = dict(other.buckets)
+        buckets = self.buckets or tuple((b, 0) for b, _ in other.buckets)
+        return FullCollections(count=self.count + other.count, total_s=self.total_s + other.total_s,
+                               buckets=tuple((b, n + theirs.get(b, 0)) for b, n in buckets))
+
+    @property
+    def longest_at_most_s(self) -> float | None:
+        """The smallest bucket bound that holds every collection (None: no collection)."""
+        if self.count == 0:
+            return None
+        return next((bound for bound, n in self.buckets if n >= self.count), math.inf)
+
+    def describe(self) -> str:
+        if self.count == 0:
+            return "0 full GCs"
+        return (f"{self.count} full GCs ({self.total_s * 1e3:.0f} ms in all), "
+                f"longest <= {self.longest_at_most_s * 1e3:g} ms")
+
+    def as_dict(self) -> dict:
+        longest = self.longest_at_most_s
+        return {"count": self.count, "total_ms": round(self.total_s * 1e3, 1),
+                "longest_at_most_ms": None if longest is None else longest * 1e3}
+
+
+def scrape_full_collections(metrics_port: int | None, *, host: str = "127.0.0.1",
+                            timeout_s: float = 10.0) -> FullCollections:
+    """Read ``imgsearch_gc_pause_seconds{generation="2"}`` from a service's /metrics (nothing without a port)."""
+    if metrics_port is None:
+        return FullCollections()
+    with urllib.request.urlopen(f"http://{host}:{metrics_port}/metrics", timeout=timeout_s) as response:
+        text = response.read().decode()
+    count, total_s, buckets = 0, 0.0, []
+    for family in text_string_to_metric_families(text):
+        if family.name != "imgsearch_gc_pause_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("generation") != "2":
+                continue
+            if sample.name.endswith("_count"):
+                count = int(sample.value)
+            elif sample.name.endswith("_sum"):
+                total_s = sample.value
+            elif sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), int(sample.value)))
+    return FullCollections(count=count, total_s=total_s, buckets=tuple(sorted(buckets)))
