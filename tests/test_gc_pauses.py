@@ -162,3 +162,12 @@ def test_full_collections_are_read_back_from_a_services_metrics_endpoint():
     assert during.describe().startswith("2 full GCs")
     assert (during + during).count == 4 and (FullCollections() + during).buckets == during.buckets
     assert scrape_full_collections(None) == FullCollections() and FullCollections().describe() == "0 full GCs"
+
+
+def test_a_collection_past_the_largest_bucket_is_reported_as_such():
+    from imgsearch.gc_pauses import FullCollections
+
+    bounds = [*GC_PAUSE_BUCKETS_S, float("inf")]
+    slow = FullCollections(count=1, total_s=0.4, buckets=tuple((b, 1 if b == float("inf") else 0) for b in bounds))
+    assert slow.describe() == "1 full GCs (400 ms in all), longest > 250 ms"
+    assert slow.as_dict() == {"count": 1, "total_ms": 400.0, "longest_at_most_ms": None}

@@ -132,13 +132,16 @@ class FullCollections:
     def describe(self) -> str:
         if self.count == 0:
             return "0 full GCs"
-        return (f"{self.count} full GCs ({self.total_s * 1e3:.0f} ms in all), "
-                f"longest <= {self.longest_at_most_s * 1e3:g} ms")
+        longest = self.longest_at_most_s
+        bound = (f"longest > {GC_PAUSE_BUCKETS_S[-1] * 1e3:g} ms" if math.isinf(longest)
+                 else f"longest <= {longest * 1e3:g} ms")
+        return f"{self.count} full GCs ({self.total_s * 1e3:.0f} ms in all), {bound}"
 
     def as_dict(self) -> dict:
+        """Plain JSON: the bound is None without collections or when one outlasted the largest bucket."""
         longest = self.longest_at_most_s
         return {"count": self.count, "total_ms": round(self.total_s * 1e3, 1),
-                "longest_at_most_ms": None if longest is None else longest * 1e3}
+                "longest_at_most_ms": None if longest is None or math.isinf(longest) else longest * 1e3}
 
 
 def scrape_full_collections(metrics_port: int | None, *, host: str = "127.0.0.1",
