@@ -251,6 +251,10 @@ class EventLoopLagMonitor:
     def stop(self) -> None:
         self._stopped.set()
 
+    def join(self, timeout_s: float) -> None:
+        """Wait for the watchdog to finish its last measurement (after ``stop``)."""
+        self._thread.join(timeout_s)
+
     def _watch(self) -> None:
         while not self._stopped.wait(self._interval_s):
             ran: concurrent.futures.Future[None] = concurrent.futures.Future()
