@@ -98,7 +98,7 @@ class ShardTier:
             str(64 << 20),
             "--nlist",
             str(self.config.nlist),
-            # /metrics on a free port: the stall probe reads the shard's garbage-collector pauses there
+            # /metrics on a free port: the comparison and the stall probe read its garbage-collector pauses there
             "--metrics-port",
             "0",
         )
