@@ -30,6 +30,7 @@ from broker.stack import LocalStack, StackConfig, console_script, free_port
 from broker.types import CacheOutcome, CatalogueItem
 from embedder.hashing import hashes_of_bytes
 from imgsearch.errors import (
+    ImgsearchError,
     InvalidArgumentError,
     PermissionDeniedError,
     ResourceExhaustedError,
@@ -418,6 +419,78 @@ def test_bad_input_gets_the_right_status(stack, client, catalogue):
         client.ingest_stream(stream)
     # everything is still up and answering
     assert client.search(image=good, top_k=3).hits
+    assert all(p.running for p in stack.processes.values())
+
+
+def _generated_odd_images() -> dict[str, bytes]:
+    """Shapes and modes the data set lacks: degenerate sizes, 16-bit and float pixels, animation."""
+
+    def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    frames = [Image.new("RGB", (64, 48), (20 * i, 90, 200 - 20 * i)) for i in range(8)]
+    return {
+        "1x1.png": encoded(Image.new("RGB", (1, 1), "red"), "PNG"),
+        "4000x1.png": encoded(Image.new("RGB", (4000, 1), "blue"), "PNG"),
+        "1x4000.jpg": encoded(Image.new("RGB", (1, 4000), "green"), "JPEG"),
+        "uint16.png": encoded(
+            Image.fromarray((np.arange(128 * 128) * 4).reshape(128, 128).astype(np.uint16)), "PNG"
+        ),
+        "float32.tiff": encoded(
+            Image.fromarray(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)), "TIFF"
+        ),
+        "animated.gif": encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "animated.webp": encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:]),
+        "palette-transparency.png": encoded(frames[3].convert("P"), "PNG", transparency=0),
+    }
+
+
+def _vectors(client) -> int:
+    return sum(c.vectors for s in client.stats() for c in s.categories)
+
+
+def test_every_odd_image_is_answered_or_refused_cleanly(stack, client, data_dir):
+    """Every file of the odd-images set (formats, PIL modes, EXIF rotations, a truncated JPEG, pickles and
+    licences) and a few generated oddities go through Search and Ingest over gRPC. A file that PIL decodes must
+    be answered and ingested; one it cannot must be refused with INVALID_ARGUMENT; nothing else is acceptable,
+    and every process stays up. What was ingested is deleted again, so later tests see the catalogue as it was.
+    """
+    odd_dir = data_dir / "odd-images"
+    inputs = {str(p.relative_to(odd_dir)): p.read_bytes() for p in sorted(odd_dir.rglob("*")) if p.is_file()}
+    assert len(inputs) > 50, f"the odd-images set is missing or incomplete under {odd_dir}"
+    inputs.update({f"generated/{name}": data for name, data in _generated_odd_images().items()})
+    before = _vectors(client)
+    wrong, ingested = [], []
+    for number, (name, data) in enumerate(inputs.items()):
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+            decodable = True
+        except (OSError, SyntaxError, ValueError):  # what PIL raises for unknown, corrupt or truncated files
+            decodable = False
+        image_id = f"odd-{number}"
+        for operation in ("search", "ingest"):
+            try:
+                if operation == "search":
+                    client.search(image=data, top_k=3)
+                else:
+                    client.ingest(
+                        CatalogueItem(image_id=image_id, product_id="odd", category="odd-images", image=data)
+                    )
+                    ingested.append(image_id)
+                outcome = "answered"
+            except InvalidArgumentError:
+                outcome = "refused"
+            except ImgsearchError as error:  # any other status fails the test, reported below with the rest
+                outcome = f"{type(error).__name__}: {error}"
+            if outcome != ("answered" if decodable else "refused"):
+                wrong.append(f"{name} ({operation}, decodable={decodable}): {outcome}")
+    assert not wrong, "\n".join(wrong)
+    assert len(ingested) > 50
+    assert client.delete(ingested) == len(ingested)
+    assert _vectors(client) == before
     assert all(p.running for p in stack.processes.values())
 
 
