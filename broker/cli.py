@@ -158,6 +158,7 @@ def cmd_search(args) -> int:
             categories=args.category or (),
             filter=Filter(all_of=tuple(conditions)),
             use_duplicate_cache=not args.no_cache,
+            distinct_products=args.distinct_products,
             timeout_s=args.timeout_s,
         )
     if args.json:
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--price", type=parse_range, help="price range lo..hi")
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--no-cache", action="store_true", help="do not answer from the duplicate cache")
+    s.add_argument(
+        "--distinct-products", action="store_true", help="one hit per product (its best image); -k counts products"
+    )
     s.add_argument("--json", action="store_true")
     s.add_argument("--broker", default=broker)
     s.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")

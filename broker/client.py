@@ -23,7 +23,9 @@ from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 from shard_server.types import Exactness, Filter
 
 
-def _query(image, vector, top_k, categories, filter, exactness, nprobe, use_duplicate_cache) -> Query:
+def _query(
+    image, vector, top_k, categories, filter, exactness, nprobe, use_duplicate_cache, distinct_products
+) -> Query:
     return Query(
         image=image,
         vector=None if vector is None else np.asarray(vector, dtype=np.float32),
@@ -33,6 +35,7 @@ def _query(image, vector, top_k, categories, filter, exactness, nprobe, use_dupl
         nprobe=nprobe,
         exactness=exactness,
         use_duplicate_cache=use_duplicate_cache,
+        distinct_products=distinct_products,
     )
 
 
@@ -85,10 +88,21 @@ class BrokerClient:
         exactness: Exactness = Exactness.DEFAULT,
         nprobe: int = 0,
         use_duplicate_cache: bool = True,
+        distinct_products: bool = False,
         timeout_s: float | None = None,
     ) -> SearchAnswer:
         req = convert.query_to_proto(
-            _query(image, vector, top_k, categories, filter, exactness, nprobe, use_duplicate_cache)
+            _query(
+                image,
+                vector,
+                top_k,
+                categories,
+                filter,
+                exactness,
+                nprobe,
+                use_duplicate_cache,
+                distinct_products,
+            )
         )
         try:
             resp = await self._stub.Search(req, timeout=timeout_s or self.timeout_s)
@@ -188,10 +202,21 @@ class SyncBrokerClient:
         exactness: Exactness = Exactness.DEFAULT,
         nprobe: int = 0,
         use_duplicate_cache: bool = True,
+        distinct_products: bool = False,
         timeout_s: float | None = None,
     ) -> SearchAnswer:
         req = convert.query_to_proto(
-            _query(image, vector, top_k, categories, filter, exactness, nprobe, use_duplicate_cache)
+            _query(
+                image,
+                vector,
+                top_k,
+                categories,
+                filter,
+                exactness,
+                nprobe,
+                use_duplicate_cache,
+                distinct_products,
+            )
         )
         try:
             return convert.answer_from_proto(self._stub.Search(req, timeout=timeout_s or self.timeout_s))

@@ -68,6 +68,7 @@ def query_from_proto(req: broker_pb2.SearchRequest) -> Query:
         nprobe=req.options.nprobe,
         exactness=_EXACTNESS_FROM_PROTO[req.options.exactness],
         use_duplicate_cache=not req.skip_duplicate_cache,
+        distinct_products=req.options.distinct_products,
     )
 
 
@@ -76,7 +77,9 @@ def query_to_proto(q: Query) -> broker_pb2.SearchRequest:
         top_k=q.top_k,
         categories=list(q.categories),
         skip_duplicate_cache=not q.use_duplicate_cache,
-        options=common_pb2.SearchOptions(nprobe=q.nprobe, exactness=_EXACTNESS_TO_PROTO[q.exactness]),
+        options=common_pb2.SearchOptions(
+            nprobe=q.nprobe, exactness=_EXACTNESS_TO_PROTO[q.exactness], distinct_products=q.distinct_products
+        ),
     )
     if q.image is not None:
         req.image = q.image

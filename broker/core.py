@@ -17,9 +17,10 @@ Duplicate-cache policy (see broker.cache for the Redis layout):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -44,7 +45,7 @@ from embedder.preprocess import decode_image
 from imgsearch.errors import ImgsearchError
 from shard_server.engine import normalised
 from shard_server.errors import InvalidRequestError as ShardInvalidRequestError
-from shard_server.types import Hit, Record, SearchQuery
+from shard_server.types import Hit, Record, SearchQuery, distinct_products
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ class Broker:
                 outcome, exact, near = await self._lookup(hashes, query.categories)
                 cache_s = time.perf_counter() - t0
                 if exact:
-                    hits = tuple(_hit(m.entry, 1.0) for m in exact[: query.top_k])
+                    hits = _first(query, (_hit(m.entry, 1.0) for m in exact))
                     return self._cache_answer(hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0)
             t0 = time.perf_counter()
             # Keep part of the deadline for the fan-out: a slow Triton should not leave the shards no time.
@@ -116,7 +117,7 @@ class Broker:
                 )
                 confirmed = [(s, m) for s, m in scored if s >= self.near_min_similarity]
                 if confirmed:
-                    hits = tuple(_hit(m.entry, s) for s, m in confirmed[: query.top_k])
+                    hits = _first(query, (_hit(m.entry, s) for s, m in confirmed))
                     return self._cache_answer(hits, CacheOutcome.NEAR, t_start, decode_s, cache_s, embed_s)
                 outcome = CacheOutcome.MISS
                 CACHE_LOOKUPS.labels("miss").inc()
@@ -130,6 +131,7 @@ class Broker:
             filter=query.filter,
             nprobe=query.nprobe,
             exactness=query.exactness,
+            distinct_products=query.distinct_products,
         )
         result = await self.pool.search(shard_query, timeout_s=max(0.0, deadline - time.monotonic()))
         total_s = time.perf_counter() - t_start
@@ -341,3 +343,10 @@ def _hit(entry: CacheEntry, score: float) -> Hit:
         score=score,
         attributes=dict(entry.attributes),
     )
+
+
+def _first(query: Query, hits: Iterable[Hit]) -> tuple[Hit, ...]:
+    """The first top_k of cache hits (best first), one per product when the query asks for distinct products."""
+    if query.distinct_products:
+        hits = distinct_products(hits)
+    return tuple(itertools.islice(hits, query.top_k))

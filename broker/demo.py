@@ -85,6 +85,12 @@ def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 
                     print(f"right product in the top 5 for {found} of {len(picked)} val queries")
 
                 q = picked[0] if picked else val[0]
+                answer = client.search(image=q.path.read_bytes(), top_k=5, distinct_products=True, timeout_s=30)
+                print_answer(
+                    answer,
+                    title=f"query {q.image_id}: the 5 best products, one image each (distinct_products)",
+                    expected_product=q.product_id,
+                )
                 answer = client.search(
                     image=q.path.read_bytes(),
                     top_k=5,

@@ -95,7 +95,7 @@ class ShardPool:
         # One shard: await it here rather than through a task (a loop iteration less on the hot path).
         answers = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         t1 = time.perf_counter()
-        hits = merge_top_k([a.hits for a in answers], query.top_k)
+        hits = merge_top_k([a.hits for a in answers], query.top_k, distinct=query.distinct_products)
         t2 = time.perf_counter()
         result = FanoutResult(hits=hits, answers=tuple(answers), fanout_s=t1 - t0, merge_s=t2 - t1)
         if result.partial:

@@ -6,10 +6,14 @@ import heapq
 import itertools
 from collections.abc import Iterable, Sequence
 
-from shard_server.types import Hit
+from shard_server.types import Hit, distinct_products
 
 
-def merge_top_k(hit_lists: Iterable[Sequence[Hit]], top_k: int) -> tuple[Hit, ...]:
-    """Each list is sorted again defensively (cheap: at most top_k per shard), then merged lazily."""
+def merge_top_k(hit_lists: Iterable[Sequence[Hit]], top_k: int, *, distinct: bool = False) -> tuple[Hit, ...]:
+    """Each list is sorted again defensively (cheap: at most top_k per shard), then merged lazily. With
+    `distinct`, a product's best hit only (the shards' lists are distinct already, but a product whose images
+    were filed under categories of two shards appears in both)."""
     merged = heapq.merge(*(sorted(h, key=lambda x: -x.score) for h in hit_lists), key=lambda x: -x.score)
+    if distinct:
+        merged = distinct_products(merged)
     return tuple(itertools.islice(merged, top_k))

@@ -31,6 +31,7 @@ class Query:
     nprobe: int = 0
     exactness: Exactness = Exactness.DEFAULT
     use_duplicate_cache: bool = True
+    distinct_products: bool = False  # at most one hit per product id; top_k counts products
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -230,7 +230,11 @@ def query_to_proto(query: SearchQuery) -> shard_pb2.ShardServiceSearchRequest:
         top_k=query.top_k,
         categories=list(query.categories),
         filter=filter_to_proto(query.filter),
-        options=common_pb2.SearchOptions(nprobe=query.nprobe, exactness=_EXACTNESS_TO_PROTO[query.exactness]),
+        options=common_pb2.SearchOptions(
+            nprobe=query.nprobe,
+            exactness=_EXACTNESS_TO_PROTO[query.exactness],
+            distinct_products=query.distinct_products,
+        ),
     )
 
 
@@ -245,6 +249,7 @@ def query_from_proto(message: shard_pb2.ShardServiceSearchRequest) -> SearchQuer
         filter=filter_from_proto(message.filter),
         nprobe=message.options.nprobe,
         exactness=exactness,
+        distinct_products=message.options.distinct_products,
     )
 
 

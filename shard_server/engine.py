@@ -38,6 +38,7 @@ from shard_server.types import (
     SearchQuery,
     SearchResult,
     ShardStats,
+    distinct_products,
 )
 from shard_server.wal import LogFrame, WriteAheadLog
 
@@ -386,14 +387,16 @@ class ShardEngine:
             partition = partitions.get(category)
             if partition is None:
                 continue  # unknown category: no hits, not an error
-            hits = partition.search(vector, query.top_k, query.filter, nprobe, exhaustive)
+            hits = partition.search(vector, query.top_k, query.filter, nprobe, exhaustive,
+                                    distinct=query.distinct_products)
             scanned += hits.candidates_scanned
             found.extend(zip(hits.scores.tolist(), [category] * len(hits.details), hits.details))
         found.sort(key=lambda item: -item[0])
-        out = tuple(Hit(image_id=image_id, product_id=product_id, category=category, score=score,
-                        attributes=attributes)
-                    for score, category, (image_id, product_id, attributes) in found[: query.top_k])
-        return SearchResult(hits=out, candidates_scanned=scanned)
+        out = (Hit(image_id=image_id, product_id=product_id, category=category, score=score, attributes=attributes)
+               for score, category, (image_id, product_id, attributes) in found)
+        if query.distinct_products:  # a product filed under two categories is still one product
+            out = distinct_products(out)
+        return SearchResult(hits=tuple(itertools.islice(out, query.top_k)), candidates_scanned=scanned)
 
     # --- stats -----------------------------------------------------------------------------------------------
     def stats(self) -> ShardStats:

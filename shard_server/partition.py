@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 ADD_CHUNK_ROWS = 65_536
 CATCH_UP_UNDER_LOCK_ROWS = 1_024
 MASK_CACHE_SIZE = 64
+# A distinct-products search that finds fewer than top_k products among its re-ranked candidates asks the index
+# for this many times more, up to DISTINCT_MAX_CANDIDATES_FACTOR x max_rerank_candidates.
+DISTINCT_WIDEN_FACTOR = 4
+DISTINCT_MAX_CANDIDATES_FACTOR = 16
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,11 +125,16 @@ class Partition:
             self.version += 1
 
     # --- search ----------------------------------------------------------------------------------------------
-    def search(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool) -> PartitionHits:
-        """Top-k rows (with their ids and attributes, read under the same lock) for a unit query vector."""
+    def search(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool, *,
+               distinct: bool = False) -> PartitionHits:
+        """Top-k rows (with their ids and attributes, read under the same lock) for a unit query vector.
+
+        With `distinct`, the top-k products instead: each product's best-scoring row, at most one row per
+        product id.
+        """
         with self.lock.read():
             t0 = time.perf_counter()
-            hits = self._search_locked(query, k, flt, nprobe, exhaustive)
+            hits = self._search_locked(query, k, flt, nprobe, exhaustive, distinct)
             details = list(zip(self.image_ids.view[hits.rows].tolist(), self.product_ids.view[hits.rows].tolist(),
                                self.attributes.rows(hits.rows)))
             metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
@@ -133,8 +142,8 @@ class Partition:
             return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
                                  strategy=hits.strategy, details=details)
 
-    def _search_locked(self, query: np.ndarray, k: int, flt: Filter, nprobe: int,
-                       exhaustive: bool) -> PartitionHits:
+    def _search_locked(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool,
+                       distinct: bool) -> PartitionHits:
         n = len(self.image_ids)
         selection = self._selection(flt, n) if flt else None
         count = selection.count if selection is not None else self.live_count
@@ -144,14 +153,15 @@ class Partition:
         if self.ivf is None:
             mask = selection.mask if selection is not None else self.alive.view[:n]
             scores = self._exact.view[:n] @ query if self._exact is not None else self.vectors.scores(query)
-            return self._top_k_of(np.flatnonzero(mask), scores[mask], k, scanned=n)
+            return self._best(np.flatnonzero(mask), scores[mask], k, scanned=n, distinct=distinct)
         if exhaustive or (selection is not None and count <= self.config.exact_scan_max_rows):
             rows = np.flatnonzero(selection.mask if selection is not None else self.alive.view[:n])
-            return self._top_k_of(rows, self.vectors.inner_products(rows, query), k, scanned=len(rows))
-        return self._search_ivf(query, k, nprobe, selection, count)
+            return self._best(rows, self.vectors.inner_products(rows, query), k, scanned=len(rows),
+                              distinct=distinct)
+        return self._search_ivf(query, k, nprobe, selection, count, distinct)
 
     def _search_ivf(self, query: np.ndarray, k: int, nprobe: int, selection: _Selection | None,
-                    count: int) -> PartitionHits:
+                    count: int, distinct: bool) -> PartitionHits:
         strategy = "ivf"
         selectivity = count / max(self.live_count, 1)
         if selection is not None and selectivity < self.config.wide_probe_below_selectivity:
@@ -168,19 +178,55 @@ class Partition:
             params.sel = faiss.IDSelectorBitmap(len(selection.mask), faiss.swig_ptr(selection.bitmap))
         wanted = min(k * self.config.rerank_factor, self.config.max_rerank_candidates)
         k_candidates = min(max(k, wanted), count)
-        _, labels = self.ivf.search(query[None, :], k_candidates, params=params)
-        rows = np.sort(labels[0][labels[0] >= 0])  # ascending rows: sequential-ish reads of the mapped vectors
-        if selection is not None and len(rows) < min(k, count):
-            # The probed lists held fewer than k matches (-1 padding): answer from all matching rows instead.
-            rows = np.flatnonzero(selection.mask)
-            hits = self._top_k_of(rows, self.vectors.inner_products(rows, query), k, scanned=len(rows))
-            return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
-                                 strategy="exact")
-        exact_scores = self.vectors.inner_products(rows, query)
+        most_candidates = min(count, max(k_candidates,
+                                         DISTINCT_MAX_CANDIDATES_FACTOR * self.config.max_rerank_candidates))
         scanned = int(self.ivf.ntotal * nprobe / max(self.nlist, 1) * (selectivity if selection else 1.0))
-        hits = self._top_k_of(rows, exact_scores, k, scanned=scanned + len(rows))
+        while True:
+            _, labels = self.ivf.search(query[None, :], k_candidates, params=params)
+            rows = np.sort(labels[0][labels[0] >= 0])  # ascending rows: sequential-ish reads of the mapped vectors
+            if selection is not None and len(rows) < min(k, count):
+                # The probed lists held fewer than k matches (-1 padding): answer from all matching rows instead.
+                rows = np.flatnonzero(selection.mask)
+                hits = self._best(rows, self.vectors.inner_products(rows, query), k, scanned=len(rows),
+                                  distinct=distinct)
+                return PartitionHits(rows=hits.rows, scores=hits.scores,
+                                     candidates_scanned=hits.candidates_scanned, strategy="exact")
+            hits = self._best(rows, self.vectors.inner_products(rows, query), k, scanned=scanned + len(rows),
+                              distinct=distinct)
+            # Too few distinct products among the candidates (a product with many near-identical images): ask
+            # for more, unless the probed lists are exhausted (fewer labels than asked for) or the cap is hit.
+            if (not distinct or len(hits.rows) >= k or len(rows) < k_candidates
+                    or k_candidates >= most_candidates):
+                break
+            k_candidates = min(k_candidates * DISTINCT_WIDEN_FACTOR, most_candidates)
         return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
                              strategy=strategy)
+
+    def _best(self, rows: np.ndarray, scores: np.ndarray, k: int, *, scanned: int,
+              distinct: bool) -> PartitionHits:
+        if not distinct:
+            return self._top_k_of(rows, scores, k, scanned=scanned)
+        return self._top_k_products_of(rows, scores, k, scanned=scanned)
+
+    def _top_k_products_of(self, rows: np.ndarray, scores: np.ndarray, k: int, *, scanned: int) -> PartitionHits:
+        """Each product's best row, the k best products: the distinct products among the m best rows, with m
+        grown until k products are found (a product's best row ranks above every row of a worse product)."""
+        m = min(len(rows), DISTINCT_WIDEN_FACTOR * k)
+        while True:
+            best = self._top_k_of(rows, scores, m, scanned=scanned)
+            seen: set[str] = set()
+            picks: list[int] = []  # positions in best, best first
+            for position, product in enumerate(self.product_ids.view[best.rows].tolist()):
+                if product not in seen:
+                    seen.add(product)
+                    picks.append(position)
+                    if len(picks) == k:
+                        break
+            if len(picks) == k or m >= len(rows):
+                chosen = np.asarray(picks, dtype=np.int64)
+                return PartitionHits(rows=best.rows[chosen], scores=best.scores[chosen],
+                                     candidates_scanned=scanned, strategy="exact")
+            m = min(len(rows), m * DISTINCT_WIDEN_FACTOR)
 
     @staticmethod
     def _top_k_of(rows: np.ndarray, scores: np.ndarray, k: int, *, scanned: int) -> PartitionHits:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,6 +79,7 @@ class SearchQuery:
     filter: Filter = Filter()
     nprobe: int = 0  # 0: derived from exactness and the server's default
     exactness: Exactness = Exactness.DEFAULT
+    distinct_products: bool = False  # at most one hit per product id; top_k counts products
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +89,15 @@ class Hit:
     category: str
     score: float
     attributes: Attributes = field(default_factory=dict)
+
+
+def distinct_products(hits: Iterable[Hit]) -> Iterator[Hit]:
+    """The first hit of each product id, in the given order (best first when the hits are sorted)."""
+    seen: set[str] = set()
+    for hit in hits:
+        if hit.product_id not in seen:
+            seen.add(hit.product_id)
+            yield hit
 
 
 @dataclass(frozen=True, kw_only=True)

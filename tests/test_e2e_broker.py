@@ -251,6 +251,35 @@ def test_vector_query(client, catalogue):
     assert len(vec.hits) == 7 and vec.cache is CacheOutcome.NOT_USED
 
 
+def test_distinct_products_over_both_shards_and_from_the_cache(client, catalogue):
+    """One hit per product, whether the hits come from the shards (both, all categories) or the cache."""
+    products = {f.product_id for f in catalogue["gallery"]}
+    for q in catalogue["queries"][:4]:
+        data = q.path.read_bytes()
+        plain = client.search(image=data, top_k=len(catalogue["gallery"]))
+        distinct = client.search(image=data, top_k=len(products), distinct_products=True)
+        assert not distinct.partial and {s.shard for s in distinct.shards} == {"shard-0", "shard-1"}
+        # every product of the catalogue exactly once, each with its best image, in the plain order of those
+        assert sorted(h.product_id for h in distinct.hits) == sorted(products)
+        best = {}
+        for h in plain.hits:
+            best.setdefault(h.product_id, h.image_id)
+        assert [h.image_id for h in distinct.hits] == list(best.values())
+    # The same photo filed twice under one product: two exact duplicate-cache hits, one product.
+    item = catalogue["gallery"][5]
+    data = item.path.read_bytes()
+    copy = CatalogueItem(image_id="second-copy", product_id=item.product_id, category=item.category, image=data)
+    assert client.ingest(copy).ingested == 1
+    try:
+        plain = client.search(image=data, top_k=5)
+        distinct = client.search(image=data, top_k=5, distinct_products=True)
+        assert plain.cache is distinct.cache is CacheOutcome.EXACT
+        assert {h.image_id for h in plain.hits} == {item.image_id, "second-copy"}
+        assert len(distinct.hits) == 1 and distinct.hits[0].product_id == item.product_id
+    finally:
+        assert client.delete(["second-copy"]) == 1
+
+
 # ------------------------------------------------------------------------------------------ writes
 def test_writes_need_the_token(stack, catalogue):
     item = catalogue["gallery"][0]
@@ -343,6 +372,11 @@ def test_cli_ingest_csv_search_and_stats(stack, catalogue, tmp_path):
 
     done = _cli(stack, "search", str(item.path), "--price", "10..20", "--category", item.category)
     assert done.returncode == 0 and "score" in done.stdout, done.stderr
+
+    done = _cli(stack, "search", str(item.path), "-k", "20", "--no-cache", "--distinct-products", "--json")
+    assert done.returncode == 0, done.stderr
+    products = [h["product_id"] for h in json.loads(done.stdout)["hits"]]
+    assert len(products) == len(set(products)) >= 10
 
     done = _cli(stack, "stats", "--json")
     assert done.returncode == 0, done.stderr

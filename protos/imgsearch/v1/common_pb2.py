@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19imgsearch/v1/common.proto\x12\x0cimgsearch.v1\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"J\n\x0e\x41ttributeValue\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06number\x18\x02 \x01(\x01H\x00\x12\x0e\n\x04\x66lag\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1b\n\tStringSet\x12\x0e\n\x06values\x18\x01 \x03(\t\"T\n\x0bNumberRange\x12\x10\n\x03min\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\texclusive\x18\x03 \x01(\x08\x42\x06\n\x04_minB\x06\n\x04_max\"\x9e\x01\n\tCondition\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x10\n\x06\x65quals\x18\x02 \x01(\tH\x00\x12)\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x17.imgsearch.v1.StringSetH\x00\x12*\n\x05range\x18\x04 \x01(\x0b\x32\x19.imgsearch.v1.NumberRangeH\x00\x12\x0c\n\x02is\x18\x05 \x01(\x08H\x00\x42\x0b\n\tpredicate\"1\n\x06\x46ilter\x12\'\n\x06\x61ll_of\x18\x01 \x03(\x0b\x32\x17.imgsearch.v1.Condition\"K\n\rSearchOptions\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12*\n\texactness\x18\x02 \x01(\x0e\x32\x17.imgsearch.v1.Exactness\"\xd4\x01\n\x03Hit\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x35\n\nattributes\x18\x05 \x03(\x0b\x32!.imgsearch.v1.Hit.AttributesEntry\x1aO\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.imgsearch.v1.AttributeValue:\x02\x38\x01*c\n\tExactness\x12\x19\n\x15\x45XACTNESS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45XACTNESS_FAST\x10\x01\x12\x12\n\x0e\x45XACTNESS_HIGH\x10\x02\x12\x13\n\x0f\x45XACTNESS_EXACT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19imgsearch/v1/common.proto\x12\x0cimgsearch.v1\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"J\n\x0e\x41ttributeValue\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06number\x18\x02 \x01(\x01H\x00\x12\x0e\n\x04\x66lag\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"\x1b\n\tStringSet\x12\x0e\n\x06values\x18\x01 \x03(\t\"T\n\x0bNumberRange\x12\x10\n\x03min\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\texclusive\x18\x03 \x01(\x08\x42\x06\n\x04_minB\x06\n\x04_max\"\x9e\x01\n\tCondition\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x10\n\x06\x65quals\x18\x02 \x01(\tH\x00\x12)\n\x06\x61ny_of\x18\x03 \x01(\x0b\x32\x17.imgsearch.v1.StringSetH\x00\x12*\n\x05range\x18\x04 \x01(\x0b\x32\x19.imgsearch.v1.NumberRangeH\x00\x12\x0c\n\x02is\x18\x05 \x01(\x08H\x00\x42\x0b\n\tpredicate\"1\n\x06\x46ilter\x12\'\n\x06\x61ll_of\x18\x01 \x03(\x0b\x32\x17.imgsearch.v1.Condition\"f\n\rSearchOptions\x12\x0e\n\x06nprobe\x18\x01 \x01(\r\x12*\n\texactness\x18\x02 \x01(\x0e\x32\x17.imgsearch.v1.Exactness\x12\x19\n\x11\x64istinct_products\x18\x03 \x01(\x08\"\xd4\x01\n\x03Hit\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x35\n\nattributes\x18\x05 \x03(\x0b\x32!.imgsearch.v1.Hit.AttributesEntry\x1aO\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.imgsearch.v1.AttributeValue:\x02\x38\x01*c\n\tExactness\x12\x19\n\x15\x45XACTNESS_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45XACTNESS_FAST\x10\x01\x12\x12\n\x0e\x45XACTNESS_HIGH\x10\x02\x12\x13\n\x0f\x45XACTNESS_EXACT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HIT_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_HIT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_EXACTNESS']._serialized_start=764
-  _globals['_EXACTNESS']._serialized_end=863
+  _globals['_EXACTNESS']._serialized_start=791
+  _globals['_EXACTNESS']._serialized_end=890
   _globals['_VECTOR']._serialized_start=43
   _globals['_VECTOR']._serialized_end=67
   _globals['_ATTRIBUTEVALUE']._serialized_start=69
@@ -48,9 +48,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FILTER']._serialized_start=421
   _globals['_FILTER']._serialized_end=470
   _globals['_SEARCHOPTIONS']._serialized_start=472
-  _globals['_SEARCHOPTIONS']._serialized_end=547
-  _globals['_HIT']._serialized_start=550
-  _globals['_HIT']._serialized_end=762
-  _globals['_HIT_ATTRIBUTESENTRY']._serialized_start=683
-  _globals['_HIT_ATTRIBUTESENTRY']._serialized_end=762
+  _globals['_SEARCHOPTIONS']._serialized_end=574
+  _globals['_HIT']._serialized_start=577
+  _globals['_HIT']._serialized_end=789
+  _globals['_HIT_ATTRIBUTESENTRY']._serialized_start=710
+  _globals['_HIT_ATTRIBUTESENTRY']._serialized_end=789
 # @@protoc_insertion_point(module_scope)

@@ -70,12 +70,14 @@ class Filter(_message.Message):
     def __init__(self, all_of: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
 
 class SearchOptions(_message.Message):
-    __slots__ = ("nprobe", "exactness")
+    __slots__ = ("nprobe", "exactness", "distinct_products")
     NPROBE_FIELD_NUMBER: _ClassVar[int]
     EXACTNESS_FIELD_NUMBER: _ClassVar[int]
+    DISTINCT_PRODUCTS_FIELD_NUMBER: _ClassVar[int]
     nprobe: int
     exactness: Exactness
-    def __init__(self, nprobe: _Optional[int] = ..., exactness: _Optional[_Union[Exactness, str]] = ...) -> None: ...
+    distinct_products: bool
+    def __init__(self, nprobe: _Optional[int] = ..., exactness: _Optional[_Union[Exactness, str]] = ..., distinct_products: _Optional[bool] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("image_id", "product_id", "category", "score", "attributes")
