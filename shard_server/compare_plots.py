@@ -3,9 +3,9 @@ report (broker.loadtest)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -362,17 +362,28 @@ def update_document(doc: Path, *, root: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m shard_server.compare_plots REPORT.json ...: print the markdown of each report;
-    ``--update DOC``: re-render the marked table blocks of DOC (paths relative to the working directory)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["--update"]:
-        for doc in args[1:]:
-            for path in update_document(Path(doc), root=Path.cwd()):
-                print(f"{doc}: tables from {path}")
-        return 0
-    for path in args:
+    parser = argparse.ArgumentParser(
+        prog="python -m shard_server.compare_plots",
+        description="Print the markdown (tables, target check, profile summary) of comparison or load-test "
+        "reports, or re-render the marked table blocks of a document from the reports they name.",
+    )
+    parser.add_argument("reports", nargs="*", type=Path, help="report JSON files to print as markdown")
+    parser.add_argument(
+        "--update",
+        nargs="+",
+        type=Path,
+        metavar="DOC",
+        help="re-render every '<!-- tables from PATH -->' block of DOC (PATH relative to the working directory)",
+    )
+    args = parser.parse_args(argv)
+    if not args.reports and not args.update:
+        parser.error("give report files or --update DOC")
+    for doc in args.update or ():
+        for path in update_document(doc, root=Path.cwd()):
+            print(f"{doc}: tables from {path}")
+    for path in args.reports:
         print(f"<!-- tables from {path} -->")
-        print(render(json.loads(Path(path).read_text())))
+        print(render(json.loads(path.read_text())))
         print("<!-- end tables -->")
     return 0
 
