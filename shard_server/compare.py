@@ -404,7 +404,7 @@ class LanceEngine(Engine):
             .nprobes(int(knob))
             .refine_factor(self.params.rerank_factor)
             .limit(TOP_K)
-            .select(["row"])
+            .select(["row", "_distance"])  # naming _distance silences lance's per-query deprecation warning
         )
         if selectivity is not None:
             # Lance's own remedy for selective prefilters: probe further lists while fewer than k rows match.
