@@ -147,13 +147,16 @@ def cmd_ingest(args) -> int:
 
 
 def cmd_search(args) -> int:
-
+    if (args.image is None) == (args.image_id is None):
+        print("error: give a query image file or --image-id (not both)", file=sys.stderr)
+        return 2
     conditions = list(args.filter or [])
     if args.price:
         conditions.append(Condition(field="price", predicate=args.price))
     with _client(args) as client:
         answer = client.search(
-            image=Path(args.image).read_bytes(),
+            image=None if args.image is None else Path(args.image).read_bytes(),
+            image_id=args.image_id,
             top_k=args.k,
             categories=args.category or (),
             filter=Filter(all_of=tuple(conditions)),
@@ -164,7 +167,7 @@ def cmd_search(args) -> int:
     if args.json:
         print(json.dumps(answer_to_json(answer), indent=2))
     else:
-        print_answer(answer, title=Path(args.image).name)
+        print_answer(answer, title=Path(args.image).name if args.image else f"like {args.image_id}")
     return 0
 
 
@@ -306,8 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--timeout-s", type=float, default=3600.0)
     ing.set_defaults(func=cmd_ingest)
 
-    s = sub.add_parser("search", help="search with a query image")
-    s.add_argument("image")
+    s = sub.add_parser("search", help="search with a query image, or like a catalogue image (--image-id)")
+    s.add_argument("image", nargs="?", help="query image file")
+    s.add_argument(
+        "--image-id",
+        help="search like this catalogue image (its stored embedding; the image itself is left out)",
+    )
     s.add_argument("--category", action="append", help="restrict to a category (repeatable)")
     s.add_argument(
         "--filter",
@@ -319,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10)
     s.add_argument("--no-cache", action="store_true", help="do not answer from the duplicate cache")
     s.add_argument(
-        "--distinct-products", action="store_true", help="one hit per product (its best image); -k counts products"
+        "--distinct-products",
+        action="store_true",
+        help="one hit per product (its best image); -k counts products",
     )
     s.add_argument("--json", action="store_true")
     s.add_argument("--broker", default=broker)

@@ -23,19 +23,12 @@ from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 from shard_server.types import Exactness, Filter
 
 
-def _query(
-    image, vector, top_k, categories, filter, exactness, nprobe, use_duplicate_cache, distinct_products
-) -> Query:
+def _query(*, vector, categories, filter, **fields) -> Query:
     return Query(
-        image=image,
         vector=None if vector is None else np.asarray(vector, dtype=np.float32),
-        top_k=top_k,
         categories=tuple(categories),
         filter=filter or Filter(),
-        nprobe=nprobe,
-        exactness=exactness,
-        use_duplicate_cache=use_duplicate_cache,
-        distinct_products=distinct_products,
+        **fields,
     )
 
 
@@ -82,6 +75,7 @@ class BrokerClient:
         *,
         image: bytes | None = None,
         vector: Sequence[float] | None = None,
+        image_id: str | None = None,
         top_k: int = 10,
         categories: Sequence[str] = (),
         filter: Filter | None = None,
@@ -93,15 +87,16 @@ class BrokerClient:
     ) -> SearchAnswer:
         req = convert.query_to_proto(
             _query(
-                image,
-                vector,
-                top_k,
-                categories,
-                filter,
-                exactness,
-                nprobe,
-                use_duplicate_cache,
-                distinct_products,
+                image=image,
+                vector=vector,
+                image_id=image_id,
+                top_k=top_k,
+                categories=categories,
+                filter=filter,
+                exactness=exactness,
+                nprobe=nprobe,
+                use_duplicate_cache=use_duplicate_cache,
+                distinct_products=distinct_products,
             )
         )
         try:
@@ -196,6 +191,7 @@ class SyncBrokerClient:
         *,
         image: bytes | None = None,
         vector: Sequence[float] | None = None,
+        image_id: str | None = None,
         top_k: int = 10,
         categories: Sequence[str] = (),
         filter: Filter | None = None,
@@ -207,15 +203,16 @@ class SyncBrokerClient:
     ) -> SearchAnswer:
         req = convert.query_to_proto(
             _query(
-                image,
-                vector,
-                top_k,
-                categories,
-                filter,
-                exactness,
-                nprobe,
-                use_duplicate_cache,
-                distinct_products,
+                image=image,
+                vector=vector,
+                image_id=image_id,
+                top_k=top_k,
+                categories=categories,
+                filter=filter,
+                exactness=exactness,
+                nprobe=nprobe,
+                use_duplicate_cache=use_duplicate_cache,
+                distinct_products=distinct_products,
             )
         )
         try:

@@ -56,12 +56,13 @@ _SHARD_OUTCOME_FROM_PROTO = {v: k for k, v in _SHARD_OUTCOME_TO_PROTO.items()}
 def query_from_proto(req: broker_pb2.SearchRequest) -> Query:
     which = req.WhichOneof("query")
     if which is None:
-        raise InvalidRequestError("a search needs an image or a vector")
+        raise InvalidRequestError("a search needs an image, a vector or an image id")
     if req.options.exactness not in _EXACTNESS_FROM_PROTO:
         raise InvalidRequestError(f"unknown exactness {req.options.exactness}")
     return Query(
         image=req.image if which == "image" else None,
         vector=vector_from_proto(req.vector) if which == "vector" else None,
+        image_id=req.image_id if which == "image_id" else None,
         top_k=req.top_k,
         categories=tuple(req.categories),
         filter=filter_from_proto(req.filter) if req.HasField("filter") else Filter(),
@@ -85,6 +86,8 @@ def query_to_proto(q: Query) -> broker_pb2.SearchRequest:
         req.image = q.image
     elif q.vector is not None:
         req.vector.CopyFrom(vector_to_proto(q.vector))
+    elif q.image_id is not None:
+        req.image_id = q.image_id
     if q.filter:
         req.filter.CopyFrom(filter_to_proto(q.filter))
     return req

@@ -90,8 +90,16 @@ class Broker:
         decode_s = cache_s = embed_s = 0.0
         outcome = CacheOutcome.NOT_USED
         near: list[CacheMatch] = []
+        source: Record | None = None  # the catalogue image of a search by image id, left out of its hits
         if query.vector is not None:
             vector = self._checked_vector(query.vector, "query")
+        elif query.image_id is not None:
+            if not query.image_id or len(query.image_id) > MAX_ID_CHARS:
+                raise InvalidRequestError(
+                    f"image_id must be a non-empty string of at most {MAX_ID_CHARS} characters"
+                )
+            source = await self.pool.get(query.image_id, timeout_s=max(0.0, deadline - time.monotonic()))
+            vector = self._checked_vector(source.vector, "stored")
         elif query.image is not None:
             t0 = time.perf_counter()
             hashes = await asyncio.to_thread(self._hash, query.image)
@@ -122,11 +130,12 @@ class Broker:
                 outcome = CacheOutcome.MISS
                 CACHE_LOOKUPS.labels("miss").inc()
         else:
-            raise InvalidRequestError("a search needs an image or a vector")
+            raise InvalidRequestError("a search needs an image, a vector or an image id")
 
         shard_query = SearchQuery(
             vector=vector,
-            top_k=query.top_k,
+            # one more for a search by image id: the image itself (or its product) is taken out below
+            top_k=min(query.top_k + 1, self.max_top_k) if source is not None else query.top_k,
             categories=tuple(query.categories),
             filter=query.filter,
             nprobe=query.nprobe,
@@ -134,6 +143,14 @@ class Broker:
             distinct_products=query.distinct_products,
         )
         result = await self.pool.search(shard_query, timeout_s=max(0.0, deadline - time.monotonic()))
+        hits = result.hits
+        if source is not None:
+            hits = tuple(
+                h
+                for h in hits
+                if h.image_id != source.image_id
+                and not (query.distinct_products and h.product_id == source.product_id)
+            )[: query.top_k]
         total_s = time.perf_counter() - t_start
         timings = StageTimings(
             decode_hash_s=decode_s,
@@ -146,7 +163,7 @@ class Broker:
         self._observe(timings)
         SEARCHES.labels("index").inc()
         return SearchAnswer(
-            hits=result.hits,
+            hits=hits,
             cache=outcome,
             from_duplicate_cache=False,
             partial=result.partial,

@@ -3,6 +3,7 @@
 from imgsearch.errors import (
     ImgsearchError,
     InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
@@ -32,6 +33,10 @@ class WrongTokenError(BrokerError, PermissionDeniedError):
 
 class NoShardAvailableError(BrokerError, UnavailableError):
     """Every shard a write or search needed was unreachable."""
+
+
+class UnknownImageError(BrokerError, NotFoundError):
+    """A search by image id named an image that no shard holds."""
 
 
 class ShardMapError(BrokerError, InvalidArgumentError):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from broker.errors import NoShardAvailableError
+from broker.errors import NoShardAvailableError, UnknownImageError
 from broker.merge import merge_top_k
 from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS
 from broker.routing import ShardMap
@@ -189,6 +189,51 @@ class ShardPool:
                     f"shard {name} replica {address}: {type(result).__name__}: {result}"
                 )
         return max(results)
+
+    # -- stored records --
+    async def get(self, image_id: str, *, timeout_s: float) -> Record:
+        """The stored record of one catalogue image. Every shard is asked (an id's category, hence its shard, is
+        not known here), each through its replicas in turn. UnknownImageError (NOT_FOUND) only when every shard
+        answered without it; NoShardAvailableError (UNAVAILABLE) when it was not found and some shard could not
+        be asked, since the image may be on that shard."""
+        deadline = time.monotonic() + max(0.0, timeout_s - RESPONSE_MARGIN_S)
+
+        async def from_shard(name: str) -> Record | None:
+            clients, addresses = self._replicas[name], self._addresses[name]
+            start = next(self._next[name])
+            failure = "deadline exceeded before the shard was called"
+            for attempt in range(len(clients)):
+                i = (start + attempt) % len(clients)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    records = await clients[i].get([image_id], timeout_s=remaining)
+                except InvalidArgumentError:
+                    raise
+                except UnavailableError as exc:
+                    failure = f"replica {addresses[i]}: {exc}"
+                    continue
+                except ImgsearchError as exc:
+                    failure = f"replica {addresses[i]}: {exc.code.name}: {exc}"
+                    break
+                return records[0] if records else None
+            raise NoShardAvailableError(f"shard {name}: {failure}")
+
+        results = await asyncio.gather(*(from_shard(name) for name in self._replicas), return_exceptions=True)
+        for result in results:
+            if isinstance(result, Record):
+                return result
+        for result in results:
+            if isinstance(result, InvalidArgumentError):
+                raise result
+        failures = [str(r) for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise NoShardAvailableError(
+                f"image {image_id!r} is on none of the shards that answered, and {len(failures)} could not be "
+                f"asked: {'; '.join(failures)}"
+            )
+        raise UnknownImageError(f"no catalogue image {image_id!r}")
 
     # -- stats and health --
     async def stats(self, *, timeout_s: float) -> list[ReplicaStats]:

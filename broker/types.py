@@ -21,10 +21,12 @@ class CacheOutcome(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class Query:
-    """A search: exactly one of `image` (encoded bytes) or `vector`."""
+    """A search: exactly one of `image` (encoded bytes), `vector` or `image_id` (a catalogue image's stored
+    vector; the image itself is left out of the hits)."""
 
     image: bytes | None = None
     vector: np.ndarray | None = None
+    image_id: str | None = None
     top_k: int = 10
     categories: tuple[str, ...] = ()
     filter: Filter = Filter()

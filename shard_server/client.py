@@ -78,6 +78,15 @@ class ShardClient:
             raise from_rpc_error(e) from e
         return response.deleted
 
+    async def get(self, image_ids: Sequence[str], *, timeout_s: float) -> list[Record]:
+        """The stored records of these image ids that this shard holds."""
+        try:
+            response = await self._stub.Get(shard_pb2.ShardServiceGetRequest(image_ids=list(image_ids)),
+                                            timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return convert.records_from_proto(response.records)
+
     async def stats(self, *, timeout_s: float) -> ShardStats:
         try:
             response = await self._stub.Stats(shard_pb2.ShardServiceStatsRequest(), timeout=timeout_s)

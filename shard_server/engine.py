@@ -253,6 +253,27 @@ class ShardEngine:
         self._commit(payload, lambda: result.append(self._apply_delete(image_ids)))
         return result[0]
 
+    def get(self, image_ids: Sequence[str]) -> list[Record]:
+        """The stored records of these image ids, in the order asked; unknown ids are left out."""
+        if len(image_ids) > self.config.max_records_per_request:
+            raise RequestTooLargeError(f"{len(image_ids)} ids in one request; the limit is "
+                                       f"{self.config.max_records_per_request}")
+        rows_by_category: dict[str, list[int]] = {}
+        for image_id in dict.fromkeys(image_ids):
+            if not image_id:
+                raise InvalidRequestError("empty image id in get request")
+            located = self.id_map.get(image_id)
+            if located is not None:
+                category = self._category_names[located >> ROW_BITS]
+                rows_by_category.setdefault(category, []).append(located & ROW_MASK)
+        found: dict[str, Record] = {}
+        for category, rows in rows_by_category.items():
+            for image_id, product_id, vector, attributes in self.partitions[category].records(
+                    np.array(rows, dtype=np.int64)):
+                found[image_id] = Record(image_id=image_id, product_id=product_id, category=category,
+                                         vector=vector, attributes=attributes)
+        return [found[image_id] for image_id in dict.fromkeys(image_ids) if image_id in found]
+
     def _validate_records(self, records: Iterable[Record]) -> None:
         dim = self.config.dimension
         for r in records:

@@ -124,6 +124,13 @@ class Partition:
                 self.ivf.remove_ids(faiss.IDSelectorBatch(rows))
             self.version += 1
 
+    def records(self, rows: np.ndarray) -> list[tuple[str, str, np.ndarray, dict]]:
+        """(image id, product id, float32 vector, attributes) of the given live rows; tombstoned rows are skipped."""
+        with self.lock.read():
+            rows = rows[self.alive.view[rows]]
+            return list(zip(self.image_ids.view[rows].tolist(), self.product_ids.view[rows].tolist(),
+                            self.vectors.take(rows), self.attributes.rows(rows)))
+
     # --- search ----------------------------------------------------------------------------------------------
     def search(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool, *,
                distinct: bool = False) -> PartitionHits:

@@ -13,6 +13,9 @@ from shard_server.errors import RequestTooLargeError, ShardNotReadyError
 from shard_server.types import Exactness
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
+# Get requests for at most this many ids run on the event loop; larger ones (random reads of the mapped vectors)
+# in the search pool.
+INLINE_GET_MAX_IDS = 64
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
@@ -73,6 +76,15 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self._ready()
         deleted = await self._run(self._write_pool, self.engine.delete, list(request.image_ids))
         return shard_pb2.ShardServiceDeleteResponse(deleted=deleted)
+
+    async def Get(self, request, context):
+        self._ready()
+        image_ids = list(request.image_ids)
+        if len(image_ids) <= INLINE_GET_MAX_IDS:  # a few dict lookups and row reads: cheaper on the loop
+            records = self.engine.get(image_ids)
+        else:
+            records = await self._run(self._search_pool, self.engine.get, image_ids)
+        return shard_pb2.ShardServiceGetResponse(records=[convert.record_to_proto(r) for r in records])
 
     async def Stats(self, request, context):
         self._ready()

@@ -32,6 +32,7 @@ from embedder.hashing import hashes_of_bytes
 from imgsearch.errors import (
     ImgsearchError,
     InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
     UnauthenticatedError,
@@ -251,6 +252,38 @@ def test_vector_query(client, catalogue):
     assert len(vec.hits) == 7 and vec.cache is CacheOutcome.NOT_USED
 
 
+def test_search_like_a_catalogue_image(stack, client, catalogue):
+    """Search by image id: the stored embedding, no decoding or embedding call, the image itself left out."""
+    for item in catalogue["gallery"][::12]:
+        answer = client.search(image_id=item.image_id, top_k=5)
+        assert len(answer.hits) == 5 and item.image_id not in {h.image_id for h in answer.hits}
+        assert (
+            answer.cache is CacheOutcome.NOT_USED and not answer.from_duplicate_cache and not answer.partial
+        )
+        assert answer.timings.embed_s == 0 and answer.timings.decode_hash_s == 0
+        assert [h.score for h in answer.hits] == sorted((h.score for h in answer.hits), reverse=True)
+        # the same as searching with the photo itself (embedded again), minus the photo
+        by_photo = client.search(image=item.path.read_bytes(), top_k=6, use_duplicate_cache=False)
+        assert by_photo.hits[0].image_id == item.image_id
+        assert by_photo.hits[1].image_id == answer.hits[0].image_id
+        # products: its own product is left out too, every other at most once
+        products = client.search(image_id=item.image_id, top_k=5, distinct_products=True)
+        ids = [h.product_id for h in products.hits]
+        assert len(ids) == len(set(ids)) == 5 and item.product_id not in ids
+    item = catalogue["gallery"][7]
+    narrowed = client.search(image_id=item.image_id, top_k=50, categories=[item.category])
+    assert {h.category for h in narrowed.hits} == {item.category}
+    assert len(narrowed.hits) == sum(f.category == item.category for f in catalogue["gallery"]) - 1
+    with pytest.raises(NotFoundError):
+        client.search(image_id="no-such-image", top_k=5)
+    with pytest.raises(InvalidArgumentError):
+        client.search(image_id="", top_k=5)
+    done = _cli(stack, "search", "--image-id", item.image_id, "-k", "3", "--json")
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)["hits"]) == 3
+    assert _cli(stack, "search", "-k", "3").returncode == 2
+
+
 def test_distinct_products_over_both_shards_and_from_the_cache(client, catalogue):
     """One hit per product, whether the hits come from the shards (both, all categories) or the cache."""
     products = {f.product_id for f in catalogue["gallery"]}
@@ -268,7 +301,9 @@ def test_distinct_products_over_both_shards_and_from_the_cache(client, catalogue
     # The same photo filed twice under one product: two exact duplicate-cache hits, one product.
     item = catalogue["gallery"][5]
     data = item.path.read_bytes()
-    copy = CatalogueItem(image_id="second-copy", product_id=item.product_id, category=item.category, image=data)
+    copy = CatalogueItem(
+        image_id="second-copy", product_id=item.product_id, category=item.category, image=data
+    )
     assert client.ingest(copy).ingested == 1
     try:
         plain = client.search(image=data, top_k=5)
@@ -591,6 +626,16 @@ def test_shard_killed_gives_partial_results_and_other_categories_work(stack, cli
     assert not ok.partial and ok.hits
     down = client.search(image=q, top_k=10, categories=on_victim[:1])
     assert down.partial and not down.hits
+
+    # A search by image id: an image of the live shard is found; any other may be on the dead one.
+    live_image = next(f.image_id for f in catalogue["gallery"] if _owner(stack, f.category) == 0)
+    assert client.search(image_id=live_image, top_k=3, categories=on_survivor).hits
+    for image_id in (
+        next(f.image_id for f in catalogue["gallery"] if _owner(stack, f.category) == victim),
+        "nope",
+    ):
+        with pytest.raises(UnavailableError, match="could not be asked"):
+            client.search(image_id=image_id, top_k=3)
 
     metrics = _metrics(stack)
     assert 'imgsearch_broker_shard_requests_total{outcome="unavailable",shard="shard-1"}' in metrics

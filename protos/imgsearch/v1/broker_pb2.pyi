@@ -38,9 +38,10 @@ SHARD_OUTCOME_UNAVAILABLE: ShardOutcome
 SHARD_OUTCOME_ERROR: ShardOutcome
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "vector", "top_k", "categories", "filter", "options", "skip_duplicate_cache")
+    __slots__ = ("image", "vector", "image_id", "top_k", "categories", "filter", "options", "skip_duplicate_cache")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
@@ -48,12 +49,13 @@ class SearchRequest(_message.Message):
     SKIP_DUPLICATE_CACHE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     vector: _common_pb2.Vector
+    image_id: str
     top_k: int
     categories: _containers.RepeatedScalarFieldContainer[str]
     filter: _common_pb2.Filter
     options: _common_pb2.SearchOptions
     skip_duplicate_cache: bool
-    def __init__(self, image: _Optional[bytes] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., top_k: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., options: _Optional[_Union[_common_pb2.SearchOptions, _Mapping]] = ..., skip_duplicate_cache: _Optional[bool] = ...) -> None: ...
+    def __init__(self, image: _Optional[bytes] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., top_k: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., options: _Optional[_Union[_common_pb2.SearchOptions, _Mapping]] = ..., skip_duplicate_cache: _Optional[bool] = ...) -> None: ...
 
 class ShardReport(_message.Message):
     __slots__ = ("shard", "address", "outcome", "message")

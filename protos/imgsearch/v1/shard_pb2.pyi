@@ -86,6 +86,18 @@ class ShardServiceDeleteResponse(_message.Message):
     deleted: int
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
 
+class ShardServiceGetRequest(_message.Message):
+    __slots__ = ("image_ids",)
+    IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    image_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, image_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ShardServiceGetResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[VectorRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[VectorRecord, _Mapping]]] = ...) -> None: ...
+
 class ShardServiceStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -60,6 +60,11 @@ class ShardServiceStub:
                 request_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceStatsRequest.SerializeToString,
                 response_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceStatsResponse.FromString,
                 _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/imgsearch.v1.ShardService/Get',
+                request_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceGetRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceGetResponse.FromString,
+                _registered_method=True)
 
 
 class ShardServiceServicer:
@@ -104,6 +109,14 @@ class ShardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Get(self, request, context):
+        """The stored records (vector, product, category, attributes) of these image ids; ids this shard does not
+        hold are left out of the answer (not an error), so a caller can ask every shard.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ShardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +144,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceStatsRequest.FromString,
                     response_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceStatsResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceGetRequest.FromString,
+                    response_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceGetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +287,33 @@ class ShardService:
             '/imgsearch.v1.ShardService/Stats',
             imgsearch_dot_v1_dot_shard__pb2.ShardServiceStatsRequest.SerializeToString,
             imgsearch_dot_v1_dot_shard__pb2.ShardServiceStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgsearch.v1.ShardService/Get',
+            imgsearch_dot_v1_dot_shard__pb2.ShardServiceGetRequest.SerializeToString,
+            imgsearch_dot_v1_dot_shard__pb2.ShardServiceGetResponse.FromString,
             options,
             channel_credentials,
             insecure,
