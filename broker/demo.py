@@ -91,6 +91,9 @@ def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 
                     title=f"query {q.image_id}: the 5 best products, one image each (distinct_products)",
                     expected_product=q.product_id,
                 )
+                item = train[len(train) // 3]
+                answer = client.search(image_id=item.image_id, top_k=5, distinct_products=True, timeout_s=30)
+                print_answer(answer, title=f"products like catalogue image {item.image_id} (image_id, no embedding)")
                 answer = client.search(
                     image=q.path.read_bytes(),
                     top_k=5,
