@@ -23,12 +23,18 @@ from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 from shard_server.types import Exactness, Filter
 
 
-def _query(*, vector, categories, filter, **fields) -> Query:
-    return Query(
-        vector=None if vector is None else np.asarray(vector, dtype=np.float32),
-        categories=tuple(categories),
-        filter=filter or Filter(),
-        **fields,
+def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
+    """The request of a `search` call, built from that call's arguments (`locals()`, before anything else), so
+    the sync and async clients keep one list of search options: their signatures."""
+    fields = {name: value for name, value in arguments.items() if name not in ("self", "timeout_s")}
+    vector, categories, filter = fields.pop("vector"), fields.pop("categories"), fields.pop("filter")
+    return convert.query_to_proto(
+        Query(
+            vector=None if vector is None else np.asarray(vector, dtype=np.float32),
+            categories=tuple(categories),
+            filter=filter or Filter(),
+            **fields,
+        )
     )
 
 
@@ -85,20 +91,7 @@ class BrokerClient:
         distinct_products: bool = False,
         timeout_s: float | None = None,
     ) -> SearchAnswer:
-        req = convert.query_to_proto(
-            _query(
-                image=image,
-                vector=vector,
-                image_id=image_id,
-                top_k=top_k,
-                categories=categories,
-                filter=filter,
-                exactness=exactness,
-                nprobe=nprobe,
-                use_duplicate_cache=use_duplicate_cache,
-                distinct_products=distinct_products,
-            )
-        )
+        req = _search_request(locals())
         try:
             resp = await self._stub.Search(req, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as err:
@@ -201,20 +194,7 @@ class SyncBrokerClient:
         distinct_products: bool = False,
         timeout_s: float | None = None,
     ) -> SearchAnswer:
-        req = convert.query_to_proto(
-            _query(
-                image=image,
-                vector=vector,
-                image_id=image_id,
-                top_k=top_k,
-                categories=categories,
-                filter=filter,
-                exactness=exactness,
-                nprobe=nprobe,
-                use_duplicate_cache=use_duplicate_cache,
-                distinct_products=distinct_products,
-            )
-        )
+        req = _search_request(locals())
         try:
             return convert.answer_from_proto(self._stub.Search(req, timeout=timeout_s or self.timeout_s))
         except grpc.RpcError as err:

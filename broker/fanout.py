@@ -47,6 +47,14 @@ class ShardAnswer:
 
 
 @dataclass(frozen=True, kw_only=True)
+class _ReplicaReply:
+    address: str  # the replica that answered, or failed last
+    outcome: str  # ok | timeout | unavailable | error
+    message: str = ""
+    value: object = None  # what the call returned, when ok
+
+
+@dataclass(frozen=True, kw_only=True)
 class FanoutResult:
     hits: tuple[Hit, ...]
     answers: tuple[ShardAnswer, ...]
@@ -103,40 +111,45 @@ class ShardPool:
         return result
 
     async def _search_shard(self, name: str, query: SearchQuery, deadline: float) -> ShardAnswer:
+        reply = await self._ask_replicas(name, lambda client, t: client.search(query, timeout_s=t), deadline)
+        SHARD_REQUESTS.labels(name, reply.outcome).inc()
+        return ShardAnswer(
+            shard=name,
+            address=reply.address,
+            outcome=reply.outcome,
+            message=reply.message,
+            hits=reply.value.hits if reply.outcome == OK else (),
+        )
+
+    async def _ask_replicas(self, name: str, call, deadline: float) -> _ReplicaReply:
+        """`call(client, timeout_s)` on a shard's replicas, round-robin, moving on to the next replica on
+        UNAVAILABLE while the deadline allows. INVALID_ARGUMENT is the caller's fault and is raised."""
         clients, addresses = self._replicas[name], self._addresses[name]
         start = next(self._next[name])
-        answer: ShardAnswer | None = None
+        reply = _ReplicaReply(
+            address=addresses[start % len(clients)],
+            outcome=TIMEOUT,
+            message="deadline exceeded before the shard was called",
+        )
         for attempt in range(len(clients)):
             i = (start + attempt) % len(clients)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             try:
-                result = await clients[i].search(query, timeout_s=remaining)
+                return _ReplicaReply(
+                    address=addresses[i], outcome=OK, value=await call(clients[i], remaining)
+                )
             except InvalidArgumentError:
                 raise  # the request is wrong, not the shard
             except UnavailableError as exc:
-                answer = ShardAnswer(shard=name, address=addresses[i], outcome=UNAVAILABLE, message=str(exc))
+                reply = _ReplicaReply(address=addresses[i], outcome=UNAVAILABLE, message=str(exc))
                 continue  # another replica may be up
             except DeadlineExceededError as exc:
-                answer = ShardAnswer(shard=name, address=addresses[i], outcome=TIMEOUT, message=str(exc))
-                break
+                return _ReplicaReply(address=addresses[i], outcome=TIMEOUT, message=str(exc))
             except ImgsearchError as exc:
-                answer = ShardAnswer(
-                    shard=name, address=addresses[i], outcome=ERROR, message=f"{exc.code.name}: {exc}"
-                )
-                break
-            answer = ShardAnswer(shard=name, address=addresses[i], outcome=OK, hits=result.hits)
-            break
-        if answer is None:
-            answer = ShardAnswer(
-                shard=name,
-                address=addresses[start % len(clients)],
-                outcome=TIMEOUT,
-                message="deadline exceeded before the shard was called",
-            )
-        SHARD_REQUESTS.labels(name, answer.outcome).inc()
-        return answer
+                return _ReplicaReply(address=addresses[i], outcome=ERROR, message=f"{exc.code.name}: {exc}")
+        return reply
 
     # -- writes --
     async def upsert(self, records: Sequence[Record], *, timeout_s: float) -> int:
@@ -199,26 +212,14 @@ class ShardPool:
         deadline = time.monotonic() + max(0.0, timeout_s - RESPONSE_MARGIN_S)
 
         async def from_shard(name: str) -> Record | None:
-            clients, addresses = self._replicas[name], self._addresses[name]
-            start = next(self._next[name])
-            failure = "deadline exceeded before the shard was called"
-            for attempt in range(len(clients)):
-                i = (start + attempt) % len(clients)
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    records = await clients[i].get([image_id], timeout_s=remaining)
-                except InvalidArgumentError:
-                    raise
-                except UnavailableError as exc:
-                    failure = f"replica {addresses[i]}: {exc}"
-                    continue
-                except ImgsearchError as exc:
-                    failure = f"replica {addresses[i]}: {exc.code.name}: {exc}"
-                    break
-                return records[0] if records else None
-            raise NoShardAvailableError(f"shard {name}: {failure}")
+            reply = await self._ask_replicas(
+                name, lambda client, t: client.get([image_id], timeout_s=t), deadline
+            )
+            if reply.outcome != OK:
+                raise NoShardAvailableError(
+                    f"shard {name} ({reply.address}): {reply.outcome}: {reply.message}"
+                )
+            return reply.value[0] if reply.value else None
 
         results = await asyncio.gather(*(from_shard(name) for name in self._replicas), return_exceptions=True)
         for result in results:
