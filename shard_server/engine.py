@@ -66,7 +66,12 @@ def normalised(vector: np.ndarray, dim: int, what: str) -> np.ndarray:
     if norm == 0.0 or not math.isfinite(norm):
         if not np.all(np.isfinite(v)):
             raise InvalidRequestError(f"{what}: vector contains NaN or Inf")
-        raise InvalidRequestError(f"{what}: vector is zero (cannot be normalised)")
+        scale = float(np.max(np.abs(v)))
+        if scale == 0.0:
+            raise InvalidRequestError(f"{what}: vector is zero (cannot be normalised)")
+        # finite and non-zero, but its squared norm overflowed or underflowed float32: scale it first
+        v = v / scale
+        norm = math.sqrt(float(np.dot(v, v)))
     return v / norm
 
 

@@ -17,6 +17,7 @@ import time
 import urllib.request
 import zlib
 
+import grpc
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
@@ -486,6 +487,21 @@ def test_bad_input_gets_the_right_status(stack, client, catalogue):
     )
     with pytest.raises(InvalidArgumentError, match="bad-in-stream"):
         client.ingest_stream(stream)
+    # bytes that are no protobuf message: INVALID_ARGUMENT, not grpc's UNKNOWN
+    garbage = b"\xff\xff\xff\xff not a protobuf message"
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    with grpc.insecure_channel(stack.broker_address) as channel:
+        calls = (
+            lambda: channel.unary_unary("/imgsearch.v1.BrokerService/Search")(garbage, timeout=10),
+            lambda: channel.stream_unary("/imgsearch.v1.BrokerService/IngestStream")(
+                iter([garbage]), timeout=10, metadata=metadata
+            ),
+        )
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+            assert "malformed request message" in info.value.details()
     # everything is still up and answering
     assert client.search(image=good, top_k=3).hits
     assert all(p.running for p in stack.processes.values())

@@ -113,7 +113,28 @@ async def test_protocol_level_malformations(shard):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Delete(shard_pb2.ShardServiceDeleteRequest(image_ids=["ok", ""]), timeout=5)
         assert info.value.code() == INVALID and "empty image id" in info.value.details()
+        # Bytes that are no protobuf message at all: INVALID_ARGUMENT (grpc's own answer would be UNKNOWN),
+        # for a unary call and inside an atomic upsert stream, which then writes nothing.
+        garbage = b"\xff\xff\xff\xff not a protobuf message"
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.unary_unary("/imgsearch.v1.ShardService/Search")(garbage, timeout=5)
+        assert info.value.code() == INVALID and "malformed request message" in info.value.details()
+        good = shard_pb2.UpsertStreamRequest(records=[shard_pb2.VectorRecord(
+            image_id="streamed", category="c", vector=common_pb2.Vector(values=GOOD))]).SerializeToString()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await channel.stream_unary("/imgsearch.v1.ShardService/UpsertStream")(iter([good, garbage]), timeout=5)
+        assert info.value.code() == INVALID and "malformed request message" in info.value.details()
     assert await client.health(timeout_s=5)
+    assert sum(c.vectors for c in (await client.stats(timeout_s=5)).categories) == 40
+
+
+async def test_vectors_of_extreme_magnitude_are_normalised(shard):
+    # Finite and non-zero, but their squared norm overflows (1e30) or underflows (1e-30) float32.
+    _, client, catalogue = shard
+    target = catalogue.vectors(7, 8)[0]
+    for scale in (1e30, 1e-30):
+        hits = (await client.search(SearchQuery(vector=target * scale, top_k=1), timeout_s=5)).hits
+        assert hits[0].image_id == synthetic.image_id(7) and hits[0].score == pytest.approx(1.0, abs=1e-5)
 
 
 async def test_oversize_requests_are_resource_exhausted(shard):

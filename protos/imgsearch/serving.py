@@ -17,17 +17,18 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from imgsearch.errors import ImgsearchError
+from imgsearch.errors import ImgsearchError, InvalidArgumentError
 from imgsearch.gc_pauses import install_gc_pause_metric
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,41 @@ def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> st
     return "INTERNAL" if not isinstance(exc, grpc.aio.AbortError) else "UNKNOWN"
 
 
+class MalformedRequestError(InvalidArgumentError):
+    """The request bytes are not a valid protobuf message of the method's request type."""
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request message that could not be parsed, so the handler wrapper can answer
+    INVALID_ARGUMENT: an exception raised by the deserializer itself reaches the client as UNKNOWN."""
+
+    reason: str
+
+    def error(self) -> MalformedRequestError:
+        return MalformedRequestError(f"malformed request message: {self.reason}")
+
+
+def _lenient(deserialize: Callable[[bytes], object] | None) -> Callable[[bytes], object] | None:
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return MalformedRequest(str(exc) or "not a protobuf message")
+
+    return parse
+
+
+async def _checked_stream(messages: AsyncIterator) -> AsyncIterator:
+    async for message in messages:
+        if isinstance(message, MalformedRequest):
+            raise message.error()
+        yield message
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every RPC and turns ImgsearchError into its status code."""
 
@@ -192,13 +228,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, "unary", service, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(handler.stream_unary, "client_stream", service, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -213,6 +249,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             t0 = time.perf_counter()
             exc: BaseException | None = None
             try:
+                if isinstance(request_or_iterator, MalformedRequest):
+                    raise request_or_iterator.error()
+                if rpc_type == "client_stream":
+                    request_or_iterator = _checked_stream(request_or_iterator)
                 return await behaviour(request_or_iterator, context)
             except BaseException as e:  # noqa: BLE001 - re-raised or mapped below
                 exc = e
