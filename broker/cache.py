@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -190,6 +190,27 @@ class DuplicateCache:
         pipe.delete(self._img(image_id))
         await self._call(pipe.execute(), self._write_timeout_s)
         return True
+
+    async def delete_many(self, image_ids: Sequence[str]) -> int:
+        """Remove the entries of these image ids in two round trips (read their hashes, then unindex and
+        delete in one transaction), not two per id: a bulk delete must not open a connection per id."""
+        ids = list(dict.fromkeys(image_ids))
+        if not ids:
+            return 0
+        read = self._redis.pipeline(transaction=False)
+        for image_id in ids:
+            read.hget(self._img(image_id), "phash")
+        old_hashes = await self._call(read.execute(), self._write_timeout_s)
+        write = self._redis.pipeline(transaction=True)
+        found = 0
+        for image_id, old in zip(ids, old_hashes):
+            if old is not None:
+                self._unindex(write, image_id, int(old, 16))
+                write.delete(self._img(image_id))
+                found += 1
+        if found:
+            await self._call(write.execute(), self._write_timeout_s)
+        return found
 
     def _unindex(self, pipe, image_id: str, phash: int) -> None:
         pipe.srem(self._ph(phash), image_id)

@@ -50,6 +50,8 @@ from shard_server.types import Hit, Record, SearchQuery, distinct_products
 log = logging.getLogger(__name__)
 
 MAX_ID_CHARS = 512
+# Cache entries removed per Redis round trip by a Delete (see DuplicateCache.delete_many).
+CACHE_DELETE_BATCH_IDS = 1_000
 # Share of a search's remaining deadline kept back from the embedding call for the fan-out, capped.
 FANOUT_RESERVE_FRACTION = 0.2
 FANOUT_RESERVE_MAX_S = 0.1
@@ -276,7 +278,18 @@ class Broker:
         # Cache first: a delete that then fails on a shard must not leave the cache answering with the image
         # (a missing cache entry only costs an index search; the caller retries the delete, idempotent).
         if self.cache is not None:
-            await self._write_cache([(image_id, None) for image_id in image_ids])
+            for start in range(0, len(image_ids), CACHE_DELETE_BATCH_IDS):
+                batch = image_ids[start : start + CACHE_DELETE_BATCH_IDS]
+                try:
+                    await self.cache.delete_many(batch)
+                except CacheUnavailable:
+                    if self.repair is not None:
+                        for image_id in batch:
+                            self.repair.add(image_id, None)
+                    continue
+                if self.repair is not None:
+                    for image_id in batch:
+                        self.repair.discard(image_id)
         return await self.pool.delete(list(image_ids), timeout_s=timeout_s)
 
     async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]]) -> int:

@@ -2,8 +2,8 @@
 
 Searches spread over a shard's replicas round-robin and move to the next replica on UNAVAILABLE while the
 caller's deadline allows. A shard that cannot answer yields a failed :class:`ShardAnswer` (the search goes on
-with the others and is flagged partial), except for INVALID_ARGUMENT, which is the caller's fault (for example
-an unknown filter field) and fails the whole search.
+with the others and is flagged partial), except for INVALID_ARGUMENT and RESOURCE_EXHAUSTED, which are the
+caller's fault (for example an unknown filter field, a request over a size limit) and fail the whole call.
 
 Writes go to every replica of the owning shard (replicas hold the same data) and succeed only when every
 replica made them durable; a failed write is safe to retry because upserts and deletes are idempotent.
@@ -25,12 +25,24 @@ from broker.errors import NoShardAvailableError, UnknownImageError
 from broker.merge import merge_top_k
 from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS
 from broker.routing import ShardMap
-from imgsearch.errors import DeadlineExceededError, ImgsearchError, InvalidArgumentError, UnavailableError
+from imgsearch.errors import (
+    DeadlineExceededError,
+    ImgsearchError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from shard_server.client import ShardClient
 from shard_server.types import Hit, Record, SearchQuery, ShardStats
 
 # Time kept back from the caller's deadline for merging and answering.
 RESPONSE_MARGIN_S = 0.005
+# Ids per shard Delete call: a broker Delete of any length is split, well under a shard's request limit
+# (max_records_per_request, 10,000 by default).
+DELETE_BATCH_IDS = 1_000
+# What a shard refuses because of the request itself fails the whole call with the shard's status, on every
+# replica alike; anything else is the shard's failure.
+_CALLERS_FAULT = (InvalidArgumentError, ResourceExhaustedError)
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +152,7 @@ class ShardPool:
                 return _ReplicaReply(
                     address=addresses[i], outcome=OK, value=await call(clients[i], remaining)
                 )
-            except InvalidArgumentError:
+            except _CALLERS_FAULT:
                 raise  # the request is wrong, not the shard
             except UnavailableError as exc:
                 reply = _ReplicaReply(address=addresses[i], outcome=UNAVAILABLE, message=str(exc))
@@ -183,19 +195,26 @@ class ShardPool:
         return len(records)
 
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
-        """Delete ids from every replica of every shard (the category of an id is not known here)."""
-        counts = await asyncio.gather(
-            *(
-                self._on_every_replica(name, lambda c: c.delete(list(image_ids), timeout_s=timeout_s))
-                for name in self._replicas
+        """Delete ids from every replica of every shard (the category of an id is not known here), in
+        batches of DELETE_BATCH_IDS; a failure part-way leaves earlier batches deleted (retrying is safe)."""
+        deadline = time.monotonic() + timeout_s
+        deleted = 0
+        for start in range(0, len(image_ids), DELETE_BATCH_IDS):
+            batch = list(image_ids[start : start + DELETE_BATCH_IDS])
+            remaining = max(0.0, deadline - time.monotonic())
+            counts = await asyncio.gather(
+                *(
+                    self._on_every_replica(name, lambda c, b=batch, t=remaining: c.delete(b, timeout_s=t))
+                    for name in self._replicas
+                )
             )
-        )
-        return sum(counts)
+            deleted += sum(counts)
+        return deleted
 
     async def _on_every_replica(self, name: str, call) -> int:
         results = await asyncio.gather(*(call(c) for c in self._replicas[name]), return_exceptions=True)
         for address, result in zip(self._addresses[name], results):
-            if isinstance(result, InvalidArgumentError):
+            if isinstance(result, _CALLERS_FAULT):
                 raise result
             if isinstance(result, BaseException):
                 raise NoShardAvailableError(
@@ -226,7 +245,7 @@ class ShardPool:
             if isinstance(result, Record):
                 return result
         for result in results:
-            if isinstance(result, InvalidArgumentError):
+            if isinstance(result, _CALLERS_FAULT):
                 raise result
         failures = [str(r) for r in results if isinstance(r, BaseException)]
         if failures:

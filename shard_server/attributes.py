@@ -39,6 +39,10 @@ def validate_filter(flt: Filter, schema: Mapping[str, str]) -> None:
                     raise InvalidRequestError(f"range bound on {condition.field!r} must be finite")
 
 
+# Attributes are for filtering (brand, colour): a longer text is a mistake, and each distinct text stays in memory.
+MAX_TEXT_ATTRIBUTE_CHARS = 1024
+
+
 def validate_attributes(attributes: Attributes, schema: Mapping[str, str], image_id: str) -> None:
     for name, value in attributes.items():
         kind = schema.get(name)
@@ -53,6 +57,9 @@ def validate_attributes(attributes: Attributes, schema: Mapping[str, str], image
         if not ok:
             raise InvalidRequestError(f"record {image_id!r}: attribute {name!r} must be a finite {kind}, "
                                       f"got {value!r}")
+        if kind == "text" and len(value) > MAX_TEXT_ATTRIBUTE_CHARS:
+            raise InvalidRequestError(f"record {image_id!r}: attribute {name!r} is {len(value)} characters long; "
+                                      f"the limit is {MAX_TEXT_ATTRIBUTE_CHARS}")
 
 
 class AttributeColumns:

@@ -83,6 +83,20 @@ async def test_reingest_replaces_and_delete_removes(cache):
     assert not await cache.delete("img")
 
 
+async def test_delete_many_removes_entries_and_their_index_in_two_round_trips(cache):
+    rng = random.Random(3)
+    entries = [_entry(f"m{i}", rng.getrandbits(64), rng.getrandbits(64)) for i in range(300)]
+    for e in entries:
+        await cache.upsert(e)
+    doomed = [e.image_id for e in entries[:250]] + [f"unknown-{i}" for i in range(5000)] + ["m0"]
+    assert await cache.delete_many(doomed) == 250
+    for e in entries[:250:25]:
+        assert await cache.get(e.image_id) is None and await cache.lookup(e.phash, e.dhash) == []
+    for e in entries[250:]:
+        assert [m.entry.image_id for m in await cache.lookup(e.phash, e.dhash)] == [e.image_id]
+    assert await cache.delete_many(doomed) == 0 and await cache.delete_many([]) == 0
+
+
 async def test_redis_down_is_bypassed_fast_and_repaired(redis_server):
     cache = DuplicateCache(redis_server.url, timeout_s=0.2, backoff_s=0.5, prefix="repair:")
     repair = CacheRepairQueue(cache, interval_s=0.1)

@@ -76,6 +76,7 @@ BAD_RECORDS = {
     "zero vector": (_record(vector=np.zeros(DIM, np.float32)), "zero"),
     "unknown attribute": (_record(attributes={"size": "XL"}), "unknown attribute 'size'"),
     "wrong attribute type": (_record(attributes={"price": "cheap"}), "'price' must be a finite number"),
+    "attribute text too long": (_record(attributes={"brand": "b" * 1025}), "the limit is 1024"),
 }
 
 
