@@ -64,6 +64,12 @@ class StubCache:
             raise CacheUnavailable("down")
         self.deletes.append(image_id)
 
+    async def delete_many(self, image_ids):
+        if self.error:
+            raise CacheUnavailable("down")
+        self.deletes.extend(image_ids)
+        return len(image_ids)
+
 
 class StubPool:
     def __init__(self):
@@ -168,6 +174,18 @@ async def test_cache_error_bypasses_and_ingest_queues_the_repair():
     )
     assert summary.ingested == 1 and summary.cache_pending == 1
     assert [r.image_id for r in pool.records] == ["i1"] and set(repair.pending) == {"i1"}
+
+
+async def test_delete_with_the_cache_down_queues_every_id_for_repair():
+    class DeletingPool(StubPool):
+        async def delete(self, image_ids, *, timeout_s):
+            return len(image_ids)
+
+    repair = StubRepair()
+    broker = _broker(StubCache(error=True), StubEmbedder(_unit(0)), DeletingPool(), repair)
+    ids = [f"id-{i}" for i in range(2_500)]  # three cache batches
+    assert await broker.delete(ids, timeout_s=1) == 2_500
+    assert set(repair.pending) == set(ids) and all(write is None for write in repair.pending.values())
 
 
 @pytest.mark.parametrize(
