@@ -163,7 +163,9 @@ class Broker:
             total_s=total_s,
         )
         self._observe(timings)
-        SEARCHES.labels("index").inc()
+        SEARCHES.labels(
+            "index", "image_id" if source is not None else "vector" if query.image is None else "image"
+        ).inc()
         return SearchAnswer(
             hits=hits,
             cache=outcome,
@@ -208,7 +210,7 @@ class Broker:
             decode_hash_s=decode_s, cache_s=cache_s, embed_s=embed_s, total_s=time.perf_counter() - t_start
         )
         self._observe(timings)
-        SEARCHES.labels("cache").inc()
+        SEARCHES.labels("cache", "image").inc()
         return SearchAnswer(
             hits=hits, cache=outcome, from_duplicate_cache=True, partial=False, timings=timings
         )

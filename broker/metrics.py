@@ -32,13 +32,14 @@ CACHE_REPAIR_PENDING = Gauge(
 )
 SEARCHES = Counter(
     "imgsearch_broker_searches_total",
-    "Answered searches by where the answer came from (cache, index).",
-    ["source"],
+    "Answered searches by where the answer came from (cache, index) and what the query was (image, vector, "
+    "image_id: a catalogue image's stored embedding).",
+    ["source", "query"],
 )
 
 for _stage in STAGES:
     STAGE_SECONDS.labels(_stage)
 for _result in ("hit", "near_hit", "miss", "error"):
     CACHE_LOOKUPS.labels(_result)
-for _source in ("cache", "index"):
-    SEARCHES.labels(_source)
+for _source, _query in (("cache", "image"), ("index", "image"), ("index", "vector"), ("index", "image_id")):
+    SEARCHES.labels(_source, _query)

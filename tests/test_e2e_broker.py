@@ -623,6 +623,14 @@ def test_metrics_are_exported(stack, client, catalogue):
     ):
         assert name in text, name
     assert 'imgsearch_broker_cache_lookups_total{result="hit"}' in text
+    # earlier tests searched with images (from the cache and the index), vectors and image ids
+    for labels in (
+        'query="image",source="cache"',
+        'query="image",source="index"',
+        'query="vector",source="index"',
+        'query="image_id",source="index"',
+    ):
+        assert _metric_value(text, f"imgsearch_broker_searches_total{{{labels}}}") > 0, labels
 
 
 # ------------------------------------------------------------------------------- faults (destructive, last)

@@ -130,8 +130,10 @@ def build() -> dict:
         "Cache hit ratio",
         [
             (
-                (f'sum(rate({lookups}{{result=~"hit|near_hit", {NS}}}[{RATE}]))'
-                f" / sum(rate({lookups}{{{NS}}}[{RATE}]))"),
+                (
+                    f'sum(rate({lookups}{{result=~"hit|near_hit", {NS}}}[{RATE}]))'
+                    f" / sum(rate({lookups}{{{NS}}}[{RATE}]))"
+                ),
                 "hit ratio",
             ),
         ],
@@ -144,8 +146,10 @@ def build() -> dict:
         "Server error ratio (objective 1 %)",
         [
             (
-                (f"sum(rate(grpc_server_handled_total{{{BROKER}, {SERVER_ERRORS}, {NS}}}[{RATE}]))"
-                f" / sum(rate(grpc_server_handled_total{{{BROKER}, {NS}}}[{RATE}]))"),
+                (
+                    f"sum(rate(grpc_server_handled_total{{{BROKER}, {SERVER_ERRORS}, {NS}}}[{RATE}]))"
+                    f" / sum(rate(grpc_server_handled_total{{{BROKER}, {NS}}}[{RATE}]))"
+                ),
                 "errors",
             ),
         ],
@@ -222,13 +226,17 @@ def build() -> dict:
         "Triton queue and compute time per request",
         [
             (
-                (f"sum by (model) (rate(nv_inference_queue_duration_us{{{NS}}}[{RATE}]))"
-                f" / sum by (model) (rate(nv_inference_request_success{{{NS}}}[{RATE}])) / 1e6"),
+                (
+                    f"sum by (model) (rate(nv_inference_queue_duration_us{{{NS}}}[{RATE}]))"
+                    f" / sum by (model) (rate(nv_inference_request_success{{{NS}}}[{RATE}])) / 1e6"
+                ),
                 "queue {{model}}",
             ),
             (
-                (f"sum by (model) (rate(nv_inference_compute_infer_duration_us{{{NS}}}[{RATE}]))"
-                f" / sum by (model) (rate(nv_inference_request_success{{{NS}}}[{RATE}])) / 1e6"),
+                (
+                    f"sum by (model) (rate(nv_inference_compute_infer_duration_us{{{NS}}}[{RATE}]))"
+                    f" / sum by (model) (rate(nv_inference_request_success{{{NS}}}[{RATE}])) / 1e6"
+                ),
                 "compute {{model}}",
             ),
         ],
@@ -253,8 +261,10 @@ def build() -> dict:
         "Errors by status code",
         [
             (
-                ("sum by (grpc_service, grpc_code) "
-                f'(rate(grpc_server_handled_total{{grpc_code!="OK", {NS}}}[{RATE}]))'),
+                (
+                    "sum by (grpc_service, grpc_code) "
+                    f'(rate(grpc_server_handled_total{{grpc_code!="OK", {NS}}}[{RATE}]))'
+                ),
                 "{{grpc_service}} {{grpc_code}}",
             ),
         ],
@@ -262,12 +272,16 @@ def build() -> dict:
     )
     lay.panel(
         "timeseries",
-        "Searches by answer source",
+        "Searches by answer source and query",
         [
-            (f"sum by (source) (rate(imgsearch_broker_searches_total{{{NS}}}[{RATE}]))", "{{source}}"),
+            (
+                f"sum by (source, query) (rate(imgsearch_broker_searches_total{{{NS}}}[{RATE}]))",
+                "{{source}} / {{query}}",
+            ),
         ],
         unit="reqps",
-        description="cache: answered by the duplicate cache; index: embedded and searched.",
+        description="cache: answered by the duplicate cache; index: searched in the shards. Query: image "
+        "(embedded), vector (sent ready), image_id (a catalogue image's stored embedding).",
     )
 
     lay.row("Duplicate cache")
@@ -288,8 +302,10 @@ def build() -> dict:
                 "exact",
             ),
             (
-                (f'sum(rate({lookups}{{result="near_hit", {NS}}}[{RATE}]))'
-                f" / sum(rate({lookups}{{{NS}}}[{RATE}]))"),
+                (
+                    f'sum(rate({lookups}{{result="near_hit", {NS}}}[{RATE}]))'
+                    f" / sum(rate({lookups}{{{NS}}}[{RATE}]))"
+                ),
                 "near",
             ),
         ],
