@@ -3,6 +3,8 @@
     imgsearch up [--shards 2] [--port 7100]          whole stack in the foreground, Ctrl-C stops it
     imgsearch ingest PATH|CSV [--category C]         bulk ingest with a progress bar
     imgsearch search IMAGE [--category C] [--filter brand=Arla] [--price 10..50] [-k 10] [--json]
+    imgsearch search --image-id ID [--distinct-products] ...   like a catalogue image; one hit per product
+    imgsearch delete ID ... [--from-file ids.txt]
     imgsearch stats
     imgsearch demo --data ../shared/data             the grocery demo (what `make demo` runs)
 
@@ -233,6 +235,20 @@ def _console():
     return console if console.is_terminal else Console(width=160)
 
 
+def cmd_delete(args) -> int:
+    image_ids = list(args.image_ids)
+    if args.from_file:
+        text = sys.stdin.read() if args.from_file == "-" else Path(args.from_file).read_text()
+        image_ids += [line.strip() for line in text.splitlines() if line.strip()]
+    if not image_ids:
+        print("error: give image ids, or --from-file with one id per line", file=sys.stderr)
+        return 2
+    with _client(args, write=True) as client:
+        deleted = client.delete(image_ids, timeout_s=args.timeout_s)
+    print(f"deleted {deleted} of {len(image_ids)} images (unknown ids are not an error)")
+    return 0
+
+
 def cmd_stats(args) -> int:
     from rich.table import Table
 
@@ -335,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
     s.add_argument("--timeout-s", type=float, default=10.0)
     s.set_defaults(func=cmd_search)
+
+    de = sub.add_parser("delete", help="remove catalogue images by id (from every shard and the cache)")
+    de.add_argument("image_ids", nargs="*", help="image ids")
+    de.add_argument("--from-file", help="a file with one image id per line ('-': standard input)")
+    de.add_argument("--broker", default=broker)
+    de.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    de.add_argument("--timeout-s", type=float, default=600.0)
+    de.set_defaults(func=cmd_delete)
 
     st = sub.add_parser("stats", help="vectors per shard and category")
     st.add_argument("--json", action="store_true")

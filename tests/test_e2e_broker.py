@@ -423,7 +423,13 @@ def test_cli_ingest_csv_search_and_stats(stack, catalogue, tmp_path):
 
     done = _cli(stack, "search", str(item.path), "--filter", "nope=1")
     assert done.returncode == 1 and "INVALID_ARGUMENT" in done.stderr
-    assert client_delete(stack, ["cli-1"]) == 1
+
+    (tmp_path / "ids.txt").write_text("cli-1\nnever-ingested\n\n")
+    done = _cli(stack, "delete", "also-unknown", "--from-file", str(tmp_path / "ids.txt"))
+    assert done.returncode == 0, done.stderr
+    assert "deleted 1 of 3 images" in done.stdout
+    assert _cli(stack, "delete").returncode == 2
+    assert client_delete(stack, ["cli-1"]) == 0
 
 
 def client_delete(stack, ids) -> int:
