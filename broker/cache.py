@@ -182,14 +182,7 @@ class DuplicateCache:
         await self._call(pipe.execute(), self._write_timeout_s)
 
     async def delete(self, image_id: str) -> bool:
-        old = await self._call(self._redis.hget(self._img(image_id), "phash"), self._write_timeout_s)
-        if old is None:
-            return False
-        pipe = self._redis.pipeline(transaction=True)
-        self._unindex(pipe, image_id, int(old, 16))
-        pipe.delete(self._img(image_id))
-        await self._call(pipe.execute(), self._write_timeout_s)
-        return True
+        return await self.delete_many([image_id]) == 1
 
     async def delete_many(self, image_ids: Sequence[str]) -> int:
         """Remove the entries of these image ids in two round trips (read their hashes, then unindex and

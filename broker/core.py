@@ -280,39 +280,47 @@ class Broker:
         # Cache first: a delete that then fails on a shard must not leave the cache answering with the image
         # (a missing cache entry only costs an index search; the caller retries the delete, idempotent).
         if self.cache is not None:
-            for start in range(0, len(image_ids), CACHE_DELETE_BATCH_IDS):
-                batch = image_ids[start : start + CACHE_DELETE_BATCH_IDS]
-                try:
-                    await self.cache.delete_many(batch)
-                except CacheUnavailable:
-                    if self.repair is not None:
-                        for image_id in batch:
-                            self.repair.add(image_id, None)
-                    continue
-                if self.repair is not None:
-                    for image_id in batch:
-                        self.repair.discard(image_id)
+            await self._write_cache([(image_id, None) for image_id in image_ids])
         return await self.pool.delete(list(image_ids), timeout_s=timeout_s)
 
     async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]]) -> int:
-        """Apply cache upserts (entry) and deletes (None); failed ones go to the repair queue."""
+        """Apply cache upserts (entry) and deletes (None: a Delete, or a vector-only re-ingest dropping an old
+        image entry); failed ones go to the repair queue. Returns how many failed. Deletes go in batches of
+        CACHE_DELETE_BATCH_IDS per round trip, so a bulk Delete does not run a Redis call per id."""
 
-        async def one(image_id: str, entry: CacheEntry | None) -> bool:
-            try:
-                if entry is None:
-                    await self.cache.delete(image_id)  # a vector-only re-ingest drops an old image entry
-                else:
-                    await self.cache.upsert(entry)
-            except CacheUnavailable:
-                if self.repair is not None:
-                    self.repair.add(image_id, entry)
-                return False
+        def settled(batch: Sequence[tuple[str, CacheEntry | None]], ok: bool) -> int:
             if self.repair is not None:
-                self.repair.discard(image_id)
-            return True
+                for image_id, entry in batch:
+                    if ok:
+                        self.repair.discard(image_id)
+                    else:
+                        self.repair.add(image_id, entry)
+            return 0 if ok else len(batch)
 
-        done = await asyncio.gather(*(one(i, e) for i, e in writes))
-        return sum(1 for ok in done if not ok)
+        async def upsert(image_id: str, entry: CacheEntry) -> int:
+            try:
+                await self.cache.upsert(entry)
+            except CacheUnavailable:
+                return settled([(image_id, entry)], False)
+            return settled([(image_id, entry)], True)
+
+        async def delete(batch: list[tuple[str, None]]) -> int:
+            try:
+                await self.cache.delete_many([image_id for image_id, _ in batch])
+            except CacheUnavailable:
+                return settled(batch, False)
+            return settled(batch, True)
+
+        failed = sum(
+            await asyncio.gather(
+                *(upsert(image_id, entry) for image_id, entry in writes if entry is not None)
+            )
+        )
+        deletes = [(image_id, None) for image_id, entry in writes if entry is None]
+        # one batch at a time, so a bulk Delete holds one Redis connection
+        for start in range(0, len(deletes), CACHE_DELETE_BATCH_IDS):
+            failed += await delete(deletes[start : start + CACHE_DELETE_BATCH_IDS])
+        return failed
 
     # ------------------------------------------------------------------ stats
     async def stats(self, *, timeout_s: float) -> list[ShardSummary]:

@@ -273,7 +273,7 @@ class ShardEngine:
                 rows_by_category.setdefault(category, []).append(located & ROW_MASK)
         found: dict[str, Record] = {}
         for category, rows in rows_by_category.items():
-            for image_id, product_id, vector, attributes in self.partitions[category].records(
+            for (image_id, product_id, attributes), vector in self.partitions[category].records(
                     np.array(rows, dtype=np.int64)):
                 found[image_id] = Record(image_id=image_id, product_id=product_id, category=category,
                                          vector=vector, attributes=attributes)

@@ -11,6 +11,7 @@ copies, then catches up with rows written meanwhile, so searches never wait on t
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import sys
@@ -18,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from operator import itemgetter
 
 import faiss
 import numpy as np
@@ -27,7 +29,7 @@ from shard_server.attributes import AttributeColumns
 from shard_server.columns import GrowableArray, StringColumn
 from shard_server.config import ShardConfig
 from shard_server.rwlock import ReadWriteLock
-from shard_server.types import Filter
+from shard_server.types import Filter, first_of_each
 from shard_server.vectors import VectorStore
 
 log = logging.getLogger(__name__)
@@ -124,12 +126,17 @@ class Partition:
                 self.ivf.remove_ids(faiss.IDSelectorBatch(rows))
             self.version += 1
 
-    def records(self, rows: np.ndarray) -> list[tuple[str, str, np.ndarray, dict]]:
-        """(image id, product id, float32 vector, attributes) of the given live rows; tombstoned rows are skipped."""
+    def records(self, rows: np.ndarray) -> list[tuple[tuple[str, str, dict], np.ndarray]]:
+        """((image id, product id, attributes), float32 vector) of the given live rows; tombstoned rows are
+        skipped."""
         with self.lock.read():
             rows = rows[self.alive.view[rows]]
-            return list(zip(self.image_ids.view[rows].tolist(), self.product_ids.view[rows].tolist(),
-                            self.vectors.take(rows), self.attributes.rows(rows)))
+            return list(zip(self._details(rows), self.vectors.take(rows)))
+
+    def _details(self, rows: np.ndarray) -> list[tuple[str, str, dict]]:
+        """(image id, product id, attributes) of rows; the caller holds the read lock."""
+        return list(zip(self.image_ids.view[rows].tolist(), self.product_ids.view[rows].tolist(),
+                        self.attributes.rows(rows)))
 
     # --- search ----------------------------------------------------------------------------------------------
     def search(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool, *,
@@ -142,8 +149,7 @@ class Partition:
         with self.lock.read():
             t0 = time.perf_counter()
             hits = self._search_locked(query, k, flt, nprobe, exhaustive, distinct)
-            details = list(zip(self.image_ids.view[hits.rows].tolist(), self.product_ids.view[hits.rows].tolist(),
-                               self.attributes.rows(hits.rows)))
+            details = self._details(hits.rows)
             metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
             metrics.CANDIDATES_SCANNED.observe(hits.candidates_scanned)
             return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
@@ -221,14 +227,8 @@ class Partition:
         m = min(len(rows), DISTINCT_WIDEN_FACTOR * k)
         while True:
             best = self._top_k_of(rows, scores, m, scanned=scanned)
-            seen: set[str] = set()
-            picks: list[int] = []  # positions in best, best first
-            for position, product in enumerate(self.product_ids.view[best.rows].tolist()):
-                if product not in seen:
-                    seen.add(product)
-                    picks.append(position)
-                    if len(picks) == k:
-                        break
+            products = enumerate(self.product_ids.view[best.rows].tolist())
+            picks = [position for position, _ in itertools.islice(first_of_each(products, key=itemgetter(1)), k)]
             if len(picks) == k or m >= len(rows):
                 chosen = np.asarray(picks, dtype=np.int64)
                 return PartitionHits(rows=best.rows[chosen], scores=best.scores[chosen],

@@ -5,13 +5,16 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import TypeVar
 
 import numpy as np
 
 AttributeValue = str | float | bool
 Attributes = Mapping[str, AttributeValue]
+T = TypeVar("T")
 
 
 class Exactness(enum.Enum):
@@ -91,13 +94,19 @@ class Hit:
     attributes: Attributes = field(default_factory=dict)
 
 
-def distinct_products(hits: Iterable[Hit]) -> Iterator[Hit]:
-    """The first hit of each product id, in the given order (best first when the hits are sorted)."""
+def first_of_each(items: Iterable[T], key: Callable[[T], str]) -> Iterator[T]:
+    """The first item of each key, in the given order (each product's best when the items come best first)."""
     seen: set[str] = set()
-    for hit in hits:
-        if hit.product_id not in seen:
-            seen.add(hit.product_id)
-            yield hit
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            yield item
+
+
+def distinct_products(hits: Iterable[Hit]) -> Iterator[Hit]:
+    """The first hit of each product id, in the given order."""
+    return first_of_each(hits, key=attrgetter("product_id"))
 
 
 @dataclass(frozen=True, kw_only=True)

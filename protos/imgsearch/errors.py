@@ -20,6 +20,10 @@ class InvalidArgumentError(ImgsearchError, ValueError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class MalformedRequestError(InvalidArgumentError):
+    """The request bytes are not a valid protobuf message of the method's request type."""
+
+
 class NotFoundError(ImgsearchError, LookupError):
     code = grpc.StatusCode.NOT_FOUND
 

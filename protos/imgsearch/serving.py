@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from imgsearch.errors import ImgsearchError, InvalidArgumentError
+from imgsearch.errors import ImgsearchError, MalformedRequestError
 from imgsearch.gc_pauses import install_gc_pause_metric
 
 log = logging.getLogger(__name__)
@@ -165,10 +165,6 @@ def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> st
     if isinstance(exc, asyncio.CancelledError):
         return "CANCELLED"
     return "INTERNAL" if not isinstance(exc, grpc.aio.AbortError) else "UNKNOWN"
-
-
-class MalformedRequestError(InvalidArgumentError):
-    """The request bytes are not a valid protobuf message of the method's request type."""
 
 
 @dataclass(frozen=True)
