@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="ImageNet backbone + GeM (p=3), no fine-tuning, no projection")
     parser.add_argument("--grocery", type=Path, default=data.grocery_dir(), help="grocery dataset folder")
     parser.add_argument("--queries", type=Path, help="query catalogue CSV/folder (instead of the grocery data)")
-    parser.add_argument("--gallery", type=Path, help="gallery catalogue CSV/folder (with --queries)")
+    parser.add_argument("--gallery", type=Path,
+                        help="gallery catalogue CSV/folder; without it, --queries are searched among themselves, "
+                             "each leaving itself out (leave-one-out)")
     parser.add_argument("--heldout", type=Path,
                         help="a run's split.json: also report queries of the products held out of training")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -135,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {saved['model']}")
         print(summary_markdown(saved["results"]) if args.markdown else summary_table(saved["results"]))
         return 0
-    if bool(args.queries) != bool(args.gallery):
-        parser.error("--queries and --gallery go together")
+    if args.gallery and not args.queries:
+        parser.error("--gallery needs --queries")
 
     if args.checkpoint or args.baseline:
         import torch
@@ -151,11 +153,16 @@ def main(argv: list[str] | None = None) -> int:
         embed, model_name = onnx_embed_fn(onnx_path, args.threads), str(onnx_path)
 
     started = time.monotonic()
-    if args.queries:
+    if args.queries and args.gallery:
         queries, gallery = data.read_catalogue(args.queries), data.read_catalogue(args.gallery)
         results = {"queries_vs_gallery": evaluate_pair(
             embed_catalogue(embed, queries, args.batch_size), [i.product_id for i in queries],
             embed_catalogue(embed, gallery, args.batch_size), [i.product_id for i in gallery])}
+    elif args.queries:
+        queries = data.read_catalogue(args.queries)
+        q, labels = embed_catalogue(embed, queries, args.batch_size), [i.product_id for i in queries]
+        results = {"queries_leave_one_out": retrieval_report(cosine_similarities(q, q), labels, labels,
+                                                             exclude_self=True)}
     else:
         heldout = set(json.loads(args.heldout.read_text())["val_products"]) if args.heldout else None
         results = evaluate_grocery(embed, args.grocery, heldout_products=heldout, batch_size=args.batch_size)

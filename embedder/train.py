@@ -129,7 +129,9 @@ def validate(model: ImageEmbedder, val_features: torch.Tensor, block: int, label
             "val_map@r": map_at_r(sims, labels, labels, exclude_self=True)}
 
 
-def train(config: TrainConfig, catalogue: list[data.CatalogueImage], *, progress: bool = True) -> dict:
+def train(config: TrainConfig, catalogue: list[data.CatalogueImage], *, progress: bool = True,
+          source: dict | None = None) -> dict:
+    """Train on `catalogue`; `source` (how the catalogue was read) is recorded in metrics.json as it is."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     torch.set_num_threads(config.threads)
@@ -139,6 +141,9 @@ def train(config: TrainConfig, catalogue: list[data.CatalogueImage], *, progress
     started = time.monotonic()
 
     train_items, val_items = data.split_by_product(catalogue, config.val_fraction, config.seed)
+    # An image listed twice (e.g. packshots repeated to weigh more in training) would find its own copy in the
+    # leave-one-out validation: validate on each file once.
+    val_items = list({item.path: item for item in val_items}.values())
     products = sorted({item.product_id for item in train_items})
     label_of = {product: i for i, product in enumerate(products)}
     (out / "split.json").write_text(json.dumps({
@@ -195,6 +200,7 @@ def train(config: TrainConfig, catalogue: list[data.CatalogueImage], *, progress
 
     history: list[dict] = []
     metrics = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+               "source": source or {},
                "train_images": len(train_items), "train_products": len(products),
                "val_images": len(val_items), "val_products": len(set(val_labels)), "device": str(device),
                "setup_seconds": round(time.monotonic() - started, 1), "epochs": history}
@@ -249,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--catalogue", type=Path, help="CSV (path, product id, category) or a folder per product")
     source.add_argument("--grocery", type=Path, nargs="?", const=data.grocery_dir(),
                         help="the grocery dataset folder (its train.txt); default ../shared/data/grocery")
+    parser.add_argument("--iconic-copies", type=int, default=0,
+                        help="with --grocery: also train on the 81 iconic catalogue packshots, each listed this many "
+                             "times (the listing images a shop has for every product); default 0")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics.json)")
     defaults = TrainConfig(out_dir=Path("."))
     for name in ("epochs", "max_steps", "batch_size", "image_size", "lr", "backbone_lr", "weight_decay",
@@ -261,18 +270,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def training_catalogue(args: argparse.Namespace) -> list[data.CatalogueImage]:
+    if args.grocery is None:
+        return data.read_catalogue(args.catalogue)
+    return data.read_grocery(args.grocery, "train") + data.read_grocery_iconic(args.grocery) * args.iconic_copies
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    catalogue = (data.read_grocery(args.grocery, "train") if args.grocery is not None
-                 else data.read_catalogue(args.catalogue))
+    if args.iconic_copies and args.grocery is None:
+        print("--iconic-copies needs --grocery (list a catalogue's own packshots in its CSV instead)")
+        return 2
+    catalogue = training_catalogue(args)
     if args.image_size % 32:
         print("--image-size must be a multiple of 32 (the backbone's fixed 'SAME' padding assumes it)")
         return 2
     if len({item.product_id for item in catalogue}) < 2:
         print("the catalogue needs at least two products")
         return 2
-    fields = {k: v for k, v in vars(args).items() if k not in ("catalogue", "grocery", "out")}
-    metrics = train(TrainConfig(out_dir=args.out, **fields), catalogue)
+    fields = {k: v for k, v in vars(args).items() if k not in ("catalogue", "grocery", "out", "iconic_copies")}
+    source = ({"grocery": str(args.grocery), "iconic_copies": args.iconic_copies} if args.grocery is not None
+              else {"catalogue": str(args.catalogue)})
+    metrics = train(TrainConfig(out_dir=args.out, **fields), catalogue, source=source)
     print(f"done in {metrics.get('total_seconds')} s; checkpoints and metrics.json in {args.out}")
     return 0
 

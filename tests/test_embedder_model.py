@@ -181,7 +181,7 @@ def test_catalogue_from_folders_per_product(tmp_path):
 def test_tiny_training_run_end_to_end(tmp_path, mode):
     """A handful of steps on 5 products from a CSV catalogue: checkpoints, metrics JSON, exportable."""
     products = ["Banana", "Lemon", "Granny-Smith", "Oatly-Oat-Milk", "Arla-Standard-Milk"]
-    rows = [f"{p},{product},test" for product in products for p in photos(product, 4)]
+    rows = [f"{p},{product},test" for product in products for p in photos(product, 4)] * 2  # every file twice
     catalogue = tmp_path / "catalogue.csv"
     catalogue.write_text("path,product_id,category\n" + "\n".join(rows) + "\n")
     out = tmp_path / "run"
@@ -190,6 +190,9 @@ def test_tiny_training_run_end_to_end(tmp_path, mode):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_products"] == 3 and metrics["val_products"] == 2
+    # repeated files weigh more in training but are validated once (a copy would be its own nearest neighbour)
+    assert metrics["train_images"] == 3 * 4 * 2 and metrics["val_images"] == 2 * 4
+    assert metrics["source"] == {"catalogue": str(catalogue)}
     epochs = metrics["epochs"]
     assert epochs and epochs[-1]["steps"] == 3
     assert np.isfinite(epochs[-1]["train_loss"]) and 0 <= epochs[-1]["val_map@r"] <= 1
@@ -202,6 +205,16 @@ def test_tiny_training_run_end_to_end(tmp_path, mode):
     assert export.main(["--checkpoint", str(out / "best.pt"), "--out", str(onnx_path)]) == 0
     pixels = pixels_of(photos("Banana", 2))
     assert export.max_onnx_deviation(model, onnx_path, pixels) < 1e-4
+
+
+def test_grocery_training_catalogue_adds_the_iconic_packshots():
+    args = train.build_parser().parse_args(["--grocery", str(GROCERY), "--out", "x", "--iconic-copies", "3"])
+    items = train.training_catalogue(args)
+    photos_only = data.read_grocery(GROCERY, "train")
+    packshots = [i for i in items if i.path.name.endswith("_Iconic.jpg")]
+    assert len(items) == len(photos_only) + 3 * 81 and len(packshots) == 3 * 81
+    assert {i.product_id for i in packshots} == {i.product_id for i in photos_only}
+    assert train.main(["--catalogue", "x.csv", "--out", "x", "--iconic-copies", "2"]) == 2  # grocery only
 
 
 def test_default_model_embeds_every_odd_image_or_rejects_it_clearly():
