@@ -41,7 +41,7 @@ class BrokerConfig:
     # Near-duplicate rule (pHash AND dHash within these Hamming radii), confirmed by embedding similarity.
     near_phash_radius: int = 5
     near_dhash_radius: int = 5
-    # Between edited copies of a photo (min 0.832) and other photos of the same product (max 0.816) with the
+    # Between edited copies of a photo (min 0.855) and other photos of the same product (max 0.794) with the
     # shipped model: `python -m broker.near_threshold --photos 20`. Re-measure when the model changes.
     near_min_similarity: float = 0.82
     # Bearer token required in the `authorization` metadata of Ingest/IngestStream/Delete; None: open.

@@ -137,3 +137,19 @@ def test_eval_cli_leave_one_out_without_a_gallery(tiny_catalogues, tmp_path):
     assert loo["recall@1"] <= 0.5
     with pytest.raises(SystemExit):
         evaluate.main(["--gallery", str(catalogue)])
+
+
+def test_selection_sets_never_touch_val_and_split_each_product(tmp_path):
+    from embedder import selection_sets
+
+    root = data.grocery_dir()
+    sets = selection_sets.selection_sets(root)
+    val_paths = {i.path for i in data.read_grocery(root, "val")}
+    train_paths = {i.path for i in data.read_grocery(root, "train")}
+    assert not any(i.path in val_paths for items in sets.values() for i in items)
+    half_a, half_b = {i.path for i in sets["half-a.csv"]}, {i.path for i in sets["half-b.csv"]}
+    assert not half_a & half_b and half_a | half_b == train_paths
+    assert {i.product_id for i in sets["half-a.csv"]} == {i.product_id for i in sets["half-b.csv"]}
+    assert len(sets["iconic.csv"]) == 81 and len({i.product_id for i in sets["heldout-train-photos.csv"]}) == 8
+    assert selection_sets.main(["--grocery", str(root), "--out", str(tmp_path)]) == 0
+    assert data.read_catalogue(tmp_path / "half-a-plus-iconic4.csv") == sets["half-a-plus-iconic4.csv"]
