@@ -278,6 +278,9 @@ def training_catalogue(args: argparse.Namespace) -> list[data.CatalogueImage]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.iconic_copies < 0:
+        print("--iconic-copies must be >= 0")
+        return 2
     if args.iconic_copies and args.grocery is None:
         print("--iconic-copies needs --grocery (list a catalogue's own packshots in its CSV instead)")
         return 2

@@ -215,6 +215,7 @@ def test_grocery_training_catalogue_adds_the_iconic_packshots():
     assert len(items) == len(photos_only) + 3 * 81 and len(packshots) == 3 * 81
     assert {i.product_id for i in packshots} == {i.product_id for i in photos_only}
     assert train.main(["--catalogue", "x.csv", "--out", "x", "--iconic-copies", "2"]) == 2  # grocery only
+    assert train.main(["--grocery", str(GROCERY), "--out", "x", "--iconic-copies", "-1"]) == 2
 
 
 def test_default_model_embeds_every_odd_image_or_rejects_it_clearly():
