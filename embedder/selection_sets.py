@@ -8,7 +8,7 @@ category` as `imgsearch-embed train --catalogue` and `imgsearch-embed eval --que
 
 - Closed set (every product trained on; what a shop's own catalogue is):
   `half-a.csv` / `half-b.csv` split each product's training photos alternately (train on A, query with B);
-  `half-a-plus-iconic4.csv` is A plus every packshot listed 4 times.
+  `half-a-plus-iconic4.csv` is A plus every packshot listed 4 times (`half-a-plus-iconic8.csv`: 8 times).
 - Open set (the 8 products `imgsearch-embed train --val-fraction 0.1 --seed 0` holds out):
   `heldout-train-photos.csv` are their training photos (the queries); `train-plus-iconic4.csv` is every training
   photo plus every packshot 4 times (train holds the 8 products out again, packshots included);
@@ -51,6 +51,7 @@ def selection_sets(root: Path) -> dict[str, list[data.CatalogueImage]]:
         "half-a.csv": half_a,
         "half-b.csv": half_b,
         "half-a-plus-iconic4.csv": half_a + packshots * PACKSHOT_COPIES,
+        "half-a-plus-iconic8.csv": half_a + packshots * 2 * PACKSHOT_COPIES,
         "heldout-train-photos.csv": heldout,
         "train-plus-iconic4.csv": photos + packshots * PACKSHOT_COPIES,
         "photos-without-heldout-plus-iconic4.csv": [p for p in photos if p.product_id not in heldout_products]
