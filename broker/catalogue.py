@@ -13,7 +13,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shard_server.config import DEFAULT_ATTRIBUTE_SCHEMA
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The shards' attribute schema for the grocery catalogue with its packshots (`--attribute-schema`).
+GROCERY_ATTRIBUTE_SCHEMA = DEFAULT_ATTRIBUTE_SCHEMA + ",packshot:flag"
 BRANDS = ("Arla", "Garant", "ICA", "Oatly", "Alpro", "Valio", "Zeta", "Bravo")
 COLOURS = ("red", "green", "yellow", "orange", "white", "brown", "purple")
 
@@ -75,6 +79,30 @@ def grocery_split(data_dir: Path, split: str = "train", *, level: str = "coarse"
                 attributes=synthetic_attributes(product, image_id),
             )
         )
+    return files
+
+
+def grocery_packshots(data_dir: Path) -> list[CatalogueFile]:
+    """The 81 iconic catalogue packshots (one studio image per product, as a shop lists it), filed under the
+    product's coarse class with the synthetic attributes and the flag `packshot=True`, which photos lack: a
+    `packshot is true` filter searches the listings only. The shards need GROCERY_ATTRIBUTE_SCHEMA for it."""
+    root = data_dir / "grocery"
+    files = []
+    with open(root / "classes.csv", newline="") as f:
+        for row in csv.reader(f):
+            if not row or not row[1].strip().isdigit():
+                continue
+            product, coarse, rel = row[0].strip(), row[2].strip(), row[4].strip().lstrip("/")
+            image_id = rel.rsplit(".", 1)[0]
+            files.append(
+                CatalogueFile(
+                    path=root / rel,
+                    image_id=image_id,
+                    product_id=product,
+                    category=coarse,
+                    attributes={**synthetic_attributes(product, image_id), "packshot": True},
+                )
+            )
     return files
 
 

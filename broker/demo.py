@@ -1,5 +1,6 @@
-"""`imgsearch demo` / `make demo`: a local stack, the grocery train photos as the catalogue, a few val photos
-as queries, one re-encoded catalogue photo (the duplicate-cache path), then shut down."""
+"""`imgsearch demo` / `make demo`: a local stack, the grocery train photos and the 81 product packshots as the
+catalogue, a few val photos as queries (also against the packshots only: "find the listing"), one re-encoded
+catalogue photo (the duplicate-cache path), then shut down."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from shard_server.types import Condition, Filter, Range
+from shard_server.types import Condition, Filter, Is, Range
 
 
 def reencode_jpeg(data: bytes, *, quality: int = 80, scale: float = 1.0) -> bytes:
@@ -22,6 +23,9 @@ def reencode_jpeg(data: bytes, *, quality: int = 80, scale: float = 1.0) -> byte
     out = io.BytesIO()
     img.save(out, format="JPEG", quality=quality)
     return out.getvalue()
+
+
+LISTING_QUERIES = 60  # val photos searched against the packshots (Recall@1 over 60, ~3 s)
 
 
 def pick_queries(val, n: int):
@@ -35,7 +39,7 @@ def pick_queries(val, n: int):
 def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 0) -> int:
     from tqdm import tqdm
 
-    from broker.catalogue import grocery_split, iter_items
+    from broker.catalogue import GROCERY_ATTRIBUTE_SCHEMA, grocery_packshots, grocery_split, iter_items
     from broker.cli import print_answer
     from broker.client import SyncBrokerClient
     from broker.stack import LocalStack, StackConfig
@@ -47,28 +51,35 @@ def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 
     if limit:
         train = train[:: max(1, len(train) // limit)][:limit]
     val = grocery_split(data_dir, "val")
+    products = {f.product_id for f in train}
+    packshots = [f for f in grocery_packshots(data_dir) if f.product_id in products]
     with tempfile.TemporaryDirectory(prefix="imgsearch-demo-") as work:
         t0 = time.perf_counter()
         print(f"starting redis, Triton (CPU), {shards} shards and the broker in {work} ...", flush=True)
-        with LocalStack(StackConfig(work_dir=Path(work), shards=shards, search_timeout_s=10.0)) as stack:
+        with LocalStack(StackConfig(
+            work_dir=Path(work),
+            shards=shards,
+            search_timeout_s=10.0,
+            shard_args=("--attribute-schema", GROCERY_ATTRIBUTE_SCHEMA),
+        )) as stack:
             print(f"stack up in {time.perf_counter() - t0:.1f}s:")
             for key, value in stack.describe().items():
                 print(f"  {key:15s} {value}")
             with SyncBrokerClient(stack.broker_address) as client:
                 t1 = time.perf_counter()
-                with tqdm(total=len(train), unit="img", desc="ingest") as bar:
+                with tqdm(total=len(train) + len(packshots), unit="img", desc="ingest") as bar:
 
                     def items():
-                        for item in iter_items(train):
+                        for item in iter_items(train + packshots):
                             yield item
                             bar.update(1)
 
                     summary = client.ingest_stream(items(), timeout_s=3600)
                 took = time.perf_counter() - t1
                 print(
-                    f"ingested {summary.ingested} photos of {len({f.product_id for f in train})} products in "
-                    f"{len({f.category for f in train})} categories in {took:.1f}s "
-                    f"({summary.ingested / took:.1f} photos/s); cache pending: {summary.cache_pending}"
+                    f"ingested {summary.ingested} images ({len(train)} photos and {len(packshots)} packshots of "
+                    f"{len(products)} products in {len({f.category for f in train})} categories) in {took:.1f}s "
+                    f"({summary.ingested / took:.1f} images/s); cache pending: {summary.cache_pending}"
                 )
 
                 found = 0
@@ -83,6 +94,22 @@ def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 
                     )
                 if picked:
                     print(f"right product in the top 5 for {found} of {len(picked)} val queries")
+
+                # A shopper's photo against the listings only: the packshots carry the flag packshot=True.
+                listings = Filter(all_of=(Condition(field="packshot", predicate=Is(value=True)),))
+                shelf_photos = pick_queries(val, LISTING_QUERIES)
+                first = 0
+                for i, q in enumerate(shelf_photos):
+                    answer = client.search(image=q.path.read_bytes(), top_k=3, filter=listings, timeout_s=30)
+                    first += bool(answer.hits) and answer.hits[0].product_id == q.product_id
+                    if i == 0:
+                        print_answer(
+                            answer,
+                            title=f"query {q.image_id}: its listing (packshots only: filter packshot is true)",
+                            expected_product=q.product_id,
+                        )
+                if shelf_photos:
+                    print(f"right listing first for {first} of {len(shelf_photos)} val photos")
 
                 q = picked[0] if picked else val[0]
                 answer = client.search(image=q.path.read_bytes(), top_k=5, distinct_products=True, timeout_s=30)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from broker.catalogue import grocery_split
+from broker.catalogue import GROCERY_ATTRIBUTE_SCHEMA, grocery_packshots, grocery_split
 from broker.client import BrokerClient, SyncBrokerClient
 from broker.demo import reencode_jpeg
 from broker.fanout import ShardPool
@@ -73,6 +73,7 @@ def stack(tmp_path_factory, catalogue):
         write_token=TOKEN,
         search_timeout_s=10.0,
         redis_timeout_s=0.2,
+        shard_args=("--attribute-schema", GROCERY_ATTRIBUTE_SCHEMA),  # the packshot flag
     )
     s = LocalStack(config)
     s.start()
@@ -314,6 +315,36 @@ def test_distinct_products_over_both_shards_and_from_the_cache(client, catalogue
         assert len(distinct.hits) == 1 and distinct.hits[0].product_id == item.product_id
     finally:
         assert client.delete(["second-copy"]) == 1
+
+
+def test_a_shelf_photo_finds_its_listing_among_the_packshots(client, catalogue, data_dir):
+    """The packshots (studio images, flagged packshot=True) next to the photos; a filter on the flag searches the
+    listings only. The shipped model trained on them: every val photo here finds its listing first (the model
+    before it: 7 of 9)."""
+    products = {f.product_id for f in catalogue["gallery"]}
+    packshots = [f for f in grocery_packshots(data_dir) if f.product_id in products]
+    items = [
+        CatalogueItem(
+            image_id=f.image_id,
+            product_id=f.product_id,
+            category=f.category,
+            image=f.path.read_bytes(),
+            attributes=f.attributes,
+        )
+        for f in packshots
+    ]
+    assert len(items) == len(products) and client.ingest_stream(items, timeout_s=120).ingested == len(items)
+    try:
+        listings = Filter(all_of=(Condition(field="packshot", predicate=Is(value=True)),))
+        first = 0
+        for q in catalogue["queries"]:
+            answer = client.search(image=q.path.read_bytes(), top_k=3, filter=listings)
+            assert len(answer.hits) == 3 and not answer.partial
+            assert all(h.attributes["packshot"] is True and h.image_id.endswith("_Iconic") for h in answer.hits)
+            first += answer.hits[0].product_id == q.product_id
+        assert first >= len(catalogue["queries"]) - 1
+    finally:
+        assert client.delete([f.image_id for f in packshots]) == len(packshots)
 
 
 # ------------------------------------------------------------------------------------------ writes
