@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embedder.data import grocery_classes
 from shard_server.config import DEFAULT_ATTRIBUTE_SCHEMA
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -57,26 +58,22 @@ def grocery_split(data_dir: Path, split: str = "train", *, level: str = "coarse"
     """The grocery photos of a split: product = fine class, category = coarse class (or top class: Fruit,
     Vegetables, Packages, with level="top")."""
     root = data_dir / "grocery"
-    names: dict[int, tuple[str, str]] = {}
-    with open(root / "classes.csv", newline="") as f:
-        for row in csv.reader(f):
-            if row and row[1].strip().isdigit():
-                names[int(row[1])] = (row[0].strip(), row[2].strip())
+    classes = grocery_classes(root)
     files = []
     for line in (root / f"{split}.txt").read_text().splitlines():
         if not line.strip():
             continue
         rel, fine, _coarse = (part.strip() for part in line.split(","))
-        product, coarse = names[int(fine)]
-        category = rel.split("/")[1] if level == "top" else coarse
+        cls = classes[int(fine)]
+        category = rel.split("/")[1] if level == "top" else cls.coarse_name
         image_id = rel.rsplit(".", 1)[0]
         files.append(
             CatalogueFile(
                 path=root / rel,
                 image_id=image_id,
-                product_id=product,
+                product_id=cls.name,
                 category=category,
-                attributes=synthetic_attributes(product, image_id),
+                attributes=synthetic_attributes(cls.name, image_id),
             )
         )
     return files
@@ -88,21 +85,17 @@ def grocery_packshots(data_dir: Path) -> list[CatalogueFile]:
     `packshot is true` filter searches the listings only. The shards need GROCERY_ATTRIBUTE_SCHEMA for it."""
     root = data_dir / "grocery"
     files = []
-    with open(root / "classes.csv", newline="") as f:
-        for row in csv.reader(f):
-            if not row or not row[1].strip().isdigit():
-                continue
-            product, coarse, rel = row[0].strip(), row[2].strip(), row[4].strip().lstrip("/")
-            image_id = rel.rsplit(".", 1)[0]
-            files.append(
-                CatalogueFile(
-                    path=root / rel,
-                    image_id=image_id,
-                    product_id=product,
-                    category=coarse,
-                    attributes={**synthetic_attributes(product, image_id), "packshot": True},
-                )
+    for cls in grocery_classes(root).values():
+        image_id = str(cls.iconic_path.relative_to(root).with_suffix(""))
+        files.append(
+            CatalogueFile(
+                path=cls.iconic_path,
+                image_id=image_id,
+                product_id=cls.name,
+                category=cls.coarse_name,
+                attributes={**synthetic_attributes(cls.name, image_id), "packshot": True},
             )
+        )
     return files
 
 
