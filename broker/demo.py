@@ -97,7 +97,8 @@ def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 
 
                 # A shopper's photo against the listings only: the packshots carry the flag packshot=True.
                 listings = Filter(all_of=(Condition(field="packshot", predicate=Is(value=True)),))
-                shelf_photos = pick_queries(val, LISTING_QUERIES)
+                # (only products with a listing: with --limit some have none)
+                shelf_photos = pick_queries([f for f in val if f.product_id in products], LISTING_QUERIES)
                 first = 0
                 for i, q in enumerate(shelf_photos):
                     answer = client.search(image=q.path.read_bytes(), top_k=3, filter=listings, timeout_s=30)
