@@ -35,10 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from broker.catalogue import CatalogueFile, default_data_dir, grocery_split
+from broker.catalogue import CatalogueFile, default_data_dir, grocery_split, iter_items
 from broker.client import BrokerClient
 from broker.stack import LocalStack, StackConfig
-from broker.types import CatalogueItem, SearchAnswer
+from broker.types import SearchAnswer
 
 log = logging.getLogger("imgsearch.loadtest")
 
@@ -252,16 +252,7 @@ def timeline(outcomes: list[Outcome], *, bucket_s: float = 1.0) -> list[dict]:
 
 
 async def ingest(address: str, gallery: list[CatalogueFile]) -> dict:
-    items = [
-        CatalogueItem(
-            image_id=f.image_id,
-            product_id=f.product_id,
-            category=f.category,
-            image=f.path.read_bytes(),
-            attributes=f.attributes,
-        )
-        for f in gallery
-    ]
+    items = list(iter_items(gallery))
     started = time.perf_counter()
     async with BrokerClient(address, token=TOKEN, ingest_timeout_s=900) as client:
         summary = await client.ingest_stream(items, timeout_s=900)

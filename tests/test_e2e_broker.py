@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance
 
-from broker.catalogue import GROCERY_ATTRIBUTE_SCHEMA, grocery_packshots, grocery_split
+from broker.catalogue import GROCERY_ATTRIBUTE_SCHEMA, grocery_packshots, grocery_split, iter_items
 from broker.client import BrokerClient, SyncBrokerClient
 from broker.demo import reencode_jpeg
 from broker.fanout import ShardPool
@@ -79,16 +79,7 @@ def stack(tmp_path_factory, catalogue):
     s.start()
     try:
         with SyncBrokerClient(s.broker_address, token=TOKEN) as client:
-            items = [
-                CatalogueItem(
-                    image_id=f.image_id,
-                    product_id=f.product_id,
-                    category=f.category,
-                    image=f.path.read_bytes(),
-                    attributes=f.attributes,
-                )
-                for f in catalogue["gallery"]
-            ]
+            items = list(iter_items(catalogue["gallery"]))
             summary = client.ingest_stream(items, timeout_s=600)
             assert summary.ingested == len(items) and summary.cache_pending == 0
         yield s
@@ -323,16 +314,7 @@ def test_a_shelf_photo_finds_its_listing_among_the_packshots(client, catalogue, 
     before it: 7 of 9)."""
     products = {f.product_id for f in catalogue["gallery"]}
     packshots = [f for f in grocery_packshots(data_dir) if f.product_id in products]
-    items = [
-        CatalogueItem(
-            image_id=f.image_id,
-            product_id=f.product_id,
-            category=f.category,
-            image=f.path.read_bytes(),
-            attributes=f.attributes,
-        )
-        for f in packshots
-    ]
+    items = list(iter_items(packshots))
     assert len(items) == len(products) and client.ingest_stream(items, timeout_s=120).ingested == len(items)
     try:
         listings = Filter(all_of=(Condition(field="packshot", predicate=Is(value=True)),))
