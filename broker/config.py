@@ -49,6 +49,11 @@ class BrokerConfig:
     # CA certificate to verify the shards' TLS certificates; None: plaintext to the shards.
     shard_tls_ca_file: Path | None = None
     health_check_interval_s: float = 1.0
+    # Calls in flight to one shard replica before further searches queue and leave together as one SearchBatch
+    # when a call returns (broker.coalesce); 0: no queueing, every search its own call.
+    shard_calls_in_flight: int = 1
+    # At most this many searches per SearchBatch call (the shards accept up to their max_batch_searches, 256).
+    shard_batch_max_searches: int = 64
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> BrokerConfig:
@@ -118,6 +123,17 @@ class BrokerConfig:
             "--shutdown-grace-s", type=float, default=float(env("IMGSEARCH_SHUTDOWN_GRACE_S", "10"))
         )
         p.add_argument(
+            "--shard-calls-in-flight",
+            type=int,
+            default=int(env("IMGSEARCH_SHARD_CALLS_IN_FLIGHT", str(cls.shard_calls_in_flight))),
+            help="calls in flight per shard replica before searches queue into batches; 0: never batch",
+        )
+        p.add_argument(
+            "--shard-batch-max-searches",
+            type=int,
+            default=int(env("IMGSEARCH_SHARD_BATCH_MAX_SEARCHES", str(cls.shard_batch_max_searches))),
+        )
+        p.add_argument(
             "--event-loop", choices=EVENT_LOOPS, default=env("IMGSEARCH_EVENT_LOOP", DEFAULT_EVENT_LOOP)
         )
         a = p.parse_args(argv)
@@ -153,6 +169,8 @@ class BrokerConfig:
             near_min_similarity=a.near_min_similarity,
             write_token=token,
             shard_tls_ca_file=_opt_path(a.shard_tls_ca_file),
+            shard_calls_in_flight=a.shard_calls_in_flight,
+            shard_batch_max_searches=a.shard_batch_max_searches,
         )
 
 

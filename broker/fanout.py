@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from broker.coalesce import SearchCoalescer
 from broker.errors import NoShardAvailableError, UnknownImageError
 from broker.merge import merge_top_k
 from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS
@@ -88,12 +90,24 @@ class ReplicaStats:
 class ShardPool:
     """One ShardClient per replica address of every shard in the map."""
 
-    def __init__(self, shard_map: ShardMap, *, tls_ca_file: Path | None = None):
+    def __init__(self, shard_map: ShardMap, *, tls_ca_file: Path | None = None, calls_in_flight: int = 1,
+                 batch_max_searches: int = 64):
+        """`calls_in_flight`: searches to one replica beyond this many calls in flight queue and go out as one
+        SearchBatch (broker.coalesce); 0 sends every search as its own call."""
+        if calls_in_flight < 0:
+            raise ValueError("calls_in_flight must be >= 0")
         self.shard_map = shard_map
         creds = grpc.ssl_channel_credentials(tls_ca_file.read_bytes()) if tls_ca_file else None
         self._replicas: dict[str, list[ShardClient]] = {
             name: [ShardClient(address, channel_credentials=creds) for address in addresses]
             for name, addresses in shard_map.shards.items()
+        }
+        self._searchers: dict[str, list[SearchCoalescer]] = {
+            name: [
+                SearchCoalescer(c, max_in_flight=calls_in_flight or sys.maxsize, max_batch=batch_max_searches)
+                for c in clients
+            ]
+            for name, clients in self._replicas.items()
         }
         self._addresses = {name: list(addresses) for name, addresses in shard_map.shards.items()}
         self._next = {name: itertools.count() for name in shard_map.shards}
@@ -123,7 +137,9 @@ class ShardPool:
         return result
 
     async def _search_shard(self, name: str, query: SearchQuery, deadline: float) -> ShardAnswer:
-        reply = await self._ask_replicas(name, lambda client, t: client.search(query, timeout_s=t), deadline)
+        reply = await self._ask_replicas(
+            name, lambda searcher, t: searcher.search(query, timeout_s=t), deadline, self._searchers[name]
+        )
         SHARD_REQUESTS.labels(name, reply.outcome).inc()
         return ShardAnswer(
             shard=name,
@@ -133,10 +149,11 @@ class ShardPool:
             hits=reply.value.hits if reply.outcome == OK else (),
         )
 
-    async def _ask_replicas(self, name: str, call, deadline: float) -> _ReplicaReply:
-        """`call(client, timeout_s)` on a shard's replicas, round-robin, moving on to the next replica on
-        UNAVAILABLE while the deadline allows. INVALID_ARGUMENT is the caller's fault and is raised."""
-        clients, addresses = self._replicas[name], self._addresses[name]
+    async def _ask_replicas(self, name: str, call, deadline: float, clients: Sequence = ()) -> _ReplicaReply:
+        """`call(client, timeout_s)` on a shard's replicas (their ShardClients, or the `clients` given, one per
+        replica), round-robin, moving on to the next replica on UNAVAILABLE while the deadline allows.
+        INVALID_ARGUMENT is the caller's fault and is raised."""
+        clients, addresses = clients or self._replicas[name], self._addresses[name]
         start = next(self._next[name])
         reply = _ReplicaReply(
             address=addresses[start % len(clients)],

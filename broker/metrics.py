@@ -22,6 +22,12 @@ SHARD_REQUESTS = Counter(
     "Shard searches by configured shard name and outcome (ok, timeout, unavailable, error).",
     ["shard", "outcome"],
 )
+SHARD_CALL_SEARCHES = Histogram(
+    "imgsearch_broker_shard_call_searches",
+    "Searches carried by one call to a shard replica (more than 1: searches queued behind a call in flight went "
+    "out together as one SearchBatch, broker.coalesce).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 PARTIAL_RESULTS = Counter(
     "imgsearch_broker_partial_results_total",
     "Searches answered without at least one shard that should have answered.",

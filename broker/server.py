@@ -56,7 +56,12 @@ def _default_embedder(config: BrokerConfig):
 async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
     """Start the server; health turns SERVING once Triton is ready and every shard has a reachable replica."""
     embedder = embedder or _default_embedder(config)
-    pool = ShardPool(config.shard_map, tls_ca_file=config.shard_tls_ca_file)
+    pool = ShardPool(
+        config.shard_map,
+        tls_ca_file=config.shard_tls_ca_file,
+        calls_in_flight=config.shard_calls_in_flight,
+        batch_max_searches=config.shard_batch_max_searches,
+    )
     cache = repair = None
     hooks: list[Callable] = [embedder.close, pool.close]
     if config.redis_url:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterable, Iterable, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from imgsearch.errors import from_rpc_error
+from imgsearch.errors import ImgsearchError, from_rpc_error
 from imgsearch.serving import client_channel_options
 from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
@@ -34,6 +34,16 @@ class ShardClient:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         return convert.result_from_proto(response)
+
+    async def search_batch(self, queries: Sequence[SearchQuery], *,
+                           timeout_s: float) -> list[SearchResult | ImgsearchError]:
+        """One call for several searches: each gets its result, or the typed error that refused it (returned,
+        not raised). A failure of the call itself (unavailable, deadline, a batch over the limit) raises."""
+        try:
+            response = await self._stub.SearchBatch(convert.batch_to_proto(queries), timeout=timeout_s)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return convert.outcomes_from_proto(response)
 
     async def upsert(self, records: Sequence[Record], *, timeout_s: float) -> int:
         request = shard_pb2.UpsertRequest(records=[convert.record_to_proto(r) for r in records])

@@ -86,6 +86,8 @@ class ShardConfig:
     filtered_nprobe_floor: int = 32
     max_top_k: int = 1000
     max_records_per_request: int = 10_000
+    # Searches in one SearchBatch call (the broker's batches hold the searches queued behind one call).
+    max_batch_searches: int = 256
     max_stream_bytes: int = 1 << 30
     snapshot_interval_s: float = 600.0
     # A snapshot is also taken once the write-ahead log grows past this size.
@@ -112,8 +114,8 @@ class ShardConfig:
     def __post_init__(self) -> None:
         if self.dimension <= 0:
             raise ValueError("dimension must be positive")
-        if self.nprobe <= 0 or self.rerank_factor <= 0 or self.max_top_k <= 0:
-            raise ValueError("nprobe, rerank_factor and max_top_k must be positive")
+        if self.nprobe <= 0 or self.rerank_factor <= 0 or self.max_top_k <= 0 or self.max_batch_searches <= 0:
+            raise ValueError("nprobe, rerank_factor, max_top_k and max_batch_searches must be positive")
         if not 0 < self.max_stream_bytes <= MAX_LOG_FRAME_BYTES:
             # a stream is logged as one frame, whose length the log stores in 32 bits
             raise ValueError(f"max_stream_bytes must be in 1..{MAX_LOG_FRAME_BYTES}, got {self.max_stream_bytes}")

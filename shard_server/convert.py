@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 
+from imgsearch.errors import ImgsearchError, from_status
 from imgsearch.v1 import common_pb2, shard_pb2
 from shard_server.errors import InvalidRequestError
 from shard_server.types import (
@@ -311,6 +312,30 @@ def result_to_proto(result: SearchResult) -> shard_pb2.ShardServiceSearchRespons
     response = shard_pb2.ShardServiceSearchResponse(candidates_scanned=result.candidates_scanned)
     add_hits(response.hits, result.hits)
     return response
+
+
+def batch_to_proto(queries: Iterable[SearchQuery]) -> shard_pb2.ShardServiceSearchBatchRequest:
+    return shard_pb2.ShardServiceSearchBatchRequest(searches=[query_to_proto(q) for q in queries])
+
+
+def add_outcome(target, outcome: SearchResult | ImgsearchError) -> None:
+    """Append one search's result, or the error that refused it, to a repeated SearchOutcome field."""
+    message = target.add()
+    if isinstance(outcome, ImgsearchError):
+        message.error.code = outcome.code.value[0]
+        message.error.message = str(outcome) or outcome.code.name
+        return
+    message.result.candidates_scanned = outcome.candidates_scanned
+    add_hits(message.result.hits, outcome.hits)
+
+
+def outcomes_from_proto(message: shard_pb2.ShardServiceSearchBatchResponse) -> list[SearchResult | ImgsearchError]:
+    """Each search's result, or its error as the typed exception (not raised)."""
+    return [
+        result_from_proto(o.result) if o.WhichOneof("outcome") == "result"
+        else from_status(o.error.code, o.error.message)
+        for o in message.outcomes
+    ]
 
 
 def result_from_proto(message: shard_pb2.ShardServiceSearchResponse) -> SearchResult:

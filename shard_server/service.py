@@ -6,6 +6,7 @@ import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
+from imgsearch.errors import ImgsearchError
 from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.engine import ShardEngine
@@ -39,6 +40,26 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         else:
             result = await self._run(self._search_pool, self.engine.search, query)
         return convert.result_to_proto(result)
+
+    async def SearchBatch(self, request, context):
+        """Each search on its own: one refused search (bad input) does not fail the others."""
+        self._ready()
+        limit = self.engine.config.max_batch_searches
+        if len(request.searches) > limit:
+            raise RequestTooLargeError(f"{len(request.searches)} searches in one batch; the limit is {limit}")
+        response = shard_pb2.ShardServiceSearchBatchResponse()
+        inline = self.engine.config.inline_search
+        for message in request.searches:
+            try:
+                query = convert.query_from_proto(message)
+                if inline and query.exactness is not Exactness.EXACT:
+                    outcome = self.engine.search(query)
+                else:
+                    outcome = await self._run(self._search_pool, self.engine.search, query)
+            except ImgsearchError as exc:
+                outcome = exc
+            convert.add_outcome(response.outcomes, outcome)
+        return response
 
     async def Upsert(self, request, context):
         self._ready()

@@ -20,6 +20,7 @@ CONTRACT_METRICS: dict[str, str] = {
     "imgsearch_broker_stage_duration_seconds": "histogram",
     "imgsearch_broker_cache_lookups_total": "counter",
     "imgsearch_broker_shard_requests_total": "counter",
+    "imgsearch_broker_shard_call_searches": "histogram",
     "imgsearch_broker_partial_results_total": "counter",
     "imgsearch_broker_cache_repair_pending": "gauge",
     "imgsearch_broker_searches_total": "counter",

@@ -72,11 +72,20 @@ _BY_CODE: dict[grpc.StatusCode, type[ImgsearchError]] = {
 }
 
 
+_CODE_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def from_status(code: grpc.StatusCode | int, message: str = "") -> ImgsearchError:
+    """The typed error for a status code (a ``grpc.StatusCode`` or its number, as google.rpc.Code carries it)."""
+    if not isinstance(code, grpc.StatusCode):
+        code = _CODE_BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    exc = _BY_CODE.get(code, ImgsearchError)(message or code.name)
+    exc.code = code
+    return exc
+
+
 def from_rpc_error(err: grpc.RpcError) -> ImgsearchError:
     """The typed error for a failed call (clients raise this instead of a bare ``grpc.RpcError``)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    cls = _BY_CODE.get(code, ImgsearchError)
-    exc = cls(details or code.name)
-    exc.code = code
-    return exc
+    return from_status(code, details)

@@ -29,6 +29,34 @@ class ShardServiceSearchResponse(_message.Message):
     candidates_scanned: int
     def __init__(self, hits: _Optional[_Iterable[_Union[_common_pb2.Hit, _Mapping]]] = ..., candidates_scanned: _Optional[int] = ...) -> None: ...
 
+class ShardServiceSearchBatchRequest(_message.Message):
+    __slots__ = ("searches",)
+    SEARCHES_FIELD_NUMBER: _ClassVar[int]
+    searches: _containers.RepeatedCompositeFieldContainer[ShardServiceSearchRequest]
+    def __init__(self, searches: _Optional[_Iterable[_Union[ShardServiceSearchRequest, _Mapping]]] = ...) -> None: ...
+
+class ShardServiceSearchBatchResponse(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[SearchOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[SearchOutcome, _Mapping]]] = ...) -> None: ...
+
+class SearchOutcome(_message.Message):
+    __slots__ = ("result", "error")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    result: ShardServiceSearchResponse
+    error: SearchError
+    def __init__(self, result: _Optional[_Union[ShardServiceSearchResponse, _Mapping]] = ..., error: _Optional[_Union[SearchError, _Mapping]] = ...) -> None: ...
+
+class SearchError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class VectorRecord(_message.Message):
     __slots__ = ("image_id", "product_id", "category", "vector", "attributes")
     class AttributesEntry(_message.Message):

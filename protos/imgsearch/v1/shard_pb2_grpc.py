@@ -40,6 +40,11 @@ class ShardServiceStub:
                 request_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchRequest.SerializeToString,
                 response_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/imgsearch.v1.ShardService/SearchBatch',
+                request_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchResponse.FromString,
+                _registered_method=True)
         self.Upsert = channel.unary_unary(
                 '/imgsearch.v1.ShardService/Upsert',
                 request_serializer=imgsearch_dot_v1_dot_shard__pb2.UpsertRequest.SerializeToString,
@@ -75,6 +80,16 @@ class ShardServiceServicer:
         """Top-K over the given categories (all categories of this shard when none is given).
         An unknown category contributes no hits (it is not an error): a shard that has not yet received a
         category's first vector simply has nothing to return for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchBatch(self, request, context):
+        """Several independent searches in one call, answered in order. The broker sends the searches that queue up
+        for a shard while its previous call is in flight as one batch, saving a gRPC round trip per search under
+        load. A search the shard refuses (an unknown filter field, a vector of the wrong size...) gets its status
+        in its own result and the others are still answered; a batch over the shard's limit is RESOURCE_EXHAUSTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +139,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchRequest.FromString,
                     response_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchRequest.FromString,
+                    response_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchResponse.SerializeToString,
             ),
             'Upsert': grpc.unary_unary_rpc_method_handler(
                     servicer.Upsert,
@@ -179,6 +199,33 @@ class ShardService:
             '/imgsearch.v1.ShardService/Search',
             imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchRequest.SerializeToString,
             imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imgsearch.v1.ShardService/SearchBatch',
+            imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchRequest.SerializeToString,
+            imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

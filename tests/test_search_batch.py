@@ -1,0 +1,232 @@
+"""SearchBatch on a real shard server, and the broker's coalescing of concurrent searches into batches
+(broker.coalesce): against a real shard, batched answers equal one-at-a-time answers; with a stand-in client
+(unit tests of the one module), deadlines, errors and the fallback for shards without SearchBatch."""
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from broker.coalesce import SearchCoalescer
+from imgsearch.errors import DeadlineExceededError, ImgsearchError, UnavailableError, from_status
+from shard_server import synthetic
+from shard_server.client import ShardClient
+from shard_server.config import ShardConfig
+from shard_server.server import start_shard_server
+from shard_server.types import Condition, Equals, Filter, Hit, Is, Range, SearchQuery, SearchResult
+
+DIM = 32
+GOOD = np.ones(DIM, dtype=np.float32)
+
+
+@pytest.fixture(params=[True, False], ids=["inline", "search-pool"])
+async def shard(tmp_path, request):
+    config = ShardConfig(data_dir=tmp_path / "shard", dimension=DIM, max_top_k=100, max_batch_searches=8,
+                         inline_search=request.param)
+    handle = await start_shard_server(config)
+    client = ShardClient(f"127.0.0.1:{handle.port}")
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=4)
+    for i, category in enumerate("abc"):
+        await client.upsert(catalogue.records(100 * i, 100 * (i + 1), category=category), timeout_s=10)
+    yield client, catalogue
+    await client.close()
+    await handle.stop(snapshot=False)
+
+
+def _queries(catalogue, n: int) -> list[SearchQuery]:
+    vectors = catalogue.queries(n)
+    filters = (Filter(), Filter(all_of=(Condition(field="price", predicate=Range(max=50.0)),)),
+               Filter(all_of=(Condition(field="in_stock", predicate=Is(value=True)),)))
+    return [
+        SearchQuery(vector=vectors[i], top_k=1 + i % 7, categories=(("a",), (), ("b", "c"))[i % 3],
+                    filter=filters[i % 3], distinct_products=i % 4 == 0)
+        for i in range(n)
+    ]
+
+
+async def test_batch_answers_equal_single_searches(shard):
+    client, catalogue = shard
+    queries = _queries(catalogue, 8)
+    singles = [await client.search(q, timeout_s=5) for q in queries]
+    batched = await client.search_batch(queries, timeout_s=5)
+    assert batched == singles
+    assert all(r.hits for r in singles)
+    assert await client.search_batch([], timeout_s=5) == []
+
+
+async def test_a_refused_search_fails_alone(shard):
+    client, catalogue = shard
+    good = _queries(catalogue, 3)
+    bad = [
+        SearchQuery(vector=np.ones(DIM + 1, np.float32), top_k=5),
+        SearchQuery(vector=GOOD, top_k=101),
+        SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(Condition(field="size", predicate=Equals(value="XL")),))),
+    ]
+    outcomes = await client.search_batch([good[0], bad[0], good[1], bad[1], bad[2], good[2]], timeout_s=5)
+    for outcome, message in zip([outcomes[1], outcomes[3], outcomes[4]],
+                                ["dimension 33, expected 32", "top_k must be in 1..100", "unknown filter field"]):
+        assert isinstance(outcome, ImgsearchError) and outcome.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in str(outcome)
+    assert [outcomes[0], outcomes[2], outcomes[5]] == [await client.search(q, timeout_s=5) for q in good]
+
+
+async def test_a_batch_over_the_limit_is_resource_exhausted(shard):
+    client, catalogue = shard
+    with pytest.raises(ImgsearchError) as info:
+        await client.search_batch(_queries(catalogue, 9), timeout_s=5)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the limit is 8" in str(info.value)
+    assert len(await client.search_batch(_queries(catalogue, 8), timeout_s=5)) == 8
+
+
+def _call_searches() -> tuple[float, float]:
+    """(calls, searches) recorded so far by imgsearch_broker_shard_call_searches."""
+    name = "imgsearch_broker_shard_call_searches"
+    return REGISTRY.get_sample_value(f"{name}_count") or 0.0, REGISTRY.get_sample_value(f"{name}_sum") or 0.0
+
+
+async def test_concurrent_searches_are_coalesced_and_answered_like_single_ones(shard):
+    client, catalogue = shard
+    queries = _queries(catalogue, 40)
+    expected = [await client.search(q, timeout_s=5) for q in queries]
+    coalescer = SearchCoalescer(client, max_in_flight=1, max_batch=8)
+    calls0, searches0 = _call_searches()
+    answers = await asyncio.gather(*(coalescer.search(q, timeout_s=5) for q in queries))
+    calls, searches = _call_searches()
+    assert list(answers) == expected
+    assert searches - searches0 == 40
+    assert calls - calls0 < 40 / 2, "concurrent searches should have shared calls"
+    # one at a time: each search is its own call
+    calls0, _ = _call_searches()
+    for q in queries[:5]:
+        await coalescer.search(q, timeout_s=5)
+    assert _call_searches()[0] - calls0 == 5
+
+
+async def test_a_refused_search_in_a_coalesced_batch_reaches_only_its_caller(shard):
+    client, catalogue = shard
+    queries = _queries(catalogue, 6)
+    bad = SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(Condition(field="size", predicate=Equals(value="XL")),)))
+    coalescer = SearchCoalescer(client, max_in_flight=1)
+    outcomes = await asyncio.gather(*(coalescer.search(q, timeout_s=5) for q in [*queries[:3], bad, *queries[3:]]),
+                                    return_exceptions=True)
+    assert isinstance(outcomes[3], ImgsearchError) and outcomes[3].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [o for i, o in enumerate(outcomes) if i != 3] == [await client.search(q, timeout_s=5) for q in queries]
+
+
+# -- unit tests of broker.coalesce with a stand-in client --
+
+def _result(tag: str) -> SearchResult:
+    return SearchResult(hits=(Hit(image_id=tag, product_id=tag, category="c", score=1.0),))
+
+
+def _query(tag: int) -> SearchQuery:
+    return SearchQuery(vector=np.full(4, tag + 1, np.float32), top_k=1)
+
+
+class GatedClient:
+    """Answers each search with its query's tag; calls wait until `release` is set."""
+
+    def __init__(self, *, batch_error: ImgsearchError | None = None, refuse: set[int] = frozenset()):
+        self.release = asyncio.Event()
+        self.calls: list[int] = []  # searches per call, in order
+        self.batch_error = batch_error
+        self.refuse = refuse
+
+    def _answer(self, query: SearchQuery):
+        tag = int(query.vector[0]) - 1
+        if tag in self.refuse:
+            return from_status(grpc.StatusCode.INVALID_ARGUMENT, f"query {tag} refused")
+        return _result(str(tag))
+
+    async def search(self, query, *, timeout_s):
+        self.calls.append(1)
+        await asyncio.wait_for(self.release.wait(), timeout_s)
+        outcome = self._answer(query)
+        if isinstance(outcome, ImgsearchError):
+            raise outcome
+        return outcome
+
+    async def search_batch(self, queries, *, timeout_s):
+        self.calls.append(len(queries))
+        if self.batch_error is not None:
+            raise self.batch_error
+        await asyncio.wait_for(self.release.wait(), timeout_s)
+        return [self._answer(q) for q in queries]
+
+
+async def test_searches_queue_behind_the_call_in_flight_and_leave_as_one_batch():
+    client = GatedClient()
+    coalescer = SearchCoalescer(client, max_in_flight=1, max_batch=3)
+    tasks = [asyncio.ensure_future(coalescer.search(_query(i), timeout_s=5)) for i in range(6)]
+    await asyncio.sleep(0.01)
+    assert client.calls == [1]  # the first went out alone; five wait for it
+    client.release.set()
+    answers = await asyncio.gather(*tasks)
+    assert [a.hits[0].image_id for a in answers] == [str(i) for i in range(6)]
+    assert client.calls == [1, 3, 2]
+
+
+async def test_a_queued_search_keeps_its_own_deadline():
+    client = GatedClient()
+    coalescer = SearchCoalescer(client, max_in_flight=1)
+    first = asyncio.ensure_future(coalescer.search(_query(0), timeout_s=5))
+    await asyncio.sleep(0)
+    with pytest.raises(DeadlineExceededError):
+        await coalescer.search(_query(1), timeout_s=0.05)
+    patient = asyncio.ensure_future(coalescer.search(_query(2), timeout_s=5))
+    await asyncio.sleep(0.01)
+    client.release.set()
+    assert (await first).hits[0].image_id == "0"
+    assert (await patient).hits[0].image_id == "2"
+    assert client.calls == [1, 1]  # the expired search was never sent
+
+
+async def test_a_failed_batch_fails_each_of_its_searches_with_the_calls_status():
+    client = GatedClient(batch_error=UnavailableError("shard down"))
+    coalescer = SearchCoalescer(client, max_in_flight=1)
+    first = asyncio.ensure_future(coalescer.search(_query(0), timeout_s=5))
+    queued = [asyncio.ensure_future(coalescer.search(_query(i), timeout_s=5)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    client.release.set()
+    assert (await first).hits[0].image_id == "0"
+    for task in queued:
+        with pytest.raises(UnavailableError, match="shard down"):
+            await task
+
+
+async def test_per_search_errors_of_a_batch_reach_their_callers():
+    client = GatedClient(refuse={2})
+    coalescer = SearchCoalescer(client, max_in_flight=1)
+    tasks = [asyncio.ensure_future(coalescer.search(_query(i), timeout_s=5)) for i in range(4)]
+    await asyncio.sleep(0)
+    client.release.set()
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(outcomes[2], ImgsearchError) and outcomes[2].code == grpc.StatusCode.INVALID_ARGUMENT
+    assert [o.hits[0].image_id for i, o in enumerate(outcomes) if i != 2] == ["0", "1", "3"]
+
+
+async def test_a_shard_without_search_batch_gets_single_searches():
+    client = GatedClient(batch_error=from_status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"))
+    coalescer = SearchCoalescer(client, max_in_flight=1)
+    first = asyncio.ensure_future(coalescer.search(_query(0), timeout_s=5))
+    queued = [asyncio.ensure_future(coalescer.search(_query(i), timeout_s=5)) for i in (1, 2)]
+    await asyncio.sleep(0)
+    client.release.set()
+    answers = await asyncio.gather(first, *queued)
+    assert [a.hits[0].image_id for a in answers] == ["0", "1", "2"]
+    assert client.calls == [1, 2, 1, 1]  # one refused batch, then each search on its own
+    client.calls.clear()
+    await asyncio.gather(*(coalescer.search(_query(i), timeout_s=5) for i in range(3)))
+    assert client.calls == [1, 1, 1]  # no further batches to that replica
+
+
+async def test_no_queueing_with_unlimited_calls_in_flight():
+    client = GatedClient()
+    coalescer = SearchCoalescer(client, max_in_flight=1_000)
+    tasks = [asyncio.ensure_future(coalescer.search(_query(i), timeout_s=5)) for i in range(5)]
+    await asyncio.sleep(0)
+    client.release.set()
+    await asyncio.gather(*tasks)
+    assert client.calls == [1] * 5
