@@ -55,6 +55,7 @@ class SearchCoalescer:
         # False once the replica answered SearchBatch with UNIMPLEMENTED (a shard older than the broker, during
         # a rolling upgrade): every search is then its own call again.
         self._batches_supported = True
+        self._sending: set[asyncio.Task] = set()  # the event loop keeps only weak references to tasks
 
     async def search(self, query: SearchQuery, *, timeout_s: float) -> SearchResult:
         if self._in_flight < self.max_in_flight or not self._batches_supported:
@@ -84,7 +85,9 @@ class SearchCoalescer:
             if not batch:
                 return
             self._in_flight += 1
-            asyncio.get_running_loop().create_task(self._send(batch))
+            task = asyncio.get_running_loop().create_task(self._send(batch))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     async def _send(self, batch: Sequence[_Queued]) -> None:
         try:
