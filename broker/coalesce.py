@@ -116,9 +116,12 @@ class SearchCoalescer:
             try:
                 outcomes = await self.client.search_batch([q.query for q in batch], timeout_s=timeout_s)
             except ImgsearchError as exc:
-                if exc.code is not grpc.StatusCode.UNIMPLEMENTED:
+                # UNIMPLEMENTED: a shard without SearchBatch. RESOURCE_EXHAUSTED: a batch over the shard's limit
+                # (--shard-batch-max-searches above its --max-batch-searches); each search alone may still pass.
+                if exc.code not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     raise
-                self._batches_supported = False
+                if exc.code is grpc.StatusCode.UNIMPLEMENTED:
+                    self._batches_supported = False
                 outcomes = await asyncio.gather(
                     *(self._one(q.query, q.deadline - loop.time()) for q in batch), return_exceptions=True
                 )

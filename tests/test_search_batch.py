@@ -222,6 +222,15 @@ async def test_a_shard_without_search_batch_gets_single_searches():
     assert client.calls == [1, 1, 1]  # no further batches to that replica
 
 
+async def test_a_batch_over_the_shards_limit_is_sent_as_single_searches(shard):
+    client, catalogue = shard  # this shard takes at most 8 searches per batch
+    queries = _queries(catalogue, 13)
+    coalescer = SearchCoalescer(client, max_in_flight=1, max_batch=12)
+    answers = await asyncio.gather(*(coalescer.search(q, timeout_s=5) for q in queries))
+    assert list(answers) == [await client.search(q, timeout_s=5) for q in queries]
+    assert coalescer._batches_supported  # a refused size is not a missing method
+
+
 async def test_no_queueing_with_unlimited_calls_in_flight():
     client = GatedClient()
     coalescer = SearchCoalescer(client, max_in_flight=1_000)
