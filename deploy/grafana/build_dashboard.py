@@ -341,6 +341,22 @@ def build() -> dict:
         unit="reqps",
     )
     lay.panel(
+        "timeseries",
+        "Searches per shard call (mean)",
+        [
+            (
+                (
+                    f"sum(rate(imgsearch_broker_shard_call_searches_sum{{{NS}}}[{RATE}])) / "
+                    f"sum(rate(imgsearch_broker_shard_call_searches_count{{{NS}}}[{RATE}]))"
+                ),
+                "searches/call",
+            ),
+        ],
+        unit="short",
+        description="Above 1: searches queued behind a call in flight went out together as one SearchBatch "
+        "(broker --shard-calls-in-flight). Grows with load; 1 when idle or when batching is off.",
+    )
+    lay.panel(
         "stat",
         "Shard replicas up",
         [
