@@ -61,8 +61,7 @@ class SearchCoalescer:
         if self._in_flight < self.max_in_flight or not self._batches_supported:
             self._in_flight += 1
             try:
-                SHARD_CALL_SEARCHES.observe(1)
-                return await self.client.search(query, timeout_s=timeout_s)
+                return await self._one(query, timeout_s)
             finally:
                 self._in_flight -= 1
                 self._send_queued()
@@ -107,11 +106,8 @@ class SearchCoalescer:
         loop = asyncio.get_running_loop()
         # The call lasts as long as its most patient search; the others expire on their own timers.
         timeout_s = max(q.deadline for q in batch) - loop.time()
-        if len(batch) == 1 or not self._batches_supported:
-            outcomes = await asyncio.gather(
-                *(self._one(q.query, q.deadline - loop.time()) for q in batch), return_exceptions=True
-            )
-        else:
+        outcomes = None
+        if len(batch) > 1 and self._batches_supported:
             SHARD_CALL_SEARCHES.observe(len(batch))
             try:
                 outcomes = await self.client.search_batch([q.query for q in batch], timeout_s=timeout_s)
@@ -120,11 +116,11 @@ class SearchCoalescer:
                 # (--shard-batch-max-searches above its --max-batch-searches); each search alone may still pass.
                 if exc.code not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     raise
-                if exc.code is grpc.StatusCode.UNIMPLEMENTED:
-                    self._batches_supported = False
-                outcomes = await asyncio.gather(
-                    *(self._one(q.query, q.deadline - loop.time()) for q in batch), return_exceptions=True
-                )
+                self._batches_supported = exc.code is not grpc.StatusCode.UNIMPLEMENTED
+        if outcomes is None:  # one search, or a batch the shard would not take: each search on its own
+            outcomes = await asyncio.gather(
+                *(self._one(q.query, q.deadline - loop.time()) for q in batch), return_exceptions=True
+            )
         for queued, outcome in zip(batch, outcomes, strict=True):
             if queued.waiter.done():
                 continue

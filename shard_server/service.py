@@ -11,7 +11,7 @@ from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.engine import ShardEngine
 from shard_server.errors import RequestTooLargeError, ShardNotReadyError
-from shard_server.types import Exactness
+from shard_server.types import Exactness, SearchResult
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
 # Get requests for at most this many ids run on the event loop; larger ones (random reads of the mapped vectors)
@@ -32,14 +32,15 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
     async def _run(self, pool, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
 
-    async def Search(self, request, context):
-        self._ready()
+    async def _search(self, request: shard_pb2.ShardServiceSearchRequest) -> SearchResult:
         query = convert.query_from_proto(request)
         if self.engine.config.inline_search and query.exactness is not Exactness.EXACT:
-            result = self.engine.search(query)  # see ShardConfig.inline_search
-        else:
-            result = await self._run(self._search_pool, self.engine.search, query)
-        return convert.result_to_proto(result)
+            return self.engine.search(query)  # see ShardConfig.inline_search
+        return await self._run(self._search_pool, self.engine.search, query)
+
+    async def Search(self, request, context):
+        self._ready()
+        return convert.result_to_proto(await self._search(request))
 
     async def SearchBatch(self, request, context):
         """Each search on its own: one refused search (bad input) does not fail the others."""
@@ -48,14 +49,9 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         if len(request.searches) > limit:
             raise RequestTooLargeError(f"{len(request.searches)} searches in one batch; the limit is {limit}")
         response = shard_pb2.ShardServiceSearchBatchResponse()
-        inline = self.engine.config.inline_search
         for message in request.searches:
             try:
-                query = convert.query_from_proto(message)
-                if inline and query.exactness is not Exactness.EXACT:
-                    outcome = self.engine.search(query)
-                else:
-                    outcome = await self._run(self._search_pool, self.engine.search, query)
+                outcome = await self._search(message)
             except ImgsearchError as exc:
                 outcome = exc
             convert.add_outcome(response.outcomes, outcome)
