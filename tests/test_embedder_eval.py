@@ -150,6 +150,14 @@ def test_selection_sets_never_touch_val_and_split_each_product(tmp_path):
     half_a, half_b = {i.path for i in sets["half-a.csv"]}, {i.path for i in sets["half-b.csv"]}
     assert not half_a & half_b and half_a | half_b == train_paths
     assert {i.product_id for i in sets["half-a.csv"]} == {i.product_id for i in sets["half-b.csv"]}
+    early, late = sets["early-a.csv"], sets["late-b.csv"]
+    assert not {i.path for i in early} & {i.path for i in late}
+    assert {i.path for i in early} | {i.path for i in late} == train_paths
+    for product in {i.product_id for i in early}:
+        # the last third of each product's photos, by file number (the order they were taken)
+        numbers = [int(i.path.stem.rsplit("_", 1)[1]) for i in early if i.product_id == product]
+        later = [int(i.path.stem.rsplit("_", 1)[1]) for i in late if i.product_id == product]
+        assert later and max(numbers) < min(later) and len(later) * 3 <= len(numbers) + len(later) + 2
     assert len(sets["iconic.csv"]) == 81 and len({i.product_id for i in sets["heldout-train-photos.csv"]}) == 8
     assert selection_sets.main(["--grocery", str(root), "--out", str(tmp_path)]) == 0
     written = data.read_catalogue(tmp_path / "half-a-plus-iconic4.csv")
