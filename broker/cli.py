@@ -6,6 +6,8 @@
     imgsearch search --image-id ID [--distinct-products] ...   like a catalogue image; one hit per product
     imgsearch delete ID ... [--from-file ids.txt]
     imgsearch stats
+    imgsearch eval QUERIES.csv|DIR [--grocery-split val] [-k 10] [--filter packshot=true] [--json out.json]
+                                                     Recall@1/5/10, MRR and latency of the running broker
     imgsearch demo --data ../shared/data             the grocery demo (what `make demo` runs)
 
 The broker address comes from --broker or IMGSEARCH_BROKER (default 127.0.0.1:7100); the write token from
@@ -293,6 +295,50 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import asyncio
+
+    from broker.catalogue import default_data_dir, files_from_csv, files_from_folder, grocery_split
+    from broker.client import BrokerClient
+    from broker.demo import pick_queries
+    from broker.evaluate import evaluate, format_report, summarise
+
+    if (args.queries is None) == (args.grocery_split is None):
+        print("error: give a queries CSV or folder, or --grocery-split (not both)", file=sys.stderr)
+        return 2
+    if args.grocery_split is not None:
+        queries = grocery_split(Path(args.data) if args.data else default_data_dir(), args.grocery_split)
+    else:
+        source = Path(args.queries)
+        queries = files_from_csv(source) if source.suffix.lower() == ".csv" else files_from_folder(source)
+    if args.limit:
+        queries = pick_queries(queries, args.limit)
+    if not queries:
+        print("no query images found", file=sys.stderr)
+        return 1
+    conditions = tuple(args.filter or ())
+    ca = args.tls_ca_file or os.environ.get("IMGSEARCH_TLS_CA_FILE")
+
+    async def run():
+        async with BrokerClient(args.broker, root_certificates=Path(ca).read_bytes() if ca else None) as client:
+            return await evaluate(client, queries, top_k=args.k, filter=Filter(all_of=conditions),
+                                  own_category=args.own_category, use_duplicate_cache=not args.no_cache,
+                                  concurrency=args.concurrency, timeout_s=args.timeout_s, progress=True)
+
+    outcomes = asyncio.run(run())
+    report = summarise(outcomes, top_k=args.k)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "report": report.to_json(),
+            "queries": [{"image_id": o.image_id, "product_id": o.product_id, "rank": o.rank,
+                         "latency_ms": round(o.latency_s * 1e3, 2), "from_duplicate_cache": o.from_cache,
+                         "partial": o.partial, "error": o.error} for o in outcomes],
+        }, indent=1))
+        print(f"per-query results in {args.json}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from broker.demo import run_demo
 
@@ -366,6 +412,29 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
     st.add_argument("--timeout-s", type=float, default=10.0)
     st.set_defaults(func=cmd_stats)
+
+    ev = sub.add_parser("eval", help="Recall@1/5/10, MRR and latency of the broker on labelled query photos")
+    ev.add_argument("queries", nargs="?", help="CSV (image, product_id, category) or folder "
+                    "(<category>/<product>/<image>) of query photos")
+    ev.add_argument("--grocery-split", help="the grocery photos of this split as queries (val, or test where "
+                    "there is a test.txt), under --data")
+    ev.add_argument("--data", default="", help="data folder holding grocery/ (default ../shared/data)")
+    ev.add_argument("-k", type=int, default=10, help="products per answer (Recall@k for k up to this)")
+    ev.add_argument("--own-category", action="store_true", help="search each query in its own category only")
+    ev.add_argument(
+        "--filter",
+        action="append",
+        type=parse_condition,
+        help="field=value | field=a|b | field=lo..hi | field=true, on every search (e.g. packshot=true)",
+    )
+    ev.add_argument("--no-cache", action="store_true", help="do not answer from the duplicate cache")
+    ev.add_argument("--concurrency", type=int, default=1, help="searches in flight")
+    ev.add_argument("--limit", type=int, default=0, help="only this many queries, spread evenly (0: all)")
+    ev.add_argument("--json", help="write the report and every query's rank to this file")
+    ev.add_argument("--broker", default=broker)
+    ev.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    ev.add_argument("--timeout-s", type=float, default=10.0, help="per search")
+    ev.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="bring a stack up, ingest the grocery photos, run queries, shut down")
     d.add_argument("--data", default=None, help="data folder holding grocery/ (default ../shared/data)")

@@ -115,6 +115,54 @@ def test_val_photos_find_their_product(client, catalogue):
     assert sum(found) >= 0.7 * len(found), f"right product in top 5 for only {sum(found)}/{len(found)}"
 
 
+def test_eval_ranks_products_as_an_exact_search_with_the_model_does(stack, catalogue, data_dir, tmp_path):
+    """`imgsearch eval` through the real services gives every query its product's rank among the answer's
+    products, and that rank is the one an exact in-process search with the same ONNX model gives (the shards'
+    partitions are this small, so they scan exactly: nothing may differ). A file that is not an image is
+    counted as refused (INVALID_ARGUMENT) and scored as a miss, not fatal to the run."""
+    from embedder.client import OnnxEmbedder
+
+    gallery = catalogue["gallery"]
+    products = {f.product_id for f in gallery}
+    # every val photo of the catalogue's products (~40): enough that some rank below first
+    queries = [f for f in grocery_split(data_dir, "val") if f.product_id in products]
+    embedder = OnnxEmbedder(intra_op_threads=2)
+    try:
+        g = embedder.embed_sync([f.path.read_bytes() for f in gallery])
+        q = embedder.embed_sync([f.path.read_bytes() for f in queries])
+    finally:
+        asyncio.run(embedder.close())
+    top_k = 5
+    expected = {}
+    for query, sims in zip(queries, q @ g.T, strict=True):
+        best: dict[str, float] = {}
+        for item, sim in zip(gallery, sims, strict=True):
+            best[item.product_id] = max(best.get(item.product_id, -2.0), float(sim))
+        ranking = sorted(best, key=best.get, reverse=True)[:top_k]
+        expected[query.image_id] = ranking.index(query.product_id) + 1 if query.product_id in ranking else None
+
+    (tmp_path / "broken.jpg").write_bytes(b"not an image at all")
+    rows = [f"{f.path},{f.image_id},{f.product_id},{f.category}" for f in queries]
+    rows.append(f"{tmp_path / 'broken.jpg'},broken,{queries[0].product_id},{queries[0].category}")
+    (tmp_path / "queries.csv").write_text("image,image_id,product_id,category\n" + "\n".join(rows) + "\n")
+    done = _cli(stack, "eval", str(tmp_path / "queries.csv"), "-k", str(top_k), "--concurrency", "3",
+                "--json", str(tmp_path / "eval.json"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    by_id = {r["image_id"]: r for r in result["queries"]}
+    assert {i: by_id[i]["rank"] for i in expected} == expected
+    assert by_id["broken"]["error"] == "INVALID_ARGUMENT" and by_id["broken"]["rank"] is None
+    report = result["report"]
+    n = len(queries) + 1
+    assert report["queries"] == n and report["answered"] == len(queries) and report["errors"] == {"INVALID_ARGUMENT": 1}
+    assert report["recall@1"] == round(sum(r == 1 for r in expected.values()) / n, 4)
+    assert report["recall@5"] == round(sum(r is not None for r in expected.values()) / n, 4)
+    assert "recall@10" not in report  # beyond -k
+    assert report["recall@1"] > 0.5 and report["latency_p50_ms"] > 0
+    assert {r for r in expected.values()} - {1}, "every query ranked first: the comparison would be trivial"
+    assert "Recall@1" in done.stdout and "INVALID_ARGUMENT x1" in done.stdout
+
+
 def test_stats_count_every_vector(client, catalogue):
     shards = client.stats()
     assert all(s.reachable for s in shards) and len(shards) == 2
