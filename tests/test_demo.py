@@ -1,0 +1,26 @@
+"""`make demo`'s job (`imgsearch demo`) on a slice of the grocery catalogue, through a real stack: it runs to the
+end, and its `imgsearch eval` over the val photos reports a plausible Recall@1."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from broker.demo import run_demo
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_on_a_slice_of_the_catalogue(data_dir, capsys):
+    assert run_demo(data_dir=data_dir, shards=2, queries=2, limit=60) == 0
+    out = capsys.readouterr().out
+    assert "ingested" in out and "demo done" in out
+    assert "from duplicate cache (cache: exact)" in out  # the re-encoded catalogue photo
+    reports = re.findall(r"imgsearch eval: (\d+) val photos against .*\n(\d+) queries, (\d+) answered.*\n"
+                         r"Recall@1 ([0-9.]+)", out)
+    assert len(reports) == 2, out
+    for photos, queries, answered, recall_at_1 in reports:
+        assert int(photos) == int(queries) == int(answered) > 50
+        # 60 training photos of ~45 products: far fewer than the shipped demo, but far above chance (~2 %)
+        assert float(recall_at_1) > 0.3, out
