@@ -604,6 +604,95 @@ def _vectors(client) -> int:
     return sum(c.vectors for s in client.stats() for c in s.categories)
 
 
+def _fuzzed_search_request(rng, catalogue) -> bytes:
+    """A SearchRequest, mostly valid with one odd field, sometimes odd throughout, sometimes not protobuf at all."""
+    from imgsearch.v1 import broker_pb2
+
+    if rng.random() < 0.05:
+        return bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    gallery = catalogue["gallery"]
+    odd_floats = [0.0, -1.0, 1e38, -1e38, 1e-45, float("nan"), float("inf"), float("-inf")]
+    odd_strings = ["", "x" * 70_000, "é✓\u2028", "\x00a", "nope", " " + gallery[0].category]
+    r = broker_pb2.SearchRequest(top_k=rng.choice([1, 10, 100, 1000]))
+    kind = rng.randrange(3)
+    if kind == 0:
+        r.image = gallery[rng.randrange(len(gallery))].path.read_bytes()
+    elif kind == 1:
+        r.image_id = gallery[rng.randrange(len(gallery))].image_id
+    else:
+        r.vector.values.extend(rng.gauss(0, 1) for _ in range(512))
+    if rng.random() < 0.5:
+        r.categories.extend(rng.sample(catalogue["categories"], 2))
+    if rng.random() < 0.5:
+        condition = r.filter.all_of.add(field="price")
+        condition.range.min = rng.uniform(0, 50)
+        condition.range.max = condition.range.min + rng.uniform(0, 50)
+    if rng.random() < 0.5:
+        r.options.exactness = rng.choice([0, 1, 2, 3])
+        r.options.nprobe = rng.choice([0, 1, 8, 2**32 - 1])
+        r.options.distinct_products = rng.random() < 0.5
+    r.skip_duplicate_cache = rng.random() < 0.3
+    odd = rng.randrange(8)
+    if odd == 0:
+        r.top_k = rng.choice([0, 1001, 2**32 - 1])
+    elif odd == 1:
+        values = [rng.gauss(0, 1) for _ in range(rng.choice([0, 1, 511, 513, 4096]))]
+        if values and rng.random() < 0.5:
+            values[rng.randrange(len(values))] = rng.choice(odd_floats)
+        r.vector.values[:] = values
+    elif odd == 2:
+        condition = r.filter.all_of.add(field=rng.choice(["brand", "price", "in_stock", "", "nope", "x" * 5000]))
+        predicate = rng.randrange(5)
+        if predicate == 0:
+            condition.equals = rng.choice(odd_strings)
+        elif predicate == 1:
+            condition.any_of.values.extend(f"v{i}" for i in range(rng.choice([0, 3, 20_000])))
+        elif predicate == 2:
+            condition.range.min = rng.choice(odd_floats)
+            condition.range.max = rng.choice(odd_floats)
+        elif predicate == 3:
+            setattr(condition, "is", True)
+    elif odd == 3:
+        r.categories.extend([rng.choice(odd_strings)] if rng.random() < 0.5 else [f"c{i}" for i in range(5000)])
+    elif odd == 4:
+        r.options.exactness = 99
+    elif odd == 5:
+        r.image = rng.choice([b"", b"GIF89a" + b"\xff" * 20, bytes(rng.randrange(256) for _ in range(200))])
+    elif odd == 6:
+        r.image_id = rng.choice(odd_strings)
+    return r.SerializeToString()
+
+
+def test_fuzzed_searches_get_a_clear_status_and_break_nothing(stack, client, catalogue):
+    """Seeded random searches, most of them valid but for one odd field: every answer is OK or a status that
+    names the caller's mistake (never INTERNAL, UNKNOWN or a dropped connection), and the stack still serves."""
+    import random
+
+    rng = random.Random(20261203)
+    allowed = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+               grpc.StatusCode.NOT_FOUND}
+    seen, unexpected = {}, []
+    with grpc.insecure_channel(stack.broker_address,
+                               options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        search = channel.unary_unary("/imgsearch.v1.BrokerService/Search")
+        for _ in range(400):
+            request = _fuzzed_search_request(rng, catalogue)
+            try:
+                search(request, timeout=10)
+                code, details = grpc.StatusCode.OK, ""
+            except grpc.RpcError as err:
+                code, details = err.code(), err.details()
+            seen[code.name] = seen.get(code.name, 0) + 1
+            if code not in allowed:
+                unexpected.append((code.name, details, request[:200]))
+    print(seen)
+    assert not unexpected, unexpected[:5]
+    assert seen.get("OK", 0) > 50 and seen.get("INVALID_ARGUMENT", 0) > 50 and seen.get("NOT_FOUND", 0) > 0
+    assert all(p.running for p in stack.processes.values())
+    q = catalogue["queries"][0]
+    assert client.search(image=q.path.read_bytes(), top_k=3).hits
+
+
 def test_every_odd_image_is_answered_or_refused_cleanly(stack, client, data_dir):
     """Every file of the odd-images set (formats, PIL modes, EXIF rotations, a truncated JPEG, pickles and
     licences) and a few generated oddities go through Search and Ingest over gRPC. A file that PIL decodes must
