@@ -364,3 +364,114 @@ def test_a_reserved_growable_array_takes_a_bulk_write_without_growing_again():
     assert len(array) == 1003 and array.view[:3].sum() == 12 and array.view[3:].min() == 2.0
     array.reserve(0)
     assert array._data is storage
+
+
+@pytest.mark.timeout(180)
+def test_fuzzed_writes_and_reads_then_sigkill_keep_exactly_what_was_acknowledged(tmp_path):
+    """Seeded random Upsert / Delete / Get / Search / SearchBatch calls at a real shard, some records odd (empty or
+    70,000-character ids and categories, wrong dimensions, NaN/Inf, attributes of the wrong type): every answer
+    is OK or a status naming the caller's mistake, a refused batch is refused whole, and after SIGKILL and a
+    restart the shard holds exactly the acknowledged records (deleted ones stay deleted)."""
+    import random
+
+    import grpc
+
+    from imgsearch.v1 import shard_pb2_grpc
+
+    rng = random.Random(7)
+    odd_strings = ["", "x" * 70_000, "é✓\u2028", "\x00a", " a"]
+    odd_floats = [1e38, 1e-45, float("nan"), float("inf")]
+    allowed = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+               grpc.StatusCode.NOT_FOUND}
+
+    def record(i: int) -> shard_pb2.VectorRecord:
+        r = shard_pb2.VectorRecord(image_id=f"img-{i}", product_id=f"p-{i % 40}", category=f"cat-{i % 3}")
+        r.vector.values.extend(rng.gauss(0, 1) for _ in range(DIM))
+        r.attributes["price"].number = rng.uniform(0, 100)
+        odd = rng.randrange(200)  # one record in ~33 odd: most batches of 50 go through, some are refused whole
+        if odd == 0:
+            r.image_id = rng.choice(odd_strings)
+        elif odd == 1:
+            r.category = rng.choice(odd_strings)
+        elif odd == 2:
+            r.vector.values[:] = [0.5] * rng.choice([0, 1, DIM - 1, DIM + 1])
+        elif odd == 3:
+            r.vector.values[rng.randrange(DIM)] = rng.choice(odd_floats)
+        elif odd == 4:
+            r.attributes[rng.choice(["price", "nope", ""])].text = "text"
+        elif odd == 5:
+            r.attributes["price"].number = rng.choice(odd_floats)
+        return r
+
+    acked: dict[str, shard_pb2.VectorRecord] = {}
+    seen: dict[str, int] = {}
+    unexpected = []
+    shard = ShardProcess(tmp_path / "data", extra_args=SHARD_ARGS).start()
+    try:
+        with grpc.insecure_channel(shard.address) as channel:
+            stub = shard_pb2_grpc.ShardServiceStub(channel)
+            next_id = 0
+            for _ in range(600):
+                op = rng.randrange(6)
+                batch: list[shard_pb2.VectorRecord] = []
+                try:
+                    if op <= 2:
+                        batch = [record(next_id + k) for k in range(rng.choice([1, 5, 50]))]
+                        next_id += len(batch)
+                        stub.Upsert(shard_pb2.UpsertRequest(records=batch), timeout=30)
+                        acked.update((r.image_id, r) for r in batch)
+                    elif op == 3:
+                        ids = rng.sample(sorted(acked), min(3, len(acked))) + [rng.choice(odd_strings)]
+                        stub.Delete(shard_pb2.ShardServiceDeleteRequest(image_ids=ids), timeout=30)
+                        for image_id in ids:
+                            acked.pop(image_id, None)
+                    elif op == 4:
+                        ids = [rng.choice(sorted(acked) or ["none"]), rng.choice(odd_strings)]
+                        stub.Get(shard_pb2.ShardServiceGetRequest(image_ids=ids), timeout=30)
+                    else:
+                        query = shard_pb2.ShardServiceSearchRequest(top_k=rng.choice([0, 10, 1001]))
+                        query.vector.values.extend(rng.gauss(0, 1) for _ in range(rng.choice([DIM, DIM, 3])))
+                        if rng.random() < 0.3:
+                            query.filter.all_of.add(field=rng.choice(["price", "nope"])).range.min = rng.choice(
+                                odd_floats + [10.0])
+                        query.options.exactness = rng.choice([0, 1, 2, 3, 77])
+                        if rng.random() < 0.5:
+                            stub.Search(query, timeout=30)
+                        else:
+                            stub.SearchBatch(shard_pb2.ShardServiceSearchBatchRequest(searches=[query] * 3), timeout=30)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as err:
+                    code = err.code()
+                    if code not in allowed:
+                        unexpected.append((op, code.name, err.details()))
+                seen[code.name] = seen.get(code.name, 0) + 1
+        assert not unexpected, unexpected[:5]
+        assert seen.get("OK", 0) > 300 and seen.get("INVALID_ARGUMENT", 0) > 30, seen
+        assert len(acked) > 1000  # past the 200 kB snapshot threshold: the restart loads a snapshot, then the log
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "data" / "snapshots").glob("snap-*/manifest.json")):
+            assert time.monotonic() < deadline, "no snapshot was taken"
+            time.sleep(0.1)
+
+        shard.kill()
+        shard.start()
+        with grpc.insecure_channel(shard.address,
+                                   options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+            stub = shard_pb2_grpc.ShardServiceStub(channel)
+            ids = sorted(acked)
+            got = {}
+            for lo in range(0, len(ids), 1000):
+                request = shard_pb2.ShardServiceGetRequest(image_ids=ids[lo:lo + 1000])
+                got.update((r.image_id, r) for r in stub.Get(request, timeout=30).records)
+            stats = stub.Stats(shard_pb2.ShardServiceStatsRequest(), timeout=30)
+    finally:
+        shard.kill()
+    assert sorted(got) == ids
+    assert sum(c.vectors for c in stats.categories) == len(ids)  # nothing deleted came back, nothing refused got in
+    for image_id, r in got.items():
+        want = acked[image_id]
+        assert (r.product_id, r.category) == (want.product_id, want.category)
+        assert r.attributes["price"].number == pytest.approx(want.attributes["price"].number)
+        # stored normalised: the same direction
+        a, b = np.array(r.vector.values), np.array(want.vector.values)
+        assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.999
