@@ -332,6 +332,7 @@ def cmd_eval(args) -> int:
         Path(args.json).write_text(json.dumps({
             "report": report.to_json(),
             "queries": [{"image_id": o.image_id, "product_id": o.product_id, "rank": o.rank,
+                         "top_product": o.top_product,
                          "latency_ms": round(o.latency_s * 1e3, 2), "from_duplicate_cache": o.from_cache,
                          "partial": o.partial, "error": o.error} for o in outcomes],
         }, indent=1))

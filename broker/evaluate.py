@@ -35,6 +35,7 @@ class QueryOutcome:
     product_id: str
     rank: int | None  # 1-based rank of the query's product among the returned products; None: not returned
     latency_s: float
+    top_product: str | None = None  # the first product returned: what a miss was mistaken for
     from_cache: bool = False
     partial: bool = False
     error: str | None = None  # the gRPC status name of a failed search (INVALID_ARGUMENT, DEADLINE_EXCEEDED...)
@@ -80,6 +81,7 @@ def product_rank(hits: Sequence[Hit], product_id: str) -> int | None:
 def outcome_of(query: CatalogueFile, answer: SearchAnswer, latency_s: float) -> QueryOutcome:
     return QueryOutcome(image_id=query.image_id, product_id=query.product_id,
                         rank=product_rank(answer.hits, query.product_id), latency_s=latency_s,
+                        top_product=answer.hits[0].product_id if answer.hits else None,
                         from_cache=answer.from_duplicate_cache, partial=answer.partial)
 
 

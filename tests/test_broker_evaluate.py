@@ -75,6 +75,7 @@ def test_evaluate_keeps_query_order_bounds_concurrency_and_records_errors(tmp_pa
     outcomes = asyncio.run(evaluate(client, files, top_k=2, own_category=True, concurrency=3))
     assert [o.image_id for o in outcomes] == [str(i) for i in range(8)]
     assert [o.rank for o in outcomes] == [2, None, 1, None] * 2
+    assert [o.top_product for o in outcomes] == ["B", None, "B", "B"] * 2
     assert [o.error for o in outcomes] == [None, "INVALID_ARGUMENT", None, None] * 2
     assert client.most_in_flight == 3
     assert all(c["distinct"] and c["top_k"] == 2 for c in client.calls)

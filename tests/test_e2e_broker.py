@@ -152,6 +152,7 @@ def test_eval_ranks_products_as_an_exact_search_with_the_model_does(stack, catal
     by_id = {r["image_id"]: r for r in result["queries"]}
     assert {i: by_id[i]["rank"] for i in expected} == expected
     assert by_id["broken"]["error"] == "INVALID_ARGUMENT" and by_id["broken"]["rank"] is None
+    assert all((by_id[i]["top_product"] == by_id[i]["product_id"]) == (rank == 1) for i, rank in expected.items())
     report = result["report"]
     n = len(queries) + 1
     assert report["queries"] == n and report["answered"] == len(queries) and report["errors"] == {"INVALID_ARGUMENT": 1}
