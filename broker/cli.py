@@ -347,6 +347,17 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------- parser
+def _add_filter_arguments(parser: argparse.ArgumentParser, scope: str) -> None:
+    """--filter and --no-cache, shared by `search` and `eval`."""
+    parser.add_argument(
+        "--filter",
+        action="append",
+        type=parse_condition,
+        help=f"field=value | field=a|b | field=lo..hi | field=true (repeatable, all must hold){scope}",
+    )
+    parser.add_argument("--no-cache", action="store_true", help="do not answer from the duplicate cache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="imgsearch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -379,15 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="search like this catalogue image (its stored embedding; the image itself is left out)",
     )
     s.add_argument("--category", action="append", help="restrict to a category (repeatable)")
-    s.add_argument(
-        "--filter",
-        action="append",
-        type=parse_condition,
-        help="field=value | field=a|b | field=lo..hi | field=true (repeatable, all must hold)",
-    )
+    _add_filter_arguments(s, "")
     s.add_argument("--price", type=parse_range, help="price range lo..hi")
     s.add_argument("-k", type=int, default=10)
-    s.add_argument("--no-cache", action="store_true", help="do not answer from the duplicate cache")
     s.add_argument(
         "--distinct-products",
         action="store_true",
@@ -422,13 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default="", help="data folder holding grocery/ (default ../shared/data)")
     ev.add_argument("-k", type=int, default=10, help="products per answer (Recall@k for k up to this)")
     ev.add_argument("--own-category", action="store_true", help="search each query in its own category only")
-    ev.add_argument(
-        "--filter",
-        action="append",
-        type=parse_condition,
-        help="field=value | field=a|b | field=lo..hi | field=true, on every search (e.g. packshot=true)",
-    )
-    ev.add_argument("--no-cache", action="store_true", help="do not answer from the duplicate cache")
+    _add_filter_arguments(ev, ", on every search (e.g. packshot=true)")
     ev.add_argument("--concurrency", type=int, default=1, help="searches in flight")
     ev.add_argument("--limit", type=int, default=0, help="only this many queries, spread evenly (0: all)")
     ev.add_argument("--json", help="write the report and every query's rank to this file")
