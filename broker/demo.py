@@ -1,7 +1,7 @@
 """`imgsearch demo` / `make demo`: a local stack, the grocery train photos and the 81 product packshots as the
 catalogue, a few val photos as queries (also against the packshots only: "find the listing"), every val photo
-through `imgsearch eval` (Recall@1/5/10 against the catalogue and against the packshots), one re-encoded catalogue
-photo (the duplicate-cache path), then shut down."""
+through `imgsearch eval` (Recall@1/5/10 against the catalogue, against the packshots and within its own category),
+one re-encoded catalogue photo (the duplicate-cache path), then shut down."""
 
 from __future__ import annotations
 
@@ -31,12 +31,12 @@ def reencode_jpeg(data: bytes, *, quality: int = 80, scale: float = 1.0) -> byte
 EVAL_TOP_K = 10
 
 
-async def _evaluate(address: str, queries, only: Filter):
+async def _evaluate(address: str, queries, only: Filter, own_category: bool):
     from broker.client import BrokerClient
 
     async with BrokerClient(address) as client:
-        return await evaluate(client, queries, top_k=EVAL_TOP_K, filter=only, concurrency=2, timeout_s=30,
-                              progress=True)
+        return await evaluate(client, queries, top_k=EVAL_TOP_K, filter=only, own_category=own_category,
+                              concurrency=2, timeout_s=30, progress=True)
 
 
 def pick_queries(val, n: int):
@@ -118,11 +118,15 @@ def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 
                         title=f"query {q.image_id}: its listing (packshots only: filter packshot is true)",
                         expected_product=q.product_id,
                     )
-                    # What `imgsearch eval` reports, over every val photo: the whole catalogue, then the listings.
-                    for title, only in (("the whole catalogue", Filter()), ("the packshots only", listings)):
-                        report = summarise(
-                            asyncio.run(_evaluate(stack.broker_address, shelf_photos, only)), top_k=EVAL_TOP_K
-                        )
+                    # What `imgsearch eval` reports, over every val photo: the whole catalogue, the listings, and
+                    # the photo's own category only (a shop's category page).
+                    for title, only, own_category in (
+                        ("the whole catalogue", Filter(), False),
+                        ("the packshots only", listings, False),
+                        ("its own category only", Filter(), True),
+                    ):
+                        outcomes = asyncio.run(_evaluate(stack.broker_address, shelf_photos, only, own_category))
+                        report = summarise(outcomes, top_k=EVAL_TOP_K)
                         print(f"\nimgsearch eval: {len(shelf_photos)} val photos against {title}")
                         print(format_report(report))
 

@@ -1,5 +1,5 @@
 """`make demo`'s job (`imgsearch demo`) on a slice of the grocery catalogue, through a real stack: it runs to the
-end, and its `imgsearch eval` over the val photos reports a plausible Recall@1."""
+end, and its three `imgsearch eval` reports over the val photos give a plausible Recall@1."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_demo_on_a_slice_of_the_catalogue(data_dir, capsys):
     assert "from duplicate cache (cache: exact)" in out  # the re-encoded catalogue photo
     reports = re.findall(r"imgsearch eval: (\d+) val photos against .*\n(\d+) queries, (\d+) answered.*\n"
                          r"Recall@1 ([0-9.]+)", out)
-    assert len(reports) == 2, out
+    assert len(reports) == 3, out
     for photos, queries, answered, recall_at_1 in reports:
         assert int(photos) == int(queries) == int(answered) > 50
         # 60 training photos of ~45 products: far fewer than the shipped demo, but far above chance (~2 %)
