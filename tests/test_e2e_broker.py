@@ -163,6 +163,11 @@ def test_eval_ranks_products_as_an_exact_search_with_the_model_does(stack, catal
     assert {r for r in expected.values()} - {1}, "every query ranked first: the comparison would be trivial"
     assert "Recall@1" in done.stdout and "INVALID_ARGUMENT x1" in done.stdout
 
+    done = _cli(stack, "eval", "--grocery-split", "val", "--data", str(data_dir), "--limit", "10", "--own-category")
+    assert done.returncode == 0, done.stderr
+    assert "10 queries, 10 answered" in done.stdout
+    assert _cli(stack, "eval").returncode == 2  # neither a queries file nor a split
+
 
 def test_stats_count_every_vector(client, catalogue):
     shards = client.stats()
