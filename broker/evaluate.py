@@ -3,8 +3,9 @@
 Every query image is searched as a shop's backend would search it (image bytes over gRPC, through the duplicate
 cache, Triton and the shards) with `distinct_products`, so the answer ranks products. A query scores when its
 own product is among the first k of them (Recall@k, the product-level Recall@K of embedder.metrics) and by the
-reciprocal of that rank (MRR). Refused or failed searches are counted by status code and score as misses, so a
-catalogue's broken query files lower the figures instead of stopping the run. Latency is the client's wall time
+reciprocal of that rank (MRR). Refused or failed searches are counted by status code (and files that cannot be
+read as FILE_UNREADABLE) and score as misses, so broken query files lower the figures instead of stopping the
+run. Latency is the client's wall time
 per search.
 
 Unlike `imgsearch-embed eval` (the model alone, exact search, in process), this measures the deployed system:
@@ -27,6 +28,7 @@ from imgsearch.errors import ImgsearchError
 from shard_server.types import Filter, Hit
 
 RECALL_AT = (1, 5, 10)
+UNREADABLE = "FILE_UNREADABLE"  # the error of a query whose file could not be read (not a gRPC status)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +40,8 @@ class QueryOutcome:
     top_product: str | None = None  # the first product returned: what a miss was mistaken for
     from_cache: bool = False
     partial: bool = False
-    error: str | None = None  # the gRPC status name of a failed search (INVALID_ARGUMENT, DEADLINE_EXCEEDED...)
+    # the gRPC status name of a failed search (INVALID_ARGUMENT, DEADLINE_EXCEEDED...), or UNREADABLE
+    error: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +123,12 @@ async def evaluate(client, queries: Sequence[CatalogueFile], *, top_k: int = 10,
 
     async def one(query: CatalogueFile) -> QueryOutcome:
         async with slots:
-            data = await asyncio.to_thread(query.path.read_bytes)
+            try:
+                data = await asyncio.to_thread(query.path.read_bytes)
+            except OSError:  # a listed file that is missing or unreadable: counted, the run goes on
+                bar.update(1)
+                return QueryOutcome(image_id=query.image_id, product_id=query.product_id, rank=None, latency_s=0.0,
+                                    error=UNREADABLE)
             started = time.perf_counter()
             try:
                 answer = await client.search(image=data, top_k=top_k, distinct_products=True, filter=filter,

@@ -71,8 +71,10 @@ def test_evaluate_keeps_query_order_bounds_concurrency_and_records_errors(tmp_pa
         path = tmp_path / f"{i}.jpg"
         path.write_bytes(content)
         files.append(CatalogueFile(path=path, image_id=str(i), product_id=product, category=f"cat{i}"))
+    files.append(CatalogueFile(path=tmp_path / "missing.jpg", image_id="8", product_id="A", category="cat8"))
     client = _StandInClient()
     outcomes = asyncio.run(evaluate(client, files, top_k=2, own_category=True, concurrency=3))
+    assert outcomes.pop().error == "FILE_UNREADABLE"  # listed but missing: counted, the run went on
     assert [o.image_id for o in outcomes] == [str(i) for i in range(8)]
     assert [o.rank for o in outcomes] == [2, None, 1, None] * 2
     assert [o.top_product for o in outcomes] == ["B", None, "B", "B"] * 2
