@@ -2,6 +2,7 @@
 
     imgsearch up [--shards 2] [--port 7100]          whole stack in the foreground, Ctrl-C stops it
     imgsearch ingest PATH|CSV [--category C]         bulk ingest with a progress bar
+    imgsearch ingest --grocery-split train           the grocery training photos
     imgsearch search IMAGE [--category C] [--filter brand=Arla] [--price 10..50] [-k 10] [--json]
     imgsearch search --image-id ID [--distinct-products] ...   like a catalogue image; one hit per product
     imgsearch delete ID ... [--from-file ids.txt]
@@ -106,13 +107,31 @@ def cmd_up(args) -> int:
     return 0
 
 
+def _grocery_files(args) -> list:
+    """The photos of `args.grocery_split` under `args.data`; none (with a message) when the split has no list."""
+    from broker.catalogue import default_data_dir, grocery_split
+
+    data = Path(args.data) if args.data else default_data_dir()
+    listing = data / "grocery" / f"{args.grocery_split}.txt"
+    if not listing.is_file():
+        print(f"no grocery split {args.grocery_split!r}: {listing} does not exist", file=sys.stderr)
+        return []
+    return grocery_split(data, args.grocery_split)
+
+
 def cmd_ingest(args) -> int:
     from tqdm import tqdm
 
     from broker.catalogue import files_from_csv, files_from_folder, iter_items
 
-    source = Path(args.source)
-    if source.suffix.lower() == ".csv":
+    if (args.source is None) == (args.grocery_split is None):
+        print("error: give an image, folder or CSV, or --grocery-split (not both)", file=sys.stderr)
+        return 2
+    source = Path(args.source or ".")
+    if args.grocery_split is not None:
+        # Same ids and categories (the coarse class) as `imgsearch eval --grocery-split` reads for its queries.
+        files = _grocery_files(args)
+    elif source.suffix.lower() == ".csv":
         files = files_from_csv(source)
     elif source.is_dir():
         files = files_from_folder(source, category=args.category)
@@ -298,7 +317,7 @@ def cmd_stats(args) -> int:
 def cmd_eval(args) -> int:
     import asyncio
 
-    from broker.catalogue import default_data_dir, files_from_csv, files_from_folder, grocery_split
+    from broker.catalogue import files_from_csv, files_from_folder
     from broker.client import BrokerClient
     from broker.demo import pick_queries
     from broker.evaluate import evaluate, format_report, summarise
@@ -307,7 +326,7 @@ def cmd_eval(args) -> int:
         print("error: give a queries CSV or folder, or --grocery-split (not both)", file=sys.stderr)
         return 2
     if args.grocery_split is not None:
-        queries = grocery_split(Path(args.data) if args.data else default_data_dir(), args.grocery_split)
+        queries = _grocery_files(args)
     else:
         source = Path(args.queries)
         queries = files_from_csv(source) if source.suffix.lower() == ".csv" else files_from_folder(source)
@@ -374,7 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     ing = sub.add_parser("ingest", help="ingest an image, a folder of images or a CSV")
-    ing.add_argument("source", help="image file, folder (<category>/<product>/<image>) or CSV")
+    ing.add_argument("source", nargs="?", help="image file, folder (<category>/<product>/<image>) or CSV")
+    ing.add_argument("--grocery-split", help="the grocery photos of this split (train...), under --data, with the "
+                     "categories and ids `eval --grocery-split` uses")
+    ing.add_argument("--data", default="", help="data folder holding grocery/ (default ../shared/data)")
     ing.add_argument("--category", help="category of every image (folder or single file)")
     ing.add_argument("--product-id", help="product id (single file)")
     ing.add_argument("--image-id", help="image id (single file)")

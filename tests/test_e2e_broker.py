@@ -499,6 +499,32 @@ def test_cli_ingest_csv_search_and_stats(stack, catalogue, tmp_path):
     assert client_delete(stack, ["cli-1"]) == 0
 
 
+def test_cli_ingest_a_grocery_split(stack, client, catalogue, data_dir, tmp_path):
+    """`imgsearch ingest --grocery-split` files photos under the ids and coarse categories that `imgsearch eval
+    --grocery-split` expects. A split of three catalogue photos (already ingested: the upsert is idempotent)."""
+    root = tmp_path / "grocery"
+    root.mkdir()
+    (root / "classes.csv").write_text((data_dir / "grocery" / "classes.csv").read_text())
+    (root / "train").symlink_to(data_dir / "grocery" / "train")
+    wanted = {f.image_id for f in catalogue["gallery"][:3]}
+    lines = [line for line in (data_dir / "grocery" / "train.txt").read_text().splitlines()
+             if line.split(",")[0].rsplit(".", 1)[0] in wanted]
+    (root / "mini.txt").write_text("\n".join(lines) + "\n")
+    def per_category():
+        return {c.category: c.vectors for s in client.stats() for c in s.categories}
+
+    before = per_category()
+    done = _cli(stack, "ingest", "--grocery-split", "mini", "--data", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "ingested 3 images" in done.stdout
+    assert per_category() == before  # the same ids under the same categories: nothing added, nothing moved
+    done = _cli(stack, "ingest", "--grocery-split", "nosuch", "--data", str(tmp_path))
+    assert done.returncode == 1 and "no grocery split 'nosuch'" in done.stderr
+    assert _cli(stack, "ingest").returncode == 2
+    done = _cli(stack, "eval", "--grocery-split", "nosuch", "--data", str(tmp_path))
+    assert done.returncode == 1 and "no grocery split 'nosuch'" in done.stderr
+
+
 def client_delete(stack, ids) -> int:
     with SyncBrokerClient(stack.broker_address, token=TOKEN) as c:
         return c.delete(ids)
