@@ -107,34 +107,37 @@ def cmd_up(args) -> int:
     return 0
 
 
-def _grocery_files(args) -> list:
-    """The photos of `args.grocery_split` under `args.data`; none (with a message) when the split has no list."""
-    from broker.catalogue import default_data_dir, grocery_split
+def _listed_files(source: str | None, args, *, category: str | None = None) -> list:
+    """Labelled images from `--grocery-split` (under `--data`), a CSV, or a folder laid out as
+    <category>/<product>/<image>; empty (with a message) when a grocery split has no list."""
+    from broker.catalogue import default_data_dir, files_from_csv, files_from_folder, grocery_split
 
-    data = Path(args.data) if args.data else default_data_dir()
-    listing = data / "grocery" / f"{args.grocery_split}.txt"
-    if not listing.is_file():
-        print(f"no grocery split {args.grocery_split!r}: {listing} does not exist", file=sys.stderr)
-        return []
-    return grocery_split(data, args.grocery_split)
+    if args.grocery_split is not None:
+        # The same ids and categories (the coarse class) for `ingest` and `eval`, so one split can be ingested and
+        # another evaluated against it.
+        data = Path(args.data) if args.data else default_data_dir()
+        listing = data / "grocery" / f"{args.grocery_split}.txt"
+        if not listing.is_file():
+            print(f"no grocery split {args.grocery_split!r}: {listing} does not exist", file=sys.stderr)
+            return []
+        return grocery_split(data, args.grocery_split)
+    path = Path(source)
+    if path.suffix.lower() == ".csv":
+        return files_from_csv(path)
+    return files_from_folder(path, category=category)
 
 
 def cmd_ingest(args) -> int:
     from tqdm import tqdm
 
-    from broker.catalogue import files_from_csv, files_from_folder, iter_items
+    from broker.catalogue import iter_items
 
     if (args.source is None) == (args.grocery_split is None):
         print("error: give an image, folder or CSV, or --grocery-split (not both)", file=sys.stderr)
         return 2
     source = Path(args.source or ".")
-    if args.grocery_split is not None:
-        # Same ids and categories (the coarse class) as `imgsearch eval --grocery-split` reads for its queries.
-        files = _grocery_files(args)
-    elif source.suffix.lower() == ".csv":
-        files = files_from_csv(source)
-    elif source.is_dir():
-        files = files_from_folder(source, category=args.category)
+    if args.grocery_split is not None or source.suffix.lower() == ".csv" or source.is_dir():
+        files = _listed_files(args.source, args, category=args.category)
     else:
         from broker.catalogue import CatalogueFile
 
@@ -317,7 +320,6 @@ def cmd_stats(args) -> int:
 def cmd_eval(args) -> int:
     import asyncio
 
-    from broker.catalogue import files_from_csv, files_from_folder
     from broker.client import BrokerClient
     from broker.demo import pick_queries
     from broker.evaluate import evaluate, format_report, summarise
@@ -325,11 +327,7 @@ def cmd_eval(args) -> int:
     if (args.queries is None) == (args.grocery_split is None):
         print("error: give a queries CSV or folder, or --grocery-split (not both)", file=sys.stderr)
         return 2
-    if args.grocery_split is not None:
-        queries = _grocery_files(args)
-    else:
-        source = Path(args.queries)
-        queries = files_from_csv(source) if source.suffix.lower() == ".csv" else files_from_folder(source)
+    queries = _listed_files(args.queries, args)
     if args.limit:
         queries = pick_queries(queries, args.limit)
     if not queries:
@@ -350,10 +348,7 @@ def cmd_eval(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({
             "report": report.to_json(),
-            "queries": [{"image_id": o.image_id, "product_id": o.product_id, "rank": o.rank,
-                         "top_product": o.top_product,
-                         "latency_ms": round(o.latency_s * 1e3, 2), "from_duplicate_cache": o.from_cache,
-                         "partial": o.partial, "error": o.error} for o in outcomes],
+            "queries": [o.to_json() for o in outcomes],
         }, indent=1))
         print(f"per-query results in {args.json}")
     return 0

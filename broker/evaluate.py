@@ -43,6 +43,11 @@ class QueryOutcome:
     # the gRPC status name of a failed search (INVALID_ARGUMENT, DEADLINE_EXCEEDED...), or UNREADABLE
     error: str | None = None
 
+    def to_json(self) -> dict:
+        return {"image_id": self.image_id, "product_id": self.product_id, "rank": self.rank,
+                "top_product": self.top_product, "latency_ms": round(self.latency_s * 1e3, 2),
+                "from_duplicate_cache": self.from_cache, "partial": self.partial, "error": self.error}
+
 
 @dataclass(frozen=True, kw_only=True)
 class EvalReport:
@@ -72,10 +77,10 @@ class EvalReport:
 
 def product_rank(hits: Sequence[Hit], product_id: str) -> int | None:
     """1-based rank of `product_id` among the distinct products of `hits`, in hit order."""
-    seen: list[str] = []
+    seen: set[str] = set()  # top_k may be 1,000 hits: a set keeps this linear
     for hit in hits:
         if hit.product_id not in seen:
-            seen.append(hit.product_id)
+            seen.add(hit.product_id)
             if hit.product_id == product_id:
                 return len(seen)
     return None

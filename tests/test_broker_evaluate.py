@@ -81,6 +81,7 @@ def test_evaluate_keeps_query_order_bounds_concurrency_and_records_errors(tmp_pa
     assert [o.error for o in outcomes] == [None, "INVALID_ARGUMENT", None, None] * 2
     assert client.most_in_flight == 3
     assert all(c["distinct"] and c["top_k"] == 2 for c in client.calls)
-    assert [c["categories"] for c in client.calls[:1]] == [("cat0",)]
+    # each search in its own query's category (calls start in whatever order the file reads finish)
+    assert sorted(c["categories"] for c in client.calls) == sorted((f"cat{i}",) for i in range(8))
     with pytest.raises(ValueError):
         asyncio.run(evaluate(client, files, concurrency=0))
