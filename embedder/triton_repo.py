@@ -189,11 +189,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=RepositoryOptions.max_batch_size)
     parser.add_argument("--max-queue-delay-us", type=int, default=RepositoryOptions.max_queue_delay_us)
     parser.add_argument("--instances", type=int, default=1, help="embedding model instances")
+    parser.add_argument("--preprocess-instances", type=int, default=RepositoryOptions.preprocess_instances,
+                        help="decoding instances (processes, one core each): a GPU embeds far faster than one "
+                             "core decodes, so give it about as many as the server has cores")
     args = parser.parse_args(argv)
+    if args.instances < 1 or args.preprocess_instances < 1:
+        parser.error("--instances and --preprocess-instances must be at least 1")
     if args.tensorrt_fp16 and not args.gpu:
         parser.error("--tensorrt-fp16 needs --gpu")
     options = RepositoryOptions(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-                                embedding_instances=args.instances)
+                                embedding_instances=args.instances, preprocess_instances=args.preprocess_instances)
     try:
         out = write_model_repository(
             args.out, model_path=args.model, instance_kind="KIND_GPU" if args.gpu else "KIND_CPU",

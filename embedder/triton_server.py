@@ -289,6 +289,8 @@ class ServeConfig:
     metrics_port: int = 8002
     max_batch_size: int = 32
     embedding_instances: int = 1
+    # Decoding runs in the preprocessing model's instances, one process and one core each (~5 ms a photo).
+    preprocess_instances: int = 1
 
     @classmethod
     def from_env(cls, argv: Sequence[str] | None = None) -> ServeConfig:
@@ -307,10 +309,14 @@ class ServeConfig:
         parser.add_argument("--max-batch-size", type=int, default=cls.max_batch_size)
         parser.add_argument("--instances", type=int, default=cls.embedding_instances,
                             help="embedding model instances")
+        parser.add_argument("--preprocess-instances", type=int, default=cls.preprocess_instances,
+                            help="decoding instances (processes), about one per core the server may use")
         args = parser.parse_args(argv)
+        if args.instances < 1 or args.preprocess_instances < 1:
+            parser.error("--instances and --preprocess-instances must be at least 1")
         return cls(model_path=args.model, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                    metrics_port=args.metrics_port, max_batch_size=args.max_batch_size,
-                   embedding_instances=args.instances)
+                   embedding_instances=args.instances, preprocess_instances=args.preprocess_instances)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -329,7 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_model_repository(
                 repo, model_path=config.model_path, embedding_backend=backend,
                 options=RepositoryOptions(max_batch_size=config.max_batch_size,
-                                          embedding_instances=config.embedding_instances),
+                                          embedding_instances=config.embedding_instances,
+                                          preprocess_instances=config.preprocess_instances),
             )
         except (FileNotFoundError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)

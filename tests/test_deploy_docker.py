@@ -129,11 +129,13 @@ def test_commands_exist_as_console_scripts():
 
 
 def test_the_model_repository_step_of_dockerfile_triton_runs(tmp_path):
-    """The repo-builder stage's command, for real: `imgsearch-embed triton-repo --out ... --gpu`."""
+    """The repo-builder stage's command, for real: `imgsearch-embed triton-repo --out ... --gpu`, with as many
+    decoding instances as a PREPROCESS_INSTANCES build argument asks for."""
     (run,) = [
         rest for word, rest in stages(DOCKERFILES["Dockerfile.triton"])["repo-builder"] if word == "RUN"
     ]
     assert "imgsearch-embed triton-repo" in run and "--gpu" in run
+    assert '--preprocess-instances "${PREPROCESS_INSTANCES}"' in run
     out = subprocess.run(
         [
             str(Path(sys.executable).parent / "imgsearch-embed"),
@@ -141,6 +143,8 @@ def test_the_model_repository_step_of_dockerfile_triton_runs(tmp_path):
             "--out",
             str(tmp_path / "models"),
             "--gpu",
+            "--preprocess-instances",
+            "4",
         ],
         capture_output=True,
         text=True,
@@ -153,4 +157,6 @@ def test_the_model_repository_step_of_dockerfile_triton_runs(tmp_path):
     assert {"imgsearch", "imgsearch_preprocess", "imgsearch_embedding"} <= models
     config = read_config(tmp_path / "models" / "imgsearch_embedding")
     assert config.instance_group[0].kind == config.instance_group[0].KIND_GPU
+    preprocess = read_config(tmp_path / "models" / "imgsearch_preprocess")
+    assert [(g.kind, g.count) for g in preprocess.instance_group] == [(preprocess.instance_group[0].KIND_CPU, 4)]
     assert (tmp_path / "models" / "imgsearch_embedding" / "1" / "model.onnx").stat().st_size > 0

@@ -103,3 +103,17 @@ def test_cli(tmp_path, onnx_file, capsys):
     assert main(["--out", str(tmp_path / "r2"), "--model", str(tmp_path / "nope.onnx")]) == 2
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path / "r3"), "--model", str(onnx_file), "--tensorrt-fp16"])
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "r4"), "--model", str(onnx_file), "--preprocess-instances", "0"])
+    assert "at least 1" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "r5"), "--model", str(onnx_file), "--preprocess-instances", "3"]) == 0
+    assert [g.count for g in _config(tmp_path / "r5", "imgsearch_preprocess").instance_group] == [3]
+
+
+def test_serve_takes_the_number_of_decoding_instances():
+    from embedder.triton_server import ServeConfig
+
+    assert ServeConfig.from_env([]).preprocess_instances == 1
+    assert ServeConfig.from_env(["--preprocess-instances", "3"]).preprocess_instances == 3
+    with pytest.raises(SystemExit):
+        ServeConfig.from_env(["--preprocess-instances", "0"])

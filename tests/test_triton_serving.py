@@ -59,7 +59,9 @@ def images() -> list[bytes]:
 def _repository(path: Path) -> Path:
     model = default_model_path()
     assert model.is_file(), f"the shipped model is missing: {model}"
-    options = RepositoryOptions(max_batch_size=8, preferred_batch_sizes=(4, 8), intra_op_threads=2)
+    # Two decoding processes: a GPU server runs several (one per core), so the real server is run with more than one.
+    options = RepositoryOptions(max_batch_size=8, preferred_batch_sizes=(4, 8), intra_op_threads=2,
+                                preprocess_instances=2)
     return write_model_repository(path, model_path=model, embedding_backend="python", options=options)
 
 
