@@ -35,9 +35,9 @@ def decode_image(
 ) -> Image.Image:
     """Decode encoded bytes into an upright RGB image, or raise InvalidImageError / ImageTooLargeError.
 
-    `draft_min_side`: for callers that only need a small image (perceptual hashing), JPEGs are decoded at a
+    `draft_min_side`: for callers that only need a small image (the model's input), JPEGs are decoded at a
     reduced DCT scale (1/2, 1/4 or 1/8) that keeps both sides >= draft_min_side: several times faster on
-    12 MP phone photos. None (the default, used for the model) decodes at full resolution.
+    12 MP phone photos. None (the default; perceptual hashing uses it) decodes at full resolution.
     """
     if not data:
         raise InvalidImageError("empty image")
@@ -128,6 +128,14 @@ def image_to_tensor(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndar
     return normalise(resize_for_model(to_rgb(img), size))
 
 
+# A JPEG whose shorter side is at least twice this factor times the model's input is decoded at a reduced DCT
+# scale that keeps it >= DRAFT_FACTOR * size, then resized as usual. A 12 MP phone photo then decodes in ~20 ms
+# instead of ~110 ms (`python -m embedder.decode_profile`), and its embedding stays within cosine 0.997 of the
+# full decode's (0.9976 at worst on 12 val photos at 1200x1600), several times closer than re-saving the photo
+# as a JPEG moves it (0.990). Smaller photos (the grocery data set's 348x464 included) decode exactly as before.
+DRAFT_FACTOR = 2
+
+
 def preprocess_bytes(data: bytes, size: int = DEFAULT_IMAGE_SIZE, **limits) -> np.ndarray:
-    """Encoded bytes -> model input, float32 (3, size, size)."""
-    return image_to_tensor(decode_image(data, **limits), size)
+    """Encoded bytes -> model input, float32 (3, size, size); big JPEGs are decoded at a reduced scale."""
+    return image_to_tensor(decode_image(data, draft_min_side=DRAFT_FACTOR * size, **limits), size)

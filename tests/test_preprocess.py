@@ -157,3 +157,22 @@ def test_draft_decoding_for_small_consumers():
     # Not a JPEG: unaffected.
     png = _png(Image.new("RGB", (2000, 1500), (1, 2, 3)))
     assert decode_image(png, draft_min_side=512).size == (2000, 1500)
+
+
+def test_the_model_input_of_a_big_jpeg_is_decoded_at_a_reduced_scale_and_barely_moves():
+    """A real 12 MP phone photo: the reduced-scale decode gives different pixels but nearly the same embedding;
+    a photo smaller than twice the model's input decodes exactly as before."""
+    from embedder.evaluate import onnx_embed_fn
+    from embedder.model_files import default_model_path
+
+    big = (ODD / "pdq" / "reg-test-input" / "exif-rotn" / "exif-rotn-6.jpg").read_bytes()
+    full = image_to_tensor(decode_image(big))
+    reduced = preprocess_bytes(big)
+    assert reduced.shape == full.shape == (3, 224, 224)
+    assert not np.array_equal(reduced, full)
+    a, b = onnx_embed_fn(default_model_path())(np.stack([full, reduced]))
+    assert float(a @ b) > 0.997
+
+    small = next((DATA_DIR / "grocery" / "val").rglob("*.jpg")).read_bytes()
+    assert min(Image.open(io.BytesIO(small)).size) < 2 * 2 * 224  # too small for a 1/2 scale to keep 448 px
+    np.testing.assert_array_equal(preprocess_bytes(small), image_to_tensor(decode_image(small)))
