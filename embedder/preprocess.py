@@ -2,7 +2,8 @@
 (the Triton preprocessing model imports this module too).
 
 Decoding applies EXIF orientation, converts any PIL mode (CMYK, LA, P, I;16, RGBA...) to RGB, and refuses
-decompression bombs and truncated files with a clear error instead of a crash.
+decompression bombs and truncated files with a clear error instead of a crash. Besides Pillow's own formats
+(JPEG, PNG, WebP, AVIF, GIF, TIFF, BMP...) it reads HEIF/HEIC, the format iPhones save photos in, through pi-heif.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import io
 import warnings
 
 import numpy as np
+from pi_heif import register_heif_opener
 from PIL import Image, ImageFile, ImageOps
 
 from embedder.errors import ImageTooLargeError, InvalidImageError
+
+register_heif_opener()
 
 # ImageNet statistics: the backbone's pretrained weights expect them.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

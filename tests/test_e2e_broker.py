@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.request
 import zlib
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -113,6 +114,18 @@ def test_val_photos_find_their_product(client, catalogue):
         found.append(any(h.product_id == q.product_id for h in answer.hits))
     print(f"right product in the top 5 for {sum(found)}/{len(found)} val queries")
     assert sum(found) >= 0.7 * len(found), f"right product in top 5 for only {sum(found)}/{len(found)}"
+
+
+def test_an_iphone_heic_photo_is_searched_like_its_jpeg(client, data_dir):
+    """HEIC, the format iPhones save photos in, through the broker and Triton: the same answer as the JPEG."""
+    heic = (Path(__file__).resolve().parent / "fixtures" / "bravo-apple-juice.heic").read_bytes()
+    jpeg = (data_dir / "grocery" / "val" / "Packages" / "Juice" / "Bravo-Apple-Juice" / "Bravo-Apple-Juice_001.jpg")
+    from_heic = client.search(image=heic, top_k=5)
+    from_jpeg = client.search(image=jpeg.read_bytes(), top_k=5)
+    assert from_heic.cache is CacheOutcome.MISS and len(from_heic.hits) == 5
+    assert from_heic.hits[0].image_id == from_jpeg.hits[0].image_id
+    assert len({h.image_id for h in from_heic.hits} & {h.image_id for h in from_jpeg.hits}) >= 4
+    assert abs(from_heic.hits[0].score - from_jpeg.hits[0].score) < 0.05
 
 
 def test_eval_ranks_products_as_an_exact_search_with_the_model_does(stack, catalogue, data_dir, tmp_path):

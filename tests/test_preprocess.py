@@ -176,3 +176,20 @@ def test_the_model_input_of_a_big_jpeg_is_decoded_at_a_reduced_scale_and_barely_
     small = next((DATA_DIR / "grocery" / "val").rglob("*.jpg")).read_bytes()
     assert min(Image.open(io.BytesIO(small)).size) < 2 * 2 * 224  # too small for a 1/2 scale to keep 448 px
     np.testing.assert_array_equal(preprocess_bytes(small), image_to_tensor(decode_image(small)))
+
+
+HEIC = Path(__file__).resolve().parent / "fixtures" / "bravo-apple-juice.heic"
+HEIC_ORIGINAL = DATA_DIR / "grocery" / "val" / "Packages" / "Juice" / "Bravo-Apple-Juice" / "Bravo-Apple-Juice_001.jpg"
+
+
+def test_an_iphone_heic_photo_decodes_like_its_jpeg_original():
+    data = HEIC.read_bytes()
+    img = decode_image(data)
+    original = decode_image(HEIC_ORIGINAL.read_bytes())
+    assert img.mode == "RGB" and img.size == original.size
+    # Two lossy encodings of one photo: the same picture, a few levels apart.
+    diff = np.abs(np.asarray(img, np.int16) - np.asarray(original, np.int16))
+    assert diff.mean() < 4
+    assert preprocess_bytes(data).shape == (3, 224, 224)
+    with pytest.raises(InvalidImageError):
+        decode_image(data[: len(data) // 2])

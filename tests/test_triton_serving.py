@@ -48,6 +48,7 @@ IMAGE_FILES = [
     ODD / "imagededup" / "alpha_channel_image.png",
     ODD / "imagededup" / "formats_images" / "giphy.gif",
     ODD / "pdq" / "misc-images" / "wee.jpg",
+    REPO_ROOT / "tests" / "fixtures" / "bravo-apple-juice.heic",  # HEIC: pi-heif inside the python backend too
 ]
 
 
