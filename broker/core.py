@@ -40,8 +40,7 @@ from broker.types import (
     StageTimings,
 )
 from embedder.client import Embedder
-from embedder.hashing import ImageHashes, image_hashes
-from embedder.preprocess import decode_image
+from embedder.hashing import ImageHashes, hashes_of_bytes
 from imgsearch.errors import ImgsearchError
 from shard_server.engine import normalised
 from shard_server.errors import InvalidRequestError as ShardInvalidRequestError
@@ -337,8 +336,7 @@ class Broker:
 
     # ------------------------------------------------------------------ helpers
     def _hash(self, data: bytes) -> ImageHashes:
-        img = decode_image(data, max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels)
-        return image_hashes(img)
+        return hashes_of_bytes(data, max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels)
 
     def _hash_item(self, item: CatalogueItem) -> ImageHashes:
         """Hash an item's image; a bad image fails with its image id in the message (same status code)."""

@@ -110,7 +110,21 @@ def test_large_images_are_reduced_first_without_changing_the_hash_much():
 
 def test_image_hashes_applies_exif_to_undecoded_images_too():
     path = ODD / "pdq" / "reg-test-input" / "exif-rotn" / "exif-rotn-6.jpg"
-    assert image_hashes(Image.open(path)) == image_hashes(decode_image(path.read_bytes())) == _hashes(path)
+    assert image_hashes(Image.open(path)) == image_hashes(decode_image(path.read_bytes()))
+
+
+def test_a_big_jpeg_is_hashed_from_a_reduced_decode_and_its_copies_still_match():
+    """A real 12 MP phone photo: hashes_of_bytes decodes it at 1/4 scale (>= 512 px), a few bits from the full
+    decode's hashes; re-saved and shrunk copies (which decode at full or other scales) stay within the radius."""
+    path = ODD / "pdq" / "reg-test-input" / "exif-rotn" / "exif-rotn-6.jpg"
+    data = path.read_bytes()
+    reduced = hashes_of_bytes(data)
+    full = image_hashes(decode_image(data))
+    assert reduced != full and max(reduced.distance(full)) <= 3
+    img = decode_image(data)
+    for copy in (_jpeg(img, 70), _jpeg(img.resize((img.width * 6 // 10, img.height * 6 // 10)), 90),
+                 _jpeg(img.resize((img.width * 3 // 10, img.height * 3 // 10)), 80)):
+        assert max(reduced.distance(hashes_of_bytes(copy))) <= 5  # the broker's default radius
 
 
 def test_physically_rotated_copies_match_once_turned_back():
