@@ -20,6 +20,21 @@ from embedder.preprocess import DEFAULT_IMAGE_SIZE
 OPSET = 17
 
 
+class FlipAveragedEmbedder(torch.nn.Module):
+    """Test-time augmentation inside the graph: the embeddings of an image and of its mirror image, summed and
+    re-normalised. Every serving path (in-process ONNX Runtime, Triton) then gets it without a code change, at
+    twice the model's compute (both halves run as one batch)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        both = self.model(torch.cat([pixels, torch.flip(pixels, dims=[3])]))
+        count = pixels.shape[0]
+        return torch.nn.functional.normalize(both[:count] + both[count:], dim=1)
+
+
 def export_onnx(model: torch.nn.Module, out: Path, *, image_size: int = DEFAULT_IMAGE_SIZE) -> Path:
     """Write `model` (eval mode) as a single-file ONNX graph with a dynamic batch axis."""
     model = model.eval()
@@ -76,10 +91,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="no fine-tuning: ImageNet backbone + GeM + a fixed random orthogonal projection")
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--seed", type=int, default=0, help="projection seed for --pretrained")
+    parser.add_argument("--flip-average", action="store_true",
+                        help="embed each image and its mirror image and average them (2x the compute)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
     model = load_checkpoint(args.checkpoint) if args.checkpoint else build_pretrained_embedder(seed=args.seed)
+    if args.flip_average:
+        model = FlipAveragedEmbedder(model.eval())
     export_onnx(model, args.out)
     rng = np.random.default_rng(0)
     deviation = max_onnx_deviation(model, args.out, rng.standard_normal((3, 3, 224, 224)).astype(np.float32))

@@ -114,6 +114,23 @@ def exported(tmp_path_factory, backbone):
     return model.eval(), path
 
 
+def test_flip_averaged_export_embeds_a_photo_and_its_mirror_image_alike(exported, tmp_path):
+    model, plain_path = exported
+    path = export.export_onnx(export.FlipAveragedEmbedder(model), tmp_path / "flip.onnx")
+    pixels = pixels_of(photos("Arla-Standard-Milk", 1) + photos("Banana", 1))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
+    mirrored = session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(pixels[:, :, :, ::-1])})[0]
+    assert out.shape == (2, 512) and session.get_outputs()[0].shape == ["batch", 512]
+    np.testing.assert_allclose(out, mirrored, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+    # The average of the two plain embeddings, re-normalised.
+    plain = ort.InferenceSession(str(plain_path), providers=["CPUExecutionProvider"])
+    both = plain.run([OUTPUT_NAME], {INPUT_NAME: np.concatenate([pixels, pixels[:, :, :, ::-1]])})[0]
+    expected = both[:2] + both[2:]
+    np.testing.assert_allclose(out, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnx_matches_pytorch_on_real_photos(exported, batch):
     model, path = exported
