@@ -79,11 +79,16 @@ def _slice(inputs: list, attrs: dict) -> torch.Tensor:
     index = [slice(None)] * x.dim()
     for start, end, axis, step in zip(starts, ends, axes, steps):
         index[axis] = slice(start, end, step)  # ONNX clamps out-of-range bounds as Python slicing does
-    if x.device.type == "cpu":  # folded shape arithmetic; numpy also takes the negative steps the exporter uses
-        return torch.from_numpy(x.numpy()[tuple(index)].copy())
-    if any(step <= 0 for step in steps):
-        raise UnsupportedOnnxOperator("Slice with a negative step on a device tensor")
-    return x[tuple(index)]
+    if all(step > 0 for step in steps):
+        return x[tuple(index)]
+    # torch has no negative-step slicing (the exporter writes a flip as one): pick the rows Python would.
+    for axis, part in enumerate(index):
+        if part.step is not None and part.step < 0:
+            rows = list(range(x.shape[axis]))[part]
+            x = x.index_select(axis, torch.tensor(rows, dtype=torch.long, device=x.device))
+        elif part != slice(None):
+            x = x[(slice(None),) * axis + (part,)]
+    return x
 
 
 def _reduce(fn: Callable) -> Callable:
@@ -97,6 +102,19 @@ def _reduce(fn: Callable) -> Callable:
 def _batch_norm(inputs: list, attrs: dict) -> torch.Tensor:
     x, scale, bias, mean, var = inputs[:5]
     return F.batch_norm(x, mean, var, scale, bias, training=False, eps=float(attrs.get("epsilon", 1e-5)))
+
+
+def _gather(x: torch.Tensor, indices: torch.Tensor, axis: int) -> torch.Tensor:
+    axis %= x.dim()
+    picked = torch.index_select(x, axis, (indices.reshape(-1) % x.shape[axis]).to(x.device))
+    return picked.reshape(list(x.shape[:axis]) + list(indices.shape) + list(x.shape[axis + 1:]))
+
+
+def _unsqueezed_shape(shape: list[int], axes: list[int]) -> list[int]:
+    rank = len(shape) + len(axes)
+    for axis in sorted(a % rank for a in axes):
+        shape.insert(axis, 1)
+    return shape
 
 
 _ONNX_TO_TORCH_DTYPE = {
@@ -139,6 +157,9 @@ _OPERATORS: dict[str, Callable[[list, dict], torch.Tensor]] = {
     "Expand": lambda i, a: torch.broadcast_to(i[0], torch.broadcast_shapes(i[0].shape, tuple(i[1].tolist()))),
     "Reshape": lambda i, a: i[0].reshape([int(d) if d != 0 else i[0].shape[k] for k, d in enumerate(i[1].tolist())]),
     "Concat": lambda i, a: torch.cat(i, dim=int(a["axis"])),
+    "Identity": lambda i, a: i[0],
+    "Unsqueeze": lambda i, a: i[0].reshape(_unsqueezed_shape(list(i[0].shape), [int(v) for v in i[1].tolist()])),
+    "Gather": lambda i, a: _gather(i[0], i[1], int(a.get("axis", 0))),
     "Transpose": lambda i, a: i[0].permute(list(a["perm"])) if "perm" in a else i[0].permute(
         list(reversed(range(i[0].dim())))),
 }

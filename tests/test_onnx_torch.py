@@ -96,3 +96,16 @@ def test_precision_check_on_the_cpu_writes_its_report(grocery_dir, tmp_path, cap
     assert result["speed"] == []  # model speed is timed on a GPU only
     assert result["preprocess_ms_per_photo"] > 0
     assert "| torch cpu bfloat16 |" in capsys.readouterr().out
+
+
+def test_a_flip_averaged_export_runs_too(tmp_path):
+    """`imgsearch-embed export --flip-average` adds a flip (a negative-step Slice), Gather and Unsqueeze."""
+    from embedder.export import FlipAveragedEmbedder, export_onnx
+    from embedder.model import build_pretrained_embedder
+
+    path = export_onnx(FlipAveragedEmbedder(build_pretrained_embedder().eval()), tmp_path / "flip.onnx")
+    x = np.random.default_rng(1).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {INPUT_NAME: x})[0]
+    with torch.inference_mode():
+        ours = load_onnx_as_torch(path)(torch.from_numpy(x)).numpy()
+    assert np.abs(ours - reference).max() < 1e-5
