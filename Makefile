@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # The CPU torch wheel lies here on our machines (PIP_FIND_LINKS points at it too).
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 
-.PHONY: demo test bench bench-install bench-shard bench-embedder bench-compare bench-compare-1m bench-load proto lint install system-deps clean
+.PHONY: demo test bench bench-install bench-shard bench-embedder bench-compare bench-compare-1m bench-load bench-gpu proto lint install system-deps clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,9 +44,17 @@ bench-install: install
 bench-shard: bench-install
 	$(PY) -m shard_server.bench --out docs/bench-shard.json --markdown docs/bench-shard.md
 
-# embedding throughput: in-process PyTorch and ONNX Runtime vs a real Triton server on this CPU
+# embedding throughput: in-process PyTorch and ONNX Runtime vs a real Triton server on this CPU; then what
+# decoding big JPEGs at a reduced scale saves and changes (model input and hashes)
 bench-embedder: bench-install system-deps
 	$(VENV)/bin/imgsearch-embed bench --duration-s 4
+	$(PY) -m embedder.decode_profile --photos 99 --json docs/bench/decode-profile.json | tee docs/bench/decode-profile.md
+
+# On a machine with an NVIDIA GPU (not part of `make bench`): float32/TF32/float16/bfloat16 retrieval and model
+# speed. It runs under $(PYTHON), which must have a CUDA build of torch (the venv's is the CPU wheel), onnx,
+# onnxruntime and pillow.
+bench-gpu:
+	PYTHONPATH=protos:. $(PYTHON) -m embedder.precision_check --data $(DATA)/grocery --train-per-product 10 --out docs/bench/precision-gpu.json | tee docs/bench/precision-gpu.md
 
 # raw faiss, one shard, the broker over 1/2/4 shards, LanceDB and Milvus Lite on the same data
 bench-compare: bench-install

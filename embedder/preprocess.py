@@ -12,12 +12,17 @@ import io
 import warnings
 
 import numpy as np
-from pi_heif import register_heif_opener
 from PIL import Image, ImageFile, ImageOps
 
 from embedder.errors import ImageTooLargeError, InvalidImageError
 
-register_heif_opener()
+try:  # a dependency of the package and of the Triton image; tools run under a bare Python (the GPU check) lack it
+    from pi_heif import register_heif_opener
+except ImportError:  # pragma: no cover - tests/test_preprocess.py asserts it is there
+    HEIF_SUPPORTED = False
+else:
+    register_heif_opener()
+    HEIF_SUPPORTED = True
 
 # ImageNet statistics: the backbone's pretrained weights expect them.
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

@@ -183,6 +183,9 @@ HEIC_ORIGINAL = DATA_DIR / "grocery" / "val" / "Packages" / "Juice" / "Bravo-App
 
 
 def test_an_iphone_heic_photo_decodes_like_its_jpeg_original():
+    from embedder.preprocess import HEIF_SUPPORTED
+
+    assert HEIF_SUPPORTED  # pi-heif is installed wherever the package is
     data = HEIC.read_bytes()
     img = decode_image(data)
     original = decode_image(HEIC_ORIGINAL.read_bytes())
