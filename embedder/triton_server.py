@@ -289,7 +289,7 @@ class ServeConfig:
     metrics_port: int = 8002
     max_batch_size: int = 32
     embedding_instances: int = 1
-    # Decoding runs in the preprocessing model's instances, one process and one core each (~5 ms a photo).
+    # Decoding runs in the preprocessing model's instances, one process and one core each (2.4-5 ms a photo).
     preprocess_instances: int = 1
 
     @classmethod
