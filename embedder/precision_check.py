@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         variants["onnxruntime cuda float32"] = compare(retrieval(emb, labels), reference, emb, ref_emb)
 
     speed, batches = [], [int(b) for b in args.batches.split(",") if b]
-    if cuda:
+    if cuda and batches:
         torch.backends.cudnn.benchmark = True  # pick the fastest kernels per shape, as an inference engine does
         for precision in precisions:
             set_tf32(precision == "tf32")
