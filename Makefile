@@ -48,13 +48,13 @@ bench-shard: bench-install
 # decoding big JPEGs at a reduced scale saves and changes (model input and hashes)
 bench-embedder: bench-install system-deps
 	$(VENV)/bin/imgsearch-embed bench --duration-s 4
-	$(PY) -m embedder.decode_profile --photos 99 --json docs/bench/decode-profile.json | tee docs/bench/decode-profile.md
+	set -o pipefail; $(PY) -m embedder.decode_profile --photos 99 --json docs/bench/decode-profile.json | tee docs/bench/decode-profile.md
 
 # On a machine with an NVIDIA GPU (not part of `make bench`): float32/TF32/float16/bfloat16 retrieval and model
 # speed. It runs under $(PYTHON), which must have a CUDA build of torch (the venv's is the CPU wheel), onnx,
 # onnxruntime and pillow.
 bench-gpu:
-	PYTHONPATH=protos:. $(PYTHON) -m embedder.precision_check --data $(DATA)/grocery --train-per-product 10 --out docs/bench/precision-gpu.json | tee docs/bench/precision-gpu.md
+	set -o pipefail; PYTHONPATH=protos:. $(PYTHON) -m embedder.precision_check --data $(DATA)/grocery --train-per-product 10 --out docs/bench/precision-gpu.json | tee docs/bench/precision-gpu.md
 
 # raw faiss, one shard, the broker over 1/2/4 shards, LanceDB and Milvus Lite on the same data
 bench-compare: bench-install

@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu_preprocess_rate: float | str | None = None
     if cuda:
         try:
-            gpu_pixels = {k: v for k, v in pixels.items()}
+            gpu_pixels = dict(pixels)
             rates = []
             for name in ("val", "train"):  # phone photos, all JPEG; the packshots keep the CPU path
                 gpu_pixels[name], rate = gpu_preprocess([item.path for item in items[name]], device=args.device)

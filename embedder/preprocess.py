@@ -139,7 +139,7 @@ def image_to_tensor(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> np.ndar
 
 # A JPEG whose shorter side is at least twice this factor times the model's input is decoded at a reduced DCT
 # scale that keeps it >= DRAFT_FACTOR * size, then resized as usual. A 12 MP photo then decodes in ~20 ms instead
-# of ~125 ms, and its embedding stays within cosine 0.995 of the full decode's (0.999 on average; 99 val photos
+# of ~120 ms, and its embedding stays within cosine 0.995 of the full decode's (0.999 on average; 99 val photos
 # at phone sizes, `python -m embedder.decode_profile`), several times closer than re-saving the photo as a JPEG
 # moves it (0.985 / 0.993). Smaller photos (the grocery data set's 348x464 included) decode exactly as before.
 DRAFT_FACTOR = 2
