@@ -132,12 +132,22 @@ def shrink(img: Image.Image, shorter_side: int) -> Image.Image:
     return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
 
 
-def load_cached(items: Sequence[CatalogueImage], shorter_side: int, progress: bool = False) -> list[Image.Image]:
-    """Decode every image once; training epochs then augment from memory instead of re-reading JPEGs."""
+def load_cached(items: Sequence[CatalogueImage], shorter_side: int, progress: bool = False,
+                threads: int = 0) -> list[Image.Image]:
+    """Decode every image once; training epochs then augment from memory instead of re-reading JPEGs.
+    `threads` > 1 decodes in a thread pool (Pillow releases the GIL while it decodes and resizes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    return [shrink(load_image(item.path), shorter_side)
-            for item in tqdm(items, desc="decoding", unit="img", disable=not progress)]
+    def load(item: CatalogueImage) -> Image.Image:
+        return shrink(load_image(item.path), shorter_side)
+
+    bar = tqdm(items, desc="decoding", unit="img", disable=not progress)
+    if threads <= 1:
+        return [load(item) for item in bar]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(load, bar))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,6 +210,17 @@ class TrainDataset:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         return augment(self.images[index], self.rng, self.config), self.labels[index]
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: every worker process starts with a copy of the dataset, random generator
+    included, so without this all workers (and every epoch's fresh workers) would draw the same augmentations.
+    torch gives each worker its own seed, drawn anew from the loader's generator every epoch."""
+    import torch.utils.data
+
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        info.dataset.rng = random.Random(info.seed)
 
 
 def eval_tensor(img: Image.Image, size: int = 224) -> np.ndarray:

@@ -32,14 +32,14 @@ def onnx_embed_fn(path: Path, threads: int = 2) -> EmbedFn:
     return lambda pixels: session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0]
 
 
-def torch_embed_fn(model) -> EmbedFn:
+def torch_embed_fn(model, device: str = "cpu") -> EmbedFn:
     import torch
 
-    model = model.eval()
+    model = model.eval().to(device)
 
     def embed(pixels: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return model(torch.from_numpy(pixels)).numpy()
+            return model(torch.from_numpy(pixels).to(device)).cpu().numpy()
 
     return embed
 
@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", type=Path, help="only print the summary of a results JSON written by --out")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for --checkpoint / --baseline (e.g. cuda); ONNX always runs on the CPU")
     args = parser.parse_args(argv)
     if args.show:
         saved = json.loads(args.show.read_text())
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         net = GeMBaseline() if args.baseline else load_checkpoint(args.checkpoint)
-        embed, model_name = torch_embed_fn(net), ("imagenet-gem-baseline" if args.baseline else str(args.checkpoint))
+        embed, model_name = torch_embed_fn(net, args.device), ("imagenet-gem-baseline" if args.baseline else str(args.checkpoint))
     else:
         onnx_path = args.onnx or default_model_path()
         embed, model_name = onnx_embed_fn(onnx_path, args.threads), str(onnx_path)

@@ -214,6 +214,30 @@ def test_augment_gives_normalised_training_views():
     assert -3 < views[0].mean() < 3
 
 
+def test_threaded_decode_matches_serial():
+    items = data.read_grocery(GROCERY, "train")[:12]
+    serial = data.load_cached(items, 96)
+    threaded = data.load_cached(items, 96, threads=3)
+    assert [img.size for img in threaded] == [img.size for img in serial]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(serial, threaded))
+
+
+@pytest.mark.parametrize("init", [None, data.seed_worker], ids=["unseeded", "seed_worker"])
+def test_loader_workers_draw_their_own_augmentations(init):
+    """Each DataLoader worker starts with a copy of the dataset's generator: unseeded, two workers hand out the
+    same crops of the same image; data.seed_worker gives each worker its own stream."""
+    from torch.utils.data import DataLoader
+
+    img = data.load_image(photos("Banana", 1)[0])
+    dataset = data.TrainDataset([img] * 4, [0] * 4, data.AugmentConfig(image_size=64), seed=0)
+    loader = DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=init)
+    views = [pixels[0].numpy() for pixels, _ in loader]  # workers alternate: items 0, 2 from one, 1, 3 the other
+    same = np.array_equal(views[0], views[1]) and np.array_equal(views[2], views[3])
+    assert same == (init is None)
+    if init is not None:
+        assert len({v.tobytes() for v in views}) == 4
+
+
 def test_catalogue_from_folders_per_product(tmp_path):
     for product in ("sku-1", "sku-2"):
         (tmp_path / "drinks" / product).mkdir(parents=True)
@@ -227,7 +251,9 @@ def test_catalogue_from_folders_per_product(tmp_path):
 @pytest.mark.parametrize("mode", [
     ["--feature-views", "1", "--trainable-blocks", "0"],  # cached frozen features (the default)
     ["--feature-views", "0", "--trainable-blocks", "1"],  # fresh augmentations every step, a block fine-tuned
-], ids=["cached-features", "online-augmentation"])
+    # the GPU recipe's shape: every block fine-tuned, augmented in worker processes, decoded in threads
+    ["--feature-views", "0", "--trainable-blocks", "16", "--workers", "2"],
+], ids=["cached-features", "online-augmentation", "whole-backbone-workers"])
 def test_tiny_training_run_end_to_end(tmp_path, mode):
     """A handful of steps on 5 products from a CSV catalogue: checkpoints, metrics JSON, exportable."""
     products = ["Banana", "Lemon", "Granny-Smith", "Oatly-Oat-Milk", "Arla-Standard-Milk"]
@@ -266,6 +292,7 @@ def test_grocery_training_catalogue_adds_the_iconic_packshots():
     assert {i.product_id for i in packshots} == {i.product_id for i in photos_only}
     assert train.main(["--catalogue", "x.csv", "--out", "x", "--iconic-copies", "2"]) == 2  # grocery only
     assert train.main(["--grocery", str(GROCERY), "--out", "x", "--iconic-copies", "-1"]) == 2
+    assert train.main(["--grocery", str(GROCERY), "--out", "x", "--workers", "-1"]) == 2
 
 
 def test_default_model_embeds_every_odd_image_or_rejects_it_clearly():
