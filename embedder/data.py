@@ -143,11 +143,13 @@ def load_cached(items: Sequence[CatalogueImage], shorter_side: int, progress: bo
     def load(item: CatalogueImage) -> Image.Image:
         return shrink(load_image(item.path), shorter_side)
 
-    bar = tqdm(items, desc="decoding", unit="img", disable=not progress)
+    def bar(images):
+        return tqdm(images, total=len(items), desc="decoding", unit="img", disable=not progress)
+
     if threads <= 1:
-        return [load(item) for item in bar]
+        return list(bar(load(item) for item in items))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return list(pool.map(load, bar))
+        return list(bar(pool.map(load, items)))  # in order, counted as they finish
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,8 +216,8 @@ class TrainDataset:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader worker_init_fn: every worker process starts with a copy of the dataset, random generator
-    included, so without this all workers (and every epoch's fresh workers) would draw the same augmentations.
-    torch gives each worker its own seed, drawn anew from the loader's generator every epoch."""
+    included, so without this all workers would draw the same augmentations (and, unless the workers persist,
+    again every epoch). torch gives each worker its own seed, drawn from the loader's generator when it starts."""
     import torch.utils.data
 
     info = torch.utils.data.get_worker_info()
