@@ -3,9 +3,12 @@
     .venv/bin/python -m broker.near_threshold --photos 20
 
 For catalogue photos it prints the cosine similarity between a photo and edited copies of it (re-encode,
-resize, contrast, brightness, 2 % crop: what the hash radius lets through) and between the photo and *other*
-photos of the same product (which must not be confirmed). The threshold belongs between the two. Run it again
-after changing the embedding model: the similarity scale is the model's.
+resize, contrast, brightness, 2 % crop: what the hash radius lets through), between the photo and photos of
+*other products of its category* (look-alikes: a confirmed match would answer with the wrong product), and
+between the photo and *other photos of its own product* (the next shots of the same shelf). The threshold must sit
+above the other products and below the copies; above the other photos of the product too where the model allows,
+though confirming one of those still answers with the right product. Run it again after changing the embedding
+model: the similarity scale is the model's.
 """
 
 from __future__ import annotations
@@ -48,16 +51,21 @@ async def calibrate(data_dir: Path, photos: int, model_path: Path | None) -> dic
     embedder = OnnxEmbedder(model_path)
     train = grocery_split(data_dir, "train")
     picks = train[:: max(1, len(train) // photos)][:photos]
-    sims: dict[str, list[float]] = {e: [] for e in (*EDITS, "other_photo_same_product")}
+    sims: dict[str, list[float]] = {e: [] for e in (*EDITS, "other_photo_same_product", "other_product_same_category")}
     try:
         for f in picks:
             data = f.path.read_bytes()
             others = [g for g in train if g.product_id == f.product_id and g.image_id != f.image_id][:3]
-            batch = [data, *(edited(data, e) for e in EDITS), *(g.path.read_bytes() for g in others)]
+            # three photos of each other product of the category, spread over its shots
+            look_alikes = [g for product in sorted({g.product_id for g in train if g.category == f.category} - {f.product_id})
+                           for g in [h for h in train if h.product_id == product][::20][:3]]
+            batch = [data, *(edited(data, e) for e in EDITS), *(g.path.read_bytes() for g in others + look_alikes)]
             v = await embedder.embed(batch, timeout_s=300)
-            for e, vec in zip(EDITS, v[1 : 1 + len(EDITS)], strict=True):
+            n = 1 + len(EDITS)
+            for e, vec in zip(EDITS, v[1:n], strict=True):
                 sims[e].append(float(v[0] @ vec))
-            sims["other_photo_same_product"] += [float(v[0] @ vec) for vec in v[1 + len(EDITS) :]]
+            sims["other_photo_same_product"] += [float(v[0] @ vec) for vec in v[n : n + len(others)]]
+            sims["other_product_same_category"] += [float(v[0] @ vec) for vec in v[n + len(others) :]]
     finally:
         await embedder.close()
     return sims
@@ -80,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     copies = np.concatenate([np.asarray(sims[e]) for e in EDITS])
     print(
-        f"edited copies min {copies.min():.3f}, other photos of the product max "
+        f"edited copies min {copies.min():.3f}, other products of the category max "
+        f"{max(sims['other_product_same_category'], default=float('nan')):.3f}, other photos of the product max "
         f"{max(sims['other_photo_same_product']):.3f}"
     )
     return 0

@@ -171,7 +171,9 @@ def test_the_model_input_of_a_big_jpeg_is_decoded_at_a_reduced_scale_and_barely_
     assert reduced.shape == full.shape == (3, 224, 224)
     assert not np.array_equal(reduced, full)
     a, b = onnx_embed_fn(default_model_path())(np.stack([full, reduced]))
-    assert float(a @ b) > 0.997
+    # 0.998 with the model shipped until 2026-12-04, 0.9965 and 0.9945 with seeds 0 and 2 of the whole-backbone
+    # recipe, whose embedding re-saving this photo once as JPEG q85 moves to 0.9974-0.9975.
+    assert float(a @ b) > 0.99
 
     small = next((DATA_DIR / "grocery" / "val").rglob("*.jpg")).read_bytes()
     assert min(Image.open(io.BytesIO(small)).size) < 2 * 2 * 224  # too small for a 1/2 scale to keep 448 px
