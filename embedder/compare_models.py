@@ -21,23 +21,8 @@ import numpy as np
 
 from embedder import data
 from embedder.evaluate import embed_catalogue, onnx_embed_fn
+from embedder.metrics import product_ranks, rank_summary
 from embedder.model_files import default_model_path
-
-
-def product_ranks(query_emb: np.ndarray, query_labels: Sequence[str], gallery_emb: np.ndarray,
-                  gallery_labels: Sequence[str]) -> np.ndarray:
-    """1-based rank of each query's product among the gallery's products, by each product's best cosine."""
-    products = sorted(set(gallery_labels))
-    column = {p: i for i, p in enumerate(products)}
-    owner = np.array([column[label] for label in gallery_labels])
-    best = np.full((len(query_emb), len(products)), -np.inf, dtype=np.float32)
-    np.maximum.at(best.T, owner, (query_emb @ gallery_emb.T).T)  # best[q, p] = max over p's images
-    right = best[np.arange(len(query_emb)), [column[label] for label in query_labels]]
-    return 1 + (best > right[:, None]).sum(axis=1)
-
-
-def summary(ranks: np.ndarray) -> dict:
-    return {**{f"recall@{k}": float((ranks <= k).mean()) for k in (1, 5, 10)}, "mrr": float((1 / ranks).mean())}
 
 
 def changes(old: np.ndarray, new: np.ndarray, labels: Sequence[str], k: int) -> dict:
@@ -75,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"old": str(args.old), "new": str(args.new or default_model_path()), "k": args.k, "galleries": {}}
     for name in galleries:
         old, new = ranks[name]["old"], ranks[name]["new"]
-        entry = {"old": summary(old), "new": summary(new), **changes(old, new, labels, args.k),
+        entry = {"old": rank_summary(old), "new": rank_summary(new), **changes(old, new, labels, args.k),
                  "queries": [{"path": str(q.path), "product": q.product_id, "old_rank": int(o), "new_rank": int(n)}
                              for q, o, n in zip(queries, old, new)]}
         report["galleries"][name] = entry

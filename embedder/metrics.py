@@ -127,3 +127,20 @@ def retrieval_report(similarities: np.ndarray, query_labels: Sequence, gallery_l
                     "f1": best.f1},
         "sweep": [vars(p) for p in sweep if p.threshold >= 0],
     }
+
+
+def product_ranks(query_emb: np.ndarray, query_labels: Sequence[str], gallery_emb: np.ndarray,
+                  gallery_labels: Sequence[str]) -> np.ndarray:
+    """1-based rank of each query's product among the gallery's products, by each product's best cosine."""
+    products = sorted(set(gallery_labels))
+    column = {p: i for i, p in enumerate(products)}
+    owner = np.array([column[label] for label in gallery_labels])
+    best = np.full((len(query_emb), len(products)), -np.inf, dtype=np.float32)
+    np.maximum.at(best.T, owner, (query_emb @ gallery_emb.T).T)  # best[q, p] = max over p's images
+    right = best[np.arange(len(query_emb)), [column[label] for label in query_labels]]
+    return 1 + (best > right[:, None]).sum(axis=1)
+
+
+def rank_summary(ranks: np.ndarray) -> dict:
+    """Recall@1/5/10 and MRR of 1-based ranks."""
+    return {**{f"recall@{k}": float((ranks <= k).mean()) for k in (1, 5, 10)}, "mrr": float((1 / ranks).mean())}

@@ -168,7 +168,8 @@ def test_selection_sets_never_touch_val_and_split_each_product(tmp_path):
 
 def test_product_ranks_match_a_brute_force_count():
     """compare_models ranks a query's product among products by their best image, as `imgsearch eval` does."""
-    from embedder.compare_models import changes, product_ranks, summary
+    from embedder.compare_models import changes
+    from embedder.metrics import product_ranks, rank_summary
 
     rng = np.random.default_rng(0)
     gallery = rng.normal(size=(60, 16)).astype(np.float32)
@@ -180,7 +181,7 @@ def test_product_ranks_match_a_brute_force_count():
         best = {p: max(float(q @ g) for g, lab in zip(gallery, gallery_labels) if lab == p) for p in set(gallery_labels)}
         ordered = sorted(best, key=best.get, reverse=True)
         assert rank == ordered.index(label) + 1
-    assert summary(np.array([1, 2, 20]))["recall@1"] == pytest.approx(1 / 3)
-    assert summary(np.array([1, 2, 20]))["mrr"] == pytest.approx((1 + 0.5 + 0.05) / 3)
+    assert rank_summary(np.array([1, 2, 20]))["recall@1"] == pytest.approx(1 / 3)
+    assert rank_summary(np.array([1, 2, 20]))["mrr"] == pytest.approx((1 + 0.5 + 0.05) / 3)
     moved = changes(np.array([1, 12, 3]), np.array([11, 2, 4]), ["a", "b", "a"], k=10)
     assert moved == {"left_top_k": {"a": 1}, "entered_top_k": {"b": 1}}

@@ -99,6 +99,24 @@ def test_checkpoint_keeps_its_backbone_and_old_checkpoints_load_as_lite0(tmp_pat
     assert load_checkpoint(tmp_path / "old.pt").backbone.variant == "lite0"
 
 
+def test_checkpoints_leave_out_the_imagenet_classifier_but_nothing_else(tmp_path):
+    """The classifier is never part of an embedding: checkpoints skip it (older ones with it still load); a
+    checkpoint missing any other weight is refused."""
+    torch.manual_seed(0)
+    model = ImageEmbedder().eval()
+    save_checkpoint(tmp_path / "m.pt", model)
+    weights = torch.load(tmp_path / "m.pt", weights_only=False)["model"]
+    assert not any(k.startswith("backbone._fc.") for k in weights)
+    assert set(weights) == {k for k in model.state_dict() if not k.startswith("backbone._fc.")}
+    pixels = torch.from_numpy(pixels_of(photos("Banana", 1)))
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(tmp_path / "m.pt")(pixels), model(pixels))
+    del weights["proj.weight"]
+    torch.save({"model": weights, "model_config": vars(model.config)}, tmp_path / "broken.pt")
+    with pytest.raises(RuntimeError, match="proj.weight"):
+        load_checkpoint(tmp_path / "broken.pt")
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, backbone):
     """An embedder with non-trivial head statistics, exported to ONNX."""
