@@ -111,14 +111,22 @@ def _whole_records(view: memoryview, *, max_bytes: int, final: bool) -> tuple[li
     while pos < size:
         try:
             tag, body = read_varint(view, pos)
-            length, body = read_varint(view, body)
+            wire_type = tag & 7
+            if tag >> 3 == _RECORDS_TAG >> 3 and wire_type != 2:
+                raise ValueError(f"field tag {tag} at byte {pos} is not UpsertRequest.records")
+            if wire_type == 2:
+                length, body = read_varint(view, body)
+                end = body + length
+            elif wire_type == 0:  # an unknown varint field (a newer client's): skipped like protobuf does
+                _, end = read_varint(view, body)
+            elif wire_type in (1, 5):
+                end = body + (8 if wire_type == 1 else 4)
+            else:
+                raise ValueError(f"field tag {tag} at byte {pos}: unsupported wire type {wire_type}")
         except ValueError:
             if final or size - pos > _MAX_RECORD_HEADER_BYTES:
                 raise
             break  # the header itself is cut off
-        if tag != _RECORDS_TAG:
-            raise ValueError(f"field tag {tag} at byte {pos} is not UpsertRequest.records")
-        end = body + length
         if end > size:
             if final:
                 raise ValueError(f"record at byte {pos} runs past the end ({end} > {size} bytes)")

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from operator import attrgetter
 
 import faiss
 import numpy as np
@@ -39,6 +40,7 @@ from shard_server.types import (
     SearchResult,
     ShardStats,
     distinct_products,
+    first_of_each,
 )
 from shard_server.wal import LogFrame, WriteAheadLog
 
@@ -420,6 +422,9 @@ class ShardEngine:
         found.sort(key=lambda item: -item[0])
         out = (Hit(image_id=image_id, product_id=product_id, category=category, score=score, attributes=attributes)
                for score, category, (image_id, product_id, attributes) in found)
+        # Partitions are searched one lock at a time: an image moved to another category meanwhile can be read
+        # in both. Keep its best row only (a shard never holds an image twice).
+        out = first_of_each(out, key=attrgetter("image_id"))
         if query.distinct_products:  # a product filed under two categories is still one product
             out = distinct_products(out)
         return SearchResult(hits=tuple(itertools.islice(out, query.top_k)), candidates_scanned=scanned)

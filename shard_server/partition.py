@@ -334,13 +334,14 @@ class Partition:
 
     def resident_bytes(self) -> int:
         """Index codes + ids (+ coarse centroids), exact-mode float32 copy, unsnapshotted vectors, attributes."""
-        total = self.attributes.nbytes + self.alive.nbytes + self.vectors.resident_nbytes
-        if self._exact is not None:
-            total += self._exact.nbytes
-        if self.ivf is not None:
-            total += self.index_code_bytes()
-            total += self.nlist * self.config.dimension * 4
-        return total
+        with self.lock.read():  # train_and_swap frees the old index: never walk its lists unlocked
+            total = self.attributes.nbytes + self.alive.nbytes + self.vectors.resident_nbytes
+            if self._exact is not None:
+                total += self._exact.nbytes
+            if self.ivf is not None:
+                total += self.index_code_bytes()
+                total += self.nlist * self.config.dimension * 4
+            return total
 
     def index_code_bytes(self) -> int:
         """PQ codes and ids held by the IVF lists."""

@@ -64,6 +64,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             raise RequestTooLargeError(f"{len(request.records)} records in one request; the limit is {limit} "
                                        "(use UpsertStream for bulk loads)")
         records = convert.records_from_proto(request.records)
+        request.DiscardUnknownFields()  # the log holds what was applied, nothing a replay cannot parse
         written = await self._run(self._write_pool, self.engine.upsert, records,
                                   encoded=request.SerializeToString())
         return shard_pb2.UpsertResponse(upserted=written)
@@ -78,6 +79,7 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         chunks: list[bytes] = []
         size = 0
         async for message in request_iterator:
+            message.DiscardUnknownFields()
             encoded = message.SerializeToString()  # wire-compatible with UpsertRequest: frames concatenate
             size += len(encoded)
             if size > self.engine.config.max_stream_bytes:

@@ -8,6 +8,7 @@ flushes everything written so far, and writers whose frame is already covered re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -104,6 +105,9 @@ def read_segment(path: Path, *, truncate_torn_tail: bool) -> Iterator[LogFrame]:
                 log.warning("%s: torn frame header at byte %d", path, good_until)
                 break
             length, crc = HEADER.unpack(header)
+            if length == 0:  # never written (every record has an op code): a zero-filled tail
+                log.warning("%s: empty frame at byte %d (zero-filled tail)", path, good_until)
+                break
             offset = good_until + HEADER.size
             if length <= READ_CHUNK_BYTES:
                 data = f.read(length)
@@ -136,6 +140,9 @@ class WriteAheadLog:
         self._synced = threading.Condition()  # guards _synced_seq and _syncing; writers wait on it for a fsync
         self._syncing = False
         self._fd: int | None = None
+        # Why the log refuses writes (set with _fd = None): after a failed fsync, or a failed write that could not
+        # be cut off, what the file holds is unknown, and anything appended after it could be lost on replay.
+        self._failed: str | None = None
         self._generation = 0
         self._written_seq = 0
         self._synced_seq = 0
@@ -191,12 +198,20 @@ class WriteAheadLog:
         frame = HEADER.pack(size, crc)
         with self._write_lock:
             if self._fd is None:
-                raise WalError("write-ahead log is closed")
+                raise WalError(self._failed or "write-ahead log is closed")
+            start = os.lseek(self._fd, 0, os.SEEK_END)
             try:
                 self._write_all(frame)
                 for part in parts:
                     self._write_all(part)
             except OSError as e:
+                # A partial frame left in place would swallow every later (acknowledged) frame on replay: the
+                # reader takes them for its payload, finds a bad CRC and cuts the segment there. Cut it off now,
+                # or refuse all further writes if even that fails.
+                try:
+                    os.ftruncate(self._fd, start)
+                except OSError:
+                    self._fail(f"a write failed ({e}) and could not be cut off")
                 raise WalError(f"write-ahead log write failed: {e}") from e
             self._written_seq += 1
             seq = self._written_seq
@@ -237,10 +252,9 @@ class WriteAheadLog:
                     return  # rotate() synced it meanwhile
                 with self._write_lock:
                     written, fd = self._written_seq, self._fd
-                try:
-                    os.fsync(fd)
-                except OSError as e:
-                    raise WalError(f"write-ahead log fsync failed: {e}") from e
+                    if fd is None:
+                        raise WalError(self._failed or "write-ahead log is closed")
+                self._fsync_or_fail(fd, write_locked=False)
                 target = written
         finally:
             with self._synced:
@@ -256,9 +270,11 @@ class WriteAheadLog:
         ``closed_generation``; a snapshot that includes them allows :meth:`drop_through` that generation.
         """
         with self._sync_lock, self._write_lock:
+            if self._fd is None and self._failed:
+                raise WalError(self._failed)
             closed = self._generation
             if self._fd is not None:
-                os.fsync(self._fd)
+                self._fsync_or_fail(self._fd, write_locked=True)
                 os.close(self._fd)
             with self._synced:
                 self._synced_seq = self._written_seq
@@ -277,7 +293,36 @@ class WriteAheadLog:
 
     def close(self) -> None:
         with self._sync_lock, self._write_lock:
-            if self._fd is not None:
-                os.fsync(self._fd)
+            if self._fd is None:
+                return
+            self._fsync_or_fail(self._fd, write_locked=True)
+            os.close(self._fd)
+            self._fd = None
+            # A writer still waiting for its fsync (a shutdown that outlasted the drain) finds it done, instead
+            # of an error for a write that is durable.
+            with self._synced:
+                self._synced_seq = self._written_seq
+                self._synced.notify_all()
+
+    def _fsync_or_fail(self, fd: int, *, write_locked: bool) -> None:
+        """fsync, called with the sync lock held (and the write lock when `write_locked`).
+
+        A failed fsync fails the log for good (fail-stop): the kernel may already have dropped the dirty pages it
+        could not write, so a later fsync that succeeds proves nothing about them, and frames acknowledged after a
+        lost one would be cut off with it on replay. A restart replays the log and cuts it at the first bad
+        frame; no caller was told that frame or any after it was written."""
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            with contextlib.nullcontext() if write_locked else self._write_lock:
+                self._fail(f"an fsync failed ({e})")
+            raise WalError(f"write-ahead log fsync failed: {e}") from e
+
+    def _fail(self, why: str) -> None:
+        """Refuse every later write (called with the write lock held)."""
+        self._failed = f"write-ahead log failed: {why}; writes are refused until the shard restarts"
+        log.error("%s", self._failed)
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
                 os.close(self._fd)
-                self._fd = None
+            self._fd = None

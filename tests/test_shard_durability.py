@@ -7,6 +7,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -475,3 +476,48 @@ def test_fuzzed_writes_and_reads_then_sigkill_keep_exactly_what_was_acknowledged
         # stored normalised: the same direction
         a, b = np.array(r.vector.values), np.array(want.vector.values)
         assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.999
+
+
+# A field a newer client may add to UpsertRequest / VectorRecord (field 2: varint 1; field 3: "hi").
+_UNKNOWN_FIELDS = b"\x10\x01\x1a\x02hi"
+
+
+@pytest.mark.timeout(120)
+async def test_a_write_with_fields_this_shard_does_not_know_survives_a_restart(tmp_path):
+    """A newer client's extra field is ignored, as protobuf does; it must not reach the log, which a replay
+    after a crash would then fail to parse (the write was acknowledged: the shard would not start)."""
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=5)
+    records = [convert.record_to_proto(r) for r in catalogue.records(0, 3)]
+    unary = shard_pb2.UpsertRequest(records=records[:1]).SerializeToString() + _UNKNOWN_FIELDS
+    streamed = [shard_pb2.UpsertRequest(records=[r]).SerializeToString() + _UNKNOWN_FIELDS for r in records[1:]]
+    shard = ShardProcess(tmp_path / "data", extra_args=SHARD_ARGS).start()
+    try:
+        async with grpc.aio.insecure_channel(shard.address) as channel:
+            upsert = channel.unary_unary("/imgsearch.v1.ShardService/Upsert",
+                                         response_deserializer=shard_pb2.UpsertResponse.FromString)
+            assert (await upsert(unary, timeout=10)).upserted == 1
+            stream = channel.stream_unary("/imgsearch.v1.ShardService/UpsertStream",
+                                          response_deserializer=shard_pb2.UpsertResponse.FromString)
+            assert (await stream(iter(streamed), timeout=10)).upserted == 2
+        shard.kill()
+        shard.start()
+        client = ShardClient(shard.address)
+        ids = [r.image_id for r in records]
+        assert sorted(r.image_id for r in await client.get(ids, timeout_s=10)) == sorted(ids)
+        await client.close()
+    finally:
+        shard.kill()
+
+
+def test_a_log_written_with_unknown_fields_still_replays(tmp_path):
+    """Logs written before unknown fields were dropped hold them: replay skips them like protobuf does."""
+    config = ShardConfig(data_dir=tmp_path, dimension=DIM)
+    record = synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=6).records(0, 1)[0]
+    engine = ShardEngine(config)
+    engine.load()
+    encoded = shard_pb2.UpsertRequest(records=[convert.record_to_proto(record)]).SerializeToString()
+    engine.upsert([record], encoded=encoded + _UNKNOWN_FIELDS)
+    engine.wal.close()
+    restarted = ShardEngine(config)
+    restarted.load()
+    assert [r.image_id for r in restarted.get([record.image_id])] == [record.image_id]

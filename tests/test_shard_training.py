@@ -1,7 +1,9 @@
 """Searches and writes running while a partition trains IVF-PQ in the background and swaps it in: no search
-fails or blocks, and every write made during training is in the swapped index (catch-up)."""
+fails or blocks, and every write made during training is in the swapped index (catch-up); stats wait for a swap;
+an image moved between categories during a search is answered once."""
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -11,8 +13,10 @@ from prometheus_client import REGISTRY
 from shard_server import synthetic
 from shard_server.client import ShardClient
 from shard_server.config import ShardConfig
+from shard_server.engine import ShardEngine
+from shard_server.partition import Partition
 from shard_server.server import start_shard_server
-from shard_server.types import SearchQuery
+from shard_server.types import Record, SearchQuery
 
 DIM = 256
 
@@ -81,3 +85,47 @@ async def test_searches_never_fail_during_training_and_swap(tmp_path):
     finally:
         await client.close()
         await handle.stop(snapshot=False)
+
+
+def test_stats_wait_for_an_index_swap(tmp_path):
+    """Stats (and the gauges) walk a partition's IVF lists through raw faiss pointers, which do not keep the
+    index alive: read while a swap frees the old index, they read freed memory and can kill the shard (SIGSEGV).
+    They take the partition's read lock, so they wait for a swap in progress."""
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=8))
+    engine.load()
+    engine.upsert(synthetic.SyntheticCatalogue(dim=8, clusters=3, seed=1).records(0, 50))
+    partition = next(iter(engine.partitions.values()))
+    done = threading.Event()
+    reader = threading.Thread(target=lambda: (engine.stats(), done.set()))
+    with partition.lock.write():  # what train_and_swap holds while it replaces the index
+        reader.start()
+        assert not done.wait(0.3), "stats read the partition during a swap"
+    assert done.wait(10)
+    reader.join()
+
+
+def test_an_image_moved_to_another_category_mid_search_is_returned_once(tmp_path, monkeypatch):
+    """A search over several categories reads their partitions one lock at a time; an image moved from one to
+    the other in between (an acknowledged upsert) would be found in both. An answer never repeats an image."""
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=8))
+    engine.load()
+    v = np.ones(8, np.float32)
+    engine.upsert([Record(image_id="x", product_id="px", category="a", vector=v),
+                   Record(image_id="y", product_id="py", category="b", vector=-v)])
+    real_search = Partition.search
+    moved = threading.Event()
+
+    def search_then_move(self, *args, **kwargs):
+        hits = real_search(self, *args, **kwargs)
+        if self.name == "a" and not moved.is_set():  # a concurrent writer moves x from "a" to "b"
+            writer = threading.Thread(target=engine.upsert,
+                                      args=([Record(image_id="x", product_id="px", category="b", vector=v)],))
+            writer.start()
+            writer.join()
+            moved.set()
+        return hits
+
+    monkeypatch.setattr(Partition, "search", search_then_move)
+    ids = [h.image_id for h in engine.search(SearchQuery(vector=v, top_k=10)).hits]
+    assert moved.is_set()
+    assert sorted(ids) == ["x", "y"]

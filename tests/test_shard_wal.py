@@ -1,17 +1,22 @@
-"""Write-ahead log: concurrent writers share fsyncs (group commit), and writes are applied in log order so a
-replay reproduces exactly the live state."""
+"""Write-ahead log: concurrent writers share fsyncs (group commit), writes are applied in log order so a
+replay reproduces exactly the live state, and a failed write, a failed fsync or a zero-filled tail never costs an
+acknowledged write."""
 
+import errno
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from shard_server import synthetic
+from shard_server import wal as wal_module
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
-from shard_server.types import Exactness, SearchQuery
+from shard_server.errors import WalError
+from shard_server.types import Exactness, Record, SearchQuery
 from shard_server.wal import WriteAheadLog
 
 
@@ -91,3 +96,86 @@ def test_a_payload_in_parts_is_one_frame_identical_to_the_joined_payload(tmp_pat
     segment = min((tmp_path / "parts").iterdir()).name
     assert (tmp_path / "parts" / segment).read_bytes() == (tmp_path / "joined" / segment).read_bytes()
     assert [f.read() for f in WriteAheadLog(tmp_path / "parts").replay(0)] == [b"".join(parts), b"next"]
+
+
+def _record(i: int, dim: int = 8, category: str = "c"):
+    v = np.zeros(dim, np.float32)
+    v[i % dim], v[(i + 1) % dim] = 1.0, 0.5
+    return Record(image_id=f"img-{i}", product_id=f"p{i}", category=category, vector=v)
+
+
+def test_a_write_that_fails_part_way_is_cut_off_and_later_writes_survive(tmp_path, monkeypatch):
+    """A full disk: a short write, then ENOSPC. The partial frame must not stay in the segment, or replay reads
+    the later (acknowledged) frames as its payload, finds a bad CRC and cuts them all off."""
+    config = ShardConfig(data_dir=tmp_path, dimension=8)
+    engine = ShardEngine(config)
+    engine.load()
+    engine.upsert([_record(0)])
+    real_write = os.write
+    disk_full = {"on": True}
+
+    def short_then_enospc(fd, data):
+        if disk_full["on"]:
+            if len(data) > 4:
+                return real_write(fd, bytes(data[:4]))
+            disk_full["on"] = False
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(wal_module.os, "write", short_then_enospc)
+    with pytest.raises(WalError):
+        engine.upsert([_record(1)])  # refused: the caller knows it failed
+    monkeypatch.setattr(wal_module.os, "write", real_write)  # space was freed
+    engine.upsert([_record(2)])
+    engine.delete(["img-0"])
+    engine.wal.close()  # no snapshot: the restart replays the log
+
+    restarted = ShardEngine(config)
+    restarted.load()
+    assert [r.image_id for r in restarted.get(["img-0", "img-1", "img-2"])] == ["img-2"]
+
+
+def test_a_failed_fsync_fails_the_log_for_good(tmp_path, monkeypatch):
+    """After a failed fsync the kernel may have dropped the pages it could not write; a later fsync that succeeds
+    proves nothing about them, so the log refuses every later write (fail-stop) and a restart recovers."""
+    config = ShardConfig(data_dir=tmp_path, dimension=8)
+    engine = ShardEngine(config)
+    engine.load()
+    engine.upsert([_record(0)])
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(WalError, match="fsync failed"):
+        engine.upsert([_record(1)])
+    monkeypatch.setattr(os, "fsync", real_fsync)  # the disk answers again: the log still refuses
+    with pytest.raises(WalError, match="refused until the shard restarts"):
+        engine.upsert([_record(2)])
+    assert [r.image_id for r in engine.get(["img-0", "img-1", "img-2"])] == ["img-0"]
+    engine.wal.close()
+
+    restarted = ShardEngine(config)
+    restarted.load()  # img-1 may or may not have reached the disk; its caller was told it failed
+    assert {r.image_id for r in restarted.get(["img-0", "img-2"])} == {"img-0"}
+    restarted.upsert([_record(3)])
+    assert [r.image_id for r in restarted.get(["img-3"])] == ["img-3"]
+
+
+def test_a_zero_filled_tail_is_cut_like_a_torn_one(tmp_path):
+    """A power cut can leave a segment extended with zeros that never held data; an all-zero header reads as a
+    valid empty frame (CRC32 of nothing is 0), but no record is empty: the tail is cut and the shard starts."""
+    config = ShardConfig(data_dir=tmp_path, dimension=8)
+    engine = ShardEngine(config)
+    engine.load()
+    engine.upsert([_record(0)])
+    engine.wal.close()
+    segment = engine.wal.segments()[-1]
+    written = segment.stat().st_size
+    with open(segment, "ab") as f:
+        f.write(b"\0" * 4096)
+    restarted = ShardEngine(config)
+    restarted.load()
+    assert [r.image_id for r in restarted.get(["img-0"])] == ["img-0"]
+    assert segment.stat().st_size == written
