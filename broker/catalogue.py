@@ -118,8 +118,14 @@ def files_from_csv(csv_path: Path) -> list[CatalogueFile]:
     out)."""
     base = csv_path.parent
     files = []
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"image", "product_id", "category"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{csv_path}: no {', '.join(sorted(missing))} column in the header")
+        for row in reader:
+            if None in row or None in row.values():
+                raise ValueError(f"{csv_path}, line {reader.line_num}: expected {len(reader.fieldnames)} fields")
             attrs: dict[str, str | float | bool] = {}
             for key, value in row.items():
                 if key in ("image", "image_id", "product_id", "category") or value in (None, ""):

@@ -152,6 +152,10 @@ def cmd_ingest(args) -> int:
     if not files:
         print(f"no images found under {source}", file=sys.stderr)
         return 1
+    unreadable = [f.path for f in files if not f.path.is_file()]
+    if unreadable:
+        print(f"error: {len(unreadable)} image file(s) not found, e.g. {unreadable[0]}", file=sys.stderr)
+        return 1
     t0 = time.perf_counter()
     with (
         _client(args, write=True) as client,
@@ -351,6 +355,9 @@ def cmd_eval(args) -> int:
             "queries": [o.to_json() for o in outcomes],
         }, indent=1))
         print(f"per-query results in {args.json}")
+    if all(o.error is not None for o in outcomes):
+        print("error: every search failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -474,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ImgsearchError as exc:
         print(f"imgsearch {args.command}: {exc.code.name}: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:  # unreadable/missing files, bad CSVs, undecodable text
+        print(f"imgsearch {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 

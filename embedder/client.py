@@ -166,7 +166,7 @@ class MicroBatcher:
         images = [data for item in batch for data in item.images]
         try:
             embeddings = await self._run_batch(images, timeout_s)
-        except InvalidImageError as exc:
+        except (InvalidImageError, ImageTooLargeError) as exc:  # one caller's image: never fail the others
             if len(batch) == 1:
                 _fail(batch[0], exc)
             else:  # find the culprit: each caller on its own

@@ -46,14 +46,22 @@ def _upright(img: Image.Image) -> Image.Image:
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
     except Exception:  # noqa: BLE001 - corrupt EXIF: the pixels as stored (decode_image does the same)
         return img
-    # Transposition removes the tag, so an image that decode_image already turned upright stays as it is.
-    return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+    if orientation in (None, 1):
+        return img
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - EXIF that parses but cannot be rewritten: as decode_image, keep the pixels
+        return img
 
 
 def image_hashes(img: Image.Image) -> ImageHashes:
     """pHash and dHash of an image (decoded by embedder.preprocess.decode_image, or any PIL image: EXIF
     orientation and mode are normalised here too)."""
-    upright = to_rgb(_upright(img))
+    return _hashes_of_upright(to_rgb(_upright(img)))
+
+
+def _hashes_of_upright(upright: Image.Image) -> ImageHashes:
+    """Hashes of an RGB image already turned upright (orientation is never applied twice)."""
     shorter = min(upright.size)
     if shorter > _MAX_HASH_INPUT_SIDE:
         # imagehash shrinks to 32x32 with Lanczos, which costs ~0.3 s on a 12 MP phone photo; a box
@@ -74,7 +82,7 @@ def hashes_of_bytes(data: bytes, **limits: int) -> ImageHashes:
     moves a big photo's hashes by up to 2-3 bits from `image_hashes(decode_image(data))`, but re-encoded and
     resized copies stay as close to it as before and different photos as far (`python -m
     embedder.decode_profile`), so every key is computed this one way."""
-    return image_hashes(decode_image(data, draft_min_side=_MAX_HASH_INPUT_SIDE, **limits))
+    return _hashes_of_upright(decode_image(data, draft_min_side=_MAX_HASH_INPUT_SIDE, **limits))
 
 
 def hamming(a: int, b: int) -> int:

@@ -63,7 +63,7 @@ def decode_image(
         raise InvalidImageError("image has no pixels")
     if width * height > max_image_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} pixels, limit is {max_image_pixels} pixels")
-    if draft_min_side and img.format == "JPEG":
+    if draft_min_side and img.format in ("JPEG", "MPO"):  # MPO: phone JPEGs with a multi-picture block
         img.draft(None, (draft_min_side, draft_min_side))
     try:
         with warnings.catch_warnings():
@@ -88,9 +88,26 @@ def _upright(img: Image.Image) -> Image.Image:
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to 8-bit RGB; transparency is composited on white, as shops show packshots."""
+    if "transparency" in img.info and img.mode in ("1", "L", "RGB", "I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # A tRNS colour key (PNG greyscale/truecolour) is transparency too: composite it on white like alpha.
+        key = img.info["transparency"]
+        rgb = to_rgb(_without_transparency(img))
+        mask = _key_mask(img, key)
+        if mask is not None:
+            out = np.asarray(rgb).copy()
+            out[mask] = 255
+            return Image.fromarray(out, mode="RGB")
+        return rgb
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit levels are absolute (0..65535), like every other mode's: no per-image auto-contrast. Only
+        # 8-bit values held in a 16-bit container (max <= 255) are taken as they are.
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size else 0.0
+        arr = (arr if hi <= 255 else arr / 257.0).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "I":
         arr = np.asarray(img, dtype=np.float64)
         hi = arr.max() if arr.size else 1.0
         arr = (arr / (hi if hi > 0 else 1.0) * 255.0).clip(0, 255).astype(np.uint8)
@@ -107,6 +124,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+def _without_transparency(img: Image.Image) -> Image.Image:
+    copy = img.copy()
+    copy.info = {k: v for k, v in img.info.items() if k != "transparency"}
+    return copy
+
+
+def _key_mask(img: Image.Image, key) -> np.ndarray | None:
+    """Pixels equal to a tRNS colour key (int for greyscale, RGB tuple for truecolour)."""
+    arr = np.asarray(img)
+    if arr.ndim == 2 and isinstance(key, int):
+        return arr == key
+    if arr.ndim == 3 and isinstance(key, tuple) and len(key) == arr.shape[2]:
+        return (arr == np.asarray(key, dtype=arr.dtype)).all(axis=2)
+    return None
 
 
 def resize_for_model(img: Image.Image, size: int = DEFAULT_IMAGE_SIZE) -> Image.Image:

@@ -38,6 +38,8 @@ class RecordingModel:
         await asyncio.sleep(self.delay_s)
         if any(img == b"bad" for img in images):
             raise InvalidImageError("bad image")
+        if any(img == b"huge" for img in images):  # small bytes, too many pixels: found by the decoder
+            raise ImageTooLargeError("12000x10000 pixels")
         out = np.zeros((len(images), 512), dtype=np.float32)
         out[:, 0] = [int(img) for img in images]
         return out
@@ -99,6 +101,21 @@ async def test_a_bad_image_fails_only_its_caller():
     assert isinstance(results[1], InvalidImageError)
     assert float(results[0][0, 0]) == 1 and float(results[2][0, 0]) == 3
     assert model.batches[0] == [b"1", b"bad", b"3"]  # merged first, then retried one by one
+
+
+async def test_an_image_with_too_many_pixels_fails_only_its_caller():
+    """The pixel limit is checked by the decoder (in process or in Triton's preprocessing), after the batch was
+    merged: a small PNG claiming 12000x10000 px must not fail the searches batched with it."""
+    batcher = MicroBatcher(RecordingModel(), max_batch=8, window_s=0.01)
+    try:
+        results = await asyncio.gather(
+            batcher.submit([b"1"], timeout_s=5), batcher.submit([b"huge"], timeout_s=5),
+            batcher.submit([b"3"], timeout_s=5), return_exceptions=True,
+        )
+    finally:
+        await batcher.close()
+    assert isinstance(results[1], ImageTooLargeError)
+    assert float(results[0][0, 0]) == 1 and float(results[2][0, 0]) == 3
 
 
 async def test_deadline_and_other_errors_reach_every_caller():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from pathlib import Path
 
 import imagehash
@@ -151,3 +152,26 @@ def test_truncated_jpeg_is_a_clear_error():
         _hashes(ODD / "imagededup" / "mixed_images" / "ukbench09268_corrupt.jpg")
     with pytest.raises(InvalidImageError):
         hashes_of_bytes(b"")
+
+
+def _exif_with_orientation_6_and(extra: bytes) -> bytes:
+    """A big-endian EXIF block: Orientation = 6 plus one more IFD0 entry (12 bytes, `extra`)."""
+    ifd = struct.pack(">H", 2) + struct.pack(">HHI", 0x0112, 3, 1) + struct.pack(">H", 6) + b"\0\0" + extra
+    return b"Exif\0\0MM\0*" + struct.pack(">I", 8) + ifd + b"\0\0\0\0"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        struct.pack(">HHI", 0x0100, 2, 4) + b"abc\0",  # ImageWidth as ASCII
+        struct.pack(">HHI", 0x0101, 11, 1) + struct.pack(">f", 2.5),  # ImageLength as FLOAT
+    ],
+    ids=["width-as-ascii", "length-as-float"],
+)
+def test_exif_that_cannot_be_rewritten_is_hashed_not_a_crash(extra):
+    """EXIF that parses but cannot be written back makes PIL's exif_transpose raise a raw struct.error; the
+    decoder keeps the stored pixels then, and hashing must too (it reached the broker as INTERNAL)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(buffer, format="JPEG", exif=_exif_with_orientation_6_and(extra))
+    hashes = hashes_of_bytes(buffer.getvalue())
+    assert hashes == image_hashes(decode_image(buffer.getvalue()))

@@ -198,3 +198,40 @@ def test_an_iphone_heic_photo_decodes_like_its_jpeg_original():
     assert preprocess_bytes(data).shape == (3, 224, 224)
     with pytest.raises(InvalidImageError):
         decode_image(data[: len(data) // 2])
+
+
+def test_a_transparency_colour_key_is_composited_on_white_like_an_alpha_channel():
+    """PNG optimisers (optipng, oxipng) store an RGBA packshot whose alpha is only 0 or 255 as RGB or L with a
+    tRNS colour key: the same picture must decode to the same pixels either way."""
+    yy, xx = np.mgrid[:64, :64]
+    disc = (xx - 32) ** 2 + (yy - 32) ** 2 < 20**2
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[disc] = (220, 30, 30, 255)
+    keyed = io.BytesIO()
+    Image.fromarray(rgba).convert("RGB").save(keyed, format="PNG", transparency=(0, 0, 0))
+    assert np.array_equal(np.asarray(decode_image(_png(Image.fromarray(rgba)))), np.asarray(decode_image(keyed.getvalue())))
+
+    grey = np.zeros((64, 64, 2), np.uint8)
+    grey[disc] = (90, 255)
+    keyed = io.BytesIO()
+    Image.fromarray(grey[..., 0], "L").save(keyed, format="PNG", transparency=0)
+    assert np.array_equal(np.asarray(decode_image(_png(Image.fromarray(grey, "LA")))),
+                          np.asarray(decode_image(keyed.getvalue())))
+
+
+def test_16_bit_grey_keeps_its_levels():
+    """A 16-bit grey PNG (8-bit values x 257, a lossless widening) decodes like its 8-bit twin, not stretched to
+    its own maximum (a dark photo would come out bright and embed differently)."""
+    dark = (np.asarray(Image.open(MODES / "original.jpg").convert("L"), np.float32) * 0.35).astype(np.uint8)
+    eight, sixteen = _png(Image.fromarray(dark, "L")), _png(Image.fromarray(dark.astype(np.uint16) * 257))
+    assert Image.open(io.BytesIO(sixteen)).mode.startswith("I")
+    assert np.abs(np.asarray(decode_image(eight), np.int16) - np.asarray(decode_image(sixteen), np.int16)).max() <= 1
+
+
+def test_a_phone_jpeg_with_a_multi_picture_block_is_decoded_at_a_reduced_scale():
+    """Many phones write MPO (a JPEG followed by a preview picture); it is drafted like any JPEG."""
+    photo = Image.open(MODES / "original.jpg").convert("RGB").resize((2000, 1500))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="MPO", save_all=True, append_images=[photo.resize((200, 150))])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    assert decode_image(buffer.getvalue(), draft_min_side=448).size == (1000, 750)

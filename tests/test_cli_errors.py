@@ -1,0 +1,38 @@
+"""The `imgsearch` CLI on bad local input: one line naming the file (or the CSV line) and exit status 1, never a
+traceback; nothing listens on the broker address, and none of these cases gets as far as calling it."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import cli
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGSEARCH_BROKER", "127.0.0.1:1")
+    (tmp_path / "no-category.csv").write_text("image,product_id\na.jpg,p\n")
+    (tmp_path / "extra-field.csv").write_text("image,product_id,category\na.jpg,p,c,surplus\n")
+    (tmp_path / "missing-image.csv").write_text("image,product_id,category\nmissing.jpg,p,c\n")
+    (tmp_path / "latin1.csv").write_bytes("image,product_id,category\na.jpg,caf\xe9,c\n".encode("latin-1"))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["search", "{d}/missing.jpg"], "missing.jpg"),
+        (["ingest", "{d}/no-category.csv"], "no category column"),
+        (["ingest", "{d}/extra-field.csv"], "line 2"),
+        (["ingest", "{d}/missing-image.csv"], "missing.jpg"),
+        (["ingest", "{d}/latin1.csv"], "utf-8"),
+        (["delete", "--from-file", "{d}/missing.txt"], "missing.txt"),
+        (["eval", "{d}/missing.csv"], "missing.csv"),
+    ],
+    ids=["search-missing-file", "csv-without-category", "csv-extra-field", "csv-missing-image", "csv-not-utf8",
+         "delete-missing-list", "eval-missing-csv"],
+)
+def test_bad_local_input_is_one_clear_line(files, capsys, args, says):
+    assert cli.main([a.format(d=files) for a in args]) == 1
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
