@@ -12,6 +12,11 @@ Duplicate-cache policy (see broker.cache for the Redis layout):
 - The cache answers only searches without an attribute filter (filters are defined and validated by the
   shards' attribute schema), and only with duplicates inside the requested categories.
 - Redis down or slow: the lookup is skipped (outcome ERROR, counted) and the search goes to the index.
+- Every cache answer is checked with the shards that own its images (one Get per shard, no embedding): an entry
+  whose image the shard no longer holds as it was cached (deleted, re-ingested or moved while the cache write
+  was lost: Redis down and the broker restarted before its repair queue caught up) is left out and removed.
+  The answer carries the shard's current attributes. When no entry survives, or a shard cannot be asked, the
+  search goes to the index as a miss would.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable, DuplicateCache
 from broker.errors import InvalidRequestError
 from broker.fanout import ShardPool
-from broker.metrics import CACHE_LOOKUPS, SEARCHES, STAGE_SECONDS, STAGES
+from broker.metrics import CACHE_LOOKUPS, CACHE_STALE_ENTRIES, SEARCHES, STAGE_SECONDS, STAGES
 from broker.repair import CacheRepairQueue
 from broker.types import (
     CacheOutcome,
@@ -54,6 +59,11 @@ CACHE_DELETE_BATCH_IDS = 1_000
 # Share of a search's remaining deadline kept back from the embedding call for the fan-out, capped.
 FANOUT_RESERVE_FRACTION = 0.2
 FANOUT_RESERVE_MAX_S = 0.1
+# A cache entry is still current when its shard record has the same product and category and an embedding this
+# close to the cached one (the same image gives the same embedding; other photos of one product reach ~0.93).
+SAME_IMAGE_MIN_SIMILARITY = 0.99
+# Cache matches checked with the shards per search (exact matches of one picture ingested under many ids).
+MAX_CACHE_MATCHES_CHECKED = 64
 # The stage histograms in StageTimings' field order, looked up once rather than by label on every search.
 _STAGE_HISTOGRAMS = tuple(STAGE_SECONDS.labels(stage) for stage in STAGES)
 
@@ -109,10 +119,13 @@ class Broker:
             if self.cache is not None and query.use_duplicate_cache and not query.filter:
                 t0 = time.perf_counter()
                 outcome, exact, near = await self._lookup(hashes, query.categories)
+                # the shards' check of an exact match counts as the cache stage (a near match's, after embedding)
+                hits = await self._current(query, [(m.entry, 1.0) for m in exact], deadline) if exact else ()
                 cache_s = time.perf_counter() - t0
                 if exact:
-                    hits = _first(query, (_hit(m.entry, 1.0) for m in exact))
-                    return self._cache_answer(hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0)
+                    if hits:
+                        return self._cache_answer(hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0)
+                    outcome = CacheOutcome.MISS
             t0 = time.perf_counter()
             # Keep part of the deadline for the fan-out: a slow Triton should not leave the shards no time.
             fanout_reserve_s = min(
@@ -124,9 +137,9 @@ class Broker:
                 scored = sorted(
                     ((float(np.dot(m.entry.embedding, vector)), m) for m in near), key=lambda sm: -sm[0]
                 )
-                confirmed = [(s, m) for s, m in scored if s >= self.near_min_similarity]
-                if confirmed:
-                    hits = _first(query, (_hit(m.entry, s) for s, m in confirmed))
+                confirmed = [(m.entry, s) for s, m in scored if s >= self.near_min_similarity]
+                hits = await self._current(query, confirmed, deadline) if confirmed else ()
+                if hits:
                     return self._cache_answer(hits, CacheOutcome.NEAR, t_start, decode_s, cache_s, embed_s)
                 outcome = CacheOutcome.MISS
                 CACHE_LOOKUPS.labels("miss").inc()
@@ -176,6 +189,48 @@ class Broker:
             ),
             timings=timings,
         )
+
+    async def _current(
+        self, query: Query, matches: Sequence[tuple[CacheEntry, float]], deadline: float
+    ) -> tuple[Hit, ...]:
+        """The cache's answer (best first, top_k) from the entries that the owning shards still hold as cached,
+        with the shards' current attributes; stale entries are removed from the cache. Empty when none is
+        current or a shard cannot be asked."""
+        matches = matches[: max(query.top_k, MAX_CACHE_MATCHES_CHECKED)]
+        try:
+            stored = await self.pool.stored(
+                {entry.image_id: entry.category for entry, _ in matches},
+                timeout_s=max(0.0, deadline - time.monotonic()),
+            )
+        except ImgsearchError as exc:
+            log.debug("cache answer not checked, searching the index: %s", exc)
+            return ()
+        current: list[Hit] = []
+        stale: list[str] = []
+        for entry, score in matches:
+            record = stored.get(entry.image_id)
+            if (
+                record is None
+                or record.product_id != entry.product_id
+                or record.category != entry.category
+                or float(np.dot(record.vector, entry.embedding)) < SAME_IMAGE_MIN_SIMILARITY
+            ):
+                stale.append(entry.image_id)
+                continue
+            current.append(
+                Hit(
+                    image_id=record.image_id,
+                    product_id=record.product_id,
+                    category=record.category,
+                    score=score,
+                    attributes=dict(record.attributes),
+                )
+            )
+        if stale:
+            CACHE_STALE_ENTRIES.inc(len(stale))
+            log.info("removing %d stale duplicate-cache entries: %s", len(stale), stale[:5])
+            await self._write_cache([(image_id, None) for image_id in dict.fromkeys(stale)])
+        return _first(query, current)
 
     async def _lookup(
         self, hashes: ImageHashes, categories: Sequence[str]
@@ -228,6 +283,11 @@ class Broker:
         deadline = time.monotonic() + timeout_s
         for item in items:
             _check_item(item)
+        acknowledged = len(items)
+        # One write per image id, the last item of an id winning (as inside a shard): two items of one id would
+        # otherwise be written to two shards and then removed from both as each other's "former shard", and
+        # their concurrent cache writes could leave the first item's entry while the shard keeps the last.
+        items = list({item.image_id: item for item in items}.values())
         images = [i for i, item in enumerate(items) if item.image is not None]
         hashes: dict[int, ImageHashes] = {}
         vectors: dict[int, np.ndarray] = {}
@@ -270,7 +330,7 @@ class Broker:
                 for i, item in enumerate(items)
             ]
             pending = await self._write_cache(writes)
-        return IngestSummary(ingested=len(records), cache_pending=pending)
+        return IngestSummary(ingested=acknowledged, cache_pending=pending)
 
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
         for image_id in image_ids:
@@ -278,9 +338,10 @@ class Broker:
                 raise InvalidRequestError("image ids must be non-empty strings of at most 512 characters")
         # Cache first: a delete that then fails on a shard must not leave the cache answering with the image
         # (a missing cache entry only costs an index search; the caller retries the delete, idempotent).
+        deadline = time.monotonic() + timeout_s
         if self.cache is not None:
             await self._write_cache([(image_id, None) for image_id in image_ids])
-        return await self.pool.delete(list(image_ids), timeout_s=timeout_s)
+        return await self.pool.delete(list(image_ids), timeout_s=max(0.0, deadline - time.monotonic()))
 
     async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]]) -> int:
         """Apply cache upserts (entry) and deletes (None: a Delete, or a vector-only re-ingest dropping an old
@@ -371,16 +432,6 @@ def _check_item(item: CatalogueItem) -> None:
             )
     if (item.image is None) == (item.vector is None):
         raise InvalidRequestError(f"item {item.image_id!r} needs exactly one of image or vector")
-
-
-def _hit(entry: CacheEntry, score: float) -> Hit:
-    return Hit(
-        image_id=entry.image_id,
-        product_id=entry.product_id,
-        category=entry.category,
-        score=score,
-        attributes=dict(entry.attributes),
-    )
 
 
 def _first(query: Query, hits: Iterable[Hit]) -> tuple[Hit, ...]:

@@ -42,6 +42,8 @@ RESPONSE_MARGIN_S = 0.005
 # Ids per shard Delete call: a broker Delete of any length is split, well under a shard's request limit
 # (max_records_per_request, 10,000 by default).
 DELETE_BATCH_IDS = 1_000
+# Longest an ingest waits for the best-effort removal of re-ingested ids from the shards that do not own them.
+STALE_COPY_REMOVAL_MAX_S = 0.5
 # What a shard refuses because of the request itself fails the whole call with the shard's status, on every
 # replica alike; anything else is the shard's failure.
 _CALLERS_FAULT = (InvalidArgumentError, ResourceExhaustedError)
@@ -183,6 +185,7 @@ class ShardPool:
     # -- writes --
     async def upsert(self, records: Sequence[Record], *, timeout_s: float) -> int:
         """Write records to every replica of their owning shards; the number of records written."""
+        deadline = time.monotonic() + timeout_s
         by_shard = shard_for_records(self.shard_map, records)
         await asyncio.gather(
             *(
@@ -194,13 +197,22 @@ class ShardPool:
         # another shard must not stay in its old shard. Written first, removed elsewhere second, so a failure
         # in between leaves a duplicate, never a loss. Best effort: a shard that is down does not fail the
         # ingest (the write is durable in its owner); re-ingesting later removes the stale copy.
+        owned = {name: {r.image_id for r in recs} for name, recs in by_shard.items()}
         others = {
-            name: [r.image_id for recs in (v for k, v in by_shard.items() if k != name) for r in recs]
+            name: [
+                r.image_id
+                for recs in (v for k, v in by_shard.items() if k != name)
+                for r in recs
+                if r.image_id not in owned.get(name, ())  # never remove what this very call wrote there
+            ]
             for name in self._replicas
         }
+        # What is left of the caller's deadline, and no more than STALE_COPY_REMOVAL_MAX_S of it: a hung shard
+        # that owns none of these records must not hold up (or time out) every ingest.
+        removal_s = min(STALE_COPY_REMOVAL_MAX_S, max(0.0, deadline - time.monotonic()))
         results = await asyncio.gather(
             *(
-                self._on_every_replica(name, lambda c, ids=ids: c.delete(ids, timeout_s=timeout_s))
+                self._on_every_replica(name, lambda c, ids=ids: c.delete(ids, timeout_s=removal_s))
                 for name, ids in others.items()
                 if ids
             ),
@@ -257,10 +269,21 @@ class ShardPool:
                 )
             return reply.value[0] if reply.value else None
 
-        results = await asyncio.gather(*(from_shard(name) for name in self._replicas), return_exceptions=True)
-        for result in results:
-            if isinstance(result, Record):
-                return result
+        # The first shard that holds it answers the call: a slow shard must not eat the deadline of a search
+        # by image id whose image another shard already returned.
+        tasks = [asyncio.ensure_future(from_shard(name)) for name in self._replicas]
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                try:
+                    result = await next_done
+                except Exception:  # noqa: BLE001, S112 - looked at below, once every shard answered
+                    continue
+                if isinstance(result, Record):
+                    return result
+        finally:
+            for task in tasks:
+                task.cancel()
+        results = [t.exception() if t.exception() is not None else t.result() for t in tasks]
         for result in results:
             if isinstance(result, _CALLERS_FAULT):
                 raise result
@@ -271,6 +294,24 @@ class ShardPool:
                 f"asked: {'; '.join(failures)}"
             )
         raise UnknownImageError(f"no catalogue image {image_id!r}")
+
+    async def stored(self, categories: Mapping[str, str], *, timeout_s: float) -> dict[str, Record]:
+        """The stored records of catalogue images whose categories are known (image id -> category), each asked
+        of the shard that owns its category only. Ids that shard does not hold are left out; a shard that cannot
+        be asked raises NoShardAvailableError (its images may be there)."""
+        deadline = time.monotonic() + max(0.0, timeout_s - RESPONSE_MARGIN_S)
+        by_shard: dict[str, list[str]] = {}
+        for image_id, category in categories.items():
+            by_shard.setdefault(self.shard_map.shard_for(category), []).append(image_id)
+
+        async def from_shard(name: str, ids: list[str]) -> list[Record]:
+            reply = await self._ask_replicas(name, lambda client, t: client.get(ids, timeout_s=t), deadline)
+            if reply.outcome != OK:
+                raise NoShardAvailableError(f"shard {name} ({reply.address}): {reply.outcome}: {reply.message}")
+            return reply.value
+
+        found = await asyncio.gather(*(from_shard(name, ids) for name, ids in by_shard.items()))
+        return {record.image_id: record for records in found for record in records}
 
     # -- stats and health --
     async def stats(self, *, timeout_s: float) -> list[ReplicaStats]:

@@ -17,6 +17,11 @@ CACHE_LOOKUPS = Counter(
     "Duplicate-cache lookups by result (hit, near_hit, miss, error).",
     ["result"],
 )
+CACHE_STALE_ENTRIES = Counter(
+    "imgsearch_broker_cache_stale_entries_total",
+    "Duplicate-cache entries that the owning shard no longer holds as cached (the image deleted, re-ingested or "
+    "moved there while the cache write was lost): left out of the answer and removed from the cache.",
+)
 SHARD_REQUESTS = Counter(
     "imgsearch_broker_shard_requests_total",
     "Shard searches by configured shard name and outcome (ok, timeout, unavailable, error).",

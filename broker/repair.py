@@ -45,6 +45,8 @@ class CacheRepairQueue:
         """Retry every pending write once; returns how many went through."""
         done = 0
         for image_id, write in list(self._pending.items()):
+            if self._pending.get(image_id) is not write:
+                continue  # superseded (or applied by a newer successful write) since the round began
             try:
                 if write is None:
                     await self._cache.delete(image_id)

@@ -64,10 +64,12 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     async def IngestStream(self, request_iterator, context):
         """Chunks of the stream go through embed + shard upsert + cache concurrently (bounded). Acknowledged
         once every chunk is durable; on an error the chunks already written stay (re-sending is safe: ingest
-        is idempotent by image id)."""
+        is idempotent by image id). An image id sent twice keeps the later item, as in one Ingest: a chunk
+        that repeats an id of a chunk still running waits for it."""
         self._authorise_write(context)
         slots = asyncio.Semaphore(self._concurrency)
         tasks: list[asyncio.Task] = []
+        running: list[tuple[asyncio.Task, set[str]]] = []  # chunks not known to be finished, with their ids
 
         async def run(chunk: list[CatalogueItem]):
             try:
@@ -78,12 +80,19 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
                 slots.release()
 
         async def submit(chunk: list[CatalogueItem]) -> None:
+            ids = {item.image_id for item in chunk}
+            running[:] = [(t, t_ids) for t, t_ids in running if not t.done()]
+            earlier = [t for t, t_ids in running if not ids.isdisjoint(t_ids)]
+            if earlier:
+                await asyncio.wait(earlier)
             await slots.acquire()
             failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
             if failed is not None:
                 slots.release()
                 raise failed.exception()
-            tasks.append(asyncio.create_task(run(chunk)))
+            task = asyncio.create_task(run(chunk))
+            tasks.append(task)
+            running.append((task, ids))
 
         chunk: list[CatalogueItem] = []
         try:

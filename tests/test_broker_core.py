@@ -11,11 +11,12 @@ from PIL import Image
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable
 from broker.core import Broker
+from broker.errors import NoShardAvailableError
 from broker.fanout import FanoutResult, ShardAnswer
 from broker.types import CacheOutcome, CatalogueItem, Query
 from embedder.errors import EmbedderUnavailableError
 from imgsearch.errors import UnavailableError
-from shard_server.types import Condition, Equals, Filter, Hit
+from shard_server.types import Condition, Equals, Filter, Hit, Record
 
 DIM = 8
 
@@ -72,8 +73,20 @@ class StubCache:
 
 
 class StubPool:
-    def __init__(self):
+    """Holds the catalogue image that `_match` caches ("dup", product "p-dup", Milk, embedding _unit(0)) unless
+    told otherwise (`held`); `stored` fails like an unreachable shard when `down`."""
+
+    def __init__(self, held: dict[str, Record] | None = None, down: bool = False):
         self.queries, self.records = [], []
+        self.held = _held("dup", "p-dup", "Milk", _unit(0)) if held is None else held
+        self.down = down
+        self.stored_asked: list[dict[str, str]] = []
+
+    async def stored(self, categories, *, timeout_s):
+        self.stored_asked.append(dict(categories))
+        if self.down:
+            raise NoShardAvailableError("shard s0: unavailable")
+        return {i: self.held[i] for i in categories if i in self.held}
 
     async def search(self, query, *, timeout_s):
         self.queries.append(query)
@@ -88,6 +101,12 @@ class StubPool:
     async def upsert(self, records, *, timeout_s):
         self.records += records
         return len(records)
+
+
+def _held(image_id: str, product_id: str, category: str, vector: np.ndarray, **attributes) -> dict[str, Record]:
+    record = Record(image_id=image_id, product_id=product_id, category=category, vector=vector,
+                    attributes=attributes)
+    return {image_id: record}
 
 
 class StubRepair:
@@ -143,6 +162,45 @@ async def test_near_match_needs_embedding_confirmation():
     assert rejected.cache is CacheOutcome.MISS and not rejected.from_duplicate_cache
     assert rejected.hits[0].image_id == "from-index" and embedder.calls == 1  # one embedding, reused
     assert np.array_equal(pool.queries[0].vector, _unit(1))
+
+
+@pytest.mark.parametrize(
+    ("held", "why"),
+    [
+        ({}, "deleted on its shard"),
+        (_held("dup", "p-other", "Milk", _unit(0)), "re-ingested as another product"),
+        (_held("dup", "p-dup", "Juice", _unit(0)), "moved to another category"),
+        (_held("dup", "p-dup", "Milk", _unit(1)), "re-ingested with another picture"),
+    ],
+)
+async def test_a_cache_entry_its_shard_no_longer_holds_is_not_answered_and_is_removed(held, why):
+    """A cache write lost with the broker's repair queue (Redis down, then a broker restart) leaves an entry
+    for an image its shard has deleted or replaced: it must not answer, whatever Redis says."""
+    cache, pool = StubCache([_match(True, _unit(0))]), StubPool(held)
+    answer = await _broker(cache, StubEmbedder(_unit(0)), pool).search(Query(image=_png(), top_k=3), timeout_s=1)
+    assert not answer.from_duplicate_cache and answer.cache is CacheOutcome.MISS, why
+    assert [h.image_id for h in answer.hits] == ["from-index"] and cache.deletes == ["dup"]
+    assert pool.stored_asked == [{"dup": "Milk"}]
+
+    near = StubCache([_match(False, _unit(0))])
+    answer = await _broker(near, StubEmbedder(_unit(0)), StubPool(held)).search(
+        Query(image=_png(), top_k=3), timeout_s=1
+    )
+    assert not answer.from_duplicate_cache and [h.image_id for h in answer.hits] == ["from-index"], why
+
+
+async def test_a_cache_answer_carries_the_shards_current_attributes():
+    pool = StubPool(_held("dup", "p-dup", "Milk", _unit(0), price=1.25))
+    answer = await _broker(StubCache([_match(True, _unit(0))]), StubEmbedder(_unit(0)), pool).search(
+        Query(image=_png(), top_k=3), timeout_s=1
+    )
+    assert answer.from_duplicate_cache and answer.hits[0].attributes == {"price": 1.25}
+
+
+async def test_a_cache_answer_that_cannot_be_checked_goes_to_the_index():
+    cache, embedder = StubCache([_match(True, _unit(0))]), StubEmbedder(_unit(0))
+    answer = await _broker(cache, embedder, StubPool(down=True)).search(Query(image=_png(), top_k=3), timeout_s=1)
+    assert not answer.from_duplicate_cache and embedder.calls == 1 and cache.deletes == []
 
 
 async def test_duplicates_outside_the_requested_categories_are_ignored():
