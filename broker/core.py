@@ -15,7 +15,8 @@ Duplicate-cache policy (see broker.cache for the Redis layout):
 - Every cache answer is checked with the shards that own its images (one Get per shard, no embedding): an entry
   whose image the shard no longer holds as it was cached (deleted, re-ingested or moved while the cache write
   was lost: Redis down and the broker restarted before its repair queue caught up) is left out and removed.
-  The answer carries the shard's current attributes. When no entry survives, or a shard cannot be asked, the
+  The answer carries the shard's current attributes. An entry whose shard cannot be asked is answered as
+  cached, flagged partial (the index could not answer for that shard either). When no entry survives, the
   search goes to the index as a miss would.
 """
 
@@ -32,7 +33,14 @@ import numpy as np
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable, DuplicateCache
 from broker.errors import InvalidRequestError
 from broker.fanout import ShardPool
-from broker.metrics import CACHE_LOOKUPS, CACHE_STALE_ENTRIES, SEARCHES, STAGE_SECONDS, STAGES
+from broker.metrics import (
+    CACHE_LOOKUPS,
+    CACHE_STALE_ENTRIES,
+    PARTIAL_RESULTS,
+    SEARCHES,
+    STAGE_SECONDS,
+    STAGES,
+)
 from broker.repair import CacheRepairQueue
 from broker.types import (
     CacheOutcome,
@@ -64,6 +72,9 @@ FANOUT_RESERVE_MAX_S = 0.1
 SAME_IMAGE_MIN_SIMILARITY = 0.99
 # Cache matches checked with the shards per search (exact matches of one picture ingested under many ids).
 MAX_CACHE_MATCHES_CHECKED = 64
+# Longest a cache answer waits for its shards' check (a Get takes ~1-2 ms): a hung shard must not turn the
+# cache's fastest answers into timeouts; its entries are then answered as cached, flagged partial.
+CACHE_CHECK_MAX_S = 0.25
 # The stage histograms in StageTimings' field order, looked up once rather than by label on every search.
 _STAGE_HISTOGRAMS = tuple(STAGE_SECONDS.labels(stage) for stage in STAGES)
 
@@ -120,11 +131,15 @@ class Broker:
                 t0 = time.perf_counter()
                 outcome, exact, near = await self._lookup(hashes, query.categories)
                 # the shards' check of an exact match counts as the cache stage (a near match's, after embedding)
-                hits = await self._current(query, [(m.entry, 1.0) for m in exact], deadline) if exact else ()
+                hits, partial = (
+                    await self._current(query, [(m.entry, 1.0) for m in exact], deadline) if exact else ((), False)
+                )
                 cache_s = time.perf_counter() - t0
                 if exact:
                     if hits:
-                        return self._cache_answer(hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0)
+                        return self._cache_answer(
+                            hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0, partial=partial
+                        )
                     outcome = CacheOutcome.MISS
             t0 = time.perf_counter()
             # Keep part of the deadline for the fan-out: a slow Triton should not leave the shards no time.
@@ -138,9 +153,11 @@ class Broker:
                     ((float(np.dot(m.entry.embedding, vector)), m) for m in near), key=lambda sm: -sm[0]
                 )
                 confirmed = [(m.entry, s) for s, m in scored if s >= self.near_min_similarity]
-                hits = await self._current(query, confirmed, deadline) if confirmed else ()
+                hits, partial = await self._current(query, confirmed, deadline) if confirmed else ((), False)
                 if hits:
-                    return self._cache_answer(hits, CacheOutcome.NEAR, t_start, decode_s, cache_s, embed_s)
+                    return self._cache_answer(
+                        hits, CacheOutcome.NEAR, t_start, decode_s, cache_s, embed_s, partial=partial
+                    )
                 outcome = CacheOutcome.MISS
                 CACHE_LOOKUPS.labels("miss").inc()
         else:
@@ -192,22 +209,28 @@ class Broker:
 
     async def _current(
         self, query: Query, matches: Sequence[tuple[CacheEntry, float]], deadline: float
-    ) -> tuple[Hit, ...]:
+    ) -> tuple[tuple[Hit, ...], bool]:
         """The cache's answer (best first, top_k) from the entries that the owning shards still hold as cached,
-        with the shards' current attributes; stale entries are removed from the cache. Empty when none is
-        current or a shard cannot be asked."""
+        with the shards' current attributes, and whether it is partial (some entries' shard could not be asked:
+        those are answered as cached). Stale entries are removed from the cache."""
         matches = matches[: max(query.top_k, MAX_CACHE_MATCHES_CHECKED)]
         try:
-            stored = await self.pool.stored(
+            stored, unasked = await self.pool.stored(
                 {entry.image_id: entry.category for entry, _ in matches},
-                timeout_s=max(0.0, deadline - time.monotonic()),
+                timeout_s=min(CACHE_CHECK_MAX_S, max(0.0, deadline - time.monotonic())),
             )
-        except ImgsearchError as exc:
+        except ImgsearchError as exc:  # the request itself (a shard refused it): not the cache's to answer
             log.debug("cache answer not checked, searching the index: %s", exc)
-            return ()
+            return (), False
         current: list[Hit] = []
         stale: list[str] = []
         for entry, score in matches:
+            if entry.image_id in unasked:
+                current.append(
+                    Hit(image_id=entry.image_id, product_id=entry.product_id, category=entry.category,
+                        score=score, attributes=dict(entry.attributes))
+                )
+                continue
             record = stored.get(entry.image_id)
             if (
                 record is None
@@ -218,19 +241,15 @@ class Broker:
                 stale.append(entry.image_id)
                 continue
             current.append(
-                Hit(
-                    image_id=record.image_id,
-                    product_id=record.product_id,
-                    category=record.category,
-                    score=score,
-                    attributes=dict(record.attributes),
-                )
+                Hit(image_id=record.image_id, product_id=record.product_id, category=record.category,
+                    score=score, attributes=dict(record.attributes))
             )
         if stale:
             CACHE_STALE_ENTRIES.inc(len(stale))
             log.info("removing %d stale duplicate-cache entries: %s", len(stale), stale[:5])
             await self._write_cache([(image_id, None) for image_id in dict.fromkeys(stale)])
-        return _first(query, current)
+        hits = _first(query, current)
+        return hits, any(h.image_id in unasked for h in hits)
 
     async def _lookup(
         self, hashes: ImageHashes, categories: Sequence[str]
@@ -256,17 +275,20 @@ class Broker:
         return CacheOutcome.MISS, [], near
 
     def _cache_answer(
-        self, hits, outcome: CacheOutcome, t_start: float, decode_s: float, cache_s: float, embed_s: float
+        self, hits, outcome: CacheOutcome, t_start: float, decode_s: float, cache_s: float, embed_s: float,
+        *, partial: bool,
     ) -> SearchAnswer:
         if outcome is CacheOutcome.NEAR:
             CACHE_LOOKUPS.labels("near_hit").inc()
+        if partial:
+            PARTIAL_RESULTS.inc()
         timings = StageTimings(
             decode_hash_s=decode_s, cache_s=cache_s, embed_s=embed_s, total_s=time.perf_counter() - t_start
         )
         self._observe(timings)
         SEARCHES.labels("cache", "image").inc()
         return SearchAnswer(
-            hits=hits, cache=outcome, from_duplicate_cache=True, partial=False, timings=timings
+            hits=hits, cache=outcome, from_duplicate_cache=True, partial=partial, timings=timings
         )
 
     @staticmethod

@@ -295,23 +295,29 @@ class ShardPool:
             )
         raise UnknownImageError(f"no catalogue image {image_id!r}")
 
-    async def stored(self, categories: Mapping[str, str], *, timeout_s: float) -> dict[str, Record]:
+    async def stored(
+        self, categories: Mapping[str, str], *, timeout_s: float
+    ) -> tuple[dict[str, Record], set[str]]:
         """The stored records of catalogue images whose categories are known (image id -> category), each asked
-        of the shard that owns its category only. Ids that shard does not hold are left out; a shard that cannot
-        be asked raises NoShardAvailableError (its images may be there)."""
+        of the shard that owns its category only: (records found, ids whose shard could not be asked). Ids that
+        their shard answered without are in neither."""
         deadline = time.monotonic() + max(0.0, timeout_s - RESPONSE_MARGIN_S)
         by_shard: dict[str, list[str]] = {}
         for image_id, category in categories.items():
             by_shard.setdefault(self.shard_map.shard_for(category), []).append(image_id)
 
-        async def from_shard(name: str, ids: list[str]) -> list[Record]:
-            reply = await self._ask_replicas(name, lambda client, t: client.get(ids, timeout_s=t), deadline)
-            if reply.outcome != OK:
-                raise NoShardAvailableError(f"shard {name} ({reply.address}): {reply.outcome}: {reply.message}")
-            return reply.value
+        async def from_shard(name: str, ids: list[str]) -> _ReplicaReply:
+            return await self._ask_replicas(name, lambda client, t: client.get(ids, timeout_s=t), deadline)
 
-        found = await asyncio.gather(*(from_shard(name, ids) for name, ids in by_shard.items()))
-        return {record.image_id: record for records in found for record in records}
+        replies = await asyncio.gather(*(from_shard(name, ids) for name, ids in by_shard.items()))
+        found: dict[str, Record] = {}
+        unasked: set[str] = set()
+        for ids, reply in zip(by_shard.values(), replies, strict=True):
+            if reply.outcome == OK:
+                found.update((record.image_id, record) for record in reply.value)
+            else:
+                unasked.update(ids)
+        return found, unasked
 
     # -- stats and health --
     async def stats(self, *, timeout_s: float) -> list[ReplicaStats]:

@@ -343,6 +343,21 @@ async def test_a_delete_lost_with_the_repair_queue_is_not_answered_from_the_cach
 
 
 @pytest.mark.timeout(60)
+async def test_a_cache_hit_whose_shard_hangs_is_answered_as_cached_and_partial(shards, brokers):
+    """The shards' check of a cache answer waits at most CACHE_CHECK_MAX_S: with the owning shard hung, the
+    exact duplicate is still answered from the cache within a fraction of the deadline, flagged partial."""
+    broker = brokers.start()
+    image = _png(650)
+    await broker.ingest([_item("hung-owner", "p", "a", image)], timeout_s=10)
+    with _paused(shards[0].proc):
+        started = time.monotonic()
+        answer = await broker.search(Query(image=image, top_k=3), timeout_s=5)
+        took_s = time.monotonic() - started
+    assert answer.from_duplicate_cache and answer.partial
+    assert [h.image_id for h in answer.hits] == ["hung-owner"] and took_s < 1.0
+
+
+@pytest.mark.timeout(60)
 async def test_a_delete_during_a_cache_repair_round_is_not_undone(shards, redis, brokers):
     """A Delete that succeeds while a repair round replays the writes queued during a Redis outage makes the
     id's queued upsert obsolete: the round must skip it, not write the deleted image back into the cache

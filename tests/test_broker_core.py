@@ -11,7 +11,6 @@ from PIL import Image
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable
 from broker.core import Broker
-from broker.errors import NoShardAvailableError
 from broker.fanout import FanoutResult, ShardAnswer
 from broker.types import CacheOutcome, CatalogueItem, Query
 from embedder.errors import EmbedderUnavailableError
@@ -85,8 +84,8 @@ class StubPool:
     async def stored(self, categories, *, timeout_s):
         self.stored_asked.append(dict(categories))
         if self.down:
-            raise NoShardAvailableError("shard s0: unavailable")
-        return {i: self.held[i] for i in categories if i in self.held}
+            return {}, set(categories)
+        return {i: self.held[i] for i in categories if i in self.held}, set()
 
     async def search(self, query, *, timeout_s):
         self.queries.append(query)
@@ -197,10 +196,12 @@ async def test_a_cache_answer_carries_the_shards_current_attributes():
     assert answer.from_duplicate_cache and answer.hits[0].attributes == {"price": 1.25}
 
 
-async def test_a_cache_answer_that_cannot_be_checked_goes_to_the_index():
-    cache, embedder = StubCache([_match(True, _unit(0))]), StubEmbedder(_unit(0))
+async def test_a_cache_answer_whose_shard_cannot_be_asked_is_answered_as_cached_and_partial():
+    """The index could not answer for that shard either: the cache answers (Triton not needed), flagged partial."""
+    cache, embedder = StubCache([_match(True, _unit(0))]), StubEmbedder(None, EmbedderUnavailableError("down"))
     answer = await _broker(cache, embedder, StubPool(down=True)).search(Query(image=_png(), top_k=3), timeout_s=1)
-    assert not answer.from_duplicate_cache and embedder.calls == 1 and cache.deletes == []
+    assert answer.from_duplicate_cache and answer.partial and [h.image_id for h in answer.hits] == ["dup"]
+    assert embedder.calls == 0 and cache.deletes == []
 
 
 async def test_duplicates_outside_the_requested_categories_are_ignored():

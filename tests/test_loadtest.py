@@ -98,8 +98,10 @@ def test_full_stack_run_with_a_shard_killed(tmp_path, data_dir):
     assert killed["before"]["partial"] <= killed["before"]["requests"] // 2
     after = killed["after"]
     # Users keep getting answers: misses come back flagged partial (the other shard's hits), exact duplicates
-    # still come from the cache; nothing fails.
+    # still come from the cache (flagged partial too when their image is on the dead shard, whose check of the
+    # cache answer could not be made); nothing fails.
     assert after["requests"] > 0 and not after["errors"]
-    assert after["partial"] > 0 and after["partial"] == after["cache"].get("miss", 0)
+    assert after["cache"].get("exact", 0) > 0
+    assert after["cache"].get("miss", 0) <= after["partial"] <= after["requests"]
     paths = plot_loadtest(report, tmp_path)
     assert paths[0].stat().st_size > 10_000
