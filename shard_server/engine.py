@@ -42,7 +42,7 @@ from shard_server.types import (
     distinct_products,
     first_of_each,
 )
-from shard_server.wal import LogFrame, WriteAheadLog
+from shard_server.wal import MAX_FRAME_BYTES, LogFrame, WriteAheadLog
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,11 @@ class ShardEngine:
         written = sum(rows_by_category.values())
         if written:
             header = json.dumps(rows_by_category, separators=(",", ":")).encode()
+            frame_bytes = len(OP_BULK_UPSERT) + _BULK_HEADER_LENGTH.size + len(header) + sum(map(len, parts))
+            if frame_bytes > MAX_FRAME_BYTES:  # the stream fits max_stream_bytes, its frame header does not
+                raise RequestTooLargeError(
+                    f"the stream is {frame_bytes} bytes as one log record; the log's limit is {MAX_FRAME_BYTES}"
+                )
             # A chain, not a tuple: the log keeps no reference to the parts once the frame is written.
             self._commit(itertools.chain((OP_BULK_UPSERT, _BULK_HEADER_LENGTH.pack(len(header)), header), parts),
                          lambda: self._apply_upsert_batches(_drain(parts), rows_by_category, validate=False))

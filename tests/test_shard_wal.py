@@ -11,11 +11,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from shard_server import synthetic
+from imgsearch.v1 import shard_pb2
+from shard_server import convert, synthetic
+from shard_server import engine as engine_module
 from shard_server import wal as wal_module
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
-from shard_server.errors import WalError
+from shard_server.errors import RequestTooLargeError, WalError
 from shard_server.types import Exactness, Record, SearchQuery
 from shard_server.wal import WriteAheadLog
 
@@ -179,3 +181,15 @@ def test_a_zero_filled_tail_is_cut_like_a_torn_one(tmp_path):
     restarted.load()
     assert [r.image_id for r in restarted.get(["img-0"])] == ["img-0"]
     assert segment.stat().st_size == written
+
+
+def test_a_stream_too_big_for_one_log_record_is_refused_as_too_large(tmp_path, monkeypatch):
+    """A stream just under max_stream_bytes (which may be set up to the log's 32-bit frame limit) still needs a
+    frame header: over the limit it is RESOURCE_EXHAUSTED for the caller, not an internal log error."""
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=8))
+    engine.load()
+    encoded = shard_pb2.UpsertRequest(records=[convert.record_to_proto(_record(0))]).SerializeToString()
+    monkeypatch.setattr(engine_module, "MAX_FRAME_BYTES", len(encoded) + 5)  # no room for the JSON header
+    with pytest.raises(RequestTooLargeError):
+        engine.upsert_encoded([encoded])
+    assert engine.get(["img-0"]) == []
