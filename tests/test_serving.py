@@ -1,4 +1,5 @@
-"""imgsearch.serving: run_event_loop, the event-loop setting of both services' configs, the loop lag monitor."""
+"""imgsearch.serving: run_event_loop, the event-loop setting of both services' configs, the loop lag monitor, the
+status a call past its deadline is counted under."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 import uvloop
 from prometheus_client import REGISTRY
@@ -18,7 +20,13 @@ from prometheus_client import REGISTRY
 from broker.config import BrokerConfig
 from imgsearch import ports
 from imgsearch.grpc_core import IOMGR_EXPERIMENTS
-from imgsearch.serving import EVENT_LOOPS, EventLoopLagMonitor, ServerOptions, run_event_loop
+from imgsearch.serving import (
+    EVENT_LOOPS,
+    EventLoopLagMonitor,
+    ServerOptions,
+    run_event_loop,
+    start_grpc_service,
+)
 
 SHARD_MAP = json.dumps({"shards": {"s0": ["127.0.0.1:1"]}, "categories": {"shoes": "s0"}})
 
@@ -124,3 +132,36 @@ def test_free_port_falls_back_to_the_kernels_pick_without_room_below_the_range(t
     assert ports.ephemeral_range() == (1024, 65535)
     picked = [ports.free_port() for _ in range(20)]
     assert len(set(picked)) == len(picked)
+
+
+async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded_not_cancelled():
+    """grpc cancels a handler when the client's deadline passes; the client sees DEADLINE_EXCEEDED and the
+    server's grpc_server_handled_total must say the same (operators alert on it), not CANCELLED."""
+    service_name = "probe.Deadline"
+
+    async def slow(request, context):
+        await asyncio.sleep(30)
+        return b""
+
+    def register(server):
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service_name, {
+            "Slow": grpc.unary_unary_rpc_method_handler(slow, request_deserializer=bytes, response_serializer=bytes),
+        })])
+        return [service_name]
+
+    def handled(code: str) -> float:
+        labels = {"grpc_type": "unary", "grpc_service": service_name, "grpc_method": "Slow", "grpc_code": code}
+        return REGISTRY.get_sample_value("grpc_server_handled_total", labels) or 0.0
+
+    service = await start_grpc_service(ServerOptions(loop_lag_interval_s=0), register, component="probe")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await channel.unary_unary(f"/{service_name}/Slow")(b"x", timeout=0.2)
+            assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 5
+        while not handled("DEADLINE_EXCEEDED") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert handled("DEADLINE_EXCEEDED") == 1 and handled("CANCELLED") == 0
+    finally:
+        await service.stop(grace_s=0)

@@ -163,7 +163,10 @@ def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> st
     if exc is None:
         return "OK"
     if isinstance(exc, asyncio.CancelledError):
-        return "CANCELLED"
+        # grpc cancels the handler both when the client cancels and when the call's deadline passes; the client
+        # sees DEADLINE_EXCEEDED in the second case, and so should the server's metrics.
+        remaining = context.time_remaining() if hasattr(context, "time_remaining") else None
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     return "INTERNAL" if not isinstance(exc, grpc.aio.AbortError) else "UNKNOWN"
 
 
