@@ -78,10 +78,15 @@ def cmd_up(args) -> int:
         redis_url=os.environ.get("REDIS_URL") or None,
         write_token=os.environ.get("IMGSEARCH_WRITE_TOKEN") or None,
     )
-    stop = {"now": False}
+    stop = {"now": False, "starting": True, "interrupted": False}
 
     def on_signal(signum, frame):
         stop["now"] = True
+        # Start-up takes up to a few minutes: stop what it started now (LocalStack.start does on any exception),
+        # not once it is over. Only once: a second signal must not cut that clean-up short.
+        if stop["starting"] and not stop["interrupted"]:
+            stop["interrupted"] = True
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -89,6 +94,7 @@ def cmd_up(args) -> int:
     stack = LocalStack(config)
     try:
         stack.start()
+        stop["starting"] = False
         for key, value in stack.describe().items():
             print(f"  {key:15s} {value}")
         print(
@@ -100,7 +106,13 @@ def cmd_up(args) -> int:
                 print(f"stopping: {', '.join(dead)} exited (see {stack.logs})", file=sys.stderr)
                 return 1
             time.sleep(0.5)
+    except KeyboardInterrupt:
+        if not stop["interrupted"]:
+            raise
+        print("interrupted during start-up", file=sys.stderr)
+        return 130
     finally:
+        stop["starting"] = False
         print("stopping ...", flush=True)
         stack.stop()
         print("stopped.")

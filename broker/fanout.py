@@ -25,7 +25,7 @@ import grpc
 from broker.coalesce import SearchCoalescer
 from broker.errors import NoShardAvailableError, UnknownImageError
 from broker.merge import merge_top_k
-from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS
+from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS, STALE_COPY_REMOVALS_FAILED
 from broker.routing import ShardMap
 from imgsearch.errors import (
     DeadlineExceededError,
@@ -167,9 +167,12 @@ class ShardPool:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            # A hung replica (stopped, swapping, partitioned without a RST) answers nothing and refuses nothing:
+            # give each replica still to try an equal share of what is left, so the next one gets a chance.
+            budget = remaining / (len(clients) - attempt)
             try:
                 return _ReplicaReply(
-                    address=addresses[i], outcome=OK, value=await call(clients[i], remaining)
+                    address=addresses[i], outcome=OK, value=await call(clients[i], budget)
                 )
             except _CALLERS_FAULT:
                 raise  # the request is wrong, not the shard
@@ -177,7 +180,8 @@ class ShardPool:
                 reply = _ReplicaReply(address=addresses[i], outcome=UNAVAILABLE, message=str(exc))
                 continue  # another replica may be up
             except DeadlineExceededError as exc:
-                return _ReplicaReply(address=addresses[i], outcome=TIMEOUT, message=str(exc))
+                reply = _ReplicaReply(address=addresses[i], outcome=TIMEOUT, message=str(exc))
+                continue  # another replica may answer in what is left
             except ImgsearchError as exc:
                 return _ReplicaReply(address=addresses[i], outcome=ERROR, message=f"{exc.code.name}: {exc}")
         return reply
@@ -195,8 +199,8 @@ class ShardPool:
         )
         # Idempotency by image id across a category change: an id re-ingested under a category owned by
         # another shard must not stay in its old shard. Written first, removed elsewhere second, so a failure
-        # in between leaves a duplicate, never a loss. Best effort: a shard that is down does not fail the
-        # ingest (the write is durable in its owner); re-ingesting later removes the stale copy.
+        # in between leaves a duplicate, never a loss. Best effort: a shard that is down (every replica) does not
+        # fail the ingest (the write is durable in its owner; counted); re-ingesting later removes the stale copy.
         owned = {name: {r.image_id for r in recs} for name, recs in by_shard.items()}
         others = {
             name: [
@@ -210,17 +214,28 @@ class ShardPool:
         # What is left of the caller's deadline, and no more than STALE_COPY_REMOVAL_MAX_S of it: a hung shard
         # that owns none of these records must not hold up (or time out) every ingest.
         removal_s = min(STALE_COPY_REMOVAL_MAX_S, max(0.0, deadline - time.monotonic()))
-        results = await asyncio.gather(
+        removals = {name: ids for name, ids in others.items() if ids}
+        outcomes = await asyncio.gather(
             *(
-                self._on_every_replica(name, lambda c, ids=ids: c.delete(ids, timeout_s=removal_s))
-                for name, ids in others.items()
-                if ids
-            ),
-            return_exceptions=True,
+                asyncio.gather(*(c.delete(ids, timeout_s=removal_s) for c in self._replicas[name]),
+                               return_exceptions=True)
+                for name, ids in removals.items()
+            )
         )
-        for result in results:
-            if isinstance(result, BaseException):
-                log.warning("could not remove re-ingested ids from their former shard: %s", result)
+        for name, replies in zip(removals, outcomes, strict=True):
+            failed = [(a, r) for a, r in zip(self._addresses[name], replies, strict=True) if isinstance(r, BaseException)]
+            if not failed:
+                continue
+            STALE_COPY_REMOVALS_FAILED.inc()
+            log.warning("could not remove re-ingested ids from shard %s (%s): %s", name,
+                        ", ".join(a for a, _ in failed), failed[0][1])
+            if len(failed) < len(replies):
+                # Some replicas removed the old copy and some did not: they would differ with nobody told. Like
+                # any write that misses a replica, the ingest fails (UNAVAILABLE) and is safe to retry.
+                address, error = failed[0]
+                raise NoShardAvailableError(
+                    f"shard {name} replica {address} could not remove the re-ingested ids' old copies: {error}"
+                )
         return len(records)
 
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:

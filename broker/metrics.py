@@ -22,6 +22,11 @@ CACHE_STALE_ENTRIES = Counter(
     "Duplicate-cache entries that the owning shard no longer holds as cached (the image deleted, re-ingested or "
     "moved there while the cache write was lost): left out of the answer and removed from the cache.",
 )
+STALE_COPY_REMOVALS_FAILED = Counter(
+    "imgsearch_broker_stale_copy_removals_failed_total",
+    "Ingests that could not remove re-ingested image ids from a shard that no longer owns their category (a copy "
+    "may stay there until the id is re-ingested again).",
+)
 SHARD_REQUESTS = Counter(
     "imgsearch_broker_shard_requests_total",
     "Shard searches by configured shard name and outcome (ok, timeout, unavailable, error).",

@@ -8,6 +8,7 @@ received a category's first vector simply has nothing to return for it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -97,6 +98,18 @@ def _drain(parts: list[bytes]) -> Iterator[bytes]:
     parts.reverse()
     while parts:
         yield parts.pop()
+
+
+def _export_category(name: str, partition: Partition) -> None:
+    """A category's gauges; an emptied category's series are dropped (categories are chosen by the writers, so
+    series kept at 0 for every category ever written would grow without bound)."""
+    if partition.live_count:
+        metrics.VECTORS.labels(name).set(partition.live_count)
+        metrics.INDEX_TRAINED.labels(name).set(1 if partition.ivf is not None else 0)
+        return
+    for gauge in (metrics.VECTORS, metrics.INDEX_TRAINED):
+        with contextlib.suppress(KeyError):
+            gauge.remove(name)
 
 
 class ShardEngine:
@@ -358,8 +371,7 @@ class ShardEngine:
             base = self._category_number(category) << ROW_BITS
             for r, row in zip(group, rows.tolist()):
                 self.id_map[r.image_id] = base | row
-            metrics.VECTORS.labels(category).set(partition.live_count)
-            metrics.INDEX_TRAINED.labels(category).set(1 if partition.ivf is not None else 0)
+            _export_category(category, partition)
 
     def _partition_for_write(self, category: str) -> Partition:
         partition = self.partitions.get(category)
@@ -387,7 +399,7 @@ class ShardEngine:
                 rows_by_category.setdefault(category, []).append(located & ROW_MASK)
         for category, rows in rows_by_category.items():
             self.partitions[category].delete(np.array(rows, dtype=np.int64))
-            metrics.VECTORS.labels(category).set(self.partitions[category].live_count)
+            _export_category(category, self.partitions[category])
         return sum(map(len, rows_by_category.values()))
 
     # --- search ----------------------------------------------------------------------------------------------
@@ -445,8 +457,7 @@ class ShardEngine:
     def _update_gauges(self) -> None:
         total = 0
         for name, p in self.partitions.items():
-            metrics.VECTORS.labels(name).set(p.live_count)
-            metrics.INDEX_TRAINED.labels(name).set(1 if p.ivf is not None else 0)
+            _export_category(name, p)
             total += p.resident_bytes()
         metrics.RESIDENT_BYTES.set(total)
         metrics.WAL_BYTES.set(self.wal.size_bytes)
@@ -480,7 +491,7 @@ class ShardEngine:
                 continue
             metrics.TRAINING_EVENTS.labels("completed").inc()
             metrics.INDEX_SWAPS.inc()
-            metrics.INDEX_TRAINED.labels(partition.name).set(1)
+            _export_category(partition.name, partition)
             self._swaps_since_snapshot += 1
             swapped += 1
         return swapped

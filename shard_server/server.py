@@ -8,7 +8,9 @@ RPCs, writes a final snapshot and exits.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,7 +105,22 @@ async def start_shard_server(config: ShardConfig, *, wait_loaded: bool = True) -
     return handle
 
 
+def _lock_data_dir(config: ShardConfig) -> int:
+    """One shard process per data dir: a second one replays the same log, and its final snapshot drops the log
+    segment the first is still appending to (writes the first acknowledged are then lost on its next crash).
+    The lock is held until the process exits."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(config.data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"imgsearch-shard: data dir {config.data_dir} is in use by another process") from None
+    return fd
+
+
 async def _serve(config: ShardConfig) -> int:
+    _lock_data_dir(config)
     handle = await start_shard_server(config, wait_loaded=False)
     log.info("shard listening on %s:%d (metrics %s), data dir %s", config.host, handle.port,
              handle.metrics_port, config.data_dir)

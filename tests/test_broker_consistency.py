@@ -31,10 +31,11 @@ from broker.repair import CacheRepairQueue
 from broker.routing import ShardMap
 from broker.server import start_broker
 from broker.types import CatalogueItem, Query
+from imgsearch.errors import UnavailableError
 from imgsearch.serving import ServerOptions
 from shard_server.client import ShardClient
 from shard_server.process import ShardProcess
-from shard_server.types import Record
+from shard_server.types import Record, SearchQuery
 
 DIM = 32
 MAX_IMAGE_BYTES = MAX_IMAGE_PIXELS = 1 << 22
@@ -293,6 +294,55 @@ async def test_a_search_by_image_id_is_answered_while_another_shard_hangs(shards
         answer = await broker.search(Query(image_id="by-id-0", top_k=5), timeout_s=1.0)
     assert answer.hits, "nothing answered although the image and its neighbours are on s0"
     assert answer.partial and {(s.shard, s.outcome) for s in answer.shards} == {("s0", "ok"), ("s1", "timeout")}
+
+
+@pytest.mark.timeout(60)
+async def test_a_hung_replica_leaves_time_for_the_other(shards):
+    """A replica that hangs (SIGSTOP, swapping, cut off without a reset) refuses nothing: each replica still to try
+    gets a share of what is left of the deadline, and a timeout moves on to the next one, so round-robin does
+    not turn every other search into an empty partial answer."""
+    s0, s1 = shards
+    replicated = ShardMap(shards={"r": (s1.address, s0.address)}, categories={})
+    pool = ShardPool(replicated)
+    vector = np.ones(DIM, np.float32) / np.sqrt(DIM)
+    try:
+        with _paused(s1.proc):
+            for _ in range(4):  # round-robin: two of them try the hung replica first
+                started = time.monotonic()
+                result = await pool.search(SearchQuery(vector=vector, top_k=3, categories=("nothing-here",)),
+                                           timeout_s=2.0)
+                assert not result.partial, [(a.address, a.outcome, a.message) for a in result.answers]
+                assert time.monotonic() - started < 1.9
+    finally:
+        await pool.close()
+
+
+@pytest.mark.timeout(90)
+async def test_moving_an_image_off_a_shard_with_a_replica_down_fails_rather_than_split_the_replicas(
+    shards, tmp_path
+):
+    """A re-ingest under a category of another shard removes the old copy from every replica of its former shard.
+    When that works on some replicas and not others, the replicas would differ with nobody told: the ingest
+    fails with UNAVAILABLE (safe to retry), like any write that misses a replica."""
+    s0, s1 = shards
+    other = ShardProcess(tmp_path / "other", extra_args=("--dimension", str(DIM))).start()
+    replicated = ShardMap(shards={"old": (s0.address, s1.address), "new": (other.address,)},
+                          categories={"before": "old", "after": "new"})
+    pool = ShardPool(replicated)
+    vector = np.ones(DIM, np.float32) / np.sqrt(DIM)
+    try:
+        await pool.upsert([Record(image_id="moving", product_id="p", category="before", vector=vector)],
+                          timeout_s=10)
+        with _paused(s1.proc), pytest.raises(UnavailableError):
+            await pool.upsert([Record(image_id="moving", product_id="p", category="after", vector=vector)],
+                              timeout_s=5)
+        # retried once the replica is back: moved everywhere
+        await pool.upsert([Record(image_id="moving", product_id="p", category="after", vector=vector)], timeout_s=10)
+        assert await _held(s0, ["moving"]) == {} and await _held(s1, ["moving"]) == {}
+        assert list(await _held(other, ["moving"])) == ["moving"]
+    finally:
+        await pool.close()
+        other.kill()
 
 
 # ------------------------------------------------------------------------------------ the duplicate cache

@@ -521,3 +521,19 @@ def test_a_log_written_with_unknown_fields_still_replays(tmp_path):
     restarted = ShardEngine(config)
     restarted.load()
     assert [r.image_id for r in restarted.get([record.image_id])] == [record.image_id]
+
+
+@pytest.mark.timeout(120)
+def test_a_second_shard_process_on_the_same_data_dir_is_refused(tmp_path):
+    """Two processes on one data dir (say, `imgsearch up --work-dir` run twice) would replay the same log, and
+    the second one's final snapshot would drop the log segment the first is still appending to: writes the first
+    acknowledged would be gone after its next crash. The second process exits with a clear message instead."""
+    first = ShardProcess(tmp_path / "data", extra_args=SHARD_ARGS).start()
+    try:
+        second = ShardProcess(tmp_path / "data", log_path=tmp_path / "second.log", extra_args=SHARD_ARGS)
+        with pytest.raises(RuntimeError, match="in use by another process"):
+            second.start(timeout_s=60)
+        first.kill()
+        ShardProcess(tmp_path / "data", log_path=tmp_path / "third.log", extra_args=SHARD_ARGS).start().stop()
+    finally:
+        first.kill()

@@ -108,6 +108,11 @@ async def test_unknown_category_is_empty_and_categories_merge(tmp_path):
                      "imgsearch_shard_index_swaps_total", 'imgsearch_shard_training_events_total{event="failed"}',
                      'imgsearch_build_info{component="shard",version="0.1.0"} 1.0'):
             assert line in exposition, line
+        # An emptied category's series go away (category names come from the writers: unbounded otherwise).
+        await client.delete([synthetic.image_id(i) for i in range(300)], timeout_s=30)
+        with urllib.request.urlopen(f"http://127.0.0.1:{handle.metrics_port}/metrics", timeout=5) as response:
+            exposition = response.read().decode()
+        assert 'category="shoes"' not in exposition and 'imgsearch_shard_vectors{category="bags"} 300.0' in exposition
     finally:
         await client.close()
         await handle.stop(snapshot=False)
