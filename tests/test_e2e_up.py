@@ -8,7 +8,9 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,50 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+_SLOW_TRITON_UP = """
+import sys, time
+from broker import stack
+def slow_triton(self):  # Triton takes tens of seconds to start (up to startup_timeout_s)
+    time.sleep(60)
+stack.LocalStack.start_triton = slow_triton
+from broker.cli import main
+sys.exit(main(["up", "--work-dir", sys.argv[1], "--port", "0", "--metrics-port", "0"]))
+"""
+
+
+def _redis_servers_in(work_dir) -> list[int]:
+    """redis-server processes whose working directory lies under `work_dir`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+                if "redis-server" in command and os.readlink(f"/proc/{entry}/cwd").startswith(str(work_dir)):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_during_start_up_stops_what_has_started_at_once(tmp_path):
+    """A supervisor's SIGTERM while `imgsearch up` is still starting (Triton here takes a minute) must stop the
+    stack now, not after start-up: a supervisor escalating to SIGKILL would otherwise orphan redis-server."""
+    up = subprocess.Popen([sys.executable, "-c", _SLOW_TRITON_UP, str(tmp_path)], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _redis_servers_in(tmp_path):  # start-up has got as far as Redis
+            assert up.poll() is None and time.monotonic() < deadline, up.stdout.read().decode(errors="replace")
+            time.sleep(0.1)
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(10) == 130
+        time.sleep(0.5)
+        assert _redis_servers_in(tmp_path) == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for pid in _redis_servers_in(tmp_path):
+            os.kill(pid, signal.SIGKILL)
