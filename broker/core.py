@@ -166,7 +166,8 @@ class Broker:
         shard_query = SearchQuery(
             vector=vector,
             # one more for a search by image id: the image itself (or its product) is taken out below
-            top_k=min(query.top_k + 1, self.max_top_k) if source is not None else query.top_k,
+            # (the shards' limit is one above the broker's, ShardConfig.max_top_k)
+            top_k=query.top_k + 1 if source is not None else query.top_k,
             categories=tuple(query.categories),
             filter=query.filter,
             nprobe=query.nprobe,

@@ -84,7 +84,8 @@ class ShardConfig:
     # (`python -m shard_server.filter_probe`, float32 vectors): floor 16 -> recall@10 0.942 (2.8 ms),
     # 32 -> 0.957 (3.7 ms), 64 -> 0.962 (5.0 ms).
     filtered_nprobe_floor: int = 32
-    max_top_k: int = 1000
+    # The broker's limit (1,000) plus one: a search by image id asks for one more hit, the image itself, left out.
+    max_top_k: int = 1001
     max_records_per_request: int = 10_000
     # Searches in one SearchBatch call (the broker's batches hold the searches queued behind one call).
     max_batch_searches: int = 256

@@ -1,0 +1,77 @@
+"""Full answers: a trained partition answers top_k hits (top_k products when distinct) whatever its probed lists
+hold, the broker's merge lists an image once, and a search by image id at the largest top_k answers that many."""
+
+import pytest
+
+from broker.core import Broker
+from broker.fanout import ShardPool
+from broker.merge import merge_top_k
+from broker.routing import ShardMap
+from broker.types import Query
+from shard_server import synthetic
+from shard_server.config import ShardConfig
+from shard_server.engine import ShardEngine
+from shard_server.server import start_shard_server
+from shard_server.types import Exactness, Hit, SearchQuery
+
+DIM, N = 128, 20_000
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=200, seed=3)
+    # derived nlist (IVF566 at 20k rows): ~35 rows per list, as in a production partition
+    config = ShardConfig(data_dir=tmp_path_factory.mktemp("topk"), dimension=DIM, index_factory="IVF{nlist},PQ32x4fs",
+                         train_threads=1)
+    engine = ShardEngine(config)
+    engine.load()
+    for lo in range(0, N, 5000):
+        engine.upsert(catalogue.records(lo, lo + 5000))
+    assert engine.train_pending() == 1
+    yield engine, catalogue
+    engine.close()
+
+
+@pytest.mark.parametrize(("top_k", "nprobe", "exactness", "distinct"), [
+    (1000, 0, Exactness.DEFAULT, False), (500, 0, Exactness.FAST, False), (100, 1, Exactness.DEFAULT, False),
+    (1000, 0, Exactness.DEFAULT, True), (50, 1, Exactness.DEFAULT, True)])
+def test_unfiltered_ivf_search_returns_top_k_hits(engine, top_k, nprobe, exactness, distinct):
+    """The probed lists of a trained partition can hold fewer rows than top_k: the search still answers top_k
+    hits (distinct: top_k products) while the partition holds that many, as a filtered search does."""
+    engine, catalogue = engine
+    for q in catalogue.queries(3):
+        hits = engine.search(SearchQuery(vector=q, top_k=top_k, nprobe=nprobe, exactness=exactness,
+                                         distinct_products=distinct)).hits
+        assert len(hits) == top_k
+        keys = [h.product_id if distinct else h.image_id for h in hits]
+        assert len(set(keys)) == top_k
+        scores = [h.score for h in hits]
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_broker_merge_lists_an_image_once():
+    """A stale copy of an image on its former shard (re-ingested under another shard's category while the former
+    shard was down) must not make one answer list the image twice."""
+    def hit(image, category, score):
+        return Hit(image_id=image, product_id="p-" + image, category=category, score=score)
+
+    merged = merge_top_k([[hit("x", "shoes", 1.0), hit("a", "shoes", 0.5)], [hit("x", "bags", 1.0)]], 3)
+    assert [h.image_id for h in merged] == ["x", "a"]
+
+
+async def test_a_search_by_image_id_at_the_largest_top_k_answers_that_many(tmp_path):
+    """A search by image id asks the shards for one more hit (the image itself, left out): at the broker's
+    largest top_k that one must not be lost to the shards' limit (ShardConfig.max_top_k is one above it)."""
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=20, seed=8)
+    handle = await start_shard_server(ShardConfig(data_dir=tmp_path / "shard", dimension=DIM))
+    pool = ShardPool(ShardMap(shards={"s0": (f"127.0.0.1:{handle.port}",)}, categories={}))
+    broker = Broker(pool=pool, embedder=None, cache=None, repair=None, dimension=DIM, max_image_bytes=1 << 20,
+                    max_image_pixels=1 << 20)
+    try:
+        await pool.upsert(catalogue.records(0, 1100), timeout_s=60)
+        source = synthetic.image_id(7)
+        hits = (await broker.search(Query(image_id=source, top_k=broker.max_top_k), timeout_s=30)).hits
+        assert len(hits) == broker.max_top_k and source not in {h.image_id for h in hits}
+    finally:
+        await pool.close()
+        await handle.stop(snapshot=False)
