@@ -150,9 +150,13 @@ class LocalStack:
             raise
 
     def stop(self) -> None:
+        """The broker, the shards, Triton, then Redis: nothing is stopped while something started after it still
+        runs."""
         for name in reversed(list(self.processes)):
-            self.processes[name].stop()
+            if name != "redis":
+                self.processes[name].stop()
         self.stop_triton()
+        self.stop_redis()
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
         log_path = self.logs / f"{name}.log"
@@ -224,7 +228,9 @@ class LocalStack:
             write_model_repository(
                 repo, model_path=self.config.model_path, instance_kind="KIND_CPU", embedding_backend=backend
             )
-        self.triton = start_triton(repo, startup_timeout_s=self.config.startup_timeout_s)
+        self.triton = start_triton(
+            repo, startup_timeout_s=self.config.startup_timeout_s, log_file=self.logs / "triton.log"
+        )
         self.triton_url = self.triton.grpc_url
         self.triton_metrics_url = self.triton.metrics_url
 

@@ -112,6 +112,9 @@ class TritonServer:
     stop_timeout_s: float = 15.0
     log_verbose: int = 0
     log_to_console: bool = False  # foreground `serve`: Triton's log goes to our stdout
+    # Where Triton's log is appended and kept (`imgsearch up`: <work-dir>/logs/triton.log); None: a temporary
+    # folder's tritonserver.log, removed by stop().
+    log_file: Path | None = None
     extra_args: Sequence[str] = ()
     _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
@@ -134,7 +137,11 @@ class TritonServer:
 
     @property
     def log_path(self) -> Path | None:
-        return self._workdir / "tritonserver.log" if self._workdir and not self.log_to_console else None
+        if self.log_to_console:
+            return None
+        if self.log_file is not None:
+            return self.log_file
+        return self._workdir / "tritonserver.log" if self._workdir else None
 
     def log_tail(self, lines: int = 40) -> str:
         path = self.log_path
@@ -192,7 +199,7 @@ class TritonServer:
         self.metrics_port = self.metrics_port or free_port(self.host)
         self._workdir = Path(tempfile.mkdtemp(prefix="imgsearch-triton-"))
         backend_dir = _prepare_backends(self._workdir)
-        log = None if self.log_to_console else open(self._workdir / "tritonserver.log", "wb")  # noqa: SIM115
+        log = None if self.log_to_console else open(self.log_path, "ab" if self.log_file else "wb")  # noqa: SIM115
         try:
             self._process = subprocess.Popen(
                 self.command(backend_dir), env=triton_environment(), stdin=subprocess.DEVNULL,
@@ -270,12 +277,13 @@ def start_triton(
     ready_models: Sequence[str] = DEFAULT_READY_MODELS,
     startup_timeout_s: float = 180.0,
     log_to_console: bool = False,
+    log_file: Path | None = None,
 ) -> TritonServer:
     """Start Triton on `model_repository` and wait until `ready_models` are ready (ports 0: free ports)."""
     server = TritonServer(
         model_repository=Path(model_repository), grpc_port=grpc_port, http_port=http_port,
         metrics_port=metrics_port, host=host, ready_models=tuple(ready_models),
-        startup_timeout_s=startup_timeout_s, log_to_console=log_to_console,
+        startup_timeout_s=startup_timeout_s, log_to_console=log_to_console, log_file=log_file,
     )
     return server.start()
 

@@ -253,6 +253,12 @@ def test_broker_and_shards_use_native_grpc_probes_on_their_grpc_port(rendered):
         assert f"--port={grpc_port}" in c["args"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == grpc_port, (overlay, name, probe)
+        if name == "imgsearch-broker":
+            # Only readiness waits for Triton and the shards (service ""), which may take longer than any startup
+            # budget; startup and liveness ask whether the process is up, or brokers would be restarted in a loop.
+            assert c["readinessProbe"]["grpc"].get("service", "") == "", overlay
+            for probe in ("startupProbe", "livenessProbe"):
+                assert c[probe]["grpc"].get("service") == "imgsearch.liveness", (overlay, probe)
 
 
 def test_triton_probes_health_endpoints_and_mounts_shm_and_the_model_repository(rendered):
@@ -414,6 +420,20 @@ def test_shard_configuration_parses_with_the_shard_itself(rendered):
                 ports["grpc"],
                 ports["metrics"],
             )
+            # A shard's peak memory is its data plus ~1.2x the largest stream (live and on log replay; README):
+            # the stream may take at most half of the limit, the rest is for the data.
+            limit = c["resources"]["limits"]["memory"]
+            limit_bytes = int(limit[:-2]) << {"Mi": 20, "Gi": 30}[limit[-2:]]
+            assert 1.2 * config.max_stream_bytes < limit_bytes / 2, (sts["metadata"]["name"], limit)
+
+
+def test_the_ingress_does_not_cap_a_client_streams_total_size(rendered):
+    """nginx applies its body size to a gRPC call's whole request, i.e. every message of a client stream: a bulk
+    IngestStream would get 413 after that much. The broker limits each message itself."""
+    for overlay, docs in rendered.items():
+        for ingress in of_kind(docs, "Ingress"):
+            annotations = ingress["metadata"].get("annotations", {})
+            assert annotations.get("nginx.ingress.kubernetes.io/proxy-body-size") == "0", overlay
 
 
 def test_secrets_are_wired_and_never_committed_for_production(rendered):

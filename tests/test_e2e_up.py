@@ -75,6 +75,10 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
         assert proc.returncode == 0, rest
         assert "stopped." in rest
         assert not any(_listening(a) for a in addresses), addresses
+        # every process's log stays in <work-dir>/logs, Triton's included
+        logs = {p.name for p in (tmp_path / "stack" / "logs").iterdir()}
+        assert {"broker.log", "triton.log", "redis.log", "shard-0.log", "shard-1.log"} <= logs, logs
+        assert (tmp_path / "stack" / "logs" / "triton.log").stat().st_size > 0
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)  # the clean path first: `up` stops what it started
