@@ -137,10 +137,12 @@ class Broker:
                 cache_s = time.perf_counter() - t0
                 if exact:
                     if hits:
+                        CACHE_LOOKUPS.labels("hit").inc()
                         return self._cache_answer(
                             hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0, partial=partial
                         )
-                    outcome = CacheOutcome.MISS
+                    outcome = CacheOutcome.MISS  # every exact match was stale
+                    CACHE_LOOKUPS.labels("miss").inc()
             t0 = time.perf_counter()
             # Keep part of the deadline for the fan-out: a slow Triton should not leave the shards no time.
             fanout_reserve_s = min(
@@ -265,8 +267,7 @@ class Broker:
             wanted = set(categories)
             matches = [m for m in matches if m.entry.category in wanted]
         exact = [m for m in matches if m.exact]
-        if exact:
-            CACHE_LOOKUPS.labels("hit").inc()
+        if exact:  # counted once the shards have confirmed it (hit) or not (miss)
             return CacheOutcome.EXACT, exact, []
         near = [m for m in matches if not m.exact]
         if not near:

@@ -8,6 +8,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable
 from broker.core import Broker
@@ -108,6 +109,10 @@ def _held(image_id: str, product_id: str, category: str, vector: np.ndarray, **a
     return {image_id: record}
 
 
+def _lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("imgsearch_broker_cache_lookups_total", {"result": result}) or 0.0
+
+
 class StubRepair:
     def __init__(self):
         self.pending = {}
@@ -176,8 +181,10 @@ async def test_a_cache_entry_its_shard_no_longer_holds_is_not_answered_and_is_re
     """A cache write lost with the broker's repair queue (Redis down, then a broker restart) leaves an entry
     for an image its shard has deleted or replaced: it must not answer, whatever Redis says."""
     cache, pool = StubCache([_match(True, _unit(0))]), StubPool(held)
+    hits_before = _lookups("hit")
     answer = await _broker(cache, StubEmbedder(_unit(0)), pool).search(Query(image=_png(), top_k=3), timeout_s=1)
     assert not answer.from_duplicate_cache and answer.cache is CacheOutcome.MISS, why
+    assert _lookups("hit") == hits_before  # counted as the miss it turned out to be
     assert [h.image_id for h in answer.hits] == ["from-index"] and cache.deletes == ["dup"]
     assert pool.stored_asked == [{"dup": "Milk"}]
 
