@@ -23,6 +23,7 @@ Duplicate-cache policy (see broker.cache for the Redis layout):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -250,7 +251,11 @@ class Broker:
         if stale:
             CACHE_STALE_ENTRIES.inc(len(stale))
             log.info("removing %d stale duplicate-cache entries: %s", len(stale), stale[:5])
-            await self._write_cache([(image_id, None) for image_id in dict.fromkeys(stale)])
+            # Straight to Redis, not through _write_cache: a success there would also discard a pending repair
+            # of the same id (the new entry of a re-ingest whose cache write failed). A failure only leaves the
+            # entry to be found stale again.
+            with contextlib.suppress(CacheUnavailable):
+                await self.cache.delete_many(list(dict.fromkeys(stale)))
         hits = _first(query, current)
         return hits, any(h.image_id in unasked for h in hits)
 

@@ -42,6 +42,8 @@ RESPONSE_MARGIN_S = 0.005
 # Ids per shard Delete call: a broker Delete of any length is split, well under a shard's request limit
 # (max_records_per_request, 10,000 by default).
 DELETE_BATCH_IDS = 1_000
+# Of what is left of a deadline, the share a replica gets when another could still be tried after it.
+REPLICA_SHARE_OF_DEADLINE = 0.75
 # Longest an ingest waits for the best-effort removal of re-ingested ids from the shards that do not own them.
 STALE_COPY_REMOVAL_MAX_S = 0.5
 # What a shard refuses because of the request itself fails the whole call with the shard's status, on every
@@ -168,8 +170,10 @@ class ShardPool:
             if remaining <= 0:
                 break
             # A hung replica (stopped, swapping, partitioned without a RST) answers nothing and refuses nothing:
-            # give each replica still to try an equal share of what is left, so the next one gets a chance.
-            budget = remaining / (len(clients) - attempt)
+            # keep a quarter of what is left for the next replica, so it still gets a chance. (Not an equal
+            # share: a healthy but loaded replica answering in over half the deadline must not be cut off.)
+            last = attempt == len(clients) - 1
+            budget = remaining if last else REPLICA_SHARE_OF_DEADLINE * remaining
             try:
                 return _ReplicaReply(
                     address=addresses[i], outcome=OK, value=await call(clients[i], budget)
@@ -229,7 +233,10 @@ class ShardPool:
             STALE_COPY_REMOVALS_FAILED.inc()
             log.warning("could not remove re-ingested ids from shard %s (%s): %s", name,
                         ", ".join(a for a, _ in failed), failed[0][1])
-            if len(failed) < len(replies):
+            # Replicas hold the same data: when those that answered removed nothing, nothing was moved off this
+            # shard and the replicas cannot have diverged (every ingest sends its ids here, moved or not).
+            removed = sum(r for r in replies if not isinstance(r, BaseException))
+            if len(failed) < len(replies) and removed:
                 # Some replicas removed the old copy and some did not: they would differ with nobody told. Like
                 # any write that misses a replica, the ingest fails (UNAVAILABLE) and is safe to retry.
                 address, error = failed[0]

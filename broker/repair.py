@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 # A pending write: the entry to upsert, or None to delete.
 PendingWrite = CacheEntry | None
+# No pending write for an id (None is a pending delete, so it cannot mean "absent").
+_NONE_PENDING = object()
 
 
 class CacheRepairQueue:
@@ -45,7 +47,7 @@ class CacheRepairQueue:
         """Retry every pending write once; returns how many went through."""
         done = 0
         for image_id, write in list(self._pending.items()):
-            if self._pending.get(image_id) is not write:
+            if self._pending.get(image_id, _NONE_PENDING) is not write:
                 continue  # superseded (or applied by a newer successful write) since the round began
             try:
                 if write is None:
@@ -54,7 +56,7 @@ class CacheRepairQueue:
                     await self._cache.upsert(write)
             except CacheUnavailable:
                 break  # Redis still down: try again next round
-            if self._pending.get(image_id) is write:
+            if self._pending.get(image_id, _NONE_PENDING) is write:
                 del self._pending[image_id]
             done += 1
         CACHE_REPAIR_PENDING.set(len(self._pending))

@@ -191,8 +191,8 @@ class Partition:
         k_candidates = min(max(k, wanted), count)
         most_candidates = min(count, max(k_candidates,
                                          DISTINCT_MAX_CANDIDATES_FACTOR * self.config.max_rerank_candidates))
-        scanned = int(self.ivf.ntotal * nprobe / max(self.nlist, 1) * (selectivity if selection else 1.0))
         while True:
+            scanned = int(self.ivf.ntotal * nprobe / max(self.nlist, 1) * (selectivity if selection else 1.0))
             params = faiss.SearchParametersIVF(nprobe=nprobe)
             if selection is not None:
                 params.sel = faiss.IDSelectorBitmap(len(selection.mask), faiss.swig_ptr(selection.bitmap))
@@ -353,27 +353,34 @@ class Partition:
 
     def resident_bytes(self) -> int:
         """Index codes + ids (+ coarse centroids), exact-mode float32 copy, unsnapshotted vectors, attributes."""
-        with self.lock.read():  # train_and_swap frees the old index: never walk its lists unlocked
+        # The references are taken under the lock and the IVF lists walked outside it (~5 ms for 4,000 lists,
+        # which would hold up a writer and the searches queued behind it). The local reference keeps the index
+        # alive: a swap only rebinds self.ivf, and walking a freed index's lists crashed the shard (SIGSEGV).
+        with self.lock.read():
+            ivf, exact, nlist = self.ivf, self._exact, self.nlist
             total = self.attributes.nbytes + self.alive.nbytes + self.vectors.resident_nbytes
-            if self._exact is not None:
-                total += self._exact.nbytes
-            if self.ivf is not None:
-                total += self.index_code_bytes()
-                total += self.nlist * self.config.dimension * 4
-            return total
+        if exact is not None:
+            total += exact.nbytes
+        if ivf is not None:
+            total += _index_code_bytes(ivf) + nlist * self.config.dimension * 4
+        return total
 
     def index_code_bytes(self) -> int:
         """PQ codes and ids held by the IVF lists."""
-        if self.ivf is None:
-            return 0
-        invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(self.ivf).invlists)
-        blocked = isinstance(invlists, faiss.BlockInvertedLists)  # fast-scan: codes in blocks of n_per_block
-        total = 0
-        for i in range(invlists.nlist):
-            size = invlists.list_size(i)
-            if blocked:
-                total += -(-size // invlists.n_per_block) * invlists.block_size
-            else:
-                total += size * invlists.code_size
-            total += size * 8  # int64 ids
-        return total
+        ivf = self.ivf  # see resident_bytes
+        return _index_code_bytes(ivf) if ivf is not None else 0
+
+
+def _index_code_bytes(ivf_index) -> int:
+    """PQ codes and ids held by an IVF index's lists (the caller holds a reference to the index)."""
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(ivf_index).invlists)
+    blocked = isinstance(invlists, faiss.BlockInvertedLists)  # fast-scan: codes in blocks of n_per_block
+    total = 0
+    for i in range(invlists.nlist):
+        size = invlists.list_size(i)
+        if blocked:
+            total += -(-size // invlists.n_per_block) * invlists.block_size
+        else:
+            total += size * invlists.code_size
+        total += size * 8  # int64 ids
+    return total

@@ -140,8 +140,9 @@ class WriteAheadLog:
         self._synced = threading.Condition()  # guards _synced_seq and _syncing; writers wait on it for a fsync
         self._syncing = False
         self._fd: int | None = None
-        # Why the log refuses writes (set with _fd = None): after a failed fsync, or a failed write that could not
-        # be cut off, what the file holds is unknown, and anything appended after it could be lost on replay.
+        # Why the log refuses writes: after a failed fsync, or a failed write that could not be cut off, what the
+        # file holds is unknown, and anything appended after it could be lost on replay. The descriptor stays open
+        # until close(): closing it here could hand its number to another file while a sync leader fsyncs it.
         self._failed: str | None = None
         self._generation = 0
         self._written_seq = 0
@@ -197,7 +198,7 @@ class WriteAheadLog:
             crc = zlib.crc32(part, crc)
         frame = HEADER.pack(size, crc)
         with self._write_lock:
-            if self._fd is None:
+            if self._fd is None or self._failed:
                 raise WalError(self._failed or "write-ahead log is closed")
             start = os.lseek(self._fd, 0, os.SEEK_END)
             try:
@@ -252,7 +253,7 @@ class WriteAheadLog:
                     return  # rotate() synced it meanwhile
                 with self._write_lock:
                     written, fd = self._written_seq, self._fd
-                    if fd is None:
+                    if fd is None or self._failed:
                         raise WalError(self._failed or "write-ahead log is closed")
                 self._fsync_or_fail(fd, write_locked=False)
                 target = written
@@ -270,17 +271,22 @@ class WriteAheadLog:
         ``closed_generation``; a snapshot that includes them allows :meth:`drop_through` that generation.
         """
         with self._sync_lock, self._write_lock:
-            if self._fd is None and self._failed:
+            if self._failed:
                 raise WalError(self._failed)
             closed = self._generation
             if self._fd is not None:
                 self._fsync_or_fail(self._fd, write_locked=True)
                 os.close(self._fd)
+                self._fd = None
             with self._synced:
                 self._synced_seq = self._written_seq
                 self._synced.notify_all()
             self._generation += 1
-            self._open_segment()
+            try:
+                self._open_segment()
+            except OSError as e:
+                self._fail(f"the next segment could not be opened ({e})")
+                raise WalError(self._failed) from e
             return closed, self._written_seq
 
     def drop_through(self, generation: int) -> None:
@@ -295,14 +301,18 @@ class WriteAheadLog:
         with self._sync_lock, self._write_lock:
             if self._fd is None:
                 return
-            self._fsync_or_fail(self._fd, write_locked=True)
-            os.close(self._fd)
-            self._fd = None
-            # A writer still waiting for its fsync (a shutdown that outlasted the drain) finds it done, instead
-            # of an error for a write that is durable.
-            with self._synced:
-                self._synced_seq = self._written_seq
-                self._synced.notify_all()
+            fd, self._fd = self._fd, None
+            try:
+                if self._failed:  # its frames' fate is unknown: nothing to sync, no waiter may be acknowledged
+                    return
+                self._fsync_or_fail(fd, write_locked=True)
+                # A writer still waiting for its fsync (a shutdown that outlasted the drain) finds it done,
+                # instead of an error for a write that is durable.
+                with self._synced:
+                    self._synced_seq = self._written_seq
+                    self._synced.notify_all()
+            finally:
+                os.close(fd)
 
     def _fsync_or_fail(self, fd: int, *, write_locked: bool) -> None:
         """fsync, called with the sync lock held (and the write lock when `write_locked`).
@@ -322,7 +332,3 @@ class WriteAheadLog:
         """Refuse every later write (called with the write lock held)."""
         self._failed = f"write-ahead log failed: {why}; writes are refused until the shard restarts"
         log.error("%s", self._failed)
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None

@@ -1,0 +1,125 @@
+"""ShardPool's writes and replica calls, and the cache repair queue, with stand-ins for the shard clients and
+Redis (unit tests of one module each; the real processes are in test_broker_consistency.py)."""
+import asyncio
+import time
+
+import numpy as np
+
+from broker.fanout import ShardPool
+from broker.repair import CacheRepairQueue
+from broker.routing import ShardMap
+from imgsearch.errors import DeadlineExceededError, UnavailableError
+from shard_server.types import Record
+
+DIM = 8
+
+
+class FakeShard:
+    def __init__(self, *, down=False, delete_s=0.0):
+        self.down, self.delete_s, self.deletes = down, delete_s, []
+
+    async def upsert(self, records, *, timeout_s):
+        if self.down:
+            raise UnavailableError("connection refused")
+        return len(records)
+
+    async def delete(self, image_ids, *, timeout_s):
+        if self.down:
+            raise UnavailableError("connection refused")
+        if self.delete_s > timeout_s:
+            await asyncio.sleep(timeout_s)
+            raise DeadlineExceededError("deadline")
+        await asyncio.sleep(self.delete_s)
+        self.deletes.append(list(image_ids))
+        return 0
+
+    async def close(self):
+        pass
+
+
+def _pool(monkeypatch, clients, shards, categories):
+    monkeypatch.setattr("broker.fanout.ShardClient", lambda address, **_: clients[address])
+    return ShardPool(ShardMap(shards=shards, categories=categories))
+
+
+def _rec(image_id, category):
+    return Record(image_id=image_id, product_id="p", category=category, vector=np.ones(DIM, np.float32))
+
+
+async def test_one_replica_of_an_uninvolved_shard_down_does_not_fail_an_ingest(monkeypatch):
+    """s0 owns 'a'; s1 has two replicas, one down (a rolling restart). A new id ingested into 'a' moved nothing
+    off s1: the stale-copy removal, sent for every id to every other shard, removed nothing on the replica that
+    answered, so the replicas cannot differ and the ingest succeeds."""
+    clients = {"h:0": FakeShard(), "h:1": FakeShard(), "h:2": FakeShard(down=True)}
+    pool = _pool(monkeypatch, clients, {"s0": ("h:0",), "s1": ("h:1", "h:2")}, {"a": "s0", "b": "s1"})
+    assert await pool.upsert([_rec("brand-new", "a")], timeout_s=5) == 1
+
+
+async def test_every_replica_of_an_uninvolved_shard_down_does_not_fail_an_ingest(monkeypatch):
+    """With every s1 replica down the removal is best effort (counted), as with one."""
+    clients = {"h:0": FakeShard(), "h:1": FakeShard(down=True), "h:2": FakeShard(down=True)}
+    pool = _pool(monkeypatch, clients, {"s0": ("h:0",), "s1": ("h:1", "h:2")}, {"a": "s0", "b": "s1"})
+    assert await pool.upsert([_rec("brand-new", "a")], timeout_s=5) == 1
+
+
+async def test_a_slow_replica_of_an_uninvolved_shard_does_not_fail_an_ingest(monkeypatch):
+    """One s1 replica answers its Delete in 0.6 s (busy), over STALE_COPY_REMOVAL_MAX_S: the other removed
+    nothing, so the ingest of a new id into s0's category succeeds."""
+    clients = {"h:0": FakeShard(), "h:1": FakeShard(), "h:2": FakeShard(delete_s=0.6)}
+    pool = _pool(monkeypatch, clients, {"s0": ("h:0",), "s1": ("h:1", "h:2")}, {"a": "s0", "b": "s1"})
+    assert await pool.upsert([_rec("brand-new-2", "a")], timeout_s=5) == 1
+
+
+class SlowSearcher:
+    """A healthy replica that answers in `took` seconds, within the caller's deadline."""
+
+    def __init__(self, took):
+        self.took, self.budgets = took, []
+
+    async def call(self, timeout_s):
+        self.budgets.append(timeout_s)
+        if self.took > timeout_s:
+            await asyncio.sleep(timeout_s)
+            raise DeadlineExceededError("deadline")
+        await asyncio.sleep(self.took)
+        return "answer"
+
+
+async def test_a_loaded_replica_answering_in_60_percent_of_the_deadline_is_not_cut_off(monkeypatch):
+    """A replica gets most of what is left (a quarter is kept for the next, in case it hangs): a healthy
+    replica answering in 0.3 s of a 0.5 s deadline must answer, not be cut off and the search sent again."""
+    clients = {"h:1": FakeShard(), "h:2": FakeShard()}
+    pool = _pool(monkeypatch, clients, {"s1": ("h:1", "h:2")}, {"b": "s1"})
+    r1, r2 = SlowSearcher(0.3), SlowSearcher(0.3)
+    reply = await pool._ask_replicas("s1", lambda c, t: c.call(t), time.monotonic() + 0.5, [r1, r2])
+    assert reply.outcome == "ok", (reply.outcome, r1.budgets, r2.budgets)
+
+
+class FakeCache:
+    def __init__(self):
+        self.calls = []
+        self.gate = asyncio.Event()
+
+    async def delete(self, image_id):
+        self.calls.append(("delete", image_id))
+        if image_id == "first":
+            await self.gate.wait()  # Redis slow on the first pending write
+
+    async def upsert(self, entry):
+        self.calls.append(("upsert", entry))
+
+
+async def test_a_pending_delete_superseded_during_a_repair_round_is_skipped():
+    """Pending: delete 'first', delete 'x' (Redis was down). While the round waits on 'first', a newer ingest of
+    'x' writes its cache entry and discards the pending delete: the round must skip 'x' (a pending delete is
+    None, so "no pending write" needs its own sentinel), not delete the fresh entry nor fail on it."""
+    cache = FakeCache()
+    queue = CacheRepairQueue(cache, interval_s=3600)
+    queue.add("first", None)
+    queue.add("x", None)
+    round_ = asyncio.create_task(queue.repair_once())
+    await asyncio.sleep(0.01)
+    queue.discard("x")  # a newer successful write (the ingest's cache upsert) made it obsolete
+    cache.gate.set()
+    await round_
+    assert ("delete", "x") not in cache.calls, cache.calls
