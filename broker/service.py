@@ -38,9 +38,9 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
             return
         metadata = dict(context.invocation_metadata() or ())
         header = metadata.get("authorization", "")
-        if not header:
+        scheme, _, token = header.strip().partition(" ")
+        if not header.strip() or (scheme.lower() == "bearer" and not token.strip()):  # no credentials at all
             raise MissingTokenError("writes need `authorization: Bearer <token>` metadata")
-        scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(
             token.strip().encode(), self._write_token.encode()
         ):

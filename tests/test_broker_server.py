@@ -18,9 +18,11 @@ from broker.client import BrokerClient
 from broker.config import BrokerConfig
 from broker.routing import ShardMap
 from broker.server import start_broker
+from broker.service import BrokerService
 from broker.stack import free_port
 from broker.types import CatalogueItem
 from imgsearch.errors import (
+    ImgsearchError,
     InvalidArgumentError,
     PermissionDeniedError,
     UnauthenticatedError,
@@ -126,3 +128,32 @@ async def test_tls(tmp_path):
                 await plaintext.stats()
     finally:
         await handle.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, "UNAUTHENTICATED"),
+        ("", "UNAUTHENTICATED"),
+        ("Bearer", "UNAUTHENTICATED"),
+        ("Bearer   ", "UNAUTHENTICATED"),
+        ("Bearer wrong", "PERMISSION_DENIED"),
+        ("Basic s3cret", "PERMISSION_DENIED"),
+        ("Bearer s3cret", None),
+        ("bearer  s3cret ", None),
+    ],
+)
+def test_writes_without_credentials_are_unauthenticated_and_with_wrong_ones_denied(header, expected):
+    """No token at all (no header, or a Bearer header with nothing after it) is UNAUTHENTICATED; a token that
+    is not the write token is PERMISSION_DENIED."""
+    class Context:
+        def invocation_metadata(self):
+            return () if header is None else (("authorization", header),)
+
+    service = BrokerService(None, search_timeout_s=1, ingest_timeout_s=1, write_token="s3cret")
+    if expected is None:
+        service._authorise_write(Context())
+        return
+    with pytest.raises(ImgsearchError) as raised:
+        service._authorise_write(Context())
+    assert raised.value.code.name == expected
