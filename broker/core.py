@@ -229,14 +229,10 @@ class Broker:
         current: list[Hit] = []
         stale: list[str] = []
         for entry, score in matches:
-            if entry.image_id in unasked:
-                current.append(
-                    Hit(image_id=entry.image_id, product_id=entry.product_id, category=entry.category,
-                        score=score, attributes=dict(entry.attributes))
-                )
-                continue
             record = stored.get(entry.image_id)
-            if (
+            if entry.image_id in unasked:
+                record = entry  # answered as cached
+            elif (
                 record is None
                 or record.product_id != entry.product_id
                 or record.category != entry.category

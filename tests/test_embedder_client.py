@@ -88,34 +88,26 @@ async def test_bounded_inflight_batches_grow_while_the_model_is_busy():
     assert [float(r[0, 0]) for r in rest] == [1, 2, 3, 4, 5]
 
 
-async def test_a_bad_image_fails_only_its_caller():
+@pytest.mark.parametrize(
+    ("image", "error"),
+    [(b"bad", InvalidImageError), (b"huge", ImageTooLargeError)],
+    ids=["undecodable", "too-many-pixels"],
+)
+async def test_a_bad_image_fails_only_its_caller(image, error):
+    """An undecodable image, or one over the pixel limit (checked by the decoder, in process or in Triton's
+    preprocessing, after the batch was merged: a small PNG claiming 12000x10000 px), fails its caller only."""
     model = RecordingModel()
     batcher = MicroBatcher(model, max_batch=8, window_s=0.01)
     try:
         results = await asyncio.gather(
-            batcher.submit([b"1"], timeout_s=5), batcher.submit([b"bad"], timeout_s=5),
+            batcher.submit([b"1"], timeout_s=5), batcher.submit([image], timeout_s=5),
             batcher.submit([b"3"], timeout_s=5), return_exceptions=True,
         )
     finally:
         await batcher.close()
-    assert isinstance(results[1], InvalidImageError)
+    assert isinstance(results[1], error)
     assert float(results[0][0, 0]) == 1 and float(results[2][0, 0]) == 3
-    assert model.batches[0] == [b"1", b"bad", b"3"]  # merged first, then retried one by one
-
-
-async def test_an_image_with_too_many_pixels_fails_only_its_caller():
-    """The pixel limit is checked by the decoder (in process or in Triton's preprocessing), after the batch was
-    merged: a small PNG claiming 12000x10000 px must not fail the searches batched with it."""
-    batcher = MicroBatcher(RecordingModel(), max_batch=8, window_s=0.01)
-    try:
-        results = await asyncio.gather(
-            batcher.submit([b"1"], timeout_s=5), batcher.submit([b"huge"], timeout_s=5),
-            batcher.submit([b"3"], timeout_s=5), return_exceptions=True,
-        )
-    finally:
-        await batcher.close()
-    assert isinstance(results[1], ImageTooLargeError)
-    assert float(results[0][0, 0]) == 1 and float(results[2][0, 0]) == 3
+    assert model.batches[0] == [b"1", image, b"3"]  # merged first, then retried one by one
 
 
 async def test_deadline_and_other_errors_reach_every_caller():
