@@ -165,3 +165,29 @@ async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded_not_canc
         assert handled("DEADLINE_EXCEEDED") == 1 and handled("CANCELLED") == 0
     finally:
         await service.stop(grace_s=0)
+
+
+async def test_an_open_health_watch_does_not_hold_a_graceful_stop_for_the_whole_grace():
+    """A load balancer or the broker may hold a health Watch stream open; the stream never ends by itself, so
+    without help grpc waits the full grace period (180 s for a shard pod) for it. The watcher must see
+    NOT_SERVING and then its stream ends, and the stop must take only as long as the real in-flight calls."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    def register(server):
+        return []
+
+    service = await start_grpc_service(ServerOptions(loop_lag_interval_s=0, shutdown_grace_s=20),
+                                       register, component="probe")
+    await service.set_serving(True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        await asyncio.wait_for(service.stop(), timeout=15)
+        assert time.monotonic() - started < 5
+        seen = []
+        while (update := await watch.read()) is not grpc.aio.EOF:
+            seen.append(update.status)
+        assert seen and seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await watch.code() is grpc.StatusCode.OK

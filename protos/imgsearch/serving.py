@@ -340,10 +340,60 @@ class ServerOptions:
         check_event_loop(self.event_loop)
 
 
+class HealthServicer(health_pb2_grpc.HealthServicer):
+    """The grpc.health.v1 service, whose Watch streams end when the server drains.
+
+    grpc's own aio servicer never ends a Watch, so one watcher (a load balancer, a mesh sidecar) held every
+    graceful stop for its whole grace period (180 s for a shard pod) while nothing else was in flight. Here each
+    watcher gets NOT_SERVING and then the end of its stream, and the stop waits only for real calls.
+    """
+
+    def __init__(self) -> None:
+        self._status = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed = asyncio.Condition()
+        self._draining = False
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        sent = None
+        while True:
+            status = self._status.get(request.service, unknown)
+            if status != sent:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                sent = status
+            if self._draining:
+                return
+            async with self._changed:
+                # Checked again under the lock: a change made while the write above was awaited is not lost.
+                if self._status.get(request.service, unknown) == sent and not self._draining:
+                    await self._changed.wait()
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus) -> None:
+        if self._draining:
+            return  # a drained server never reports SERVING again
+        async with self._changed:
+            self._status[service] = status
+            self._changed.notify_all()
+
+    async def drain(self) -> None:
+        """Every service NOT_SERVING for good, and every Watch stream ended."""
+        async with self._changed:
+            self._draining = True
+            for service in self._status:
+                self._status[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+            self._changed.notify_all()
+
+
 class GrpcService:
     """A running grpc.aio server with health, reflection and metrics; `stop()` is graceful."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: HealthServicer,
                  service_names: list[str], metrics_port: int | None, grace_s: float,
                  lag_monitor: EventLoopLagMonitor | None = None):
         self.server = server
@@ -361,7 +411,7 @@ class GrpcService:
 
     async def stop(self, grace_s: float | None = None) -> None:
         await self.set_serving(False)
-        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.drain()  # liveness too, and open Watch streams end rather than hold the grace
         await self.server.stop(self._grace_s if grace_s is None else grace_s)
         if self._lag_monitor is not None:
             self._lag_monitor.stop()
@@ -391,7 +441,7 @@ async def start_grpc_service(
     )
     names = list(register(server))
     preinitialise_rpc_metrics(names)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
