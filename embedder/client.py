@@ -235,6 +235,7 @@ class TritonEmbedder(Embedder):
         self._ssl = ssl
         self._root_certificates = root_certificates
         self._client = None
+        self._model_max_batch: int | None = None  # the served model's max_batch_size, read from Triton
         self._batcher = MicroBatcher(self._infer, max_batch=max_batch, window_s=batch_window_s)
 
     def _grpc_client(self):
@@ -255,6 +256,31 @@ class TritonEmbedder(Embedder):
         return await self._batcher.submit(images, timeout_s=timeout_s)
 
     async def _infer(self, images: list[bytes], timeout_s: float) -> np.ndarray:
+        # The broker's batch size and the model's max_batch_size are configured in two places; Triton refuses
+        # a bigger batch outright, so a batch over the model's limit goes out in parts.
+        deadline = time.monotonic() + timeout_s
+        limit = await self._model_batch_limit(timeout_s)
+        if limit is None or len(images) <= limit:
+            return await self._infer_once(images, max(deadline - time.monotonic(), 0.001))
+        remaining_s = max(deadline - time.monotonic(), 0.001)
+        parts = await asyncio.gather(*(self._infer_once(images[i : i + limit], remaining_s)
+                                       for i in range(0, len(images), limit)))
+        return np.concatenate(parts)
+
+    async def _model_batch_limit(self, timeout_s: float) -> int | None:
+        """The served model's max_batch_size (None when Triton cannot say; the inference then reports why)."""
+        if self._model_max_batch is None:
+            from tritonclient.utils import InferenceServerException
+
+            try:
+                answer = await self._grpc_client().get_model_config(self.model_name, as_json=True,
+                                                                    client_timeout=timeout_s)
+                self._model_max_batch = int(answer["config"].get("max_batch_size", 0))
+            except (InferenceServerException, KeyError, TypeError, ValueError):
+                return None
+        return self._model_max_batch if self._model_max_batch > 0 else None
+
+    async def _infer_once(self, images: list[bytes], timeout_s: float) -> np.ndarray:
         import tritonclient.grpc.aio as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -268,6 +294,8 @@ class TritonEmbedder(Embedder):
                 client_timeout=timeout_s,
             )
         except InferenceServerException as exc:
+            if "batch-size must be" in str(exc.message() if hasattr(exc, "message") else exc):
+                self._model_max_batch = None  # the model was reloaded with a smaller limit: read it again
             raise triton_error(exc) from None
         return _check_output(result.as_numpy(OUTPUT_NAME), len(images))
 

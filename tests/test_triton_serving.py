@@ -118,6 +118,25 @@ async def test_concurrent_calls_are_batched_into_few_requests(triton, images):
     assert all(r.shape == (1, 512) for r in results)
 
 
+async def test_a_batch_larger_than_the_models_limit_is_split_not_refused(triton, images):
+    """The broker's embed_max_batch (32 by default) and the served model's max_batch_size (8 here) are set in two
+    places; Triton refuses a bigger batch with INVALID_ARGUMENT, which used to reach every caller as INTERNAL.
+    The client reads the model's limit from Triton and never sends more."""
+    many = images * 3  # 24 images, one call
+    embedder = TritonEmbedder(triton.grpc_url, max_batch=32)
+    reference = TritonEmbedder(triton.grpc_url, max_batch=8)
+    try:
+        served = await embedder.embed(many, timeout_s=TIMEOUT_S)
+        expected = await reference.embed(many, timeout_s=TIMEOUT_S)
+        together = await asyncio.gather(*(embedder.embed(images, timeout_s=TIMEOUT_S) for _ in range(3)))
+    finally:
+        await embedder.close()
+        await reference.close()
+    assert served.shape == (len(many), 512)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(together), expected, atol=1e-5)
+
+
 async def test_a_bad_image_fails_only_its_caller(triton, images):
     embedder = TritonEmbedder(triton.grpc_url, max_batch=8, batch_window_s=0.02)
     truncated = (ODD / "imagededup" / "mixed_images" / "ukbench09268_corrupt.jpg").read_bytes()
