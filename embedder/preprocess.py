@@ -101,17 +101,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit levels are absolute (0..65535), like every other mode's: no per-image auto-contrast. Only
-        # 8-bit values held in a 16-bit container (max <= 255) are taken as they are.
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0.0
-        arr = (arr if hi <= 255 else arr / 257.0).round().clip(0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        # 16-bit levels are absolute (0..65535), as a browser shows them: no per-image auto-contrast, and
+        # values of at most 255 are near black, not 8-bit levels.
+        arr = np.asarray(img, dtype=np.float64) / 257.0
+        return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
     if img.mode == "I":
+        # 32-bit integers: Pillow decodes 16-bit PGM/PPM into 0..65535 and in-memory conversions of 8-bit modes
+        # keep 0..255; only values outside both have no known scale and are stretched to their own range.
         arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 1.0
-        arr = (arr / (hi if hi > 0 else 1.0) * 255.0).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        if lo < 0 or hi > 65535:
+            arr = (arr - lo) / ((hi - lo) or 1.0) * 255.0
+        elif hi > 255:
+            arr = arr / 257.0
+        return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())

@@ -235,3 +235,23 @@ def test_a_phone_jpeg_with_a_multi_picture_block_is_decoded_at_a_reduced_scale()
     photo.save(buffer, format="MPO", save_all=True, append_images=[photo.resize((200, 150))])
     assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
     assert decode_image(buffer.getvalue(), draft_min_side=448).size == (1000, 750)
+
+
+def test_a_nearly_black_16_bit_photo_stays_nearly_black():
+    """16-bit levels are absolute, as a browser shows them: values of at most 255 out of 65535 are black, not
+    taken for 8-bit levels (which turned a night shot into a bright grey one)."""
+    photo = np.asarray(Image.open(MODES / "original.jpg").convert("L"), np.uint16)  # 0..255 of 65535
+    decoded = np.asarray(decode_image(_png(Image.fromarray(photo))))
+    assert Image.open(io.BytesIO(_png(Image.fromarray(photo)))).mode == "I;16"
+    assert decoded.max() <= 1
+
+
+def test_a_16_bit_pgm_keeps_its_levels():
+    """Pillow reads a PGM with maxval > 255 as mode I scaled to 0..65535; a dark one must not be stretched to its
+    own maximum."""
+    dark = (np.asarray(Image.open(MODES / "original.jpg").convert("L"), np.float32) * 0.35).astype(np.uint8)
+    height, width = dark.shape
+    pgm = f"P5\n{width} {height}\n65535\n".encode() + (dark.astype(">u2") * 257).tobytes()
+    assert Image.open(io.BytesIO(pgm)).mode == "I"
+    eight = _png(Image.fromarray(dark, "L"))
+    assert np.abs(np.asarray(decode_image(eight), np.int16) - np.asarray(decode_image(pgm), np.int16)).max() <= 1
