@@ -99,6 +99,8 @@ class ShardConfig:
     # ~0.3 ms search): 200k synthetic vectors on the 2-core box, one shard over gRPC, p50 1.73 -> 1.49 ms,
     # 1 client 476 -> 531 searches/s, 8 clients 964 -> 1,110 (`IMGSEARCH_SHARD_INLINE_SEARCH=false|true
     # python -m shard_server.compare --vectors 200000 --engines shard,broker-1`, docs/benchmarks.md).
+    # A search that turns out to need a long exact scan (more than exact_scan_max_rows rows scored one by one:
+    # an unindexed partition, or the rare exact fallback of an IVF search) is handed to the pool even so.
     # Off: every search goes to the search_threads pool (a shard that mostly runs long exact scans).
     inline_search: bool = True
     search_threads: int = 4

@@ -420,7 +420,9 @@ class ShardEngine:
         base = self.config.nprobe
         return {Exactness.FAST: max(1, base // 2), Exactness.HIGH: base * 4}.get(query.exactness, base)
 
-    def search(self, query: SearchQuery) -> SearchResult:
+    def search(self, query: SearchQuery, *, exact_rows_limit: int | None = None) -> SearchResult:
+        """The top-k hits over the query's categories. `exact_rows_limit`: see Partition.search (raises
+        ExactScanTooLong)."""
         vector = self.validate_query(query)
         partitions = self.partitions
         categories = query.categories or tuple(sorted(partitions))
@@ -433,7 +435,7 @@ class ShardEngine:
             if partition is None:
                 continue  # unknown category: no hits, not an error
             hits = partition.search(vector, query.top_k, query.filter, nprobe, exhaustive,
-                                    distinct=query.distinct_products)
+                                    distinct=query.distinct_products, exact_rows_limit=exact_rows_limit)
             scanned += hits.candidates_scanned
             found.extend(zip(hits.scores.tolist(), [category] * len(hits.details), hits.details))
         found.sort(key=lambda item: -item[0])

@@ -43,6 +43,15 @@ DISTINCT_WIDEN_FACTOR = 4
 DISTINCT_MAX_CANDIDATES_FACTOR = 16
 
 
+class ExactScanTooLong(Exception):
+    """A search would score more rows one by one than its caller allows (see Partition.search)."""
+
+
+def _check_exact_rows(rows: int, limit: int | None) -> None:
+    if limit is not None and rows > limit:
+        raise ExactScanTooLong(f"{rows} rows to score one by one; the limit is {limit}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class PartitionHits:
     rows: np.ndarray  # int64, best first
@@ -140,15 +149,17 @@ class Partition:
 
     # --- search ----------------------------------------------------------------------------------------------
     def search(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool, *,
-               distinct: bool = False) -> PartitionHits:
+               distinct: bool = False, exact_rows_limit: int | None = None) -> PartitionHits:
         """Top-k rows (with their ids and attributes, read under the same lock) for a unit query vector.
 
         With `distinct`, the top-k products instead: each product's best-scoring row, at most one row per
-        product id.
+        product id. With `exact_rows_limit`, a search that would score more rows than that one by one (an
+        unindexed partition, or the exact fallback of an IVF search) raises :class:`ExactScanTooLong` instead,
+        so that a caller on an event loop can hand it to a thread.
         """
         with self.lock.read():
             t0 = time.perf_counter()
-            hits = self._search_locked(query, k, flt, nprobe, exhaustive, distinct)
+            hits = self._search_locked(query, k, flt, nprobe, exhaustive, distinct, exact_rows_limit)
             details = self._details(hits.rows)
             metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
             metrics.CANDIDATES_SCANNED.observe(hits.candidates_scanned)
@@ -156,7 +167,7 @@ class Partition:
                                  strategy=hits.strategy, details=details)
 
     def _search_locked(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool,
-                       distinct: bool) -> PartitionHits:
+                       distinct: bool, exact_rows_limit: int | None) -> PartitionHits:
         n = len(self.image_ids)
         selection = self._selection(flt, n) if flt else None
         count = selection.count if selection is not None else self.live_count
@@ -164,6 +175,7 @@ class Partition:
             return PartitionHits(rows=np.empty(0, np.int64), scores=np.empty(0, np.float32),
                                  candidates_scanned=0, strategy="exact")
         if self.ivf is None:
+            _check_exact_rows(n, exact_rows_limit)
             mask = selection.mask if selection is not None else self.alive.view[:n]
             scores = self._exact.view[:n] @ query if self._exact is not None else self.vectors.scores(query)
             return self._best(np.flatnonzero(mask), scores[mask], k, scanned=n, distinct=distinct)
@@ -171,10 +183,10 @@ class Partition:
             rows = np.flatnonzero(selection.mask if selection is not None else self.alive.view[:n])
             return self._best(rows, self.vectors.inner_products(rows, query), k, scanned=len(rows),
                               distinct=distinct)
-        return self._search_ivf(query, k, nprobe, selection, count, distinct)
+        return self._search_ivf(query, k, nprobe, selection, count, distinct, exact_rows_limit)
 
     def _search_ivf(self, query: np.ndarray, k: int, nprobe: int, selection: _Selection | None,
-                    count: int, distinct: bool) -> PartitionHits:
+                    count: int, distinct: bool, exact_rows_limit: int | None) -> PartitionHits:
         strategy = "ivf"
         selectivity = count / max(self.live_count, 1)
         if selection is not None and selectivity < self.config.wide_probe_below_selectivity:
@@ -206,7 +218,7 @@ class Partition:
                 if selection is None and nprobe < most_probes:
                     nprobe = min(most_probes, nprobe * DISTINCT_WIDEN_FACTOR)
                     continue
-                return self._exact_over(query, k, selection, distinct)
+                return self._exact_over(query, k, selection, distinct, exact_rows_limit)
             hits = self._best(rows, self.vectors.inner_products(rows, query), k, scanned=scanned + len(rows),
                               distinct=distinct)
             if not distinct or len(hits.rows) >= k:
@@ -217,7 +229,7 @@ class Partition:
             if exhausted:
                 if nprobe >= most_probes:
                     if most_probes < self.nlist:  # max_nprobe left lists unprobed
-                        return self._exact_over(query, k, selection, distinct)
+                        return self._exact_over(query, k, selection, distinct, exact_rows_limit)
                     break
                 nprobe = min(most_probes, nprobe * DISTINCT_WIDEN_FACTOR)
                 continue
@@ -227,9 +239,11 @@ class Partition:
         return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
                              strategy=strategy)
 
-    def _exact_over(self, query: np.ndarray, k: int, selection: _Selection | None, distinct: bool) -> PartitionHits:
+    def _exact_over(self, query: np.ndarray, k: int, selection: _Selection | None, distinct: bool,
+                    exact_rows_limit: int | None) -> PartitionHits:
         """The answer from every live (matching) row."""
         rows = np.flatnonzero(selection.mask if selection is not None else self.alive.view[:len(self.image_ids)])
+        _check_exact_rows(len(rows), exact_rows_limit)
         hits = self._best(rows, self.vectors.inner_products(rows, query), k, scanned=len(rows), distinct=distinct)
         return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
                              strategy="exact")

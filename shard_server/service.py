@@ -11,6 +11,7 @@ from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.engine import ShardEngine
 from shard_server.errors import RequestTooLargeError, ShardNotReadyError
+from shard_server.partition import ExactScanTooLong
 from shard_server.types import Exactness, SearchResult
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
@@ -35,7 +36,10 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
     async def _search(self, request: shard_pb2.ShardServiceSearchRequest) -> SearchResult:
         query = convert.query_from_proto(request)
         if self.engine.config.inline_search and query.exactness is not Exactness.EXACT:
-            return self.engine.search(query)  # see ShardConfig.inline_search
+            try:  # see ShardConfig.inline_search
+                return self.engine.search(query, exact_rows_limit=self.engine.config.exact_scan_max_rows)
+            except ExactScanTooLong:
+                pass  # a rare long exact scan (see Partition.search) would stall every other call: on a thread
         return await self._run(self._search_pool, self.engine.search, query)
 
     async def Search(self, request, context):

@@ -1,6 +1,9 @@
 """Full answers: a trained partition answers top_k hits (top_k products when distinct) whatever its probed lists
 hold, the broker's merge lists an image once, and a search by image id at the largest top_k answers that many."""
 
+import asyncio
+import threading
+
 import pytest
 
 from broker.core import Broker
@@ -11,6 +14,7 @@ from broker.types import Query
 from shard_server import synthetic
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
+from shard_server.partition import ExactScanTooLong, Partition
 from shard_server.server import start_shard_server
 from shard_server.types import Exactness, Hit, SearchQuery
 
@@ -75,3 +79,48 @@ async def test_a_search_by_image_id_at_the_largest_top_k_answers_that_many(tmp_p
     finally:
         await pool.close()
         await handle.stop(snapshot=False)
+
+
+async def test_a_long_exact_fallback_runs_on_a_search_thread_not_the_event_loop(tmp_path, monkeypatch):
+    """Searches run on the shard's event loop (ShardConfig.inline_search). The rare exact fallback of an IVF
+    search (its probed lists held fewer than top_k rows) scores every row of the partition: it must go to the
+    search threads, or every other call on the shard waits behind it."""
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=200, seed=5)
+    config = ShardConfig(data_dir=tmp_path / "shard", dimension=DIM, index_factory="IVF{nlist},PQ32x4fs",
+                         train_threads=1, max_nprobe=1, exact_scan_max_rows=5_000)
+    handle = await start_shard_server(config)
+    pool = ShardPool(ShardMap(shards={"s0": (f"127.0.0.1:{handle.port}",)}, categories={}))
+    threads: list[str] = []
+    exact_over = Partition._exact_over
+
+    def spy(self, *args, **kwargs):
+        answer = exact_over(self, *args, **kwargs)  # raises before scanning when the scan is too long here
+        threads.append(threading.current_thread().name)  # where a scan ran
+        return answer
+
+    monkeypatch.setattr(Partition, "_exact_over", spy)
+    try:
+        for lo in range(0, 12_000, 4_000):
+            await pool.upsert(catalogue.records(lo, lo + 4_000), timeout_s=60)
+        await asyncio.to_thread(handle.engine.train_pending)
+        assert all(stats.trained for stats in handle.engine.stats().categories)
+        query = catalogue.queries(1)[0]
+        with pytest.raises(ExactScanTooLong):  # what the event loop's attempt sees
+            handle.engine.search(SearchQuery(vector=query, top_k=500), exact_rows_limit=5_000)
+        threads.clear()
+        hits = (await broker_search(pool, query, top_k=500)).hits
+        assert len(hits) == 500
+        assert threads and all(name.startswith("shard-search") for name in threads), threads
+        # A search that needs no long scan still runs on the loop.
+        threads.clear()
+        assert len((await broker_search(pool, query, top_k=10)).hits) == 10
+        assert threads == []
+    finally:
+        await pool.close()
+        await handle.stop(snapshot=False)
+
+
+async def broker_search(pool: ShardPool, vector, *, top_k: int):
+    broker = Broker(pool=pool, embedder=None, cache=None, repair=None, dimension=DIM, max_image_bytes=1 << 20,
+                    max_image_pixels=1 << 20)
+    return await broker.search(Query(vector=vector, top_k=top_k), timeout_s=30)
