@@ -33,7 +33,8 @@ import numpy as np
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable, DuplicateCache
 from broker.errors import InvalidRequestError
-from broker.fanout import ShardPool
+from broker.fanout import DELETE_BATCH_IDS, ShardPool
+from broker.idlocks import ImageIdLocks
 from broker.metrics import (
     CACHE_LOOKUPS,
     CACHE_STALE_ENTRIES,
@@ -98,6 +99,7 @@ class Broker:
         self.embedder = embedder
         self.cache = cache
         self.repair = repair
+        self._image_id_locks = ImageIdLocks()
         self.dimension = dimension
         self.max_top_k = max_top_k
         self.max_image_bytes = max_image_bytes
@@ -334,7 +336,16 @@ class Broker:
             )
             for i, item in enumerate(items)
         ]
-        await self.pool.upsert(records, timeout_s=max(0.0, deadline - time.monotonic()))
+        # One write of an id at a time (broker.idlocks): the shard write, the removal from other shards and the
+        # cache entry of a later ingest must not interleave with an earlier one's.
+        async with self._image_id_locks.hold([r.image_id for r in records],
+                                             timeout_s=max(0.0, deadline - time.monotonic())):
+            await self.pool.upsert(records, timeout_s=max(0.0, deadline - time.monotonic()))
+            pending = await self._cache_ingested(items, hashes, vectors)
+        return IngestSummary(ingested=acknowledged, cache_pending=pending)
+
+    async def _cache_ingested(self, items: Sequence[CatalogueItem], hashes: dict[int, ImageHashes],
+                              vectors: dict[int, np.ndarray]) -> int:
         pending = 0
         if self.cache is not None:
             writes = [
@@ -355,7 +366,7 @@ class Broker:
                 for i, item in enumerate(items)
             ]
             pending = await self._write_cache(writes)
-        return IngestSummary(ingested=acknowledged, cache_pending=pending)
+        return pending
 
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
         for image_id in image_ids:
@@ -364,9 +375,16 @@ class Broker:
         # Cache first: a delete that then fails on a shard must not leave the cache answering with the image
         # (a missing cache entry only costs an index search; the caller retries the delete, idempotent).
         deadline = time.monotonic() + timeout_s
-        if self.cache is not None:
-            await self._write_cache([(image_id, None) for image_id in image_ids])
-        return await self.pool.delete(list(image_ids), timeout_s=max(0.0, deadline - time.monotonic()))
+        deleted = 0
+        # Batch by batch (as the shards get them), so that holding a huge Delete's ids does not stall the loop; a
+        # failure part-way leaves earlier batches deleted, and retrying is safe.
+        for start in range(0, len(image_ids), DELETE_BATCH_IDS):
+            batch = list(image_ids[start : start + DELETE_BATCH_IDS])
+            async with self._image_id_locks.hold(batch, timeout_s=max(0.0, deadline - time.monotonic())):
+                if self.cache is not None:
+                    await self._write_cache([(image_id, None) for image_id in batch])
+                deleted += await self.pool.delete(batch, timeout_s=max(0.0, deadline - time.monotonic()))
+        return deleted
 
     async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]]) -> int:
         """Apply cache upserts (entry) and deletes (None: a Delete, or a vector-only re-ingest dropping an old

@@ -1,6 +1,7 @@
 """Errors of the broker (subclasses of the engine-wide hierarchy in imgsearch.errors)."""
 
 from imgsearch.errors import (
+    DeadlineExceededError,
     ImgsearchError,
     InvalidArgumentError,
     NotFoundError,
@@ -33,6 +34,14 @@ class WrongTokenError(BrokerError, PermissionDeniedError):
 
 class NoShardAvailableError(BrokerError, UnavailableError):
     """Every shard a write or search needed was unreachable."""
+
+
+class ShardTimeoutError(BrokerError, DeadlineExceededError):
+    """A shard the call needed did not answer within what was left of the deadline."""
+
+
+class WriteWaitTimeoutError(BrokerError, DeadlineExceededError):
+    """A write waited past its deadline for an earlier write of the same image id (see broker.idlocks)."""
 
 
 class UnknownImageError(BrokerError, NotFoundError):

@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from broker.coalesce import SearchCoalescer
-from broker.errors import NoShardAvailableError, UnknownImageError
+from broker.errors import NoShardAvailableError, ShardTimeoutError, UnknownImageError
 from broker.merge import merge_top_k
 from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS, STALE_COPY_REMOVALS_FAILED
 from broker.routing import ShardMap
@@ -195,6 +195,10 @@ class ShardPool:
         """Write records to every replica of their owning shards; the number of records written."""
         deadline = time.monotonic() + timeout_s
         by_shard = shard_for_records(self.shard_map, records)
+        if len(by_shard) > 1:
+            # A shard refuses a bad record (its attribute schema is its own) before writing any of the request,
+            # but another shard would already have written its share: ask them all first, write second.
+            await asyncio.gather(*(self._validate_on(name, recs, deadline) for name, recs in by_shard.items()))
         await asyncio.gather(
             *(
                 self._on_every_replica(name, lambda c, recs=recs: c.upsert(recs, timeout_s=timeout_s))
@@ -245,6 +249,12 @@ class ShardPool:
                 )
         return len(records)
 
+    async def _validate_on(self, name: str, records: Sequence[Record], deadline: float) -> None:
+        """Raise what shard `name` would refuse in these records; any other failure is left to the write."""
+        await self._ask_replicas(
+            name, lambda client, t: client.upsert(records, timeout_s=t, validate_only=True), deadline
+        )
+
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
         """Delete ids from every replica of every shard (the category of an id is not known here), in
         batches of DELETE_BATCH_IDS; a failure part-way leaves earlier batches deleted (retrying is safe)."""
@@ -286,9 +296,8 @@ class ShardPool:
                 name, lambda client, t: client.get([image_id], timeout_s=t), deadline
             )
             if reply.outcome != OK:
-                raise NoShardAvailableError(
-                    f"shard {name} ({reply.address}): {reply.outcome}: {reply.message}"
-                )
+                error = ShardTimeoutError if reply.outcome == TIMEOUT else NoShardAvailableError
+                raise error(f"shard {name} ({reply.address}): {reply.outcome}: {reply.message}")
             return reply.value[0] if reply.value else None
 
         # The first shard that holds it answers the call: a slow shard must not eat the deadline of a search
@@ -309,11 +318,15 @@ class ShardPool:
         for result in results:
             if isinstance(result, _CALLERS_FAULT):
                 raise result
-        failures = [str(r) for r in results if isinstance(r, BaseException)]
+        failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            raise NoShardAvailableError(
+            # Only out of time (a deadline too short for any shard, or shards too slow): the caller's deadline,
+            # not an outage.
+            error = ShardTimeoutError if all(isinstance(r, ShardTimeoutError) for r in failures) \
+                else NoShardAvailableError
+            raise error(
                 f"image {image_id!r} is on none of the shards that answered, and {len(failures)} could not be "
-                f"asked: {'; '.join(failures)}"
+                f"asked: {'; '.join(map(str, failures))}"
             )
         raise UnknownImageError(f"no catalogue image {image_id!r}")
 

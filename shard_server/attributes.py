@@ -8,7 +8,7 @@ per (filter, write version), so the per-query cost is paid once per distinct fil
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +19,23 @@ from shard_server.types import AnyOf, Attributes, Condition, Equals, Filter, Is,
 _PREDICATE_KIND = {Equals: "text", AnyOf: "text", Range: "number", Is: "flag"}
 
 
+# A filter states what a shop lets its users pick (brands, colours, a price range): more conditions or values
+# than these are a mistake or an attack, and every one costs each shard a pass over its attribute columns.
+MAX_FILTER_CONDITIONS = 64
+MAX_ANY_OF_VALUES = 4096
+
+
+def check_filter_size(conditions: int, any_of_sizes: Iterable[int]) -> None:
+    if conditions > MAX_FILTER_CONDITIONS:
+        raise InvalidRequestError(f"a filter has {conditions} conditions; the limit is {MAX_FILTER_CONDITIONS}")
+    largest = max(any_of_sizes, default=0)
+    if largest > MAX_ANY_OF_VALUES:
+        raise InvalidRequestError(f"an any_of condition lists {largest} values; the limit is {MAX_ANY_OF_VALUES}")
+
+
 def validate_filter(flt: Filter, schema: Mapping[str, str]) -> None:
+    check_filter_size(len(flt.all_of), (len(c.predicate.values) for c in flt.all_of
+                                        if isinstance(c.predicate, AnyOf)))
     for condition in flt.all_of:
         kind = schema.get(condition.field)
         if kind is None:

@@ -45,8 +45,10 @@ class ShardClient:
             raise from_rpc_error(e) from e
         return convert.outcomes_from_proto(response)
 
-    async def upsert(self, records: Sequence[Record], *, timeout_s: float) -> int:
-        request = shard_pb2.UpsertRequest(records=[convert.record_to_proto(r) for r in records])
+    async def upsert(self, records: Sequence[Record], *, timeout_s: float, validate_only: bool = False) -> int:
+        """Write records (durable when this returns); with `validate_only`, only raise what the write would."""
+        request = shard_pb2.UpsertRequest(records=[convert.record_to_proto(r) for r in records],
+                                          validate_only=validate_only)
         try:
             response = await self._stub.Upsert(request, timeout=timeout_s)
         except grpc.RpcError as e:

@@ -196,11 +196,7 @@ class ShardEngine:
         ``encoded`` may carry the records already serialised as an UpsertRequest (the gRPC path), which saves
         re-encoding them for the log. Bulk writes go through ``upsert_encoded``.
         """
-        if len(records) > self.config.max_records_per_request:
-            raise RequestTooLargeError(
-                f"{len(records)} records in one request; the limit is {self.config.max_records_per_request} "
-                "(use UpsertStream for bulk loads)")
-        self._validate_records(records)
+        self.validate(records)
         if not records:
             return 0
         if encoded is None:
@@ -208,6 +204,14 @@ class ShardEngine:
                 records=[convert.record_to_proto(r) for r in records]).SerializeToString()
         self._commit((OP_UPSERT, encoded), lambda: self._apply_upsert(records))
         return len(records)
+
+    def validate(self, records: Sequence[Record]) -> None:
+        """Raise what `upsert` would raise for these records, and write nothing."""
+        if len(records) > self.config.max_records_per_request:
+            raise RequestTooLargeError(
+                f"{len(records)} records in one request; the limit is {self.config.max_records_per_request} "
+                "(use UpsertStream for bulk loads)")
+        self._validate_records(records)
 
     def upsert_encoded(self, parts: list[bytes]) -> int:
         """A bulk write given serialised: ``parts`` concatenate to one UpsertRequest (an UpsertStream's messages).

@@ -68,6 +68,9 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
             raise RequestTooLargeError(f"{len(request.records)} records in one request; the limit is {limit} "
                                        "(use UpsertStream for bulk loads)")
         records = convert.records_from_proto(request.records)
+        if request.validate_only:
+            await self._run(self._write_pool, self.engine.validate, records)
+            return shard_pb2.UpsertResponse(upserted=0)
         request.DiscardUnknownFields()  # the log holds what was applied, nothing a replay cannot parse
         written = await self._run(self._write_pool, self.engine.upsert, records,
                                   encoded=request.SerializeToString())

@@ -31,7 +31,7 @@ from broker.repair import CacheRepairQueue
 from broker.routing import ShardMap
 from broker.server import start_broker
 from broker.types import CatalogueItem, Query
-from imgsearch.errors import UnavailableError
+from imgsearch.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
 from imgsearch.serving import ServerOptions
 from shard_server.client import ShardClient
 from shard_server.process import ShardProcess
@@ -497,3 +497,49 @@ async def test_the_stale_copy_removal_gets_what_is_left_of_the_ingest_deadline(m
     assert await pool.upsert([record], timeout_s=1.0) == 1
     (timeout_s,) = other.delete_timeouts
     assert timeout_s <= 0.4, f"the removal got {timeout_s:.2f}s after the upsert took 0.6s of 1s"
+
+
+# ------------------------------------------------------------------------------------- concurrent writes
+@pytest.mark.timeout(60)
+async def test_two_concurrent_ingests_of_one_id_into_two_shards_leave_it_on_one(shards, brokers):
+    """Each ingest writes its copy and then removes the id from every other shard (a category move). Two
+    concurrent ingests of one id into categories of s0 and s1 each removed the other's acknowledged copy: the
+    image ended up on no shard. One of them must win, whole: on its shard and in the cache."""
+    broker = brokers.start()
+    for round_ in range(8):
+        image_id = f"race-{round_}"
+        into_a, into_b = _item(image_id, "pa", "a", _png(3000 + round_)), _item(image_id, "pb", "b", _png(3100 + round_))
+        await asyncio.gather(broker.ingest([into_a], timeout_s=10), broker.ingest([into_b], timeout_s=10))
+        on_s0, on_s1 = await _held(shards[0], [image_id]), await _held(shards[1], [image_id])
+        assert len(on_s0) + len(on_s1) == 1, f"round {round_}: held by s0 {list(on_s0)}, s1 {list(on_s1)}"
+        stored = (on_s0 or on_s1)[image_id]
+        cached = await broker.cache.get(image_id)
+        assert (cached.product_id, cached.category) == (stored.product_id, stored.category)
+
+
+@pytest.mark.timeout(60)
+async def test_a_record_one_shard_refuses_leaves_nothing_written_on_another(shards, brokers):
+    """Only the shards know the attribute schema. An ingest spanning s0 and s1 whose s1 record has a text price
+    was refused by s1 after s0 had written its record (and nothing cached it, nor removed its old copy): a
+    refused ingest must leave no record written."""
+    broker = brokers.start()
+    good = CatalogueItem(image_id="half-good", product_id="p", category="a", image=_png(3200),
+                         attributes={"price": 12.5})
+    bad = CatalogueItem(image_id="half-bad", product_id="p", category="b", image=_png(3201),
+                        attributes={"price": "twelve"})
+    with pytest.raises(InvalidArgumentError, match="price"):
+        await broker.ingest([good, bad], timeout_s=10)
+    assert await _held(shards[0], ["half-good"]) == {}
+    assert await _held(shards[1], ["half-bad"]) == {}
+    await broker.ingest([good], timeout_s=10)  # the good record alone is written as usual
+    assert "half-good" in await _held(shards[0], ["half-good"])
+
+
+@pytest.mark.timeout(60)
+async def test_a_search_by_image_id_out_of_time_is_deadline_exceeded_not_unavailable(shards, brokers):
+    """A deadline too short to ask any shard is the caller's deadline, not an outage of every shard."""
+    broker = brokers.start()
+    await broker.ingest([_item("short-deadline", "p", "a", _png(3300))], timeout_s=10)
+    for timeout_s in (0.001, 0.002, 0.004):
+        with pytest.raises(DeadlineExceededError):
+            await broker.search(Query(image_id="short-deadline", top_k=3), timeout_s=timeout_s)

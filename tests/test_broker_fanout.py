@@ -4,8 +4,10 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
 from broker.fanout import ShardPool
+from broker.idlocks import ImageIdLocks
 from broker.repair import CacheRepairQueue
 from broker.routing import ShardMap
 from imgsearch.errors import DeadlineExceededError, UnavailableError
@@ -123,3 +125,29 @@ async def test_a_pending_delete_superseded_during_a_repair_round_is_skipped():
     cache.gate.set()
     await round_
     assert ("delete", "x") not in cache.calls, cache.calls
+
+
+async def test_image_id_locks_order_writers_time_out_and_leave_nothing_behind():
+    """broker.idlocks: a second writer of an id waits for the first; one that waits past its deadline gets
+    DEADLINE_EXCEEDED; overlapping id sets in any order do not deadlock; no lock outlives its holders."""
+    locks, order = ImageIdLocks(), []
+
+    async def write(ids, name, hold_s, timeout_s=5.0):
+        async with locks.hold(ids, timeout_s=timeout_s):
+            order.append(f"{name} in")
+            await asyncio.sleep(hold_s)
+            order.append(f"{name} out")
+
+    first = asyncio.create_task(write(["x", "y"], "first", 0.2))
+    await asyncio.sleep(0.01)
+    await asyncio.gather(write(["y", "x"], "second", 0), write(["z"], "other", 0))
+    await first
+    assert order.index("first out") < order.index("second in")
+    assert order.index("other out") < order.index("first out")  # an unrelated id does not wait
+
+    blocker = asyncio.create_task(write(["x"], "blocker", 0.5))
+    await asyncio.sleep(0.01)
+    with pytest.raises(DeadlineExceededError):
+        await write(["x"], "late", 0, timeout_s=0.05)
+    await blocker
+    assert len(locks) == 0

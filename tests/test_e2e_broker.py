@@ -40,7 +40,7 @@ from imgsearch.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from shard_server.types import Condition, Equals, Filter, Is, Range, SearchQuery
+from shard_server.types import AnyOf, Condition, Equals, Filter, Is, Range, SearchQuery
 
 pytestmark = pytest.mark.slow
 
@@ -591,6 +591,15 @@ def test_bad_input_gets_the_right_status(stack, client, catalogue):
                 "image": good,
                 "top_k": 5,
                 "filter": Filter(all_of=(Condition(field="price", predicate=Equals(value="x")),)),
+            },
+            InvalidArgumentError,
+        ),
+        (  # refused by the broker before it is copied for each shard (a 1M-value any_of took seconds)
+            {
+                "vector": np.ones(512, np.float32),
+                "top_k": 5,
+                "filter": Filter(all_of=(Condition(field="brand", predicate=AnyOf(
+                    values=frozenset(str(i) for i in range(100_000)))),)),
             },
             InvalidArgumentError,
         ),

@@ -478,8 +478,8 @@ def test_fuzzed_writes_and_reads_then_sigkill_keep_exactly_what_was_acknowledged
         assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.999
 
 
-# A field a newer client may add to UpsertRequest / VectorRecord (field 2: varint 1; field 3: "hi").
-_UNKNOWN_FIELDS = b"\x10\x01\x1a\x02hi"
+# Fields a newer client may add to UpsertRequest / VectorRecord (field 15: varint 1; field 3: "hi").
+_UNKNOWN_FIELDS = b"\x78\x01\x1a\x02hi"
 
 
 @pytest.mark.timeout(120)

@@ -10,7 +10,7 @@ from shard_server import synthetic
 from shard_server.client import ShardClient
 from shard_server.config import ShardConfig
 from shard_server.server import start_shard_server
-from shard_server.types import Condition, Equals, Filter, Range, Record, SearchQuery
+from shard_server.types import AnyOf, Condition, Equals, Filter, Range, Record, SearchQuery
 
 DIM = 32
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -48,6 +48,12 @@ BAD_QUERIES = {
     "wrong predicate type": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(
         Condition(field="brand", predicate=Range(min=1.0)),))), "field 'brand' is text"),
     "empty category": (SearchQuery(vector=GOOD, top_k=5, categories=("",)), "empty category"),
+    # Each condition costs a pass over the attribute columns; a 1M-value any_of held the loop for seconds.
+    "too many conditions": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=tuple(
+        Condition(field="brand", predicate=Equals(value=f"b{i}")) for i in range(65)))), "the limit is 64"),
+    "any_of too big": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(
+        Condition(field="brand", predicate=AnyOf(values=frozenset(f"b{i}" for i in range(4097)))),))),
+        "the limit is 4096"),
 }
 
 
@@ -93,6 +99,22 @@ async def test_bad_upsert_is_invalid_argument_and_writes_nothing(shard, case):
     # The whole request was rejected: not even its valid record was written.
     assert sum(c.vectors for c in (await client.stats(timeout_s=5)).categories) == 40
     assert await client.health(timeout_s=5)
+
+
+async def test_validate_only_refuses_what_a_write_would_and_writes_nothing(shard):
+    """The broker asks every shard of a multi-shard ingest first (validate_only), then writes."""
+    _handle, client, _ = shard
+    good = _record(image_id="checked-only")
+    assert await client.upsert([good], timeout_s=5, validate_only=True) == 0
+    for record, message in BAD_RECORDS.values():
+        with pytest.raises(ImgsearchError) as info:
+            await client.upsert([good, record], timeout_s=5, validate_only=True)
+        assert info.value.code == INVALID and message in str(info.value)
+    with pytest.raises(ImgsearchError) as info:
+        await client.upsert([_record(image_id=f"r{i}") for i in range(51)], timeout_s=5, validate_only=True)
+    assert info.value.code == EXHAUSTED
+    assert await client.get(["checked-only"], timeout_s=5) == []
+    assert sum(c.vectors for c in (await client.stats(timeout_s=5)).categories) == 40
 
 
 async def test_protocol_level_malformations(shard):

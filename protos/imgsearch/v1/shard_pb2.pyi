@@ -79,10 +79,12 @@ class VectorRecord(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., category: _Optional[str] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., attributes: _Optional[_Mapping[str, _common_pb2.AttributeValue]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "validate_only")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[VectorRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[VectorRecord, _Mapping]]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, records: _Optional[_Iterable[_Union[VectorRecord, _Mapping]]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
     __slots__ = ("upserted",)
