@@ -38,6 +38,9 @@ class BrokerConfig:
     max_top_k: int = 1000
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # Pixels decoded at once across all calls (broker.decode_budget; ~12 bytes each at the peak); None: one image
+    # of max_image_pixels, ~500 MB, which fits the broker's 1 GiB limit in deploy/ with room to spare.
+    max_decoding_pixels: int | None = None
     # Near-duplicate rule (pHash AND dHash within these Hamming radii), confirmed by embedding similarity.
     near_phash_radius: int = 5
     near_dhash_radius: int = 5
@@ -103,6 +106,12 @@ class BrokerConfig:
             default=int(env("IMGSEARCH_MAX_IMAGE_PIXELS", str(DEFAULT_MAX_IMAGE_PIXELS))),
         )
         p.add_argument(
+            "--max-decoding-pixels",
+            type=int,
+            default=_opt_int(env("IMGSEARCH_MAX_DECODING_PIXELS", "")),
+            help="pixels decoded at once across all calls (default: --max-image-pixels)",
+        )
+        p.add_argument(
             "--max-message-bytes",
             type=int,
             default=int(env("IMGSEARCH_MAX_MESSAGE_BYTES", str(16 * 1024 * 1024))),
@@ -166,6 +175,7 @@ class BrokerConfig:
             dimension=a.dimension,
             max_image_bytes=a.max_image_bytes,
             max_image_pixels=a.max_image_pixels,
+            max_decoding_pixels=a.max_decoding_pixels,
             near_min_similarity=a.near_min_similarity,
             write_token=token,
             shard_tls_ca_file=_opt_path(a.shard_tls_ca_file),

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable, DuplicateCache
+from broker.decode_budget import PixelBudget, header_pixels
 from broker.errors import InvalidRequestError
 from broker.fanout import DELETE_BATCH_IDS, ShardPool
 from broker.idlocks import ImageIdLocks
@@ -93,6 +94,7 @@ class Broker:
         max_top_k: int = 1000,
         max_image_bytes: int,
         max_image_pixels: int,
+        max_decoding_pixels: int | None = None,
         near_min_similarity: float = 0.82,
     ):
         self.pool = pool
@@ -104,6 +106,7 @@ class Broker:
         self.max_top_k = max_top_k
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self._decoding = PixelBudget(max_decoding_pixels or max_image_pixels)
         self.near_min_similarity = near_min_similarity
 
     # ------------------------------------------------------------------ search
@@ -127,7 +130,7 @@ class Broker:
             vector = self._checked_vector(source.vector, "stored")
         elif query.image is not None:
             t0 = time.perf_counter()
-            hashes = await asyncio.to_thread(self._hash, query.image)
+            hashes = await self._hashed(query.image, deadline)
             decode_s = time.perf_counter() - t0
             vector = None
             if self.cache is not None and query.use_duplicate_cache and not query.filter:
@@ -319,8 +322,7 @@ class Broker:
         hashes: dict[int, ImageHashes] = {}
         vectors: dict[int, np.ndarray] = {}
         if images:
-            hashed = await asyncio.to_thread(lambda: [self._hash_item(items[i]) for i in images])
-            hashes = dict(zip(images, hashed))
+            hashes = {i: await self._hashed(items[i].image, deadline, image_id=items[i].image_id) for i in images}
             embedded = await self._embed([items[i].image for i in images], deadline)
             vectors.update(zip(images, embedded))
         for i, item in enumerate(items):
@@ -439,16 +441,23 @@ class Broker:
         ]
 
     # ------------------------------------------------------------------ helpers
+    async def _hashed(self, data: bytes, deadline: float, *, image_id: str | None = None) -> ImageHashes:
+        """The image's hashes, decoded on a thread once the decoding budget has room (broker.decode_budget). An
+        item's bad image fails with its image id in the message (same status code)."""
+        try:
+            # An image over the limits holds nothing: the decoder refuses it from its header.
+            pixels = header_pixels(data) if len(data) <= self.max_image_bytes else 0
+            pixels = pixels if pixels <= self.max_image_pixels else 0
+            async with self._decoding.hold(pixels, timeout_s=max(0.0, deadline - time.monotonic())):
+                return await asyncio.to_thread(self._hash, data)
+        except ImgsearchError as exc:
+            if image_id is None:
+                raise
+            renamed = type(exc)(f"item {image_id!r}: {exc}")
+            raise renamed from exc
+
     def _hash(self, data: bytes) -> ImageHashes:
         return hashes_of_bytes(data, max_image_bytes=self.max_image_bytes, max_image_pixels=self.max_image_pixels)
-
-    def _hash_item(self, item: CatalogueItem) -> ImageHashes:
-        """Hash an item's image; a bad image fails with its image id in the message (same status code)."""
-        try:
-            return self._hash(item.image)
-        except ImgsearchError as exc:
-            renamed = type(exc)(f"item {item.image_id!r}: {exc}")
-            raise renamed from exc
 
     async def _embed_one(self, image: bytes, deadline: float) -> np.ndarray:
         return (await self._embed([image], deadline))[0]

@@ -44,6 +44,10 @@ class WriteWaitTimeoutError(BrokerError, DeadlineExceededError):
     """A write waited past its deadline for an earlier write of the same image id (see broker.idlocks)."""
 
 
+class DecodeWaitTimeoutError(BrokerError, DeadlineExceededError):
+    """An image waited past its deadline for room to be decoded (see broker.decode_budget)."""
+
+
 class UnknownImageError(BrokerError, NotFoundError):
     """A search by image id named an image that no shard holds."""
 

@@ -84,6 +84,7 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
         max_top_k=config.max_top_k,
         max_image_bytes=config.max_image_bytes,
         max_image_pixels=config.max_image_pixels,
+        max_decoding_pixels=config.max_decoding_pixels,
         near_min_similarity=config.near_min_similarity,
     )
     servicer = BrokerService(

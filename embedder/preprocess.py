@@ -12,7 +12,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 from embedder.errors import ImageTooLargeError, InvalidImageError
 
@@ -81,9 +81,14 @@ def _upright(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a malformed EXIF block leaves the pixels as stored rather than
     rejecting an image whose pixels decoded fine."""
     try:
+        if img.getexif().get(ExifTags.Base.Orientation, 1) not in _TURNING_ORIENTATIONS:
+            return img  # exif_transpose would return a copy: 160 MB more for a 40 Mpx RGBA image
         return ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - PIL raises several types on corrupt EXIF (struct.error, SyntaxError, ...)
         return img
+
+
+_TURNING_ORIENTATIONS = frozenset(range(2, 9))  # EXIF orientations 2-8 flip or rotate; 1 and others leave as is
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -123,9 +128,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # convert() to the same mode copies
+        composite = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return composite.convert("RGB")
     return img.convert("RGB")
 
 

@@ -1,0 +1,85 @@
+"""How many image pixels the broker decodes at once.
+
+Decoding for the perceptual hashes takes ~12 bytes per pixel at its peak (a 40 Mpx RGBA PNG: ~500 MB, from a
+170 KB upload). Each search and ingest decodes on a thread of its own, so two or three such uploads at once took
+a broker past its 1 GiB memory limit. Ordinary photos (a few Mpx) decode side by side as before; a big one waits
+for room, in arrival order, so a stream of small images cannot starve it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import itertools
+from collections.abc import AsyncIterator
+
+from PIL import Image
+
+from broker.errors import DecodeWaitTimeoutError
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height from the image header (nothing decoded); 0 when the header does not parse (the decoder
+    then reports what is wrong with the bytes)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Exception:  # noqa: BLE001 - any unreadable header: not ours to report here
+        return 0
+    return max(0, width) * max(0, height)
+
+
+class PixelBudget:
+    def __init__(self, pixels: int) -> None:
+        if pixels <= 0:
+            raise ValueError(f"a pixel budget must be positive, got {pixels}")
+        self.pixels = pixels
+        self._free = pixels
+        self._changed = asyncio.Condition()
+        self._tickets = itertools.count()
+        self._serving = 0  # the ticket whose turn it is: first come, first served
+        self._skipped: set[int] = set()  # tickets of waiters that left before their turn
+
+    @contextlib.asynccontextmanager
+    async def hold(self, pixels: int, *, timeout_s: float) -> AsyncIterator[None]:
+        """Hold room for decoding `pixels` (at most the whole budget); raises DecodeWaitTimeoutError
+        (DEADLINE_EXCEEDED) when none comes within `timeout_s`."""
+        want = min(max(pixels, 0), self.pixels)
+        ticket = next(self._tickets)
+        try:
+            async with asyncio.timeout(timeout_s), self._changed:
+                await self._changed.wait_for(lambda: self._serving == ticket and self._free >= want)
+                self._free -= want
+                self._next_turn()
+        except TimeoutError:
+            await self._give_up(ticket)
+            raise DecodeWaitTimeoutError(
+                f"no room to decode a {pixels}-pixel image within {timeout_s:.3f}s (other large images first)"
+            ) from None
+        except BaseException:
+            await self._give_up(ticket)
+            raise
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._free += want
+                self._changed.notify_all()
+
+    async def _give_up(self, ticket: int) -> None:
+        """A waiter that leaves must not hold up those behind it: its turn is skipped."""
+        async with self._changed:
+            if ticket == self._serving:
+                self._next_turn()
+            else:
+                self._skipped.add(ticket)
+                self._changed.notify_all()
+
+    def _next_turn(self) -> None:
+        """The next waiter's turn (past those that left); the caller holds the condition's lock."""
+        self._serving += 1
+        while self._serving in self._skipped:
+            self._skipped.discard(self._serving)
+            self._serving += 1
+        self._changed.notify_all()

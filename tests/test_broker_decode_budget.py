@@ -1,0 +1,101 @@
+"""broker.decode_budget: how many pixels the broker decodes at once (a 40 Mpx PNG of 170 KB takes ~500 MB to
+decode; three at once took a broker past its 1 GiB limit). Unit tests of the budget, then the broker's use of
+it with a stand-in for the decoder (what is measured is how many decodes overlap, not the decoding)."""
+
+import asyncio
+import io
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from broker import core
+from broker.core import Broker
+from broker.decode_budget import PixelBudget, header_pixels
+from broker.types import Query
+from imgsearch.errors import DeadlineExceededError
+
+
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (width, height), (10, 200, 30, 128)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_header_pixels_reads_the_size_without_decoding_and_zero_for_garbage():
+    assert header_pixels(_png(300, 200)) == 60_000
+    assert header_pixels(b"not an image") == 0
+    assert header_pixels(b"") == 0
+
+
+async def test_small_images_share_the_budget_and_a_big_one_waits_for_room_in_turn():
+    budget, events = PixelBudget(100), []
+
+    async def decode(name, pixels, hold_s):
+        async with budget.hold(pixels, timeout_s=5):
+            events.append(f"{name} in")
+            await asyncio.sleep(hold_s)
+            events.append(f"{name} out")
+
+    await asyncio.gather(
+        decode("small-1", 30, 0.1), decode("small-2", 30, 0.1),  # together: 60 of 100
+        decode("big", 90, 0.05),  # waits for both smalls
+        decode("small-3", 10, 0),  # arrived after big: waits its turn although 10 would fit at once
+        decode("huge", 10_000, 0),  # more than the whole budget: holds all of it, never waits forever
+    )
+    assert events.index("small-2 in") < events.index("small-1 out")
+    assert events.index("big in") > max(events.index("small-1 out"), events.index("small-2 out"))
+    assert events.index("small-3 in") > events.index("big in")
+    assert events.index("huge in") > events.index("big out")
+
+
+async def test_a_waiter_past_its_deadline_is_deadline_exceeded_and_does_not_block_those_behind():
+    budget = PixelBudget(100)
+    holder = asyncio.Event()
+
+    async def hold_all():
+        async with budget.hold(100, timeout_s=5):
+            holder.set()
+            await asyncio.sleep(0.3)
+
+    blocking = asyncio.create_task(hold_all())
+    await holder.wait()
+    with pytest.raises(DeadlineExceededError):
+        async with budget.hold(50, timeout_s=0.05):
+            pass
+    started = time.monotonic()
+    async with budget.hold(50, timeout_s=5):  # came after the one that gave up: served once room is back
+        assert time.monotonic() - started < 1
+    await blocking
+    async with budget.hold(100, timeout_s=0.01):
+        pass  # everything was given back
+
+
+async def test_the_broker_decodes_big_images_one_at_a_time_and_small_ones_together(monkeypatch):
+    """Searches with images: at most max_decoding_pixels are being decoded at any moment."""
+    overlap, most, lock = [0], [0], threading.Lock()
+
+    def slow_hashes(data, **limits):
+        with lock:
+            overlap[0] += 1
+            most[0] = max(most[0], overlap[0])
+        time.sleep(0.05)
+        with lock:
+            overlap[0] -= 1
+        raise core.InvalidRequestError("stand-in decoder")  # the search ends here: only the decode matters
+
+    monkeypatch.setattr(core, "hashes_of_bytes", slow_hashes)
+    broker = Broker(pool=None, embedder=None, cache=None, repair=None, dimension=8, max_image_bytes=1 << 22,
+                    max_image_pixels=1_000_000, max_decoding_pixels=1_000_000)
+
+    async def searches(image: bytes, n: int) -> None:
+        results = await asyncio.gather(
+            *(broker.search(Query(image=image, top_k=3), timeout_s=5) for _ in range(n)), return_exceptions=True)
+        assert all(isinstance(r, core.InvalidRequestError) for r in results), results
+
+    await searches(_png(1000, 1000), 4)  # each the whole budget
+    assert most[0] == 1
+    most[0] = 0
+    await searches(_png(100, 100), 4)  # 10,000 pixels each: side by side
+    assert most[0] > 1
