@@ -55,6 +55,7 @@ from broker.types import (
     ShardSummary,
     StageTimings,
 )
+from broker.versions import WriteClock
 from embedder.client import Embedder
 from embedder.hashing import ImageHashes, hashes_of_bytes
 from imgsearch.errors import ImgsearchError
@@ -102,6 +103,7 @@ class Broker:
         self.cache = cache
         self.repair = repair
         self._image_id_locks = ImageIdLocks()
+        self._write_clock = WriteClock()
         self.dimension = dimension
         self.max_top_k = max_top_k
         self.max_image_bytes = max_image_bytes
@@ -328,6 +330,7 @@ class Broker:
         for i, item in enumerate(items):
             if item.image is None:
                 vectors[i] = self._checked_vector(item.vector, f"item {item.image_id!r}")
+        version = self._write_clock.next()
         records = [
             Record(
                 image_id=item.image_id,
@@ -335,6 +338,7 @@ class Broker:
                 category=item.category,
                 vector=vectors[i],
                 attributes=dict(item.attributes),
+                version=version,
             )
             for i, item in enumerate(items)
         ]
@@ -385,7 +389,8 @@ class Broker:
             async with self._image_id_locks.hold(batch, timeout_s=max(0.0, deadline - time.monotonic())):
                 if self.cache is not None:
                     await self._write_cache([(image_id, None) for image_id in batch])
-                deleted += await self.pool.delete(batch, timeout_s=max(0.0, deadline - time.monotonic()))
+                deleted += await self.pool.delete(batch, timeout_s=max(0.0, deadline - time.monotonic()),
+                                                  version=self._write_clock.next())
         return deleted
 
     async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]]) -> int:

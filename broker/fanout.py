@@ -26,6 +26,7 @@ from broker.coalesce import SearchCoalescer
 from broker.errors import NoShardAvailableError, ShardTimeoutError, UnknownImageError
 from broker.merge import merge_top_k
 from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS, STALE_COPY_REMOVALS_FAILED
+from broker.removal_hints import RemovalHints
 from broker.routing import ShardMap
 from imgsearch.errors import (
     DeadlineExceededError,
@@ -115,8 +116,10 @@ class ShardPool:
         }
         self._addresses = {name: list(addresses) for name, addresses in shard_map.shards.items()}
         self._next = {name: itertools.count() for name in shard_map.shards}
+        self.removal_hints = RemovalHints()
 
     async def close(self) -> None:
+        await self.removal_hints.stop()
         await asyncio.gather(
             *(c.close() for clients in self._replicas.values() for c in clients), return_exceptions=True
         )
@@ -207,8 +210,10 @@ class ShardPool:
         )
         # Idempotency by image id across a category change: an id re-ingested under a category owned by
         # another shard must not stay in its old shard. Written first, removed elsewhere second, so a failure
-        # in between leaves a duplicate, never a loss. Best effort: a shard that is down (every replica) does not
-        # fail the ingest (the write is durable in its owner; counted); re-ingesting later removes the stale copy.
+        # in between leaves a duplicate, never a loss. The removal carries the write's version (one per ingest
+        # call): it takes only older copies, never a newer write of the same id that another broker made
+        # meanwhile. Best effort: a shard that is down (every replica) does not fail the ingest (the write is
+        # durable in its owner; counted); re-ingesting later removes the stale copy.
         owned = {name: {r.image_id for r in recs} for name, recs in by_shard.items()}
         others = {
             name: [
@@ -223,9 +228,12 @@ class ShardPool:
         # that owns none of these records must not hold up (or time out) every ingest.
         removal_s = min(STALE_COPY_REMOVAL_MAX_S, max(0.0, deadline - time.monotonic()))
         removals = {name: ids for name, ids in others.items() if ids}
+        newest = {r.image_id: r.version for r in records}
+        versions = {name: max(newest[image_id] for image_id in ids) for name, ids in removals.items()}
         outcomes = await asyncio.gather(
             *(
-                asyncio.gather(*(c.delete(ids, timeout_s=removal_s) for c in self._replicas[name]),
+                asyncio.gather(*(c.delete(ids, timeout_s=removal_s, version=versions[name])
+                                 for c in self._replicas[name]),
                                return_exceptions=True)
                 for name, ids in removals.items()
             )
@@ -235,6 +243,11 @@ class ShardPool:
             if not failed:
                 continue
             STALE_COPY_REMOVALS_FAILED.inc()
+            if versions[name]:  # versioned, so safe to send late: see broker/removal_hints.py
+                for i, reply in enumerate(replies):
+                    if isinstance(reply, BaseException):
+                        self.removal_hints.add(self._addresses[name][i], self._replicas[name][i], removals[name],
+                                               versions[name])
             log.warning("could not remove re-ingested ids from shard %s (%s): %s", name,
                         ", ".join(a for a, _ in failed), failed[0][1])
             # Replicas hold the same data: when those that answered removed nothing, nothing was moved off this
@@ -255,7 +268,7 @@ class ShardPool:
             name, lambda client, t: client.upsert(records, timeout_s=t, validate_only=True), deadline
         )
 
-    async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
+    async def delete(self, image_ids: Sequence[str], *, timeout_s: float, version: int = 0) -> int:
         """Delete ids from every replica of every shard (the category of an id is not known here), in
         batches of DELETE_BATCH_IDS; a failure part-way leaves earlier batches deleted (retrying is safe)."""
         deadline = time.monotonic() + timeout_s
@@ -265,7 +278,8 @@ class ShardPool:
             remaining = max(0.0, deadline - time.monotonic())
             counts = await asyncio.gather(
                 *(
-                    self._on_every_replica(name, lambda c, b=batch, t=remaining: c.delete(b, timeout_s=t))
+                    self._on_every_replica(
+                        name, lambda c, b=batch, t=remaining: c.delete(b, timeout_s=t, version=version))
                     for name in self._replicas
                 )
             )

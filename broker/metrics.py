@@ -22,6 +22,11 @@ CACHE_STALE_ENTRIES = Counter(
     "Duplicate-cache entries that the owning shard no longer holds as cached (the image deleted, re-ingested or "
     "moved there while the cache write was lost): left out of the answer and removed from the cache.",
 )
+PENDING_REMOVALS = Gauge(
+    "imgsearch_broker_pending_removals",
+    "Stale-copy removals a shard replica missed (it was down while an image moved off its shard), waiting to be "
+    "sent again (broker/removal_hints.py).",
+)
 STALE_COPY_REMOVALS_FAILED = Counter(
     "imgsearch_broker_stale_copy_removals_failed_total",
     "Ingests that could not remove re-ingested image ids from a shard that no longer owns their category (a copy "

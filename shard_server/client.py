@@ -82,10 +82,11 @@ class ShardClient:
             raise from_rpc_error(e) from e
         return response.upserted
 
-    async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
+    async def delete(self, image_ids: Sequence[str], *, timeout_s: float, version: int = 0) -> int:
+        """Remove these ids (with `version`: only copies written with a lower version; see the proto)."""
         try:
             response = await self._stub.Delete(
-                shard_pb2.ShardServiceDeleteRequest(image_ids=list(image_ids)), timeout=timeout_s)
+                shard_pb2.ShardServiceDeleteRequest(image_ids=list(image_ids), version=version), timeout=timeout_s)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         return response.deleted

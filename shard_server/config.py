@@ -87,6 +87,10 @@ class ShardConfig:
     # The broker's limit (1,000) plus one: a search by image id asks for one more hit, the image itself, left out.
     max_top_k: int = 1001
     max_records_per_request: int = 10_000
+    # How long a versioned delete is remembered (a tombstone), so that an older write of the id arriving after it
+    # (another broker's, or one replica's late copy) is dropped: longer than any write stays in flight (the
+    # broker caps an ingest at 60 s). Measured on the write versions (the brokers' clocks), not on this shard's.
+    tombstone_ttl_s: float = 300.0
     # Searches in one SearchBatch call (the broker's batches hold the searches queued behind one call).
     max_batch_searches: int = 256
     max_stream_bytes: int = 1 << 30

@@ -269,12 +269,13 @@ def query_from_proto(message: shard_pb2.ShardServiceSearchRequest) -> SearchQuer
 def record_to_proto(record: Record) -> shard_pb2.VectorRecord:
     return shard_pb2.VectorRecord(image_id=record.image_id, product_id=record.product_id,
                                   category=record.category, vector=vector_to_proto(record.vector),
-                                  attributes=attributes_to_proto(record.attributes))
+                                  attributes=attributes_to_proto(record.attributes), version=record.version)
 
 
 def record_from_proto(message: shard_pb2.VectorRecord) -> Record:
     return Record(image_id=message.image_id, product_id=message.product_id, category=message.category,
-                  vector=vector_from_proto(message.vector), attributes=attributes_from_proto(message.attributes))
+                  vector=vector_from_proto(message.vector), attributes=attributes_from_proto(message.attributes),
+                  version=message.version)
 
 
 def records_from_proto(messages: Iterable[shard_pb2.VectorRecord]) -> list[Record]:

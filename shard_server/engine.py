@@ -16,7 +16,7 @@ import math
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from operator import attrgetter
 
@@ -121,6 +121,8 @@ class ShardEngine:
         # image id -> category number << ROW_BITS | row (one int, not a tuple: ~60 bytes less per vector);
         # touched only while applying writes.
         self.id_map: dict[str, int] = {}
+        # image id -> version of a versioned delete (see delete()), oldest first; applied writes only.
+        self.tombstones: OrderedDict[str, int] = OrderedDict()
         self._category_names: list[str] = []
         self._category_numbers: dict[str, int] = {}
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +149,7 @@ class ShardEngine:
         after = 0
         if snapshot is not None:
             self.partitions = snapshot.partitions
+            self.tombstones = OrderedDict(snapshot.tombstones)
             for category, p in self.partitions.items():
                 base = self._category_number(category) << ROW_BITS
                 rows = np.flatnonzero(p.alive.view)
@@ -268,7 +271,9 @@ class ShardEngine:
         finally:
             self._bulk_write_applying.clear()
 
-    def delete(self, image_ids: Sequence[str]) -> int:
+    def delete(self, image_ids: Sequence[str], *, version: int = 0) -> int:
+        """Remove ids; returns how many were held. With a `version`, only copies written with a lower version go,
+        and the delete is remembered (tombstone_ttl_s) against older writes that arrive after it."""
         if len(image_ids) > self.config.max_records_per_request:
             raise RequestTooLargeError(f"{len(image_ids)} ids in one request; the limit is "
                                        f"{self.config.max_records_per_request}")
@@ -277,9 +282,10 @@ class ShardEngine:
                 raise InvalidRequestError("empty image id in delete request")
         if not image_ids:
             return 0
-        payload = OP_DELETE + shard_pb2.ShardServiceDeleteRequest(image_ids=list(image_ids)).SerializeToString()
+        payload = OP_DELETE + shard_pb2.ShardServiceDeleteRequest(image_ids=list(image_ids),
+                                                                  version=version).SerializeToString()
         result: list[int] = []
-        self._commit(payload, lambda: result.append(self._apply_delete(image_ids)))
+        self._commit(payload, lambda: result.append(self._apply_delete(image_ids, version)))
         return result[0]
 
     def get(self, image_ids: Sequence[str]) -> list[Record]:
@@ -353,7 +359,8 @@ class ShardEngine:
             # is snapshotted, so the batches applied before it are simply dropped with the process.
             self._apply_upsert_batches(body, rows_by_category, validate=True)
         elif op == OP_DELETE:
-            self._apply_delete(list(shard_pb2.ShardServiceDeleteRequest.FromString(b"".join(body)).image_ids))
+            request = shard_pb2.ShardServiceDeleteRequest.FromString(b"".join(body))
+            self._apply_delete(list(request.image_ids), request.version)
         else:
             raise WalError(f"unknown log record type {op!r}")
 
@@ -362,6 +369,14 @@ class ShardEngine:
         for r in records:  # the last record of an id in one batch wins
             latest.pop(r.image_id, None)
             latest[r.image_id] = r
+        newest = max((r.version for r in latest.values()), default=0)
+        if newest:
+            # Versioned writes: whatever order they arrive in, an id keeps its highest version, so replicas and
+            # concurrent brokers converge; a write older than what is held, or than a remembered delete, is dropped.
+            latest = {image_id: r for image_id, r in latest.items() if self._takes(r)}
+            for image_id in latest:
+                self.tombstones.pop(image_id, None)
+            self._expire_tombstones(newest)
         self._remove_ids(latest.keys())
         by_category: dict[str, list[Record]] = {}
         for r in latest.values():
@@ -371,7 +386,7 @@ class ShardEngine:
             partition = self._partition_for_write(category)
             vectors = np.stack([normalised(r.vector, dim, r.image_id) for r in group])
             rows = partition.append([r.image_id for r in group], [r.product_id for r in group], vectors,
-                                    [r.attributes for r in group])
+                                    [r.attributes for r in group], [r.version for r in group])
             base = self._category_number(category) << ROW_BITS
             for r, row in zip(group, rows.tolist()):
                 self.id_map[r.image_id] = base | row
@@ -391,8 +406,47 @@ class ShardEngine:
             self._category_names.append(category)
         return number
 
-    def _apply_delete(self, image_ids: Iterable[str]) -> int:
-        return self._remove_ids(set(image_ids))
+    def _apply_delete(self, image_ids: Iterable[str], version: int = 0) -> int:
+        if not version:
+            return self._remove_ids(set(image_ids))
+        older = []
+        for image_id in dict.fromkeys(image_ids):
+            held = self._held_version(image_id)
+            if held is not None and held >= version:
+                continue  # written after this delete: it stays, and needs no tombstone
+            older.append(image_id)
+            if self.tombstones.get(image_id, 0) < version:
+                self.tombstones.pop(image_id, None)  # re-inserted at the end: the order stays oldest first
+                self.tombstones[image_id] = version
+        self._expire_tombstones(version)
+        return self._remove_ids(older)
+
+    def _held_version(self, image_id: str) -> int | None:
+        """The version of the row this shard holds for the id (0: unversioned), None when it holds none."""
+        located = self.id_map.get(image_id)
+        if located is None:
+            return None
+        return int(self.partitions[self._category_names[located >> ROW_BITS]].versions.view[located & ROW_MASK])
+
+    def _takes(self, record: Record) -> bool:
+        """Whether a versioned write is newer than the row held and than a remembered delete of its id."""
+        if not record.version:
+            return True
+        deleted = self.tombstones.get(record.image_id)
+        if deleted is not None and deleted >= record.version:
+            return False
+        held = self._held_version(record.image_id)
+        return held is None or held <= record.version  # equal: the same write again (a retry, a replay)
+
+    def _expire_tombstones(self, now_version: int) -> None:
+        """Forget deletes older than tombstone_ttl_s, counted on the write versions (so a replay of the log
+        forgets exactly what the live shard forgot)."""
+        cutoff = now_version - int(self.config.tombstone_ttl_s * 1e9)
+        while self.tombstones:
+            image_id, version = next(iter(self.tombstones.items()))
+            if version >= cutoff:
+                break
+            del self.tombstones[image_id]
 
     def _remove_ids(self, image_ids: Iterable[str]) -> int:
         rows_by_category: dict[str, list[int]] = {}
@@ -526,7 +580,8 @@ class ShardEngine:
                 self._writes_since_snapshot = 0
                 # No write is applied while we hold the condition; later ones queue (already logged durably
                 # in the new segment, re-applied idempotently on replay if they also made it into this dump).
-                path = self.snapshots.write(self.partitions, wal_generation=closed_generation, config=self.config)
+                path = self.snapshots.write(self.partitions, wal_generation=closed_generation, config=self.config,
+                                            tombstones=list(self.tombstones.items()))
                 self.snapshots.rebase_vectors(path, self.partitions)
             self._swaps_since_snapshot -= swaps
             self.wal.drop_through(closed_generation)

@@ -76,6 +76,7 @@ class Partition:
         self.vectors = VectorStore(config.dimension, dtype=config.vector_dtype)
         self.attributes = AttributeColumns(config.attribute_kinds)
         self.alive = GrowableArray(np.bool_)
+        self.versions = GrowableArray(np.uint64)  # each row's write version (VectorRecord.version; 0: none)
         # Not lists: the garbage collector would walk every id on each full collection (see StringColumn).
         self.image_ids = StringColumn()
         self.product_ids = StringColumn()
@@ -107,7 +108,7 @@ class Partition:
                 self._exact.reserve(extra_rows)
 
     def append(self, image_ids: list[str], product_ids: list[str], vectors: np.ndarray,
-               attributes: list) -> np.ndarray:
+               attributes: list, versions: list[int] | None = None) -> np.ndarray:
         with self.lock.write():
             start = len(self.image_ids)
             rows = np.arange(start, start + len(image_ids), dtype=np.int64)
@@ -118,6 +119,8 @@ class Partition:
                 self._exact.extend(vectors)
             self.attributes.append(attributes)
             self.alive.extend(np.ones(len(rows), dtype=bool))
+            self.versions.extend(np.asarray(versions if versions is not None else np.zeros(len(rows)),
+                                            dtype=np.uint64))
             self.image_ids.extend(image_ids)
             self.product_ids.extend(map(sys.intern, product_ids))  # several images share a product id
             self.live_count += len(rows)
@@ -372,7 +375,8 @@ class Partition:
         # alive: a swap only rebinds self.ivf, and walking a freed index's lists crashed the shard (SIGSEGV).
         with self.lock.read():
             ivf, exact, nlist = self.ivf, self._exact, self.nlist
-            total = self.attributes.nbytes + self.alive.nbytes + self.vectors.resident_nbytes
+            total = (self.attributes.nbytes + self.alive.nbytes + self.versions.nbytes
+                     + self.vectors.resident_nbytes)
         if exact is not None:
             total += exact.nbytes
         if ivf is not None:

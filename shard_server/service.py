@@ -100,7 +100,8 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
 
     async def Delete(self, request, context):
         self._ready()
-        deleted = await self._run(self._write_pool, self.engine.delete, list(request.image_ids))
+        deleted = await self._run(self._write_pool, self.engine.delete, list(request.image_ids),
+                                  version=request.version)
         return shard_pb2.ShardServiceDeleteResponse(deleted=deleted)
 
     async def Get(self, request, context):

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TOMBSTONES = "tombstones.json"  # (image id, version) of versioned deletes still remembered, oldest first
 PREFIX = "snap-"
 
 
@@ -35,6 +36,7 @@ class LoadedSnapshot:
     wal_generation: int
     partitions: dict[str, Partition]
     path: Path
+    tombstones: tuple[tuple[str, int], ...] | list[tuple[str, int]] = ()  # (image id, delete version), oldest first
 
 
 def _sha256_of(path: Path) -> str:
@@ -64,7 +66,8 @@ class SnapshotStore:
         return sorted(p for p in self.directory.glob(PREFIX + "*") if (p / MANIFEST).exists())
 
     # --- writing ---------------------------------------------------------------------------------------------
-    def write(self, partitions: dict[str, Partition], *, wal_generation: int, config: ShardConfig) -> Path:
+    def write(self, partitions: dict[str, Partition], *, wal_generation: int, config: ShardConfig,
+              tombstones: list[tuple[str, int]] = ()) -> Path:
         """Dump every partition (the caller stops writes meanwhile). Returns the snapshot's directory."""
         name = f"{PREFIX}{wal_generation:012d}"
         tmp = self.directory / f".tmp-{name}"
@@ -76,6 +79,7 @@ class SnapshotStore:
             (tmp / sub).mkdir()
             with partition.lock.read():
                 entries.append(self._write_partition(tmp / sub, sub, category, partition))
+        (tmp / TOMBSTONES).write_text(json.dumps(list(map(list, tombstones))))
         files = {}
         for path in sorted(tmp.rglob("*")):
             if path.is_file():
@@ -106,6 +110,7 @@ class SnapshotStore:
         vectors.flush()
         del vectors
         np.save(directory / "alive.npy", partition.alive.view)
+        np.save(directory / "versions.npy", partition.versions.view[:n])
         arrays, dictionaries = partition.attributes.to_state()
         np.savez(directory / "attributes.npz", **arrays)
         (directory / "ids.json").write_text(json.dumps(
@@ -156,7 +161,10 @@ class SnapshotStore:
         partitions = {}
         for entry in manifest["partitions"]:
             partitions[entry["category"]] = self._load_partition(path / entry["dir"], entry, config)
-        return LoadedSnapshot(wal_generation=manifest["wal_generation"], partitions=partitions, path=path)
+        tombstones_file = path / TOMBSTONES  # absent from snapshots written before versioned deletes
+        tombstones = json.loads(tombstones_file.read_text()) if tombstones_file.is_file() else []
+        return LoadedSnapshot(wal_generation=manifest["wal_generation"], partitions=partitions, path=path,
+                              tombstones=[(image_id, int(version)) for image_id, version in tombstones])
 
     @staticmethod
     def _load_partition(directory: Path, entry: dict, config: ShardConfig) -> Partition:
@@ -171,6 +179,11 @@ class SnapshotStore:
             raise SnapshotCorruptError(f"snapshot partition {directory}: row counts disagree")
         partition.vectors = VectorStore(config.dimension, base=vectors, dtype=config.vector_dtype)
         partition.alive = GrowableArray(np.bool_, initial=alive)
+        versions_file = directory / "versions.npy"  # absent from snapshots written before write versions
+        versions = np.load(versions_file) if versions_file.is_file() else np.zeros(n, dtype=np.uint64)
+        if len(versions) != n:
+            raise SnapshotCorruptError(f"snapshot partition {directory}: row counts disagree")
+        partition.versions = GrowableArray(np.uint64, initial=versions)
         partition.image_ids = StringColumn(ids["image_ids"])
         partition.product_ids = StringColumn(map(sys.intern, ids["product_ids"]))
         partition.attributes = AttributeColumns.from_state(config.attribute_kinds, arrays, ids["dictionaries"], n)

@@ -72,6 +72,7 @@ class Record:
     category: str
     vector: np.ndarray  # float32, shape (dim,), L2-normalised by the writer or the shard
     attributes: Attributes = field(default_factory=dict)
+    version: int = 0  # see VectorRecord.version: a shard keeps an id's highest; 0: unversioned, always applied
 
 
 @dataclass(frozen=True, kw_only=True)

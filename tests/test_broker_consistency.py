@@ -450,7 +450,7 @@ class TimeoutRecordingPool:
     def __init__(self):
         self.timeouts: list[float] = []
 
-    async def delete(self, image_ids, *, timeout_s):
+    async def delete(self, image_ids, *, timeout_s, version=0):
         self.timeouts.append(timeout_s)
         return len(image_ids)
 
@@ -477,7 +477,7 @@ class RecordingShardClient:
         await asyncio.sleep(self.upsert_s)
         return len(records)
 
-    async def delete(self, image_ids, *, timeout_s):
+    async def delete(self, image_ids, *, timeout_s, version=0):
         self.delete_timeouts.append(timeout_s)
         return 0
 

@@ -244,7 +244,7 @@ async def test_cache_error_bypasses_and_ingest_queues_the_repair():
 
 async def test_delete_with_the_cache_down_queues_every_id_for_repair():
     class DeletingPool(StubPool):
-        async def delete(self, image_ids, *, timeout_s):
+        async def delete(self, image_ids, *, timeout_s, version=0):
             return len(image_ids)
 
     repair = StubRepair()
@@ -272,7 +272,7 @@ async def test_invalid_queries(query):
 
 async def test_delete_clears_the_cache_even_when_a_shard_write_fails():
     class DownPool(StubPool):
-        async def delete(self, image_ids, *, timeout_s):
+        async def delete(self, image_ids, *, timeout_s, version=0):
             raise UnavailableError("shard down")
 
     cache = StubCache()

@@ -25,7 +25,7 @@ class FakeShard:
             raise UnavailableError("connection refused")
         return len(records)
 
-    async def delete(self, image_ids, *, timeout_s):
+    async def delete(self, image_ids, *, timeout_s, version=0):
         if self.down:
             raise UnavailableError("connection refused")
         if self.delete_s > timeout_s:

@@ -58,7 +58,7 @@ class SearchError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class VectorRecord(_message.Message):
-    __slots__ = ("image_id", "product_id", "category", "vector", "attributes")
+    __slots__ = ("image_id", "product_id", "category", "vector", "attributes", "version")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,12 +71,14 @@ class VectorRecord(_message.Message):
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     product_id: str
     category: str
     vector: _common_pb2.Vector
     attributes: _containers.MessageMap[str, _common_pb2.AttributeValue]
-    def __init__(self, image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., category: _Optional[str] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., attributes: _Optional[_Mapping[str, _common_pb2.AttributeValue]] = ...) -> None: ...
+    version: int
+    def __init__(self, image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., category: _Optional[str] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., attributes: _Optional[_Mapping[str, _common_pb2.AttributeValue]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
     __slots__ = ("records", "validate_only")
@@ -105,10 +107,12 @@ class UpsertStreamResponse(_message.Message):
     def __init__(self, upserted: _Optional[int] = ...) -> None: ...
 
 class ShardServiceDeleteRequest(_message.Message):
-    __slots__ = ("image_ids",)
+    __slots__ = ("image_ids", "version")
     IMAGE_IDS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     image_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, image_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    version: int
+    def __init__(self, image_ids: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ShardServiceDeleteResponse(_message.Message):
     __slots__ = ("deleted",)
