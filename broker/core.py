@@ -330,22 +330,23 @@ class Broker:
         for i, item in enumerate(items):
             if item.image is None:
                 vectors[i] = self._checked_vector(item.vector, f"item {item.image_id!r}")
-        version = self._write_clock.next()
-        records = [
-            Record(
-                image_id=item.image_id,
-                product_id=item.product_id,
-                category=item.category,
-                vector=vectors[i],
-                attributes=dict(item.attributes),
-                version=version,
-            )
-            for i, item in enumerate(items)
-        ]
         # One write of an id at a time (broker.idlocks): the shard write, the removal from other shards and the
-        # cache entry of a later ingest must not interleave with an earlier one's.
-        async with self._image_id_locks.hold([r.image_id for r in records],
+        # cache entry of a later ingest must not interleave with an earlier one's. The version is taken inside,
+        # so that within this broker the order the writes take turns in is the order of their versions.
+        async with self._image_id_locks.hold([item.image_id for item in items],
                                              timeout_s=max(0.0, deadline - time.monotonic())):
+            version = self._write_clock.next()
+            records = [
+                Record(
+                    image_id=item.image_id,
+                    product_id=item.product_id,
+                    category=item.category,
+                    vector=vectors[i],
+                    attributes=dict(item.attributes),
+                    version=version,
+                )
+                for i, item in enumerate(items)
+            ]
             await self.pool.upsert(records, timeout_s=max(0.0, deadline - time.monotonic()))
             pending = await self._cache_ingested(items, hashes, vectors)
         return IngestSummary(ingested=acknowledged, cache_pending=pending)
