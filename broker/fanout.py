@@ -202,9 +202,10 @@ class ShardPool:
             # A shard refuses a bad record (its attribute schema is its own) before writing any of the request,
             # but another shard would already have written its share: ask them all first, write second.
             await asyncio.gather(*(self._validate_on(name, recs, deadline) for name, recs in by_shard.items()))
+        write_s = max(0.0, deadline - time.monotonic())  # what the validation left
         await asyncio.gather(
             *(
-                self._on_every_replica(name, lambda c, recs=recs: c.upsert(recs, timeout_s=timeout_s))
+                self._on_every_replica(name, lambda c, recs=recs: c.upsert(recs, timeout_s=write_s))
                 for name, recs in by_shard.items()
             )
         )
@@ -243,16 +244,20 @@ class ShardPool:
             if not failed:
                 continue
             STALE_COPY_REMOVALS_FAILED.inc()
-            if versions[name]:  # versioned, so safe to send late: see broker/removal_hints.py
-                for i, reply in enumerate(replies):
-                    if isinstance(reply, BaseException):
-                        self.removal_hints.add(self._addresses[name][i], self._replicas[name][i], removals[name],
-                                               versions[name])
             log.warning("could not remove re-ingested ids from shard %s (%s): %s", name,
                         ", ".join(a for a, _ in failed), failed[0][1])
             # Replicas hold the same data: when those that answered removed nothing, nothing was moved off this
             # shard and the replicas cannot have diverged (every ingest sends its ids here, moved or not).
             removed = sum(r for r in replies if not isinstance(r, BaseException))
+            if versions[name] and (removed or len(failed) == len(replies)):
+                # Something moved off this shard (a replica that answered removed it), or nobody could say (every
+                # replica down): the replicas that missed the removal may keep a copy. Versioned, the removal is
+                # safe to send late (broker/removal_hints.py). Not when the replicas that answered removed
+                # nothing: every ingest sends its ids to every other shard, and those would pile up for nothing.
+                for i, reply in enumerate(replies):
+                    if isinstance(reply, BaseException):
+                        self.removal_hints.add(self._addresses[name][i], self._replicas[name][i], removals[name],
+                                               versions[name])
             if len(failed) < len(replies) and removed:
                 # Some replicas removed the old copy and some did not: they would differ with nobody told. Like
                 # any write that misses a replica, the ingest fails (UNAVAILABLE) and is safe to retry.

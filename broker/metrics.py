@@ -27,6 +27,11 @@ PENDING_REMOVALS = Gauge(
     "Stale-copy removals a shard replica missed (it was down while an image moved off its shard), waiting to be "
     "sent again (broker/removal_hints.py).",
 )
+REMOVAL_HINTS_DROPPED = Counter(
+    "imgsearch_broker_removal_hints_dropped_total",
+    "Stale-copy removals not kept for a later retry because too many were pending already (a copy of a moved "
+    "image may stay on its old shard until the id is written again).",
+)
 STALE_COPY_REMOVALS_FAILED = Counter(
     "imgsearch_broker_stale_copy_removals_failed_total",
     "Ingests that could not remove re-ingested image ids from a shard that no longer owns their category (a copy "

@@ -111,13 +111,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64) / 257.0
         return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
     if img.mode == "I":
-        # 32-bit integers: Pillow decodes 16-bit PGM/PPM into 0..65535 and in-memory conversions of 8-bit modes
-        # keep 0..255; only values outside both have no known scale and are stretched to their own range.
+        # 32-bit integers. Decoded from a file (16-bit PGM/PPM, which Pillow scales to 0..65535): 16-bit levels,
+        # absolute like I;16's. Converted in memory from an 8-bit mode: 0..255 as they are. Values outside
+        # 0..65535 have no known scale and are stretched to their own range.
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
         if lo < 0 or hi > 65535:
             arr = (arr - lo) / ((hi - lo) or 1.0) * 255.0
-        elif hi > 255:
+        elif img.format is not None or hi > 255:
             arr = arr / 257.0
         return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
     if img.mode == "F":

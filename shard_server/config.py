@@ -88,9 +88,12 @@ class ShardConfig:
     max_top_k: int = 1001
     max_records_per_request: int = 10_000
     # How long a versioned delete is remembered (a tombstone), so that an older write of the id arriving after it
-    # (another broker's, or one replica's late copy) is dropped: longer than any write stays in flight (the
-    # broker caps an ingest at 60 s). Measured on the write versions (the brokers' clocks), not on this shard's.
-    tombstone_ttl_s: float = 300.0
+    # (another broker's, or one replica's late copy) is dropped: longer than a write stays in flight (a broker
+    # takes the version right before its shard calls, which get at most its ingest deadline, 60 s by default),
+    # with room for the brokers' clock skew. Measured on the write versions, not on this shard's clock. Every
+    # ingest sends its ids to every shard that does not own them, so each shard keeps ~ (cluster-wide ingests
+    # per second x this) tombstones, about 160 bytes each.
+    tombstone_ttl_s: float = 120.0
     # Searches in one SearchBatch call (the broker's batches hold the searches queued behind one call).
     max_batch_searches: int = 256
     max_stream_bytes: int = 1 << 30

@@ -303,10 +303,10 @@ class ShardEngine:
                 rows_by_category.setdefault(category, []).append(located & ROW_MASK)
         found: dict[str, Record] = {}
         for category, rows in rows_by_category.items():
-            for (image_id, product_id, attributes), vector in self.partitions[category].records(
+            for (image_id, product_id, attributes), vector, version in self.partitions[category].records(
                     np.array(rows, dtype=np.int64)):
                 found[image_id] = Record(image_id=image_id, product_id=product_id, category=category,
-                                         vector=vector, attributes=attributes)
+                                         vector=vector, attributes=attributes, version=version)
         return [found[image_id] for image_id in dict.fromkeys(image_ids) if image_id in found]
 
     def _validate_records(self, records: Iterable[Record]) -> None:
@@ -366,9 +366,9 @@ class ShardEngine:
 
     def _apply_upsert(self, records: Sequence[Record]) -> None:
         latest: dict[str, Record] = {}
-        for r in records:  # the last record of an id in one batch wins
-            latest.pop(r.image_id, None)
-            latest[r.image_id] = r
+        for r in records:  # of an id's records in one batch, the highest version wins, the last one on a tie
+            earlier = latest.pop(r.image_id, None)
+            latest[r.image_id] = earlier if earlier is not None and earlier.version > r.version else r
         newest = max((r.version for r in latest.values()), default=0)
         if newest:
             # Versioned writes: whatever order they arrive in, an id keeps its highest version, so replicas and

@@ -138,12 +138,12 @@ class Partition:
                 self.ivf.remove_ids(faiss.IDSelectorBatch(rows))
             self.version += 1
 
-    def records(self, rows: np.ndarray) -> list[tuple[tuple[str, str, dict], np.ndarray]]:
-        """((image id, product id, attributes), float32 vector) of the given live rows; tombstoned rows are
-        skipped."""
+    def records(self, rows: np.ndarray) -> list[tuple[tuple[str, str, dict], np.ndarray, int]]:
+        """((image id, product id, attributes), float32 vector, write version) of the given live rows; tombstoned
+        rows are skipped."""
         with self.lock.read():
             rows = rows[self.alive.view[rows]]
-            return list(zip(self._details(rows), self.vectors.take(rows)))
+            return list(zip(self._details(rows), self.vectors.take(rows), self.versions.view[rows].tolist()))
 
     def _details(self, rows: np.ndarray) -> list[tuple[str, str, dict]]:
         """(image id, product id, attributes) of rows; the caller holds the read lock."""

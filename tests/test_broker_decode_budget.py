@@ -99,3 +99,52 @@ async def test_the_broker_decodes_big_images_one_at_a_time_and_small_ones_togeth
     most[0] = 0
     await searches(_png(100, 100), 4)  # 10,000 pixels each: side by side
     assert most[0] > 1
+
+
+async def test_a_cancelled_search_keeps_its_pixels_until_its_decode_ends(monkeypatch):
+    """grpc cancels a handler whose deadline passed, but the decoding thread runs on: its pixels must stay held
+    until it ends, or callers with short deadlines would decode any number of big images at once."""
+    overlap, most, lock = [0], [0], threading.Lock()
+
+    def slow_hashes(data, **limits):
+        with lock:
+            overlap[0] += 1
+            most[0] = max(most[0], overlap[0])
+        time.sleep(0.2)
+        with lock:
+            overlap[0] -= 1
+        raise core.InvalidRequestError("stand-in decoder")
+
+    monkeypatch.setattr(core, "hashes_of_bytes", slow_hashes)
+    broker = Broker(pool=None, embedder=None, cache=None, repair=None, dimension=8, max_image_bytes=1 << 22,
+                    max_image_pixels=1_000_000, max_decoding_pixels=1_000_000)
+    image = _png(1000, 1000)
+    calls = [asyncio.wait_for(broker.search(Query(image=image, top_k=3), timeout_s=5), 0.05) for _ in range(4)]
+    assert all(isinstance(r, asyncio.TimeoutError | core.InvalidRequestError)
+               for r in await asyncio.gather(*calls, return_exceptions=True))
+    await asyncio.sleep(1.0)  # every decode started has ended
+    assert most[0] == 1
+
+
+async def test_bytes_that_hold_no_pixels_do_not_wait_behind_a_big_decode(monkeypatch):
+    """Garbage (no readable header) is refused at once, not queued behind an image being decoded."""
+    release = threading.Event()
+
+    def blocking_hashes(data, **limits):
+        release.wait(5)
+        raise core.InvalidRequestError("stand-in decoder")
+
+    monkeypatch.setattr(core, "hashes_of_bytes", blocking_hashes)
+    broker = Broker(pool=None, embedder=None, cache=None, repair=None, dimension=8, max_image_bytes=1 << 22,
+                    max_image_pixels=1_000_000, max_decoding_pixels=1_000_000)
+    big = asyncio.create_task(broker.search(Query(image=_png(1000, 1000), top_k=3), timeout_s=5))
+    await asyncio.sleep(0.05)
+    monkeypatch.setattr(core, "hashes_of_bytes", lambda data, **limits: (_ for _ in ()).throw(
+        core.InvalidRequestError("not an image")))
+    started = time.monotonic()
+    with pytest.raises(core.InvalidRequestError):
+        await broker.search(Query(image=b"garbage bytes", top_k=3), timeout_s=0.5)
+    assert time.monotonic() - started < 0.4
+    release.set()
+    with pytest.raises(core.InvalidRequestError):
+        await big

@@ -151,3 +151,58 @@ async def test_image_id_locks_order_writers_time_out_and_leave_nothing_behind():
         await write(["x"], "late", 0, timeout_s=0.05)
     await blocker
     assert len(locks) == 0
+
+
+class HoldingShard(FakeShard):
+    """A replica that holds some ids: its (versioned) delete removes them and says how many."""
+
+    def __init__(self, held=(), **kwargs):
+        super().__init__(**kwargs)
+        self.held = set(held)
+
+    async def delete(self, image_ids, *, timeout_s, version=0):
+        if self.down:
+            raise UnavailableError("connection refused")
+        removed = self.held & set(image_ids)
+        self.held -= removed
+        self.deletes.append((list(image_ids), version))
+        return len(removed)
+
+
+def _versioned(image_id, category, version):
+    return Record(image_id=image_id, product_id="p", category=category, vector=np.ones(DIM, np.float32),
+                  version=version)
+
+
+async def test_removals_are_kept_for_a_down_replica_only_when_something_moved_off_its_shard(monkeypatch):
+    """Every ingest sends its ids to every other shard. With one s1 replica down, a new id (the other replica
+    removes nothing) must not be kept for it, or the pending removals grow with every ingest of the outage; an
+    id that did move off s1 (the other replica removed it) must, and is sent once the replica is back."""
+    down = HoldingShard(held={"moved"}, down=True)
+    clients = {"h:0": HoldingShard(), "h:1": HoldingShard(held={"moved"}), "h:2": down}
+    pool = _pool(monkeypatch, clients, {"s0": ("h:0",), "s1": ("h:1", "h:2")}, {"a": "s0", "b": "s1"})
+    for i in range(20):
+        await pool.upsert([_versioned(f"new-{i}", "a", 100 + i)], timeout_s=5)
+    assert len(pool.removal_hints) == 0
+    with pytest.raises(UnavailableError):  # replicas of s1 now differ: the caller is told
+        await pool.upsert([_versioned("moved", "a", 200)], timeout_s=5)
+    assert len(pool.removal_hints) == 1
+    down.down = False
+    assert await pool.removal_hints.retry_once() == 1
+    assert down.held == set() and down.deletes[-1] == (["moved"], 200)
+    await pool.close()
+
+
+async def test_every_replica_down_keeps_the_removals_up_to_a_cap(monkeypatch):
+    """Nobody can say what moved off a shard whose replicas are all down: the removals are kept, at most
+    MAX_PENDING_IDS of them (the rest dropped and counted), and sent once more on a graceful stop."""
+    monkeypatch.setattr("broker.removal_hints.MAX_PENDING_IDS", 5)
+    down = HoldingShard(down=True)
+    clients = {"h:0": HoldingShard(), "h:1": down}
+    pool = _pool(monkeypatch, clients, {"s0": ("h:0",), "s1": ("h:1",)}, {"a": "s0", "b": "s1"})
+    for i in range(8):
+        await pool.upsert([_versioned(f"id-{i}", "a", 300 + i)], timeout_s=5)
+    assert len(pool.removal_hints) == 5
+    down.down = False
+    await pool.close()  # the flush on stop
+    assert len(pool.removal_hints) == 0 and len(down.deletes) == 5

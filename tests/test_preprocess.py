@@ -255,3 +255,12 @@ def test_a_16_bit_pgm_keeps_its_levels():
     assert Image.open(io.BytesIO(pgm)).mode == "I"
     eight = _png(Image.fromarray(dark, "L"))
     assert np.abs(np.asarray(decode_image(eight), np.int16) - np.asarray(decode_image(pgm), np.int16)).max() <= 1
+
+
+def test_a_dark_16_bit_pgm_stays_dark_like_its_png_twin():
+    """Levels 20..219 of 65535 are near black whatever the container: a 16-bit PGM (Pillow's mode I) must not
+    be taken for 8-bit levels because its values happen to be at most 255."""
+    levels = np.linspace(20, 219, 64 * 48).reshape(48, 64).astype(np.uint16)
+    pgm = b"P5\n64 48\n65535\n" + levels.astype(">u2").tobytes()
+    from_pgm, from_png = decode_image(pgm), decode_image(_png(Image.fromarray(levels)))
+    assert np.asarray(from_pgm).max() <= 1 and np.asarray(from_png).max() <= 1
