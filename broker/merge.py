@@ -7,16 +7,21 @@ import itertools
 from collections.abc import Iterable, Sequence
 from operator import attrgetter
 
-from shard_server.types import Hit, distinct_products, first_of_each
+from shard_server.types import Hit, distinct_products, first_of_each, newest_copies
 
 
 def merge_top_k(hit_lists: Iterable[Sequence[Hit]], top_k: int, *, distinct: bool = False) -> tuple[Hit, ...]:
     """Each list is sorted again defensively (cheap: at most top_k per shard), then merged lazily. With
     `distinct`, a product's best hit only (the shards' lists are distinct already, but a product whose images
     were filed under categories of two shards appears in both)."""
-    merged = heapq.merge(*(sorted(h, key=lambda x: -x.score) for h in hit_lists), key=lambda x: -x.score)
-    # An image re-ingested under another shard's category while its former shard was down stays there until
-    # re-ingested again (ShardPool.upsert): one answer must still list it once (its best hit, as a shard does).
+    lists = [sorted(h, key=lambda x: -x.score) for h in hit_lists]
+    if len(lists) > 1:
+        # An image moved to another shard's category while its old shard was down can stay there (see
+        # broker/removal_hints.py): one answer lists it once, as its newest copy (the write versions).
+        newest = {h.image_id: h.version for h in newest_copies([h for hits in lists for h in hits])}
+        if len(newest) < sum(map(len, lists)):  # some image twice
+            lists = [[h for h in hits if h.version == newest[h.image_id]] for hits in lists]
+    merged = heapq.merge(*lists, key=lambda x: -x.score)
     merged = first_of_each(merged, key=attrgetter("image_id"))
     if distinct:
         merged = distinct_products(merged)

@@ -312,13 +312,14 @@ def add_hits(target, hits: Iterable[Hit]) -> None:
     constructor copies each one again)."""
     add = target.add
     for hit in hits:
-        message = add(image_id=hit.image_id, product_id=hit.product_id, category=hit.category, score=hit.score)
+        message = add(image_id=hit.image_id, product_id=hit.product_id, category=hit.category, score=hit.score,
+                      version=hit.version)
         _set_attributes(message.attributes, hit.attributes)
 
 
 def hit_from_proto(message: common_pb2.Hit) -> Hit:
     return Hit(image_id=message.image_id, product_id=message.product_id, category=message.category,
-               score=message.score, attributes=attributes_from_proto(message.attributes))
+               score=message.score, attributes=attributes_from_proto(message.attributes), version=message.version)
 
 
 def result_to_proto(result: SearchResult) -> shard_pb2.ShardServiceSearchResponse:

@@ -42,6 +42,7 @@ from shard_server.types import (
     ShardStats,
     distinct_products,
     first_of_each,
+    newest_copies,
 )
 from shard_server.wal import MAX_FRAME_BYTES, LogFrame, WriteAheadLog
 
@@ -303,7 +304,7 @@ class ShardEngine:
                 rows_by_category.setdefault(category, []).append(located & ROW_MASK)
         found: dict[str, Record] = {}
         for category, rows in rows_by_category.items():
-            for (image_id, product_id, attributes), vector, version in self.partitions[category].records(
+            for (image_id, product_id, attributes, version), vector in self.partitions[category].records(
                     np.array(rows, dtype=np.int64)):
                 found[image_id] = Record(image_id=image_id, product_id=product_id, category=category,
                                          vector=vector, attributes=attributes, version=version)
@@ -497,11 +498,12 @@ class ShardEngine:
             scanned += hits.candidates_scanned
             found.extend(zip(hits.scores.tolist(), [category] * len(hits.details), hits.details))
         found.sort(key=lambda item: -item[0])
-        out = (Hit(image_id=image_id, product_id=product_id, category=category, score=score, attributes=attributes)
-               for score, category, (image_id, product_id, attributes) in found)
+        out = [Hit(image_id=image_id, product_id=product_id, category=category, score=score, attributes=attributes,
+                   version=version)
+               for score, category, (image_id, product_id, attributes, version) in found]
         # Partitions are searched one lock at a time: an image moved to another category meanwhile can be read
-        # in both. Keep its best row only (a shard never holds an image twice).
-        out = first_of_each(out, key=attrgetter("image_id"))
+        # in both. Keep its newest copy, best row first (a shard never holds an image twice).
+        out = first_of_each(newest_copies(out) if len(categories) > 1 else out, key=attrgetter("image_id"))
         if query.distinct_products:  # a product filed under two categories is still one product
             out = distinct_products(out)
         return SearchResult(hits=tuple(itertools.islice(out, query.top_k)), candidates_scanned=scanned)

@@ -58,7 +58,7 @@ class PartitionHits:
     scores: np.ndarray  # float32
     candidates_scanned: int
     strategy: str
-    details: list[tuple[str, str, dict]] | None = None  # (image id, product id, attributes) per row
+    details: list[tuple[str, str, dict, int]] | None = None  # (image id, product id, attributes, version) per row
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,17 +138,17 @@ class Partition:
                 self.ivf.remove_ids(faiss.IDSelectorBatch(rows))
             self.version += 1
 
-    def records(self, rows: np.ndarray) -> list[tuple[tuple[str, str, dict], np.ndarray, int]]:
-        """((image id, product id, attributes), float32 vector, write version) of the given live rows; tombstoned
+    def records(self, rows: np.ndarray) -> list[tuple[tuple[str, str, dict, int], np.ndarray]]:
+        """((image id, product id, attributes, write version), float32 vector) of the given live rows; tombstoned
         rows are skipped."""
         with self.lock.read():
             rows = rows[self.alive.view[rows]]
-            return list(zip(self._details(rows), self.vectors.take(rows), self.versions.view[rows].tolist()))
+            return list(zip(self._details(rows), self.vectors.take(rows)))
 
-    def _details(self, rows: np.ndarray) -> list[tuple[str, str, dict]]:
-        """(image id, product id, attributes) of rows; the caller holds the read lock."""
+    def _details(self, rows: np.ndarray) -> list[tuple[str, str, dict, int]]:
+        """(image id, product id, attributes, write version) of rows; the caller holds the read lock."""
         return list(zip(self.image_ids.view[rows].tolist(), self.product_ids.view[rows].tolist(),
-                        self.attributes.rows(rows)))
+                        self.attributes.rows(rows), self.versions.view[rows].tolist()))
 
     # --- search ----------------------------------------------------------------------------------------------
     def search(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool, *,

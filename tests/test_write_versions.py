@@ -18,8 +18,9 @@ import pytest
 
 from broker.core import Broker
 from broker.fanout import ShardPool
+from broker.merge import merge_top_k
 from broker.routing import ShardMap
-from broker.types import CatalogueItem
+from broker.types import CatalogueItem, Query
 from imgsearch.errors import UnavailableError
 from imgsearch.ports import free_port
 from shard_server.client import ShardClient
@@ -27,7 +28,7 @@ from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
 from shard_server.process import ShardProcess
 from shard_server.server import start_shard_server
-from shard_server.types import Record
+from shard_server.types import Hit, Record
 
 DIM = 16
 SECOND_NS = 1_000_000_000
@@ -253,3 +254,54 @@ async def test_a_shard_stamps_unversioned_writes_so_a_removal_sent_before_them_c
     engine = _engine(tmp_path / "shard")  # replayed from the log: the same version
     assert engine.get(["old-broker"])[0].version == stored.version
     engine.close()
+
+
+def test_the_merge_answers_an_image_held_twice_as_its_newest_copy():
+    old = Hit(image_id="x", product_id="old", category="a", score=0.99, version=1)
+    new = Hit(image_id="x", product_id="new", category="b", score=0.50, version=2)
+    other = Hit(image_id="y", product_id="p", category="b", score=0.70, version=1)
+    assert [(h.image_id, h.product_id) for h in merge_top_k([[old], [other, new]], 3)] == [("y", "p"), ("x", "new")]
+
+
+@pytest.mark.timeout(180)
+async def test_a_copy_left_on_a_shard_that_was_down_is_not_answered_over_the_newer_one(tmp_path):
+    """The image moved from s0's category to s1's while s0 was down, and the broker that kept the removal for s0
+    stopped before s0 came back: the old copy stays on s0. An unfiltered search must answer the newer copy."""
+    s0 = ShardProcess(tmp_path / "s0", extra_args=("--dimension", str(DIM), "--port", str(free_port())))
+    s1 = ShardProcess(tmp_path / "s1", extra_args=("--dimension", str(DIM)))
+    for process in (s0, s1):
+        process.start()
+    shard_map = ShardMap(shards={"s0": (s0.address,), "s1": (s1.address,)}, categories={"a": "s0", "b": "s1"})
+
+    def broker() -> Broker:
+        return Broker(pool=ShardPool(shard_map), embedder=NoEmbedder(), cache=None, repair=None, dimension=DIM,
+                      max_image_bytes=1 << 20, max_image_pixels=1 << 20)
+
+    first = broker()
+    try:
+        await _ingest(first, "moved", "a", 1)
+        s0.kill()
+        await _ingest(first, "moved", "b", 2)  # every s0 replica down: best effort, acknowledged
+        await first.pool.close()  # its pending removal for s0 is lost (s0 is still down)
+        s0.start()
+        for _ in range(50):  # a restarted address is refused for a while (the clients' reconnect backoff)
+            try:
+                held = await _held_on(s0, ["moved"])
+                break
+            except UnavailableError:
+                await asyncio.sleep(0.2)
+        assert list(held) == ["moved"]  # the old copy is back
+        second = broker()
+        try:
+            for _ in range(50):  # the client's reconnect backoff to the restarted s0
+                answer = await second.search(Query(vector=_unit(1), top_k=5), timeout_s=5)
+                if not answer.partial:
+                    break
+                await asyncio.sleep(0.2)
+            assert not answer.partial
+            assert [(h.image_id, h.category) for h in answer.hits if h.image_id == "moved"] == [("moved", "b")]
+        finally:
+            await second.pool.close()
+    finally:
+        for process in (s0, s1):
+            process.stop(timeout_s=10)

@@ -80,7 +80,7 @@ class SearchOptions(_message.Message):
     def __init__(self, nprobe: _Optional[int] = ..., exactness: _Optional[_Union[Exactness, str]] = ..., distinct_products: _Optional[bool] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("image_id", "product_id", "category", "score", "attributes")
+    __slots__ = ("image_id", "product_id", "category", "score", "attributes", "version")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -93,9 +93,11 @@ class Hit(_message.Message):
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     product_id: str
     category: str
     score: float
     attributes: _containers.MessageMap[str, AttributeValue]
-    def __init__(self, image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., category: _Optional[str] = ..., score: _Optional[float] = ..., attributes: _Optional[_Mapping[str, AttributeValue]] = ...) -> None: ...
+    version: int
+    def __init__(self, image_id: _Optional[str] = ..., product_id: _Optional[str] = ..., category: _Optional[str] = ..., score: _Optional[float] = ..., attributes: _Optional[_Mapping[str, AttributeValue]] = ..., version: _Optional[int] = ...) -> None: ...
