@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from imgsearch.errors import ImgsearchError
@@ -14,23 +12,12 @@ from shard_server import convert
 from shard_server.engine import ShardEngine
 from shard_server.errors import RequestTooLargeError, ShardNotReadyError
 from shard_server.partition import ExactScanTooLong
-from shard_server.types import Exactness, Record, SearchResult
+from shard_server.types import Exactness, SearchResult
 
 SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
 # Get requests for at most this many ids run on the event loop; larger ones (random reads of the mapped vectors)
 # in the search pool.
 INLINE_GET_MAX_IDS = 64
-
-
-def _stamped(request: shard_pb2.UpsertRequest, records: list[Record]) -> list[Record]:
-    """Unversioned records (a broker older than write versions) get this shard's clock as their version, in the
-    request that is logged too, so that a versioned removal sent before them cannot take them later (a broker's
-    pending removal, broker/removal_hints.py) and a replay decides as the live shard did."""
-    stamp = time.time_ns()
-    for message in request.records:
-        if not message.version:
-            message.version = stamp
-    return [r if r.version else dataclasses.replace(r, version=stamp) for r in records]
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
@@ -84,8 +71,6 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         if request.validate_only:
             await self._run(self._write_pool, self.engine.validate, records)
             return shard_pb2.UpsertResponse(upserted=0)
-        if not all(r.version for r in records):
-            records = _stamped(request, records)
         request.DiscardUnknownFields()  # the log holds what was applied, nothing a replay cannot parse
         written = await self._run(self._write_pool, self.engine.upsert, records,
                                   encoded=request.SerializeToString())
