@@ -297,9 +297,9 @@ class ShardPool:
             if isinstance(result, _CALLERS_FAULT):
                 raise result
             if isinstance(result, BaseException):
-                raise NoShardAvailableError(
-                    f"shard {name} replica {address}: {type(result).__name__}: {result}"
-                )
+                # Out of time is the caller's deadline (the write may or may not have landed), not an outage.
+                error = ShardTimeoutError if isinstance(result, DeadlineExceededError) else NoShardAvailableError
+                raise error(f"shard {name} replica {address}: {type(result).__name__}: {result}")
         return max(results)
 
     # -- stored records --

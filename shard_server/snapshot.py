@@ -72,6 +72,16 @@ class SnapshotStore:
         name = f"{PREFIX}{wal_generation:012d}"
         tmp = self.directory / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            return self._write_into(tmp, name, partitions, wal_generation=wal_generation, config=config,
+                                    tombstones=tombstones)
+        except BaseException:
+            # A snapshot that failed part-way (a full disk) must not keep its space from the log until a restart.
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _write_into(self, tmp: Path, name: str, partitions: dict[str, Partition], *, wal_generation: int,
+                    config: ShardConfig, tombstones: list[tuple[str, int]]) -> Path:
         tmp.mkdir()
         entries = []
         for i, (category, partition) in enumerate(sorted(partitions.items())):

@@ -206,3 +206,15 @@ async def test_every_replica_down_keeps_the_removals_up_to_a_cap(monkeypatch):
     down.down = False
     await pool.close()  # the flush on stop
     assert len(pool.removal_hints) == 0 and len(down.deletes) == 5
+
+
+async def test_a_write_out_of_time_on_a_replica_is_deadline_exceeded_not_unavailable(monkeypatch):
+    class SlowWriter(FakeShard):
+        async def upsert(self, records, *, timeout_s):
+            await asyncio.sleep(timeout_s)
+            raise DeadlineExceededError("deadline")
+
+    clients = {"h:0": FakeShard(), "h:1": SlowWriter()}
+    pool = _pool(monkeypatch, clients, {"s0": ("h:0", "h:1")}, {"a": "s0"})
+    with pytest.raises(DeadlineExceededError):
+        await pool.upsert([_rec("late", "a")], timeout_s=0.1)

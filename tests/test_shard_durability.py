@@ -537,3 +537,23 @@ def test_a_second_shard_process_on_the_same_data_dir_is_refused(tmp_path):
         ShardProcess(tmp_path / "data", log_path=tmp_path / "third.log", extra_args=SHARD_ARGS).start().stop()
     finally:
         first.kill()
+
+
+def test_a_snapshot_that_fails_part_way_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    """A snapshot failing on a full disk left its .tmp-snap directory until the next restart, keeping its space
+    from the log that still holds every write (found by a disk-full chaos run)."""
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=DIM))
+    engine.load()
+    engine.upsert(synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=2).records(0, 50))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("shard_server.snapshot.SnapshotStore._write_partition", staticmethod(disk_full))
+    with pytest.raises(OSError):
+        engine.snapshot()
+    assert list((tmp_path / "snapshots").glob(".tmp-*")) == []
+    monkeypatch.undo()
+    engine.snapshot()  # and the next one works
+    assert len(list((tmp_path / "snapshots").glob("snap-*"))) == 1
+    engine.close()

@@ -295,3 +295,31 @@ async def test_a_copy_left_on_a_shard_that_was_down_is_not_answered_over_the_new
     finally:
         for process in (s0, s1):
             process.stop(timeout_s=10)
+
+
+@pytest.mark.timeout(120)
+async def test_a_restarted_shard_is_reachable_again_within_a_second_or_two(tmp_path):
+    """gRPC backs off reconnecting to a down address (1 s, then x1.6 up to 120 s by default): a shard back after
+    an outage of a few seconds was refused by its clients for several more, and after minutes for up to two.
+    Every write to it failed meanwhile. The clients cap the backoff at 1 s."""
+    shard = ShardProcess(tmp_path / "s", extra_args=("--dimension", str(DIM), "--port", str(free_port())))
+    shard.start()
+    async with ShardClient(shard.address) as client:
+        await client.upsert([_record("x", 0)], timeout_s=10)
+        shard.kill()
+        down_until = time.monotonic() + 20
+        while time.monotonic() < down_until:  # the broker's health checks keep its channels trying
+            with pytest.raises(UnavailableError):
+                await client.get(["x"], timeout_s=1)
+            await asyncio.sleep(0.2)
+        shard.start()
+        back = time.monotonic()
+        while True:
+            try:
+                assert [r.image_id for r in await client.get(["x"], timeout_s=1)] == ["x"]
+                break
+            except UnavailableError:
+                await asyncio.sleep(0.05)
+        refused_s = time.monotonic() - back
+    shard.stop(timeout_s=10)
+    assert refused_s < 2.0, f"refused for {refused_s:.1f} s after the restart"

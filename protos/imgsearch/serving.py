@@ -514,4 +514,10 @@ def client_channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tu
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.enable_retries", 0),
+        # grpc backs off reconnecting to a down server from 1 s by x1.6 up to 120 s: a shard back after an outage
+        # of minutes was refused by the broker for up to two more (3.1 s after a 20 s outage in
+        # tests/test_write_versions.py). Trying a down address every second costs nothing worth saving.
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.min_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
