@@ -42,7 +42,6 @@ from shard_server.types import (
     ShardStats,
     distinct_products,
     first_of_each,
-    newest_copies,
 )
 from shard_server.wal import MAX_FRAME_BYTES, LogFrame, WriteAheadLog
 
@@ -498,12 +497,18 @@ class ShardEngine:
             scanned += hits.candidates_scanned
             found.extend(zip(hits.scores.tolist(), [category] * len(hits.details), hits.details))
         found.sort(key=lambda item: -item[0])
-        out = [Hit(image_id=image_id, product_id=product_id, category=category, score=score, attributes=attributes,
-                   version=version)
-               for score, category, (image_id, product_id, attributes, version) in found]
         # Partitions are searched one lock at a time: an image moved to another category meanwhile can be read
-        # in both. Keep its newest copy, best row first (a shard never holds an image twice).
-        out = first_of_each(newest_copies(out) if len(categories) > 1 else out, key=attrgetter("image_id"))
+        # in both. Keep its newest copy, best row first (a shard never holds an image twice). Hits are built
+        # lazily, as many as are answered: a search over many categories finds top_k in each.
+        if len(categories) > 1 and len({details[0] for _, _, details in found}) < len(found):
+            newest: dict[str, int] = {}
+            for _, _, (image_id, _, _, version) in found:
+                newest[image_id] = max(version, newest.get(image_id, -1))
+            found = [item for item in found if item[2][3] == newest[item[2][0]]]
+        out = (Hit(image_id=image_id, product_id=product_id, category=category, score=score, attributes=attributes,
+                   version=version)
+               for score, category, (image_id, product_id, attributes, version) in found)
+        out = first_of_each(out, key=attrgetter("image_id"))
         if query.distinct_products:  # a product filed under two categories is still one product
             out = distinct_products(out)
         return SearchResult(hits=tuple(itertools.islice(out, query.top_k)), candidates_scanned=scanned)
