@@ -39,8 +39,10 @@ IDS_PER_WRITER = 400
 
 
 class NoEmbedder:
+    """For writers that ingest vectors: an embedding call would be a bug."""
+
     async def embed(self, images, *, timeout_s):
-        raise AssertionError("the chaos test ingests vectors")
+        raise AssertionError("vector ingests only: nothing is embedded")
 
     async def ready(self, *, timeout_s):
         return True

@@ -229,11 +229,11 @@ class ShardPool:
         # that owns none of these records must not hold up (or time out) every ingest.
         removal_s = min(STALE_COPY_REMOVAL_MAX_S, max(0.0, deadline - time.monotonic()))
         removals = {name: ids for name, ids in others.items() if ids}
-        newest = {r.image_id: r.version for r in records}
-        versions = {name: max(newest[image_id] for image_id in ids) for name, ids in removals.items()}
+        # The write's version (one per ingest call: every record carries the same); 0 for unversioned writers.
+        version = max((r.version for r in records), default=0)
         outcomes = await asyncio.gather(
             *(
-                asyncio.gather(*(c.delete(ids, timeout_s=removal_s, version=versions[name])
+                asyncio.gather(*(c.delete(ids, timeout_s=removal_s, version=version)
                                  for c in self._replicas[name]),
                                return_exceptions=True)
                 for name, ids in removals.items()
@@ -249,7 +249,7 @@ class ShardPool:
             # Replicas hold the same data: when those that answered removed nothing, nothing was moved off this
             # shard and the replicas cannot have diverged (every ingest sends its ids here, moved or not).
             removed = sum(r for r in replies if not isinstance(r, BaseException))
-            if versions[name] and (removed or len(failed) == len(replies)):
+            if version and (removed or len(failed) == len(replies)):
                 # Something moved off this shard (a replica that answered removed it), or nobody could say (every
                 # replica down): the replicas that missed the removal may keep a copy. Versioned, the removal is
                 # safe to send late (broker/removal_hints.py). Not when the replicas that answered removed
@@ -257,7 +257,7 @@ class ShardPool:
                 for i, reply in enumerate(replies):
                     if isinstance(reply, BaseException):
                         self.removal_hints.add(self._addresses[name][i], self._replicas[name][i], removals[name],
-                                               versions[name])
+                                               version)
             if len(failed) < len(replies) and removed:
                 # Some replicas removed the old copy and some did not: they would differ with nobody told. Like
                 # any write that misses a replica, the ingest fails (UNAVAILABLE) and is safe to retry.

@@ -42,6 +42,7 @@ from shard_server.types import (
     ShardStats,
     distinct_products,
     first_of_each,
+    newest_copies,
 )
 from shard_server.wal import MAX_FRAME_BYTES, LogFrame, WriteAheadLog
 
@@ -501,10 +502,7 @@ class ShardEngine:
         # in both. Keep its newest copy, best row first (a shard never holds an image twice). Hits are built
         # lazily, as many as are answered: a search over many categories finds top_k in each.
         if len(categories) > 1 and len({details[0] for _, _, details in found}) < len(found):
-            newest: dict[str, int] = {}
-            for _, _, (image_id, _, _, version) in found:
-                newest[image_id] = max(version, newest.get(image_id, -1))
-            found = [item for item in found if item[2][3] == newest[item[2][0]]]
+            found = newest_copies(found, key=lambda item: item[2][0], version=lambda item: item[2][3])
         out = (Hit(image_id=image_id, product_id=product_id, category=category, score=score, attributes=attributes,
                    version=version)
                for score, category, (image_id, product_id, attributes, version) in found)

@@ -96,16 +96,18 @@ class Hit:
     version: int = 0  # the stored copy's write version (Record.version)
 
 
-def newest_copies(hits: Sequence[Hit]) -> list[Hit]:
-    """The hits of each image id's newest copy (highest version), in the given order. An image is held twice only
-    when a move left a copy on its old shard (or, within a shard, while it is being moved between categories)."""
+def newest_copies(items: Sequence[T], *, key: Callable[[T], str], version: Callable[[T], int]) -> Sequence[T]:
+    """The items of each image id's newest copy (highest write version), in the given order; `items` itself when
+    no id repeats. An image is held twice only when a move left a copy on its old shard (or, within a shard, while
+    it is being moved between categories)."""
     newest: dict[str, int] = {}
-    for hit in hits:
-        if hit.version > newest.get(hit.image_id, -1):
-            newest[hit.image_id] = hit.version
-    if len(newest) == len(hits):
-        return list(hits)  # no image twice: the usual case
-    return [hit for hit in hits if hit.version == newest[hit.image_id]]
+    for item in items:
+        image_id, written = key(item), version(item)
+        if written > newest.get(image_id, -1):
+            newest[image_id] = written
+    if len(newest) == len(items):
+        return items
+    return [item for item in items if version(item) == newest[key(item)]]
 
 
 def first_of_each(items: Iterable[T], key: Callable[[T], str]) -> Iterator[T]:

@@ -72,22 +72,35 @@ async def test_a_waiter_past_its_deadline_is_deadline_exceeded_and_does_not_bloc
         pass  # everything was given back
 
 
+class OverlapCountingDecoder:
+    """Stands in for the hashing decoder: takes `decode_s`, records how many decodes overlap at most, and fails
+    the search (only the decode matters here)."""
+
+    def __init__(self, decode_s: float):
+        self.decode_s, self.running, self.most = decode_s, 0, 0
+        self._lock = threading.Lock()
+
+    def __call__(self, data, **limits):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(self.decode_s)
+        with self._lock:
+            self.running -= 1
+        raise core.InvalidRequestError("stand-in decoder")
+
+
+def _broker(**limits) -> Broker:
+    """A broker with only what an image search needs before the embedding: a budget of one 1 Mpx image."""
+    return Broker(pool=None, embedder=None, cache=None, repair=None, dimension=8, max_image_bytes=1 << 22,
+                  max_image_pixels=1_000_000, **{"max_decoding_pixels": 1_000_000, **limits})
+
+
 async def test_the_broker_decodes_big_images_one_at_a_time_and_small_ones_together(monkeypatch):
     """Searches with images: at most max_decoding_pixels are being decoded at any moment."""
-    overlap, most, lock = [0], [0], threading.Lock()
-
-    def slow_hashes(data, **limits):
-        with lock:
-            overlap[0] += 1
-            most[0] = max(most[0], overlap[0])
-        time.sleep(0.05)
-        with lock:
-            overlap[0] -= 1
-        raise core.InvalidRequestError("stand-in decoder")  # the search ends here: only the decode matters
-
-    monkeypatch.setattr(core, "hashes_of_bytes", slow_hashes)
-    broker = Broker(pool=None, embedder=None, cache=None, repair=None, dimension=8, max_image_bytes=1 << 22,
-                    max_image_pixels=1_000_000, max_decoding_pixels=1_000_000)
+    decoder = OverlapCountingDecoder(0.05)
+    monkeypatch.setattr(core, "hashes_of_bytes", decoder)
+    broker = _broker()
 
     async def searches(image: bytes, n: int) -> None:
         results = await asyncio.gather(
@@ -95,35 +108,24 @@ async def test_the_broker_decodes_big_images_one_at_a_time_and_small_ones_togeth
         assert all(isinstance(r, core.InvalidRequestError) for r in results), results
 
     await searches(_png(1000, 1000), 4)  # each the whole budget
-    assert most[0] == 1
-    most[0] = 0
+    assert decoder.most == 1
+    decoder.most = 0
     await searches(_png(100, 100), 4)  # 10,000 pixels each: side by side
-    assert most[0] > 1
+    assert decoder.most > 1
 
 
 async def test_a_cancelled_search_keeps_its_pixels_until_its_decode_ends(monkeypatch):
     """grpc cancels a handler whose deadline passed, but the decoding thread runs on: its pixels must stay held
     until it ends, or callers with short deadlines would decode any number of big images at once."""
-    overlap, most, lock = [0], [0], threading.Lock()
-
-    def slow_hashes(data, **limits):
-        with lock:
-            overlap[0] += 1
-            most[0] = max(most[0], overlap[0])
-        time.sleep(0.2)
-        with lock:
-            overlap[0] -= 1
-        raise core.InvalidRequestError("stand-in decoder")
-
-    monkeypatch.setattr(core, "hashes_of_bytes", slow_hashes)
-    broker = Broker(pool=None, embedder=None, cache=None, repair=None, dimension=8, max_image_bytes=1 << 22,
-                    max_image_pixels=1_000_000, max_decoding_pixels=1_000_000)
+    decoder = OverlapCountingDecoder(0.2)
+    monkeypatch.setattr(core, "hashes_of_bytes", decoder)
+    broker = _broker()
     image = _png(1000, 1000)
     calls = [asyncio.wait_for(broker.search(Query(image=image, top_k=3), timeout_s=5), 0.05) for _ in range(4)]
     assert all(isinstance(r, asyncio.TimeoutError | core.InvalidRequestError)
                for r in await asyncio.gather(*calls, return_exceptions=True))
     await asyncio.sleep(1.0)  # every decode started has ended
-    assert most[0] == 1
+    assert decoder.most == 1
 
 
 async def test_bytes_that_hold_no_pixels_do_not_wait_behind_a_big_decode(monkeypatch):
@@ -135,8 +137,7 @@ async def test_bytes_that_hold_no_pixels_do_not_wait_behind_a_big_decode(monkeyp
         raise core.InvalidRequestError("stand-in decoder")
 
     monkeypatch.setattr(core, "hashes_of_bytes", blocking_hashes)
-    broker = Broker(pool=None, embedder=None, cache=None, repair=None, dimension=8, max_image_bytes=1 << 22,
-                    max_image_pixels=1_000_000, max_decoding_pixels=1_000_000)
+    broker = _broker()
     big = asyncio.create_task(broker.search(Query(image=_png(1000, 1000), top_k=3), timeout_s=5))
     await asyncio.sleep(0.05)
     monkeypatch.setattr(core, "hashes_of_bytes", lambda data, **limits: (_ for _ in ()).throw(
@@ -162,8 +163,7 @@ async def test_the_image_header_is_read_off_the_event_loop(monkeypatch):
     monkeypatch.setattr(core, "header_pixels", spy)
     monkeypatch.setattr(core, "hashes_of_bytes", lambda data, **limits: (_ for _ in ()).throw(
         core.InvalidRequestError("stand-in decoder")))
-    broker = Broker(pool=None, embedder=None, cache=None, repair=None, dimension=8, max_image_bytes=1 << 22,
-                    max_image_pixels=1_000_000)
+    broker = _broker(max_decoding_pixels=None)
     with pytest.raises(core.InvalidRequestError):
         await broker.search(Query(image=_png(10, 10), top_k=3), timeout_s=5)
     assert threads == [False]

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from broker.chaos import NoEmbedder  # these tests ingest vectors too
 from broker.core import Broker
 from broker.fanout import ShardPool
 from broker.merge import merge_top_k
@@ -109,17 +110,6 @@ def test_a_remembered_delete_is_forgotten_after_its_ttl_counted_on_write_version
 
 
 # ---------------------------------------------------------------------------------- two brokers, real shards
-class NoEmbedder:
-    async def embed(self, images, *, timeout_s):
-        raise AssertionError("these tests ingest vectors")
-
-    async def ready(self, *, timeout_s):
-        return True
-
-    async def close(self):
-        pass
-
-
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     """s0 (category a) and s1 (category b), two replica processes each."""
