@@ -24,6 +24,7 @@ import grpc
 
 from broker.coalesce import SearchCoalescer
 from broker.errors import NoShardAvailableError, ShardTimeoutError, UnknownImageError
+from broker.hint_journal import HintJournal
 from broker.merge import merge_top_k
 from broker.metrics import PARTIAL_RESULTS, SHARD_REQUESTS, STALE_COPY_REMOVALS_FAILED
 from broker.removal_hints import RemovalHints
@@ -96,9 +97,10 @@ class ShardPool:
     """One ShardClient per replica address of every shard in the map."""
 
     def __init__(self, shard_map: ShardMap, *, tls_ca_file: Path | None = None, calls_in_flight: int = 1,
-                 batch_max_searches: int = 64):
+                 batch_max_searches: int = 64, removal_journal: HintJournal | None = None):
         """`calls_in_flight`: searches to one replica beyond this many calls in flight queue and go out as one
-        SearchBatch (broker.coalesce); 0 sends every search as its own call."""
+        SearchBatch (broker.coalesce); 0 sends every search as its own call. `removal_journal`: where the
+        stale-copy removals that a down replica missed are kept beyond this broker's life (broker.removal_hints)."""
         if calls_in_flight < 0:
             raise ValueError("calls_in_flight must be >= 0")
         self.shard_map = shard_map
@@ -116,7 +118,11 @@ class ShardPool:
         }
         self._addresses = {name: list(addresses) for name, addresses in shard_map.shards.items()}
         self._next = {name: itertools.count() for name in shard_map.shards}
-        self.removal_hints = RemovalHints()
+        self.removal_hints = RemovalHints(
+            {address: client for name, clients in self._replicas.items()
+             for address, client in zip(self._addresses[name], clients, strict=True)},
+            journal=removal_journal,
+        )
 
     async def close(self) -> None:
         await self.removal_hints.stop()
@@ -256,8 +262,8 @@ class ShardPool:
                 # nothing: every ingest sends its ids to every other shard, and those would pile up for nothing.
                 for i, reply in enumerate(replies):
                     if isinstance(reply, BaseException):
-                        self.removal_hints.add(self._addresses[name][i], self._replicas[name][i], removals[name],
-                                               version)
+                        await self.removal_hints.add(self._addresses[name][i], removals[name], version,
+                                                     timeout_s=max(0.0, deadline - time.monotonic()))
             if len(failed) < len(replies) and removed:
                 # Some replicas removed the old copy and some did not: they would differ with nobody told. Like
                 # any write that misses a replica, the ingest fails (UNAVAILABLE) and is safe to retry.

@@ -27,6 +27,11 @@ PENDING_REMOVALS = Gauge(
     "Stale-copy removals a shard replica missed (it was down while an image moved off its shard), waiting to be "
     "sent again (broker/removal_hints.py).",
 )
+UNSAVED_REMOVALS = Gauge(
+    "imgsearch_broker_unsaved_removals",
+    "Pending stale-copy removals not yet saved to the Redis journal (Redis was down): a broker that stops now loses "
+    "them (broker/hint_journal.py).",
+)
 REMOVAL_HINTS_DROPPED = Counter(
     "imgsearch_broker_removal_hints_dropped_total",
     "Stale-copy removals not kept for a later retry because too many were pending already (a copy of a moved "

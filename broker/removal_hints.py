@@ -1,13 +1,17 @@
-"""Stale-copy removals that a shard replica missed, kept in the broker and retried until the replica takes them.
+"""Stale-copy removals that a shard replica missed, kept by the broker and retried until the replica takes them.
 
 An ingest that moves an image to a category of another shard removes the id from the shard it left. A replica
 that is down then keeps the old copy: the ingest fails (UNAVAILABLE), but its retry succeeds without that replica
 (the replicas that answered hold nothing to remove any more), and the copy came back with the replica. Each
 missed removal is kept here per replica address and sent again every `interval_s` until it goes through.
 
-The removal is versioned (broker/versions.py): it takes only copies written before the ingest, so sending it late
-never removes a newer write of the id. The hints live in the broker's memory: a broker restarted while some are
-pending loses them (the gauge shows how many there were), and such a copy stays until its id is written again.
+The removal is versioned (broker/versions.py): it takes only copies written before the ingest, so sending it late,
+twice, or from two brokers never removes a newer write of the id. With Redis configured, the removals are also
+kept there (broker/hint_journal.py) before the ingest is answered, and every broker loads the journal's removals
+for its replicas every `reload_interval_s`: a broker that stops or crashes while a replica is still down leaves
+them to the others, or to itself once restarted. Without Redis, or while Redis is down (the removal is then saved
+by a later round), they live in the broker's memory only, and a copy whose removal was lost with a broker stays
+until its id is written again.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
 
-from broker.metrics import PENDING_REMOVALS, REMOVAL_HINTS_DROPPED
+from broker.hint_journal import HintJournal, JournalUnavailable
+from broker.metrics import PENDING_REMOVALS, REMOVAL_HINTS_DROPPED, UNSAVED_REMOVALS
 from imgsearch.errors import ImgsearchError
 
 log = logging.getLogger(__name__)
@@ -32,35 +38,62 @@ FLUSH_ON_STOP_S = 2.0
 
 
 class RemovalHints:
-    def __init__(self, *, interval_s: float = 1.0, timeout_s: float = 2.0):
+    def __init__(self, clients: Mapping[str, object], *, journal: HintJournal | None = None,
+                 interval_s: float = 1.0, reload_interval_s: float = 10.0, timeout_s: float = 2.0):
+        """`clients`: replica address -> its ShardClient, for every replica this broker writes to."""
+        self._clients = dict(clients)
+        self._journal = journal
         self._interval_s = interval_s
+        self._reload_interval_s = reload_interval_s
         self._timeout_s = timeout_s
-        self._clients: dict[str, object] = {}  # replica address -> its ShardClient
         self._pending: dict[str, dict[str, int]] = {}  # replica address -> image id -> removal version
+        self._unsaved: dict[str, dict[str, int]] = {}  # the part of _pending not yet in the journal
+        self._next_reload = 0.0
         self._task: asyncio.Task | None = None
 
     def __len__(self) -> int:
         return sum(map(len, self._pending.values()))
 
-    def add(self, address: str, client, image_ids: Iterable[str], version: int) -> None:
-        """Remember removals `address` missed (its client sends them later), starting the retry loop if needed."""
-        self._clients[address] = client
+    def start(self) -> None:
+        """Start the retry loop now (with a journal it runs for good: other brokers' removals turn up there)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="removal-hints")
+
+    async def add(self, address: str, image_ids: Iterable[str], version: int, *, timeout_s: float = 1.0) -> None:
+        """Remember removals `address` missed and save them to the journal (for at most `timeout_s`: what is not
+        saved by then is saved by the retry loop), starting the retry loop if needed."""
+        added = self._keep(address, {image_id: version for image_id in image_ids})
+        if added and self._journal is not None:
+            try:
+                await asyncio.wait_for(self._journal.save(address, added), timeout_s)
+            except (JournalUnavailable, TimeoutError) as exc:
+                self._unsaved.setdefault(address, {}).update(added)
+                log.warning("%d stale-copy removals for %s kept in memory only for now: %r", len(added), address,
+                            exc)
+        self._set_gauges()
+        self.start()
+
+    def _keep(self, address: str, removals: Mapping[str, int]) -> dict[str, int]:
+        """Merge removals into what is pending (highest version per id, up to the cap); those taken."""
         pending = self._pending.setdefault(address, {})
         room = MAX_PENDING_IDS - len(self)
+        taken: dict[str, int] = {}
         dropped = 0
-        for image_id in image_ids:
+        for image_id, version in removals.items():
             if image_id not in pending:
                 if room <= 0:
                     dropped += 1
                     continue
                 room -= 1
-            pending[image_id] = max(version, pending.get(image_id, 0))
+            elif pending[image_id] >= version:
+                continue
+            pending[image_id] = taken[image_id] = version
+        if not pending:
+            del self._pending[address]
         if dropped:
             REMOVAL_HINTS_DROPPED.inc(dropped)
             log.warning("%d stale-copy removals for %s dropped: %d already pending", dropped, address, len(self))
-        PENDING_REMOVALS.set(len(self))
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="removal-hints")
+        return taken
 
     async def retry_once(self) -> int:
         """Send every pending removal once; returns how many went through."""
@@ -79,24 +112,58 @@ class RemovalHints:
                     await client.delete(batch, timeout_s=self._timeout_s, version=version)
                 except ImgsearchError:
                     break  # still down: next round
-                for image_id in batch:
-                    if pending.get(image_id) == version:  # not raised by a newer hint meanwhile
-                        del pending[image_id]
+                sent = {image_id: version for image_id in batch if pending.get(image_id) == version}
+                for image_id in sent:  # those not raised by a newer removal meanwhile
+                    del pending[image_id]
+                    unsaved = self._unsaved.get(address, {})
+                    if unsaved.get(image_id) == version:
+                        del unsaved[image_id]
                 done += len(batch)
+                if self._journal is not None:
+                    with contextlib.suppress(JournalUnavailable):  # kept there: sent again later, harmlessly
+                        await self._journal.forget(address, sent)
             if not pending:
-                del self._pending[address]
-        PENDING_REMOVALS.set(len(self))
+                self._pending.pop(address, None)
+            if not self._unsaved.get(address, True):
+                del self._unsaved[address]
+        self._set_gauges()
         if done:
             log.info("stale-copy removals: %d sent again, %d pending", done, len(self))
         return done
 
+    async def sync_journal(self) -> None:
+        """Save what could not be saved before, and take up the journal's removals for this broker's replicas
+        (those another broker, or this one before a restart, left there). Raises JournalUnavailable."""
+        if self._journal is None:
+            return
+        for address, unsaved in list(self._unsaved.items()):
+            await self._journal.save(address, unsaved)
+            self._unsaved.pop(address, None)
+        if time.monotonic() >= self._next_reload:
+            loaded = await self._journal.load(self._clients)
+            self._next_reload = time.monotonic() + self._reload_interval_s
+            for address, removals in loaded.items():
+                self._keep(address, removals)
+        self._set_gauges()
+
+    def _set_gauges(self) -> None:
+        PENDING_REMOVALS.set(len(self))
+        UNSAVED_REMOVALS.set(sum(map(len, self._unsaved.values())))
+
     async def _run(self) -> None:
-        while self._pending:
-            await asyncio.sleep(self._interval_s)
+        while self._pending or self._journal is not None:
             try:
-                await self.retry_once()
+                await self.sync_journal()
+            except JournalUnavailable as exc:
+                log.debug("removal journal not reachable: %s", exc)
             except Exception:  # the loop must survive anything
+                log.exception("removal journal round failed")
+            try:
+                if self._pending:
+                    await self.retry_once()
+            except Exception:
                 log.exception("stale-copy removal round failed")
+            await asyncio.sleep(self._interval_s)
 
     async def stop(self) -> None:
         """Stop the retry loop, sending what is pending once more first (briefly: shutdown must not hang)."""
@@ -105,8 +172,14 @@ class RemovalHints:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        if self._pending:
+        if not self._pending:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.retry_once(), FLUSH_ON_STOP_S)
+        if self._unsaved and self._journal is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.retry_once(), FLUSH_ON_STOP_S)
-            if self._pending:
-                log.warning("stopping with %d stale-copy removals unsent (their replicas still down)", len(self))
+                await asyncio.wait_for(self.sync_journal(), FLUSH_ON_STOP_S)
+        if self._pending:
+            unsaved = sum(map(len, self._unsaved.values())) if self._journal is not None else len(self)
+            log.warning("stopping with %d stale-copy removals unsent (their replicas still down); %d of them are "
+                        "lost with this broker (not in the Redis journal)", len(self), unsaved)

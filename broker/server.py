@@ -12,6 +12,7 @@ from broker.cache import DuplicateCache
 from broker.config import BrokerConfig
 from broker.core import Broker
 from broker.fanout import ShardPool
+from broker.hint_journal import HintJournal
 from broker.repair import CacheRepairQueue
 from broker.service import BrokerService
 from imgsearch.gc_pauses import freeze_startup_objects
@@ -56,14 +57,18 @@ def _default_embedder(config: BrokerConfig):
 async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
     """Start the server; health turns SERVING once Triton is ready and every shard has a reachable replica."""
     embedder = embedder or _default_embedder(config)
+    # Stale-copy removals a down replica missed are kept in Redis too, beyond this broker's life.
+    journal = HintJournal(config.redis_url) if config.redis_url else None
     pool = ShardPool(
         config.shard_map,
         tls_ca_file=config.shard_tls_ca_file,
         calls_in_flight=config.shard_calls_in_flight,
         batch_max_searches=config.shard_batch_max_searches,
+        removal_journal=journal,
     )
+    pool.removal_hints.start()  # with a journal: takes up the removals a stopped broker left there
     cache = repair = None
-    hooks: list[Callable] = [embedder.close, pool.close]
+    hooks: list[Callable] = [embedder.close, *([journal.close] if journal else []), pool.close]
     if config.redis_url:
         cache = DuplicateCache(
             config.redis_url,

@@ -313,3 +313,63 @@ async def test_a_restarted_shard_is_reachable_again_within_a_second_or_two(tmp_p
         refused_s = time.monotonic() - back
     shard.stop(timeout_s=10)
     assert refused_s < 2.0, f"refused for {refused_s:.1f} s after the restart"
+
+
+@pytest.mark.timeout(180)
+async def test_a_removal_missed_while_its_broker_stopped_is_sent_by_the_next_broker(tmp_path, redis_server):
+    """The same move, but the broker that kept the removal stops before the replica is back (a crash or a roll
+    loses its memory alike). The removal was saved to the Redis journal before the retry was acknowledged; the
+    next broker takes it up from there, and the replica loses the old copy."""
+    from broker.hint_journal import HintJournal
+
+    s0r1 = ShardProcess(tmp_path / "s0r1", extra_args=("--dimension", str(DIM), "--port", str(free_port())))
+    others = [ShardProcess(tmp_path / name, extra_args=("--dimension", str(DIM))) for name in ("s0r2", "s1")]
+    processes = [s0r1, *others]
+    for process in processes:
+        process.start()
+    shard_map = ShardMap(shards={"s0": (s0r1.address, others[0].address), "s1": (others[1].address,)},
+                         categories={"a": "s0", "b": "s1"})
+    prefix = f"t{time.monotonic_ns()}:"
+    journals = [HintJournal(redis_server.url, prefix=prefix) for _ in range(2)]
+
+    def broker(journal) -> Broker:
+        return Broker(pool=ShardPool(shard_map, removal_journal=journal), embedder=NoEmbedder(), cache=None,
+                      repair=None, dimension=DIM, max_image_bytes=1 << 20, max_image_pixels=1 << 20)
+
+    first, second = broker(journals[0]), None
+    try:
+        await _ingest(first, "moved", "a", 1)
+        s0r1.kill()
+        with pytest.raises(UnavailableError):
+            await _ingest(first, "moved", "b", 2)
+        await _ingest(first, "moved", "b", 2)  # the caller's retry: acknowledged
+        await first.pool.close()  # the replica is still down: nothing sent, the memory gone
+        s0r1.start()
+        # The old copy is back with the replica (asked again while the client's reconnect backoff refuses it).
+        assert list(await _when_reachable(lambda: _held_on(s0r1, ["moved"]))) == ["moved"]
+        second = broker(journals[1])
+        second.pool.removal_hints.start()  # as start_broker does
+        deadline = time.monotonic() + 60
+        while await _when_reachable(lambda: _held_on(s0r1, ["moved"])) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert await _held_on(s0r1, ["moved"]) == {}
+        assert list(await _held_on(others[1], ["moved"])) == ["moved"]
+        assert await journals[1].load([s0r1.address]) == {}
+    finally:
+        if second is not None:
+            await second.pool.close()
+        for journal in journals:
+            await journal.close()
+        for process in processes:
+            process.stop(timeout_s=10)
+
+
+async def _when_reachable(call, timeout_s: float = 10.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await call()
+        except UnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)

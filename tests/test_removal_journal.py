@@ -1,0 +1,128 @@
+"""The Redis journal of pending stale-copy removals (broker/hint_journal.py) against a real redis-server, and the
+broker's removal hints (broker/removal_hints.py) keeping them there: highest version kept per id, a removal
+forgotten only when the version sent is still the one kept, removals made while Redis was down saved once it is
+back, and a second broker taking up what a stopped one left. The shard replicas here are stand-ins (this module's
+unit under test is the journal); test_write_versions.py runs the same case on real shard processes."""
+
+import asyncio
+import time
+
+import pytest
+
+from broker.hint_journal import HintJournal, JournalUnavailable
+from broker.removal_hints import RemovalHints
+from imgsearch.errors import UnavailableError
+
+# Nanosecond versions around now: beyond 2^53, where a comparison of Lua numbers would round.
+V = 1_800_000_000_000_000_000
+
+
+class Replica:
+    """A replica stand-in holding ids with versions; a versioned delete removes the copies older than it."""
+
+    def __init__(self, held=None, *, down=False):
+        self.held, self.down, self.deletes = dict(held or {}), down, []
+
+    async def delete(self, image_ids, *, timeout_s, version=0):
+        if self.down:
+            raise UnavailableError("connection refused")
+        self.deletes.append((list(image_ids), version))
+        removed = [i for i in image_ids if i in self.held and self.held[i] < version]
+        for image_id in removed:
+            del self.held[image_id]
+        return len(removed)
+
+
+@pytest.fixture
+async def journal(redis_server):
+    j = HintJournal(redis_server.url, timeout_s=0.5, backoff_s=0.2, prefix=f"t{time.monotonic_ns()}:")
+    yield j
+    await j.close()
+
+
+async def test_the_journal_keeps_the_highest_version_per_id(journal):
+    await journal.save("r:1", {"a": V + 2, "b": V})
+    await journal.save("r:1", {"a": V + 1, "b": V + 1, "c": 7})  # a: older, kept as is; c: shorter number
+    await journal.save("r:2", {"a": V})
+    assert await journal.load(["r:1", "r:2", "r:3"]) == {"r:1": {"a": V + 2, "b": V + 1, "c": 7}, "r:2": {"a": V}}
+
+
+async def test_a_removal_is_forgotten_only_if_no_newer_one_was_saved_meanwhile(journal):
+    await journal.save("r:1", {"a": V, "b": V})
+    await journal.save("r:1", {"b": V + 1})  # another broker's newer removal of b while V was being sent
+    assert await journal.forget("r:1", {"a": V, "b": V}) == 1
+    assert await journal.load(["r:1"]) == {"r:1": {"b": V + 1}}
+
+
+async def test_a_journal_of_many_ids_goes_in_batches(journal):
+    removals = {f"id-{i}": V + i for i in range(2_500)}
+    await journal.save("r:1", removals)
+    assert await journal.load(["r:1"]) == {"r:1": removals}
+    assert await journal.forget("r:1", removals) == 2_500
+    assert await journal.load(["r:1"]) == {}
+
+
+async def test_redis_down_is_journal_unavailable_fast(redis_server, journal):
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        with pytest.raises(JournalUnavailable):
+            await journal.save("r:1", {"a": V})
+        with pytest.raises(JournalUnavailable):  # the backoff: not tried again at once
+            await journal.load(["r:1"])
+        assert time.monotonic() - started < 2
+    finally:
+        redis_server.start()
+
+
+async def test_a_second_broker_sends_the_removals_a_stopped_one_left_in_the_journal(journal, redis_server):
+    replica = Replica({"moved": V - 5, "rewritten": V + 9}, down=True)
+    first = RemovalHints({"r:1": replica}, journal=journal, interval_s=0.05)
+    await first.add("r:1", ["moved", "rewritten"], V)
+    await first.stop()  # the replica is still down: the flush on stop sends nothing
+    assert len(first) == 2 and replica.held.keys() == {"moved", "rewritten"}
+
+    replica.down = False
+    second = RemovalHints({"r:1": replica}, journal=journal, interval_s=0.05)
+    second.start()
+    try:
+        deadline = time.monotonic() + 5
+        while (replica.held.keys() != {"rewritten"} or await journal.load(["r:1"])) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await second.stop()
+    # The old copy is gone; the newer write of "rewritten" (version V + 9) stays: the removal carried V.
+    assert replica.held == {"rewritten": V + 9}
+    assert await journal.load(["r:1"]) == {} and len(second) == 0
+
+
+async def test_removals_made_while_redis_is_down_are_saved_once_it_is_back(journal, redis_server):
+    replica = Replica({"moved": V - 5}, down=True)
+    hints = RemovalHints({"r:1": replica}, journal=journal, interval_s=0.05)
+    redis_server.stop()
+    try:
+        await hints.add("r:1", ["moved"], V)
+    finally:
+        redis_server.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not await _loaded(journal) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert await journal.load(["r:1"]) == {"r:1": {"moved": V}}
+    finally:
+        await hints.stop()
+
+
+async def test_journal_entries_of_replicas_this_broker_does_not_write_to_are_left_alone(journal):
+    await journal.save("elsewhere:1", {"x": V})
+    hints = RemovalHints({"r:1": Replica()}, journal=journal)
+    await hints.sync_journal()
+    assert len(hints) == 0
+    assert await journal.load(["elsewhere:1"]) == {"elsewhere:1": {"x": V}}
+
+
+async def _loaded(journal):
+    try:
+        return await journal.load(["r:1"])
+    except JournalUnavailable:
+        return {}
