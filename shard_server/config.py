@@ -112,7 +112,8 @@ class ShardConfig:
     inline_search: bool = True
     search_threads: int = 4
     write_threads: int = 4
-    train_threads: int = 0  # 0: faiss/OpenMP default (all cores)
+    # 0: OpenMP's default (OMP_NUM_THREADS if set, else every core of the host); deploy/ sets the CPU limit.
+    train_threads: int = 0
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 10.0
     # "asyncio" or "uvloop": the event loop main() runs the server on (imgsearch.serving.run_event_loop).

@@ -5,6 +5,7 @@ and built only on metrics the services export)."""
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -134,6 +135,17 @@ def test_the_issue_s_alerts_exist():
     assert alert_on("imgsearch_broker_partial_results_total")  # partial results
     assert alert_on("imgsearch_broker_cache_lookups_total", 'result="error"')  # cache errors
     assert alert_on("nv_inference_queue_duration_us")  # Triton queue time
+    assert alert_on("imgsearch_broker_pending_removals")  # moved images' old copies not yet removed
+    assert alert_on("imgsearch_broker_unsaved_removals")
+    assert alert_on("imgsearch_broker_removal_hints_dropped_total")
+    assert alert_on("imgsearch_event_loop_lag_seconds", "histogram_quantile(0.99")
+
+
+def test_every_alert_keeps_namespaces_apart():
+    """Two stacks scraped by one Prometheus (deploy/README.md) must not be alerted on as one."""
+    for alert in alerts():
+        for grouping in re.findall(r"\b(?:sum|max|min|avg|count)\b\s*(by\s*\([^)]*\))?\s*\(", alert["expr"]):
+            assert "namespace" in grouping, (alert["alert"], grouping or "no by (...)")
 
 
 @pytest.mark.parametrize(
@@ -156,6 +168,34 @@ def test_the_issue_s_alerts_exist():
 )
 def test_metric_name_extraction(expr, expected):
     assert load_contract().metric_names(expr) == expected
+
+
+def test_a_histogram_s_bare_name_is_unknown():
+    """`rate(x_seconds[5m])` of a histogram selects no series: an alert on it could never fire."""
+    contract = load_contract()
+    assert contract.unknown_metrics("rate(imgsearch_event_loop_lag_seconds[5m])")
+    assert not contract.unknown_metrics("rate(imgsearch_event_loop_lag_seconds_bucket[5m])")
+    assert not contract.unknown_metrics("rate(imgsearch_event_loop_lag_seconds_count[5m])")
+
+
+def test_the_contract_is_what_the_services_export():
+    """Every metric the broker, the shards and the serving plumbing register is in the contract with its type (so
+    rules and panels may use it), and nothing else is."""
+    import prometheus_client
+
+    import broker.metrics  # noqa: F401 - registers the broker's metrics
+    import shard_server.metrics  # noqa: F401
+    from imgsearch.gc_pauses import GcPauseCollector
+
+    registry = prometheus_client.CollectorRegistry()
+    registry.register(GcPauseCollector())
+    exported = {}
+    for registered in (prometheus_client.REGISTRY, registry):
+        for family in registered.collect():
+            name = family.name + ("_total" if family.type == "counter" else "")
+            if name.startswith(("imgsearch_", "grpc_server_")):
+                exported[name] = family.type
+    assert exported == load_contract().CONTRACT_METRICS
 
 
 def test_latency_objectives_sit_on_histogram_bucket_edges():

@@ -23,6 +23,11 @@ CONTRACT_METRICS: dict[str, str] = {
     "imgsearch_broker_shard_call_searches": "histogram",
     "imgsearch_broker_partial_results_total": "counter",
     "imgsearch_broker_cache_repair_pending": "gauge",
+    "imgsearch_broker_cache_stale_entries_total": "counter",
+    "imgsearch_broker_pending_removals": "gauge",
+    "imgsearch_broker_unsaved_removals": "gauge",
+    "imgsearch_broker_removal_hints_dropped_total": "counter",
+    "imgsearch_broker_stale_copy_removals_failed_total": "counter",
     "imgsearch_broker_searches_total": "counter",
     "imgsearch_shard_search_duration_seconds": "histogram",
     "imgsearch_shard_candidates_scanned": "histogram",
@@ -64,6 +69,14 @@ def metric_names(expr: str) -> set[str]:
     return found
 
 
+def bare_histograms(expr: str) -> set[str]:
+    """Histograms selected by their bare name, which selects no series: only _bucket, _sum and _count exist."""
+    bare = _GROUPING.sub(" ", _MATCHERS.sub(" ", _STRINGS.sub(" ", expr)))
+    return {name for name in _IDENT.findall(bare) if CONTRACT_METRICS.get(name) == "histogram"}
+
+
 def unknown_metrics(expr: str, recorded: set[str] = frozenset()) -> set[str]:
-    """Names in `expr` that nobody exports (`recorded`: names of recording rules, which are fine)."""
-    return metric_names(expr) - set(CONTRACT_METRICS) - TRITON_METRICS - PROMETHEUS_METRICS - set(recorded)
+    """Names in `expr` that select nothing: nobody exports them (`recorded`: names of recording rules, which are
+    fine), or they are a histogram's bare name."""
+    unknown = metric_names(expr) - set(CONTRACT_METRICS) - TRITON_METRICS - PROMETHEUS_METRICS - set(recorded)
+    return unknown | {f"{name} (a histogram: use _bucket, _sum or _count)" for name in bare_histograms(expr)}
