@@ -215,6 +215,25 @@ def _check_output(embeddings: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
+# tritonclient's own channel settings (unlimited messages, its keepalive defaults, which Triton's ping policy
+# accepts), plus:
+TRITON_CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.keepalive_time_ms", 2**31 - 1),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 2),
+    # Requests spread over every address the URL resolves to: with `dns:///<headless service>:8001` (deploy/),
+    # over every Triton pod, where a ClusterIP Service pins each broker's one connection to one pod.
+    ("grpc.lb_policy_name", "round_robin"),
+    # A Triton pod back after a restart is tried again within a second (grpc's backoff otherwise grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+
 class TritonEmbedder(Embedder):
     """Embeddings from a Triton Inference Server hosting the `imgsearch` ensemble (bytes in)."""
 
@@ -244,7 +263,7 @@ class TritonEmbedder(Embedder):
             import tritonclient.grpc.aio as grpcclient
 
             self._client = grpcclient.InferenceServerClient(
-                self.url, ssl=self._ssl, root_certificates=self._root_certificates
+                self.url, ssl=self._ssl, root_certificates=self._root_certificates, channel_args=TRITON_CHANNEL_ARGS
             )
         return self._client
 

@@ -399,9 +399,16 @@ def test_broker_configuration_parses_with_the_broker_itself(rendered, tmp_path, 
         assert config.server.port == ports["grpc"] and config.server.metrics_port == ports["metrics"]
         assert config.write_token == "t0ken"
         # Triton and Redis addresses name Services (and ports) that exist in the same overlay.
-        triton_host, triton_port = config.triton_url.rsplit(":", 1)
+        # Triton through its headless Service, so that the client's round_robin reaches every pod.
+        triton_host, triton_port = config.triton_url.removeprefix("dns:///").rsplit(":", 1)
         triton_svc = named(docs, "Service", triton_host)
         assert int(triton_port) in [p["port"] for p in triton_svc["spec"]["ports"] if p["name"] == "grpc"]
+        assert triton_svc["spec"].get("clusterIP") == "None" and config.triton_url.startswith("dns:///")
+        triton_pods = [d for d in docs if d["kind"] == "Deployment" and "triton" in d["metadata"]["name"]]
+        assert triton_pods and all(
+            triton_svc["spec"]["selector"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+            for d in triton_pods
+        )
         redis = re.fullmatch(r"redis://([^:/]+):(\d+)/\d+", config.redis_url or "")
         assert redis, config.redis_url
         assert int(redis[2]) in [p["port"] for p in named(docs, "Service", redis[1])["spec"]["ports"]]

@@ -118,6 +118,18 @@ async def test_concurrent_calls_are_batched_into_few_requests(triton, images):
     assert all(r.shape == (1, 512) for r in results)
 
 
+async def test_a_dns_url_as_deploy_gives_it_embeds_the_same(triton, images):
+    """deploy/ points the broker at `dns:///<headless service>:8001` (requests round-robin over Triton pods)."""
+    by_dns = TritonEmbedder(f"dns:///localhost:{triton.grpc_url.rsplit(':', 1)[1]}", max_batch=8)
+    plain = TritonEmbedder(triton.grpc_url, max_batch=8)
+    try:
+        np.testing.assert_allclose(await by_dns.embed(images[:2], timeout_s=TIMEOUT_S),
+                                   await plain.embed(images[:2], timeout_s=TIMEOUT_S), atol=1e-5)
+    finally:
+        await by_dns.close()
+        await plain.close()
+
+
 async def test_a_batch_larger_than_the_models_limit_is_split_not_refused(triton, images):
     """The broker's embed_max_batch (32 by default) and the served model's max_batch_size (8 here) are set in two
     places; Triton refuses a bigger batch with INVALID_ARGUMENT, which used to reach every caller as INTERNAL.
