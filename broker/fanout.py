@@ -44,6 +44,8 @@ RESPONSE_MARGIN_S = 0.005
 # Ids per shard Delete call: a broker Delete of any length is split, well under a shard's request limit
 # (max_records_per_request, 10,000 by default).
 DELETE_BATCH_IDS = 1_000
+# How long a Get (a search by image id) waits for the other shards once one returned the image, for a newer copy.
+GET_NEWER_COPY_WAIT_S = 0.05
 # Of what is left of a deadline, the share a replica gets when another could still be tried after it.
 REPLICA_SHARE_OF_DEADLINE = 0.75
 # Longest an ingest waits for the best-effort removal of re-ingested ids from the shards that do not own them.
@@ -325,17 +327,25 @@ class ShardPool:
                 raise error(f"shard {name} ({reply.address}): {reply.outcome}: {reply.message}")
             return reply.value[0] if reply.value else None
 
-        # The first shard that holds it answers the call: a slow shard must not eat the deadline of a search
-        # by image id whose image another shard already returned.
+        # Once a shard returned the image, the others get GET_NEWER_COPY_WAIT_S more, not the whole deadline (a
+        # slow shard must not eat the deadline of a search by image id): an image can be held twice for a while
+        # (moved while a replica of its old shard was down, broker/removal_hints.py), and the newest copy answers.
         tasks = [asyncio.ensure_future(from_shard(name)) for name in self._replicas]
+        found: list[Record] = []
         try:
-            for next_done in asyncio.as_completed(tasks):
-                try:
-                    result = await next_done
-                except Exception:  # noqa: BLE001, S112 - looked at below, once every shard answered
-                    continue
-                if isinstance(result, Record):
-                    return result
+            pending, wait_until = set(tasks), None
+            while pending:
+                timeout_s = None if wait_until is None else max(0.0, wait_until - time.monotonic())
+                done, pending = await asyncio.wait(pending, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break  # the copy found is answered
+                for task in done:
+                    if task.exception() is None and isinstance(task.result(), Record):
+                        found.append(task.result())
+                if found and wait_until is None:
+                    wait_until = time.monotonic() + GET_NEWER_COPY_WAIT_S
+            if found:
+                return max(found, key=lambda record: record.version)
         finally:
             for task in tasks:
                 task.cancel()

@@ -16,7 +16,7 @@ import math
 import struct
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from operator import attrgetter
 
@@ -32,6 +32,7 @@ from shard_server.errors import InvalidRequestError, RequestTooLargeError, WalEr
 from shard_server.heap import release_free_memory
 from shard_server.partition import Partition
 from shard_server.snapshot import SnapshotStore
+from shard_server.tombstones import Tombstones
 from shard_server.types import (
     CategoryStats,
     Exactness,
@@ -122,8 +123,8 @@ class ShardEngine:
         # image id -> category number << ROW_BITS | row (one int, not a tuple: ~60 bytes less per vector);
         # touched only while applying writes.
         self.id_map: dict[str, int] = {}
-        # image id -> version of a versioned delete (see delete()), oldest first; applied writes only.
-        self.tombstones: OrderedDict[str, int] = OrderedDict()
+        # Versioned deletes remembered against older writes that arrive after them; applied writes only.
+        self.tombstones = Tombstones(config.tombstone_ttl_s)
         self._category_names: list[str] = []
         self._category_numbers: dict[str, int] = {}
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +132,7 @@ class ShardEngine:
         self.snapshots = SnapshotStore(config.data_dir / "snapshots")
         self._apply_cond = threading.Condition()
         self._applied_seq = 0
+        self._snapshot_barrier: int | None = None  # while a snapshot dumps: the last write it covers
         self._stop = threading.Event()
         self._train_wakeup = threading.Event()
         self._bulk_write_applying = threading.Event()
@@ -150,7 +152,7 @@ class ShardEngine:
         after = 0
         if snapshot is not None:
             self.partitions = snapshot.partitions
-            self.tombstones = OrderedDict(snapshot.tombstones)
+            self.tombstones = Tombstones(self.config.tombstone_ttl_s, snapshot.tombstones)
             for category, p in self.partitions.items():
                 base = self._category_number(category) << ROW_BITS
                 rows = np.flatnonzero(p.alive.view)
@@ -336,7 +338,9 @@ class ShardEngine:
 
     def _advance(self, seq: int, apply) -> None:
         with self._apply_cond:
-            while self._applied_seq != seq - 1:
+            # In log order; and a write logged after a snapshot's boundary waits until the dump is written, so
+            # the snapshot holds exactly the writes of the segments it replaces (a replay applies none twice).
+            while self._applied_seq != seq - 1 or (self._snapshot_barrier is not None and seq > self._snapshot_barrier):
                 self._apply_cond.wait()
             try:
                 if apply is not None:
@@ -367,17 +371,21 @@ class ShardEngine:
 
     def _apply_upsert(self, records: Sequence[Record]) -> None:
         latest: dict[str, Record] = {}
-        for r in records:  # of an id's records in one batch, the highest version wins, the last one on a tie
+        for r in records:
+            # Of an id's records in one batch, the one that applying them one by one would leave: the highest
+            # version, the last one on a tie; an unversioned record replaces what came before it (arrival order),
+            # as it would across batches, so a stream's outcome does not depend on where its batches are cut.
             earlier = latest.pop(r.image_id, None)
-            latest[r.image_id] = earlier if earlier is not None and earlier.version > r.version else r
+            latest[r.image_id] = earlier if earlier is not None and r.version and earlier.version > r.version else r
         newest = max((r.version for r in latest.values()), default=0)
         if newest:
             # Versioned writes: whatever order they arrive in, an id keeps its highest version, so replicas and
             # concurrent brokers converge; a write older than what is held, or than a remembered delete, is dropped.
             latest = {image_id: r for image_id, r in latest.items() if self._takes(r)}
-            for image_id in latest:
-                self.tombstones.pop(image_id, None)
-            self._expire_tombstones(newest)
+            for image_id, r in latest.items():
+                if r.version:  # newer than the remembered delete (_takes); an unversioned write leaves it
+                    self.tombstones.forget(image_id)
+            self.tombstones.expire(newest)
         self._remove_ids(latest.keys())
         by_category: dict[str, list[Record]] = {}
         for r in latest.values():
@@ -416,10 +424,8 @@ class ShardEngine:
             if held is not None and held >= version:
                 continue  # written after this delete: it stays, and needs no tombstone
             older.append(image_id)
-            if self.tombstones.get(image_id, 0) < version:
-                self.tombstones.pop(image_id, None)  # re-inserted at the end: the order stays oldest first
-                self.tombstones[image_id] = version
-        self._expire_tombstones(version)
+            self.tombstones.raise_to(image_id, version)
+        self.tombstones.expire(version)
         return self._remove_ids(older)
 
     def _held_version(self, image_id: str) -> int | None:
@@ -438,16 +444,6 @@ class ShardEngine:
             return False
         held = self._held_version(record.image_id)
         return held is None or held <= record.version  # equal: the same write again (a retry, a replay)
-
-    def _expire_tombstones(self, now_version: int) -> None:
-        """Forget deletes older than tombstone_ttl_s, counted on the write versions (so a replay of the log
-        forgets exactly what the live shard forgot)."""
-        cutoff = now_version - int(self.config.tombstone_ttl_s * 1e9)
-        while self.tombstones:
-            image_id, version = next(iter(self.tombstones.items()))
-            if version >= cutoff:
-                break
-            del self.tombstones[image_id]
 
     def _remove_ids(self, image_ids: Iterable[str]) -> int:
         rows_by_category: dict[str, list[int]] = {}
@@ -577,17 +573,25 @@ class ShardEngine:
         """Write a snapshot covering every applied write, then drop the log segments it covers."""
         with self._snapshot_lock:
             t0 = time.perf_counter()
-            closed_generation, last_seq = self.wal.rotate()
-            swaps = self._swaps_since_snapshot
             with self._apply_cond:
-                while self._applied_seq < last_seq:
-                    self._apply_cond.wait()
-                self._writes_since_snapshot = 0
-                # No write is applied while we hold the condition; later ones queue (already logged durably
-                # in the new segment, re-applied idempotently on replay if they also made it into this dump).
-                path = self.snapshots.write(self.partitions, wal_generation=closed_generation, config=self.config,
-                                            tombstones=list(self.tombstones.items()))
-                self.snapshots.rebase_vectors(path, self.partitions)
+                # The boundary is set with the rotation, before any write of the new segment can be applied.
+                closed_generation, last_seq = self.wal.rotate()
+                self._snapshot_barrier = last_seq
+            swaps = self._swaps_since_snapshot
+            try:
+                with self._apply_cond:
+                    while self._applied_seq < last_seq:
+                        self._apply_cond.wait()
+                    self._writes_since_snapshot = 0
+                    # No write is applied while we hold the condition; later ones wait for the barrier (already
+                    # logged durably in the new segment, which the replay after this snapshot starts with).
+                    path = self.snapshots.write(self.partitions, wal_generation=closed_generation,
+                                                config=self.config, tombstones=list(self.tombstones.items()))
+                    self.snapshots.rebase_vectors(path, self.partitions)
+            finally:
+                with self._apply_cond:
+                    self._snapshot_barrier = None
+                    self._apply_cond.notify_all()
             self._swaps_since_snapshot -= swaps
             self.wal.drop_through(closed_generation)
             self.snapshots.prune(keep=path)
