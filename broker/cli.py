@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from broker.catalogue import GROCERY_ATTRIBUTE_SCHEMA
 from shard_server.types import AnyOf, Condition, Equals, Filter, Is, Range
 
 DEFAULT_BROKER = "127.0.0.1:7100"
@@ -77,6 +78,7 @@ def cmd_up(args) -> int:
         broker_metrics_port=args.metrics_port,
         redis_url=os.environ.get("REDIS_URL") or None,
         write_token=os.environ.get("IMGSEARCH_WRITE_TOKEN") or None,
+        shard_args=("--attribute-schema", args.attribute_schema),
     )
     stop = {"now": False, "starting": True, "interrupted": False}
 
@@ -404,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=7100, help="broker port")
     up.add_argument("--metrics-port", type=int, default=9100, help="broker /metrics port")
     up.add_argument("--work-dir", help="data and logs (default: a new temporary folder)")
+    up.add_argument("--attribute-schema", default=GROCERY_ATTRIBUTE_SCHEMA,
+                    help="the shards' attributes, name:text|number|flag,... (default: %(default)s, the shards' own "
+                    "default plus the grocery catalogue's packshot flag)")
     up.set_defaults(func=cmd_up)
 
     ing = sub.add_parser("ingest", help="ingest an image, a folder of images or a CSV")

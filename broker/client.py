@@ -130,7 +130,7 @@ class BrokerClient:
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float | None = None) -> int:
         req = broker_pb2.BrokerServiceDeleteRequest(image_ids=list(image_ids))
         try:
-            resp = await self._stub.Delete(req, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
+            resp = await self._stub.Delete(req, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return resp.deleted
@@ -224,7 +224,7 @@ class SyncBrokerClient:
         req = broker_pb2.BrokerServiceDeleteRequest(image_ids=list(image_ids))
         try:
             return self._stub.Delete(
-                req, timeout=timeout_s or self.timeout_s, metadata=self._metadata
+                req, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata
             ).deleted
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

@@ -13,7 +13,10 @@ grocery=${1:?grocery dataset folder}
 out=${2:?output folder}
 parallel=${3:-4}
 workers=${4:-4}
-python=${PYTHON:-python3}
+# The project's .venv (make install) when there is one, else python3 (which then needs the train extra).
+default_python=python3
+[ -x .venv/bin/python ] && default_python=.venv/bin/python
+python=${PYTHON:-$default_python}
 extra=${EXTRA:-}  # appended to every run's options, e.g. EXTRA="--max-steps 2" for a smoke run
 mkdir -p "$out"
 "$python" -m embedder.selection_sets --grocery "$grocery" --out "$out/sets" >/dev/null
