@@ -22,16 +22,24 @@ from redis.exceptions import RedisError
 # Ids per script call (one Redis round trip each).
 BATCH_IDS = 1_000
 
+# ARGV: the hash's time to live in seconds, then id, version pairs.
 _KEEP_HIGHEST = """
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local kept = redis.call('HGET', KEYS[1], ARGV[i])
   local new = ARGV[i + 1]
   if (not kept) or (#kept < #new) or (#kept == #new and kept < new) then
     redis.call('HSET', KEYS[1], ARGV[i], new)
   end
 end
+redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 0
 """
+# A replica's removals are kept this long after the last one was saved: a replica taken out of the shard map
+# for good (nobody sends them any more) does not leave them in Redis forever.
+JOURNAL_TTL_S = 14 * 24 * 3600
+# Ids per HSCAN call of a load (each call under the timeout; a whole hash in one reply took over a second at
+# ~150,000 ids without hiredis).
+LOAD_BATCH_IDS = 1_000
 
 _FORGET_IF_SENT = """
 local forgotten = 0
@@ -65,21 +73,23 @@ class HintJournal:
     def _key(self, address: str) -> str:
         return f"{self._prefix}removals:{address}"
 
-    async def _call(self, coro):
-        """One Redis round trip under the timeout; after a failure Redis is not tried for backoff_s."""
-        if time.monotonic() < self._down_until:
+    async def _call(self, coro, *, breaker: bool = True):
+        """One Redis round trip under the timeout; after a failure of a `breaker` call, those are not tried for
+        backoff_s (a background load that failed does not hold up the saves of ingests)."""
+        if breaker and time.monotonic() < self._down_until:
             coro.close()
             raise JournalUnavailable("redis bypassed after a recent failure")
         try:
             return await asyncio.wait_for(coro, self._timeout_s)
         except (TimeoutError, RedisError, OSError) as exc:
-            self._down_until = time.monotonic() + self._backoff_s
+            if breaker:
+                self._down_until = time.monotonic() + self._backoff_s
             raise JournalUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
     async def save(self, address: str, removals: Mapping[str, int]) -> None:
         """Keep these removals for `address` (for each id, the highest version of any save)."""
         for args in _batches(removals):
-            await self._call(self._keep_highest(keys=[self._key(address)], args=args))
+            await self._call(self._keep_highest(keys=[self._key(address)], args=[JOURNAL_TTL_S, *args]))
 
     async def forget(self, address: str, removals: Mapping[str, int]) -> int:
         """Forget the removals that went through, unless a newer one of the same id was saved meanwhile."""
@@ -88,18 +98,24 @@ class HintJournal:
             forgotten += await self._call(self._forget_if_sent(keys=[self._key(address)], args=args))
         return forgotten
 
-    async def load(self, addresses: Iterable[str]) -> dict[str, dict[str, int]]:
-        """What is kept for each of these addresses (those with nothing are left out)."""
+    async def sizes(self, addresses: Iterable[str]) -> dict[str, int]:
+        """How many removals are kept for each of these addresses (one round trip)."""
         addresses = list(addresses)
         pipe = self._redis.pipeline(transaction=False)
         for address in addresses:
-            pipe.hgetall(self._key(address))
-        rows = await self._call(pipe.execute())
-        return {
-            address: {image_id.decode(): int(version) for image_id, version in row.items()}
-            for address, row in zip(addresses, rows, strict=True)
-            if row
-        }
+            pipe.hlen(self._key(address))
+        return dict(zip(addresses, await self._call(pipe.execute(), breaker=False), strict=True))
+
+    async def load(self, address: str, *, limit: int | None = None) -> dict[str, int]:
+        """The removals kept for `address` (at most about `limit`), read LOAD_BATCH_IDS at a time."""
+        found: dict[str, int] = {}
+        cursor = 0
+        while True:
+            cursor, rows = await self._call(
+                self._redis.hscan(self._key(address), cursor, count=LOAD_BATCH_IDS), breaker=False)
+            found.update((image_id.decode(), int(version)) for image_id, version in rows.items())
+            if cursor == 0 or (limit is not None and len(found) >= limit):
+                return found
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -35,6 +35,9 @@ RETRY_BATCH_IDS = 1_000
 MAX_PENDING_IDS = 200_000
 # On a graceful stop, what is pending is sent once more, for at most this long.
 FLUSH_ON_STOP_S = 2.0
+# An ingest waits at most this long for its removals to be saved to the journal; a slow Redis leaves the rest to
+# the retry loop, so it does not hold up every ingest while a shard is down.
+SAVE_ON_INGEST_MAX_S = 0.25
 
 
 class RemovalHints:
@@ -65,7 +68,7 @@ class RemovalHints:
         added = self._keep(address, {image_id: version for image_id in image_ids})
         if added and self._journal is not None:
             try:
-                await asyncio.wait_for(self._journal.save(address, added), timeout_s)
+                await asyncio.wait_for(self._journal.save(address, added), min(timeout_s, SAVE_ON_INGEST_MAX_S))
             except (JournalUnavailable, TimeoutError) as exc:
                 self._unsaved.setdefault(address, {}).update(added)
                 log.warning("%d stale-copy removals for %s kept in memory only for now: %r", len(added), address,
@@ -73,8 +76,9 @@ class RemovalHints:
         self._set_gauges()
         self.start()
 
-    def _keep(self, address: str, removals: Mapping[str, int]) -> dict[str, int]:
-        """Merge removals into what is pending (highest version per id, up to the cap); those taken."""
+    def _keep(self, address: str, removals: Mapping[str, int], *, count_dropped: bool = True) -> dict[str, int]:
+        """Merge removals into what is pending (highest version per id, up to the cap); those taken. Those over
+        the cap are dropped and counted, unless they come from the journal (they stay there)."""
         pending = self._pending.setdefault(address, {})
         room = MAX_PENDING_IDS - len(self)
         taken: dict[str, int] = {}
@@ -90,7 +94,7 @@ class RemovalHints:
             pending[image_id] = taken[image_id] = version
         if not pending:
             del self._pending[address]
-        if dropped:
+        if dropped and count_dropped:
             REMOVAL_HINTS_DROPPED.inc(dropped)
             log.warning("%d stale-copy removals for %s dropped: %d already pending", dropped, address, len(self))
         return taken
@@ -136,14 +140,29 @@ class RemovalHints:
         (those another broker, or this one before a restart, left there). Raises JournalUnavailable."""
         if self._journal is None:
             return
-        for address, unsaved in list(self._unsaved.items()):
-            await self._journal.save(address, unsaved)
-            self._unsaved.pop(address, None)
+        for address in list(self._unsaved):
+            unsaved = self._unsaved.pop(address)  # an ingest's failed save meanwhile starts a new dict
+            try:
+                await self._journal.save(address, unsaved)
+            except BaseException:
+                pending = self._pending.get(address, {})
+                back = self._unsaved.setdefault(address, {})
+                for image_id, version in unsaved.items():
+                    if pending.get(image_id) == version and back.get(image_id, -1) < version:  # still unsent
+                        back[image_id] = version
+                raise
+            finally:
+                self._set_gauges()
         if time.monotonic() >= self._next_reload:
-            loaded = await self._journal.load(self._clients)
-            self._next_reload = time.monotonic() + self._reload_interval_s
-            for address, removals in loaded.items():
-                self._keep(address, removals)
+            self._next_reload = time.monotonic() + self._reload_interval_s  # a failed load waits its turn too
+            for address, size in (await self._journal.sizes(self._clients)).items():
+                held = len(self._pending.get(address, ()))
+                if size <= held:
+                    continue  # nothing this broker is not sending already (or not yet: it will be once it is)
+                room = MAX_PENDING_IDS - len(self)
+                if room <= 0:
+                    break  # the rest stays in the journal for later rounds
+                self._keep(address, await self._journal.load(address, limit=held + room), count_dropped=False)
         self._set_gauges()
 
     def _set_gauges(self) -> None:

@@ -58,7 +58,7 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
     """Start the server; health turns SERVING once Triton is ready and every shard has a reachable replica."""
     embedder = embedder or _default_embedder(config)
     # Stale-copy removals a down replica missed are kept in Redis too, beyond this broker's life.
-    journal = HintJournal(config.redis_url) if config.redis_url else None
+    journal = HintJournal(config.redis_url, backoff_s=config.redis_backoff_s) if config.redis_url else None
     pool = ShardPool(
         config.shard_map,
         tls_ca_file=config.shard_tls_ca_file,

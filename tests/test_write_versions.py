@@ -422,7 +422,7 @@ async def test_a_removal_missed_while_its_broker_stopped_is_sent_by_the_next_bro
             await asyncio.sleep(0.2)
         assert await _held_on(s0r1, ["moved"]) == {}
         assert list(await _held_on(others[1], ["moved"])) == ["moved"]
-        assert await journals[1].load([s0r1.address]) == {}
+        assert await journals[1].load(s0r1.address) == {}
     finally:
         if second is not None:
             await second.pool.close()
