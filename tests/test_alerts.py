@@ -119,6 +119,51 @@ def test_rules_use_only_exported_metrics():
     recorded = {r["record"] for r in rules() if "record" in r}
     for rule in rules():
         assert not contract.unknown_metrics(rule["expr"], recorded), rule.get("alert") or rule["record"]
+        assert not contract.unknown_labels(rule["expr"]), (rule.get("alert") or rule["record"],
+                                                           contract.unknown_labels(rule["expr"]))
+
+
+@pytest.mark.parametrize(
+    "expr, unknown",
+    [
+        (('histogram_quantile(0.99, sum by (le) (rate(imgsearch_broker_stage_duration_seconds_bucket{stage="totl"}'
+          "[5m])))"), {'stage="totl"'}),
+        ("sum by (shard) (rate(imgsearch_broker_partial_results_total[5m]))", {"shard"}),
+        ('sum by (namespace, shard) (rate(imgsearch_broker_shard_requests_total{outcome!="ok"}[5m]))', set()),
+        ('rate(imgsearch_shard_search_duration_seconds_bucket{strategy="ivf", shard="shard-0"}[5m])', set()),
+        ('sum by (stage) (rate(imgsearch_shard_search_duration_seconds_count{strategy=~"$strategy"}[5m]))',
+         {"stage"}),
+    ],
+)
+def test_labels_no_series_carries_are_unknown(expr, unknown):
+    assert load_contract().unknown_labels(expr) == unknown
+
+
+def test_the_contract_s_labels_and_values_are_the_services():
+    import prometheus_client
+
+    import broker.fanout
+    import broker.metrics
+    import shard_server.metrics
+
+    contract = load_contract()
+    declared = {
+        name: tuple(collector._labelnames)  # the registry's own record of each metric's labels
+        for name, collector in prometheus_client.REGISTRY._names_to_collectors.items()
+        if name in contract.CONTRACT_METRICS and getattr(collector, "_labelnames", ())
+    }
+    assert declared == {k: v for k, v in contract.CONTRACT_LABELS.items() if k != "imgsearch_gc_pause_seconds"}
+    values = contract.LABEL_VALUES
+    assert values["stage"] == set(broker.metrics.STAGES)
+    assert values["strategy"] == set(shard_server.metrics.STRATEGIES)
+    assert values["outcome"] == {broker.fanout.OK, broker.fanout.TIMEOUT, broker.fanout.UNAVAILABLE,
+                                 broker.fanout.ERROR}
+    children = {label: set() for label in ("result", "source", "query", "event")}
+    for metric in (broker.metrics.CACHE_LOOKUPS, broker.metrics.SEARCHES, shard_server.metrics.TRAINING_EVENTS):
+        for key in metric._metrics:
+            for label, value in zip(metric._labelnames, key, strict=True):
+                children[label].add(value)
+    assert {label: values[label] for label in children} == children
 
 
 def test_the_issue_s_alerts_exist():

@@ -66,6 +66,7 @@ def test_every_query_parses_and_uses_exported_metrics(tmp_path):
     exprs = queries(dashboard())
     for title, expr in exprs:
         assert not contract.unknown_metrics(expr), f"{title}: {contract.unknown_metrics(expr)}"
+        assert not contract.unknown_labels(expr), f"{title}: {contract.unknown_labels(expr)}"
         assert "$__rate_interval" in expr or "rate(" not in expr and "increase(" not in expr, title
     # promtool parses every query as the expression of a recording rule.
     rules = {

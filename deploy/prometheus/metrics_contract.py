@@ -39,6 +39,36 @@ CONTRACT_METRICS: dict[str, str] = {
     "imgsearch_shard_snapshots_total": "counter",
     "imgsearch_shard_resident_bytes": "gauge",
 }
+# The labels each metric declares (a test checks them against the services' registry).
+CONTRACT_LABELS: dict[str, tuple[str, ...]] = {
+    "grpc_server_started_total": ("grpc_type", "grpc_service", "grpc_method"),
+    "grpc_server_handled_total": ("grpc_type", "grpc_service", "grpc_method", "grpc_code"),
+    "grpc_server_handling_seconds": ("grpc_type", "grpc_service", "grpc_method"),
+    "imgsearch_build_info": ("component", "version"),
+    "imgsearch_gc_pause_seconds": ("generation",),
+    "imgsearch_broker_stage_duration_seconds": ("stage",),
+    "imgsearch_broker_cache_lookups_total": ("result",),
+    "imgsearch_broker_shard_requests_total": ("shard", "outcome"),
+    "imgsearch_broker_searches_total": ("source", "query"),
+    "imgsearch_shard_search_duration_seconds": ("strategy",),
+    "imgsearch_shard_vectors": ("category",),
+    "imgsearch_shard_index_trained": ("category",),
+    "imgsearch_shard_training_events_total": ("event",),
+}
+# Labels every scraped series gets from its target (Prometheus and the ServiceMonitors); shard series also get
+# `shard` (deploy/README.md, Observability).
+TARGET_LABELS = frozenset({"namespace", "instance", "job", "pod", "service", "container", "endpoint"})
+# The values of the bounded labels: an equality selector on any other value matches nothing (a test checks them
+# against the code).
+LABEL_VALUES: dict[str, frozenset[str]] = {
+    "stage": frozenset({"decode_hash", "cache", "embed", "fanout", "merge", "total"}),
+    "result": frozenset({"hit", "near_hit", "miss", "error"}),
+    "outcome": frozenset({"ok", "timeout", "unavailable", "error"}),
+    "source": frozenset({"cache", "index"}),
+    "query": frozenset({"image", "vector", "image_id"}),
+    "strategy": frozenset({"exact", "ivf", "ivf_wide"}),
+    "event": frozenset({"started", "completed", "failed"}),
+}
 # Triton's metrics used by rules and dashboards (names of Triton 2.4x-2.5x).
 TRITON_METRICS = {
     "nv_inference_request_success",
@@ -80,3 +110,33 @@ def unknown_metrics(expr: str, recorded: set[str] = frozenset()) -> set[str]:
     fine), or they are a histogram's bare name."""
     unknown = metric_names(expr) - set(CONTRACT_METRICS) - TRITON_METRICS - PROMETHEUS_METRICS - set(recorded)
     return unknown | {f"{name} (a histogram: use _bucket, _sum or _count)" for name in bare_histograms(expr)}
+
+
+_GROUPING_LABELS = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+_MATCHER = re.compile(r'([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
+
+
+def unknown_labels(expr: str) -> set[str]:
+    """Labels `expr` groups or selects by that none of its series carries, and values of bounded labels that no
+    series has (`stage="totl"`): either selects nothing. Expressions on series outside the contract (Triton's,
+    recording rules) are not judged."""
+    names = metric_names(expr)
+    if not names or not names <= set(CONTRACT_METRICS):
+        return set()
+    allowed = set(TARGET_LABELS) | {label for name in names for label in CONTRACT_LABELS.get(name, ())}
+    if any(name.startswith(("imgsearch_shard_", "grpc_server_")) for name in names):
+        allowed.add("shard")
+    if "_bucket" in expr:
+        allowed.add("le")
+    unknown = set()
+    for grouping in _GROUPING_LABELS.findall(_STRINGS.sub(" ", expr)):
+        unknown |= {label for label in map(str.strip, grouping.split(",")) if label and label not in allowed}
+    for selector in re.findall(r"\{([^}]*)\}", expr):
+        for label, op, value in _MATCHER.findall(selector):
+            if label == "__name__":
+                continue
+            if label not in allowed:
+                unknown.add(label)
+            elif op == "=" and label in LABEL_VALUES and "$" not in value and value not in LABEL_VALUES[label]:
+                unknown.add(f'{label}="{value}"')
+    return unknown
