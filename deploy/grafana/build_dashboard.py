@@ -319,6 +319,17 @@ def build() -> dict:
         ],
         unit="short",
     )
+    lay.panel(
+        "timeseries",
+        "Stale-copy removals waiting for a shard replica",
+        [
+            # max, not sum: every broker takes up the journal's removals for its replicas (broker/removal_hints.py)
+            (f"max(imgsearch_broker_pending_removals{{{NS}}})", "pending"),
+            (f"max(imgsearch_broker_unsaved_removals{{{NS}}})", "not in the Redis journal"),
+            (f"sum(increase(imgsearch_broker_removal_hints_dropped_total{{{NS}}}[$__rate_interval]))", "dropped"),
+        ],
+        unit="short",
+    )
 
     lay.row("Shards")
     lay.panel(
