@@ -26,6 +26,10 @@ from imgsearch.errors import DeadlineExceededError, ImgsearchError, from_status
 from shard_server.client import ShardClient
 from shard_server.types import SearchQuery, SearchResult
 
+# After a replica answered SearchBatch with UNIMPLEMENTED, it is tried again this much later (the shard may have
+# been upgraded meanwhile).
+BATCHES_RETRY_S = 60.0
+
 
 @dataclass(frozen=True, kw_only=True)
 class _Queued:
@@ -52,10 +56,14 @@ class SearchCoalescer:
         self.max_batch = max_batch
         self._in_flight = 0
         self._queue: deque[_Queued] = deque()
-        # False once the replica answered SearchBatch with UNIMPLEMENTED (a shard older than the broker, during
-        # a rolling upgrade): every search is then its own call again.
-        self._batches_supported = True
+        # Set when the replica answered SearchBatch with UNIMPLEMENTED (a shard older than the broker, during a
+        # rolling upgrade): every search is then its own call again, until SearchBatch is tried once more.
+        self._batches_off_until = float("-inf")
         self._sending: set[asyncio.Task] = set()  # the event loop keeps only weak references to tasks
+
+    @property
+    def _batches_supported(self) -> bool:
+        return asyncio.get_running_loop().time() >= self._batches_off_until
 
     async def search(self, query: SearchQuery, *, timeout_s: float) -> SearchResult:
         if self._in_flight < self.max_in_flight or not self._batches_supported:
@@ -75,7 +83,9 @@ class SearchCoalescer:
             timer.cancel()
 
     def _send_queued(self) -> None:
-        while self._queue and self._in_flight < self.max_in_flight:
+        # Without batches, what is queued leaves at once, each search its own call (as new searches do then):
+        # under load a call is always in flight, and the queue would wait for its searches' deadlines.
+        while self._queue and (self._in_flight < self.max_in_flight or not self._batches_supported):
             batch: list[_Queued] = []
             while self._queue and len(batch) < self.max_batch:
                 queued = self._queue.popleft()
@@ -116,7 +126,8 @@ class SearchCoalescer:
                 # (--shard-batch-max-searches above its --max-batch-searches); each search alone may still pass.
                 if exc.code not in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     raise
-                self._batches_supported = exc.code is not grpc.StatusCode.UNIMPLEMENTED
+                if exc.code is grpc.StatusCode.UNIMPLEMENTED:
+                    self._batches_off_until = loop.time() + BATCHES_RETRY_S
         if outcomes is None:  # one search, or a batch the shard would not take: each search on its own
             outcomes = await asyncio.gather(
                 *(self._one(q.query, q.deadline - loop.time()) for q in batch), return_exceptions=True

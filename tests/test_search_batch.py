@@ -222,6 +222,47 @@ async def test_a_shard_without_search_batch_gets_single_searches():
     assert client.calls == [1, 1, 1]  # no further batches to that replica
 
 
+class SlowRefusingClient(GatedClient):
+    """SearchBatch is refused (UNIMPLEMENTED) after 50 ms; a search takes as long as its tag says (ms)."""
+
+    async def search_batch(self, queries, *, timeout_s):
+        self.calls.append(len(queries))
+        await asyncio.sleep(0.05)
+        raise from_status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+    async def search(self, query, *, timeout_s):
+        self.calls.append(1)
+        await asyncio.sleep(int(query.vector[0]) / 1000)
+        return self._answer(query)
+
+
+async def test_searches_queued_when_batches_turn_out_unsupported_leave_at_once_under_load():
+    """A search queued while the SearchBatch call that the shard refused was in flight waited for a free call
+    slot, which never came while later searches (each its own call by then) kept one in flight: it failed at its
+    deadline although the shard answered every search around it."""
+    coalescer = SearchCoalescer(SlowRefusingClient(), max_in_flight=1)
+    first = asyncio.ensure_future(coalescer.search(_query(99), timeout_s=5))  # 100 ms in flight
+    await asyncio.sleep(0.01)
+    batch = [asyncio.ensure_future(coalescer.search(_query(i), timeout_s=5)) for i in (49, 50)]  # they queue
+    await asyncio.sleep(0.11)  # the first answered; the batch call is in flight (refused at 50 ms)
+    stranded = asyncio.ensure_future(coalescer.search(_query(1), timeout_s=0.5))
+    await asyncio.sleep(0.07)  # refused; its searches go one by one (50 ms each)
+    long_call = asyncio.ensure_future(coalescer.search(_query(999), timeout_s=5))  # 1 s, its own call at once
+    answers = await asyncio.gather(first, *batch, stranded, long_call)
+    assert [a.hits[0].image_id for a in answers] == ["99", "49", "50", "1", "999"]
+
+
+async def test_a_replica_without_search_batch_is_offered_batches_again_later(monkeypatch):
+    client = GatedClient(batch_error=from_status(grpc.StatusCode.UNIMPLEMENTED, "Method not found!"))
+    coalescer = SearchCoalescer(client, max_in_flight=1)
+    monkeypatch.setattr("broker.coalesce.BATCHES_RETRY_S", 0.05)
+    client.release.set()
+    await asyncio.gather(*(coalescer.search(_query(i), timeout_s=5) for i in range(3)))
+    assert not coalescer._batches_supported
+    await asyncio.sleep(0.1)
+    assert coalescer._batches_supported  # the shard may have been upgraded meanwhile
+
+
 async def test_a_batch_over_the_shards_limit_is_sent_as_single_searches(shard):
     client, catalogue = shard  # this shard takes at most 8 searches per batch
     queries = _queries(catalogue, 13)
