@@ -203,12 +203,13 @@ async def test_a_cache_answer_carries_the_shards_current_attributes():
     assert answer.from_duplicate_cache and answer.hits[0].attributes == {"price": 1.25}
 
 
-async def test_a_cache_answer_whose_shard_cannot_be_asked_is_answered_as_cached_and_partial():
-    """The index could not answer for that shard either: the cache answers (Triton not needed), flagged partial."""
+async def test_a_cache_answer_whose_shard_cannot_be_asked_is_not_answered_unchecked():
+    """Unconfirmed, the entry could be an image deleted while Redis was down (its cache delete lost with a broker
+    restart): the search goes to the index (here Triton is down too: UNAVAILABLE), and the entry stays."""
     cache, embedder = StubCache([_match(True, _unit(0))]), StubEmbedder(None, EmbedderUnavailableError("down"))
-    answer = await _broker(cache, embedder, StubPool(down=True)).search(Query(image=_png(), top_k=3), timeout_s=1)
-    assert answer.from_duplicate_cache and answer.partial and [h.image_id for h in answer.hits] == ["dup"]
-    assert embedder.calls == 0 and cache.deletes == []
+    with pytest.raises(UnavailableError):
+        await _broker(cache, embedder, StubPool(down=True)).search(Query(image=_png(), top_k=3), timeout_s=1)
+    assert embedder.calls == 1 and cache.deletes == []
 
 
 async def test_duplicates_outside_the_requested_categories_are_ignored():
