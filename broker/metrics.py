@@ -61,6 +61,11 @@ CACHE_REPAIR_PENDING = Gauge(
     "imgsearch_broker_cache_repair_pending",
     "Duplicate-cache writes (upserts or deletes) that failed and wait for the repair loop.",
 )
+CACHE_REPAIR_DROPPED = Counter(
+    "imgsearch_broker_cache_repair_dropped_total",
+    "Failed duplicate-cache writes not kept for the repair loop because too many were pending (Redis down for "
+    "long): each costs a cache miss later, or an entry found stale when it would answer.",
+)
 SEARCHES = Counter(
     "imgsearch_broker_searches_total",
     "Answered searches by where the answer came from (cache, index) and what the query was (image, vector, "

@@ -3,9 +3,10 @@
 The shard is the source of truth; the duplicate cache is derived from it. When a cache write fails the ingest
 or delete still succeeds (the shard made it durable) and the write waits here. Only the latest pending write
 per image id is kept (a later upsert or delete supersedes an earlier one). The queue lives in the broker's
-memory: a broker restarted while writes are pending loses them (the gauge shows how many there were); the
-gap is then only a missed cache answer, never a wrong one, because a missing entry sends the search to the
-index.
+memory, at most MAX_PENDING_WRITES of them (the rest are dropped and counted): a broker restarted while writes
+are pending loses them (the gauge shows how many there were); the gap is then only a missed cache answer, never a
+wrong one: a missing entry sends the search to the index, and a left-over one is checked with its shard before it
+answers (broker/core.py).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import asyncio
 import logging
 
 from broker.cache import CacheEntry, CacheUnavailable, DuplicateCache
-from broker.metrics import CACHE_REPAIR_PENDING
+from broker.metrics import CACHE_REPAIR_DROPPED, CACHE_REPAIR_PENDING
 
 log = logging.getLogger(__name__)
 
+# Pending writes kept at most (~55 MB); past it new ones are dropped and counted.
+MAX_PENDING_WRITES = 20_000
 # A pending write: the entry to upsert, or None to delete.
 PendingWrite = CacheEntry | None
 # No pending write for an id (None is a pending delete, so it cannot mean "absent").
@@ -35,6 +38,12 @@ class CacheRepairQueue:
         return len(self._pending)
 
     def add(self, image_id: str, write: PendingWrite) -> None:
+        if image_id not in self._pending and len(self._pending) >= MAX_PENDING_WRITES:
+            # Dropping is safe: a lost upsert is a cache miss later, a lost delete an entry that the shards'
+            # check of every cache answer finds stale (broker/core.py). Keeping them all is not: ~2.7 KB each
+            # (the embedding), 2.7 GB for a million images re-ingested during an outage.
+            CACHE_REPAIR_DROPPED.inc()
+            return
         self._pending[image_id] = write
         CACHE_REPAIR_PENDING.set(len(self._pending))
 

@@ -127,6 +127,24 @@ async def test_a_pending_delete_superseded_during_a_repair_round_is_skipped():
     assert ("delete", "x") not in cache.calls, cache.calls
 
 
+async def test_the_repair_queue_keeps_at_most_its_cap_and_counts_the_rest(monkeypatch):
+    """Every failed cache write kept its entry (the 512-d embedding: ~2.7 KB) with no limit: re-ingesting a large
+    catalogue during a Redis outage grew the broker by GBs (an ingest review measured 400 MB at 120k images)."""
+    from prometheus_client import REGISTRY
+
+    monkeypatch.setattr("broker.repair.MAX_PENDING_WRITES", 3)
+
+    def dropped():
+        return REGISTRY.get_sample_value("imgsearch_broker_cache_repair_dropped_total") or 0
+
+    before = dropped()
+    queue = CacheRepairQueue(FakeCache(), interval_s=3600)
+    for i in range(5):
+        queue.add(f"id-{i}", None)
+    queue.add("id-0", None)  # an id already pending is replaced, not dropped
+    assert len(queue) == 3 and dropped() - before == 2
+
+
 async def test_image_id_locks_order_writers_time_out_and_leave_nothing_behind():
     """broker.idlocks: a second writer of an id waits for the first; one that waits past its deadline gets
     DEADLINE_EXCEEDED; overlapping id sets in any order do not deadlock; no lock outlives its holders."""

@@ -23,6 +23,7 @@ CONTRACT_METRICS: dict[str, str] = {
     "imgsearch_broker_shard_call_searches": "histogram",
     "imgsearch_broker_partial_results_total": "counter",
     "imgsearch_broker_cache_repair_pending": "gauge",
+    "imgsearch_broker_cache_repair_dropped_total": "counter",
     "imgsearch_broker_cache_stale_entries_total": "counter",
     "imgsearch_broker_pending_removals": "gauge",
     "imgsearch_broker_unsaved_removals": "gauge",
