@@ -33,6 +33,9 @@ class BrokerConfig:
     embed_max_batch: int = 32
     # Concurrent chunks of a bulk ingest stream (each chunk is one embedding batch and one shard upsert).
     ingest_concurrency: int = 4
+    # Upload bytes of IngestStream chunks held at once across all streams (a chunk waits, and its stream stops
+    # reading, until there is room): 4 chunks of 32 images of up to 10 MiB per stream held ~1.6 GB otherwise.
+    max_ingest_bytes_in_flight: int = 128 * 1024 * 1024
     ingest_chunk_size: int = 32
     dimension: int = 512
     max_top_k: int = 1000
@@ -93,6 +96,12 @@ class BrokerConfig:
         )
         p.add_argument(
             "--ingest-concurrency", type=int, default=int(env("IMGSEARCH_INGEST_CONCURRENCY", "4"))
+        )
+        p.add_argument(
+            "--max-ingest-bytes-in-flight",
+            type=int,
+            default=int(env("IMGSEARCH_MAX_INGEST_BYTES_IN_FLIGHT", str(cls.max_ingest_bytes_in_flight))),
+            help="upload bytes of IngestStream chunks held at once across all streams",
         )
         p.add_argument("--dimension", type=int, default=int(env("IMGSEARCH_DIMENSION", "512")))
         p.add_argument(
@@ -172,6 +181,7 @@ class BrokerConfig:
             search_timeout_s=a.search_timeout_s,
             ingest_timeout_s=a.ingest_timeout_s,
             ingest_concurrency=a.ingest_concurrency,
+            max_ingest_bytes_in_flight=a.max_ingest_bytes_in_flight,
             dimension=a.dimension,
             max_image_bytes=a.max_image_bytes,
             max_image_pixels=a.max_image_pixels,

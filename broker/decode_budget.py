@@ -31,10 +31,14 @@ def header_pixels(data: bytes) -> int:
 
 
 class PixelBudget:
-    def __init__(self, pixels: int) -> None:
+    """First come, first served room for `pixels` units: image pixels being decoded, or (`unit="bytes"`) upload
+    bytes of IngestStream chunks in flight (broker/service.py)."""
+
+    def __init__(self, pixels: int, *, unit: str = "pixel") -> None:
         if pixels <= 0:
-            raise ValueError(f"a pixel budget must be positive, got {pixels}")
+            raise ValueError(f"a {unit} budget must be positive, got {pixels}")
         self.pixels = pixels
+        self.unit = unit
         self._free = pixels
         self._changed = asyncio.Condition()
         self._tickets = itertools.count()
@@ -45,7 +49,16 @@ class PixelBudget:
     async def hold(self, pixels: int, *, timeout_s: float) -> AsyncIterator[None]:
         """Hold room for decoding `pixels` (at most the whole budget); raises DecodeWaitTimeoutError
         (DEADLINE_EXCEEDED) when none comes within `timeout_s`."""
-        want = min(max(pixels, 0), self.pixels)
+        held = await self.acquire(pixels, timeout_s=timeout_s)
+        try:
+            yield
+        finally:
+            await self.release(held)
+
+    async def acquire(self, amount: int, *, timeout_s: float) -> int:
+        """Take room for `amount` (at most the whole budget) once it is this caller's turn and there is room;
+        returns what was taken, for release(). DecodeWaitTimeoutError (DEADLINE_EXCEEDED) past `timeout_s`."""
+        want = min(max(amount, 0), self.pixels)
         ticket = next(self._tickets)
         try:
             async with asyncio.timeout(timeout_s), self._changed:
@@ -54,18 +67,19 @@ class PixelBudget:
                 self._next_turn()
         except TimeoutError:
             await self._give_up(ticket)
+            what = f"a {amount}-pixel image" if self.unit == "pixel" else f"{amount} {self.unit}"
             raise DecodeWaitTimeoutError(
-                f"no room to decode a {pixels}-pixel image within {timeout_s:.3f}s (other large images first)"
+                f"no room for {what} within {timeout_s:.3f}s (others in flight first)"
             ) from None
         except BaseException:
             await self._give_up(ticket)
             raise
-        try:
-            yield
-        finally:
-            async with self._changed:
-                self._free += want
-                self._changed.notify_all()
+        return want
+
+    async def release(self, amount: int) -> None:
+        async with self._changed:
+            self._free += amount
+            self._changed.notify_all()
 
     async def _give_up(self, ticket: int) -> None:
         """A waiter that leaves must not hold up those behind it: its turn is skipped."""

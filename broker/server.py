@@ -99,6 +99,7 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
         write_token=config.write_token,
         ingest_chunk_size=config.ingest_chunk_size,
         ingest_concurrency=config.ingest_concurrency,
+        max_ingest_bytes_in_flight=config.max_ingest_bytes_in_flight,
     )
 
     def register(server):

@@ -9,10 +9,14 @@ import grpc
 
 from broker import convert
 from broker.core import Broker
+from broker.decode_budget import PixelBudget
 from broker.errors import MissingTokenError, WrongTokenError
 from broker.types import CatalogueItem
 from imgsearch.serving import remaining_timeout_s
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
+
+# An IngestStream chunk is sent on once its messages reach this many bytes, even short of ingest_chunk_size items.
+INGEST_CHUNK_MAX_BYTES = 16 * 1024 * 1024
 
 
 class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
@@ -25,6 +29,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         write_token: str | None = None,
         ingest_chunk_size: int = 32,
         ingest_concurrency: int = 4,
+        max_ingest_bytes_in_flight: int = 128 * 1024 * 1024,
     ):
         self._broker = broker
         self._search_timeout_s = search_timeout_s
@@ -32,6 +37,8 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self._write_token = write_token
         self._chunk = ingest_chunk_size
         self._concurrency = ingest_concurrency
+        # Shared by every stream: bounds the broker's memory however many streams run (broker.decode_budget).
+        self._ingest_bytes = PixelBudget(max_ingest_bytes_in_flight, unit="bytes")
 
     def _authorise_write(self, context: grpc.aio.ServicerContext) -> None:
         if self._write_token is None:
@@ -70,39 +77,54 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         slots = asyncio.Semaphore(self._concurrency)
         tasks: list[asyncio.Task] = []
         running: list[tuple[asyncio.Task, set[str]]] = []  # chunks not known to be finished, with their ids
+        failures: list[BaseException] = []  # of finished chunks (one check per chunk, not a scan of them all)
 
-        async def run(chunk: list[CatalogueItem]):
+        def note_failure(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())
+
+        async def run(chunk: list[CatalogueItem], held_bytes: int):
             try:
                 return await self._broker.ingest(
                     chunk, timeout_s=remaining_timeout_s(context, self._ingest_timeout_s)
                 )
             finally:
                 slots.release()
+                await self._ingest_bytes.release(held_bytes)
 
-        async def submit(chunk: list[CatalogueItem]) -> None:
+        async def submit(chunk: list[CatalogueItem], chunk_bytes: int) -> None:
             ids = {item.image_id for item in chunk}
             running[:] = [(t, t_ids) for t, t_ids in running if not t.done()]
             earlier = [t for t, t_ids in running if not ids.isdisjoint(t_ids)]
             if earlier:
                 await asyncio.wait(earlier)
             await slots.acquire()
-            failed = next((t for t in tasks if t.done() and t.exception() is not None), None)
-            if failed is not None:
+            try:
+                if failures:
+                    raise failures[0]
+                # The stream reads no further until the chunk has room among all streams' chunks in flight.
+                held = await self._ingest_bytes.acquire(
+                    chunk_bytes, timeout_s=remaining_timeout_s(context, self._ingest_timeout_s))
+            except BaseException:
                 slots.release()
-                raise failed.exception()
-            task = asyncio.create_task(run(chunk))
+                raise
+            task = asyncio.create_task(run(chunk, held))
+            task.add_done_callback(note_failure)
             tasks.append(task)
             running.append((task, ids))
 
         chunk: list[CatalogueItem] = []
+        chunk_bytes = 0
         try:
             async for message in request_iterator:
                 chunk.append(convert.item_from_proto(message.item))
-                if len(chunk) >= self._chunk:
-                    await submit(chunk)
-                    chunk = []
+                chunk_bytes += message.ByteSize()
+                # A chunk is also cut by size: 32 images of up to 10 MiB each would hold 320 MiB per chunk.
+                if len(chunk) >= self._chunk or chunk_bytes >= INGEST_CHUNK_MAX_BYTES:
+                    await submit(chunk, chunk_bytes)
+                    chunk, chunk_bytes = [], 0
             if chunk:
-                await submit(chunk)
+                await submit(chunk, chunk_bytes)
             summaries = await asyncio.gather(*tasks)
         except BaseException:
             for t in tasks:

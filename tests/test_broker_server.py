@@ -20,7 +20,7 @@ from broker.routing import ShardMap
 from broker.server import start_broker
 from broker.service import BrokerService
 from broker.stack import free_port
-from broker.types import CatalogueItem
+from broker.types import CatalogueItem, IngestSummary
 from imgsearch.errors import (
     ImgsearchError,
     InvalidArgumentError,
@@ -29,6 +29,7 @@ from imgsearch.errors import (
     UnavailableError,
 )
 from imgsearch.serving import ServerOptions
+from imgsearch.v1 import broker_pb2
 
 
 def _config(**server) -> BrokerConfig:
@@ -157,3 +158,51 @@ def test_writes_without_credentials_are_unauthenticated_and_with_wrong_ones_deni
     with pytest.raises(ImgsearchError) as raised:
         service._authorise_write(Context())
     assert raised.value.code.name == expected
+
+
+class _StreamContext:
+    def invocation_metadata(self):
+        return ()
+
+    def time_remaining(self):
+        return None
+
+
+class _HeldIngests:
+    """A broker stand-in (the unit under test is the servicer's stream handling): each ingest holds its chunk
+    until released, and the chunks' upload bytes in flight are recorded."""
+
+    def __init__(self):
+        self.in_flight, self.peak, self.release = 0, 0, asyncio.Event()
+
+    async def ingest(self, items, *, timeout_s):
+        size = sum(len(item.image or b"") for item in items)
+        self.in_flight += size
+        self.peak = max(self.peak, self.in_flight)
+        await self.release.wait()
+        self.in_flight -= size
+        return IngestSummary(ingested=len(items), cache_pending=0)
+
+
+async def test_ingest_streams_hold_at_most_the_byte_budget_across_streams():
+    """Each IngestStream ran 4 chunks of 32 images at once, with nothing bounding the upload bytes held across
+    streams (an ingest review: one stream of 9.5 MB images held 1.6 GB, three streams 3.7 GB). Chunks now wait
+    for room in a byte budget shared by all streams, and are cut at 16 MiB."""
+    broker = _HeldIngests()
+    budget = 24 * 1024 * 1024
+    service = BrokerService(broker, search_timeout_s=1, ingest_timeout_s=30, ingest_chunk_size=32,
+                            max_ingest_bytes_in_flight=budget)
+    image = b"x" * (3 * 1024 * 1024)
+
+    async def messages(stream: int):
+        for i in range(40):
+            yield broker_pb2.IngestStreamRequest(item=broker_pb2.CatalogueItem(
+                image_id=f"s{stream}-{i}", product_id="p", category="c", image=image))
+
+    streams = [asyncio.ensure_future(service.IngestStream(messages(s), _StreamContext())) for s in range(3)]
+    await asyncio.sleep(0.2)
+    assert 0 < broker.peak <= budget  # 3 streams x 40 x 3 MiB = 360 MiB offered
+    broker.release.set()
+    answers = await asyncio.gather(*streams)
+    assert [a.ingested for a in answers] == [40, 40, 40]
+    assert broker.peak <= budget
