@@ -36,6 +36,9 @@ class BrokerConfig:
     # Upload bytes of IngestStream chunks held at once across all streams (a chunk waits, and its stream stops
     # reading, until there is room): 4 chunks of 32 images of up to 10 MiB per stream held ~1.6 GB otherwise.
     max_ingest_bytes_in_flight: int = 128 * 1024 * 1024
+    # IngestStreams running at once (each also holds the chunk it is filling, up to 8 MiB, and one message); more
+    # wait for a turn within their deadline, then RESOURCE_EXHAUSTED.
+    max_ingest_streams: int = 8
     ingest_chunk_size: int = 32
     dimension: int = 512
     max_top_k: int = 1000
@@ -102,6 +105,12 @@ class BrokerConfig:
             type=int,
             default=int(env("IMGSEARCH_MAX_INGEST_BYTES_IN_FLIGHT", str(cls.max_ingest_bytes_in_flight))),
             help="upload bytes of IngestStream chunks held at once across all streams",
+        )
+        p.add_argument(
+            "--max-ingest-streams",
+            type=int,
+            default=int(env("IMGSEARCH_MAX_INGEST_STREAMS", str(cls.max_ingest_streams))),
+            help="IngestStreams run at once; more wait for a turn within their deadline",
         )
         p.add_argument("--dimension", type=int, default=int(env("IMGSEARCH_DIMENSION", "512")))
         p.add_argument(
@@ -182,6 +191,7 @@ class BrokerConfig:
             ingest_timeout_s=a.ingest_timeout_s,
             ingest_concurrency=a.ingest_concurrency,
             max_ingest_bytes_in_flight=a.max_ingest_bytes_in_flight,
+            max_ingest_streams=a.max_ingest_streams,
             dimension=a.dimension,
             max_image_bytes=a.max_image_bytes,
             max_image_pixels=a.max_image_pixels,

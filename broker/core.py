@@ -39,6 +39,7 @@ from broker.idlocks import ImageIdLocks
 from broker.metrics import (
     CACHE_LOOKUPS,
     CACHE_STALE_ENTRIES,
+    PARTIAL_RESULTS,
     SEARCHES,
     STAGE_SECONDS,
     STAGES,
@@ -138,13 +139,15 @@ class Broker:
                 t0 = time.perf_counter()
                 outcome, exact, near = await self._lookup(hashes, query.categories)
                 # the shards' check of an exact match counts as the cache stage (a near match's, after embedding)
-                hits = await self._current(query, [(m.entry, 1.0) for m in exact], deadline) if exact else ()
+                hits, partial = (
+                    await self._current(query, [(m.entry, 1.0) for m in exact], deadline) if exact else ((), False)
+                )
                 cache_s = time.perf_counter() - t0
                 if exact:
                     if hits:
                         CACHE_LOOKUPS.labels("hit").inc()
                         return self._cache_answer(
-                            hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0
+                            hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0, partial=partial
                         )
                     outcome = CacheOutcome.MISS  # every exact match was stale
                     CACHE_LOOKUPS.labels("miss").inc()
@@ -160,9 +163,11 @@ class Broker:
                     ((float(np.dot(m.entry.embedding, vector)), m) for m in near), key=lambda sm: -sm[0]
                 )
                 confirmed = [(m.entry, s) for s, m in scored if s >= self.near_min_similarity]
-                hits = await self._current(query, confirmed, deadline) if confirmed else ()
+                hits, partial = await self._current(query, confirmed, deadline) if confirmed else ((), False)
                 if hits:
-                    return self._cache_answer(hits, CacheOutcome.NEAR, t_start, decode_s, cache_s, embed_s)
+                    return self._cache_answer(
+                        hits, CacheOutcome.NEAR, t_start, decode_s, cache_s, embed_s, partial=partial
+                    )
                 outcome = CacheOutcome.MISS
                 CACHE_LOOKUPS.labels("miss").inc()
         else:
@@ -215,12 +220,13 @@ class Broker:
 
     async def _current(
         self, query: Query, matches: Sequence[tuple[CacheEntry, float]], deadline: float
-    ) -> tuple[Hit, ...]:
+    ) -> tuple[tuple[Hit, ...], bool]:
         """The cache's answer (best first, top_k) from the entries that the owning shards still hold as cached,
-        with the shards' current attributes. Stale entries are removed from the cache. An entry whose shard could
-        not be asked is left out (not removed): unchecked, it could answer for an image deleted while Redis was
-        down (a cache delete the broker kept for later and lost in a restart); the index search that follows when
-        nothing is left answers without that shard, flagged partial."""
+        with the shards' current attributes, and whether it is partial (an entry's shard could not be asked).
+        Stale entries are removed from the cache. An entry whose shard could not be asked is left out (not
+        removed): unchecked, it could answer for an image deleted while Redis was down (a cache delete the broker
+        kept for later and lost in a restart); when nothing is left, the index search that follows answers
+        without that shard, flagged partial too."""
         matches = matches[: max(query.top_k, MAX_CACHE_MATCHES_CHECKED)]
         try:
             stored, unasked = await self.pool.stored(
@@ -229,7 +235,7 @@ class Broker:
             )
         except ImgsearchError as exc:  # the request itself (a shard refused it): not the cache's to answer
             log.debug("cache answer not checked, searching the index: %s", exc)
-            return ()
+            return (), False
         current: list[Hit] = []
         stale: list[str] = []
         for entry, score in matches:
@@ -256,7 +262,7 @@ class Broker:
             # entry to be found stale again.
             with contextlib.suppress(CacheUnavailable):
                 await self.cache.delete_many(list(dict.fromkeys(stale)))
-        return _first(query, current)
+        return _first(query, current), any(entry.image_id in unasked for entry, _ in matches)
 
     async def _lookup(
         self, hashes: ImageHashes, categories: Sequence[str]
@@ -282,16 +288,19 @@ class Broker:
 
     def _cache_answer(
         self, hits, outcome: CacheOutcome, t_start: float, decode_s: float, cache_s: float, embed_s: float,
+        *, partial: bool,
     ) -> SearchAnswer:
         if outcome is CacheOutcome.NEAR:
             CACHE_LOOKUPS.labels("near_hit").inc()
+        if partial:
+            PARTIAL_RESULTS.inc()
         timings = StageTimings(
             decode_hash_s=decode_s, cache_s=cache_s, embed_s=embed_s, total_s=time.perf_counter() - t_start
         )
         self._observe(timings)
         SEARCHES.labels("cache", "image").inc()
         return SearchAnswer(
-            hits=hits, cache=outcome, from_duplicate_cache=True, partial=False, timings=timings
+            hits=hits, cache=outcome, from_duplicate_cache=True, partial=partial, timings=timings
         )
 
     @staticmethod

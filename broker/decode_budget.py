@@ -44,6 +44,7 @@ class PixelBudget:
         self._tickets = itertools.count()
         self._serving = 0  # the ticket whose turn it is: first come, first served
         self._skipped: set[int] = set()  # tickets of waiters that left before their turn
+        self._releasing: set[asyncio.Task] = set()
 
     @contextlib.asynccontextmanager
     async def hold(self, pixels: int, *, timeout_s: float) -> AsyncIterator[None]:
@@ -80,6 +81,12 @@ class PixelBudget:
         async with self._changed:
             self._free += amount
             self._changed.notify_all()
+
+    def release_soon(self, amount: int) -> None:
+        """release() from a synchronous callback (a task's done callback)."""
+        task = asyncio.get_running_loop().create_task(self.release(amount))
+        self._releasing.add(task)  # the event loop keeps only weak references to tasks
+        task.add_done_callback(self._releasing.discard)
 
     async def _give_up(self, ticket: int) -> None:
         """A waiter that leaves must not hold up those behind it: its turn is skipped."""

@@ -204,7 +204,7 @@ class ShardPool:
                 continue  # another replica may be up
             except DeadlineExceededError as exc:
                 reply = _ReplicaReply(address=addresses[i], outcome=TIMEOUT, message=str(exc))
-                if len(clients) > 1:
+                if not last:  # the last one only had what the others left: the search's deadline, not its fault
                     self._suspect_until[addresses[i]] = time.monotonic() + SLOW_REPLICA_LAST_S
                 continue  # another replica may answer in what is left
             except ImgsearchError as exc:

@@ -100,6 +100,7 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
         ingest_chunk_size=config.ingest_chunk_size,
         ingest_concurrency=config.ingest_concurrency,
         max_ingest_bytes_in_flight=config.max_ingest_bytes_in_flight,
+        max_ingest_streams=config.max_ingest_streams,
     )
 
     def register(server):

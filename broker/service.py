@@ -12,11 +12,12 @@ from broker.core import Broker
 from broker.decode_budget import PixelBudget
 from broker.errors import MissingTokenError, WrongTokenError
 from broker.types import CatalogueItem
+from imgsearch.errors import ResourceExhaustedError
 from imgsearch.serving import remaining_timeout_s
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 
 # An IngestStream chunk is sent on once its messages reach this many bytes, even short of ingest_chunk_size items.
-INGEST_CHUNK_MAX_BYTES = 16 * 1024 * 1024
+INGEST_CHUNK_MAX_BYTES = 8 * 1024 * 1024
 
 
 class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
@@ -30,6 +31,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         ingest_chunk_size: int = 32,
         ingest_concurrency: int = 4,
         max_ingest_bytes_in_flight: int = 128 * 1024 * 1024,
+        max_ingest_streams: int = 8,
     ):
         self._broker = broker
         self._search_timeout_s = search_timeout_s
@@ -39,6 +41,8 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self._concurrency = ingest_concurrency
         # Shared by every stream: bounds the broker's memory however many streams run (broker.decode_budget).
         self._ingest_bytes = PixelBudget(max_ingest_bytes_in_flight, unit="bytes")
+        self._max_streams = max_ingest_streams
+        self._streams = asyncio.Semaphore(max_ingest_streams)
 
     def _authorise_write(self, context: grpc.aio.ServicerContext) -> None:
         if self._write_token is None:
@@ -72,25 +76,65 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         """Chunks of the stream go through embed + shard upsert + cache concurrently (bounded). Acknowledged
         once every chunk is durable; on an error the chunks already written stay (re-sending is safe: ingest
         is idempotent by image id). An image id sent twice keeps the later item, as in one Ingest: a chunk
-        that repeats an id of a chunk still running waits for it."""
+        that repeats an id of a chunk still running waits for it.
+
+        Memory: at most max_ingest_streams streams run at once (others wait for a turn within their deadline,
+        then RESOURCE_EXHAUSTED); the upload bytes of their chunks in flight share one budget (a chunk waits for
+        room, and its stream reads no further meanwhile); each stream also holds the chunk it is filling (cut at
+        INGEST_CHUNK_MAX_BYTES) and the message just read."""
         self._authorise_write(context)
+        try:
+            async with asyncio.timeout(remaining_timeout_s(context, self._ingest_timeout_s)):
+                await self._streams.acquire()
+        except TimeoutError:
+            raise ResourceExhaustedError(
+                f"more than {self._max_streams} IngestStreams at once: none ended within the deadline") from None
+        try:
+            return await self._ingest_stream(request_iterator, context)
+        finally:
+            self._streams.release()
+
+    async def _ingest_stream(self, request_iterator, context):
         slots = asyncio.Semaphore(self._concurrency)
         tasks: list[asyncio.Task] = []
         running: list[tuple[asyncio.Task, set[str]]] = []  # chunks not known to be finished, with their ids
         failures: list[BaseException] = []  # of finished chunks (one check per chunk, not a scan of them all)
+        failed = asyncio.Event()
 
-        def note_failure(task: asyncio.Task) -> None:
+        def remaining_s() -> float:
+            return remaining_timeout_s(context, self._ingest_timeout_s)
+
+        def chunk_done(task: asyncio.Task, held_bytes: int) -> None:
+            # A done callback, not a `finally` in the task: a task cancelled before it ran would skip that, and
+            # the bytes would be lost to every later stream.
+            slots.release()
+            self._ingest_bytes.release_soon(held_bytes)
             if not task.cancelled() and task.exception() is not None:
                 failures.append(task.exception())
+                failed.set()
 
-        async def run(chunk: list[CatalogueItem], held_bytes: int):
+        def give_back_if_taken(acquiring: asyncio.Future) -> None:
+            if not acquiring.cancelled() and acquiring.exception() is None:
+                self._ingest_bytes.release_soon(acquiring.result())
+
+        async def take_bytes(amount: int) -> int | None:
+            """Room for a chunk in the shared budget; None when one of the stream's chunks fails meanwhile (its
+            error is the stream's answer, not a wait for room that may outlast the deadline)."""
+            acquiring = asyncio.ensure_future(self._ingest_bytes.acquire(amount, timeout_s=remaining_s()))
+            failure = asyncio.ensure_future(failed.wait())
             try:
-                return await self._broker.ingest(
-                    chunk, timeout_s=remaining_timeout_s(context, self._ingest_timeout_s)
-                )
-            finally:
-                slots.release()
-                await self._ingest_bytes.release(held_bytes)
+                await asyncio.wait({acquiring, failure}, return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:  # the stream is cancelled: whatever the acquire gets is given back
+                failure.cancel()
+                acquiring.cancel()
+                acquiring.add_done_callback(give_back_if_taken)
+                raise
+            failure.cancel()
+            if acquiring.done() and not failures:
+                return acquiring.result()  # or the budget's DEADLINE_EXCEEDED: no room within the deadline
+            acquiring.cancel()  # a chunk failed: that is the answer
+            acquiring.add_done_callback(give_back_if_taken)
+            return None
 
         async def submit(chunk: list[CatalogueItem], chunk_bytes: int) -> None:
             ids = {item.image_id for item in chunk}
@@ -100,16 +144,15 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
                 await asyncio.wait(earlier)
             await slots.acquire()
             try:
-                if failures:
+                held = None if failures else await take_bytes(chunk_bytes)
+                if held is None:
                     raise failures[0]
-                # The stream reads no further until the chunk has room among all streams' chunks in flight.
-                held = await self._ingest_bytes.acquire(
-                    chunk_bytes, timeout_s=remaining_timeout_s(context, self._ingest_timeout_s))
             except BaseException:
                 slots.release()
                 raise
-            task = asyncio.create_task(run(chunk, held))
-            task.add_done_callback(note_failure)
+            task = asyncio.create_task(
+                self._broker.ingest(chunk, timeout_s=remaining_s()))
+            task.add_done_callback(lambda t, held=held: chunk_done(t, held))
             tasks.append(task)
             running.append((task, ids))
 

@@ -212,6 +212,24 @@ async def test_a_cache_answer_whose_shard_cannot_be_asked_is_not_answered_unchec
     assert embedder.calls == 1 and cache.deletes == []
 
 
+async def test_a_cache_answer_without_an_entry_whose_shard_cannot_be_asked_is_partial():
+    """One picture catalogued twice, on two shards; one shard is down: the entry it holds is left out, and the
+    cache's answer with the other one says it is partial (as the index's answer would)."""
+
+    class OneShardDown(StubPool):
+        async def stored(self, categories, *, timeout_s):
+            return {i: self.held[i] for i in categories if i == "on-b"}, {i for i in categories if i == "on-a"}
+
+    def entry(image_id, category):
+        return CacheMatch(entry=CacheEntry(image_id=image_id, product_id="p", category=category, phash=1, dhash=2,
+                                           embedding=_unit(0)), exact=True, phash_distance=0, dhash_distance=0)
+
+    cache = StubCache([entry("on-a", "Milk"), entry("on-b", "Juice")])
+    pool = OneShardDown(held=_held("on-b", "p", "Juice", _unit(0)))
+    answer = await _broker(cache, StubEmbedder(_unit(0)), pool).search(Query(image=_png(), top_k=3), timeout_s=1)
+    assert answer.from_duplicate_cache and answer.partial and [h.image_id for h in answer.hits] == ["on-b"]
+
+
 async def test_duplicates_outside_the_requested_categories_are_ignored():
     cache = StubCache([_match(True, _unit(0), category="Juice")])
     answer = await _broker(cache, StubEmbedder(_unit(0))).search(

@@ -239,17 +239,18 @@ async def test_a_write_out_of_time_on_a_replica_is_deadline_exceeded_not_unavail
 
 
 class SearchingShard(FakeShard):
-    """A replica that answers a search at once, or never (hung: stopped, swapping)."""
+    """A replica that answers a search in `answer_s`, or never (hung: stopped, swapping)."""
 
-    def __init__(self, *, hung=False):
+    def __init__(self, *, hung=False, answer_s=0.0):
         super().__init__()
-        self.hung, self.searches = hung, 0
+        self.hung, self.answer_s, self.searches = hung, answer_s, 0
 
     async def search(self, query, *, timeout_s):
         self.searches += 1
-        if self.hung:
+        if self.hung or self.answer_s > timeout_s:
             await asyncio.sleep(timeout_s)
             raise DeadlineExceededError("deadline")
+        await asyncio.sleep(self.answer_s)
         return SearchResult(hits=())
 
 
@@ -269,4 +270,16 @@ async def test_a_hung_replica_is_asked_last_after_it_ran_out_of_time(monkeypatch
     for _ in range(2):
         await pool.search(query, timeout_s=0.2)
     assert hung.searches == 2  # its turn again once the penalty is over, and then asked last again
+    await pool.close()
+
+
+async def test_a_loaded_replica_that_ran_out_of_what_a_hung_one_left_is_not_asked_last_too(monkeypatch):
+    """The healthy replica, asked second with a quarter of the deadline, timed out too (busy): it was marked as
+    well, both were asked last, and round-robin was back (a review: 10 of 20 searches failed). Only a replica
+    that timed out while another could still be tried is marked."""
+    hung, loaded = SearchingShard(hung=True), SearchingShard(answer_s=0.12)
+    pool = _pool(monkeypatch, {"h:0": hung, "h:1": loaded}, {"s0": ("h:0", "h:1")}, {"a": "s0"})
+    query = SearchQuery(vector=np.ones(DIM, np.float32), top_k=1)
+    answers = [await pool.search(query, timeout_s=0.4) for _ in range(20)]
+    assert sum(a.partial for a in answers) <= 2 and hung.searches <= 3
     await pool.close()

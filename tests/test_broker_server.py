@@ -25,6 +25,7 @@ from imgsearch.errors import (
     ImgsearchError,
     InvalidArgumentError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
 )
@@ -206,3 +207,63 @@ async def test_ingest_streams_hold_at_most_the_byte_budget_across_streams():
     answers = await asyncio.gather(*streams)
     assert [a.ingested for a in answers] == [40, 40, 40]
     assert broker.peak <= budget
+
+
+class _DeadlineContext(_StreamContext):
+    def __init__(self, timeout_s: float):
+        self._deadline = asyncio.get_running_loop().time() + timeout_s
+
+    def time_remaining(self):
+        return max(0.0, self._deadline - asyncio.get_running_loop().time())
+
+
+def _sized_messages(stream: str, sizes: list[int]):
+    async def messages():
+        for i, size in enumerate(sizes):
+            yield broker_pb2.IngestStreamRequest(item=broker_pb2.CatalogueItem(
+                image_id=f"{stream}-{i}", product_id="p", category="c", image=b"x" * size))
+    return messages()
+
+
+def _messages(stream: str, count: int, size: int):
+    return _sized_messages(stream, [size] * count)
+
+
+async def test_a_failed_chunk_is_the_stream_s_answer_while_its_next_chunk_waits_for_room():
+    """A stream whose first chunk failed (INVALID_ARGUMENT) while its next chunk waited for room held by another
+    stream got DEADLINE_EXCEEDED from the wait instead (a review): the failure now ends the wait."""
+
+    class FirstChunkRefused(_HeldIngests):
+        async def ingest(self, items, *, timeout_s):
+            if items[0].image_id.startswith("a-"):
+                raise InvalidArgumentError(f"{items[0].image_id}: refused")
+            return await super().ingest(items, timeout_s=timeout_s)
+
+    broker = FirstChunkRefused()
+    service = BrokerService(broker, search_timeout_s=1, ingest_timeout_s=30, ingest_chunk_size=2,
+                            max_ingest_bytes_in_flight=10_000)
+    holder = asyncio.ensure_future(service.IngestStream(_messages("b", 2, 4_000), _StreamContext()))  # 8 kB held
+    await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(InvalidArgumentError, match="refused"):
+        # The first chunk (2 x 500 bytes) fits beside the other stream's and is refused; the second (2 x 1,500)
+        # does not fit until the other stream ends.
+        await service.IngestStream(_sized_messages("a", [500, 500, 1_500, 1_500]), _DeadlineContext(1.0))
+    assert asyncio.get_running_loop().time() - started < 0.5
+    broker.release.set()
+    assert (await holder).ingested == 2
+    assert service._ingest_bytes._free == 10_000  # every byte given back
+
+
+async def test_streams_beyond_the_limit_wait_for_a_turn_then_are_resource_exhausted():
+    broker = _HeldIngests()
+    service = BrokerService(broker, search_timeout_s=1, ingest_timeout_s=30, max_ingest_streams=2)
+    running = [asyncio.ensure_future(service.IngestStream(_messages(f"s{i}", 1, 10), _StreamContext()))
+               for i in range(2)]
+    await asyncio.sleep(0.05)
+    with pytest.raises(ResourceExhaustedError):
+        await service.IngestStream(_messages("late", 1, 10), _DeadlineContext(0.2))
+    waiting = asyncio.ensure_future(service.IngestStream(_messages("patient", 1, 10), _DeadlineContext(5)))
+    await asyncio.sleep(0.05)
+    broker.release.set()
+    assert [a.ingested for a in await asyncio.gather(*running, waiting)] == [1, 1, 1]
