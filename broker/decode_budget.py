@@ -67,13 +67,13 @@ class PixelBudget:
                 self._free -= want
                 self._next_turn()
         except TimeoutError:
-            await self._give_up(ticket)
+            await asyncio.shield(self._give_up(ticket))  # its turn is skipped even if cancelled again
             what = f"a {amount}-pixel image" if self.unit == "pixel" else f"{amount} {self.unit}"
             raise DecodeWaitTimeoutError(
                 f"no room for {what} within {timeout_s:.3f}s (others in flight first)"
             ) from None
         except BaseException:
-            await self._give_up(ticket)
+            await asyncio.shield(self._give_up(ticket))  # its turn is skipped even if cancelled again
             raise
         return want
 
