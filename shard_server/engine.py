@@ -192,7 +192,11 @@ class ShardEngine:
         for thread in self._threads:
             thread.join(timeout=60)
         if snapshot and self.loaded and (self._writes_since_snapshot or self._swaps_since_snapshot):
-            self.snapshot()
+            try:
+                self.snapshot()
+            except OSError as exc:  # a full disk: the log still holds every write
+                log.error("final snapshot failed (%s); the write-ahead log keeps every write, replayed at the next "
+                          "start", exc)
         self.wal.close()
 
     # --- writes ----------------------------------------------------------------------------------------------

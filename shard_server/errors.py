@@ -34,3 +34,8 @@ class SnapshotCorruptError(ShardError, FailedPreconditionError):
 
 class WalError(ShardError, InternalError):
     """The write-ahead log could not be written or read."""
+
+
+class WalCorruptError(WalError):
+    """The log on disk lost acknowledged writes (a corrupt frame before its end, a missing segment): the shard
+    refuses to start rather than serve without them."""

@@ -4,6 +4,7 @@ loading verifies every checksum first and refuses a snapshot that does not match
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -113,8 +114,10 @@ class SnapshotStore:
     @staticmethod
     def _write_partition(directory: Path, sub: str, category: str, partition: Partition) -> dict:
         n = len(partition.image_ids)
-        vectors = np.lib.format.open_memmap(directory / "vectors.npy", mode="w+", dtype=partition.vectors.dtype,
+        path = directory / "vectors.npy"
+        vectors = np.lib.format.open_memmap(path, mode="w+", dtype=partition.vectors.dtype,
                                             shape=(n, partition.config.dimension))
+        _reserve(path)
         for start, block in partition.vectors.chunks():
             vectors[start : start + len(block)] = block
         vectors.flush()
@@ -220,3 +223,15 @@ class SnapshotStore:
             with partition.lock.write():
                 partition.vectors = VectorStore(partition.config.dimension, base=mapped,
                                                     dtype=partition.config.vector_dtype)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a sparse file's blocks now. Written through a memory map, a page that a full disk cannot hold is a
+    SIGBUS, which killed the shard in every snapshot (and on every restart, which snapshots again); reserved
+    first, a full disk is an OSError (ENOSPC) here, and the snapshot fails like any other write."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem that cannot reserve: as before
+                raise

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shard_server.errors import WalError
+from shard_server.errors import WalCorruptError, WalError
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +93,26 @@ def _checksum(f, length: int) -> tuple[int, int]:
     return crc, got
 
 
-def read_segment(path: Path, *, truncate_torn_tail: bool) -> Iterator[LogFrame]:
-    """Frames of one segment in order; a torn or corrupt tail ends the segment (and is cut off if asked)."""
+def read_segment(path: Path, *, truncate_torn_tail: bool, may_end_torn: bool = True) -> Iterator[LogFrame]:
+    """Frames of one segment in order; a torn tail ends the segment (and is cut off if asked).
+
+    A torn tail is the frame being written when the process died, and nothing after it but zeros: only the newest
+    segment can have one (`may_end_torn`; older ones were fsynced whole before the next was opened). A bad frame
+    anywhere else (a complete frame whose checksum fails with more written after it, or any bad frame of an older
+    segment) is corruption of acknowledged writes: WalCorruptError, and the segment is left as it is."""
     good_until = 0
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         while True:
             header = f.read(HEADER.size)
             if not header:
                 break
             if len(header) < HEADER.size:
-                log.warning("%s: torn frame header at byte %d", path, good_until)
+                _torn(path, good_until, size, f, may_end_torn, "torn frame header")
                 break
             length, crc = HEADER.unpack(header)
             if length == 0:  # never written (every record has an op code): a zero-filled tail
-                log.warning("%s: empty frame at byte %d (zero-filled tail)", path, good_until)
+                _torn(path, good_until, size, f, may_end_torn, "empty frame (zero-filled tail)")
                 break
             offset = good_until + HEADER.size
             if length <= READ_CHUNK_BYTES:
@@ -116,17 +122,33 @@ def read_segment(path: Path, *, truncate_torn_tail: bool) -> Iterator[LogFrame]:
                 data = None
                 actual, got = _checksum(f, length)
             if got < length or actual != crc:
-                log.warning("%s: torn or corrupt frame at byte %d (length %d)", path, good_until, length)
+                _torn(path, good_until, size, f, may_end_torn, f"torn or corrupt frame (length {length})",
+                      frame_end=offset + length)
                 break
             good_until = offset + length
             yield LogFrame(path=path, offset=offset, length=length, data=data)
-        size = f.seek(0, os.SEEK_END)
     if good_until < size and truncate_torn_tail:
         log.warning("%s: truncating %d bytes of unacknowledged tail", path, size - good_until)
         with open(path, "r+b") as f:
             f.truncate(good_until)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str, *, frame_end: int | None = None) -> None:
+    """Accept a bad frame at byte `at` as the torn tail of a crashed write, or raise WalCorruptError."""
+    if not may_end_torn:
+        raise WalCorruptError(f"{path}: {what} at byte {at} of {size}, in a segment older than the newest one: "
+                              "acknowledged writes after it would be lost. The shard does not start; restore the "
+                              "data dir from a replica or a backup")
+    if frame_end is not None and frame_end < size:
+        f.seek(frame_end)
+        rest = f.read(min(size - frame_end, READ_CHUNK_BYTES))
+        if rest.strip(b"\0"):
+            raise WalCorruptError(f"{path}: {what} at byte {at}, followed by {size - frame_end} more bytes of log: "
+                                  "a corrupt acknowledged write, not a torn tail. The shard does not start; "
+                                  "restore the data dir from a replica or a backup")
+    log.warning("%s: %s at byte %d (a write torn by a crash, never acknowledged)", path, what, at)
 
 
 class WriteAheadLog:
@@ -157,10 +179,21 @@ class WriteAheadLog:
         return int(path.name[: -len(SEGMENT_SUFFIX)])
 
     def replay(self, after_generation: int) -> Iterator[LogFrame]:
-        """Frames of every segment newer than ``after_generation``, oldest first; cuts a torn tail."""
+        """Frames of every segment newer than ``after_generation``, oldest first; cuts a torn tail (of the newest
+        segment that holds anything: each load starts a fresh segment, so older ones were written whole).
+        WalCorruptError when the segments do not follow on from ``after_generation`` one by one (a segment
+        lost, or a snapshot's), or an older segment is corrupt."""
         segments = [p for p in self.segments() if self.generation_of(p) > after_generation]
+        generations = [self.generation_of(p) for p in segments]
+        if generations != list(range(after_generation + 1, after_generation + 1 + len(generations))):
+            raise WalCorruptError(
+                f"{self.directory}: the log segments after generation {after_generation} are {generations[:10]}, "
+                "not the next ones in a row: a segment (or the snapshot that covered the missing ones) is "
+                "missing, and the writes in it with it. The shard does not start; restore the data dir from a "
+                "replica or a backup")
+        written = [p for p in segments if p.stat().st_size > 0]
         for path in segments:
-            yield from read_segment(path, truncate_torn_tail=True)
+            yield from read_segment(path, truncate_torn_tail=True, may_end_torn=bool(written) and path == written[-1])
         self._bytes = sum(p.stat().st_size for p in self.segments())
 
     def open(self, min_generation: int = 1) -> None:

@@ -20,7 +20,7 @@ from shard_server.client import ShardClient
 from shard_server.columns import GrowableArray
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
-from shard_server.errors import SnapshotCorruptError
+from shard_server.errors import SnapshotCorruptError, WalCorruptError
 from shard_server.process import ShardProcess
 from shard_server.types import Exactness, SearchQuery
 from shard_server.wal import HEADER, WriteAheadLog
@@ -122,11 +122,49 @@ def test_a_big_frame_is_verified_and_read_back_in_chunks(tmp_path, monkeypatch):
     assert [f.read() for f in frames] == payloads
     assert [len(c) for c in frames[1].chunks(300)] == [300, 300, 168]
     segment = wal.segments()[-1]
-    with open(segment, "r+b") as f:  # a flipped byte in the middle of the big frame
-        f.seek(HEADER.size * 2 + len(payloads[0]) + 400)
+    size = segment.stat().st_size
+    with open(segment, "r+b") as f:  # a flipped byte in the last frame (big too): a torn write, cut off
+        f.seek(size - 3)
         f.write(b"X")
-    assert [f.read() for f in WriteAheadLog(tmp_path).replay(0)] == payloads[:1]
-    assert segment.stat().st_size == HEADER.size + len(payloads[0])
+    assert [f.read() for f in WriteAheadLog(tmp_path).replay(0)] == payloads[:2]
+    assert segment.stat().st_size == size - HEADER.size - len(payloads[2])
+
+
+def test_a_corrupt_frame_with_writes_after_it_stops_the_replay_and_is_left_as_it_is(tmp_path):
+    """A flipped byte in the middle of a segment (frames follow it) or in any older segment was taken for a torn
+    tail: the acknowledged writes after it were dropped, the segment truncated, and the shard served anyway (a
+    disk-fault review lost 50 of 300 writes). Only the newest segment may end torn; anything else refuses."""
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    for payload in (b"first", bytes(range(256)) * 3, b"third"):
+        wal.append(payload)
+    wal.rotate()
+    wal.append(b"in the next segment")
+    wal.close()
+    older, newest = wal.segments()
+    sizes = (older.stat().st_size, newest.stat().st_size)
+    with open(older, "r+b") as f:
+        f.seek(HEADER.size * 2 + len(b"first") + 400)
+        f.write(b"X")
+    with pytest.raises(WalCorruptError, match="older than the newest"):
+        list(WriteAheadLog(tmp_path).replay(0))
+    older.unlink()  # a segment missing altogether: the writes in it are lost too
+    with pytest.raises(WalCorruptError, match="not the next ones"):
+        list(WriteAheadLog(tmp_path).replay(0))
+    assert newest.stat().st_size == sizes[1]
+    single = tmp_path / "single"
+    wal = WriteAheadLog(single)
+    wal.open()
+    for payload in (b"first", bytes(range(256)) * 3, b"third"):
+        wal.append(payload)
+    wal.close()
+    (segment,) = wal.segments()
+    with open(segment, "r+b") as f:
+        f.seek(HEADER.size * 2 + len(b"first") + 400)
+        f.write(b"X")
+    with pytest.raises(WalCorruptError, match="followed by"):
+        list(WriteAheadLog(single).replay(0))
+    assert segment.stat().st_size == sizes[0]
 
 
 def _engine_with_snapshot(tmp_path: Path, **settings) -> tuple[ShardConfig, Path]:
@@ -557,3 +595,50 @@ def test_a_snapshot_that_fails_part_way_leaves_no_temporary_directory(tmp_path, 
     engine.snapshot()  # and the next one works
     assert len(list((tmp_path / "snapshots").glob("snap-*"))) == 1
     engine.close()
+
+
+_SNAPSHOT_ON_A_FULL_DISK = """
+import os, sys
+from pathlib import Path
+from shard_server import synthetic
+from shard_server.config import ShardConfig
+from shard_server.engine import ShardEngine
+
+disk = Path(sys.argv[1])
+engine = ShardEngine(ShardConfig(data_dir=disk / "data", dimension=16, nlist=100000))
+engine.load()
+catalogue = synthetic.SyntheticCatalogue(dim=16, clusters=10, seed=4)
+for start in range(0, 20000, 5000):
+    engine.upsert(catalogue.records(start, start + 5000, category="a"))
+free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+with open(disk / "filler", "wb") as f:  # the disk full but for 100 kB
+    f.write(b"\\xff" * max(0, free - 100_000))
+try:
+    engine.snapshot()
+except OSError as e:
+    print("snapshot failed", e.errno)
+engine.close(snapshot=True)  # the final snapshot of a graceful stop fails too, and is logged
+print("closed")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_full_disk_during_a_snapshot_is_an_error_not_a_crash(tmp_path):
+    """The snapshot wrote its vectors through a memory map of a sparse file: on a full disk that is a SIGBUS, which
+    killed the shard, and again on every restart (a disk-fault review). Now the snapshot fails with ENOSPC like
+    any write (retried later; the log keeps every write), and a graceful stop still ends cleanly."""
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs (root)")
+    try:
+        out = subprocess.run([sys.executable, "-c", _SNAPSHOT_ON_A_FULL_DISK, str(disk)], capture_output=True,
+                             text=True, timeout=100)
+        assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+        assert out.stdout.split() == ["snapshot", "failed", "28", "closed"]
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
