@@ -145,9 +145,12 @@ def _torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str, *, f
         f.seek(frame_end)
         rest = f.read(min(size - frame_end, READ_CHUNK_BYTES))
         if rest.strip(b"\0"):
+            # After a power loss, unsynced pages can reach the disk out of order, so this can also be a torn tail
+            # with a later unacknowledged page written: the operator decides, with the command to accept the cut.
             raise WalCorruptError(f"{path}: {what} at byte {at}, followed by {size - frame_end} more bytes of log: "
-                                  "a corrupt acknowledged write, not a torn tail. The shard does not start; "
-                                  "restore the data dir from a replica or a backup")
+                                  "a corrupt write with more after it, not a plain torn tail. The shard does not "
+                                  "start; restore the data dir from a replica or a backup, or, to start without "
+                                  f"the writes from there on, run `truncate -s {at} {path}`")
     log.warning("%s: %s at byte %d (a write torn by a crash, never acknowledged)", path, what, at)
 
 
