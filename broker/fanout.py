@@ -173,12 +173,14 @@ class ShardPool:
         INVALID_ARGUMENT is the caller's fault and is raised."""
         clients, addresses = clients or self._replicas[name], self._addresses[name]
         start = next(self._next[name])
-        now = time.monotonic()
         # Round-robin, but a replica that ran out of time lately is asked last: a hung one (stopped, swapping)
         # would otherwise take three quarters of the deadline of every other search, and the shard's throughput
         # with it. It gets its turn again once the penalty is over.
-        order = sorted(((start + k) % len(clients) for k in range(len(clients))),
-                       key=lambda i: self._suspect_until.get(addresses[i], 0.0) > now)
+        order = [(start + k) % len(clients) for k in range(len(clients))]
+        if self._suspect_until:  # (nothing to sort on the hot path while every replica keeps up)
+            now = time.monotonic()
+            order.sort(key=lambda i: self._suspect_until.get(addresses[i], 0.0) > now)
+            self._suspect_until = {a: t for a, t in self._suspect_until.items() if t > now}
         reply = _ReplicaReply(
             address=addresses[order[0]],
             outcome=TIMEOUT,

@@ -13,6 +13,7 @@ import asyncio
 import shutil
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -195,8 +196,7 @@ async def two_brokers(replicas):
     shard_map = ShardMap(shards={"s0": (replicas["s0r1"].address, replicas["s0r2"].address),
                                  "s1": (replicas["s1r1"].address, replicas["s1r2"].address)},
                          categories={"a": "s0", "b": "s1"})
-    brokers = [Broker(pool=ShardPool(shard_map), embedder=NoEmbedder(), cache=None, repair=None, dimension=DIM,
-                      max_image_bytes=1 << 20, max_image_pixels=1 << 20) for _ in range(2)]
+    brokers = [_vector_broker(shard_map) for _ in range(2)]
     yield brokers
     for broker in brokers:
         await broker.pool.close()
@@ -249,20 +249,42 @@ async def test_an_ingest_and_a_delete_racing_through_two_brokers_leave_both_repl
 
 
 
+def _vector_broker(shard_map: ShardMap, journal=None) -> Broker:
+    return Broker(pool=ShardPool(shard_map, removal_journal=journal), embedder=NoEmbedder(), cache=None,
+                  repair=None, dimension=DIM, max_image_bytes=1 << 20, max_image_pixels=1 << 20)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MoveLayout:
+    s0r1: ShardProcess  # on a fixed port: killed and started again at the same address
+    s1: ShardProcess
+    shard_map: ShardMap
+
+
+@pytest.fixture
+def move_layout(tmp_path):
+    """s0 (category a) with two replica processes, s1 (category b) with one."""
+    s0r1 = ShardProcess(tmp_path / "s0r1", extra_args=("--dimension", str(DIM), "--port", str(free_port())))
+    s0r2, s1 = (ShardProcess(tmp_path / name, extra_args=("--dimension", str(DIM))) for name in ("s0r2", "s1"))
+    processes = [s0r1, s0r2, s1]
+    try:
+        for process in processes:
+            process.start()
+        yield MoveLayout(s0r1=s0r1, s1=s1, shard_map=ShardMap(shards={"s0": (s0r1.address, s0r2.address),
+                                                                      "s1": (s1.address,)},
+                                                              categories={"a": "s0", "b": "s1"}))
+    finally:
+        for process in processes:
+            process.stop(timeout_s=10)
+
+
 @pytest.mark.timeout(180)
-async def test_a_removal_missed_by_a_down_replica_is_sent_again_once_it_is_back(tmp_path):
+async def test_a_removal_missed_by_a_down_replica_is_sent_again_once_it_is_back(move_layout):
     """An image moved from s0's category to s1's while one s0 replica was down: the move fails (UNAVAILABLE),
     its retry is acknowledged, and the down replica kept the old copy when it came back, answering searches of
     the old category with it. The broker keeps the removal it missed and sends it again (broker/removal_hints)."""
-    s0r1 = ShardProcess(tmp_path / "s0r1", extra_args=("--dimension", str(DIM), "--port", str(free_port())))
-    others = [ShardProcess(tmp_path / name, extra_args=("--dimension", str(DIM))) for name in ("s0r2", "s1")]
-    processes = [s0r1, *others]
-    for process in processes:
-        process.start()
-    shard_map = ShardMap(shards={"s0": (s0r1.address, others[0].address), "s1": (others[1].address,)},
-                         categories={"a": "s0", "b": "s1"})
-    broker = Broker(pool=ShardPool(shard_map), embedder=NoEmbedder(), cache=None, repair=None, dimension=DIM,
-                    max_image_bytes=1 << 20, max_image_pixels=1 << 20)
+    s0r1 = move_layout.s0r1
+    broker = _vector_broker(move_layout.shard_map)
     try:
         await _ingest(broker, "moved", "a", 1)
         s0r1.kill()
@@ -276,11 +298,9 @@ async def test_a_removal_missed_by_a_down_replica_is_sent_again_once_it_is_back(
             await asyncio.sleep(0.2)
         assert len(broker.pool.removal_hints) == 0
         assert await _held_on(s0r1, ["moved"]) == {}
-        assert list(await _held_on(others[1], ["moved"])) == ["moved"]
+        assert list(await _held_on(move_layout.s1, ["moved"])) == ["moved"]
     finally:
         await broker.pool.close()
-        for process in processes:
-            process.stop(timeout_s=10)
 
 
 def test_of_two_records_of_one_id_in_one_request_the_higher_version_wins(tmp_path):
@@ -319,8 +339,7 @@ async def test_a_copy_left_on_a_shard_that_was_down_is_not_answered_over_the_new
     shard_map = ShardMap(shards={"s0": (s0.address,), "s1": (s1.address,)}, categories={"a": "s0", "b": "s1"})
 
     def broker() -> Broker:
-        return Broker(pool=ShardPool(shard_map), embedder=NoEmbedder(), cache=None, repair=None, dimension=DIM,
-                      max_image_bytes=1 << 20, max_image_pixels=1 << 20)
+        return _vector_broker(shard_map)
 
     first = broker()
     try:
@@ -384,27 +403,16 @@ async def test_a_restarted_shard_is_reachable_again_within_a_second_or_two(tmp_p
 
 
 @pytest.mark.timeout(180)
-async def test_a_removal_missed_while_its_broker_stopped_is_sent_by_the_next_broker(tmp_path, redis_server):
+async def test_a_removal_missed_while_its_broker_stopped_is_sent_by_the_next_broker(move_layout, redis_server):
     """The same move, but the broker that kept the removal stops before the replica is back (a crash or a roll
     loses its memory alike). The removal was saved to the Redis journal before the retry was acknowledged; the
     next broker takes it up from there, and the replica loses the old copy."""
     from broker.hint_journal import HintJournal
 
-    s0r1 = ShardProcess(tmp_path / "s0r1", extra_args=("--dimension", str(DIM), "--port", str(free_port())))
-    others = [ShardProcess(tmp_path / name, extra_args=("--dimension", str(DIM))) for name in ("s0r2", "s1")]
-    processes = [s0r1, *others]
-    for process in processes:
-        process.start()
-    shard_map = ShardMap(shards={"s0": (s0r1.address, others[0].address), "s1": (others[1].address,)},
-                         categories={"a": "s0", "b": "s1"})
+    s0r1 = move_layout.s0r1
     prefix = f"t{time.monotonic_ns()}:"
     journals = [HintJournal(redis_server.url, prefix=prefix) for _ in range(2)]
-
-    def broker(journal) -> Broker:
-        return Broker(pool=ShardPool(shard_map, removal_journal=journal), embedder=NoEmbedder(), cache=None,
-                      repair=None, dimension=DIM, max_image_bytes=1 << 20, max_image_pixels=1 << 20)
-
-    first, second = broker(journals[0]), None
+    first, second = _vector_broker(move_layout.shard_map, journals[0]), None
     try:
         await _ingest(first, "moved", "a", 1)
         s0r1.kill()
@@ -415,21 +423,19 @@ async def test_a_removal_missed_while_its_broker_stopped_is_sent_by_the_next_bro
         s0r1.start()
         # The old copy is back with the replica (asked again while the client's reconnect backoff refuses it).
         assert list(await _when_reachable(lambda: _held_on(s0r1, ["moved"]))) == ["moved"]
-        second = broker(journals[1])
+        second = _vector_broker(move_layout.shard_map, journals[1])
         second.pool.removal_hints.start()  # as start_broker does
         deadline = time.monotonic() + 60
         while await _when_reachable(lambda: _held_on(s0r1, ["moved"])) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         assert await _held_on(s0r1, ["moved"]) == {}
-        assert list(await _held_on(others[1], ["moved"])) == ["moved"]
+        assert list(await _held_on(move_layout.s1, ["moved"])) == ["moved"]
         assert await journals[1].load(s0r1.address) == {}
     finally:
         if second is not None:
             await second.pool.close()
         for journal in journals:
             await journal.close()
-        for process in processes:
-            process.stop(timeout_s=10)
 
 
 async def _when_reachable(call, timeout_s: float = 10.0):
