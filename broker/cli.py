@@ -60,9 +60,29 @@ def parse_range(text: str) -> Range:
 def _client(args, *, write: bool = False):
     from broker.client import SyncBrokerClient
 
-    ca = args.tls_ca_file or os.environ.get("IMGSEARCH_TLS_CA_FILE")
     token = (os.environ.get("IMGSEARCH_WRITE_TOKEN") or None) if write else None
-    return SyncBrokerClient(args.broker, token=token, root_certificates=Path(ca).read_bytes() if ca else None)
+    return SyncBrokerClient(args.broker, token=token, **_tls(args))
+
+
+def _tls(args) -> dict[str, bytes | None]:
+    """The broker client's TLS keyword arguments from the flags, or the environment."""
+    def read(flag: str | None, variable: str) -> bytes | None:
+        path = flag or os.environ.get(variable)
+        return Path(path).read_bytes() if path else None
+
+    return {
+        "root_certificates": read(args.tls_ca_file, "IMGSEARCH_TLS_CA_FILE"),
+        "certificate_chain": read(args.tls_client_cert_file, "IMGSEARCH_TLS_CLIENT_CERT_FILE"),
+        "private_key": read(args.tls_client_key_file, "IMGSEARCH_TLS_CLIENT_KEY_FILE"),
+    }
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    parser.add_argument("--tls-client-cert-file", help="this client's certificate, for a broker that requires "
+                        "mutual TLS (or IMGSEARCH_TLS_CLIENT_CERT_FILE)")
+    parser.add_argument("--tls-client-key-file", help="the client certificate's private key "
+                        "(or IMGSEARCH_TLS_CLIENT_KEY_FILE)")
 
 
 # ---------------------------------------------------------------------- commands
@@ -352,10 +372,10 @@ def cmd_eval(args) -> int:
         print("no query images found", file=sys.stderr)
         return 1
     conditions = tuple(args.filter or ())
-    ca = args.tls_ca_file or os.environ.get("IMGSEARCH_TLS_CA_FILE")
+    tls = _tls(args)
 
     async def run():
-        async with BrokerClient(args.broker, root_certificates=Path(ca).read_bytes() if ca else None) as client:
+        async with BrokerClient(args.broker, **tls) as client:
             return await evaluate(client, queries, top_k=args.k, filter=Filter(all_of=conditions),
                                   own_category=args.own_category, use_duplicate_cache=not args.no_cache,
                                   concurrency=args.concurrency, timeout_s=args.timeout_s, progress=True)
@@ -420,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--product-id", help="product id (single file)")
     ing.add_argument("--image-id", help="image id (single file)")
     ing.add_argument("--broker", default=broker)
-    ing.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    _add_tls_arguments(ing)
     ing.add_argument("--timeout-s", type=float, default=3600.0)
     ing.set_defaults(func=cmd_ingest)
 
@@ -441,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--json", action="store_true")
     s.add_argument("--broker", default=broker)
-    s.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    _add_tls_arguments(s)
     s.add_argument("--timeout-s", type=float, default=10.0)
     s.set_defaults(func=cmd_search)
 
@@ -449,14 +469,14 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("image_ids", nargs="*", help="image ids")
     de.add_argument("--from-file", help="a file with one image id per line ('-': standard input)")
     de.add_argument("--broker", default=broker)
-    de.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    _add_tls_arguments(de)
     de.add_argument("--timeout-s", type=float, default=600.0)
     de.set_defaults(func=cmd_delete)
 
     st = sub.add_parser("stats", help="vectors per shard and category")
     st.add_argument("--json", action="store_true")
     st.add_argument("--broker", default=broker)
-    st.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    _add_tls_arguments(st)
     st.add_argument("--timeout-s", type=float, default=10.0)
     st.set_defaults(func=cmd_stats)
 
@@ -473,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=0, help="only this many queries, spread evenly (0: all)")
     ev.add_argument("--json", help="write the report and every query's rank to this file")
     ev.add_argument("--broker", default=broker)
-    ev.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
+    _add_tls_arguments(ev)
     ev.add_argument("--timeout-s", type=float, default=10.0, help="per search")
     ev.set_defaults(func=cmd_eval)
 

@@ -38,6 +38,14 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     )
 
 
+def _credentials(root_certificates: bytes | None, certificate_chain: bytes | None,
+                 private_key: bytes | None) -> grpc.ChannelCredentials:
+    """TLS to the broker: its CA (None: the system's), and this client's certificate and key for mutual TLS."""
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("a client certificate needs its private key, and a key its certificate")
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
 def _metadata(token: str | None):
     return (("authorization", f"Bearer {token}"),) if token else None
 
@@ -51,14 +59,16 @@ class BrokerClient:
         *,
         token: str | None = None,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         timeout_s: float = 5.0,
         ingest_timeout_s: float = 120.0,
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
         options = client_channel_options(max_message_bytes)
-        if root_certificates is not None:
+        if root_certificates is not None or certificate_chain is not None:
             self._channel = grpc.aio.secure_channel(
-                address, grpc.ssl_channel_credentials(root_certificates), options=options
+                address, _credentials(root_certificates, certificate_chain, private_key), options=options
             )
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
@@ -154,14 +164,16 @@ class SyncBrokerClient:
         *,
         token: str | None = None,
         root_certificates: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        private_key: bytes | None = None,
         timeout_s: float = 5.0,
         ingest_timeout_s: float = 120.0,
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
         options = client_channel_options(max_message_bytes)
-        if root_certificates is not None:
+        if root_certificates is not None or certificate_chain is not None:
             self._channel = grpc.secure_channel(
-                address, grpc.ssl_channel_credentials(root_certificates), options=options
+                address, _credentials(root_certificates, certificate_chain, private_key), options=options
             )
         else:
             self._channel = grpc.insecure_channel(address, options=options)

@@ -57,7 +57,13 @@ class BrokerConfig:
     write_token: str | None = None
     # CA certificate to verify the shards' TLS certificates; None: plaintext to the shards.
     shard_tls_ca_file: Path | None = None
+    # The broker's own certificate and key for shards that require mutual TLS (--tls-client-ca-file on the shards).
+    shard_tls_cert_file: Path | None = None
+    shard_tls_key_file: Path | None = None
     health_check_interval_s: float = 1.0
+    # At start, health waits this long at most for Triton and every shard; then one reachable shard will do
+    # (broker.server._serve_when_ready).
+    ready_wait_s: float = 30.0
     # Calls in flight to one shard replica before further searches queue and leave together as one SearchBatch
     # when a call returns (broker.coalesce); 0: no queueing, every search its own call.
     shard_calls_in_flight: int = 1
@@ -146,6 +152,13 @@ class BrokerConfig:
         p.add_argument("--tls-key-file", default=env("IMGSEARCH_TLS_KEY_FILE"))
         p.add_argument("--tls-client-ca-file", default=env("IMGSEARCH_TLS_CLIENT_CA_FILE"))
         p.add_argument("--shard-tls-ca-file", default=env("IMGSEARCH_SHARD_TLS_CA_FILE"))
+        p.add_argument("--shard-tls-cert-file", default=env("IMGSEARCH_SHARD_TLS_CERT_FILE"),
+                       help="client certificate for shards that require mutual TLS")
+        p.add_argument("--shard-tls-key-file", default=env("IMGSEARCH_SHARD_TLS_KEY_FILE"))
+        p.add_argument(
+            "--ready-wait-s", type=float, default=float(env("IMGSEARCH_READY_WAIT_S", str(cls.ready_wait_s))),
+            help="at start, wait this long at most for Triton and every shard before serving with one shard",
+        )
         p.add_argument(
             "--shutdown-grace-s", type=float, default=float(env("IMGSEARCH_SHUTDOWN_GRACE_S", "10"))
         )
@@ -169,17 +182,14 @@ class BrokerConfig:
         token = env("IMGSEARCH_WRITE_TOKEN") or None
         if a.write_token_file:
             token = Path(a.write_token_file).read_text().strip() or None
-        server = ServerOptions(
-            host=a.host,
-            port=a.port,
-            metrics_port=None if a.metrics_port is None or a.metrics_port < 0 else a.metrics_port,
-            max_message_bytes=a.max_message_bytes,
-            shutdown_grace_s=a.shutdown_grace_s,
-            tls_cert_file=_opt_path(a.tls_cert_file),
-            tls_key_file=_opt_path(a.tls_key_file),
-            tls_client_ca_file=_opt_path(a.tls_client_ca_file),
-            event_loop=a.event_loop,
-        )
+        if bool(a.shard_tls_cert_file) != bool(a.shard_tls_key_file):
+            p.error("--shard-tls-cert-file and --shard-tls-key-file go together")
+        if a.shard_tls_cert_file and not a.shard_tls_ca_file:
+            p.error("--shard-tls-cert-file (mutual TLS to the shards) needs --shard-tls-ca-file")
+        try:
+            server = _server_options(a)
+        except ValueError as exc:
+            p.error(str(exc))
         return cls(
             server=server,
             shard_map=ShardMap.load(a.shard_map),
@@ -199,9 +209,26 @@ class BrokerConfig:
             near_min_similarity=a.near_min_similarity,
             write_token=token,
             shard_tls_ca_file=_opt_path(a.shard_tls_ca_file),
+            shard_tls_cert_file=_opt_path(a.shard_tls_cert_file),
+            shard_tls_key_file=_opt_path(a.shard_tls_key_file),
+            ready_wait_s=a.ready_wait_s,
             shard_calls_in_flight=a.shard_calls_in_flight,
             shard_batch_max_searches=a.shard_batch_max_searches,
         )
+
+
+def _server_options(a: argparse.Namespace) -> ServerOptions:
+    return ServerOptions(
+        host=a.host,
+        port=a.port,
+        metrics_port=None if a.metrics_port is None or a.metrics_port < 0 else a.metrics_port,
+        max_message_bytes=a.max_message_bytes,
+        shutdown_grace_s=a.shutdown_grace_s,
+        tls_cert_file=_opt_path(a.tls_cert_file),
+        tls_key_file=_opt_path(a.tls_key_file),
+        tls_client_ca_file=_opt_path(a.tls_client_ca_file),
+        event_loop=a.event_loop,
+    )
 
 
 def _opt_int(text: str | None) -> int | None:

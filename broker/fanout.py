@@ -20,8 +20,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import grpc
-
 from broker.coalesce import SearchCoalescer
 from broker.errors import NoShardAvailableError, ShardTimeoutError, UnknownImageError
 from broker.hint_journal import HintJournal
@@ -36,6 +34,7 @@ from imgsearch.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from imgsearch.serving import channel_credentials
 from shard_server.client import ShardClient
 from shard_server.types import Hit, Record, SearchQuery, ShardStats
 
@@ -100,15 +99,16 @@ class ReplicaStats:
 class ShardPool:
     """One ShardClient per replica address of every shard in the map."""
 
-    def __init__(self, shard_map: ShardMap, *, tls_ca_file: Path | None = None, calls_in_flight: int = 1,
-                 batch_max_searches: int = 64, removal_journal: HintJournal | None = None):
+    def __init__(self, shard_map: ShardMap, *, tls_ca_file: Path | None = None, tls_cert_file: Path | None = None,
+                 tls_key_file: Path | None = None, calls_in_flight: int = 1, batch_max_searches: int = 64,
+                 removal_journal: HintJournal | None = None):
         """`calls_in_flight`: searches to one replica beyond this many calls in flight queue and go out as one
         SearchBatch (broker.coalesce); 0 sends every search as its own call. `removal_journal`: where the
         stale-copy removals that a down replica missed are kept beyond this broker's life (broker.removal_hints)."""
         if calls_in_flight < 0:
             raise ValueError("calls_in_flight must be >= 0")
         self.shard_map = shard_map
-        creds = grpc.ssl_channel_credentials(tls_ca_file.read_bytes()) if tls_ca_file else None
+        creds = channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)
         self._replicas: dict[str, list[ShardClient]] = {
             name: [ShardClient(address, channel_credentials=creds) for address in addresses]
             for name, addresses in shard_map.shards.items()
@@ -421,8 +421,8 @@ class ShardPool:
             )
         )
 
-    async def reachable(self, *, timeout_s: float) -> bool:
-        """True when every shard has at least one replica that answers its health check."""
+    async def reachable(self, *, timeout_s: float) -> dict[str, bool]:
+        """For every shard: whether at least one of its replicas answers its health check."""
 
         async def any_replica(clients: list[ShardClient]) -> bool:
             for client in clients:
@@ -433,7 +433,8 @@ class ShardPool:
                     continue
             return False
 
-        return all(await asyncio.gather(*(any_replica(c) for c in self._replicas.values())))
+        answers = await asyncio.gather(*(any_replica(c) for c in self._replicas.values()))
+        return dict(zip(self._replicas, answers, strict=True))
 
 
 def shard_for_records(shard_map: ShardMap, records: Iterable[Record]) -> Mapping[str, list[Record]]:

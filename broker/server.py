@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,13 +56,16 @@ def _default_embedder(config: BrokerConfig):
 
 
 async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
-    """Start the server; health turns SERVING once Triton is ready and every shard has a reachable replica."""
+    """Start the server; health turns SERVING once Triton is ready and every shard has a reachable replica (or
+    after `config.ready_wait_s`, once one shard has)."""
     embedder = embedder or _default_embedder(config)
     # Stale-copy removals a down replica missed are kept in Redis too, beyond this broker's life.
     journal = HintJournal(config.redis_url, backoff_s=config.redis_backoff_s) if config.redis_url else None
     pool = ShardPool(
         config.shard_map,
         tls_ca_file=config.shard_tls_ca_file,
+        tls_cert_file=config.shard_tls_cert_file,
+        tls_key_file=config.shard_tls_key_file,
         calls_in_flight=config.shard_calls_in_flight,
         batch_max_searches=config.shard_batch_max_searches,
         removal_journal=journal,
@@ -108,7 +112,8 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
         return [SERVICE_NAME]
 
     service = await start_grpc_service(config.server, register, component="broker")
-    gate = asyncio.create_task(_serve_when_ready(service, broker, config.health_check_interval_s))
+    gate = asyncio.create_task(_serve_when_ready(service, broker, config.health_check_interval_s,
+                                                 config.ready_wait_s))
 
     async def cancel_gate():
         gate.cancel()
@@ -117,21 +122,36 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
     return BrokerHandle(service=service, broker=broker, _stop_hooks=hooks)
 
 
-async def _serve_when_ready(service: GrpcService, broker: Broker, interval_s: float) -> None:
+async def _serve_when_ready(service: GrpcService, broker: Broker, interval_s: float, ready_wait_s: float) -> None:
     """Startup gate only: once SERVING, the broker stays SERVING while Triton or shards fail, because it still
     answers (exact matches without Triton, partial results without a shard); turning every broker NOT_SERVING
-    on a Triton blip would make a partial outage total."""
+    on a Triton blip would make a partial outage total.
+
+    It waits for Triton and a reachable replica of every shard, but for `ready_wait_s` at most: after that one
+    reachable shard is enough, as it is for a broker that was already serving. Otherwise a broker (re)started
+    during a partial outage (a rollout, an eviction, a scale-up) stayed out of the load balancer while its peers
+    answered, and with every broker restarted the partial outage became total."""
+    started = time.monotonic()
     while True:
         try:
             triton_ok = await broker.embedder.ready(timeout_s=interval_s)
         except Exception:  # noqa: BLE001 - any failure means not ready yet
             triton_ok = False
-        shards_ok = await broker.pool.reachable(timeout_s=interval_s)
-        if triton_ok and shards_ok:
+        shards = await broker.pool.reachable(timeout_s=interval_s)
+        down = sorted(name for name, ok in shards.items() if not ok)
+        if triton_ok and not down:
             await service.set_serving(True)
             log.info("broker serving on port %d", service.port)
             return
-        log.info("waiting: triton ready=%s, shards reachable=%s", triton_ok, shards_ok)
+        waited_s = time.monotonic() - started
+        if waited_s >= ready_wait_s and len(down) < len(shards):
+            await service.set_serving(True)
+            log.warning("broker serving on port %d after %.0f s with part of its dependencies down (triton ready=%s, "
+                        "shards without a reachable replica: %s): answers are partial until they are back",
+                        service.port, waited_s, triton_ok, ", ".join(down) or "none")
+            return
+        log.info("waiting: triton ready=%s, shards without a reachable replica: %s", triton_ok,
+                 ", ".join(down) or "none")
         await asyncio.sleep(interval_s)
 
 

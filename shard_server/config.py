@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from imgsearch.serving import DEFAULT_EVENT_LOOP, check_event_loop
+from imgsearch.serving import DEFAULT_EVENT_LOOP, ServerOptions, check_event_loop
 from shard_server.errors import InvalidRequestError
 
 ATTRIBUTE_KINDS = ("text", "number", "flag")
@@ -116,6 +116,11 @@ class ShardConfig:
     train_threads: int = 0
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 10.0
+    # TLS: this server's certificate and key (both, or neither: plaintext), and for mutual TLS the CA whose client
+    # certificates are accepted (the brokers': --shard-tls-cert-file there).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     # "asyncio" or "uvloop": the event loop main() runs the server on (imgsearch.serving.run_event_loop).
     event_loop: str = DEFAULT_EVENT_LOOP
     attribute_schema: tuple[tuple[str, str], ...] = field(
@@ -133,6 +138,13 @@ class ShardConfig:
         if self.vector_dtype not in ("float32", "float16"):
             raise ValueError(f"vector_dtype must be float32 or float16, got {self.vector_dtype!r}")
         check_event_loop(self.event_loop)
+        self.server_options()  # raises on half a TLS setting
+
+    def server_options(self) -> ServerOptions:
+        return ServerOptions(host=self.host, port=self.port, metrics_port=self.metrics_port,
+                             max_message_bytes=self.max_message_bytes, shutdown_grace_s=self.shutdown_grace_s,
+                             tls_cert_file=self.tls_cert_file, tls_key_file=self.tls_key_file,
+                             tls_client_ca_file=self.tls_client_ca_file)
 
     @property
     def attribute_kinds(self) -> Mapping[str, str]:
@@ -170,13 +182,21 @@ class ShardConfig:
             raw = args[f.name]
             if raw is None:
                 continue
-            values[f.name] = _coerce(f.name, raw)
-        return cls(**values)
+            try:
+                values[f.name] = _coerce(f.name, raw)
+            except ValueError as exc:
+                parser.error(f"--{f.name.replace('_', '-')}: {exc}")
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            parser.error(str(exc))
 
 
 def _coerce(name: str, raw: str) -> object:
     if name == "data_dir":
         return Path(raw)
+    if name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+        return Path(raw) if raw else None
     if name == "attribute_schema":
         return parse_attribute_schema(raw)
     if name in ("host", "index_factory", "vector_dtype", "event_loop"):

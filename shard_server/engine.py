@@ -28,7 +28,7 @@ from shard_server import convert, metrics
 from shard_server.attributes import validate_attributes, validate_filter
 from shard_server.blas import limit_numpy_blas_threads
 from shard_server.config import ShardConfig
-from shard_server.errors import InvalidRequestError, RequestTooLargeError, WalError
+from shard_server.errors import InvalidRequestError, LoadInterruptedError, RequestTooLargeError, WalError
 from shard_server.heap import release_free_memory
 from shard_server.partition import Partition
 from shard_server.snapshot import SnapshotStore
@@ -160,6 +160,10 @@ class ShardEngine:
             after = snapshot.wal_generation
         replayed = 0
         for frame in self.wal.replay(after):
+            # A stop during a long replay (minutes for a big log) is taken at once, not after it: the grace
+            # period would run out first, and the next start would replay it all again anyway.
+            if self._stop.is_set():
+                raise LoadInterruptedError(f"stopped while replaying the write-ahead log ({replayed} records)")
             try:
                 self._replay(frame)
             except Exception as exc:
@@ -179,6 +183,10 @@ class ShardEngine:
         log.info("shard loaded: %d categories, %d vectors, %d log records replayed in %.1fs",
                  len(self.partitions), len(self.id_map), replayed, time.perf_counter() - t0)
 
+    def interrupt_load(self) -> None:
+        """Make a `load` running in another thread stop at its next log record (LoadInterruptedError)."""
+        self._stop.set()
+
     def start_background(self) -> None:
         for target, name in ((self._training_loop, "shard-trainer"), (self._snapshot_loop, "shard-snapshotter")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -191,7 +199,9 @@ class ShardEngine:
         self._train_wakeup.set()
         for thread in self._threads:
             thread.join(timeout=60)
-        if snapshot and self.loaded and (self._writes_since_snapshot or self._swaps_since_snapshot):
+        # After the log failed, a snapshot could not rotate it; the next start replays it instead.
+        if (snapshot and self.loaded and not self.wal.failed
+                and (self._writes_since_snapshot or self._swaps_since_snapshot)):
             try:
                 self.snapshot()
             except OSError as exc:  # a full disk: the log still holds every write

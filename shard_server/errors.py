@@ -28,6 +28,10 @@ class ShardNotReadyError(ShardError, UnavailableError):
     """The shard is still loading its snapshot and replaying its write-ahead log."""
 
 
+class LoadInterruptedError(ShardError, UnavailableError):
+    """The shard was told to stop while it was still loading its snapshot and replaying its log."""
+
+
 class SnapshotCorruptError(ShardError, FailedPreconditionError):
     """A snapshot file is missing or its sha256 does not match the manifest: the shard refuses to load it."""
 

@@ -2,7 +2,8 @@
 
 Start-up: the gRPC port opens at once with health NOT_SERVING (RPCs answer UNAVAILABLE), the newest snapshot is
 loaded (checksums verified) and the write-ahead log replayed, then health turns SERVING. SIGTERM drains in-flight
-RPCs, writes a final snapshot and exits.
+RPCs, writes a final snapshot and exits. A failed write-ahead log (an fsync error) stops the process the same way,
+without the snapshot, with exit status 1: a restart replays the log.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import faiss
 from imgsearch.gc_pauses import freeze_startup_objects
 from imgsearch.serving import (
     GrpcService,
-    ServerOptions,
     run_event_loop,
     run_until_signalled,
     start_grpc_service,
@@ -28,6 +28,7 @@ from imgsearch.serving import (
 from imgsearch.v1 import shard_pb2_grpc
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
+from shard_server.errors import LoadInterruptedError
 from shard_server.service import SERVICE_NAME, ShardServicer
 
 log = logging.getLogger("shard_server")
@@ -60,9 +61,17 @@ class ShardServerHandle:
 
     async def stop(self, *, snapshot: bool = True) -> None:
         await self.service.stop()
-        self.load_task.cancel()
+        await self.release(snapshot=snapshot)
+
+    async def release(self, *, snapshot: bool) -> None:
+        """After the server stopped: end a load still running (at its next log record), then close the engine
+        (a final snapshot if asked and loaded) and the pools."""
+        self.engine.interrupt_load()
+        # Cancelling the task would not stop the loading thread, and closing the engine under it let the load
+        # open a fresh log segment after the close; so wait for it.
+        await asyncio.gather(asyncio.shield(self.load_task), return_exceptions=True)
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, lambda: self.engine.close(snapshot=snapshot))
+        await loop.run_in_executor(None, lambda: self.engine.close(snapshot=snapshot and self.engine.loaded))
         self.search_pool.shutdown(wait=True)
         self.write_pool.shutdown(wait=True)
 
@@ -82,9 +91,11 @@ async def start_shard_server(config: ShardConfig, *, wait_loaded: bool = True) -
         shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
-    options = ServerOptions(host=config.host, port=config.port, metrics_port=config.metrics_port,
-                            max_message_bytes=config.max_message_bytes, shutdown_grace_s=config.shutdown_grace_s)
-    service = await start_grpc_service(options, register, component="shard")
+    service = await start_grpc_service(config.server_options(), register, component="shard")
+    loop = asyncio.get_running_loop()
+    # Fail-stop: a failed log refuses every write until a restart, so the process stops (exit status 1) and its
+    # supervisor (the kubelet, systemd) restarts it; the restart replays the log.
+    engine.wal.on_failure = lambda why: loop.call_soon_threadsafe(service.request_stop, why)
 
     async def load() -> None:
         await asyncio.get_running_loop().run_in_executor(None, engine.load)
@@ -128,6 +139,8 @@ async def _serve(config: ShardConfig) -> int:
     async def watch_load() -> None:
         try:
             await handle.load_task
+        except LoadInterruptedError as exc:
+            log.info("%s", exc)
         except Exception:
             log.exception("shard failed to load its data; exiting")
             await handle.service.server.stop(0)
@@ -135,17 +148,18 @@ async def _serve(config: ShardConfig) -> int:
     watcher = asyncio.create_task(watch_load())
     await run_until_signalled(handle.service, on_stop=lambda: _drain(handle))
     await asyncio.gather(watcher, return_exceptions=True)
-    if handle.load_task.done() and not handle.load_task.cancelled() and handle.load_task.exception():
+    failure = handle.load_task.exception() if handle.load_task.done() and not handle.load_task.cancelled() else None
+    if failure is not None and not isinstance(failure, LoadInterruptedError):
+        return 1
+    if handle.engine.wal.failed:
+        log.error("exiting with status 1: %s", handle.engine.wal.failed)
         return 1
     return 0
 
 
 async def _drain(handle: ShardServerHandle) -> None:
-    loop = asyncio.get_running_loop()
-    handle.load_task.cancel()
-    await loop.run_in_executor(None, lambda: handle.engine.close(snapshot=handle.engine.loaded))
-    handle.search_pool.shutdown(wait=True)
-    handle.write_pool.shutdown(wait=True)
+    # No final snapshot after a failed log: it could not rotate the log, and the restart replays it.
+    await handle.release(snapshot=not handle.engine.wal.failed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ import os
 import struct
 import threading
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +169,10 @@ class WriteAheadLog:
         # file holds is unknown, and anything appended after it could be lost on replay. The descriptor stays open
         # until close(): closing it here could hand its number to another file while a sync leader fsyncs it.
         self._failed: str | None = None
+        # Told once, with the reason, when the log fails: the shard server stops the process (fail-stop), since a
+        # replica that refuses every write while its health says SERVING is never restarted. Called with the
+        # write lock held, so it must only schedule work.
+        self.on_failure: Callable[[str], None] | None = None
         self._generation = 0
         self._written_seq = 0
         self._synced_seq = 0
@@ -366,5 +370,14 @@ class WriteAheadLog:
 
     def _fail(self, why: str) -> None:
         """Refuse every later write (called with the write lock held)."""
+        if self._failed:
+            return
         self._failed = f"write-ahead log failed: {why}; writes are refused until the shard restarts"
         log.error("%s", self._failed)
+        if self.on_failure is not None:
+            self.on_failure(self._failed)
+
+    @property
+    def failed(self) -> str | None:
+        """Why the log refuses writes for good, or None."""
+        return self._failed

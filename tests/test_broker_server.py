@@ -5,6 +5,7 @@ stack is exercised in test_e2e_broker.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -59,6 +60,36 @@ async def _reflected_services(channel) -> list[str]:
     async for response in stub.ServerReflectionInfo(iter([request]), timeout=2):
         return [s.name for s in response.list_services_response.service]
     return []
+
+
+async def test_a_broker_started_during_a_partial_outage_serves_after_its_wait(tmp_path):
+    """A broker started while one shard (and Triton) were down stayed NOT_SERVING for the whole outage, though it
+    answered exactly like a peer started before it: a restart during a partial outage took it out of the load
+    balancer. It now serves once its wait is over and one shard is reachable; with nothing reachable it waits on."""
+    from shard_server.config import ShardConfig
+    from shard_server.server import start_shard_server
+
+    shard = await start_shard_server(ShardConfig(data_dir=tmp_path / "shard", dimension=512))
+    partial = dataclasses.replace(
+        _config(), shard_map=ShardMap(shards={"s0": (f"127.0.0.1:{free_port()}",), "s1": (f"127.0.0.1:{shard.port}",)}),
+        ready_wait_s=1.0)
+    nothing = dataclasses.replace(_config(), ready_wait_s=0.0)
+    up, down = await start_broker(partial), await start_broker(nothing)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{up.port}") as channel:
+            assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING  # still waiting
+            for _ in range(50):
+                await asyncio.sleep(0.2)
+                if await _health(channel) == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            else:
+                pytest.fail("a broker with one of two shards reachable never served")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{down.port}") as channel:
+            assert await _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        await up.stop(0)
+        await down.stop(0)
+        await shard.stop(snapshot=False)
 
 
 async def test_not_serving_until_dependencies_reachable_and_typed_errors():
@@ -132,6 +163,74 @@ async def test_tls(tmp_path):
         await handle.stop(0)
 
 
+def _self_signed(tmp_path, name: str):
+    """A self-signed certificate for localhost/127.0.0.1 and its key (it serves as its own CA)."""
+    key, cert = tmp_path / f"{name}-key.pem", tmp_path / f"{name}-cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", f"/CN={name}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI needed to make a test certificate")
+async def test_mutual_tls_from_the_client_to_the_broker_and_from_the_broker_to_a_shard(tmp_path):
+    """The shards could not serve TLS at all (the documented --shard-tls-ca-file found none), and neither the
+    clients nor the broker could present a certificate to a server that requires one."""
+    from shard_server.config import ShardConfig
+    from shard_server.server import start_shard_server
+
+    server_cert, server_key = _self_signed(tmp_path, "server")
+    client_cert, client_key = _self_signed(tmp_path, "client")
+    shard = await start_shard_server(ShardConfig(
+        data_dir=tmp_path / "shard", dimension=8, tls_cert_file=server_cert, tls_key_file=server_key,
+        tls_client_ca_file=client_cert))
+    config = BrokerConfig(
+        server=ServerOptions(host="127.0.0.1", port=0, tls_cert_file=server_cert, tls_key_file=server_key,
+                             tls_client_ca_file=client_cert),
+        shard_map=ShardMap(shards={"s0": (f"localhost:{shard.port}",)}),
+        triton_url=f"127.0.0.1:{free_port()}",
+        shard_tls_ca_file=server_cert, shard_tls_cert_file=client_cert, shard_tls_key_file=client_key,
+        health_check_interval_s=0.2,
+    )
+    handle = await start_broker(config)
+    try:
+        tls = {"root_certificates": server_cert.read_bytes()}
+        async with BrokerClient(f"localhost:{handle.port}", certificate_chain=client_cert.read_bytes(),
+                                private_key=client_key.read_bytes(), **tls) as client:
+            [summary] = await client.stats(timeout_s=5)
+            assert summary.reachable  # the broker's own client certificate got it through to the shard
+        async with BrokerClient(f"localhost:{handle.port}", timeout_s=2, **tls) as no_certificate:
+            with pytest.raises(UnavailableError):
+                await no_certificate.stats()
+    finally:
+        await handle.stop(0)
+        await shard.stop(snapshot=False)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--tls-cert-file", "cert.pem"],  # say, a mistyped IMGSEARCH_TLS_KEY_FILE
+    ["--tls-key-file", "key.pem"],
+    ["--tls-client-ca-file", "ca.pem"],
+    ["--shard-tls-ca-file", "ca.pem", "--shard-tls-cert-file", "cert.pem"],
+    ["--shard-tls-cert-file", "cert.pem", "--shard-tls-key-file", "key.pem"],
+])
+def test_half_a_tls_setting_refuses_to_start_instead_of_serving_plaintext(argv, capsys):
+    with pytest.raises(SystemExit):
+        BrokerConfig.from_env(["--shard-map", '{"shards": {"s0": ["127.0.0.1:1"]}}', *argv])
+    assert "tls" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("argv", [["--tls-cert-file", "cert.pem"], ["--tls-client-ca-file", "ca.pem"]])
+def test_a_shard_with_half_a_tls_setting_refuses_to_start(argv, tmp_path, capsys):
+    from shard_server.config import ShardConfig
+
+    with pytest.raises(SystemExit):
+        ShardConfig.from_env(["--data-dir", str(tmp_path), *argv], env={})
+    assert "tls" in capsys.readouterr().err.lower()
+
+
 @pytest.mark.parametrize(
     ("header", "expected"),
     [
@@ -201,7 +300,11 @@ async def test_ingest_streams_hold_at_most_the_byte_budget_across_streams():
                 image_id=f"s{stream}-{i}", product_id="p", category="c", image=image))
 
     streams = [asyncio.ensure_future(service.IngestStream(messages(s), _StreamContext())) for s in range(3)]
-    await asyncio.sleep(0.2)
+    for _ in range(100):  # until the first chunks reach the broker (slower on a busy box)
+        await asyncio.sleep(0.05)
+        if broker.peak:
+            break
+    await asyncio.sleep(0.2)  # and the rest have had their chance to overrun the budget
     assert 0 < broker.peak <= budget  # 3 streams x 40 x 3 MiB = 360 MiB offered
     broker.release.set()
     answers = await asyncio.gather(*streams)

@@ -4,6 +4,7 @@ a graceful SIGTERM leaves a snapshot that the next start loads."""
 
 import asyncio
 import dataclasses
+import re
 import time
 from pathlib import Path
 
@@ -642,3 +643,99 @@ def test_a_full_disk_during_a_snapshot_is_an_error_not_a_crash(tmp_path):
         assert out.stdout.split() == ["snapshot", "failed", "28", "closed"]
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+@pytest.mark.timeout(60)
+async def test_a_failed_fsync_stops_the_shard_process_for_its_supervisor_to_restart(tmp_path, free_port,
+                                                                                     monkeypatch):
+    """A failed log refuses every write until a restart; a shard that then went on reporting SERVING (liveness
+    included) was never restarted, and its shard's ingests failed for good. It stops instead: liveness turns
+    NOT_SERVING, the process drains and exits with status 1, and the restart keeps every acknowledged write."""
+    import os
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from imgsearch.serving import LIVENESS_SERVICE
+    from shard_server.server import _serve
+
+    port = free_port()
+    config = ShardConfig(data_dir=tmp_path, port=port, dimension=DIM)
+    serving = asyncio.create_task(_serve(config))
+    vectors = synthetic.SyntheticCatalogue(dim=DIM, clusters=4, seed=5).vectors(0, 3)
+    async with ShardClient(f"127.0.0.1:{port}") as client:
+        for _ in range(100):
+            try:
+                await client.upsert([_record(0, vectors[0])], timeout_s=5)
+                break
+            except ImgsearchError:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the shard never took a write")
+        real_fsync = os.fsync
+
+        def failing_fsync(fd):
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(os, "fsync", failing_fsync)
+        with pytest.raises(ImgsearchError, match="fsync failed"):
+            await client.upsert([_record(1, vectors[1])], timeout_s=5)
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                liveness = (await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE), timeout=2)).status
+            except grpc.aio.AioRpcError as exc:  # already stopped
+                liveness = exc.code()
+        assert liveness != health_pb2.HealthCheckResponse.SERVING
+    assert await asyncio.wait_for(serving, 30) == 1
+
+    restarted = ShardEngine(config)
+    restarted.load()
+    assert [r.image_id for r in restarted.get(["img-0"])] == ["img-0"]
+    restarted.wal.close()
+
+
+def _record(i: int, vector: np.ndarray):
+    from shard_server.types import Record
+
+    return Record(image_id=f"img-{i}", product_id=f"p{i}", category="c", vector=vector)
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_during_the_log_replay_stops_the_shard_at_once(tmp_path):
+    """A stop during a long replay waited for the whole replay (the manifests allow 15 min of it against a
+    180 s grace period, so the kubelet's SIGKILL came first), and the engine was closed under the loading thread.
+    Now the replay stops at its next record, the process exits 0, and the next start loads everything."""
+    data_dir = tmp_path / "shard"
+    config = ShardConfig(data_dir=data_dir, dimension=DIM, snapshot_wal_bytes=1 << 40)
+    engine = ShardEngine(config)
+    engine.load()
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=30, seed=4)
+    batches, batch = 240, 500  # ~120k vectors: a few seconds of replay on the 2-core box
+    for b in range(batches):
+        engine.upsert(catalogue.records(b * batch, (b + 1) * batch, category="c"))
+    engine.wal.close()  # no snapshot: everything is in the log
+
+    shard = ShardProcess(data_dir, extra_args=("--dimension", str(DIM), "--snapshot-wal-bytes", str(1 << 40)))
+    shard.start(wait_serving=False)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    assert shard.stop(timeout_s=120) == 0
+    stopped_after_s = time.monotonic() - t0
+    log_text = shard.log_text()
+    assert "stopped while replaying the write-ahead log" in log_text, log_text[-3000:]
+    assert "shard loaded" not in log_text
+
+    shard.start(wait_serving=True)  # loads all of it: the interrupted start changed nothing on disk
+    try:
+        full_load_s = float(re.search(r"replayed in ([0-9.]+)s", shard.log_text()).group(1))
+        assert stopped_after_s < full_load_s, (stopped_after_s, full_load_s)
+        total = sum(c.vectors for c in asyncio.run(_stats(shard.address)).categories)
+        assert total == batches * batch
+    finally:
+        shard.stop()
+
+
+async def _stats(address: str):
+    async with ShardClient(address) as client:
+        return await client.stats(timeout_s=10)

@@ -338,6 +338,26 @@ class ServerOptions:
 
     def __post_init__(self) -> None:
         check_event_loop(self.event_loop)
+        # Half a TLS setting (a mistyped variable) must not quietly serve plaintext, without client auth.
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert-file and --tls-key-file)")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("--tls-client-ca-file (mutual TLS) needs --tls-cert-file and --tls-key-file")
+
+
+def channel_credentials(ca_file: Path | None = None, cert_file: Path | None = None,
+                        key_file: Path | None = None) -> grpc.ChannelCredentials | None:
+    """Client TLS credentials: the server's CA, and for mutual TLS this client's certificate and key; None (a
+    plaintext channel) when no file is given."""
+    if bool(cert_file) != bool(key_file):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    if not (ca_file or cert_file):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca_file.read_bytes() if ca_file else None,
+        private_key=key_file.read_bytes() if key_file else None,
+        certificate_chain=cert_file.read_bytes() if cert_file else None,
+    )
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -403,6 +423,19 @@ class GrpcService:
         self.metrics_port = metrics_port
         self._grace_s = grace_s
         self._lag_monitor = lag_monitor
+        self.stop_reason: str | None = None
+        self._stop_requested = asyncio.Event()
+        self._health_drain: asyncio.Task | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Fail-stop from inside the service: every health status (liveness too) turns NOT_SERVING at once, and
+        `run_until_signalled` drains and returns as on SIGTERM. Call it on the event loop's thread."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            log.error("stopping: %s", reason)
+        self._stop_requested.set()
+        if self._health_drain is None:
+            self._health_drain = asyncio.ensure_future(self.health.drain())
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -483,7 +516,8 @@ def start_metrics_endpoint(host: str, port: int) -> int:
 
 
 async def run_until_signalled(service: GrpcService, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Block until SIGTERM/SIGINT, then drain: health NOT_SERVING, stop accepting, finish in-flight RPCs."""
+    """Block until SIGTERM/SIGINT (or `service.request_stop`), then drain: health NOT_SERVING, stop accepting,
+    finish in-flight RPCs."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -491,7 +525,9 @@ async def run_until_signalled(service: GrpcService, on_stop: Callable[[], Awaita
             loop.add_signal_handler(sig, stop.set)
     waiter = asyncio.create_task(service.wait())
     stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    requested = asyncio.create_task(service._stop_requested.wait())
+    await asyncio.wait({waiter, stopper, requested}, return_when=asyncio.FIRST_COMPLETED)
+    requested.cancel()
     log.info("shutting down (grace %.1fs)", service._grace_s)
     await service.stop()
     if on_stop is not None:
