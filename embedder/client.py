@@ -224,6 +224,8 @@ TRITON_CHANNEL_ARGS = [
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.http2.max_pings_without_data", 2),
+    # A new or restarted Triton pod is found when the name is resolved again, by default at most every 30 s.
+    ("grpc.dns_min_time_between_resolutions_ms", 1_000),
     # Requests spread over every address the URL resolves to: with `dns:///<headless service>:8001` (deploy/),
     # over every Triton pod, where a ClusterIP Service pins each broker's one connection to one pod.
     ("grpc.lb_policy_name", "round_robin"),

@@ -316,6 +316,9 @@ def test_shards_are_statefulsets_with_volumes_and_one_headless_service_each(rend
             assert any(Path(data_dir).is_relative_to(m["mountPath"]) for m in mounted), (overlay, data_dir)
             svc = named(docs, "Service", sts["spec"]["serviceName"])
             assert svc["spec"]["clusterIP"] == "None"
+            # A restarted shard pod's name resolves while it replays its log (the broker checks its health
+            # itself), so the broker reconnects as soon as it serves, not after DNS's negative cache expires.
+            assert svc["spec"].get("publishNotReadyAddresses") is True, overlay
             pod_labels = sts["spec"]["template"]["metadata"]["labels"]
             assert svc["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
             # The Service selects this shard's pods and no other shard's.

@@ -556,4 +556,7 @@ def client_channel_options(max_message_bytes: int = 16 * 1024 * 1024) -> list[tu
         ("grpc.initial_reconnect_backoff_ms", 250),
         ("grpc.min_reconnect_backoff_ms", 250),
         ("grpc.max_reconnect_backoff_ms", 1_000),
+        # A restarted pod comes back on a new address; grpc resolves the name again when the connection fails,
+        # but by default at most every 30 s.
+        ("grpc.dns_min_time_between_resolutions_ms", 1_000),
     ]
