@@ -17,12 +17,14 @@ from collections.abc import AsyncIterator
 from PIL import Image
 
 from broker.errors import DecodeWaitTimeoutError
+from embedder.preprocess import check_header_segments
 
 
 def header_pixels(data: bytes) -> int:
     """Width x height from the image header (nothing decoded); 0 when the header does not parse (the decoder
     then reports what is wrong with the bytes)."""
     try:
+        check_header_segments(data)  # Pillow would read each one in Python first
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
     except Exception:  # noqa: BLE001 - any unreadable header: not ours to report here

@@ -91,12 +91,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="no fine-tuning: ImageNet backbone + GeM + a fixed random orthogonal projection")
     parser.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     parser.add_argument("--seed", type=int, default=0, help="projection seed for --pretrained")
+    parser.add_argument("--any-image-size", action="store_true",
+                        help="export a checkpoint trained on crops of another size than serving's 224 px")
     parser.add_argument("--flip-average", action="store_true",
                         help="embed each image and its mirror image and average them (2x the compute)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    model = load_checkpoint(args.checkpoint) if args.checkpoint else build_pretrained_embedder(seed=args.seed)
+    try:
+        model = (load_checkpoint(args.checkpoint, any_image_size=args.any_image_size) if args.checkpoint
+                 else build_pretrained_embedder(seed=args.seed))
+    except ValueError as exc:
+        print(f"imgsearch-embed export: {exc} (--any-image-size exports it anyway)", file=sys.stderr)
+        return 2
     if args.flip_average:
         model = FlipAveragedEmbedder(model.eval())
     export_onnx(model, args.out)

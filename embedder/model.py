@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedder.preprocess import DEFAULT_IMAGE_SIZE
+
 EMBEDDING_DIM = 512
 BACKBONE_CHANNELS = 1280
 IMAGENET_CLASSES = 1000
@@ -295,10 +297,16 @@ def save_checkpoint(path: Path, model: ImageEmbedder, **extra) -> None:
     tmp.replace(path)  # a crash mid-write never leaves a torn checkpoint behind
 
 
-def load_checkpoint(path: Path) -> ImageEmbedder:
+def load_checkpoint(path: Path, *, any_image_size: bool = False) -> ImageEmbedder:
     """Rebuild an ImageEmbedder (eval mode) from a checkpoint written by save_checkpoint. Every weight of the
-    embedding must be there; the ImageNet classifier may be (older checkpoints) or not."""
+    embedding must be there; the ImageNet classifier may be (older checkpoints) or not. A checkpoint trained on
+    crops of another size than serving's is refused unless `any_image_size`."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
+    trained_size = payload.get("train_config", {}).get("image_size", DEFAULT_IMAGE_SIZE)
+    if trained_size != DEFAULT_IMAGE_SIZE and not any_image_size:
+        raise ValueError(f"checkpoint {path} was trained on {trained_size} px crops; serving, export and "
+                         f"evaluation crop to {DEFAULT_IMAGE_SIZE} px, so it would be measured and served on inputs "
+                         "it never learned")
     model = ImageEmbedder(ModelConfig(**payload["model_config"]))
     missing, unexpected = model.load_state_dict(payload["model"], strict=False)
     missing = [k for k in missing if not k.startswith(UNUSED_CLASSIFIER_PREFIX)]

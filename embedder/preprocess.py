@@ -34,6 +34,47 @@ DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 # Never silently decode a truncated file as a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# The longest side accepted. Pixels alone bound memory badly for thin images: a 78 KB PNG of 1 x 40,000,000 pixels
+# (within the pixel limit) took 850 MB to decode (a row pointer per pixel) and 2.7 GB and 20 s to hash.
+MAX_IMAGE_SIDE = 20_000
+# JPEG segments before the first scan, PNG chunks before the image data: Pillow reads each one in Python while it
+# opens the file, so a 10 MiB JPEG of 2.6 million empty comment markers took ~4 s to open, three times over
+# (decode budget, hashing, Triton). A real file has a few dozen.
+MAX_HEADER_SEGMENTS = 1_000
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_SEGMENTS) -> None:
+    """Raise InvalidImageError for a JPEG or PNG with more than `limit` segments (chunks) before its image data;
+    walks the lengths only. Anything malformed is left to the decoder to report."""
+    if data.startswith(b"\xff\xd8"):
+        pos, steps, end = 2, 0, len(data)
+        while pos + 4 <= end:
+            steps += 1
+            if steps > limit:
+                raise InvalidImageError(f"JPEG with more than {limit} segments before its image data")
+            if data[pos] != 0xFF:
+                return
+            marker = data[pos + 1]
+            if marker == 0xFF:  # a fill byte
+                pos += 1
+            elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+                pos += 2
+            elif marker in (0xD9, 0xDA):  # end of image, start of scan: the header is over
+                return
+            else:
+                pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    elif data.startswith(_PNG_SIGNATURE):
+        pos, steps, end = len(_PNG_SIGNATURE), 0, len(data)
+        while pos + 8 <= end:
+            steps += 1
+            if steps > limit:
+                raise InvalidImageError(f"PNG with more than {limit} chunks before its image data")
+            if data[pos + 4:pos + 8] in (b"IDAT", b"IEND"):
+                return
+            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+
 
 def decode_image(
     data: bytes,
@@ -52,6 +93,7 @@ def decode_image(
         raise InvalidImageError("empty image")
     if len(data) > max_image_bytes:
         raise ImageTooLargeError(f"image is {len(data)} bytes, limit is {max_image_bytes}")
+    check_header_segments(data)
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
@@ -63,6 +105,8 @@ def decode_image(
         raise InvalidImageError("image has no pixels")
     if width * height > max_image_pixels:
         raise ImageTooLargeError(f"image is {width}x{height} pixels, limit is {max_image_pixels} pixels")
+    if max(width, height) > MAX_IMAGE_SIDE:
+        raise ImageTooLargeError(f"image is {width}x{height} pixels, the longest side accepted is {MAX_IMAGE_SIDE}")
     if draft_min_side and img.format in ("JPEG", "MPO"):  # MPO: phone JPEGs with a multi-picture block
         img.draft(None, (draft_min_side, draft_min_side))
     try:

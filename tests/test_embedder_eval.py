@@ -185,3 +185,43 @@ def test_product_ranks_match_a_brute_force_count():
     assert rank_summary(np.array([1, 2, 20]))["mrr"] == pytest.approx((1 + 0.5 + 0.05) / 3)
     moved = changes(np.array([1, 12, 3]), np.array([11, 2, 4]), ["a", "b", "a"], k=10)
     assert moved == {"left_top_k": {"a": 1}, "entered_top_k": {"b": 1}}
+
+
+def test_eval_decodes_a_big_jpeg_exactly_as_serving_does(tmp_path):
+    """Serving decodes JPEGs with a shorter side of 896 px or more at a reduced scale; eval decoded them whole,
+    so it measured other pixels than production gets (a 12 MP photo: cosine 0.994 between the two)."""
+    import io
+
+    from PIL import Image
+
+    from embedder.preprocess import preprocess_bytes
+
+    source = Image.open(data.read_grocery(data.grocery_dir(), "val")[0].path).convert("RGB")
+    big = tmp_path / "big.jpg"
+    buffer = io.BytesIO()
+    source.resize((1500, 2000), Image.BICUBIC).save(buffer, "JPEG", quality=92)
+    big.write_bytes(buffer.getvalue())
+    seen = []
+
+    def embed(pixels):
+        seen.append(pixels)
+        return np.ones((len(pixels), 4), np.float32)
+
+    evaluate.embed_catalogue(embed, [data.CatalogueImage(path=big, product_id="p", category="c")], progress=False)
+    np.testing.assert_array_equal(seen[0][0], preprocess_bytes(big.read_bytes()))
+
+
+def test_precision_check_cosine_ignores_the_length_error_of_half_precision():
+    """A bfloat16 embedding cast back is not unit length; the plain dot product reported as "cosine" mixed that
+    length error in (as low as 0.9947 where the true cosine was 0.9974)."""
+    from embedder.precision_check import compare
+
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((5, 8)).astype(np.float32)
+    reference /= np.linalg.norm(reference, axis=1, keepdims=True)
+    lengths = np.array([[0.996], [1.004], [1.0], [0.998], [1.002]], np.float32)
+    protocol = {"top1": np.zeros(5, int), "recall@1": 1.0}
+    variant = {"val_vs_train": protocol, "val_vs_iconic": protocol}
+    row = compare(variant, variant, {"val": reference * lengths}, {"val": reference})
+    assert row["cosine_min"] == pytest.approx(1.0, abs=1e-6)
+    assert row["length_deviation_max"] == pytest.approx(0.004, abs=1e-6)

@@ -123,6 +123,51 @@ def test_byte_and_pixel_limits():
         decode_image(_png(Image.new("L", (100, 100))), max_image_pixels=9_999)
 
 
+def test_a_thin_image_within_the_pixel_limit_is_refused_by_its_longest_side():
+    """A 78 KB PNG of 1 x 40,000,000 pixels passed the pixel limit and took a broker to 2.7 GB and 20 s of
+    hashing. The longest side is limited too, from the header, before anything is decoded."""
+    from embedder.preprocess import MAX_IMAGE_SIDE
+
+    thin = _png(Image.new("L", (1, MAX_IMAGE_SIDE + 1)))
+    with pytest.raises(ImageTooLargeError, match="longest side"):
+        decode_image(thin)
+    decode_image(_png(Image.new("L", (MAX_IMAGE_SIDE, 1))))  # at the limit: fine
+
+
+def _with_comment_markers(jpeg: bytes, count: int) -> bytes:
+    return jpeg[:2] + b"\xff\xfe\x00\x02" * count + jpeg[2:]
+
+
+def _with_text_chunks(png: bytes, count: int) -> bytes:
+    import struct
+    import zlib
+
+    chunk = struct.pack(">I", 3) + b"tEXt" + b"a\x00b" + struct.pack(">I", zlib.crc32(b"tEXta\x00b"))
+    header_end = 8 + 25  # signature + IHDR
+    return png[:header_end] + chunk * count + png[header_end:]
+
+
+def test_headers_of_a_million_segments_are_refused_before_pillow_reads_them():
+    """A 10 MiB JPEG of 2.6 million empty comment markers (a 64x64 image) took ~4 s to open, three times per
+    search (the broker's decode budget, its hashing, Triton), and let searches run past their deadline. A PNG's
+    chunks before its image data are read the same way. A few hundred still decode."""
+    import time
+
+    from broker.decode_budget import header_pixels
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, "JPEG")
+    jpeg, png = buffer.getvalue(), _png(Image.new("RGB", (64, 64)))
+    assert decode_image(_with_comment_markers(jpeg, 500)).size == (64, 64)
+    assert decode_image(_with_text_chunks(png, 500)).size == (64, 64)
+    for bomb in (_with_comment_markers(jpeg, 2_000_000), _with_text_chunks(png, 600_000)):
+        started = time.monotonic()
+        with pytest.raises(InvalidImageError, match="before its image data"):
+            decode_image(bomb, max_image_bytes=len(bomb))
+        assert header_pixels(bomb) == 0  # the broker leaves it to the decoder to refuse
+        assert time.monotonic() - started < 0.5
+
+
 def test_extreme_aspect_ratio_does_not_blow_up():
     strip = Image.new("RGB", (1, 20_000), (0, 0, 255))
     out = resize_for_model(strip)
