@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -215,6 +216,21 @@ def _check_output(embeddings: np.ndarray, n: int) -> np.ndarray:
     return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
+# Round robin over the Triton pods, leaving out for a while a pod that fails nearly every call (grpc's outlier
+# detection): a hung or partitioned pod whose connection stays open (HTTP/2 keepalive does not drop it: the
+# kernel still accepts the reconnection) otherwise got 1/N of all embedding calls, each waiting out its whole
+# deadline. The threshold is high because uniform failures (an overload) would eject healthy pods too; at most
+# half of them are ever left out, and never the only one.
+TRITON_SERVICE_CONFIG = {"loadBalancingConfig": [{"outlier_detection_experimental": {
+    "interval": "1s",
+    "baseEjectionTime": "10s",
+    "maxEjectionTime": "120s",
+    "maxEjectionPercent": 50,
+    "failurePercentageEjection": {"threshold": 90, "enforcementPercentage": 100, "minimumHosts": 2,
+                                  "requestVolume": 3},
+    "childPolicy": [{"round_robin": {}}],
+}}]}
+
 # tritonclient's own channel settings (unlimited messages, its keepalive defaults, which Triton's ping policy
 # accepts), plus:
 TRITON_CHANNEL_ARGS = [
@@ -226,9 +242,9 @@ TRITON_CHANNEL_ARGS = [
     ("grpc.http2.max_pings_without_data", 2),
     # A new or restarted Triton pod is found when the name is resolved again, by default at most every 30 s.
     ("grpc.dns_min_time_between_resolutions_ms", 1_000),
-    # Requests spread over every address the URL resolves to: with `dns:///<headless service>:8001` (deploy/),
-    # over every Triton pod, where a ClusterIP Service pins each broker's one connection to one pod.
-    ("grpc.lb_policy_name", "round_robin"),
+    # Requests spread over every address the URL resolves to (round_robin): with `dns:///<headless service>:8001`
+    # (deploy/), over every Triton pod, where a ClusterIP Service pins each broker's one connection to one pod.
+    ("grpc.service_config", json.dumps(TRITON_SERVICE_CONFIG)),
     # A Triton pod back after a restart is tried again within a second (grpc's backoff otherwise grows to 120 s).
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 250),

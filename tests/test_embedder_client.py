@@ -210,3 +210,53 @@ async def test_onnx_embedder_embeds_and_refuses_bad_images(onnx_model):
 def test_onnx_embedder_missing_model(tmp_path):
     with pytest.raises(EmbedderUnavailableError):
         OnnxEmbedder(tmp_path / "missing.onnx")
+
+
+async def test_the_triton_channel_leaves_out_an_address_that_hangs():
+    """Round robin over two addresses, one of which accepts calls and never answers (a hung or partitioned Triton
+    pod whose connection stays open): it got every other call, each waiting out its deadline. With the channel's
+    outlier detection it is left out within seconds. (Real gRPC servers on loopback; the channel arguments are the
+    ones TritonEmbedder gives tritonclient.)"""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from embedder.client import TRITON_CHANNEL_ARGS
+
+    class Answers(health_pb2_grpc.HealthServicer):
+        async def Check(self, request, context):
+            return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    class Hangs(health_pb2_grpc.HealthServicer):
+        async def Check(self, request, context):
+            await asyncio.sleep(60)
+
+    servers, ports = [], []
+    for servicer in (Answers(), Hangs()):
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        servers.append(server)
+    channel = grpc.aio.insecure_channel(f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}",
+                                        options=TRITON_CHANNEL_ARGS)
+    stub = health_pb2_grpc.HealthStub(channel)
+    outcomes: list[tuple[float, bool]] = []
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 5:
+            try:
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.2)
+                outcomes.append((time.monotonic() - started, True))
+            except grpc.aio.AioRpcError:
+                outcomes.append((time.monotonic() - started, False))
+            await asyncio.sleep(0.02)
+    finally:
+        await channel.close()
+        for server in servers:
+            await server.stop(0)
+    early = [ok for at, ok in outcomes if at < 1]
+    late = [ok for at, ok in outcomes if at >= 3]
+    assert not all(early)  # the hung address did get calls at first
+    assert late and sum(late) / len(late) >= 0.95, f"{len(late) - sum(late)} of {len(late)} calls still failed"
