@@ -73,8 +73,8 @@ class ShardClient:
                     if len(batch) >= batch_size:
                         yield shard_pb2.UpsertStreamRequest(records=batch)
                         batch = []
-            if batch:
-                yield shard_pb2.UpsertStreamRequest(records=batch)
+            # The last message commits the stream: one that ends without it (a cancel, a deadline) is not written.
+            yield shard_pb2.UpsertStreamRequest(records=batch, commit=True)
 
         try:
             response = await self._stub.UpsertStream(messages(), timeout=timeout_s)

@@ -28,6 +28,11 @@ class ShardNotReadyError(ShardError, UnavailableError):
     """The shard is still loading its snapshot and replaying its write-ahead log."""
 
 
+class StreamNotCommittedError(ShardError, FailedPreconditionError):
+    """An UpsertStream ended without its commit message: cut short (cancelled, past its deadline, its client
+    gone), so nothing of it is written."""
+
+
 class LoadInterruptedError(ShardError, UnavailableError):
     """The shard was told to stop while it was still loading its snapshot and replaying its log."""
 

@@ -10,7 +10,12 @@ from imgsearch.errors import ImgsearchError
 from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.engine import ShardEngine
-from shard_server.errors import RequestTooLargeError, ShardNotReadyError
+from shard_server.errors import (
+    InvalidRequestError,
+    RequestTooLargeError,
+    ShardNotReadyError,
+    StreamNotCommittedError,
+)
 from shard_server.partition import ExactScanTooLong
 from shard_server.types import Exactness, SearchResult
 
@@ -85,7 +90,15 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self._ready()
         chunks: list[bytes] = []
         size = 0
+        committed = False
         async for message in request_iterator:
+            if committed:
+                raise InvalidRequestError("an UpsertStream message after the one that set commit")
+            # grpc.aio ends this iterator alike for a half-close and for a client's cancel, deadline or crash (and
+            # with neither context.cancelled() nor done() set yet): streams cut short were written. Only a stream
+            # whose client said it is complete is.
+            committed = message.commit
+            message.ClearField("commit")
             message.DiscardUnknownFields()
             encoded = message.SerializeToString()  # wire-compatible with UpsertRequest: frames concatenate
             size += len(encoded)
@@ -93,6 +106,9 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                 raise RequestTooLargeError(
                     f"upsert stream exceeds {self.engine.config.max_stream_bytes} bytes; split it into streams")
             chunks.append(encoded)
+        if not committed:
+            raise StreamNotCommittedError("the upsert stream ended without its commit message (cut short, or a "
+                                          "client older than the commit field); nothing was written")
         # The parts are logged as one frame without being joined (a join of a bulk load's gigabytes holds the GIL
         # and stalled this event loop, and every search on it, for hundreds of milliseconds).
         written = await self._run(self._write_pool, self.engine.upsert_encoded, chunks)

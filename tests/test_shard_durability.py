@@ -3,6 +3,7 @@ acknowledged write and shows nothing of the cut stream; torn log tails are cut; 
 a graceful SIGTERM leaves a snapshot that the next start loads."""
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 import time
@@ -739,3 +740,52 @@ def test_sigterm_during_the_log_replay_stops_the_shard_at_once(tmp_path):
 async def _stats(address: str):
     async with ShardClient(address) as client:
         return await client.stats(timeout_s=10)
+
+
+@pytest.mark.timeout(120)
+async def test_an_upsert_stream_cut_short_by_its_client_writes_nothing(tmp_path):
+    """grpc.aio ends the server's request iterator alike for a half-close and for a client's cancel or deadline,
+    so streams cut short were written (2 of 5 cancelled streams in the review). Only a stream whose last message
+    sets commit is written now; one that ends without it is refused, even when half-closed."""
+    from imgsearch.v1 import shard_pb2_grpc
+    from shard_server.server import start_shard_server
+
+    handle = await start_shard_server(ShardConfig(data_dir=tmp_path / "shard", dimension=DIM))
+    vectors = synthetic.SyntheticCatalogue(dim=DIM, clusters=4, seed=9).vectors(0, 60)
+
+    def message(first: int, count: int, **fields) -> shard_pb2.UpsertStreamRequest:
+        return shard_pb2.UpsertStreamRequest(
+            records=[convert.record_to_proto(_record(i, vectors[i])) for i in range(first, first + count)], **fields)
+
+    cut_ids = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            stub = shard_pb2_grpc.ShardServiceStub(channel)
+            for trial in range(5):
+                for how in ("cancel", "deadline"):
+                    first = trial * 10 + (0 if how == "cancel" else 5)
+                    call = stub.UpsertStream(timeout=0.5 if how == "deadline" else 30)
+                    await call.write(message(first, 2))
+                    await call.write(message(first + 2, 1))
+                    await asyncio.sleep(0.2 if how == "cancel" else 0.8)  # never half-closed
+                    if how == "cancel":
+                        call.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                        await call
+                    cut_ids += [f"img-{i}" for i in range(first, first + 3)]
+            # Half-closed, but without the commit message (a client older than the field): refused.
+            call = stub.UpsertStream(timeout=10)
+            await call.write(message(50, 2))
+            await call.done_writing()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "commit" in refused.value.details()
+            cut_ids += ["img-50", "img-51"]
+        async with ShardClient(f"127.0.0.1:{handle.port}") as client:
+            await asyncio.sleep(0.5)  # any write still on its way
+            assert await client.get(cut_ids, timeout_s=10) == []
+            assert await client.upsert_stream([_record(55, vectors[55])], timeout_s=10) == 1
+            assert [r.image_id for r in await client.get(["img-55"], timeout_s=10)] == ["img-55"]
+    finally:
+        await handle.stop(snapshot=False)

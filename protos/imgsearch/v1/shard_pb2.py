@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from imgsearch.v1 import common_pb2 as imgsearch_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imgsearch/v1/shard.proto\x12\x0cimgsearch.v1\x1a\x19imgsearch/v1/common.proto\"\xb8\x01\n\x19ShardServiceSearchRequest\x12$\n\x06vector\x18\x01 \x01(\x0b\x32\x14.imgsearch.v1.Vector\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\ncategories\x18\x03 \x03(\t\x12$\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x14.imgsearch.v1.Filter\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.imgsearch.v1.SearchOptions\"Y\n\x1aShardServiceSearchResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.imgsearch.v1.Hit\x12\x1a\n\x12\x63\x61ndidates_scanned\x18\x02 \x01(\x04\"[\n\x1eShardServiceSearchBatchRequest\x12\x39\n\x08searches\x18\x01 \x03(\x0b\x32\'.imgsearch.v1.ShardServiceSearchRequest\"P\n\x1fShardServiceSearchBatchResponse\x12-\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1b.imgsearch.v1.SearchOutcome\"\x82\x01\n\rSearchOutcome\x12:\n\x06result\x18\x01 \x01(\x0b\x32(.imgsearch.v1.ShardServiceSearchResponseH\x00\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.imgsearch.v1.SearchErrorH\x00\x42\t\n\x07outcome\",\n\x0bSearchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8e\x02\n\x0cVectorRecord\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12$\n\x06vector\x18\x04 \x01(\x0b\x32\x14.imgsearch.v1.Vector\x12>\n\nattributes\x18\x05 \x03(\x0b\x32*.imgsearch.v1.VectorRecord.AttributesEntry\x12\x0f\n\x07version\x18\x06 \x01(\x04\x1aO\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.imgsearch.v1.AttributeValue:\x02\x38\x01\"S\n\rUpsertRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.imgsearch.v1.VectorRecord\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"\"\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\"B\n\x13UpsertStreamRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.imgsearch.v1.VectorRecord\"(\n\x14UpsertStreamResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\"?\n\x19ShardServiceDeleteRequest\x12\x11\n\timage_ids\x18\x01 \x03(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"-\n\x1aShardServiceDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"+\n\x16ShardServiceGetRequest\x12\x11\n\timage_ids\x18\x01 \x03(\t\"F\n\x17ShardServiceGetResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.imgsearch.v1.VectorRecord\"\x1a\n\x18ShardServiceStatsRequest\"o\n\rCategoryStats\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x04\x12\x0f\n\x07trained\x18\x03 \x01(\x08\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x05 \x01(\x04\"r\n\x19ShardServiceStatsResponse\x12/\n\ncategories\x18\x01 \x03(\x0b\x32\x1b.imgsearch.v1.CategoryStats\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x11\n\twal_bytes\x18\x03 \x01(\x04\x32\x80\x05\n\x0cShardService\x12[\n\x06Search\x12\'.imgsearch.v1.ShardServiceSearchRequest\x1a(.imgsearch.v1.ShardServiceSearchResponse\x12j\n\x0bSearchBatch\x12,.imgsearch.v1.ShardServiceSearchBatchRequest\x1a-.imgsearch.v1.ShardServiceSearchBatchResponse\x12\x43\n\x06Upsert\x12\x1b.imgsearch.v1.UpsertRequest\x1a\x1c.imgsearch.v1.UpsertResponse\x12W\n\x0cUpsertStream\x12!.imgsearch.v1.UpsertStreamRequest\x1a\".imgsearch.v1.UpsertStreamResponse(\x01\x12[\n\x06\x44\x65lete\x12\'.imgsearch.v1.ShardServiceDeleteRequest\x1a(.imgsearch.v1.ShardServiceDeleteResponse\x12X\n\x05Stats\x12&.imgsearch.v1.ShardServiceStatsRequest\x1a\'.imgsearch.v1.ShardServiceStatsResponse\x12R\n\x03Get\x12$.imgsearch.v1.ShardServiceGetRequest\x1a%.imgsearch.v1.ShardServiceGetResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18imgsearch/v1/shard.proto\x12\x0cimgsearch.v1\x1a\x19imgsearch/v1/common.proto\"\xb8\x01\n\x19ShardServiceSearchRequest\x12$\n\x06vector\x18\x01 \x01(\x0b\x32\x14.imgsearch.v1.Vector\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\x12\n\ncategories\x18\x03 \x03(\t\x12$\n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x14.imgsearch.v1.Filter\x12,\n\x07options\x18\x05 \x01(\x0b\x32\x1b.imgsearch.v1.SearchOptions\"Y\n\x1aShardServiceSearchResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.imgsearch.v1.Hit\x12\x1a\n\x12\x63\x61ndidates_scanned\x18\x02 \x01(\x04\"[\n\x1eShardServiceSearchBatchRequest\x12\x39\n\x08searches\x18\x01 \x03(\x0b\x32\'.imgsearch.v1.ShardServiceSearchRequest\"P\n\x1fShardServiceSearchBatchResponse\x12-\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1b.imgsearch.v1.SearchOutcome\"\x82\x01\n\rSearchOutcome\x12:\n\x06result\x18\x01 \x01(\x0b\x32(.imgsearch.v1.ShardServiceSearchResponseH\x00\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.imgsearch.v1.SearchErrorH\x00\x42\t\n\x07outcome\",\n\x0bSearchError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x8e\x02\n\x0cVectorRecord\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12$\n\x06vector\x18\x04 \x01(\x0b\x32\x14.imgsearch.v1.Vector\x12>\n\nattributes\x18\x05 \x03(\x0b\x32*.imgsearch.v1.VectorRecord.AttributesEntry\x12\x0f\n\x07version\x18\x06 \x01(\x04\x1aO\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.imgsearch.v1.AttributeValue:\x02\x38\x01\"S\n\rUpsertRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.imgsearch.v1.VectorRecord\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"\"\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\"R\n\x13UpsertStreamRequest\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.imgsearch.v1.VectorRecord\x12\x0e\n\x06\x63ommit\x18\x03 \x01(\x08\"(\n\x14UpsertStreamResponse\x12\x10\n\x08upserted\x18\x01 \x01(\x04\"?\n\x19ShardServiceDeleteRequest\x12\x11\n\timage_ids\x18\x01 \x03(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"-\n\x1aShardServiceDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"+\n\x16ShardServiceGetRequest\x12\x11\n\timage_ids\x18\x01 \x03(\t\"F\n\x17ShardServiceGetResponse\x12+\n\x07records\x18\x01 \x03(\x0b\x32\x1a.imgsearch.v1.VectorRecord\"\x1a\n\x18ShardServiceStatsRequest\"o\n\rCategoryStats\x12\x10\n\x08\x63\x61tegory\x18\x01 \x01(\t\x12\x0f\n\x07vectors\x18\x02 \x01(\x04\x12\x0f\n\x07trained\x18\x03 \x01(\x08\x12\x12\n\nindex_type\x18\x04 \x01(\t\x12\x16\n\x0eresident_bytes\x18\x05 \x01(\x04\"r\n\x19ShardServiceStatsResponse\x12/\n\ncategories\x18\x01 \x03(\x0b\x32\x1b.imgsearch.v1.CategoryStats\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x11\n\twal_bytes\x18\x03 \x01(\x04\x32\x80\x05\n\x0cShardService\x12[\n\x06Search\x12\'.imgsearch.v1.ShardServiceSearchRequest\x1a(.imgsearch.v1.ShardServiceSearchResponse\x12j\n\x0bSearchBatch\x12,.imgsearch.v1.ShardServiceSearchBatchRequest\x1a-.imgsearch.v1.ShardServiceSearchBatchResponse\x12\x43\n\x06Upsert\x12\x1b.imgsearch.v1.UpsertRequest\x1a\x1c.imgsearch.v1.UpsertResponse\x12W\n\x0cUpsertStream\x12!.imgsearch.v1.UpsertStreamRequest\x1a\".imgsearch.v1.UpsertStreamResponse(\x01\x12[\n\x06\x44\x65lete\x12\'.imgsearch.v1.ShardServiceDeleteRequest\x1a(.imgsearch.v1.ShardServiceDeleteResponse\x12X\n\x05Stats\x12&.imgsearch.v1.ShardServiceStatsRequest\x1a\'.imgsearch.v1.ShardServiceStatsResponse\x12R\n\x03Get\x12$.imgsearch.v1.ShardServiceGetRequest\x1a%.imgsearch.v1.ShardServiceGetResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -55,23 +55,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPSERTRESPONSE']._serialized_start=1059
   _globals['_UPSERTRESPONSE']._serialized_end=1093
   _globals['_UPSERTSTREAMREQUEST']._serialized_start=1095
-  _globals['_UPSERTSTREAMREQUEST']._serialized_end=1161
-  _globals['_UPSERTSTREAMRESPONSE']._serialized_start=1163
-  _globals['_UPSERTSTREAMRESPONSE']._serialized_end=1203
-  _globals['_SHARDSERVICEDELETEREQUEST']._serialized_start=1205
-  _globals['_SHARDSERVICEDELETEREQUEST']._serialized_end=1268
-  _globals['_SHARDSERVICEDELETERESPONSE']._serialized_start=1270
-  _globals['_SHARDSERVICEDELETERESPONSE']._serialized_end=1315
-  _globals['_SHARDSERVICEGETREQUEST']._serialized_start=1317
-  _globals['_SHARDSERVICEGETREQUEST']._serialized_end=1360
-  _globals['_SHARDSERVICEGETRESPONSE']._serialized_start=1362
-  _globals['_SHARDSERVICEGETRESPONSE']._serialized_end=1432
-  _globals['_SHARDSERVICESTATSREQUEST']._serialized_start=1434
-  _globals['_SHARDSERVICESTATSREQUEST']._serialized_end=1460
-  _globals['_CATEGORYSTATS']._serialized_start=1462
-  _globals['_CATEGORYSTATS']._serialized_end=1573
-  _globals['_SHARDSERVICESTATSRESPONSE']._serialized_start=1575
-  _globals['_SHARDSERVICESTATSRESPONSE']._serialized_end=1689
-  _globals['_SHARDSERVICE']._serialized_start=1692
-  _globals['_SHARDSERVICE']._serialized_end=2332
+  _globals['_UPSERTSTREAMREQUEST']._serialized_end=1177
+  _globals['_UPSERTSTREAMRESPONSE']._serialized_start=1179
+  _globals['_UPSERTSTREAMRESPONSE']._serialized_end=1219
+  _globals['_SHARDSERVICEDELETEREQUEST']._serialized_start=1221
+  _globals['_SHARDSERVICEDELETEREQUEST']._serialized_end=1284
+  _globals['_SHARDSERVICEDELETERESPONSE']._serialized_start=1286
+  _globals['_SHARDSERVICEDELETERESPONSE']._serialized_end=1331
+  _globals['_SHARDSERVICEGETREQUEST']._serialized_start=1333
+  _globals['_SHARDSERVICEGETREQUEST']._serialized_end=1376
+  _globals['_SHARDSERVICEGETRESPONSE']._serialized_start=1378
+  _globals['_SHARDSERVICEGETRESPONSE']._serialized_end=1448
+  _globals['_SHARDSERVICESTATSREQUEST']._serialized_start=1450
+  _globals['_SHARDSERVICESTATSREQUEST']._serialized_end=1476
+  _globals['_CATEGORYSTATS']._serialized_start=1478
+  _globals['_CATEGORYSTATS']._serialized_end=1589
+  _globals['_SHARDSERVICESTATSRESPONSE']._serialized_start=1591
+  _globals['_SHARDSERVICESTATSRESPONSE']._serialized_end=1705
+  _globals['_SHARDSERVICE']._serialized_start=1708
+  _globals['_SHARDSERVICE']._serialized_end=2348
 # @@protoc_insertion_point(module_scope)

@@ -95,10 +95,12 @@ class UpsertResponse(_message.Message):
     def __init__(self, upserted: _Optional[int] = ...) -> None: ...
 
 class UpsertStreamRequest(_message.Message):
-    __slots__ = ("records",)
+    __slots__ = ("records", "commit")
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
     records: _containers.RepeatedCompositeFieldContainer[VectorRecord]
-    def __init__(self, records: _Optional[_Iterable[_Union[VectorRecord, _Mapping]]] = ...) -> None: ...
+    commit: bool
+    def __init__(self, records: _Optional[_Iterable[_Union[VectorRecord, _Mapping]]] = ..., commit: _Optional[bool] = ...) -> None: ...
 
 class UpsertStreamResponse(_message.Message):
     __slots__ = ("upserted",)

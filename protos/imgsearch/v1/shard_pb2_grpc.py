@@ -104,7 +104,8 @@ class ShardServiceServicer:
 
     def UpsertStream(self, request_iterator, context):
         """Client-streaming bulk upsert. The whole stream is one atomic write: it is acknowledged (and becomes
-        visible) only when the client half-closes and the log is fsynced; a stream cut short leaves no trace.
+        visible) only when its last message sets `commit`, the client half-closes and the log is fsynced; a stream
+        cut short leaves no trace.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
