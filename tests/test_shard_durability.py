@@ -518,8 +518,9 @@ def test_fuzzed_writes_and_reads_then_sigkill_keep_exactly_what_was_acknowledged
         assert float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) > 0.999
 
 
-# Fields a newer client may add to UpsertRequest / VectorRecord (field 15: varint 1; field 3: "hi").
-_UNKNOWN_FIELDS = b"\x78\x01\x1a\x02hi"
+# Fields a newer client may add to UpsertRequest / VectorRecord (field 15: varint 1; field 4: "hi").
+_UNKNOWN_FIELDS = b"\x78\x01\x22\x02hi"
+_COMMIT = b"\x18\x01"  # UpsertStreamRequest.commit (field 3) = true
 
 
 @pytest.mark.timeout(120)
@@ -538,7 +539,7 @@ async def test_a_write_with_fields_this_shard_does_not_know_survives_a_restart(t
             assert (await upsert(unary, timeout=10)).upserted == 1
             stream = channel.stream_unary("/imgsearch.v1.ShardService/UpsertStream",
                                           response_deserializer=shard_pb2.UpsertResponse.FromString)
-            assert (await stream(iter(streamed), timeout=10)).upserted == 2
+            assert (await stream(iter([*streamed[:-1], streamed[-1] + _COMMIT]), timeout=10)).upserted == 2
         shard.kill()
         shard.start()
         client = ShardClient(shard.address)
