@@ -94,6 +94,9 @@ class ShardConfig:
     # ingest sends its ids to every shard that does not own them, so each shard keeps ~ (cluster-wide ingests
     # per second x this) tombstones, about 160 bytes each.
     tombstone_ttl_s: float = 120.0
+    # Write versions (the brokers' wall clocks, ns) more than this ahead of the shard's clock are refused: one far
+    # in the future would keep every later write of its id out, each still answered OK.
+    max_version_ahead_s: float = 300.0
     # Searches in one SearchBatch call (the broker's batches hold the searches queued behind one call).
     max_batch_searches: int = 256
     max_stream_bytes: int = 1 << 30

@@ -232,6 +232,18 @@ class ShardEngine:
                 f"{len(records)} records in one request; the limit is {self.config.max_records_per_request} "
                 "(use UpsertStream for bulk loads)")
         self._validate_records(records)
+        self._check_versions(r.version for r in records)
+
+    def _check_versions(self, versions: Iterable[int]) -> None:
+        """Refuse a write version too far ahead of this shard's clock (live writes only, never on replay): an id
+        written or deleted at 2^64-1 kept every later write of it out for good, each answered OK."""
+        newest = max(versions, default=0)
+        ahead_s = (newest - time.time_ns()) / 1e9
+        if ahead_s > self.config.max_version_ahead_s:
+            raise InvalidRequestError(
+                f"write version {newest} is {ahead_s:.0f} s ahead of this shard's clock (at most "
+                f"{self.config.max_version_ahead_s:.0f} s accepted): versions are the writing broker's wall clock "
+                "in nanoseconds; check its clock")
 
     def upsert_encoded(self, parts: list[bytes]) -> int:
         """A bulk write given serialised: ``parts`` concatenate to one UpsertRequest (an UpsertStream's messages).
@@ -262,6 +274,7 @@ class ShardEngine:
         rows_by_category: Counter[str] = Counter()
         for records in self._record_batches(convert.upsert_request_batches(parts, batch_bytes=UPSERT_BATCH_BYTES)):
             self._validate_records(records)
+            self._check_versions(r.version for r in records)
             rows_by_category.update(r.category for r in records)
         return rows_by_category
 
@@ -297,6 +310,7 @@ class ShardEngine:
         for image_id in image_ids:
             if not image_id:
                 raise InvalidRequestError("empty image id in delete request")
+        self._check_versions([version])
         if not image_ids:
             return 0
         payload = OP_DELETE + shard_pb2.ShardServiceDeleteRequest(image_ids=list(image_ids),

@@ -13,7 +13,7 @@ import asyncio
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pytest
@@ -26,10 +26,14 @@ from broker.routing import ShardMap
 from broker.types import CatalogueItem, Query
 from imgsearch.errors import UnavailableError
 from imgsearch.ports import free_port
+from imgsearch.v1 import shard_pb2
+from shard_server import convert
 from shard_server.client import ShardClient
 from shard_server.config import ShardConfig
 from shard_server.engine import ShardEngine
+from shard_server.errors import InvalidRequestError
 from shard_server.process import ShardProcess
+from shard_server.synthetic import SyntheticCatalogue
 from shard_server.types import Hit, Record
 
 DIM = 16
@@ -447,3 +451,25 @@ async def _when_reachable(call, timeout_s: float = 10.0):
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+def test_a_write_version_far_ahead_of_the_shards_clock_is_refused(tmp_path):
+    """An id written or deleted at version 2^64-1 (any client of the shard port, a broker whose clock jumped)
+    kept every later write of it out for good, each answered OK. Versions more than max_version_ahead_s ahead
+    are refused now; a log replayed later (when its versions may lie ahead of a clock set back) is not checked."""
+    engine = _engine(tmp_path / "a", max_version_ahead_s=60)
+    now = time.time_ns()
+    far = 2**64 - 1
+    with pytest.raises(InvalidRequestError, match="ahead of this shard's clock"):
+        engine.upsert([_record("x", far)])
+    with pytest.raises(InvalidRequestError, match="ahead of this shard's clock"):
+        engine.delete(["x"], version=now + 3_600 * SECOND_NS)
+    bulk = SyntheticCatalogue(dim=DIM, seed=1).records(0, 2)
+    encoded = shard_pb2.UpsertRequest(records=[convert.record_to_proto(replace(r, version=far))
+                                               for r in bulk]).SerializeToString()
+    with pytest.raises(InvalidRequestError, match="ahead of this shard's clock"):
+        engine.upsert_encoded([encoded])
+    engine.upsert([_record("x", now + 10 * SECOND_NS)])  # a clock a little ahead: fine
+    engine.upsert([_record("x", time.time_ns())])  # older than what is held: dropped, as before
+    assert _held(engine, "x") == (f"p{now + 10 * SECOND_NS}", "a")
+    engine.close()
