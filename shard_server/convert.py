@@ -10,7 +10,7 @@ import numpy as np
 
 from imgsearch.errors import ImgsearchError, from_status
 from imgsearch.v1 import common_pb2, shard_pb2
-from shard_server.attributes import check_filter_size
+from shard_server.attributes import check_filter_size, check_filter_text
 from shard_server.errors import InvalidRequestError
 from shard_server.types import (
     AnyOf,
@@ -234,6 +234,8 @@ def filter_from_proto(message: common_pb2.Filter) -> Filter:
     # Sizes first, before anything is built from them: a 1M-value any_of (14 MB, under the message limit) took
     # seconds of the broker's and every shard's event loop, and each shard's mask cache kept it.
     check_filter_size(len(message.all_of), (len(c.any_of.values) for c in message.all_of))
+    check_filter_text(value for c in message.all_of
+                      for value in ((c.equals,) if c.WhichOneof("predicate") == "equals" else c.any_of.values))
     return Filter(all_of=tuple(condition_from_proto(c) for c in message.all_of))
 
 

@@ -29,7 +29,7 @@ from shard_server.attributes import AttributeColumns
 from shard_server.columns import GrowableArray, StringColumn
 from shard_server.config import ShardConfig
 from shard_server.rwlock import ReadWriteLock
-from shard_server.types import Filter, first_of_each
+from shard_server.types import AnyOf, Filter, first_of_each
 from shard_server.vectors import VectorStore
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 ADD_CHUNK_ROWS = 65_536
 CATCH_UP_UNDER_LOCK_ROWS = 1_024
 MASK_CACHE_SIZE = 64
+# Filters listing more any_of values than this are not cached (shops' filters list a few brands or colours).
+MASK_CACHE_MAX_FILTER_VALUES = 256
 # A distinct-products search that finds fewer than top_k products among its re-ranked candidates asks the index
 # for this many times more, up to DISTINCT_MAX_CANDIDATES_FACTOR x max_rerank_candidates.
 DISTINCT_WIDEN_FACTOR = 4
@@ -281,6 +283,11 @@ class Partition:
                              candidates_scanned=scanned, strategy="exact")
 
     def _selection(self, flt: Filter, n: int) -> _Selection:
+        if _filter_values(flt) > MASK_CACHE_MAX_FILTER_VALUES:
+            # Not kept: the cache is bounded by entries, and a key of thousands of values is as big as its mask.
+            mask = self.attributes.mask(flt, n) & self.alive.view[:n]
+            return _Selection(mask=mask, count=int(np.count_nonzero(mask)),
+                              bitmap=np.packbits(mask, bitorder="little"))
         key = (flt, self.version)
         with self._masks_lock:
             cached = self._masks.get(key)
@@ -402,3 +409,7 @@ def _index_code_bytes(ivf_index) -> int:
             total += size * invlists.code_size
         total += size * 8  # int64 ids
     return total
+
+
+def _filter_values(flt: Filter) -> int:
+    return sum(len(c.predicate.values) for c in flt.all_of if isinstance(c.predicate, AnyOf))

@@ -100,6 +100,21 @@ def test_text_and_flag_filters(engine, catalogue):
     assert engine.search(SearchQuery(vector=q, top_k=K, filter=none)).hits == ()
 
 
+def test_filters_of_many_values_are_answered_but_not_kept_in_the_mask_cache(engine, catalogue):
+    """The mask cache is bounded by entries: big filters as keys took a shard to 2.2 GB."""
+    from shard_server.partition import MASK_CACHE_MAX_FILTER_VALUES
+
+    q = catalogue.queries(1)[0]
+    brands = frozenset({"brand-01"} | {f"missing-{i}" for i in range(MASK_CACHE_MAX_FILTER_VALUES)})
+    big = Filter(all_of=(Condition(field="brand", predicate=AnyOf(values=brands)),))
+    small = Filter(all_of=(Condition(field="brand", predicate=AnyOf(values=frozenset({"brand-01"}))),))
+    found = [engine.search(SearchQuery(vector=q, top_k=K, filter=flt)).hits for flt in (big, small)]
+    assert [h.image_id for h in found[0]] == [h.image_id for h in found[1]]
+    assert all(h.attributes["brand"] == "brand-01" for h in found[0])
+    keys = [flt for partition in engine.partitions.values() for flt, _ in partition._masks]
+    assert small in keys and big not in keys
+
+
 def test_deletes_and_upserts_replace(tmp_path, catalogue):
     config = ShardConfig(data_dir=tmp_path, dimension=DIM, nlist=16, index_factory="IVF{nlist},PQ32x4fs",
                          train_threads=1)

@@ -54,6 +54,15 @@ BAD_QUERIES = {
     "any_of too big": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(
         Condition(field="brand", predicate=AnyOf(values=frozenset(f"b{i}" for i in range(4097)))),))),
         "the limit is 4096"),
+    # ... and over the whole filter: 64 conditions of 4,096 values each took a shard to 2.2 GB.
+    "any_of values over all conditions": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=tuple(
+        Condition(field="brand", predicate=AnyOf(values=frozenset(f"b{c}-{i}" for i in range(2500))))
+        for c in range(2)))), "over all its conditions"),
+    "a filter value longer than any attribute": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(
+        Condition(field="brand", predicate=Equals(value="b" * 1025)),))), "could never match"),
+    "too much filter text": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(
+        Condition(field="brand", predicate=AnyOf(values=frozenset(f"{i:04d}" + "b" * 996 for i in range(100)))),
+    ))), "the limit is 65536"),
 }
 
 
