@@ -316,6 +316,10 @@ class LocalStack:
             str(self.config.redis_timeout_s),
             "--ingest-concurrency",
             str(self.config.ingest_concurrency),
+            # A local stack is ready once all of it is: shards loading a big data dir may take longer than the
+            # broker's own 30 s before it serves with part of them (a demo or eval would then be partial).
+            "--ready-wait-s",
+            str(self.config.startup_timeout_s),
         ]
         if self.redis_url:
             argv += ["--redis-url", self.redis_url]
