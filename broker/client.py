@@ -66,7 +66,7 @@ class BrokerClient:
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
         options = client_channel_options(max_message_bytes)
-        if root_certificates is not None or certificate_chain is not None:
+        if root_certificates is not None or certificate_chain is not None or private_key is not None:
             self._channel = grpc.aio.secure_channel(
                 address, _credentials(root_certificates, certificate_chain, private_key), options=options
             )
@@ -171,7 +171,7 @@ class SyncBrokerClient:
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
         options = client_channel_options(max_message_bytes)
-        if root_certificates is not None or certificate_chain is not None:
+        if root_certificates is not None or certificate_chain is not None or private_key is not None:
             self._channel = grpc.secure_channel(
                 address, _credentials(root_certificates, certificate_chain, private_key), options=options
             )

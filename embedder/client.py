@@ -225,7 +225,9 @@ TRITON_SERVICE_CONFIG = {"loadBalancingConfig": [{"outlier_detection_experimenta
     "interval": "1s",
     "baseEjectionTime": "10s",
     "maxEjectionTime": "120s",
-    "maxEjectionPercent": 50,
+    # gRPC compares the share already left out before each ejection (0 < 33, then 33 < 33 stops with 3 pods):
+    # at most half of the pods, rounded down. 50 left 2 of 3 pods out.
+    "maxEjectionPercent": 33,
     "failurePercentageEjection": {"threshold": 90, "enforcementPercentage": 100, "minimumHosts": 2,
                                   "requestVolume": 3},
     "childPolicy": [{"round_robin": {}}],

@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     model.add_argument("--checkpoint", type=Path, help="checkpoint written by `imgsearch-embed train`")
     model.add_argument("--baseline", action="store_true",
                        help="ImageNet backbone + GeM (p=3), no fine-tuning, no projection")
+    parser.add_argument("--any-image-size", action="store_true",
+                        help="evaluate a --checkpoint trained on crops of another size than serving's 224 px")
     parser.add_argument("--grocery", type=Path, default=data.grocery_dir(), help="grocery dataset folder")
     parser.add_argument("--queries", type=Path, help="query catalogue CSV/folder (instead of the grocery data)")
     parser.add_argument("--gallery", type=Path,
@@ -152,9 +154,10 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         try:
-            net = GeMBaseline() if args.baseline else load_checkpoint(args.checkpoint)
+            net = GeMBaseline() if args.baseline else load_checkpoint(args.checkpoint,
+                                                                      any_image_size=args.any_image_size)
         except ValueError as exc:  # trained on crops of another size than serving's
-            parser.error(str(exc))
+            parser.error(f"{exc} (--any-image-size evaluates it anyway)")
         embed, model_name = torch_embed_fn(net, args.device), ("imagenet-gem-baseline" if args.baseline else str(args.checkpoint))
     else:
         onnx_path = args.onnx or default_model_path()

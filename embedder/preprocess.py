@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps
@@ -37,43 +38,81 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The longest side accepted. Pixels alone bound memory badly for thin images: a 78 KB PNG of 1 x 40,000,000 pixels
 # (within the pixel limit) took 850 MB to decode (a row pointer per pixel) and 2.7 GB and 20 s to hash.
 MAX_IMAGE_SIDE = 20_000
-# JPEG segments before the first scan, PNG chunks before the image data: Pillow reads each one in Python while it
-# opens the file, so a 10 MiB JPEG of 2.6 million empty comment markers took ~4 s to open, three times over
-# (decode budget, hashing, Triton). A real file has a few dozen.
-MAX_HEADER_SEGMENTS = 1_000
+# Steps Pillow takes in Python while it opens a file: JPEG segments, fill and junk bytes before the first scan;
+# PNG chunks; GIF extension sub-blocks before the first image. A 10 MiB JPEG of 2.6 million empty comment markers
+# took ~4 s to open, three times per search (decode budget, hashing, Triton). Real files take a few dozen (a PNG
+# written in 8 KiB data chunks: about one per 8 KiB).
+MAX_HEADER_STEPS = 10_000
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_SEGMENTS) -> None:
-    """Raise InvalidImageError for a JPEG or PNG with more than `limit` segments (chunks) before its image data;
-    walks the lengths only. Anything malformed is left to the decoder to report."""
-    if data.startswith(b"\xff\xd8"):
-        pos, steps, end = 2, 0, len(data)
-        while pos + 4 <= end:
-            steps += 1
-            if steps > limit:
-                raise InvalidImageError(f"JPEG with more than {limit} segments before its image data")
-            if data[pos] != 0xFF:
-                return
-            marker = data[pos + 1]
-            if marker == 0xFF:  # a fill byte
-                pos += 1
-            elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-                pos += 2
-            elif marker in (0xD9, 0xDA):  # end of image, start of scan: the header is over
-                return
-            else:
-                pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_STEPS) -> None:
+    """Raise InvalidImageError for a JPEG, PNG or GIF whose header would take Pillow more than `limit` steps to
+    read; walks it the way Pillow does, lengths only. Anything malformed is left to the decoder to report."""
+    if data.startswith(b"\xff\xd8\xff"):
+        walk = _jpeg_steps(data)
     elif data.startswith(_PNG_SIGNATURE):
-        pos, steps, end = len(_PNG_SIGNATURE), 0, len(data)
-        while pos + 8 <= end:
-            steps += 1
-            if steps > limit:
-                raise InvalidImageError(f"PNG with more than {limit} chunks before its image data")
-            if data[pos + 4:pos + 8] in (b"IDAT", b"IEND"):
+        walk = _png_steps(data)
+    elif data[:6] in (b"GIF87a", b"GIF89a"):
+        walk = _gif_steps(data)
+    else:
+        return
+    for steps, _ in enumerate(walk, start=1):
+        if steps > limit:
+            raise InvalidImageError(f"image header of more than {limit} segments (or chunks, or padding bytes): "
+                                    "not a real image")
+
+
+def _jpeg_steps(data: bytes) -> Iterator[None]:
+    """JpegImagePlugin's loop: one step per junk byte, fill byte, escaped 0xFF and segment, up to start of scan."""
+    from PIL.JpegImagePlugin import MARKER
+
+    pos, end = 2, len(data)  # at the 0xFF after start of image, where Pillow's loop starts
+    while pos < end:
+        yield
+        if data[pos] != 0xFF:
+            pos += 1  # junk
+            continue
+        if pos + 1 >= end:
+            return
+        code = 0xFF00 | data[pos + 1]
+        if code in MARKER:
+            if code == 0xFFDA:  # start of scan: the header is over
                 return
-            pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+            # a marker with a handler reads its length-prefixed segment; the others (SOI, EOI, RSTn) nothing
+            pos += 2 + (int.from_bytes(data[pos + 2:pos + 4], "big") if MARKER[code][2] is not None else 0)
+        elif code == 0xFFFF:
+            pos += 1  # a fill byte
+        elif code == 0xFF00:
+            pos += 2  # an escaped 0xFF
+        else:
+            return  # Pillow refuses it: "no marker found"
+
+
+def _png_steps(data: bytes) -> Iterator[None]:
+    """Every chunk up to IEND (Pillow reads those after the image data too, when it loads)."""
+    pos, end = len(_PNG_SIGNATURE), len(data)
+    while pos + 8 <= end:
+        yield
+        if data[pos + 4:pos + 8] == b"IEND":
+            return
+        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+
+
+def _gif_steps(data: bytes) -> Iterator[None]:
+    """Extension blocks and their sub-blocks before the first image (GifImagePlugin reads them in Python)."""
+    end = len(data)
+    if end < 13:
+        return
+    pos = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)  # the global colour table
+    while pos < end and data[pos] == 0x21:  # an extension; 0x2C (an image) or anything else ends the walk
+        pos += 2
+        while pos < end and data[pos]:
+            yield
+            pos += 1 + data[pos]
+        pos += 1
+        yield
 
 
 def decode_image(

@@ -95,8 +95,10 @@ class ShardConfig:
     # per second x this) tombstones, about 160 bytes each.
     tombstone_ttl_s: float = 120.0
     # Write versions (the brokers' wall clocks, ns) more than this ahead of the shard's clock are refused: one far
-    # in the future would keep every later write of its id out, each still answered OK.
-    max_version_ahead_s: float = 300.0
+    # in the future would keep every later write of its id out, each still answered OK. Well below
+    # tombstone_ttl_s: remembered deletes expire by the newest write version, so a write that far ahead would
+    # forget them all.
+    max_version_ahead_s: float = 30.0
     # Searches in one SearchBatch call (the broker's batches hold the searches queued behind one call).
     max_batch_searches: int = 256
     max_stream_bytes: int = 1 << 30
@@ -138,6 +140,9 @@ class ShardConfig:
         if not 0 < self.max_stream_bytes <= MAX_LOG_FRAME_BYTES:
             # a stream is logged as one frame, whose length the log stores in 32 bits
             raise ValueError(f"max_stream_bytes must be in 1..{MAX_LOG_FRAME_BYTES}, got {self.max_stream_bytes}")
+        if not 0 < self.max_version_ahead_s < self.tombstone_ttl_s:
+            raise ValueError(f"max_version_ahead_s must be in (0, tombstone_ttl_s = {self.tombstone_ttl_s}), got "
+                             f"{self.max_version_ahead_s}")
         if self.vector_dtype not in ("float32", "float16"):
             raise ValueError(f"vector_dtype must be float32 or float16, got {self.vector_dtype!r}")
         check_event_loop(self.event_loop)

@@ -204,7 +204,7 @@ class ShardEngine:
                 and (self._writes_since_snapshot or self._swaps_since_snapshot)):
             try:
                 self.snapshot()
-            except OSError as exc:  # a full disk: the log still holds every write
+            except (OSError, WalError) as exc:  # a full disk, a failed log: the log still holds every write
                 log.error("final snapshot failed (%s); the write-ahead log keeps every write, replayed at the next "
                           "start", exc)
         self.wal.close()

@@ -45,6 +45,13 @@ class WalError(ShardError, InternalError):
     """The write-ahead log could not be written or read."""
 
 
+class WalFailedError(WalError):
+    """The log failed earlier (an fsync error) and refuses every write until the shard restarts, which it is
+    doing (fail-stop): UNAVAILABLE, so callers retry elsewhere or later, as for a shard that is down."""
+
+    code = UnavailableError.code
+
+
 class WalCorruptError(WalError):
     """The log on disk lost acknowledged writes (a corrupt frame before its end, a missing segment): the shard
     refuses to start rather than serve without them."""

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from shard_server.errors import WalCorruptError, WalError
+from shard_server.errors import WalCorruptError, WalError, WalFailedError
 
 log = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class WriteAheadLog:
         frame = HEADER.pack(size, crc)
         with self._write_lock:
             if self._fd is None or self._failed:
-                raise WalError(self._failed or "write-ahead log is closed")
+                raise (WalFailedError(self._failed) if self._failed else WalError("write-ahead log is closed"))
             start = os.lseek(self._fd, 0, os.SEEK_END)
             try:
                 self._write_all(frame)
@@ -294,7 +294,7 @@ class WriteAheadLog:
                 with self._write_lock:
                     written, fd = self._written_seq, self._fd
                     if fd is None or self._failed:
-                        raise WalError(self._failed or "write-ahead log is closed")
+                        raise (WalFailedError(self._failed) if self._failed else WalError("write-ahead log is closed"))
                 self._fsync_or_fail(fd, write_locked=False)
                 target = written
         finally:
@@ -312,7 +312,7 @@ class WriteAheadLog:
         """
         with self._sync_lock, self._write_lock:
             if self._failed:
-                raise WalError(self._failed)
+                raise WalFailedError(self._failed)
             closed = self._generation
             if self._fd is not None:
                 self._fsync_or_fail(self._fd, write_locked=True)

@@ -209,6 +209,11 @@ async def test_mutual_tls_from_the_client_to_the_broker_and_from_the_broker_to_a
         await shard.stop(snapshot=False)
 
 
+def test_a_client_key_without_its_certificate_is_refused_not_sent_in_plaintext():
+    with pytest.raises(ValueError, match="certificate"):
+        BrokerClient("127.0.0.1:1", private_key=b"key")
+
+
 @pytest.mark.parametrize("argv", [
     ["--tls-cert-file", "cert.pem"],  # say, a mistyped IMGSEARCH_TLS_KEY_FILE
     ["--tls-key-file", "key.pem"],

@@ -4,6 +4,7 @@ OnnxEmbedder on the shipped model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -260,3 +261,47 @@ async def test_the_triton_channel_leaves_out_an_address_that_hangs():
     late = [ok for at, ok in outcomes if at >= 3]
     assert not all(early)  # the hung address did get calls at first
     assert late and sum(late) / len(late) >= 0.95, f"{len(late) - sum(late)} of {len(late)} calls still failed"
+
+
+async def test_when_every_triton_address_fails_at_most_half_of_them_are_left_out():
+    """Uniform failures (an overload, deadlines too short for every pod) make every address an outlier; the
+    channel left 2 of 3 out (gRPC checks the share already out before each ejection), piling all load on one."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from embedder.client import TRITON_CHANNEL_ARGS
+
+    calls: list[tuple[float, int]] = []
+
+    class Overloaded(health_pb2_grpc.HealthServicer):
+        def __init__(self, index: int):
+            self.index = index
+
+        async def Check(self, request, context):
+            calls.append((time.monotonic(), self.index))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
+
+    servers, ports = [], []
+    for index in range(3):
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(Overloaded(index), server)
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        servers.append(server)
+    addresses = ",".join(f"127.0.0.1:{port}" for port in ports)
+    channel = grpc.aio.insecure_channel(f"ipv4:{addresses}", options=TRITON_CHANNEL_ARGS)
+    stub = health_pb2_grpc.HealthStub(channel)
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 4:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.2)
+            await asyncio.sleep(0.01)
+    finally:
+        await channel.close()
+        for server in servers:
+            await server.stop(0)
+    late = {index for at, index in calls if at - started >= 2.5}
+    assert len(late) >= 2, f"only server(s) {late} still got calls"

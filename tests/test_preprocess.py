@@ -147,10 +147,29 @@ def _with_text_chunks(png: bytes, count: int) -> bytes:
     return png[:header_end] + chunk * count + png[header_end:]
 
 
+def _with_trailing_chunks(png: bytes, count: int) -> bytes:
+    import struct
+    import zlib
+
+    chunk = struct.pack(">I", 0) + b"zzZz" + struct.pack(">I", zlib.crc32(b"zzZz"))  # ancillary, private, safe
+    iend = png.rindex(b"IEND") - 4
+    return png[:iend] + chunk * count + png[iend:]
+
+
+def _gif_with_comments(count: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("P", (8, 8)).save(buffer, "GIF")
+    gif = buffer.getvalue()
+    image = gif.index(b"\x2c")  # the first image descriptor (after the global colour table)
+    return gif[:image] + (b"\x21\xfe\x01a\x00") * count + gif[image:]
+
+
 def test_headers_of_a_million_segments_are_refused_before_pillow_reads_them():
     """A 10 MiB JPEG of 2.6 million empty comment markers (a 64x64 image) took ~4 s to open, three times per
-    search (the broker's decode budget, its hashing, Triton), and let searches run past their deadline. A PNG's
-    chunks before its image data are read the same way. A few hundred still decode."""
+    search (the broker's decode budget, its hashing, Triton), and let searches run past their deadline. Pillow reads
+    every JPEG segment, fill byte, junk byte and escaped 0xFF before the first scan (an end-of-image marker does not
+    stop it), every PNG chunk up to IEND and every GIF extension before the first image the same way: the check
+    walks them as Pillow does. A few hundred of each still decode."""
     import time
 
     from broker.decode_budget import header_pixels
@@ -159,13 +178,25 @@ def test_headers_of_a_million_segments_are_refused_before_pillow_reads_them():
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, "JPEG")
     jpeg, png = buffer.getvalue(), _png(Image.new("RGB", (64, 64)))
     assert decode_image(_with_comment_markers(jpeg, 500)).size == (64, 64)
+    assert decode_image(jpeg[:2] + b"\xff" * 2000 + jpeg[2:]).size == (64, 64)  # fill bytes: legal
     assert decode_image(_with_text_chunks(png, 500)).size == (64, 64)
-    for bomb in (_with_comment_markers(jpeg, 2_000_000), _with_text_chunks(png, 600_000)):
+    assert decode_image(_with_trailing_chunks(png, 500)).size == (64, 64)
+    assert decode_image(_gif_with_comments(500)).size == (8, 8)
+    bombs = {
+        "comment markers": _with_comment_markers(jpeg, 2_000_000),
+        "an end-of-image marker, then comment markers": jpeg[:2] + b"\xff\xd9" + b"\xff\xfe\x00\x02" * 2_000_000 + jpeg[2:],
+        "escaped 0xFF bytes": jpeg[:2] + b"\xff\x00" * 4_000_000 + jpeg[2:],
+        "junk bytes after a segment": _with_comment_markers(jpeg, 1)[:6] + b"\x01" * 8_000_000 + jpeg[2:],
+        "PNG text chunks": _with_text_chunks(png, 600_000),
+        "PNG chunks after the image data": _with_trailing_chunks(png, 600_000),
+        "GIF comments": _gif_with_comments(2_000_000),
+    }
+    for name, bomb in bombs.items():
         started = time.monotonic()
-        with pytest.raises(InvalidImageError, match="before its image data"):
+        with pytest.raises(InvalidImageError, match="image header of more than"):
             decode_image(bomb, max_image_bytes=len(bomb))
-        assert header_pixels(bomb) == 0  # the broker leaves it to the decoder to refuse
-        assert time.monotonic() - started < 0.5
+        assert header_pixels(bomb) == 0, name  # the broker leaves it to the decoder to refuse
+        assert time.monotonic() - started < 0.5, name
 
 
 def test_extreme_aspect_ratio_does_not_blow_up():

@@ -153,8 +153,9 @@ def test_a_failed_fsync_fails_the_log_for_good(tmp_path, monkeypatch):
     with pytest.raises(WalError, match="fsync failed"):
         engine.upsert([_record(1)])
     monkeypatch.setattr(os, "fsync", real_fsync)  # the disk answers again: the log still refuses
-    with pytest.raises(WalError, match="refused until the shard restarts"):
+    with pytest.raises(WalError, match="refused until the shard restarts") as refused:
         engine.upsert([_record(2)])
+    assert refused.value.code.name == "UNAVAILABLE"  # the shard is stopping for a restart: try again / elsewhere
     assert [r.image_id for r in engine.get(["img-0", "img-1", "img-2"])] == ["img-0"]
     engine.wal.close()
 
@@ -193,3 +194,19 @@ def test_a_stream_too_big_for_one_log_record_is_refused_as_too_large(tmp_path, m
     with pytest.raises(RequestTooLargeError):
         engine.upsert_encoded([encoded])
     assert engine.get(["img-0"]) == []
+
+
+def test_a_failed_fsync_in_the_final_snapshot_still_closes_the_log(tmp_path, monkeypatch):
+    """close() caught only OSError around the final snapshot: an fsync failure there (a WalError from the log's
+    rotation) escaped, left the log open and ended a graceful stop with a traceback."""
+    config = ShardConfig(data_dir=tmp_path, dimension=8)
+    engine = ShardEngine(config)
+    engine.load()
+    engine.upsert([_record(0)])
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    engine.close(snapshot=True)
+    assert engine.wal._fd is None

@@ -105,7 +105,7 @@ def test_versions_and_remembered_deletes_survive_a_restart_from_snapshot_and_fro
 
 
 def test_a_remembered_delete_is_forgotten_after_its_ttl_counted_on_write_versions(tmp_path):
-    engine = _engine(tmp_path, tombstone_ttl_s=10)
+    engine = _engine(tmp_path, tombstone_ttl_s=10, max_version_ahead_s=5)
     engine.delete(["x"], version=100 * SECOND_NS)
     assert "x" in engine.tombstones
     engine.delete(["y"], version=105 * SECOND_NS)  # 5 s later: x still remembered
@@ -122,7 +122,7 @@ def test_replicas_forget_the_same_deletes_whatever_order_the_deletes_arrived_in(
     the replica that got w's first kept x's delete past its TTL and dropped the late write of x the other took."""
     held = []
     for name, deletes in (("r1", [("x", 100), ("w", 109)]), ("r2", [("w", 109), ("x", 100)])):
-        engine = _engine(tmp_path / name, tombstone_ttl_s=10)
+        engine = _engine(tmp_path / name, tombstone_ttl_s=10, max_version_ahead_s=5)
         for image_id, at_s in deletes:
             engine.delete([image_id], version=at_s * SECOND_NS)
         engine.upsert([_record("z", 116 * SECOND_NS)])  # x's delete is now over 10 s old, w's is not
@@ -137,7 +137,7 @@ def test_a_snapshot_taken_while_writes_arrive_restarts_to_the_state_the_shard_ha
     """Writes logged just after a snapshot's log rotation were applied before its dump, so the restart applied
     them twice (snapshot, then the log); with the deletes' order changed by that, it lost an acknowledged write.
     Such writes now wait for the dump: the snapshot holds exactly the writes of the log it replaces."""
-    engine = _engine(tmp_path, tombstone_ttl_s=10)
+    engine = _engine(tmp_path, tombstone_ttl_s=10, max_version_ahead_s=5)
     engine.upsert([_record("seed", SECOND_NS)])
 
     def writes():
@@ -162,7 +162,7 @@ def test_a_snapshot_taken_while_writes_arrive_restarts_to_the_state_the_shard_ha
     ids = ["seed", "x", "w", "z"]
     live = ({i: _held(engine, i) for i in ids}, sorted(engine.tombstones.items()))
     engine.close()
-    restarted = _engine(tmp_path, tombstone_ttl_s=10)
+    restarted = _engine(tmp_path, tombstone_ttl_s=10, max_version_ahead_s=5)
     assert ({i: _held(restarted, i) for i in ids}, sorted(restarted.tombstones.items())) == live
     assert live[0]["x"] is not None
     restarted.close()
@@ -457,7 +457,9 @@ def test_a_write_version_far_ahead_of_the_shards_clock_is_refused(tmp_path):
     """An id written or deleted at version 2^64-1 (any client of the shard port, a broker whose clock jumped)
     kept every later write of it out for good, each answered OK. Versions more than max_version_ahead_s ahead
     are refused now; a log replayed later (when its versions may lie ahead of a clock set back) is not checked."""
-    engine = _engine(tmp_path / "a", max_version_ahead_s=60)
+    with pytest.raises(ValueError, match="tombstone_ttl_s"):  # a write that far ahead would forget every delete
+        ShardConfig(data_dir=tmp_path / "b", max_version_ahead_s=300)
+    engine = _engine(tmp_path / "a", max_version_ahead_s=60, tombstone_ttl_s=120)
     now = time.time_ns()
     far = 2**64 - 1
     with pytest.raises(InvalidRequestError, match="ahead of this shard's clock"):

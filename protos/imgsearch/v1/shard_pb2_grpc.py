@@ -105,7 +105,8 @@ class ShardServiceServicer:
     def UpsertStream(self, request_iterator, context):
         """Client-streaming bulk upsert. The whole stream is one atomic write: it is acknowledged (and becomes
         visible) only when its last message sets `commit`, the client half-closes and the log is fsynced; a stream
-        cut short leaves no trace.
+        cut short before its commit message leaves no trace (one cut after it, before the answer, is written, like
+        any call whose answer is lost).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
