@@ -153,19 +153,28 @@ class Partition:
                         self.attributes.rows(rows), self.versions.view[rows].tolist()))
 
     # --- search ----------------------------------------------------------------------------------------------
+    def live_details(self, rows: np.ndarray) -> list[tuple[str, str, dict, int] | None]:
+        """The details of these rows (see `_details`), None for a row deleted meanwhile; under the read lock."""
+        with self.lock.read():
+            alive = self.alive.view[rows].tolist()
+            details = iter(self._details(rows[self.alive.view[rows]]))
+            return [next(details) if live else None for live in alive]
+
     def search(self, query: np.ndarray, k: int, flt: Filter, nprobe: int, exhaustive: bool, *,
-               distinct: bool = False, exact_rows_limit: int | None = None) -> PartitionHits:
+               distinct: bool = False, exact_rows_limit: int | None = None,
+               with_details: bool = True) -> PartitionHits:
         """Top-k rows (with their ids and attributes, read under the same lock) for a unit query vector.
 
         With `distinct`, the top-k products instead: each product's best-scoring row, at most one row per
         product id. With `exact_rows_limit`, a search that would score more rows than that one by one (an
         unindexed partition, or the exact fallback of an IVF search) raises :class:`ExactScanTooLong` instead,
-        so that a caller on an event loop can hand it to a thread.
+        so that a caller on an event loop can hand it to a thread. Without `with_details`, rows and scores only
+        (the caller reads the details of the rows it keeps with `live_details`).
         """
         with self.lock.read():
             t0 = time.perf_counter()
             hits = self._search_locked(query, k, flt, nprobe, exhaustive, distinct, exact_rows_limit)
-            details = self._details(hits.rows)
+            details = self._details(hits.rows) if with_details else None
             metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
             metrics.CANDIDATES_SCANNED.observe(hits.candidates_scanned)
             return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,

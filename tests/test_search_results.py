@@ -3,6 +3,7 @@ hold, the broker's merge lists an image once, and a search by image id at the la
 
 import asyncio
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -124,3 +125,43 @@ async def broker_search(pool: ShardPool, vector, *, top_k: int):
     broker = Broker(pool=pool, embedder=None, cache=None, repair=None, dimension=DIM, max_image_bytes=1 << 20,
                     max_image_pixels=1 << 20)
     return await broker.search(Query(vector=vector, top_k=top_k), timeout_s=30)
+
+
+def test_a_search_over_many_categories_reads_details_for_the_best_rows_only_and_answers_the_same(tmp_path,
+                                                                                               monkeypatch):
+    """A search over every category of a shard that holds hundreds read ids and attributes for each category's
+    top-k (193 ms for 2,000 categories of 10 vectors, `python -m shard_server.category_probe`). It now reads
+    them for the best rows of all only; the answers are those of the one-pass search, filters, distinct products,
+    deletes and a category's re-ingest included."""
+    from shard_server import engine as engine_module
+    from shard_server.types import AnyOf, Condition, Filter
+
+    catalogue = synthetic.SyntheticCatalogue(dim=32, clusters=20, seed=11)
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=32))
+    engine.load()
+    records = [r for c in range(60) for r in catalogue.records(c * 15, (c + 1) * 15, category=f"cat-{c:02d}")]
+    # a few products span categories, so distinct products collapse across them
+    records = [r if i % 7 else replace(r, product_id="shared") for i, r in enumerate(records)]
+    engine.upsert(records)
+    engine.delete([r.image_id for r in records[::5]])
+    engine.upsert([replace(r, category="cat-00") for r in records[1:40:3]])  # moved
+    queries = catalogue.queries(20)
+    brands = Filter(all_of=(Condition(field="brand", predicate=AnyOf(values=frozenset({"brand-01", "brand-03"}))),))
+    every_third = tuple(f"cat-{c:02d}" for c in range(0, 60, 3))
+    variants = [{"top_k": 10}, {"top_k": 1}, {"top_k": 100}, {"top_k": 10, "distinct_products": True},
+                {"top_k": 10, "filter": brands}, {"top_k": 5, "categories": every_third}]
+
+    def answers(threshold: int) -> list:
+        monkeypatch.setattr(engine_module, "MANY_PARTITIONS", threshold)
+        return [[(h.image_id, h.category, round(h.score, 5), h.attributes) for h in
+                 engine.search(SearchQuery(vector=q, **variant)).hits] for q in queries for variant in variants]
+
+    one_pass, two_phase = answers(10**9), answers(1)
+    assert two_phase == one_pass
+    assert sum(map(len, one_pass)) > 0
+    # The second read leaves out a row deleted after the first.
+    partition = engine.partitions["cat-01"]
+    hits = partition.search(queries[0], 3, Filter(), 1, False, with_details=False)
+    engine.delete([partition.live_details(hits.rows[:1])[0][0]])
+    assert partition.live_details(hits.rows)[0] is None and None not in partition.live_details(hits.rows)[1:]
+    engine.close()
