@@ -31,6 +31,7 @@ import numpy as np
 
 from embedder.errors import (
     EmbedderError,
+    EmbedderOverloadedError,
     EmbedderTimeoutError,
     EmbedderUnavailableError,
     ImageTooLargeError,
@@ -42,6 +43,12 @@ from embedder.preprocess import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXEL
 EMBEDDING_DIM = 512
 DEFAULT_MAX_BATCH = 32
 DEFAULT_BATCH_WINDOW_S = 0.002
+# Load shedding: the model's throughput (images/s while it has work) is measured over this much busy time.
+RATE_WINDOW_S = 0.25
+RATE_SMOOTHING = 0.3
+# A request is taken only when the work ahead of it leaves this much of its deadline (at most half of it) for the
+# estimate's error, the batch window and the answer's way back.
+ADMIT_MARGIN_S = 0.1
 
 
 class Embedder(abc.ABC):
@@ -94,7 +101,7 @@ class MicroBatcher:
     """
 
     def __init__(self, run_batch: RunBatch, *, max_batch: int, window_s: float,
-                 max_inflight: int | None = None) -> None:
+                 max_inflight: int | None = None, shed_load: bool = False) -> None:
         self._run_batch = run_batch
         self._max_batch = max_batch
         self._window_s = window_s
@@ -106,6 +113,37 @@ class MicroBatcher:
         self._carry: _Pending | None = None
         self._loop_task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
+        # Load shedding (shed_load): a request is refused at once (EmbedderOverloadedError) when the images
+        # queued and in flight ahead of it, at the measured throughput, take longer than its deadline. Without
+        # it an overload fills the model's queue with requests that time out after being computed anyway.
+        self._shed_load = shed_load
+        self._queued_images = 0  # submitted, not yet in a batch
+        self._inflight_images = 0  # sent, not yet answered
+        self._rate: float | None = None  # images/s while busy (EWMA); None until measured
+        self._busy_s = 0.0
+        self._done_images = 0
+        self._last_event = 0.0
+
+    def _account(self, now: float) -> None:
+        """Busy time since the last change of the in-flight count."""
+        if self._inflight_images > 0:
+            self._busy_s += now - self._last_event
+        self._last_event = now
+
+    def overloaded(self, n: int, timeout_s: float) -> bool:
+        """Whether `n` images submitted now would be refused (no side effect)."""
+        ahead = self._queued_images + self._inflight_images
+        if not self._shed_load or self._rate is None or ahead == 0:  # nothing ahead: always tried (recovery)
+            return False
+        return (ahead + n) / self._rate > timeout_s - min(ADMIT_MARGIN_S, timeout_s / 2)
+
+    def _admit(self, n: int, timeout_s: float) -> None:
+        if self.overloaded(n, timeout_s):
+            ahead = self._queued_images + self._inflight_images
+            wait_s = (ahead + n) / self._rate
+            raise EmbedderOverloadedError(
+                f"embedding overloaded: {ahead} images ahead, ~{wait_s:.3f}s at {self._rate:.1f} images/s, "
+                f"deadline {timeout_s:.3f}s")
 
     async def submit(self, images: list[bytes], *, timeout_s: float) -> np.ndarray:
         loop = asyncio.get_running_loop()
@@ -113,11 +151,13 @@ class MicroBatcher:
             self._queue, self._carry = asyncio.Queue(), None
             self._slots = asyncio.Semaphore(self._max_inflight) if self._max_inflight else None
             self._loop_task = loop.create_task(self._run())
+        self._admit(len(images), timeout_s)
         deadline = loop.time() + timeout_s
         chunks = [images[i : i + self._max_batch] for i in range(0, len(images), self._max_batch)]
         pending = [_Pending(chunk, deadline, loop.create_future()) for chunk in chunks]
         for item in pending:
             self._queue.put_nowait(item)
+            self._queued_images += len(item.images)
         try:
             parts = await asyncio.wait_for(asyncio.gather(*(item.future for item in pending)), timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
@@ -128,13 +168,18 @@ class MicroBatcher:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     async def _next_batch(self) -> list[_Pending]:
-        first = self._carry or await self._queue.get()
+        if self._carry is None:
+            first = await self._queue.get()
+            self._queued_images -= len(first.images)
+        else:
+            first = self._carry
         self._carry = None
         batch, size = [first], len(first.images)
         if self._window_s > 0 and size < self._max_batch:
             await asyncio.sleep(self._window_s)
         while size < self._max_batch and not self._queue.empty():
             item = self._queue.get_nowait()
+            self._queued_images -= len(item.images)
             if size + len(item.images) > self._max_batch:
                 self._carry = item
                 break
@@ -165,8 +210,12 @@ class MicroBatcher:
         if timeout_s <= 0:
             return  # every caller's own timeout fires
         images = [data for item in batch for data in item.images]
+        self._account(loop.time())
+        self._inflight_images += len(images)
+        outcome = "error"
         try:
             embeddings = await self._run_batch(images, timeout_s)
+            outcome = "ok"
         except (InvalidImageError, ImageTooLargeError) as exc:  # one caller's image: never fail the others
             if len(batch) == 1:
                 _fail(batch[0], exc)
@@ -178,15 +227,31 @@ class MicroBatcher:
                 _fail(item, EmbedderUnavailableError("embedder closed"))
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the callers, who raise it
+            if isinstance(exc, EmbedderTimeoutError):
+                outcome = "timeout"
             for item in batch:
                 _fail(item, exc)
             return
+        finally:
+            self._finished(loop.time(), len(images), outcome)
         start = 0
         for item in batch:
             part = embeddings[start : start + len(item.images)]
             start += len(item.images)
             if not item.future.done():
                 item.future.set_result(part)
+
+    def _finished(self, now: float, n: int, outcome: str) -> None:
+        self._account(now)
+        self._inflight_images -= n
+        if outcome == "ok":
+            self._done_images += n
+        elif outcome == "error":  # a fast failure (model down, bad image) says nothing of its speed
+            self._busy_s, self._done_images = 0.0, 0
+        if self._busy_s >= RATE_WINDOW_S:
+            sample = self._done_images / self._busy_s
+            self._rate = sample if self._rate is None else (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * sample
+            self._busy_s, self._done_images = 0.0, 0
 
     async def close(self) -> None:
         tasks = [t for t in (self._loop_task, *self._inflight) if t is not None]
@@ -275,7 +340,7 @@ class TritonEmbedder(Embedder):
         self._root_certificates = root_certificates
         self._client = None
         self._model_max_batch: int | None = None  # the served model's max_batch_size, read from Triton
-        self._batcher = MicroBatcher(self._infer, max_batch=max_batch, window_s=batch_window_s)
+        self._batcher = MicroBatcher(self._infer, max_batch=max_batch, window_s=batch_window_s, shed_load=True)
 
     def _grpc_client(self):
         # Created inside the running loop: grpc.aio channels belong to the loop that made them.
@@ -331,6 +396,9 @@ class TritonEmbedder(Embedder):
             result = await self._grpc_client().infer(
                 self.model_name, [image_input], outputs=[grpcclient.InferRequestedOutput(OUTPUT_NAME)],
                 client_timeout=timeout_s,
+                # Server-side queue timeout (µs), forwarded by the ensemble to every step: a request whose caller
+                # is gone is dropped from the preprocessing queue (gRPC cancellation only reaches later steps).
+                timeout=max(1, int(timeout_s * 1e6)),
             )
         except InferenceServerException as exc:
             if "batch-size must be" in str(exc.message() if hasattr(exc, "message") else exc):
@@ -365,7 +433,7 @@ def triton_error(exc: Exception) -> EmbedderError:
         return ImageTooLargeError(message)
     if "InvalidImageError" in message:
         return InvalidImageError(message)
-    if status.endswith("DEADLINE_EXCEEDED"):
+    if status.endswith("DEADLINE_EXCEEDED") or "timeout expired" in message:  # the queue policy's rejection
         return EmbedderTimeoutError(f"Triton deadline exceeded: {message}")
     if status.endswith(("UNAVAILABLE", "NOT_FOUND", "CANCELLED")) or "unknown model" in message \
             or "is not ready" in message:

@@ -27,3 +27,8 @@ class EmbedderUnavailableError(EmbedderError, UnavailableError):
 
 class EmbedderTimeoutError(EmbedderError, DeadlineExceededError):
     """The embedding service did not answer within the deadline."""
+
+
+class EmbedderOverloadedError(EmbedderError, ResourceExhaustedError):
+    """The embedding queue holds more work than can be done within the caller's deadline: refused at once
+    (load shedding) instead of queued to time out after using the model."""

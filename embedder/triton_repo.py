@@ -51,6 +51,9 @@ class RepositoryOptions:
     preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
     # Short: the client already batches concurrent calls; the server only evens out bursts.
     max_queue_delay_us: int = 2000
+    # Longest a request waits in a model's queue; a request's own `timeout` (the client's deadline) overrides it
+    # when shorter. Triton honours a request timeout only when this default is non-zero.
+    queue_timeout_us: int = 60_000_000
     embedding_instances: int = 1
     preprocess_instances: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime picks (all cores)
@@ -71,6 +74,10 @@ def _dynamic_batching(config: mc.ModelConfig, options: RepositoryOptions) -> Non
     sizes = [s for s in options.preferred_batch_sizes if s <= options.max_batch_size]
     config.dynamic_batching.preferred_batch_size.extend(sizes)
     config.dynamic_batching.max_queue_delay_microseconds = options.max_queue_delay_us
+    policy = config.dynamic_batching.default_queue_policy
+    policy.timeout_action = mc.ModelQueuePolicy.REJECT
+    policy.default_timeout_microseconds = options.queue_timeout_us
+    policy.allow_timeout_override = True
 
 
 def preprocess_config(options: RepositoryOptions) -> mc.ModelConfig:

@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 from embedder.client import MicroBatcher, OnnxEmbedder, check_sizes, triton_error
 from embedder.errors import (
     EmbedderError,
+    EmbedderOverloadedError,
     EmbedderTimeoutError,
     EmbedderUnavailableError,
     ImageTooLargeError,
@@ -131,6 +132,72 @@ async def test_deadline_and_other_errors_reach_every_caller():
     assert all(isinstance(r, EmbedderUnavailableError) for r in results)
 
 
+class SerialModel(RecordingModel):
+    """One batch at a time, each image taking `per_image_s` (a saturated CPU Triton)."""
+
+    def __init__(self, per_image_s: float) -> None:
+        super().__init__()
+        self.per_image_s = per_image_s
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, images: list[bytes], timeout_s: float) -> np.ndarray:
+        async with self._lock:
+            self.delay_s = self.per_image_s * len(images)
+            return await super().__call__(images, timeout_s)
+
+
+async def test_overload_is_refused_at_once_and_admitted_calls_make_their_deadline():
+    # 100 images/s; 60 callers with 0.3 s deadlines keep coming back: without shedding every call waited behind
+    # the whole backlog and timed out after the model had worked for it.
+    model = SerialModel(per_image_s=0.01)
+    batcher = MicroBatcher(model, max_batch=4, window_s=0.001, shed_load=True)
+    outcomes: list[str] = []
+
+    async def client(stop: float) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() < stop:
+            started = loop.time()
+            try:
+                await batcher.submit([b"1"], timeout_s=0.3)
+                outcomes.append("ok")
+            except EmbedderOverloadedError:
+                outcomes.append("shed")
+                assert loop.time() - started < 0.01  # refused without waiting
+                await asyncio.sleep(0.02)
+            except EmbedderTimeoutError:
+                outcomes.append("timeout")
+
+    try:
+        for _ in range(30):  # the throughput is measured first (until then everything is admitted)
+            await batcher.submit([b"1"], timeout_s=1)
+        model.batches.clear()
+        stop = asyncio.get_running_loop().time() + 1.5
+        await asyncio.gather(*(client(stop) for _ in range(60)))
+    finally:
+        await batcher.close()
+    embedded = sum(len(b) for b in model.batches)
+    assert outcomes.count("shed") > 100
+    assert outcomes.count("ok") > 0.8 * embedded  # the model's work went to callers still waiting
+    assert outcomes.count("timeout") < 0.1 * len(outcomes)
+
+
+async def test_shedding_lets_a_call_through_when_nothing_is_ahead():
+    model = SerialModel(per_image_s=0.05)
+    batcher = MicroBatcher(model, max_batch=1, window_s=0, shed_load=True)
+    try:
+        await asyncio.gather(*(batcher.submit([b"1"], timeout_s=5) for _ in range(8)))  # measures the rate: 20/s
+        slow = asyncio.ensure_future(batcher.submit([b"1"], timeout_s=5))
+        await asyncio.sleep(0.01)
+        with pytest.raises(EmbedderOverloadedError):  # one image ahead: ~0.1 s of work, 0.05 s left
+            await batcher.submit([b"2"], timeout_s=0.05)
+        await slow
+        # nothing queued or in flight: tried whatever the estimate says (how the rate recovers after an outage)
+        assert batcher.overloaded(1, 0.01) is False
+        assert float((await batcher.submit([b"2"], timeout_s=0.2))[0, 0]) == 2
+    finally:
+        await batcher.close()
+
+
 async def test_close_fails_waiting_callers():
     batcher = MicroBatcher(RecordingModel(delay_s=5), max_batch=1, window_s=0)
     calls = [asyncio.ensure_future(batcher.submit([b"1"], timeout_s=10)) for _ in range(3)]
@@ -155,6 +222,8 @@ def test_check_sizes():
     [
         ("StatusCode.UNAVAILABLE", "failed to connect to all addresses", EmbedderUnavailableError),
         ("StatusCode.DEADLINE_EXCEEDED", "Deadline Exceeded", EmbedderTimeoutError),
+        # the queue policy's refusal of a request whose `timeout` passed in a model's queue
+        ("StatusCode.UNAVAILABLE", "in ensemble 'imgsearch', Request timeout expired", EmbedderTimeoutError),
         ("StatusCode.INVALID_ARGUMENT", "in ensemble 'imgsearch', InvalidImageError: not a decodable image",
          InvalidImageError),
         ("StatusCode.INVALID_ARGUMENT", "in ensemble 'imgsearch', ImageTooLargeError: 12000x10000 pixels",

@@ -48,6 +48,12 @@ def test_cpu_repository_layout_and_configs(tmp_path, onnx_file):
     assert [(o.name, o.data_type, list(o.dims)) for o in preprocess.output] == [("pixels", mc.TYPE_FP32, [3, 224, 224])]
     assert preprocess.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert preprocess.parameters["image_size"].string_value == "224"
+    # A request whose deadline (tritonclient's `timeout`, forwarded by the ensemble) passes in a queue is dropped
+    # there, before it is decoded: Triton applies a request's timeout only under a non-zero default.
+    for config in (preprocess, embedding):
+        policy = config.dynamic_batching.default_queue_policy
+        assert policy.timeout_action == mc.ModelQueuePolicy.REJECT
+        assert policy.allow_timeout_override and policy.default_timeout_microseconds > 0
 
     ensemble = _config(repo, "imgsearch")
     assert ensemble.platform == "ensemble"
