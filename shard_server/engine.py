@@ -517,7 +517,11 @@ class ShardEngine:
         # Unknown categories: no hits, not an error.
         searched = [(c, partitions[c]) for c in dict.fromkeys(categories) if c in partitions]
         if len(searched) >= MANY_PARTITIONS:
-            return self._search_many(vector, query, searched, nprobe, exhaustive, exact_rows_limit)
+            result = self._search_many(vector, query, searched, nprobe, exhaustive, exact_rows_limit)
+            if result is not None:
+                return result
+            # A row changed between its two reads (deleted, or re-written with new attributes or vector): the
+            # one-pass search below, whose reads are consistent partition by partition, answers instead.
         found: list[tuple[float, str, tuple[str, str, dict, int]]] = []
         scanned = 0
         for category, partition in searched:
@@ -529,12 +533,12 @@ class ShardEngine:
         return SearchResult(hits=_answer(found, query, several=len(searched) > 1), candidates_scanned=scanned)
 
     def _search_many(self, vector: np.ndarray, query: SearchQuery, searched: list[tuple[str, Partition]],
-                     nprobe: int, exhaustive: bool, exact_rows_limit: int | None) -> SearchResult:
+                     nprobe: int, exhaustive: bool, exact_rows_limit: int | None) -> SearchResult | None:
         """A search over many partitions (every category of a shard that holds hundreds): each gives its top-k
         rows and scores only, and ids and attributes are read for the best of them all, in order, until top_k
         hits are answered. Reading them for every partition's top-k made a search over 2,000 categories of 10
-        vectors take 193 ms (`python -m shard_server.category_probe`). A row deleted between the two reads is
-        left out."""
+        vectors take 193 ms (`python -m shard_server.category_probe`). None when a row it needs was deleted
+        between the two reads (its image may have been re-written elsewhere, with another score)."""
         scanned = 0
         parts: list[tuple[np.ndarray, int, np.ndarray]] = []
         for index, (_, partition) in enumerate(searched):
@@ -552,17 +556,20 @@ class ShardEngine:
         order = np.argsort(-scores, kind="stable")  # ties in category order, as in the one-pass search
         found: list[tuple[float, str, tuple[str, str, dict, int]]] = []
         answer: tuple[Hit, ...] = ()
-        chunk = max(2 * query.top_k, 32)
-        for start in range(0, len(order), chunk):
+        start, chunk = 0, max(2 * query.top_k, 32)
+        while start < len(order):
             positions = order[start:start + chunk]
+            # Doubling: when duplicates (distinct products across categories) keep the answer short, every round
+            # re-reads the whole list, so the rounds must grow or the search is quadratic.
+            start, chunk = start + chunk, 2 * chunk
             details: dict[int, tuple[str, str, dict, int]] = {}
             for owner in dict.fromkeys(owners[positions].tolist()):
                 mine = positions[owners[positions] == owner]
                 for position, detail in zip(mine.tolist(), searched[owner][1].live_details(rows[mine]), strict=True):
-                    if detail is not None:
-                        details[position] = detail
-            found.extend((float(scores[p]), searched[owners[p]][0], details[p])
-                         for p in positions.tolist() if p in details)
+                    if detail is None:
+                        return None
+                    details[position] = detail
+            found.extend((float(scores[p]), searched[owners[p]][0], details[p]) for p in positions.tolist())
             answer = _answer(found, query, several=True)
             if len(answer) >= query.top_k:
                 break

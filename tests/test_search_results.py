@@ -165,3 +165,31 @@ def test_a_search_over_many_categories_reads_details_for_the_best_rows_only_and_
     engine.delete([partition.live_details(hits.rows[:1])[0][0]])
     assert partition.live_details(hits.rows)[0] is None and None not in partition.live_details(hits.rows)[1:]
     engine.close()
+
+
+def test_an_image_rewritten_between_the_two_reads_of_a_many_category_search_is_still_answered(tmp_path,
+                                                                                               monkeypatch):
+    """A re-ingest (new attributes) between the rows' search and their details left the image out: its old row
+    was dead by then. Such a search is answered by the one-pass search instead."""
+    from shard_server.partition import Partition
+
+    catalogue = synthetic.SyntheticCatalogue(dim=32, clusters=20, seed=12)
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=32))
+    engine.load()
+    engine.upsert([r for c in range(10) for r in catalogue.records(c * 10, (c + 1) * 10, category=f"cat-{c}")])
+    query = catalogue.queries(1)[0]
+    top = engine.search(SearchQuery(vector=query, top_k=5)).hits[0]
+    [record] = engine.get([top.image_id])
+    original = Partition.live_details
+    rewritten = []
+
+    def rewrite_first(partition, rows):
+        if not rewritten:
+            rewritten.append(True)
+            engine.upsert([replace(record, attributes={**record.attributes, "brand": "new-brand"})])
+        return original(partition, rows)
+
+    monkeypatch.setattr(Partition, "live_details", rewrite_first)
+    hits = engine.search(SearchQuery(vector=query, top_k=5)).hits
+    assert rewritten and hits[0].image_id == top.image_id and hits[0].attributes["brand"] == "new-brand"
+    engine.close()
