@@ -156,12 +156,12 @@ def _with_trailing_chunks(png: bytes, count: int) -> bytes:
     return png[:iend] + chunk * count + png[iend:]
 
 
-def _gif_with_comments(count: int) -> bytes:
+def _gif_with_comments(count: int, *, stray: int = 0) -> bytes:
     buffer = io.BytesIO()
     Image.new("P", (8, 8)).save(buffer, "GIF")
     gif = buffer.getvalue()
     image = gif.index(b"\x2c")  # the first image descriptor (after the global colour table)
-    return gif[:image] + (b"\x21\xfe\x01a\x00") * count + gif[image:]
+    return gif[:image] + (b"\x21\xfe\x01a\x00") * count + b"\x00" * stray + gif[image:]
 
 
 def test_headers_of_a_million_segments_are_refused_before_pillow_reads_them():
@@ -182,6 +182,7 @@ def test_headers_of_a_million_segments_are_refused_before_pillow_reads_them():
     assert decode_image(_with_text_chunks(png, 500)).size == (64, 64)
     assert decode_image(_with_trailing_chunks(png, 500)).size == (64, 64)
     assert decode_image(_gif_with_comments(500)).size == (8, 8)
+    assert decode_image(_gif_with_comments(0, stray=500)).size == (8, 8)
     bombs = {
         "comment markers": _with_comment_markers(jpeg, 2_000_000),
         "an end-of-image marker, then comment markers": jpeg[:2] + b"\xff\xd9" + b"\xff\xfe\x00\x02" * 2_000_000 + jpeg[2:],
@@ -191,9 +192,23 @@ def test_headers_of_a_million_segments_are_refused_before_pillow_reads_them():
         "PNG chunks after the image data": _with_trailing_chunks(png, 600_000),
         "GIF comments": _gif_with_comments(2_000_000),
     }
+    import struct
+    import zlib
+
+    profile = zlib.compress(b"\0" * 1_000_000, 9)
+    iccp = struct.pack(">I", 3 + len(profile)) + b"iCCP" + b"p\x00\x00" + profile + b"\0\0\0\0"
+    sof = jpeg.index(b"\xff\xc0")
+    bombs.update({
+        # Pillow inflated each of 9,000 colour profiles of 1 MB (20 s); the format allows one
+        "PNG colour profiles": png[:33] + iccp * 2 + png[33:],
+        # Pillow skipped each stray byte between blocks in Python
+        "GIF stray bytes": _gif_with_comments(0, stray=4_000_000),
+        # a frame header of 65,534 bytes for 3 components: Pillow made a component of every 3 bytes
+        "JPEG frame header": jpeg[:sof + 2] + b"\xff\xfe" + jpeg[sof + 4:sof + 10] + b"\0" * 65_526 + jpeg[sof + 10:],
+    })
     for name, bomb in bombs.items():
         started = time.monotonic()
-        with pytest.raises(InvalidImageError, match="image header of more than"):
+        with pytest.raises(InvalidImageError, match="image header of more than|colour profile|frame header"):
             decode_image(bomb, max_image_bytes=len(bomb))
         assert header_pixels(bomb) == 0, name  # the broker leaves it to the decoder to refuse
         assert time.monotonic() - started < 0.5, name
