@@ -49,6 +49,8 @@ RATE_SMOOTHING = 0.3
 # A request is taken only when the work ahead of it leaves this much of its deadline (at most half of it) for the
 # estimate's error, the batch window and the answer's way back.
 ADMIT_MARGIN_S = 0.1
+# A batch in flight longer than twice its expected time plus this is taken as stuck, not as work ahead.
+OVERDUE_SLACK_S = 0.5
 
 
 class Embedder(abc.ABC):
@@ -119,10 +121,11 @@ class MicroBatcher:
         self._shed_load = shed_load
         self._queued_images = 0  # submitted, not yet in a batch
         self._inflight_images = 0  # sent, not yet answered
-        self._rate: float | None = None  # images/s while busy (EWMA); None until measured
+        self._rate: float | None = None  # images/s while saturated (EWMA); None until measured
         self._busy_s = 0.0
         self._done_images = 0
         self._last_event = 0.0
+        self._sent: dict[int, tuple[float, int]] = {}  # batches in flight: start time, images
 
     def _account(self, now: float) -> None:
         """Busy time since the last change of the in-flight count."""
@@ -130,16 +133,27 @@ class MicroBatcher:
             self._busy_s += now - self._last_event
         self._last_event = now
 
+    def _ahead(self) -> int:
+        """Images that a request submitted now waits for: those queued, and those in flight in batches not yet
+        overdue. A batch far past its expected time is stuck (a hung Triton pod, which the channel soon leaves
+        out): counting it refused searches while the other pods sat idle."""
+        now = time.monotonic()
+        in_flight = sum(n for started, n in self._sent.values()
+                        if self._rate is None or now - started <= 2 * n / self._rate + OVERDUE_SLACK_S)
+        return self._queued_images + in_flight
+
     def overloaded(self, n: int, timeout_s: float) -> bool:
         """Whether `n` images submitted now would be refused (no side effect)."""
-        ahead = self._queued_images + self._inflight_images
-        if not self._shed_load or self._rate is None or ahead == 0:  # nothing ahead: always tried (recovery)
+        if not self._shed_load or self._rate is None:
+            return False
+        ahead = self._ahead()
+        if ahead == 0:  # nothing ahead: always tried (how the estimate recovers)
             return False
         return (ahead + n) / self._rate > timeout_s - min(ADMIT_MARGIN_S, timeout_s / 2)
 
     def _admit(self, n: int, timeout_s: float) -> None:
         if self.overloaded(n, timeout_s):
-            ahead = self._queued_images + self._inflight_images
+            ahead = self._ahead()
             wait_s = (ahead + n) / self._rate
             raise EmbedderOverloadedError(
                 f"embedding overloaded: {ahead} images ahead, ~{wait_s:.3f}s at {self._rate:.1f} images/s, "
@@ -149,6 +163,8 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
             self._queue, self._carry = asyncio.Queue(), None
+            self._queued_images, self._inflight_images = 0, 0  # the old loop's work is gone with it
+            self._sent.clear()
             self._slots = asyncio.Semaphore(self._max_inflight) if self._max_inflight else None
             self._loop_task = loop.create_task(self._run())
         self._admit(len(images), timeout_s)
@@ -210,8 +226,14 @@ class MicroBatcher:
         if timeout_s <= 0:
             return  # every caller's own timeout fires
         images = [data for item in batch for data in item.images]
+        # Only a busy model (this batch sent while others wait or run) measures its throughput: at light load,
+        # one call at a time, the images done per busy second are the load, not the capacity, and a burst after
+        # it was refused work a batching GPU would have done in milliseconds.
+        saturated = self._inflight_images > 0 or self._queued_images > 0
         self._account(loop.time())
         self._inflight_images += len(images)
+        token = object()
+        self._sent[id(token)] = (time.monotonic(), len(images))
         outcome = "error"
         try:
             embeddings = await self._run_batch(images, timeout_s)
@@ -233,7 +255,8 @@ class MicroBatcher:
                 _fail(item, exc)
             return
         finally:
-            self._finished(loop.time(), len(images), outcome)
+            del self._sent[id(token)]
+            self._finished(loop.time(), len(images), outcome if saturated else "unsaturated")
         start = 0
         for item in batch:
             part = embeddings[start : start + len(item.images)]
@@ -246,8 +269,8 @@ class MicroBatcher:
         self._inflight_images -= n
         if outcome == "ok":
             self._done_images += n
-        elif outcome == "error":  # a fast failure (model down, bad image) says nothing of its speed
-            self._busy_s, self._done_images = 0.0, 0
+        elif outcome in ("error", "unsaturated"):  # a fast failure (model down, bad image), or a light load,
+            self._busy_s, self._done_images = 0.0, 0  # says nothing of the model's capacity
         if self._busy_s >= RATE_WINDOW_S:
             sample = self._done_images / self._busy_s
             self._rate = sample if self._rate is None else (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * sample

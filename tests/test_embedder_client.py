@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,8 +169,8 @@ async def test_overload_is_refused_at_once_and_admitted_calls_make_their_deadlin
                 outcomes.append("timeout")
 
     try:
-        for _ in range(30):  # the throughput is measured first (until then everything is admitted)
-            await batcher.submit([b"1"], timeout_s=1)
+        # The throughput is measured first, on a saturated batcher (until then everything is admitted).
+        await asyncio.gather(*(batcher.submit([b"1"], timeout_s=5) for _ in range(60)))
         model.batches.clear()
         stop = asyncio.get_running_loop().time() + 1.5
         await asyncio.gather(*(client(stop) for _ in range(60)))
@@ -374,3 +375,59 @@ async def test_when_every_triton_address_fails_at_most_half_of_them_are_left_out
             await server.stop(0)
     late = {index for at, index in calls if at - started >= 2.5}
     assert len(late) >= 2, f"only server(s) {late} still got calls"
+
+
+async def test_a_burst_after_light_traffic_is_not_refused():
+    """At light load the images done per busy second are the load, not the capacity: a batching model (here 8 ms
+    a batch of up to 32) measured at one call at a time refused most of a burst it then did in milliseconds."""
+    model = SerialModel(per_image_s=0.0003)
+    base = model.__call__
+
+    async def batching(images, timeout_s):
+        await asyncio.sleep(0.008)
+        return await base(images, timeout_s)
+
+    model.__call__ = batching  # type: ignore[method-assign]
+    batcher = MicroBatcher(batching, max_batch=32, window_s=0.001, shed_load=True)
+    try:
+        for _ in range(60):  # light traffic, one call at a time
+            await batcher.submit([b"1"], timeout_s=1)
+        burst = await asyncio.gather(*(batcher.submit([b"1"], timeout_s=0.3) for _ in range(40)),
+                                     return_exceptions=True)
+    finally:
+        await batcher.close()
+    refused = [r for r in burst if isinstance(r, EmbedderOverloadedError)]
+    assert not refused, f"{len(refused)} of 40 refused"
+
+
+async def test_a_stuck_batch_does_not_count_as_work_ahead(monkeypatch):
+    """A batch stuck on a hung Triton pod counted as work ahead for its whole deadline (60 s for an ingest), so
+    searches were refused while the other pods sat idle."""
+    from embedder import client as client_module
+
+    release, serial = asyncio.Event(), asyncio.Lock()
+
+    async def model(images, timeout_s):
+        if images[0] == b"stuck":  # on the hung pod
+            await release.wait()
+        else:
+            async with serial:  # the healthy pods: 1,000 images/s
+                await asyncio.sleep(0.001 * len(images))
+        return np.zeros((len(images), 512), np.float32)
+
+    batcher = MicroBatcher(model, max_batch=4, window_s=0, shed_load=True)
+    stuck = None
+    try:
+        await asyncio.gather(*(batcher.submit([b"1"], timeout_s=5) for _ in range(800)))  # measures the rate
+        assert batcher._rate is not None
+        stuck = asyncio.ensure_future(batcher.submit([b"stuck"] * 4000, timeout_s=60))
+        await asyncio.sleep(0.05)
+        with pytest.raises(EmbedderOverloadedError):  # fresh: 4,000 images really are ahead
+            await batcher.submit([b"1"], timeout_s=0.2)
+        monkeypatch.setattr(client_module.time, "monotonic", lambda real=time.monotonic: real() + 600)
+        await batcher.submit([b"1"], timeout_s=0.2)  # long overdue: no longer counted
+    finally:
+        release.set()
+        await batcher.close()
+        if stuck is not None:
+            stuck.cancel()
