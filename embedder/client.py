@@ -128,19 +128,24 @@ class MicroBatcher:
         self._sent: dict[int, tuple[float, int]] = {}  # batches in flight: start time, images
 
     def _account(self, now: float) -> None:
-        """Busy time since the last change of the in-flight count."""
-        if self._inflight_images > 0:
+        """Busy time since the last change of the in-flight count (stuck batches do not make the model busy)."""
+        if self._live_inflight() > 0:
             self._busy_s += now - self._last_event
         self._last_event = now
 
-    def _ahead(self) -> int:
-        """Images that a request submitted now waits for: those queued, and those in flight in batches not yet
-        overdue. A batch far past its expected time is stuck (a hung Triton pod, which the channel soon leaves
-        out): counting it refused searches while the other pods sat idle."""
+    def _overdue(self, started: float, n: int, now: float) -> bool:
+        return self._rate is not None and now - started > 2 * n / self._rate + OVERDUE_SLACK_S
+
+    def _live_inflight(self) -> int:
+        """Images in flight in batches not yet overdue. A batch far past its expected time is stuck (a hung Triton
+        pod, which the channel soon leaves out): counted as work ahead it refused searches while the other pods sat
+        idle, and counted as busy time it dragged the measured throughput down to the light traffic's."""
         now = time.monotonic()
-        in_flight = sum(n for started, n in self._sent.values()
-                        if self._rate is None or now - started <= 2 * n / self._rate + OVERDUE_SLACK_S)
-        return self._queued_images + in_flight
+        return sum(n for started, n in self._sent.values() if not self._overdue(started, n, now))
+
+    def _ahead(self) -> int:
+        """Images that a request submitted now waits for: those queued, and those in live batches in flight."""
+        return self._queued_images + self._live_inflight()
 
     def overloaded(self, n: int, timeout_s: float) -> bool:
         """Whether `n` images submitted now would be refused (no side effect)."""
@@ -229,7 +234,7 @@ class MicroBatcher:
         # Only a busy model (this batch sent while others wait or run) measures its throughput: at light load,
         # one call at a time, the images done per busy second are the load, not the capacity, and a burst after
         # it was refused work a batching GPU would have done in milliseconds.
-        saturated = self._inflight_images > 0 or self._queued_images > 0
+        saturated = self._live_inflight() > 0 or self._queued_images > 0
         self._account(loop.time())
         self._inflight_images += len(images)
         token = object()
@@ -255,8 +260,10 @@ class MicroBatcher:
                 _fail(item, exc)
             return
         finally:
-            del self._sent[id(token)]
-            self._finished(loop.time(), len(images), outcome if saturated else "unsaturated")
+            started, _ = self._sent.pop(id(token))
+            if not saturated or self._overdue(started, len(images), time.monotonic()):
+                outcome = "unsaturated"  # its time says nothing of the model's capacity
+            self._finished(loop.time(), len(images), outcome)
         start = 0
         for item in batch:
             part = embeddings[start : start + len(item.images)]

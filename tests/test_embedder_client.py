@@ -431,3 +431,36 @@ async def test_a_stuck_batch_does_not_count_as_work_ahead(monkeypatch):
         await batcher.close()
         if stuck is not None:
             stuck.cancel()
+
+
+async def test_a_stuck_batch_does_not_drag_the_measured_throughput_down():
+    """A stuck batch kept every later light-traffic batch 'busy', so the estimate fell to the traffic's own rate
+    (53 images/s for a 1,000/s model) and a burst was then refused (30 of 40)."""
+    release, serial = asyncio.Event(), asyncio.Lock()
+
+    async def model(images, timeout_s):
+        if images[0] == b"stuck":
+            await release.wait()
+        else:
+            async with serial:  # 1,000 images/s
+                await asyncio.sleep(0.001 * len(images))
+        return np.zeros((len(images), 512), np.float32)
+
+    batcher = MicroBatcher(model, max_batch=32, window_s=0.001, shed_load=True)
+    stuck = None
+    try:
+        await asyncio.gather(*(batcher.submit([b"1"], timeout_s=5) for _ in range(800)))  # measures the rate
+        stuck = asyncio.ensure_future(batcher.submit([b"stuck"], timeout_s=60))
+        await asyncio.sleep(0.05)  # sent, on its own
+        for _ in range(150):  # light traffic, 3 s
+            await batcher.submit([b"1"], timeout_s=1)
+            await asyncio.sleep(0.02)
+        burst = await asyncio.gather(*(batcher.submit([b"1"], timeout_s=0.3) for _ in range(40)),
+                                     return_exceptions=True)
+    finally:
+        release.set()
+        await batcher.close()
+        if stuck is not None:
+            stuck.cancel()
+            await asyncio.gather(stuck, return_exceptions=True)
+    assert not [r for r in burst if isinstance(r, EmbedderOverloadedError)]
