@@ -151,7 +151,7 @@ class ShardEngine:
     def load(self) -> None:
         """Load the newest snapshot (checksums verified), replay the log after it, open a fresh log segment."""
         t0 = time.perf_counter()
-        snapshot = self.snapshots.load_latest(self.config)
+        snapshot = self.snapshots.load_latest(self.config, self._stop)
         after = 0
         if snapshot is not None:
             self.partitions = snapshot.partitions

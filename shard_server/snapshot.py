@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 from shard_server.attributes import AttributeColumns
 from shard_server.columns import GrowableArray, StringColumn
 from shard_server.config import ShardConfig
-from shard_server.errors import SnapshotCorruptError
+from shard_server.errors import LoadInterruptedError, SnapshotCorruptError
 from shard_server.partition import Partition
 from shard_server.vectors import VectorStore, map_npy
 
@@ -40,12 +41,19 @@ class LoadedSnapshot:
     tombstones: tuple[tuple[str, int], ...] | list[tuple[str, int]] = ()  # (image id, delete version), oldest first
 
 
-def _sha256_of(path: Path) -> str:
+def _sha256_of(path: Path, stop: threading.Event | None = None) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
+            _check_stop(stop)
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    # Checking gigabytes of vectors takes a while: a stop (SIGTERM) is taken at once, not after the load.
+    if stop is not None and stop.is_set():
+        raise LoadInterruptedError("stopped while loading the snapshot")
 
 
 def _fsync(path: Path) -> None:
@@ -140,14 +148,14 @@ class SnapshotStore:
                 shutil.rmtree(path, ignore_errors=True)
 
     # --- loading ---------------------------------------------------------------------------------------------
-    def load_latest(self, config: ShardConfig) -> LoadedSnapshot | None:
+    def load_latest(self, config: ShardConfig, stop: threading.Event | None = None) -> LoadedSnapshot | None:
         snapshots = self.complete()
         if not snapshots:
             return None
-        return self.load(snapshots[-1], config)
+        return self.load(snapshots[-1], config, stop)
 
     @staticmethod
-    def verify(path: Path) -> dict:
+    def verify(path: Path, stop: threading.Event | None = None) -> dict:
         """The manifest, once every listed file exists with its recorded sha256."""
         try:
             manifest = json.loads((path / MANIFEST).read_text())
@@ -159,20 +167,22 @@ class SnapshotStore:
             file = path / rel
             if not file.is_file():
                 raise SnapshotCorruptError(f"snapshot {path}: missing file {rel}")
-            actual = _sha256_of(file)
+            actual = _sha256_of(file, stop)
             if actual != expected:
                 raise SnapshotCorruptError(
                     f"snapshot {path}: checksum mismatch for {rel} (sha256 {actual[:16]}..., manifest says "
                     f"{expected[:16]}...); refusing to load it")
         return manifest
 
-    def load(self, path: Path, config: ShardConfig) -> LoadedSnapshot:
-        manifest = self.verify(path)
+    def load(self, path: Path, config: ShardConfig, stop: threading.Event | None = None) -> LoadedSnapshot:
+        """`stop`: when it is set, the load ends with LoadInterruptedError (checked every MiB and partition)."""
+        manifest = self.verify(path, stop)
         if manifest["dimension"] != config.dimension:
             raise SnapshotCorruptError(
                 f"snapshot {path} has dimension {manifest['dimension']}, configured {config.dimension}")
         partitions = {}
         for entry in manifest["partitions"]:
+            _check_stop(stop)
             partitions[entry["category"]] = self._load_partition(path / entry["dir"], entry, config)
         tombstones_file = path / TOMBSTONES  # absent from snapshots written before versioned deletes
         tombstones = json.loads(tombstones_file.read_text()) if tombstones_file.is_file() else []

@@ -790,3 +790,23 @@ async def test_an_upsert_stream_cut_short_by_its_client_writes_nothing(tmp_path)
             assert [r.image_id for r in await client.get(["img-55"], timeout_s=10)] == ["img-55"]
     finally:
         await handle.stop(snapshot=False)
+
+
+def test_a_stop_during_the_snapshot_load_is_taken_at_once(tmp_path):
+    """Only the log replay heeded a stop; checking and loading a snapshot of gigabytes ran to its end first. The
+    load now stops between MiB read and between partitions, and the next start loads everything."""
+    from shard_server.errors import LoadInterruptedError
+
+    config = ShardConfig(data_dir=tmp_path, dimension=DIM)
+    engine = ShardEngine(config)
+    engine.load()
+    engine.upsert(synthetic.SyntheticCatalogue(dim=DIM, clusters=4, seed=6).records(0, 200, category="c"))
+    engine.close(snapshot=True)
+    stopped = ShardEngine(config)
+    stopped.interrupt_load()
+    with pytest.raises(LoadInterruptedError, match="snapshot"):
+        stopped.load()
+    restarted = ShardEngine(config)
+    restarted.load()
+    assert sum(c.vectors for c in restarted.stats().categories) == 200
+    restarted.close()
