@@ -18,7 +18,7 @@ import numpy as np
 from broker import convert
 from broker.types import CatalogueItem, IngestSummary, Query, SearchAnswer, ShardSummary
 from imgsearch.errors import from_rpc_error
-from imgsearch.serving import client_channel_options
+from imgsearch.serving import client_channel_options, tls_credentials
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 from shard_server.types import Exactness, Filter
 
@@ -36,14 +36,6 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
             **fields,
         )
     )
-
-
-def _credentials(root_certificates: bytes | None, certificate_chain: bytes | None,
-                 private_key: bytes | None) -> grpc.ChannelCredentials:
-    """TLS to the broker: its CA (None: the system's), and this client's certificate and key for mutual TLS."""
-    if (certificate_chain is None) != (private_key is None):
-        raise ValueError("a client certificate needs its private key, and a key its certificate")
-    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
 def _metadata(token: str | None):
@@ -66,10 +58,9 @@ class BrokerClient:
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
         options = client_channel_options(max_message_bytes)
-        if root_certificates is not None or certificate_chain is not None or private_key is not None:
-            self._channel = grpc.aio.secure_channel(
-                address, _credentials(root_certificates, certificate_chain, private_key), options=options
-            )
+        credentials = tls_credentials(root_certificates, certificate_chain, private_key)
+        if credentials is not None:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
@@ -171,10 +162,9 @@ class SyncBrokerClient:
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
         options = client_channel_options(max_message_bytes)
-        if root_certificates is not None or certificate_chain is not None or private_key is not None:
-            self._channel = grpc.secure_channel(
-                address, _credentials(root_certificates, certificate_chain, private_key), options=options
-            )
+        credentials = tls_credentials(root_certificates, certificate_chain, private_key)
+        if credentials is not None:
+            self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)

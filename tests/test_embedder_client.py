@@ -9,8 +9,10 @@ import os
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from embedder.client import MicroBatcher, OnnxEmbedder, check_sizes, triton_error
@@ -283,17 +285,34 @@ def test_onnx_embedder_missing_model(tmp_path):
         OnnxEmbedder(tmp_path / "missing.onnx")
 
 
+@contextlib.asynccontextmanager
+async def _round_robin_over(servicers):
+    """A health stub over the channel TritonEmbedder gives tritonclient (TRITON_CHANNEL_ARGS), round robin over
+    one real gRPC server on loopback per servicer (each standing for a Triton pod)."""
+    from embedder.client import TRITON_CHANNEL_ARGS
+
+    servers, ports = [], []
+    for servicer in servicers:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        servers.append(server)
+    addresses = ",".join(f"127.0.0.1:{port}" for port in ports)
+    channel = grpc.aio.insecure_channel(f"ipv4:{addresses}", options=TRITON_CHANNEL_ARGS)
+    try:
+        yield health_pb2_grpc.HealthStub(channel)
+    finally:
+        await channel.close()
+        for server in servers:
+            await server.stop(0)
+
+
 async def test_the_triton_channel_leaves_out_an_address_that_hangs():
     """Round robin over two addresses, one of which accepts calls and never answers (a hung or partitioned Triton
     pod whose connection stays open): it got every other call, each waiting out its deadline. With the channel's
     outlier detection it is left out within seconds. (Real gRPC servers on loopback; the channel arguments are the
     ones TritonEmbedder gives tritonclient.)"""
-    import time
-
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from embedder.client import TRITON_CHANNEL_ARGS
 
     class Answers(health_pb2_grpc.HealthServicer):
         async def Check(self, request, context):
@@ -303,19 +322,9 @@ async def test_the_triton_channel_leaves_out_an_address_that_hangs():
         async def Check(self, request, context):
             await asyncio.sleep(60)
 
-    servers, ports = [], []
-    for servicer in (Answers(), Hangs()):
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        ports.append(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        servers.append(server)
-    channel = grpc.aio.insecure_channel(f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}",
-                                        options=TRITON_CHANNEL_ARGS)
-    stub = health_pb2_grpc.HealthStub(channel)
     outcomes: list[tuple[float, bool]] = []
-    started = time.monotonic()
-    try:
+    async with _round_robin_over([Answers(), Hangs()]) as stub:
+        started = time.monotonic()
         while time.monotonic() - started < 5:
             try:
                 await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.2)
@@ -323,10 +332,6 @@ async def test_the_triton_channel_leaves_out_an_address_that_hangs():
             except grpc.aio.AioRpcError:
                 outcomes.append((time.monotonic() - started, False))
             await asyncio.sleep(0.02)
-    finally:
-        await channel.close()
-        for server in servers:
-            await server.stop(0)
     early = [ok for at, ok in outcomes if at < 1]
     late = [ok for at, ok in outcomes if at >= 3]
     assert not all(early)  # the hung address did get calls at first
@@ -336,13 +341,6 @@ async def test_the_triton_channel_leaves_out_an_address_that_hangs():
 async def test_when_every_triton_address_fails_at_most_half_of_them_are_left_out():
     """Uniform failures (an overload, deadlines too short for every pod) make every address an outlier; the
     channel left 2 of 3 out (gRPC checks the share already out before each ejection), piling all load on one."""
-    import time
-
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from embedder.client import TRITON_CHANNEL_ARGS
-
     calls: list[tuple[float, int]] = []
 
     class Overloaded(health_pb2_grpc.HealthServicer):
@@ -353,26 +351,12 @@ async def test_when_every_triton_address_fails_at_most_half_of_them_are_left_out
             calls.append((time.monotonic(), self.index))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
 
-    servers, ports = [], []
-    for index in range(3):
-        server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(Overloaded(index), server)
-        ports.append(server.add_insecure_port("127.0.0.1:0"))
-        await server.start()
-        servers.append(server)
-    addresses = ",".join(f"127.0.0.1:{port}" for port in ports)
-    channel = grpc.aio.insecure_channel(f"ipv4:{addresses}", options=TRITON_CHANNEL_ARGS)
-    stub = health_pb2_grpc.HealthStub(channel)
-    started = time.monotonic()
-    try:
+    async with _round_robin_over([Overloaded(index) for index in range(3)]) as stub:
+        started = time.monotonic()
         while time.monotonic() - started < 4:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await stub.Check(health_pb2.HealthCheckRequest(), timeout=0.2)
             await asyncio.sleep(0.01)
-    finally:
-        await channel.close()
-        for server in servers:
-            await server.stop(0)
     late = {index for at, index in calls if at - started >= 2.5}
     assert len(late) >= 2, f"only server(s) {late} still got calls"
 
@@ -380,14 +364,12 @@ async def test_when_every_triton_address_fails_at_most_half_of_them_are_left_out
 async def test_a_burst_after_light_traffic_is_not_refused():
     """At light load the images done per busy second are the load, not the capacity: a batching model (here 8 ms
     a batch of up to 32) measured at one call at a time refused most of a burst it then did in milliseconds."""
-    model = SerialModel(per_image_s=0.0003)
-    base = model.__call__
+    serial = SerialModel(per_image_s=0.0003)
 
-    async def batching(images, timeout_s):
+    async def batching(images, timeout_s):  # 8 ms a batch on top of 0.3 ms an image
         await asyncio.sleep(0.008)
-        return await base(images, timeout_s)
+        return await serial(images, timeout_s)
 
-    model.__call__ = batching  # type: ignore[method-assign]
     batcher = MicroBatcher(batching, max_batch=32, window_s=0.001, shed_load=True)
     try:
         for _ in range(60):  # light traffic, one call at a time
@@ -400,21 +382,28 @@ async def test_a_burst_after_light_traffic_is_not_refused():
     assert not refused, f"{len(refused)} of 40 refused"
 
 
+def _pods_with_one_hung():
+    """A model whose batches starting with b"stuck" hang (a hung Triton pod) until the event is set, and whose
+    others run one at a time at 1,000 images/s (the healthy pods)."""
+    release, serial = asyncio.Event(), asyncio.Lock()
+
+    async def model(images, timeout_s):
+        if images[0] == b"stuck":
+            await release.wait()
+        else:
+            async with serial:
+                await asyncio.sleep(0.001 * len(images))
+        return np.zeros((len(images), 512), np.float32)
+
+    return model, release
+
+
 async def test_a_stuck_batch_does_not_count_as_work_ahead(monkeypatch):
     """A batch stuck on a hung Triton pod counted as work ahead for its whole deadline (60 s for an ingest), so
     searches were refused while the other pods sat idle."""
     from embedder import client as client_module
 
-    release, serial = asyncio.Event(), asyncio.Lock()
-
-    async def model(images, timeout_s):
-        if images[0] == b"stuck":  # on the hung pod
-            await release.wait()
-        else:
-            async with serial:  # the healthy pods: 1,000 images/s
-                await asyncio.sleep(0.001 * len(images))
-        return np.zeros((len(images), 512), np.float32)
-
+    model, release = _pods_with_one_hung()
     batcher = MicroBatcher(model, max_batch=4, window_s=0, shed_load=True)
     stuck = None
     try:
@@ -436,16 +425,7 @@ async def test_a_stuck_batch_does_not_count_as_work_ahead(monkeypatch):
 async def test_a_stuck_batch_does_not_drag_the_measured_throughput_down():
     """A stuck batch kept every later light-traffic batch 'busy', so the estimate fell to the traffic's own rate
     (53 images/s for a 1,000/s model) and a burst was then refused (30 of 40)."""
-    release, serial = asyncio.Event(), asyncio.Lock()
-
-    async def model(images, timeout_s):
-        if images[0] == b"stuck":
-            await release.wait()
-        else:
-            async with serial:  # 1,000 images/s
-                await asyncio.sleep(0.001 * len(images))
-        return np.zeros((len(images), 512), np.float32)
-
+    model, release = _pods_with_one_hung()
     batcher = MicroBatcher(model, max_batch=32, window_s=0.001, shed_load=True)
     stuck = None
     try:

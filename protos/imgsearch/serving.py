@@ -347,17 +347,23 @@ class ServerOptions:
 
 def channel_credentials(ca_file: Path | None = None, cert_file: Path | None = None,
                         key_file: Path | None = None) -> grpc.ChannelCredentials | None:
-    """Client TLS credentials: the server's CA, and for mutual TLS this client's certificate and key; None (a
-    plaintext channel) when no file is given."""
-    if bool(cert_file) != bool(key_file):
-        raise ValueError("a client certificate needs its key, and a key its certificate")
-    if not (ca_file or cert_file):
+    """`tls_credentials` from PEM files."""
+    def read(path: Path | None) -> bytes | None:
+        return path.read_bytes() if path else None
+
+    return tls_credentials(read(ca_file), read(cert_file), read(key_file))
+
+
+def tls_credentials(root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
+                    private_key: bytes | None = None) -> grpc.ChannelCredentials | None:
+    """Client TLS credentials: the server's CA (None with a certificate: the system's), and for mutual TLS this
+    client's certificate and key; None (a plaintext channel) when nothing is given. Half a client certificate (a
+    mistyped variable) is refused rather than sent in plaintext."""
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("a client certificate needs its private key, and a key its certificate")
+    if root_certificates is None and certificate_chain is None:
         return None
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca_file.read_bytes() if ca_file else None,
-        private_key=key_file.read_bytes() if key_file else None,
-        certificate_chain=cert_file.read_bytes() if cert_file else None,
-    )
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
