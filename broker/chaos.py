@@ -41,7 +41,7 @@ IDS_PER_WRITER = 400
 class NoEmbedder:
     """For writers that ingest vectors: an embedding call would be a bug."""
 
-    async def embed(self, images, *, timeout_s):
+    async def embed(self, images, *, timeout_s, bulk=False):
         raise AssertionError("vector ingests only: nothing is embedded")
 
     async def ready(self, *, timeout_s):

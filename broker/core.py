@@ -39,6 +39,7 @@ from broker.idlocks import ImageIdLocks
 from broker.metrics import (
     CACHE_LOOKUPS,
     CACHE_STALE_ENTRIES,
+    EMBED_REFUSED,
     PARTIAL_RESULTS,
     SEARCHES,
     STAGE_SECONDS,
@@ -57,11 +58,11 @@ from broker.types import (
 )
 from broker.versions import WriteClock
 from embedder.client import Embedder
+from embedder.errors import EmbedderOverloadedError
 from embedder.hashing import ImageHashes, hashes_of_bytes
 from imgsearch.errors import ImgsearchError
-from shard_server.engine import normalised
 from shard_server.errors import InvalidRequestError as ShardInvalidRequestError
-from shard_server.types import Hit, Record, SearchQuery, distinct_products
+from shard_server.types import Hit, Record, SearchQuery, distinct_products, normalised
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,8 @@ class Broker:
         vectors: dict[int, np.ndarray] = {}
         if images:
             hashes = {i: await self._hashed(items[i].image, deadline, image_id=items[i].image_id) for i in images}
-            embedded = await self._embed([items[i].image for i in images], deadline)
+            # Bulk: an ingest waits behind searches for the model, never the other way round.
+            embedded = await self._embed([items[i].image for i in images], deadline, bulk=True)
             vectors.update(zip(images, embedded))
         for i, item in enumerate(items):
             if item.image is None:
@@ -481,8 +483,13 @@ class Broker:
     async def _embed_one(self, image: bytes, deadline: float) -> np.ndarray:
         return (await self._embed([image], deadline))[0]
 
-    async def _embed(self, images: list[bytes], deadline: float) -> np.ndarray:
-        vectors = await self.embedder.embed(images, timeout_s=max(0.001, deadline - time.monotonic()))
+    async def _embed(self, images: list[bytes], deadline: float, *, bulk: bool = False) -> np.ndarray:
+        try:
+            vectors = await self.embedder.embed(images, timeout_s=max(0.001, deadline - time.monotonic()),
+                                                bulk=bulk)
+        except EmbedderOverloadedError:
+            EMBED_REFUSED.labels("ingest" if bulk else "search").inc()
+            raise
         return np.asarray(vectors, dtype=np.float32)
 
     def _checked_vector(self, vector: np.ndarray, what: str) -> np.ndarray:

@@ -72,6 +72,12 @@ SEARCHES = Counter(
     "image_id: a catalogue image's stored embedding).",
     ["source", "query"],
 )
+EMBED_REFUSED = Counter(
+    "imgsearch_broker_embed_refused_total",
+    "Embedding requests refused at once because the model could not do them within their deadline (load "
+    "shedding: the caller gets RESOURCE_EXHAUSTED), by the work refused: search or ingest.",
+    ["work"],
+)
 
 for _stage in STAGES:
     STAGE_SECONDS.labels(_stage)
@@ -79,3 +85,5 @@ for _result in ("hit", "near_hit", "miss", "error"):
     CACHE_LOOKUPS.labels(_result)
 for _source, _query in (("cache", "image"), ("index", "image"), ("index", "vector"), ("index", "image_id")):
     SEARCHES.labels(_source, _query)
+for _work in ("search", "ingest"):
+    EMBED_REFUSED.labels(_work)

@@ -71,10 +71,10 @@ class TorchEmbedder(Embedder):
     async def _infer(self, images: list[bytes], timeout_s: float) -> np.ndarray:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, images)
 
-    async def embed(self, images: Sequence[bytes], *, timeout_s: float) -> np.ndarray:
+    async def embed(self, images: Sequence[bytes], *, timeout_s: float, bulk: bool = False) -> np.ndarray:
         images = list(images)
         check_sizes(images, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES)
-        return await self._batcher.submit(images, timeout_s=timeout_s)
+        return await self._batcher.submit(images, timeout_s=timeout_s, bulk=bulk)
 
     async def ready(self, *, timeout_s: float) -> bool:
         return True

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -51,13 +53,17 @@ RATE_SMOOTHING = 0.3
 ADMIT_MARGIN_S = 0.1
 # A batch in flight longer than twice its expected time plus this is taken as stuck, not as work ahead.
 OVERDUE_SLACK_S = 0.5
+# Bulk work (ingests) in flight at once, in seconds of the model's measured throughput: what a search that arrives
+# during a bulk ingest may find ahead of it on the model.
+BULK_INFLIGHT_S = 0.2
 
 
 class Embedder(abc.ABC):
     """Images (encoded bytes) -> float32 (n, 512) L2-normalised embeddings."""
 
     @abc.abstractmethod
-    async def embed(self, images: Sequence[bytes], *, timeout_s: float) -> np.ndarray: ...
+    async def embed(self, images: Sequence[bytes], *, timeout_s: float, bulk: bool = False) -> np.ndarray:
+        """`bulk=True` for work that may wait behind searches (catalogue ingests; see MicroBatcher)."""
 
     @abc.abstractmethod
     async def ready(self, *, timeout_s: float) -> bool: ...
@@ -92,6 +98,7 @@ class _Pending:
     images: list[bytes]
     deadline: float  # loop.time()
     future: asyncio.Future = field(repr=False)
+    bulk: bool = False
 
 
 class MicroBatcher:
@@ -100,6 +107,12 @@ class MicroBatcher:
     The first request of a batch waits `window_s` for company, then everything queued (up to `max_batch`
     images) goes out as one inference. A batch that fails on a bad image is split per caller and retried,
     so one caller's bad image never fails its neighbours.
+
+    Two classes of work: interactive requests (searches) and bulk ones (`bulk=True`: catalogue ingests). Bulk work
+    never delays a search by more than about `BULK_INFLIGHT_S`: only that much of it (at the measured throughput)
+    is sent at a time, the rest waits here, behind every search, and searches are admitted on the work ahead of
+    them, which a bulk backlog is not. Without it one bulk ingest of a few thousand photos filled the model's queue
+    and every search for the next minutes was refused (or timed out) behind it.
     """
 
     def __init__(self, run_batch: RunBatch, *, max_batch: int, window_s: float,
@@ -111,21 +124,23 @@ class MicroBatcher:
         # models with one worker); None suits Triton, whose own dynamic batcher does that server-side.
         self._max_inflight = max_inflight
         self._slots: asyncio.Semaphore | None = None
-        self._queue: asyncio.Queue[_Pending] | None = None
-        self._carry: _Pending | None = None
+        self._urgent: collections.deque[_Pending] = collections.deque()
+        self._bulk: collections.deque[_Pending] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._inflight: set[asyncio.Task] = set()
         # Load shedding (shed_load): a request is refused at once (EmbedderOverloadedError) when the images
         # queued and in flight ahead of it, at the measured throughput, take longer than its deadline. Without
         # it an overload fills the model's queue with requests that time out after being computed anyway.
         self._shed_load = shed_load
-        self._queued_images = 0  # submitted, not yet in a batch
-        self._inflight_images = 0  # sent, not yet answered
+        self._queued_urgent = 0  # images submitted, not yet in a batch
+        self._queued_bulk = 0
         self._rate: float | None = None  # images/s while saturated (EWMA); None until measured
         self._busy_s = 0.0
         self._done_images = 0
         self._last_event = 0.0
-        self._sent: dict[int, tuple[float, int]] = {}  # batches in flight: start time, images
+        self._sent: dict[int, tuple[float, int, bool]] = {}  # batches in flight: start time, images, bulk
+        self._keys = itertools.count()
 
     def _account(self, now: float) -> None:
         """Busy time since the last change of the in-flight count (stuck batches do not make the model busy)."""
@@ -136,49 +151,68 @@ class MicroBatcher:
     def _overdue(self, started: float, n: int, now: float) -> bool:
         return self._rate is not None and now - started > 2 * n / self._rate + OVERDUE_SLACK_S
 
-    def _live_inflight(self) -> int:
+    def _live_inflight(self, *, bulk_only: bool = False) -> int:
         """Images in flight in batches not yet overdue. A batch far past its expected time is stuck (a hung Triton
         pod, which the channel soon leaves out): counted as work ahead it refused searches while the other pods sat
         idle, and counted as busy time it dragged the measured throughput down to the light traffic's."""
         now = time.monotonic()
-        return sum(n for started, n in self._sent.values() if not self._overdue(started, n, now))
+        return sum(n for started, n, bulk in self._sent.values()
+                   if (bulk or not bulk_only) and not self._overdue(started, n, now))
 
-    def _ahead(self) -> int:
-        """Images that a request submitted now waits for: those queued, and those in live batches in flight."""
-        return self._queued_images + self._live_inflight()
+    def _ahead(self, *, bulk: bool) -> int:
+        """Images that a request submitted now waits for: the searches queued (and, for a bulk request, the bulk
+        work queued too), and the images in live batches in flight."""
+        return self._queued_urgent + (self._queued_bulk if bulk else 0) + self._live_inflight()
 
-    def overloaded(self, n: int, timeout_s: float) -> bool:
+    def _bulk_budget(self) -> int:
+        """Bulk images allowed in flight at once: BULK_INFLIGHT_S of the model's work, one batch until measured."""
+        if self._rate is None:
+            return self._max_batch
+        return max(1, int(self._rate * BULK_INFLIGHT_S))
+
+    def _bulk_room(self) -> int:
+        return self._bulk_budget() - self._live_inflight(bulk_only=True)
+
+    def overloaded(self, n: int, timeout_s: float, *, bulk: bool = False) -> bool:
         """Whether `n` images submitted now would be refused (no side effect)."""
         if not self._shed_load or self._rate is None:
             return False
-        ahead = self._ahead()
+        ahead = self._ahead(bulk=bulk)
         if ahead == 0:  # nothing ahead: always tried (how the estimate recovers)
             return False
         return (ahead + n) / self._rate > timeout_s - min(ADMIT_MARGIN_S, timeout_s / 2)
 
-    def _admit(self, n: int, timeout_s: float) -> None:
-        if self.overloaded(n, timeout_s):
-            ahead = self._ahead()
+    def _admit(self, n: int, timeout_s: float, bulk: bool) -> None:
+        if self.overloaded(n, timeout_s, bulk=bulk):
+            ahead = self._ahead(bulk=bulk)
             wait_s = (ahead + n) / self._rate
             raise EmbedderOverloadedError(
                 f"embedding overloaded: {ahead} images ahead, ~{wait_s:.3f}s at {self._rate:.1f} images/s, "
                 f"deadline {timeout_s:.3f}s")
 
-    async def submit(self, images: list[bytes], *, timeout_s: float) -> np.ndarray:
+    async def submit(self, images: list[bytes], *, timeout_s: float, bulk: bool = False) -> np.ndarray:
         loop = asyncio.get_running_loop()
         if self._loop_task is None or self._loop_task.done() or self._loop_task.get_loop() is not loop:
-            self._queue, self._carry = asyncio.Queue(), None
-            self._queued_images, self._inflight_images = 0, 0  # the old loop's work is gone with it
+            self._urgent.clear()
+            self._bulk.clear()
+            self._queued_urgent, self._queued_bulk = 0, 0  # the old loop's work is gone with it
             self._sent.clear()
+            self._wakeup = asyncio.Event()
             self._slots = asyncio.Semaphore(self._max_inflight) if self._max_inflight else None
             self._loop_task = loop.create_task(self._run())
-        self._admit(len(images), timeout_s)
+        self._admit(len(images), timeout_s, bulk)
         deadline = loop.time() + timeout_s
-        chunks = [images[i : i + self._max_batch] for i in range(0, len(images), self._max_batch)]
-        pending = [_Pending(chunk, deadline, loop.create_future()) for chunk in chunks]
-        for item in pending:
-            self._queue.put_nowait(item)
-            self._queued_images += len(item.images)
+        # Bulk work goes out in pieces as small as the bulk budget allows (one image, on a slow CPU model), so
+        # it is queued one image at a time; a search's images go out together.
+        size = 1 if bulk else self._max_batch
+        chunks = [images[i : i + size] for i in range(0, len(images), size)]
+        pending = [_Pending(chunk, deadline, loop.create_future(), bulk) for chunk in chunks]
+        (self._bulk if bulk else self._urgent).extend(pending)
+        if bulk:
+            self._queued_bulk += len(images)
+        else:
+            self._queued_urgent += len(images)
+        self._wakeup.set()
         try:
             parts = await asyncio.wait_for(asyncio.gather(*(item.future for item in pending)), timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
@@ -188,57 +222,91 @@ class MicroBatcher:
                 item.future.cancel()  # no-op when done; drops it from a batch not yet sent
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    async def _next_batch(self) -> list[_Pending]:
-        if self._carry is None:
-            first = await self._queue.get()
-            self._queued_images -= len(first.images)
+    def _pop(self, queue: collections.deque[_Pending]) -> _Pending:
+        item = queue.popleft()
+        if item.bulk:
+            self._queued_bulk -= len(item.images)
         else:
-            first = self._carry
-        self._carry = None
+            self._queued_urgent -= len(item.images)
+        return item
+
+    def _drop_gone(self, queue: collections.deque[_Pending]) -> None:
+        while queue and queue[0].future.done():  # callers gone or timed out: not worth a place in a batch
+            self._pop(queue)
+
+    async def _wait_for_work(self) -> None:
+        while True:
+            self._drop_gone(self._urgent)
+            self._drop_gone(self._bulk)
+            if self._urgent or (self._bulk and self._bulk_room() > 0):
+                return
+            self._wakeup.clear()
+            # Woken by a submit or a finished batch; the timer notices a bulk batch turning overdue (stuck).
+            timer = asyncio.get_running_loop().call_later(OVERDUE_SLACK_S, self._wakeup.set)
+            try:
+                await self._wakeup.wait()
+            finally:
+                timer.cancel()
+
+    async def _next_batch(self) -> tuple[list[_Pending], bool]:
+        await self._wait_for_work()
+        bulk = not self._urgent
+        queue = self._bulk if bulk else self._urgent
+        limit = min(self._max_batch, max(1, self._bulk_room())) if bulk else self._max_batch
+        first = self._pop(queue)
         batch, size = [first], len(first.images)
-        if self._window_s > 0 and size < self._max_batch:
+        if self._window_s > 0 and size < limit:
             await asyncio.sleep(self._window_s)
-        while size < self._max_batch and not self._queue.empty():
-            item = self._queue.get_nowait()
-            self._queued_images -= len(item.images)
-            if size + len(item.images) > self._max_batch:
-                self._carry = item
+        while queue and size < limit:
+            self._drop_gone(queue)
+            if not queue or size + len(queue[0].images) > limit:
                 break
+            item = self._pop(queue)
             batch.append(item)
             size += len(item.images)
-        return batch
+        return batch, bulk
 
     async def _run(self) -> None:
         while True:
             if self._slots is not None:
                 await self._slots.acquire()
-            batch = await self._next_batch()
-            task = asyncio.get_running_loop().create_task(self._send(batch))
+            batch, bulk = await self._next_batch()
+            # Counted as in flight now, not when its task first runs: the next batch's bulk room depends on it.
+            sent = self._register(batch, bulk)
+            task = asyncio.get_running_loop().create_task(self._send(batch, bulk, sent))
             self._inflight.add(task)
             task.add_done_callback(self._batch_done)
+
+    def _register(self, batch: list[_Pending], bulk: bool) -> tuple[int, bool]:
+        """Counts a batch as in flight: its key in `_sent`, and whether it is sent to a busy model."""
+        # Only a busy model (this batch sent while others wait or run) measures its throughput: at light load,
+        # one call at a time, the images done per busy second are the load, not the capacity, and a burst after
+        # it was refused work a batching GPU would have done in milliseconds.
+        saturated = self._live_inflight() > 0 or self._queued_urgent > 0 or self._queued_bulk > 0
+        self._account(asyncio.get_running_loop().time())
+        key = next(self._keys)
+        self._sent[key] = (time.monotonic(), sum(len(item.images) for item in batch), bulk)
+        return key, saturated
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._inflight.discard(task)
         if self._slots is not None:
             self._slots.release()
+        if self._wakeup is not None:
+            self._wakeup.set()  # bulk room freed
 
-    async def _send(self, batch: list[_Pending]) -> None:
-        batch = [item for item in batch if not item.future.done()]  # caller gone or timed out
-        if not batch:
-            return
+    async def _send(self, batch: list[_Pending], bulk: bool, sent: tuple[int, bool] | None = None) -> None:
         loop = asyncio.get_running_loop()
-        timeout_s = max(item.deadline for item in batch) - loop.time()
-        if timeout_s <= 0:
-            return  # every caller's own timeout fires
+        if sent is None:
+            sent = self._register(batch, bulk)
+        key, saturated = sent
+        batch = [item for item in batch if not item.future.done()]  # caller gone or timed out
+        timeout_s = max((item.deadline for item in batch), default=0) - loop.time()
+        if timeout_s <= 0:  # nobody left, or every caller's own timeout fires
+            self._sent.pop(key)
+            self._account(loop.time())
+            return
         images = [data for item in batch for data in item.images]
-        # Only a busy model (this batch sent while others wait or run) measures its throughput: at light load,
-        # one call at a time, the images done per busy second are the load, not the capacity, and a burst after
-        # it was refused work a batching GPU would have done in milliseconds.
-        saturated = self._live_inflight() > 0 or self._queued_images > 0
-        self._account(loop.time())
-        self._inflight_images += len(images)
-        token = object()
-        self._sent[id(token)] = (time.monotonic(), len(images))
         outcome = "error"
         try:
             embeddings = await self._run_batch(images, timeout_s)
@@ -247,7 +315,7 @@ class MicroBatcher:
             if len(batch) == 1:
                 _fail(batch[0], exc)
             else:  # find the culprit: each caller on its own
-                await asyncio.gather(*(self._send([item]) for item in batch))
+                await asyncio.gather(*(self._send([item], bulk) for item in batch))
             return
         except asyncio.CancelledError:  # close(): nobody will answer these callers any more
             for item in batch:
@@ -260,7 +328,7 @@ class MicroBatcher:
                 _fail(item, exc)
             return
         finally:
-            started, _ = self._sent.pop(id(token))
+            started, _, _ = self._sent.pop(key)
             if not saturated or self._overdue(started, len(images), time.monotonic()):
                 outcome = "unsaturated"  # its time says nothing of the model's capacity
             self._finished(loop.time(), len(images), outcome)
@@ -273,7 +341,6 @@ class MicroBatcher:
 
     def _finished(self, now: float, n: int, outcome: str) -> None:
         self._account(now)
-        self._inflight_images -= n
         if outcome == "ok":
             self._done_images += n
         elif outcome in ("error", "unsaturated"):  # a fast failure (model down, bad image), or a light load,
@@ -291,12 +358,9 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._loop_task = None
-        if self._queue is not None:
-            while not self._queue.empty():
-                _fail(self._queue.get_nowait(), EmbedderUnavailableError("embedder closed"))
-        if self._carry is not None:
-            _fail(self._carry, EmbedderUnavailableError("embedder closed"))
-            self._carry = None
+        for queue in (self._urgent, self._bulk):
+            while queue:
+                _fail(self._pop(queue), EmbedderUnavailableError("embedder closed"))
 
 
 def _fail(item: _Pending, exc: BaseException) -> None:
@@ -382,12 +446,12 @@ class TritonEmbedder(Embedder):
             )
         return self._client
 
-    async def embed(self, images: Sequence[bytes], *, timeout_s: float) -> np.ndarray:
+    async def embed(self, images: Sequence[bytes], *, timeout_s: float, bulk: bool = False) -> np.ndarray:
         images = [bytes(data) for data in images]
         check_sizes(images, max_image_bytes=self.max_image_bytes)
         if not images:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        return await self._batcher.submit(images, timeout_s=timeout_s)
+        return await self._batcher.submit(images, timeout_s=timeout_s, bulk=bulk)
 
     async def _infer(self, images: list[bytes], timeout_s: float) -> np.ndarray:
         # The broker's batch size and the model's max_batch_size are configured in two places; Triton refuses
@@ -508,12 +572,12 @@ class OnnxEmbedder(Embedder):
         pixels = np.stack([preprocess_bytes(bytes(data), **self._limits) for data in images])
         return _check_output(self._session.run([OUTPUT_NAME], {INPUT_NAME: pixels})[0], len(images))
 
-    async def embed(self, images: Sequence[bytes], *, timeout_s: float) -> np.ndarray:
+    async def embed(self, images: Sequence[bytes], *, timeout_s: float, bulk: bool = False) -> np.ndarray:
         images = [bytes(data) for data in images]
         check_sizes(images, max_image_bytes=self.max_image_bytes)
         if not images:
             return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-        return await self._batcher.submit(images, timeout_s=timeout_s)
+        return await self._batcher.submit(images, timeout_s=timeout_s, bulk=bulk)
 
     async def _infer(self, images: list[bytes], timeout_s: float) -> np.ndarray:
         # The timeout is enforced by the batcher; a started ONNX run cannot be interrupted anyway.

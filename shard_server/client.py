@@ -12,7 +12,7 @@ from imgsearch.errors import ImgsearchError, from_rpc_error
 from imgsearch.serving import client_channel_options
 from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
-from shard_server.service import SERVICE_NAME
+from shard_server.convert import SERVICE_NAME
 from shard_server.types import Record, SearchQuery, SearchResult, ShardStats
 
 

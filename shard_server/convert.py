@@ -29,6 +29,9 @@ from shard_server.types import (
     ShardStats,
 )
 
+# The gRPC service name (health checks name it).
+SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
+
 _EXACTNESS_TO_PROTO = {
     Exactness.DEFAULT: common_pb2.EXACTNESS_UNSPECIFIED,
     Exactness.FAST: common_pb2.EXACTNESS_FAST,

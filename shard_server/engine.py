@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import struct
 import threading
 import time
@@ -44,6 +43,7 @@ from shard_server.types import (
     distinct_products,
     first_of_each,
     newest_copies,
+    normalised,
 )
 from shard_server.wal import MAX_FRAME_BYTES, LogFrame, WriteAheadLog
 
@@ -62,25 +62,6 @@ UPSERT_BATCH_BYTES = 8 << 20
 # A search over at least this many partitions reads ids and attributes only for the best rows of them all
 # (ShardEngine._search_many), not for every partition's top-k.
 MANY_PARTITIONS = 8
-
-
-def normalised(vector: np.ndarray, dim: int, what: str) -> np.ndarray:
-    """A float32 unit vector, or InvalidRequestError saying what is wrong with it."""
-    v = np.asarray(vector, dtype=np.float32).ravel()
-    if v.shape[0] != dim:
-        raise InvalidRequestError(f"{what}: vector has dimension {v.shape[0]}, expected {dim}")
-    # One dot product checks everything on the hot path: NaN or Inf anywhere makes it non-finite.
-    norm = math.sqrt(float(np.dot(v, v)))
-    if norm == 0.0 or not math.isfinite(norm):
-        if not np.all(np.isfinite(v)):
-            raise InvalidRequestError(f"{what}: vector contains NaN or Inf")
-        scale = float(np.max(np.abs(v)))
-        if scale == 0.0:
-            raise InvalidRequestError(f"{what}: vector is zero (cannot be normalised)")
-        # finite and non-zero, but its squared norm overflowed or underflowed float32: scale it first
-        v = v / scale
-        norm = math.sqrt(float(np.dot(v, v)))
-    return v / norm
 
 
 def _take(chunks: Iterable[bytes | memoryview], n: int) -> tuple[bytes, Iterator[bytes | memoryview]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shard_server.service import SERVICE_NAME
+from shard_server.convert import SERVICE_NAME
 
 _LISTENING = re.compile(r"shard listening on [^:]+:(\d+) \(metrics (\w+)\)")
 

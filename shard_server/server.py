@@ -27,9 +27,10 @@ from imgsearch.serving import (
 )
 from imgsearch.v1 import shard_pb2_grpc
 from shard_server.config import ShardConfig
+from shard_server.convert import SERVICE_NAME
 from shard_server.engine import ShardEngine
 from shard_server.errors import LoadInterruptedError
-from shard_server.service import SERVICE_NAME, ShardServicer
+from shard_server.service import ShardServicer
 
 log = logging.getLogger("shard_server")
 

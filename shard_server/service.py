@@ -19,7 +19,6 @@ from shard_server.errors import (
 from shard_server.partition import ExactScanTooLong
 from shard_server.types import Exactness, SearchResult
 
-SERVICE_NAME = shard_pb2.DESCRIPTOR.services_by_name["ShardService"].full_name
 # Get requests for at most this many ids run on the event loop; larger ones (random reads of the mapped vectors)
 # in the search pool.
 INLINE_GET_MAX_IDS = 64

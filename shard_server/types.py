@@ -5,12 +5,15 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TypeVar
 
 import numpy as np
+
+from shard_server.errors import InvalidRequestError
 
 AttributeValue = str | float | bool
 Attributes = Mapping[str, AttributeValue]
@@ -165,3 +168,22 @@ __all__ = [
     "Sequence",
     "ShardStats",
 ]
+
+
+def normalised(vector: np.ndarray, dim: int, what: str) -> np.ndarray:
+    """A float32 unit vector, or InvalidRequestError saying what is wrong with it."""
+    v = np.asarray(vector, dtype=np.float32).ravel()
+    if v.shape[0] != dim:
+        raise InvalidRequestError(f"{what}: vector has dimension {v.shape[0]}, expected {dim}")
+    # One dot product checks everything on the hot path: NaN or Inf anywhere makes it non-finite.
+    norm = math.sqrt(float(np.dot(v, v)))
+    if norm == 0.0 or not math.isfinite(norm):
+        if not np.all(np.isfinite(v)):
+            raise InvalidRequestError(f"{what}: vector contains NaN or Inf")
+        scale = float(np.max(np.abs(v)))
+        if scale == 0.0:
+            raise InvalidRequestError(f"{what}: vector is zero (cannot be normalised)")
+        # finite and non-zero, but its squared norm overflowed or underflowed float32: scale it first
+        v = v / scale
+        norm = math.sqrt(float(np.dot(v, v)))
+    return v / norm

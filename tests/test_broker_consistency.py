@@ -66,7 +66,7 @@ class StubEmbedder:
     def __init__(self, delays: Mapping[int, float] | None = None):
         self.delays = dict(delays or {})
 
-    async def embed(self, images, *, timeout_s):
+    async def embed(self, images, *, timeout_s, bulk=False):
         await asyncio.sleep(self.delays.get(len(images), 0.0))
         return np.stack([_embedding(image) for image in images])
 

@@ -14,7 +14,7 @@ from broker.cache import CacheEntry, CacheMatch, CacheUnavailable
 from broker.core import Broker
 from broker.fanout import FanoutResult, ShardAnswer
 from broker.types import CacheOutcome, CatalogueItem, Query
-from embedder.errors import EmbedderUnavailableError
+from embedder.errors import EmbedderOverloadedError, EmbedderUnavailableError
 from imgsearch.errors import UnavailableError
 from shard_server.types import Condition, Equals, Filter, Hit, Record
 
@@ -37,8 +37,9 @@ class StubEmbedder:
     def __init__(self, vector: np.ndarray | None, error: Exception | None = None):
         self.vector, self.error, self.calls = vector, error, 0
 
-    async def embed(self, images, *, timeout_s):
+    async def embed(self, images, *, timeout_s, bulk=False):
         self.calls += 1
+        self.bulk_calls = getattr(self, "bulk_calls", []) + [bulk]
         if self.error:
             raise self.error
         return np.stack([self.vector] * len(images))
@@ -298,3 +299,38 @@ async def test_delete_clears_the_cache_even_when_a_shard_write_fails():
     with pytest.raises(UnavailableError):
         await _broker(cache, StubEmbedder(_unit(0)), DownPool()).delete(["gone"], timeout_s=1)
     assert cache.deletes == ["gone"]  # no stale duplicate answers for a deleted image
+
+
+async def test_ingests_embed_as_bulk_work_and_searches_do_not():
+    """Bulk work waits behind searches in the embedder (embedder.client.MicroBatcher)."""
+    embedder = StubEmbedder(_unit(0))
+    broker = _broker(StubCache(), embedder)
+    await broker.ingest([CatalogueItem(image_id="i1", product_id="p", category="Milk", image=_png())], timeout_s=1)
+    await broker.search(Query(image=_png(), top_k=3), timeout_s=1)
+    assert embedder.bulk_calls == [True, False]
+
+
+async def test_searches_and_ingests_refused_by_the_embedder_are_counted():
+    def refused(work: str) -> float:
+        return REGISTRY.get_sample_value("imgsearch_broker_embed_refused_total", {"work": work})
+
+    searches, ingests = refused("search"), refused("ingest")
+    broker = _broker(StubCache(), StubEmbedder(None, EmbedderOverloadedError("busy")))
+    with pytest.raises(EmbedderOverloadedError):
+        await broker.search(Query(image=_png(), top_k=3), timeout_s=1)
+    with pytest.raises(EmbedderOverloadedError):
+        await broker.ingest([CatalogueItem(image_id="i1", product_id="p", category="Milk", image=_png())],
+                            timeout_s=1)
+    assert (refused("search") - searches, refused("ingest") - ingests) == (1, 1)
+
+
+def test_the_broker_process_exports_no_shard_metrics():
+    """The broker imported the shard engine (for one function), which registered every imgsearch_shard_* metric:
+    its /metrics showed a WAL and resident memory of 0, and the dashboard's shard panels a broker series."""
+    import subprocess
+    import sys
+
+    code = ("import broker.server, broker.cli, broker.stack, prometheus_client; "
+            "print(sorted(m.name for m in prometheus_client.REGISTRY.collect() if m.name.startswith('imgsearch_')))")
+    names = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "imgsearch_broker_searches" in names and "imgsearch_shard_" not in names

@@ -444,3 +444,47 @@ async def test_a_stuck_batch_does_not_drag_the_measured_throughput_down():
             stuck.cancel()
             await asyncio.gather(stuck, return_exceptions=True)
     assert not [r for r in burst if isinstance(r, EmbedderOverloadedError)]
+
+
+async def test_a_bulk_ingest_backlog_neither_refuses_nor_delays_searches():
+    """One ingest of 1,000 photos (5 s of a 200 images/s model) was sent to the model at once; every search in
+    the next 5 s waited behind it and was refused (RESOURCE_EXHAUSTED) at once. Bulk work now waits here and only
+    BULK_INFLIGHT_S of it (0.2 s) is on the model at a time."""
+    model = SerialModel(per_image_s=0.005)
+    batcher = MicroBatcher(model, max_batch=8, window_s=0.001, shed_load=True)
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.gather(*(batcher.submit([b"1"], timeout_s=5) for _ in range(200)))  # measures the rate
+        started = loop.time()
+        ingest = asyncio.ensure_future(batcher.submit([b"2"] * 1000, timeout_s=60, bulk=True))
+        await asyncio.sleep(0.3)
+        latencies = []
+        for _ in range(10):
+            asked = loop.time()
+            answer = await batcher.submit([b"3"], timeout_s=0.5)
+            latencies.append(loop.time() - asked)
+            assert float(answer[0, 0]) == 3
+            await asyncio.sleep(0.05)
+        embedded = await ingest
+        ingest_s = loop.time() - started
+    finally:
+        await batcher.close()
+    assert max(latencies) < 0.35, latencies
+    assert embedded.shape == (1000, 512) and set(embedded[:, 0]) == {2}
+    assert ingest_s < 8, f"the ingest took {ingest_s:.1f} s for 5 s of work"
+    assert max(len(b) for b in model.batches if b[0] == b"2") <= 8
+
+
+async def test_bulk_work_is_still_refused_when_it_cannot_make_its_own_deadline():
+    model = SerialModel(per_image_s=0.005)
+    batcher = MicroBatcher(model, max_batch=8, window_s=0.001, shed_load=True)
+    try:
+        await asyncio.gather(*(batcher.submit([b"1"], timeout_s=5) for _ in range(200)))  # measures the rate
+        ingest = asyncio.ensure_future(batcher.submit([b"2"] * 400, timeout_s=60, bulk=True))
+        await asyncio.sleep(0.05)
+        with pytest.raises(EmbedderOverloadedError):  # ~2 s of bulk work ahead of it
+            await batcher.submit([b"2"] * 10, timeout_s=1, bulk=True)
+        assert (await batcher.submit([b"3"], timeout_s=0.5)).shape == (1, 512)  # a search is not behind it
+        await ingest
+    finally:
+        await batcher.close()
