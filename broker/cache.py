@@ -2,14 +2,16 @@
 
 Layout (all keys under a prefix, default ``imgsearch:``):
 
-- ``img:{image_id}``: hash with the entry (pHash, dHash, product id, category, attributes as JSON, embedding
-  as raw float32 bytes, kept to confirm near matches without a shard call).
+- ``img:{image_id}``: hash with the entry (pHash, dHash, colour signature, product id, category, attributes as
+  JSON, embedding as raw float32 bytes, kept to confirm near matches without a shard call).
 - ``ph:{phash:016x}``: set of image ids with exactly this 64-bit pHash.
 - ``band:{i}:{value:x}``: set of image ids whose pHash has this value in band i (multi-index hashing).
 
 The 64-bit pHash is split into 6 bands (11, 11, 11, 11, 10, 10 bits). Two hashes within Hamming distance
 r <= 5 differ in at most 5 bands, so they agree exactly on at least one: looking up the query's 6 band values
-finds every catalogue hash within the radius. Candidates are then checked on both pHash and dHash distance.
+finds every catalogue hash within the radius. Candidates are then checked on both pHash and dHash distance, and
+on their colours (embedder.hashing.same_colours): the hashes see brightness only, so a product's recoloured
+variant or a greyscale copy has the same hashes as the original, and must not be answered for it.
 
 Redis is an optimisation, not a source of truth: every call has a short timeout, and after a failure the cache
 is bypassed for ``backoff_s`` so a dead Redis costs nothing per request. Callers get
@@ -28,11 +30,13 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from embedder.hashing import same_colours
+
 BAND_BITS = (11, 11, 11, 11, 10, 10)
 # Cap on candidates checked per lookup (a pathological hash value shared by many images).
 MAX_CANDIDATES = 512
 
-_FIELDS = ("phash", "dhash", "product_id", "category", "attributes", "embedding")
+_FIELDS = ("phash", "dhash", "product_id", "category", "attributes", "embedding", "colour")
 
 
 class CacheUnavailable(Exception):
@@ -61,12 +65,13 @@ class CacheEntry:
     dhash: int
     embedding: np.ndarray  # float32 (dim,), unit norm
     attributes: Mapping[str, str | float | bool] = field(default_factory=dict)
+    colour: bytes = b""  # embedder.hashing.colour_signature; empty in entries written before it existed
 
 
 @dataclass(frozen=True, kw_only=True)
 class CacheMatch:
     entry: CacheEntry
-    exact: bool  # both hashes identical
+    exact: bool  # both hashes identical, and the same colours
     phash_distance: int
     dhash_distance: int
 
@@ -127,8 +132,10 @@ class DuplicateCache:
         except CacheUnavailable:
             return False
 
-    async def lookup(self, phash: int, dhash: int) -> list[CacheMatch]:
-        """Catalogue images within the near-duplicate radius, exact matches first."""
+    async def lookup(self, phash: int, dhash: int, colour: bytes = b"") -> list[CacheMatch]:
+        """Catalogue images within the near-duplicate radius and of the same colours, exact matches first. An
+        entry without a colour signature (written by an older broker) is returned as a near match at best, for the
+        embedding to confirm; so is every match when the query's `colour` is not given."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.smembers(self._ph(phash))
         for i, value in enumerate(bands(phash)):
@@ -147,10 +154,13 @@ class DuplicateCache:
                 continue  # entry deleted between the two round trips
             entry = _entry_from_row(image_id.decode(), row)
             dp, dd = hamming(entry.phash, phash), hamming(entry.dhash, dhash)
-            if dp <= self._phash_radius and dd <= self._dhash_radius:
-                matches.append(
-                    CacheMatch(entry=entry, exact=dp == 0 and dd == 0, phash_distance=dp, dhash_distance=dd)
-                )
+            if dp > self._phash_radius or dd > self._dhash_radius:
+                continue
+            vouched = same_colours(entry.colour, colour)
+            if entry.colour and colour and not vouched:
+                continue  # another colour of the picture: another product's variant, or a greyscale copy
+            matches.append(CacheMatch(entry=entry, exact=dp == 0 and dd == 0 and vouched, phash_distance=dp,
+                                      dhash_distance=dd))
         matches.sort(key=lambda m: (not m.exact, m.phash_distance + m.dhash_distance, m.entry.image_id))
         return matches
 
@@ -174,6 +184,7 @@ class DuplicateCache:
                 "category": entry.category,
                 "attributes": json.dumps(dict(entry.attributes), sort_keys=True),
                 "embedding": np.asarray(entry.embedding, dtype="<f4").tobytes(),
+                "colour": entry.colour,
             },
         )
         pipe.sadd(self._ph(entry.phash), entry.image_id)
@@ -215,7 +226,7 @@ class DuplicateCache:
 
 
 def _entry_from_row(image_id: str, row) -> CacheEntry:
-    phash, dhash, product_id, category, attributes, embedding = row
+    phash, dhash, product_id, category, attributes, embedding, colour = row
     return CacheEntry(
         image_id=image_id,
         product_id=product_id.decode(),
@@ -224,4 +235,5 @@ def _entry_from_row(image_id: str, row) -> CacheEntry:
         dhash=int(dhash, 16),
         attributes=json.loads(attributes),
         embedding=np.frombuffer(embedding, dtype="<f4").astype(np.float32),
+        colour=colour or b"",
     )

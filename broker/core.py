@@ -3,27 +3,31 @@
 Search flow: validate -> decode + hash (pHash, dHash) -> duplicate cache -> embed -> fan-out -> merge.
 
 Duplicate-cache policy (see broker.cache for the Redis layout):
-- *exact*: both 64-bit hashes equal a catalogue image's. Answered from the cache without an embedding call
-  (two independent 64-bit hashes agreeing is a re-encode of the same picture in practice), so it still works
-  while Triton is down.
-- *near*: pHash and dHash both within 5 bits. The query is embedded and the match is trusted only when the
-  cosine similarity with the stored embedding reaches `near_min_similarity`; otherwise the same embedding goes
-  on to the vector search (no second embedding call).
+- *exact*: both 64-bit hashes equal a catalogue image's, and so do its colours (the hashes see brightness only:
+  a product's recoloured variant has the same hashes). Answered from the cache without an embedding call (two
+  independent 64-bit hashes agreeing is a re-encode of the same picture in practice), so it still works while
+  Triton is down.
+- *near*: pHash and dHash both within 5 bits, same colours. The query is embedded and the match is trusted only
+  when the cosine similarity with the stored embedding reaches `near_min_similarity`; otherwise the same
+  embedding goes on to the vector search (no second embedding call).
+- A cache answer lists the duplicates first, then fills top_k from the index with the query's embedding (for an
+  exact match, the duplicate's stored embedding: still no embedding call).
 - The cache answers only searches without an attribute filter (filters are defined and validated by the
   shards' attribute schema), and only with duplicates inside the requested categories.
 - Redis down or slow: the lookup is skipped (outcome ERROR, counted) and the search goes to the index.
 - Every cache answer is checked with the shards that own its images (one Get per shard, no embedding): an entry
   whose image the shard no longer holds as it was cached (deleted, re-ingested or moved while the cache write
   was lost: Redis down and the broker restarted before its repair queue caught up) is left out and removed.
-  The answer carries the shard's current attributes. An entry whose shard cannot be asked is answered as
-  cached, flagged partial (the index could not answer for that shard either). When no entry survives, the
-  search goes to the index as a miss would.
+  The answer carries the shard's current attributes. An entry whose shard cannot be asked is not answered
+  (unchecked, it could be a deleted image's); when no entry survives, the search goes to the index as a miss
+  would.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -33,7 +37,7 @@ import numpy as np
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable, DuplicateCache
 from broker.decode_budget import PixelBudget, header_pixels
-from broker.errors import InvalidRequestError
+from broker.errors import InvalidRequestError, NoShardAvailableError, ShardTimeoutError
 from broker.fanout import DELETE_BATCH_IDS, ShardPool
 from broker.idlocks import ImageIdLocks
 from broker.metrics import (
@@ -147,8 +151,11 @@ class Broker:
                 if exact:
                     if hits:
                         CACHE_LOOKUPS.labels("hit").inc()
-                        return self._cache_answer(
-                            hits, CacheOutcome.EXACT, t_start, decode_s, cache_s, 0.0, partial=partial
+                        # the rest of top_k from the index, around the duplicate's stored embedding: no Triton call
+                        stored = {m.entry.image_id: m.entry.embedding for m in exact}
+                        return await self._cache_answer(
+                            query, hits, stored[hits[0].image_id], CacheOutcome.EXACT, deadline,
+                            StageTimings(decode_hash_s=decode_s, cache_s=cache_s), t_start, partial=partial,
                         )
                     outcome = CacheOutcome.MISS  # every exact match was stale
                     CACHE_LOOKUPS.labels("miss").inc()
@@ -166,8 +173,10 @@ class Broker:
                 confirmed = [(m.entry, s) for s, m in scored if s >= self.near_min_similarity]
                 hits, partial = await self._current(query, confirmed, deadline) if confirmed else ((), False)
                 if hits:
-                    return self._cache_answer(
-                        hits, CacheOutcome.NEAR, t_start, decode_s, cache_s, embed_s, partial=partial
+                    return await self._cache_answer(
+                        query, hits, vector, CacheOutcome.NEAR, deadline,
+                        StageTimings(decode_hash_s=decode_s, cache_s=cache_s, embed_s=embed_s), t_start,
+                        partial=partial,
                     )
                 outcome = CacheOutcome.MISS
                 CACHE_LOOKUPS.labels("miss").inc()
@@ -269,7 +278,7 @@ class Broker:
         self, hashes: ImageHashes, categories: Sequence[str]
     ) -> tuple[CacheOutcome, list[CacheMatch], list[CacheMatch]]:
         try:
-            matches = await self.cache.lookup(hashes.phash, hashes.dhash)
+            matches = await self.cache.lookup(hashes.phash, hashes.dhash, hashes.colour)
         except CacheUnavailable as exc:
             log.debug("cache bypassed: %s", exc)
             CACHE_LOOKUPS.labels("error").inc()
@@ -287,21 +296,47 @@ class Broker:
         # counted once the embedding has confirmed it (near_hit) or not (miss)
         return CacheOutcome.MISS, [], near
 
-    def _cache_answer(
-        self, hits, outcome: CacheOutcome, t_start: float, decode_s: float, cache_s: float, embed_s: float,
-        *, partial: bool,
+    async def _cache_answer(
+        self, query: Query, duplicates: tuple[Hit, ...], vector: np.ndarray, outcome: CacheOutcome,
+        deadline: float, timings: StageTimings, t_start: float, *, partial: bool,
     ) -> SearchAnswer:
+        """The duplicates first, then, when they do not fill top_k, the index's nearest to `vector` (the query's
+        embedding, or an exact duplicate's stored one). A cache answer used to hold the duplicates alone: a search
+        for 10 similar products with a catalogue photo got 1. If the index cannot be searched, the duplicates
+        are answered alone, flagged partial."""
         if outcome is CacheOutcome.NEAR:
             CACHE_LOOKUPS.labels("near_hit").inc()
+        hits, shards, fanout_s, merge_s = duplicates, (), 0.0, 0.0
+        if len(duplicates) < query.top_k:
+            shard_query = SearchQuery(
+                vector=vector,
+                # the duplicates are among the index's nearest too, and are left out of its part
+                top_k=min(query.top_k + len(duplicates), self.max_top_k + 1),
+                categories=tuple(query.categories),
+                nprobe=query.nprobe,
+                exactness=query.exactness,
+                distinct_products=query.distinct_products,
+            )
+            try:
+                result = await self.pool.search(shard_query, timeout_s=max(0.0, deadline - time.monotonic()))
+            except (NoShardAvailableError, ShardTimeoutError) as exc:
+                log.debug("cache answer not completed from the index: %s", exc)
+                partial = True
+            else:
+                seen = {hit.image_id for hit in duplicates}
+                hits = _first(query, [*duplicates, *(hit for hit in result.hits if hit.image_id not in seen)])
+                partial = partial or result.partial
+                shards = tuple(ShardReport(shard=a.shard, address=a.address, outcome=a.outcome, message=a.message)
+                               for a in result.answers)
+                fanout_s, merge_s = result.fanout_s, result.merge_s
         if partial:
             PARTIAL_RESULTS.inc()
-        timings = StageTimings(
-            decode_hash_s=decode_s, cache_s=cache_s, embed_s=embed_s, total_s=time.perf_counter() - t_start
-        )
+        timings = dataclasses.replace(timings, fanout_s=fanout_s, merge_s=merge_s,
+                                      total_s=time.perf_counter() - t_start)
         self._observe(timings)
         SEARCHES.labels("cache", "image").inc()
         return SearchAnswer(
-            hits=hits, cache=outcome, from_duplicate_cache=True, partial=partial, timings=timings
+            hits=hits, cache=outcome, from_duplicate_cache=True, partial=partial, shards=shards, timings=timings
         )
 
     @staticmethod
@@ -368,6 +403,7 @@ class Broker:
                         category=item.category,
                         phash=hashes[i].phash,
                         dhash=hashes[i].dhash,
+                        colour=hashes[i].colour,
                         embedding=vectors[i],
                         attributes=dict(item.attributes),
                     )

@@ -13,9 +13,13 @@ import pytest
 from broker.cache import BAND_BITS, CacheEntry, CacheUnavailable, DuplicateCache, bands
 from broker.repair import CacheRepairQueue
 from broker.stack import free_port
+from embedder.hashing import COLOUR_MAX_DIFFERENCE
+
+# A colour signature (embedder.hashing.colour_signature: 8x8 cells of Cb, Cr); the lookups below ask with it.
+COLOUR = bytes(range(128))
 
 
-def _entry(image_id: str, phash: int, dhash: int, category: str = "Milk") -> CacheEntry:
+def _entry(image_id: str, phash: int, dhash: int, category: str = "Milk", colour: bytes = COLOUR) -> CacheEntry:
     v = np.random.default_rng(abs(hash(image_id)) % 2**32).standard_normal(512).astype(np.float32)
     return CacheEntry(
         image_id=image_id,
@@ -25,6 +29,7 @@ def _entry(image_id: str, phash: int, dhash: int, category: str = "Milk") -> Cac
         dhash=dhash,
         embedding=v / np.linalg.norm(v),
         attributes={"brand": "Arla", "price": 12.5},
+        colour=colour,
     )
 
 
@@ -58,28 +63,28 @@ async def test_exact_and_near_lookup(cache):
     for i in range(200):  # unrelated catalogue images
         await cache.upsert(_entry(f"x{i}", rng.getrandbits(64), rng.getrandbits(64)))
 
-    exact = await cache.lookup(base_p, base_d)
+    exact = await cache.lookup(base_p, base_d, COLOUR)
     assert [m.entry.image_id for m in exact] == ["a"] and exact[0].exact
     assert exact[0].entry.attributes == {"brand": "Arla", "price": 12.5}
     assert exact[0].entry.embedding.shape == (512,)
 
-    near = await cache.lookup(_flip(base_p, [0, 9, 20, 40, 63]), _flip(base_d, [3, 33]))
+    near = await cache.lookup(_flip(base_p, [0, 9, 20, 40, 63]), _flip(base_d, [3, 33]), COLOUR)
     assert [(m.entry.image_id, m.exact, m.phash_distance, m.dhash_distance) for m in near] == [
         ("a", False, 5, 2)
     ]
 
-    assert await cache.lookup(_flip(base_p, [0, 9, 20, 40, 50, 63]), base_d) == []  # pHash 6 bits away
-    assert await cache.lookup(base_p, _flip(base_d, [1, 2, 3, 4, 5, 6])) == []  # dHash 6 bits away
+    assert await cache.lookup(_flip(base_p, [0, 9, 20, 40, 50, 63]), base_d, COLOUR) == []  # pHash 6 bits away
+    assert await cache.lookup(base_p, _flip(base_d, [1, 2, 3, 4, 5, 6]), COLOUR) == []  # dHash 6 bits away
 
 
 async def test_reingest_replaces_and_delete_removes(cache):
     await cache.upsert(_entry("img", 0x1234, 0x5678))
     await cache.upsert(_entry("img", 0xFFFF0000FFFF0000, 0x5678, category="Juice"))
-    assert await cache.lookup(0x1234, 0x5678) == []  # the old hash no longer points at the image
-    [m] = await cache.lookup(0xFFFF0000FFFF0000, 0x5678)
+    assert await cache.lookup(0x1234, 0x5678, COLOUR) == []  # the old hash no longer points at the image
+    [m] = await cache.lookup(0xFFFF0000FFFF0000, 0x5678, COLOUR)
     assert m.entry.category == "Juice"
     assert await cache.delete("img")
-    assert await cache.lookup(0xFFFF0000FFFF0000, 0x5678) == []
+    assert await cache.lookup(0xFFFF0000FFFF0000, 0x5678, COLOUR) == []
     assert not await cache.delete("img")
 
 
@@ -91,9 +96,9 @@ async def test_delete_many_removes_entries_and_their_index_in_two_round_trips(ca
     doomed = [e.image_id for e in entries[:250]] + [f"unknown-{i}" for i in range(5000)] + ["m0"]
     assert await cache.delete_many(doomed) == 250
     for e in entries[:250:25]:
-        assert await cache.get(e.image_id) is None and await cache.lookup(e.phash, e.dhash) == []
+        assert await cache.get(e.image_id) is None and await cache.lookup(e.phash, e.dhash, COLOUR) == []
     for e in entries[250:]:
-        assert [m.entry.image_id for m in await cache.lookup(e.phash, e.dhash)] == [e.image_id]
+        assert [m.entry.image_id for m in await cache.lookup(e.phash, e.dhash, COLOUR)] == [e.image_id]
     assert await cache.delete_many(doomed) == 0 and await cache.delete_many([]) == 0
 
 
@@ -104,9 +109,9 @@ async def test_redis_down_is_bypassed_fast_and_repaired(redis_server):
         redis_server.stop()
         t0 = time.perf_counter()
         with pytest.raises(CacheUnavailable):
-            await cache.lookup(1, 2)
+            await cache.lookup(1, 2, COLOUR)
         with pytest.raises(CacheUnavailable):  # breaker open: no second timeout
-            await cache.lookup(1, 2)
+            await cache.lookup(1, 2, COLOUR)
         assert time.perf_counter() - t0 < 1.0
         with pytest.raises(CacheUnavailable):
             await cache.upsert(_entry("late", 42, 43))
@@ -121,7 +126,7 @@ async def test_redis_down_is_bypassed_fast_and_repaired(redis_server):
                 break
             await asyncio.sleep(0.1)
         assert len(repair) == 0
-        [m] = await cache.lookup(42, 43)
+        [m] = await cache.lookup(42, 43, COLOUR)
         assert m.entry.image_id == "late"
     finally:
         await repair.stop()
@@ -134,7 +139,26 @@ async def test_unreachable_redis_address_fails_within_timeout():
     cache = DuplicateCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.1)
     t0 = time.perf_counter()
     with pytest.raises(CacheUnavailable):
-        await cache.lookup(1, 2)
+        await cache.lookup(1, 2, COLOUR)
     assert time.perf_counter() - t0 < 0.5
     assert not await cache.ping()
     await cache.close()
+
+
+async def test_a_recoloured_copy_is_neither_an_exact_nor_a_near_match(cache):
+    """pHash and dHash see brightness only: a product photo recoloured for its colour variant (or a greyscale copy)
+    has the same hashes, and an exact hit returned the other colour's product at score 1.0 without an embedding."""
+    await cache.upsert(_entry("green", 0x1234, 0x5678))
+    other_colours = bytes((b + 40) % 256 for b in COLOUR)
+    assert await cache.lookup(0x1234, 0x5678, other_colours) == []
+    assert await cache.lookup(0x1234 ^ 1, 0x5678, other_colours) == []
+    slightly_off = bytes(b + (COLOUR_MAX_DIFFERENCE if i == 5 else 0) for i, b in enumerate(COLOUR))  # a re-encode
+    [match] = await cache.lookup(0x1234, 0x5678, slightly_off)
+    assert match.exact
+
+
+async def test_an_entry_without_colours_is_only_a_near_match(cache):
+    """Entries written before colour signatures existed cannot be vouched for: the embedding must confirm them."""
+    await cache.upsert(_entry("old", 0x1234, 0x5678, colour=b""))
+    [match] = await cache.lookup(0x1234, 0x5678, COLOUR)
+    assert not match.exact and match.phash_distance == 0

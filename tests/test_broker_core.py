@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 
 from broker.cache import CacheEntry, CacheMatch, CacheUnavailable
 from broker.core import Broker
+from broker.errors import NoShardAvailableError
 from broker.fanout import FanoutResult, ShardAnswer
 from broker.types import CacheOutcome, CatalogueItem, Query
 from embedder.errors import EmbedderOverloadedError, EmbedderUnavailableError
@@ -50,7 +51,7 @@ class StubCache:
         self.matches, self.error = list(matches), error
         self.lookups, self.upserts, self.deletes = 0, [], []
 
-    async def lookup(self, phash, dhash):
+    async def lookup(self, phash, dhash, colour=b""):
         self.lookups += 1
         if self.error:
             raise CacheUnavailable("down")
@@ -153,7 +154,60 @@ async def test_exact_match_answers_without_embedding_even_when_triton_is_down():
         Query(image=_png(), top_k=3), timeout_s=1
     )
     assert answer.from_duplicate_cache and answer.cache is CacheOutcome.EXACT
-    assert [h.image_id for h in answer.hits] == ["dup"] and embedder.calls == 0
+    assert [h.image_id for h in answer.hits] == ["dup", "from-index"] and embedder.calls == 0
+
+
+async def test_a_cache_answer_fills_top_k_from_the_index_around_the_duplicates_embedding():
+    """A cache answer held the duplicates alone: 10 similar products asked for with a catalogue photo, 1 given.
+    The rest now comes from the index, searched with the exact duplicate's stored embedding (no Triton call),
+    or with the query's embedding for a near one; the duplicate is not listed twice."""
+
+    class IndexWithTheDuplicate(StubPool):
+        def __init__(self):
+            super().__init__(_held("dup", "p-dup", "Milk", _unit(3)))
+
+        async def search(self, query, *, timeout_s):
+            self.queries.append(query)
+            hits = tuple(Hit(image_id=i, product_id=p, category="Milk", score=s)
+                         for i, p, s in (("dup", "p-dup", 0.99), ("other-1", "p1", 0.8), ("same-product", "p-dup", 0.7),
+                                         ("other-2", "p2", 0.6)))
+            return FanoutResult(hits=hits[: query.top_k], answers=(ShardAnswer(shard="s0", address="a", outcome="ok"),),
+                                fanout_s=0.001, merge_s=0)
+
+    embedder = StubEmbedder(None, EmbedderUnavailableError("down"))
+    pool = IndexWithTheDuplicate()
+    answer = await _broker(StubCache([_match(True, _unit(3))]), embedder, pool).search(
+        Query(image=_png(), top_k=3, categories=("Milk",), nprobe=7), timeout_s=1)
+    assert [h.image_id for h in answer.hits] == ["dup", "other-1", "same-product"] and embedder.calls == 0
+    assert answer.hits[0].score == 1.0 and answer.cache is CacheOutcome.EXACT and not answer.partial
+    [asked] = pool.queries
+    assert np.array_equal(asked.vector, _unit(3)) and asked.top_k == 4 and asked.categories == ("Milk",)
+    assert asked.nprobe == 7 and [s.shard for s in answer.shards] == ["s0"]
+
+    distinct = await _broker(StubCache([_match(True, _unit(3))]), embedder, IndexWithTheDuplicate()).search(
+        Query(image=_png(), top_k=3, distinct_products=True), timeout_s=1)
+    assert [h.image_id for h in distinct.hits] == ["dup", "other-1", "other-2"]
+
+    one = IndexWithTheDuplicate()
+    answer = await _broker(StubCache([_match(True, _unit(3))]), embedder, one).search(
+        Query(image=_png(), top_k=1), timeout_s=1)
+    assert [h.image_id for h in answer.hits] == ["dup"] and one.queries == []  # filled already: no index search
+
+    near_pool = IndexWithTheDuplicate()
+    answer = await _broker(StubCache([_match(False, _unit(3))]), StubEmbedder(_unit(3)), near_pool).search(
+        Query(image=_png(), top_k=2), timeout_s=1)
+    assert answer.cache is CacheOutcome.NEAR and [h.image_id for h in answer.hits] == ["dup", "other-1"]
+    assert np.array_equal(near_pool.queries[0].vector, _unit(3))
+
+
+async def test_a_cache_answer_the_index_cannot_complete_is_the_duplicates_alone_flagged_partial():
+    class NoShards(StubPool):
+        async def search(self, query, *, timeout_s):
+            raise NoShardAvailableError("every replica down")
+
+    answer = await _broker(StubCache([_match(True, _unit(0))]), StubEmbedder(_unit(0)), NoShards()).search(
+        Query(image=_png(), top_k=3), timeout_s=1)
+    assert [h.image_id for h in answer.hits] == ["dup"] and answer.partial and answer.from_duplicate_cache
 
 
 async def test_near_match_needs_embedding_confirmation():
@@ -227,7 +281,7 @@ async def test_a_cache_answer_without_an_entry_whose_shard_cannot_be_asked_is_pa
 
     cache = StubCache([entry("on-a", "Milk"), entry("on-b", "Juice")])
     pool = OneShardDown(held=_held("on-b", "p", "Juice", _unit(0)))
-    answer = await _broker(cache, StubEmbedder(_unit(0)), pool).search(Query(image=_png(), top_k=3), timeout_s=1)
+    answer = await _broker(cache, StubEmbedder(_unit(0)), pool).search(Query(image=_png(), top_k=1), timeout_s=1)
     assert answer.from_duplicate_cache and answer.partial and [h.image_id for h in answer.hits] == ["on-b"]
 
 

@@ -229,6 +229,36 @@ def _edited(data: bytes, edit: str) -> bytes:
     return out.getvalue()
 
 
+def _recoloured(data: bytes) -> bytes:
+    """The photo with its two chroma channels swapped (blue and red tones trade places): the same luminance, so
+    the same pHash and dHash, as a product's colour variant photographed once and recoloured would have."""
+    y, cb, cr = Image.open(io.BytesIO(data)).convert("YCbCr").split()
+    out = io.BytesIO()
+    Image.merge("YCbCr", (y, cr, cb)).convert("RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_a_colour_variant_with_the_same_hashes_is_not_answered_for_the_original(client, catalogue):
+    """An exact hash hit scored every duplicate 1.0 without an embedding and ordered them by image id, so a
+    search with the original photo answered its recoloured variant (another product) first, at 1.0."""
+    item = catalogue["gallery"][3]
+    data = item.path.read_bytes()
+    variant = _recoloured(data)
+    assert hashes_of_bytes(variant).distance(hashes_of_bytes(data)) == (0, 0)
+    ci = CatalogueItem(image_id="0-colour-variant", product_id="variant-product", category=item.category,
+                       image=variant, attributes=item.attributes)
+    assert client.ingest(ci).ingested == 1
+    try:
+        original = client.search(image=data, top_k=3)
+        assert original.hits[0].image_id == item.image_id and original.cache is CacheOutcome.EXACT
+        assert all(h.score < 1.0 for h in original.hits if h.image_id == ci.image_id)
+        recoloured = client.search(image=variant, top_k=3)
+        assert recoloured.hits[0].image_id == ci.image_id and recoloured.cache is CacheOutcome.EXACT
+        assert all(h.score < 1.0 for h in recoloured.hits if h.image_id == item.image_id)
+    finally:
+        assert client.delete([ci.image_id]) == 1
+
+
 def test_near_duplicate_is_confirmed_by_embedding(client, catalogue):
     """An edit moving the hashes by 1-5 bits is found through the band index and confirmed by embedding."""
     tried = []
@@ -377,8 +407,11 @@ def test_distinct_products_over_both_shards_and_from_the_cache(client, catalogue
         plain = client.search(image=data, top_k=5)
         distinct = client.search(image=data, top_k=5, distinct_products=True)
         assert plain.cache is distinct.cache is CacheOutcome.EXACT
-        assert {h.image_id for h in plain.hits} == {item.image_id, "second-copy"}
-        assert len(distinct.hits) == 1 and distinct.hits[0].product_id == item.product_id
+        # the two duplicates first, then the rest of top_k from the index
+        assert {h.image_id for h in plain.hits[:2]} == {item.image_id, "second-copy"} and len(plain.hits) == 5
+        assert [h.score for h in plain.hits[:2]] == [1.0, 1.0] and plain.hits[2].score < 1.0
+        assert distinct.hits[0].product_id == item.product_id
+        assert len({h.product_id for h in distinct.hits}) == len(distinct.hits) == min(5, len(products))
     finally:
         assert client.delete(["second-copy"]) == 1
 

@@ -175,3 +175,23 @@ def test_exif_that_cannot_be_rewritten_is_hashed_not_a_crash(extra):
     Image.new("RGB", (40, 20), (10, 200, 30)).save(buffer, format="JPEG", exif=_exif_with_orientation_6_and(extra))
     hashes = hashes_of_bytes(buffer.getvalue())
     assert hashes == image_hashes(decode_image(buffer.getvalue()))
+
+
+def test_colours_tell_a_recoloured_copy_from_a_re_encoded_one():
+    """pHash and dHash see brightness only: a greyscale or channel-swapped copy hashes like the original. The
+    colour signature keeps re-encodes and resizes together (measured: <= 11 apart on 231 grocery photos) and
+    such copies apart (the thresholds' measurement is in embedder.hashing)."""
+    from embedder.hashing import same_colours
+
+    photo = Image.open(ODD / "imagededup" / "base_images" / "ukbench00120.jpg").convert("RGB")
+    original = hashes_of_bytes(_jpeg(photo, 95))
+    assert len(original.colour) == 128
+    for copy in (_jpeg(photo, 60), _jpeg(photo.resize((320, 240)), 80)):
+        assert same_colours(original.colour, hashes_of_bytes(copy).colour)
+    y, cb, cr = photo.convert("YCbCr").split()
+    swapped = Image.merge("YCbCr", (y, cr, cb)).convert("RGB")  # blue and red tones trade places
+    for recoloured in (photo.convert("L").convert("RGB"), swapped):
+        copy = hashes_of_bytes(_jpeg(recoloured, 95))
+        assert max(original.distance(copy)) <= NEAR_BITS  # the hashes cannot tell them apart
+        assert not same_colours(original.colour, copy.colour)
+    assert not same_colours(b"", original.colour) and not same_colours(original.colour, b"")
