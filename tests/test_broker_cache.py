@@ -162,3 +162,17 @@ async def test_an_entry_without_colours_is_only_a_near_match(cache):
     await cache.upsert(_entry("old", 0x1234, 0x5678, colour=b""))
     [match] = await cache.lookup(0x1234, 0x5678, COLOUR)
     assert not match.exact and match.phash_distance == 0
+
+
+async def test_a_match_among_thousands_of_band_sharing_candidates_is_found(cache):
+    """Candidates were cut at 512 (by id) before any distance check, so in a big catalogue (4,400 candidates a
+    lookup at a million images) a true match past the 512th was never seen; and every candidate's whole entry
+    (2 KB embedding included) was read."""
+    base_p, base_d = 0x0123456789ABCDEF, 0x0F0F0F0F0F0F0F0F
+    rng = random.Random(3)
+    for i in range(3000):  # the same first band as the query, far from it on the other bits
+        far = (base_p & ~((1 << 53) - 1)) | (rng.getrandbits(53))
+        await cache.upsert(_entry(f"a-{i:05d}", far, rng.getrandbits(64)))
+    await cache.upsert(_entry("z-the-match", _flip(base_p, [1, 2]), base_d))
+    [match] = await cache.lookup(base_p, base_d, COLOUR)
+    assert match.entry.image_id == "z-the-match" and match.phash_distance == 2
