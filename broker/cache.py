@@ -3,7 +3,10 @@
 Layout (all keys under a prefix, default ``imgsearch:``):
 
 - ``img:{image_id}``: hash with the entry (pHash, dHash, colour signature, product id, category, attributes as
-  JSON, embedding as raw float32 bytes, kept to confirm near matches without a shard call).
+  JSON, embedding as raw float32 bytes, kept to confirm near matches without a shard call), the write's version
+  and the hash-index keys that list it. Upserts and deletes are Lua scripts: one step each, so concurrent writes
+  of an id (two brokers, the repair loop) leave exactly the last entry's index behind, and an older version never
+  replaces a newer entry.
 - ``ph:{phash:016x}``: set of image ids with exactly this 64-bit pHash.
 - ``band:{i}:{value:x}``: set of image ids whose pHash has this value in band i (multi-index hashing).
 
@@ -39,7 +42,68 @@ MAX_CANDIDATES = 50_000
 # Cap on matches within the radius whose whole entries (2 KB embedding included) a lookup reads, nearest first.
 MAX_MATCHES = 256
 
-_FIELDS = ("phash", "dhash", "product_id", "category", "attributes", "embedding", "colour")
+_FIELDS = ("phash", "dhash", "product_id", "category", "attributes", "embedding", "colour", "version")
+# Versions are stored as 20 decimal digits, so that Lua compares them as strings (its numbers are doubles, exact
+# only to 2^53; versions are nanoseconds, ~2^60).
+_VERSION_DIGITS = 20
+
+# An upsert in one step, so that concurrent writes of one id (two brokers, the repair loop) cannot each remove
+# only the hash-index memberships they read and leave the others behind, and an older write (a lower version)
+# never replaces a newer entry. Each entry lists its own index keys (``index_keys``); for an entry written before
+# that, the caller passes the keys of the hash it read. KEYS[1]: the entry; ARGV: image id, version, the new
+# index keys (count, keys), the fallback old keys (count, keys), then the entry's fields and values.
+# (Index keys not in KEYS: fine on one Redis; a Redis Cluster would need them in one hash slot.)
+_UPSERT_SCRIPT = """
+local key, id, version = KEYS[1], ARGV[1], ARGV[2]
+local stored = redis.call('HMGET', key, 'version', 'index_keys', 'phash')
+if stored[1] and stored[1] > version then return 0 end
+local i = 3
+local new_keys = {}
+for j = 1, tonumber(ARGV[i]) do new_keys[j] = ARGV[i + j] end
+i = i + #new_keys + 1
+local fallback = {}
+for j = 1, tonumber(ARGV[i]) do fallback[j] = ARGV[i + j] end
+i = i + #fallback + 1
+if stored[2] then
+  for k in string.gmatch(stored[2], '%S+') do redis.call('SREM', k, id) end
+elseif stored[3] then
+  for _, k in ipairs(fallback) do redis.call('SREM', k, id) end
+end
+redis.call('DEL', key)
+redis.call('HSET', key, unpack(ARGV, i))
+for _, k in ipairs(new_keys) do redis.call('SADD', k, id) end
+return 1
+"""
+
+# Deletes in one step: KEYS are entries; ARGV[1] = 1 to delete only entries still as expected (ARGV[2..]: their
+# phash, dhash and version, three per key: a stale entry found by a search, which a re-ingest may have replaced
+# meanwhile), else 0 (ARGV[2..]: the image ids). Entries without index_keys (older brokers) are deleted and their
+# phash returned, for the caller to unindex. Returns {entries deleted, then image id, phash pairs}.
+_DELETE_SCRIPT = """
+local result = {0}
+local expect = ARGV[1] == '1'
+for n, key in ipairs(KEYS) do
+  local stored = redis.call('HMGET', key, 'index_keys', 'phash', 'dhash', 'version')
+  local id = ARGV[n + 1]
+  local go = stored[2] ~= false
+  if expect then
+    id = ARGV[4 * n - 2]
+    go = go and stored[2] == ARGV[4 * n - 1] and stored[3] == ARGV[4 * n]
+      and (stored[4] or '00000000000000000000') == ARGV[4 * n + 1]
+  end
+  if go then
+    if stored[1] then
+      for k in string.gmatch(stored[1], '%S+') do redis.call('SREM', k, id) end
+    else
+      table.insert(result, id)
+      table.insert(result, stored[2])
+    end
+    redis.call('DEL', key)
+    result[1] = result[1] + 1
+  end
+end
+return result
+"""
 
 
 class CacheUnavailable(Exception):
@@ -69,6 +133,7 @@ class CacheEntry:
     embedding: np.ndarray  # float32 (dim,), unit norm
     attributes: Mapping[str, str | float | bool] = field(default_factory=dict)
     colour: bytes = b""  # embedder.hashing.colour_signature; empty in entries written before it existed
+    version: int = 0  # the ingest's write version (broker.versions); 0 in entries written before versions
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +172,8 @@ class DuplicateCache:
         self._phash_radius = phash_radius
         self._dhash_radius = dhash_radius
         self._down_until = 0.0
+        self._upsert = self._redis.register_script(_UPSERT_SCRIPT)
+        self._delete_script = self._redis.register_script(_DELETE_SCRIPT)
 
     # -- keys --
     def _img(self, image_id: str) -> str:
@@ -189,53 +256,63 @@ class DuplicateCache:
         row = await self._call(self._redis.hmget(self._img(image_id), *_FIELDS))
         return None if row[0] is None else _entry_from_row(image_id, row)
 
-    async def upsert(self, entry: CacheEntry) -> None:
-        """Add or replace the entry of an image id (its old hash-index memberships are removed)."""
+    def _index_keys(self, phash: int) -> list[str]:
+        return [self._ph(phash), *(self._band(i, value) for i, value in enumerate(bands(phash)))]
+
+    async def upsert(self, entry: CacheEntry) -> bool:
+        """Add or replace the entry of an image id, in one step (its old hash-index memberships are removed).
+        False when the stored entry has a higher version (a later ingest of the id got there first)."""
+        new_keys = self._index_keys(entry.phash)
+        # Only entries of older brokers lack their index keys: the keys of the hash read now stand in for them.
         old = await self._call(self._redis.hget(self._img(entry.image_id), "phash"), self._write_timeout_s)
-        pipe = self._redis.pipeline(transaction=True)
-        if old is not None:
-            self._unindex(pipe, entry.image_id, int(old, 16))
-        pipe.delete(self._img(entry.image_id))
-        pipe.hset(
-            self._img(entry.image_id),
-            mapping={
-                "phash": f"{entry.phash:016x}",
-                "dhash": f"{entry.dhash:016x}",
-                "product_id": entry.product_id,
-                "category": entry.category,
-                "attributes": json.dumps(dict(entry.attributes), sort_keys=True),
-                "embedding": np.asarray(entry.embedding, dtype="<f4").tobytes(),
-                "colour": entry.colour,
-            },
-        )
-        pipe.sadd(self._ph(entry.phash), entry.image_id)
-        for i, value in enumerate(bands(entry.phash)):
-            pipe.sadd(self._band(i, value), entry.image_id)
-        await self._call(pipe.execute(), self._write_timeout_s)
+        fallback = self._index_keys(int(old, 16)) if old is not None else []
+        fields = {
+            "phash": f"{entry.phash:016x}",
+            "dhash": f"{entry.dhash:016x}",
+            "product_id": entry.product_id,
+            "category": entry.category,
+            "attributes": json.dumps(dict(entry.attributes), sort_keys=True),
+            "embedding": np.asarray(entry.embedding, dtype="<f4").tobytes(),
+            "colour": entry.colour,
+            "version": _version(entry.version),
+            "index_keys": " ".join(new_keys),
+        }
+        args = [entry.image_id, _version(entry.version), len(new_keys), *new_keys, len(fallback), *fallback,
+                *(x for pair in fields.items() for x in pair)]
+        written = await self._call(self._upsert(keys=[self._img(entry.image_id)], args=args), self._write_timeout_s)
+        return bool(written)
 
     async def delete(self, image_id: str) -> bool:
         return await self.delete_many([image_id]) == 1
 
     async def delete_many(self, image_ids: Sequence[str]) -> int:
-        """Remove the entries of these image ids in two round trips (read their hashes, then unindex and
-        delete in one transaction), not two per id: a bulk delete must not open a connection per id."""
+        """Remove the entries of these image ids, in one step and one round trip (not two per id: a bulk delete
+        must not open a connection per id)."""
         ids = list(dict.fromkeys(image_ids))
         if not ids:
             return 0
-        read = self._redis.pipeline(transaction=False)
-        for image_id in ids:
-            read.hget(self._img(image_id), "phash")
-        old_hashes = await self._call(read.execute(), self._write_timeout_s)
-        write = self._redis.pipeline(transaction=True)
-        found = 0
-        for image_id, old in zip(ids, old_hashes):
-            if old is not None:
-                self._unindex(write, image_id, int(old, 16))
-                write.delete(self._img(image_id))
-                found += 1
-        if found:
-            await self._call(write.execute(), self._write_timeout_s)
-        return found
+        return await self._delete([self._img(i) for i in ids], ["0", *ids])
+
+    async def delete_stale(self, entries: Sequence[CacheEntry]) -> int:
+        """Remove these entries only where Redis still holds them as they are (same hashes and version): an entry
+        found stale by a search may have been replaced by a re-ingest since, whose entry must stay."""
+        entries = list({e.image_id: e for e in entries}.values())
+        if not entries:
+            return 0
+        args = ["1"]
+        for e in entries:
+            args += [e.image_id, f"{e.phash:016x}", f"{e.dhash:016x}", _version(e.version)]
+        return await self._delete([self._img(e.image_id) for e in entries], args)
+
+    async def _delete(self, keys: list[str], args: list[str]) -> int:
+        result = await self._call(self._delete_script(keys=keys, args=args), self._write_timeout_s)
+        legacy = result[1:]
+        if legacy:  # entries of older brokers, without their index keys: unindexed from their hash
+            pipe = self._redis.pipeline(transaction=True)
+            for image_id, phash in zip(legacy[::2], legacy[1::2]):
+                self._unindex(pipe, image_id.decode(), int(phash, 16))
+            await self._call(pipe.execute(), self._write_timeout_s)
+        return int(result[0])
 
     def _unindex(self, pipe, image_id: str, phash: int) -> None:
         pipe.srem(self._ph(phash), image_id)
@@ -247,7 +324,7 @@ class DuplicateCache:
 
 
 def _entry_from_row(image_id: str, row) -> CacheEntry:
-    phash, dhash, product_id, category, attributes, embedding, colour = row
+    phash, dhash, product_id, category, attributes, embedding, colour, version = row
     return CacheEntry(
         image_id=image_id,
         product_id=product_id.decode(),
@@ -257,4 +334,9 @@ def _entry_from_row(image_id: str, row) -> CacheEntry:
         attributes=json.loads(attributes),
         embedding=np.frombuffer(embedding, dtype="<f4").astype(np.float32),
         colour=colour or b"",
+        version=int(version) if version else 0,
     )
+
+
+def _version(version: int) -> str:
+    return f"{version:0{_VERSION_DIGITS}d}"

@@ -270,8 +270,9 @@ class Broker:
             # Straight to Redis, not through _write_cache: a success there would also discard a pending repair
             # of the same id (the new entry of a re-ingest whose cache write failed). A failure only leaves the
             # entry to be found stale again.
+            # Only if still the entry found stale: a re-ingest may have written the id's new entry meanwhile.
             with contextlib.suppress(CacheUnavailable):
-                await self.cache.delete_many(list(dict.fromkeys(stale)))
+                await self.cache.delete_stale([entry for entry, _ in matches if entry.image_id in stale])
         return _first(query, current), any(entry.image_id in unasked for entry, _ in matches)
 
     async def _lookup(
@@ -387,11 +388,11 @@ class Broker:
                 for i, item in enumerate(items)
             ]
             await self.pool.upsert(records, timeout_s=max(0.0, deadline - time.monotonic()))
-            pending = await self._cache_ingested(items, hashes, vectors)
+            pending = await self._cache_ingested(items, hashes, vectors, version)
         return IngestSummary(ingested=acknowledged, cache_pending=pending)
 
     async def _cache_ingested(self, items: Sequence[CatalogueItem], hashes: dict[int, ImageHashes],
-                              vectors: dict[int, np.ndarray]) -> int:
+                              vectors: dict[int, np.ndarray], version: int) -> int:
         pending = 0
         if self.cache is not None:
             writes = [
@@ -406,6 +407,7 @@ class Broker:
                         colour=hashes[i].colour,
                         embedding=vectors[i],
                         attributes=dict(item.attributes),
+                        version=version,
                     )
                     if i in hashes
                     else None,

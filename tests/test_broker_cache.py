@@ -4,6 +4,7 @@ repair after an outage, and a fast bypass while Redis is down."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 
@@ -176,3 +177,70 @@ async def test_a_match_among_thousands_of_band_sharing_candidates_is_found(cache
     await cache.upsert(_entry("z-the-match", _flip(base_p, [1, 2]), base_d))
     [match] = await cache.lookup(base_p, base_d, COLOUR)
     assert match.entry.image_id == "z-the-match" and match.phash_distance == 2
+
+
+async def _memberships(cache: DuplicateCache, image_id: str) -> set[str]:
+    """The hash-index sets (ph:, band:) that list an image id."""
+    found = set()
+    async for key in cache._redis.scan_iter(match=f"{cache._prefix}*", count=10_000):
+        name = key.decode()[len(cache._prefix):]
+        if name.startswith(("ph:", "band:")) and await cache._redis.sismember(key, image_id):
+            found.add(name)
+    return found
+
+
+async def test_concurrent_writes_of_one_id_leave_only_the_last_entrys_index(cache, redis_server):
+    """Upserts read the old hash and rewrote in two steps, so two brokers writing one id at once each unindexed
+    only the hash they had read: the id stayed listed under hashes it no longer had, and a delete left those
+    memberships for good (review: 2-3 of 20 ids per run)."""
+    other = DuplicateCache(redis_server.url, timeout_s=0.5, prefix=cache._prefix)  # a second broker
+    try:
+        rng = random.Random(5)
+        for _ in range(5):
+            writes = [_entry("raced", rng.getrandbits(64), rng.getrandbits(64)) for _ in range(12)]
+            await asyncio.gather(*(c.upsert(e) for c, e in zip([cache, other] * 6, writes)))
+            kept = await cache.get("raced")
+            assert await _memberships(cache, "raced") == {
+                f"ph:{kept.phash:016x}", *(f"band:{i}:{v:x}" for i, v in enumerate(bands(kept.phash)))}
+        assert await other.delete("raced")
+        assert await _memberships(cache, "raced") == set()
+    finally:
+        await other.close()
+
+
+async def test_an_older_write_does_not_replace_a_newer_entry(cache):
+    newer = dataclasses.replace(_entry("v", 0x1111, 0x2222), version=2_000_000_000_000_000_002)
+    older = dataclasses.replace(_entry("v", 0x3333, 0x4444), version=2_000_000_000_000_000_001)
+    assert await cache.upsert(newer) and not await cache.upsert(older)
+    assert (await cache.get("v")).phash == 0x1111 and await cache.lookup(0x3333, 0x4444, COLOUR) == []
+
+
+async def test_a_stale_entry_is_removed_only_if_not_replaced_since(cache):
+    """A search that found an entry stale removed the id's entry unconditionally: a re-ingest's new entry, written
+    between the search's shard check and the removal, was lost (review)."""
+    found = dataclasses.replace(_entry("s", 0x1111, 0x2222), version=1)
+    await cache.upsert(found)
+    replaced = dataclasses.replace(_entry("s", 0x5555, 0x6666), version=2)
+    await cache.upsert(replaced)
+    assert await cache.delete_stale([found]) == 0
+    assert (await cache.get("s")).phash == 0x5555
+    assert await cache.delete_stale([replaced]) == 1 and await cache.get("s") is None
+
+
+async def test_entries_of_an_older_broker_are_replaced_and_deleted_cleanly(cache):
+    """Entries written before entries listed their own index keys (and versions)."""
+    async def legacy(image_id: str, phash: int) -> None:
+        fields = {"phash": f"{phash:016x}", "dhash": f"{0x77:016x}", "product_id": "p", "category": "Milk",
+                  "attributes": "{}", "embedding": np.zeros(512, "<f4").tobytes()}
+        await cache._redis.hset(cache._img(image_id), mapping=fields)
+        for key in cache._index_keys(phash):
+            await cache._redis.sadd(key, image_id)
+
+    await legacy("old-1", 0xAAAA)
+    assert (await cache.get("old-1")).version == 0
+    await cache.upsert(_entry("old-1", 0xBBBB, 0x77))
+    assert await _memberships(cache, "old-1") == {f"ph:{0xBBBB:016x}", *(
+        f"band:{i}:{v:x}" for i, v in enumerate(bands(0xBBBB)))}
+    await legacy("old-2", 0xCCCC)
+    assert await cache.delete_many(["old-2", "never-there"]) == 1
+    assert await _memberships(cache, "old-2") == set()

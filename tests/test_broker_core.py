@@ -73,6 +73,9 @@ class StubCache:
         self.deletes.extend(image_ids)
         return len(image_ids)
 
+    async def delete_stale(self, entries):
+        return await self.delete_many([entry.image_id for entry in entries])
+
 
 class StubPool:
     """Holds the catalogue image that `_match` caches ("dup", product "p-dup", Milk, embedding _unit(0)) unless
