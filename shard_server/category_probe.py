@@ -10,6 +10,7 @@ fine ones (a leaf category, a brand) in a filterable attribute instead.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -38,7 +39,10 @@ def percentiles_ms(engine: ShardEngine, queries: np.ndarray, categories: tuple[s
 
 
 def main(argv: list[str]) -> int:
-    counts = tuple(int(a) for a in argv) or DEFAULT_COUNTS
+    parser = argparse.ArgumentParser(prog="python -m shard_server.category_probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("categories", type=int, nargs="*", help=f"category counts (default {DEFAULT_COUNTS})")
+    counts = tuple(parser.parse_args(argv).categories) or DEFAULT_COUNTS
     limit_numpy_blas_threads(1)
     catalogue = synthetic.SyntheticCatalogue(dim=512, clusters=200, seed=3)
     queries = catalogue.queries(QUERIES)

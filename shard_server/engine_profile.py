@@ -8,6 +8,7 @@ the re-rank of 800 candidates (cache-hot rows) and a cProfile of the search path
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import pstats
 import sys
@@ -26,8 +27,11 @@ from shard_server.types import SearchQuery
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    dtype = args[0] if args else "float32"
+    parser = argparse.ArgumentParser(prog="python -m shard_server.engine_profile", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dtype", nargs="?", choices=("float32", "float16"), default="float32",
+                        help="the exact vectors' type (default float32)")
+    dtype = parser.parse_args(sys.argv[1:] if argv is None else argv).dtype
     limit_numpy_blas_threads(1)
     faiss.omp_set_num_threads(1)
     n = 200_000

@@ -6,12 +6,16 @@ With ~100 vectors per cluster, a 10 % filter leaves Binomial(100, 0.1) matching 
 for about a third of the queries; the rest of their filtered top-10 is the best of ~90k matching
 points of other clusters, scattered over the IVF lists (docs/benchmarks.md, "1M vectors")."""
 
+import argparse
+
 import numpy as np
 
 from shard_server.compare import ground_truth, synthetic_data
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(prog="python -m shard_server.filter_ties", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     data = synthetic_data(n=1_000_000, dim=512, n_queries=200, seed=0)
     q = data.queries[:100]
     for s in (0.5, 0.1, 0.01):

@@ -9,6 +9,7 @@ force. Half a minute for the default sizes on 2 cores.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -41,7 +42,10 @@ def measure(partition: Partition, queries: np.ndarray, truth: np.ndarray, nprobe
 
 
 def main(argv: list[str] | None = None) -> int:
-    sizes = [int(a) for a in (sys.argv[1:] if argv is None else argv)] or list(DEFAULT_SIZES)
+    parser = argparse.ArgumentParser(prog="python -m shard_server.small_partition", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("rows", type=int, nargs="*", help=f"partition sizes (default {list(DEFAULT_SIZES)})")
+    sizes = parser.parse_args(sys.argv[1:] if argv is None else argv).rows or list(DEFAULT_SIZES)
     limit_numpy_blas_threads(1)
     faiss.omp_set_num_threads(1)
     catalogue = synthetic.SyntheticCatalogue(dim=512, clusters=CATALOGUE_ROWS // 100, seed=0)
