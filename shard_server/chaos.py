@@ -6,7 +6,7 @@ acknowledged write present as written, every acknowledged delete absent, no imag
     python -m shard_server.chaos [--rounds 12] [--seed 1] [--versioned] [--modes snapshot,random,trained,term]
 
 `--versioned` gives every write and delete a version (the broker's way, VectorRecord.version); without it the
-writes are unversioned, as direct shard tools send them. Exit status 1 on any violation. About a minute a round.
+writes are unversioned, as direct shard tools send them. Exit status 1 on any violation. A few seconds a round on 2 cores.
 (Written by a review of the shard's durability; used to check the write versions of 2026-12-04.)
 """
 import argparse
