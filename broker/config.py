@@ -22,6 +22,9 @@ class BrokerConfig:
     triton_model: str = "imgsearch"
     # None: no duplicate cache at all (every search goes to the index).
     redis_url: str | None = None
+    # Where the removal journal (broker/hint_journal.py) is kept; None: in redis_url's Redis. The journal is state,
+    # not a cache: give it a Redis that neither evicts nor forgets (deploy/base/redis-journal: noeviction, AOF).
+    journal_redis_url: str | None = None
     # Redis is an optimisation: it gets a short leash, and the search goes on without it.
     redis_timeout_s: float = 0.05
     # After a Redis failure the cache is bypassed for this long instead of paying the timeout on every call.
@@ -61,6 +64,8 @@ class BrokerConfig:
     shard_tls_cert_file: Path | None = None
     shard_tls_key_file: Path | None = None
     health_check_interval_s: float = 1.0
+    # While serving, how often the shards' reachability is checked again (imgsearch_broker_shards_unreachable).
+    shard_health_interval_s: float = 5.0
     # At start, health waits this long at most for Triton and every shard; then one reachable shard will do
     # (broker.server._serve_when_ready).
     ready_wait_s: float = 30.0
@@ -69,6 +74,11 @@ class BrokerConfig:
     shard_calls_in_flight: int = 1
     # At most this many searches per SearchBatch call (the shards accept up to their max_batch_searches, 256).
     shard_batch_max_searches: int = 64
+
+    @property
+    def removal_journal_url(self) -> str | None:
+        """The Redis of the removal journal: journal_redis_url, else the cache's; None: no journal."""
+        return self.journal_redis_url or self.redis_url
 
     @classmethod
     def from_env(cls, argv: list[str] | None = None) -> BrokerConfig:
@@ -93,6 +103,12 @@ class BrokerConfig:
             "--redis-url",
             default=env("REDIS_URL") or None,
             help="redis://host:port/db for the duplicate cache; unset: no cache",
+        )
+        p.add_argument(
+            "--journal-redis-url",
+            default=env("IMGSEARCH_JOURNAL_REDIS_URL") or None,
+            help="redis://host:port/db for the journal of pending stale-copy removals (state: a Redis without "
+            "eviction, with persistence); unset: the --redis-url Redis",
         )
         p.add_argument(
             "--redis-timeout-s", type=float, default=float(env("IMGSEARCH_REDIS_TIMEOUT_S", "0.05"))
@@ -152,9 +168,11 @@ class BrokerConfig:
         p.add_argument("--tls-key-file", default=env("IMGSEARCH_TLS_KEY_FILE"))
         p.add_argument("--tls-client-ca-file", default=env("IMGSEARCH_TLS_CLIENT_CA_FILE"))
         p.add_argument("--shard-tls-ca-file", default=env("IMGSEARCH_SHARD_TLS_CA_FILE"))
-        p.add_argument("--shard-tls-cert-file", default=env("IMGSEARCH_SHARD_TLS_CERT_FILE"),
+        # IMGSEARCH_BROKER_*, not IMGSEARCH_SHARD_TLS_CERT_FILE: that is the shards' own server certificate
+        # (ShardConfig reads IMGSEARCH_SHARD_*), and `imgsearch up` hands one environment to every process.
+        p.add_argument("--shard-tls-cert-file", default=env("IMGSEARCH_BROKER_SHARD_TLS_CERT_FILE"),
                        help="client certificate for shards that require mutual TLS")
-        p.add_argument("--shard-tls-key-file", default=env("IMGSEARCH_SHARD_TLS_KEY_FILE"))
+        p.add_argument("--shard-tls-key-file", default=env("IMGSEARCH_BROKER_SHARD_TLS_KEY_FILE"))
         p.add_argument(
             "--ready-wait-s", type=float, default=float(env("IMGSEARCH_READY_WAIT_S", str(cls.ready_wait_s))),
             help="at start, wait this long at most for Triton and every shard before serving with one shard",
@@ -196,6 +214,7 @@ class BrokerConfig:
             triton_url=a.triton_url,
             triton_model=a.triton_model,
             redis_url=a.redis_url,
+            journal_redis_url=a.journal_redis_url,
             redis_timeout_s=a.redis_timeout_s,
             search_timeout_s=a.search_timeout_s,
             ingest_timeout_s=a.ingest_timeout_s,

@@ -227,6 +227,22 @@ def test_half_a_tls_setting_refuses_to_start_instead_of_serving_plaintext(argv, 
     assert "tls" in capsys.readouterr().err.lower()
 
 
+def test_the_brokers_shard_client_certificate_is_not_read_by_the_shards(monkeypatch, tmp_path):
+    """The broker read its client certificate for the shards from IMGSEARCH_SHARD_TLS_CERT_FILE/_KEY_FILE, the
+    names a shard reads its own server certificate from: `imgsearch up` hands one environment to every process, so
+    the shards served TLS with the broker's client certificate (from a docs audit)."""
+    from shard_server.config import ShardConfig
+
+    env = {"IMGSEARCH_SHARD_TLS_CA_FILE": "ca.pem", "IMGSEARCH_BROKER_SHARD_TLS_CERT_FILE": "client.pem",
+           "IMGSEARCH_BROKER_SHARD_TLS_KEY_FILE": "client.key"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    broker = BrokerConfig.from_env(["--shard-map", '{"shards": {"s0": ["127.0.0.1:1"]}}'])
+    assert (str(broker.shard_tls_cert_file), str(broker.shard_tls_key_file)) == ("client.pem", "client.key")
+    shard = ShardConfig.from_env(["--data-dir", str(tmp_path)], env=env)
+    assert shard.tls_cert_file is None and shard.tls_key_file is None
+
+
 @pytest.mark.parametrize("argv", [["--tls-cert-file", "cert.pem"], ["--tls-client-ca-file", "ca.pem"]])
 def test_a_shard_with_half_a_tls_setting_refuses_to_start(argv, tmp_path, capsys):
     from shard_server.config import ShardConfig
