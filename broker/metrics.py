@@ -78,6 +78,11 @@ EMBED_REFUSED = Counter(
     "shedding: the caller gets RESOURCE_EXHAUSTED), by the work refused: search or ingest.",
     ["work"],
 )
+SHARDS_UNREACHABLE = Gauge(
+    "imgsearch_broker_shards_unreachable",
+    "Shards of the shard map none of whose replicas answers its health check, as this broker last checked "
+    "(at start-up, then every few seconds while it serves): their categories' searches are partial.",
+)
 
 for _stage in STAGES:
     STAGE_SECONDS.labels(_stage)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from broker import metrics
 from broker.cache import DuplicateCache
 from broker.config import BrokerConfig
 from broker.core import Broker
@@ -59,8 +60,10 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
     """Start the server; health turns SERVING once Triton is ready and every shard has a reachable replica (or
     after `config.ready_wait_s`, once one shard has)."""
     embedder = embedder or _default_embedder(config)
-    # Stale-copy removals a down replica missed are kept in Redis too, beyond this broker's life.
-    journal = HintJournal(config.redis_url, backoff_s=config.redis_backoff_s) if config.redis_url else None
+    # Stale-copy removals a down replica missed are kept in Redis too, beyond this broker's life: in their own
+    # Redis when one is configured (the cache's evicts under memory pressure), else in the cache's.
+    journal_url = config.removal_journal_url
+    journal = HintJournal(journal_url, backoff_s=config.redis_backoff_s) if journal_url else None
     pool = ShardPool(
         config.shard_map,
         tls_ca_file=config.shard_tls_ca_file,
@@ -112,14 +115,34 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
         return [SERVICE_NAME]
 
     service = await start_grpc_service(config.server, register, component="broker")
-    gate = asyncio.create_task(_serve_when_ready(service, broker, config.health_check_interval_s,
-                                                 config.ready_wait_s))
+    gate = asyncio.create_task(_serve_and_watch_shards(service, broker, config))
 
     async def cancel_gate():
         gate.cancel()
 
     hooks.append(cancel_gate)
     return BrokerHandle(service=service, broker=broker, _stop_hooks=hooks)
+
+
+async def _serve_and_watch_shards(service: GrpcService, broker: Broker, config: BrokerConfig) -> None:
+    """The start-up gate, then the shards' reachability every shard_health_interval_s for as long as the broker
+    runs: a broker serving with shards unreachable (after ready_wait_s, or since) shows it in
+    imgsearch_broker_shards_unreachable, not only in its log."""
+    await _serve_when_ready(service, broker, config.health_check_interval_s, config.ready_wait_s)
+    while True:
+        await asyncio.sleep(config.shard_health_interval_s)
+        try:
+            shards = await broker.pool.reachable(timeout_s=config.health_check_interval_s)
+        except Exception:  # noqa: BLE001 - a failed check leaves the last value; the next one tries again
+            log.exception("shard health check failed")
+            continue
+        _export_unreachable(shards)
+
+
+def _export_unreachable(shards: dict[str, bool]) -> list[str]:
+    down = sorted(name for name, ok in shards.items() if not ok)
+    metrics.SHARDS_UNREACHABLE.set(len(down))
+    return down
 
 
 async def _serve_when_ready(service: GrpcService, broker: Broker, interval_s: float, ready_wait_s: float) -> None:
@@ -138,7 +161,7 @@ async def _serve_when_ready(service: GrpcService, broker: Broker, interval_s: fl
         except Exception:  # noqa: BLE001 - any failure means not ready yet
             triton_ok = False
         shards = await broker.pool.reachable(timeout_s=interval_s)
-        down = sorted(name for name, ok in shards.items() if not ok)
+        down = _export_unreachable(shards)
         if triton_ok and not down:
             await service.set_serving(True)
             log.info("broker serving on port %d", service.port)

@@ -175,7 +175,7 @@ class Partition:
             t0 = time.perf_counter()
             hits = self._search_locked(query, k, flt, nprobe, exhaustive, distinct, exact_rows_limit)
             details = self._details(hits.rows) if with_details else None
-            metrics.SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
+            metrics.PARTITION_SEARCH_DURATION.labels(hits.strategy).observe(time.perf_counter() - t0)
             metrics.CANDIDATES_SCANNED.observe(hits.candidates_scanned)
             return PartitionHits(rows=hits.rows, scores=hits.scores, candidates_scanned=hits.candidates_scanned,
                                  strategy=hits.strategy, details=details)

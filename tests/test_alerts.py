@@ -130,9 +130,13 @@ def test_rules_use_only_exported_metrics():
           "[5m])))"), {'stage="totl"'}),
         ("sum by (shard) (rate(imgsearch_broker_partial_results_total[5m]))", {"shard"}),
         ('sum by (namespace, shard) (rate(imgsearch_broker_shard_requests_total{outcome!="ok"}[5m]))', set()),
-        ('rate(imgsearch_shard_search_duration_seconds_bucket{strategy="ivf", shard="shard-0"}[5m])', set()),
-        ('sum by (stage) (rate(imgsearch_shard_search_duration_seconds_count{strategy=~"$strategy"}[5m]))',
+        ('rate(imgsearch_shard_partition_search_duration_seconds_bucket{strategy="ivf", shard="shard-0"}[5m])',
+         set()),
+        ('sum by (stage) (rate(imgsearch_shard_partition_search_duration_seconds_count{strategy=~"$strategy"}[5m]))',
          {"stage"}),
+        # Categories are no label (unbounded: the writers choose them); the Stats RPC has them.
+        ("max by (shard, category) (imgsearch_shard_vectors)", {"category"}),
+        ('sum(rate(imgsearch_broker_embed_refused_total{work="serch"}[5m]))', {'work="serch"'}),
     ],
 )
 def test_labels_no_series_carries_are_unknown(expr, unknown):
@@ -158,8 +162,9 @@ def test_the_contract_s_labels_and_values_are_the_services():
     assert values["strategy"] == set(shard_server.metrics.STRATEGIES)
     assert values["outcome"] == {broker.fanout.OK, broker.fanout.TIMEOUT, broker.fanout.UNAVAILABLE,
                                  broker.fanout.ERROR}
-    children = {label: set() for label in ("result", "source", "query", "event")}
-    for metric in (broker.metrics.CACHE_LOOKUPS, broker.metrics.SEARCHES, shard_server.metrics.TRAINING_EVENTS):
+    children = {label: set() for label in ("result", "source", "query", "event", "work")}
+    for metric in (broker.metrics.CACHE_LOOKUPS, broker.metrics.SEARCHES, shard_server.metrics.TRAINING_EVENTS,
+                   broker.metrics.EMBED_REFUSED):
         for key in metric._metrics:
             for label, value in zip(metric._labelnames, key, strict=True):
                 children[label].add(value)
@@ -184,6 +189,37 @@ def test_the_issue_s_alerts_exist():
     assert alert_on("imgsearch_broker_unsaved_removals")
     assert alert_on("imgsearch_broker_removal_hints_dropped_total")
     assert alert_on("imgsearch_event_loop_lag_seconds", "histogram_quantile(0.99")
+    assert alert_on("imgsearch_broker_embed_refused_total", 'work="search"')  # load shedding
+    assert alert_on("imgsearch_broker_searches_total", "imgsearch_broker_embed_refused_total")
+    assert alert_on("process_start_time_seconds", "imgsearch-shard")  # shard (and broker) restarts
+    assert alert_on("process_start_time_seconds", "imgsearch-broker")
+    assert alert_on("imgsearch_broker_shards_unreachable")  # serving with shards unreachable
+    assert alert_on("redis_evicted_keys_total", "imgsearch-redis-journal")  # the journal is state, not a cache
+
+
+def test_the_shard_latency_objective_is_per_request():
+    """imgsearch_shard_partition_search_duration_seconds observes once per category a request covers: a search of
+    seconds over thousands of categories looked like 0.5 ms. The objective is on the gRPC handling time of the
+    shard's search calls."""
+    contract = load_contract()
+    (alert,) = [a for a in alerts() if a["alert"] == "ImgsearchShardSearchLatencyHigh"]
+    assert contract.metric_names(alert["expr"]) == {"grpc_server_handling_seconds"}
+    assert 'grpc_service="imgsearch.v1.ShardService"' in alert["expr"]
+    assert 'grpc_method=~"Search|SearchBatch"' in alert["expr"]
+    assert "shard" in re.search(r"sum by \(([^)]*)\)", alert["expr"])[1]
+    for rule in rules():
+        assert "imgsearch_shard_partition_search_duration_seconds" not in rule["expr"] or "record" in rule, rule
+
+
+def test_restart_alert_covers_the_jobs_the_scrape_config_and_servicemonitors_name():
+    """Job names: imgsearch-broker, and imgsearch-shard (local scrape config) or imgsearch-shard-N (the
+    ServiceMonitor's job is the Service's name)."""
+    (alert,) = [a for a in alerts() if a["alert"] == "ImgsearchProcessRestarted"]
+    (pattern,) = re.findall(r'job=~"([^"]+)"', alert["expr"])
+    for job in ("imgsearch-broker", "imgsearch-shard", "imgsearch-shard-0", "imgsearch-shard-12"):
+        assert re.fullmatch(pattern, job), job
+    for job in ("imgsearch-triton", "imgsearch-redis", "imgsearch-redis-journal"):
+        assert not re.fullmatch(pattern, job), job
 
 
 def test_every_alert_keeps_namespaces_apart():

@@ -415,6 +415,31 @@ def test_broker_configuration_parses_with_the_broker_itself(rendered, tmp_path, 
         redis = re.fullmatch(r"redis://([^:/]+):(\d+)/\d+", config.redis_url or "")
         assert redis, config.redis_url
         assert int(redis[2]) in [p["port"] for p in named(docs, "Service", redis[1])["spec"]["ports"]]
+        # The removal journal in its own Redis, not the cache's (which evicts and forgets).
+        journal = re.fullmatch(r"redis://([^:/]+):(\d+)/\d+", config.removal_journal_url or "")
+        assert journal and journal[1] != redis[1], config.removal_journal_url
+        assert int(journal[2]) in [p["port"] for p in named(docs, "Service", journal[1])["spec"]["ports"]]
+
+
+def _redis_flags(workload: dict) -> dict[str, str]:
+    (redis,) = [c for c in containers(workload) if c["name"] == "redis"]
+    args = redis["args"]
+    return {args[i].removeprefix("--"): args[i + 1] for i in range(0, len(args), 2)}
+
+
+def test_the_removal_journal_redis_neither_evicts_nor_forgets(rendered):
+    """The journal is state: noeviction, an append-only file fsynced every second, on a persistent volume. The
+    cache's Redis may evict and forget (allkeys-lru, no persistence): it holds derived data only."""
+    for overlay, docs in rendered.items():
+        journal = named(docs, "StatefulSet", "imgsearch-redis-journal")
+        flags = _redis_flags(journal)
+        assert flags["maxmemory-policy"] == "noeviction", overlay
+        assert flags["appendonly"] == "yes" and flags["appendfsync"] == "everysec", overlay
+        claims = {t["metadata"]["name"] for t in journal["spec"]["volumeClaimTemplates"]}
+        (redis,) = [c for c in containers(journal) if c["name"] == "redis"]
+        assert any(m["name"] in claims and m["mountPath"] == flags["dir"] for m in redis["volumeMounts"]), overlay
+        cache = named(docs, "Deployment", "imgsearch-redis")
+        assert _redis_flags(cache)["maxmemory-policy"] == "allkeys-lru"
 
 
 def test_shard_configuration_parses_with_the_shard_itself(rendered):
@@ -560,11 +585,13 @@ def test_network_policies_open_exactly_the_needed_flows(rendered):
             ("imgsearch-shard", 7000),
             ("imgsearch-triton", 8001),
             ("imgsearch-redis", 6379),
+            ("imgsearch-redis-journal", 6379),
         ):
             assert allowed(inside["imgsearch-broker"], target, port), (overlay, target)
             assert not allowed(ingress_controller, target, port), (overlay, target)
         assert not allowed(inside["imgsearch-triton"], "imgsearch-shard", 7000)
         assert not allowed(inside["imgsearch-shard"], "imgsearch-redis", 6379)
+        assert not allowed(inside["imgsearch-shard"], "imgsearch-redis-journal", 6379)
         # Prometheus reaches every pod's metrics port.
         for workload in of_kind(docs, *WORKLOAD_KINDS):
             target = workload["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]

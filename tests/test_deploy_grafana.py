@@ -103,3 +103,27 @@ def test_the_issue_s_topics_have_panels():
         'up{job=~"imgsearch-shard.*"' in exprs and "imgsearch_broker_shard_requests_total" in exprs
     )  # shards
     assert "imgsearch_shard_vectors" in exprs  # index sizes
+    assert "imgsearch_shard_categories_untrained" in exprs
+    assert "imgsearch_broker_embed_refused_total" in exprs  # load shedding
+    assert 'changes(process_start_time_seconds{job=~"imgsearch-shard.*|imgsearch-broker"' in exprs  # restarts
+    assert "imgsearch_broker_shards_unreachable" in exprs
+    assert "redis_evicted_keys_total" in exprs
+
+
+def test_shard_latency_panels_are_per_request_and_per_partition_by_name():
+    """The shard latency objective panel shows the gRPC handling time of search calls (per request); the
+    per-partition histogram is shown only under a title that says so."""
+    panels = {p["title"]: p for p in dashboard()["panels"]}
+    (objective,) = [p for t, p in panels.items() if t.startswith("Shard request p99")]
+    (expr,) = [t["expr"] for t in objective["targets"]]
+    assert "grpc_server_handling_seconds_bucket" in expr and 'grpc_service="imgsearch.v1.ShardService"' in expr
+    assert 'grpc_method=~"Search|SearchBatch"' in expr
+    for title, expr in queries(dashboard()):
+        if "imgsearch_shard_partition_search_duration_seconds" in expr:
+            assert "partition" in title.lower(), title
+
+
+def test_no_panel_groups_by_category():
+    """Categories are chosen by the writers: no metric carries them (shard_server/metrics.py)."""
+    for title, expr in queries(dashboard()):
+        assert "category" not in expr, title

@@ -40,6 +40,7 @@ def test_generated_config_passes_promtool(tmp_path):
         shards={"shard-1": ["127.0.0.1:9102"], "shard-0": ["127.0.0.1:9101"]},
         triton=["127.0.0.1:8002"],
         redis_exporter=["127.0.0.1:9121"],
+        redis_journal_exporter=["127.0.0.1:9122"],
         scrape_interval_s=1,
         rule_files=[RULES],
     )
@@ -50,7 +51,8 @@ def test_generated_config_passes_promtool(tmp_path):
     rules = sum(len(group["rules"]) for group in yaml.safe_load(RULES.read_text())["groups"])
     assert "SUCCESS" in out.stdout and f"{rules} rules found" in out.stdout
     jobs = {j["job_name"]: j for j in config["scrape_configs"]}
-    assert set(jobs) == {"imgsearch-broker", "imgsearch-shard", "imgsearch-triton", "imgsearch-redis"}
+    assert set(jobs) == {"imgsearch-broker", "imgsearch-shard", "imgsearch-triton", "imgsearch-redis",
+                         "imgsearch-redis-journal"}
     assert jobs["imgsearch-shard"]["static_configs"] == [
         {"targets": ["127.0.0.1:9101"], "labels": {"shard": "shard-0"}},
         {"targets": ["127.0.0.1:9102"], "labels": {"shard": "shard-1"}},
@@ -69,6 +71,19 @@ def test_the_shard_down_alert_matches_the_generated_shard_job():
     (shard_down,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "ImgsearchShardDown"]
     assert 'job=~"imgsearch-shard.*"' in shard_down["expr"]
     assert scrape_module().SHARD_JOB.startswith("imgsearch-shard")
+
+
+def test_rules_name_the_generated_jobs():
+    """Alerts select jobs by name: the restart alert the broker's and shards' jobs, the journal eviction alert the
+    journal Redis's job (not the cache's, whose LRU evictions are expected)."""
+    import re
+
+    scrape = scrape_module()
+    rules = {r["alert"]: r["expr"] for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]
+             if "alert" in r}
+    (restart,) = re.findall(r'job=~"([^"]+)"', rules["ImgsearchProcessRestarted"])
+    assert re.fullmatch(restart, scrape.SHARD_JOB) and re.fullmatch(restart, scrape.BROKER_JOB)
+    assert f'job="{scrape.REDIS_JOURNAL_JOB}"' in rules["ImgsearchJournalRedisEvictions"]
 
 
 def test_command_line(tmp_path):

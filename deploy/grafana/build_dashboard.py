@@ -16,6 +16,7 @@ OUT = Path(__file__).with_name("imgsearch.json")
 NS = 'namespace=~"$namespace"'
 RATE = "$__rate_interval"
 BROKER = 'grpc_service="imgsearch.v1.BrokerService"'
+SHARD_SEARCHES = 'grpc_service="imgsearch.v1.ShardService", grpc_method=~"Search|SearchBatch"'
 SERVER_ERRORS = 'grpc_code=~"UNKNOWN|DEADLINE_EXCEEDED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNIMPLEMENTED"'
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -181,15 +182,28 @@ def build() -> dict:
     )
     lay.panel(
         "timeseries",
-        "Shard search p99 by shard and strategy",
+        "Shard request p99 by shard (objective 50 ms)",
+        [
+            (quantile(0.99, "grpc_server_handling_seconds", f"{SHARD_SEARCHES}, {NS}", "shard, grpc_method"),
+             "{{shard}} {{grpc_method}}"),
+        ],
+        unit="s",
+        thresholds=[(0.05, "red")],
+        description="gRPC handling time of the shards' Search and SearchBatch calls: what a broker waits for, "
+        "whatever the number of categories searched (alert ImgsearchShardSearchLatencyHigh).",
+    )
+    lay.panel(
+        "timeseries",
+        "Partition search p99 by strategy (one category of a request)",
         [
             (
-                quantile(0.99, "imgsearch_shard_search_duration_seconds", NS, "shard, strategy"),
+                quantile(0.99, "imgsearch_shard_partition_search_duration_seconds", NS, "shard, strategy"),
                 "{{shard}} {{strategy}}",
             ),
         ],
         unit="s",
-        thresholds=[(0.05, "red")],
+        description="Per partition, not per request: a search over N categories observes N times. Shows which "
+        "strategy (exact, ivf, ivf_wide) is slow; the request latency is the panel before.",
     )
     lay.panel(
         "timeseries",
@@ -284,6 +298,29 @@ def build() -> dict:
         "(embedded), vector (sent ready), image_id (a catalogue image's stored embedding).",
     )
 
+    refused = f'sum(rate(imgsearch_broker_embed_refused_total{{work="search", {NS}}}[{RATE}]))'
+    lay.panel(
+        "timeseries",
+        "Searches refused by load shedding (objective 5 %)",
+        [
+            (f"{refused} / (sum(rate(imgsearch_broker_searches_total{{{NS}}}[{RATE}])) + {refused})", "searches"),
+        ],
+        unit="percentunit",
+        thresholds=[(0.05, "red")],
+        description="Share of searches the brokers refused at once (RESOURCE_EXHAUSTED) because the embedding "
+        "model could not do them within their deadline; not in the server error ratio (alert "
+        "ImgsearchLoadShedding).",
+    )
+    lay.panel(
+        "timeseries",
+        "Embedding refusals by work",
+        [
+            (f"sum by (work) (rate(imgsearch_broker_embed_refused_total{{{NS}}}[{RATE}]))", "{{work}}"),
+        ],
+        unit="reqps",
+        description="Searches and ingests refused by load shedding; ingest refusals are retried by the client.",
+    )
+
     lay.row("Duplicate cache")
     lay.panel(
         "timeseries",
@@ -329,6 +366,17 @@ def build() -> dict:
             (f"sum(increase(imgsearch_broker_removal_hints_dropped_total{{{NS}}}[$__rate_interval]))", "dropped"),
         ],
         unit="short",
+    )
+
+    lay.panel(
+        "timeseries",
+        "Redis evicted keys",
+        [
+            (f"sum by (job) (rate(redis_evicted_keys_total{{{NS}}}[{RATE}]))", "{{job}}"),
+        ],
+        unit="short",
+        description="imgsearch-redis (duplicate cache, LRU): evictions are expected under memory pressure. "
+        "imgsearch-redis-journal (removal journal, noeviction): must stay 0 (alert ImgsearchJournalRedisEvictions).",
     )
 
     lay.row("Shards")
@@ -378,17 +426,48 @@ def build() -> dict:
     )
     lay.panel(
         "timeseries",
-        "Vectors per category",
+        "Shards unreachable (broker view)",
         [
-            (f"max by (shard, category) (imgsearch_shard_vectors{{{NS}}})", "{{shard}} {{category}}"),
+            (f"max(imgsearch_broker_shards_unreachable{{{NS}}})", "shards without a reachable replica"),
         ],
         unit="short",
+        thresholds=[(1, "red")],
+        description="Shards none of whose replicas answers a broker's health checks (worst broker); a broker "
+        "serves after --ready-wait-s even so (alert ImgsearchBrokerShardsUnreachable).",
     )
     lay.panel(
         "timeseries",
-        "Untrained categories (exact search)",
+        "Process restarts (15 min)",
         [
-            (f"count by (shard) (imgsearch_shard_index_trained{{{NS}}} == 0)", "{{shard}}"),
+            (
+                (
+                    "sum by (job, instance) (changes(process_start_time_seconds"
+                    f'{{job=~"imgsearch-shard.*|imgsearch-broker", {NS}}}[15m]))'
+                ),
+                "{{job}} {{instance}}",
+            ),
+        ],
+        unit="short",
+        thresholds=[(1, "red")],
+        description="Starts of a broker or shard process under the same target (crash, OOM kill, a shard's "
+        "fail-stop) in the last 15 minutes (alert ImgsearchProcessRestarted).",
+    )
+    lay.panel(
+        "timeseries",
+        "Vectors per shard",
+        [
+            (f"max by (shard) (imgsearch_shard_vectors{{{NS}}})", "{{shard}}"),
+        ],
+        unit="short",
+        description="Live vectors of the shard (its most loaded replica). Per category: `imgsearch stats` (the "
+        "Stats RPC); categories are no metric label, the writers choose them.",
+    )
+    lay.panel(
+        "timeseries",
+        "Categories per shard, untrained (exact search)",
+        [
+            (f"max by (shard) (imgsearch_shard_categories{{{NS}}})", "{{shard}} categories"),
+            (f"max by (shard) (imgsearch_shard_categories_untrained{{{NS}}})", "{{shard}} untrained"),
         ],
         unit="short",
     )

@@ -1,6 +1,7 @@
 """The metric names imgsearch's services export (the ops contract), for checking rules and dashboards.
 
-Rules and dashboards may only use these, Triton's own ``nv_*`` series and Prometheus's ``up``; a typo in a
+Rules and dashboards may only use these, Triton's own ``nv_*`` series, Prometheus's ``up``, the process
+collector's start time and the few redis_exporter series named below; a typo in a
 metric name would otherwise give an alert that can never fire or an empty panel.
 """
 
@@ -30,10 +31,13 @@ CONTRACT_METRICS: dict[str, str] = {
     "imgsearch_broker_removal_hints_dropped_total": "counter",
     "imgsearch_broker_stale_copy_removals_failed_total": "counter",
     "imgsearch_broker_searches_total": "counter",
-    "imgsearch_shard_search_duration_seconds": "histogram",
+    "imgsearch_broker_embed_refused_total": "counter",
+    "imgsearch_broker_shards_unreachable": "gauge",
+    "imgsearch_shard_partition_search_duration_seconds": "histogram",
     "imgsearch_shard_candidates_scanned": "histogram",
     "imgsearch_shard_vectors": "gauge",
-    "imgsearch_shard_index_trained": "gauge",
+    "imgsearch_shard_categories": "gauge",
+    "imgsearch_shard_categories_untrained": "gauge",
     "imgsearch_shard_training_events_total": "counter",
     "imgsearch_shard_index_swaps_total": "counter",
     "imgsearch_shard_wal_bytes": "gauge",
@@ -51,9 +55,8 @@ CONTRACT_LABELS: dict[str, tuple[str, ...]] = {
     "imgsearch_broker_cache_lookups_total": ("result",),
     "imgsearch_broker_shard_requests_total": ("shard", "outcome"),
     "imgsearch_broker_searches_total": ("source", "query"),
-    "imgsearch_shard_search_duration_seconds": ("strategy",),
-    "imgsearch_shard_vectors": ("category",),
-    "imgsearch_shard_index_trained": ("category",),
+    "imgsearch_broker_embed_refused_total": ("work",),
+    "imgsearch_shard_partition_search_duration_seconds": ("strategy",),
     "imgsearch_shard_training_events_total": ("event",),
 }
 # Labels every scraped series gets from its target (Prometheus and the ServiceMonitors); shard series also get
@@ -69,6 +72,7 @@ LABEL_VALUES: dict[str, frozenset[str]] = {
     "query": frozenset({"image", "vector", "image_id"}),
     "strategy": frozenset({"exact", "ivf", "ivf_wide"}),
     "event": frozenset({"started", "completed", "failed"}),
+    "work": frozenset({"search", "ingest"}),
 }
 # Triton's metrics used by rules and dashboards (names of Triton 2.4x-2.5x).
 TRITON_METRICS = {
@@ -77,6 +81,10 @@ TRITON_METRICS = {
     "nv_inference_compute_infer_duration_us",
 }
 PROMETHEUS_METRICS = {"up"}
+# prometheus_client's process collector (broker and shards, default registry): restarts.
+PROCESS_METRICS = {"process_start_time_seconds"}
+# redis_exporter's (imgsearch-redis, imgsearch-redis-journal).
+REDIS_METRICS = {"redis_evicted_keys_total"}
 
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 _MATCHERS = re.compile(r"\{[^}]*\}|\[[^\]]*\]")
@@ -109,7 +117,8 @@ def bare_histograms(expr: str) -> set[str]:
 def unknown_metrics(expr: str, recorded: set[str] = frozenset()) -> set[str]:
     """Names in `expr` that select nothing: nobody exports them (`recorded`: names of recording rules, which are
     fine), or they are a histogram's bare name."""
-    unknown = metric_names(expr) - set(CONTRACT_METRICS) - TRITON_METRICS - PROMETHEUS_METRICS - set(recorded)
+    unknown = (metric_names(expr) - set(CONTRACT_METRICS) - TRITON_METRICS - PROMETHEUS_METRICS - PROCESS_METRICS
+               - REDIS_METRICS - set(recorded))
     return unknown | {f"{name} (a histogram: use _bucket, _sum or _count)" for name in bare_histograms(expr)}
 
 

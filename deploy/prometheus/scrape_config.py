@@ -25,6 +25,8 @@ BROKER_JOB = "imgsearch-broker"
 SHARD_JOB = "imgsearch-shard"
 TRITON_JOB = "imgsearch-triton"
 REDIS_JOB = "imgsearch-redis"
+# The removal journal's own Redis (deploy/base/redis-journal), when there is one.
+REDIS_JOURNAL_JOB = "imgsearch-redis-journal"
 
 
 def _duration(seconds: float) -> str:
@@ -37,6 +39,7 @@ def scrape_config(
     shards: Mapping[str, Sequence[str]] | None = None,
     triton: Sequence[str] = (),
     redis_exporter: Sequence[str] = (),
+    redis_journal_exporter: Sequence[str] = (),
     scrape_interval_s: float = 15.0,
     evaluation_interval_s: float | None = None,
     rule_files: Sequence[str | Path] = (),
@@ -68,6 +71,7 @@ def scrape_config(
     )
     job(TRITON_JOB, [{"targets": list(triton)}] if triton else [])
     job(REDIS_JOB, [{"targets": list(redis_exporter)}] if redis_exporter else [])
+    job(REDIS_JOURNAL_JOB, [{"targets": list(redis_journal_exporter)}] if redis_journal_exporter else [])
     return {
         "global": {
             "scrape_interval": interval,
@@ -100,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--triton", action="append", default=[], help="Triton metrics host:port (repeatable)")
     p.add_argument("--redis-exporter", action="append", default=[], help="redis_exporter host:port")
+    p.add_argument("--redis-journal-exporter", action="append", default=[],
+                   help="redis_exporter host:port of the removal journal's own Redis")
     p.add_argument("--interval-s", type=float, default=15.0, help="scrape and rule evaluation interval")
     p.add_argument("--rules", action="append", default=[], help="rule file to load (repeatable)")
     a = p.parse_args(argv)
@@ -114,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shards=shards,
         triton=[_address(t) for t in a.triton],
         redis_exporter=[_address(r) for r in a.redis_exporter],
+        redis_journal_exporter=[_address(r) for r in a.redis_journal_exporter],
         scrape_interval_s=a.interval_s,
         rule_files=a.rules,
     )
