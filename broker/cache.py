@@ -7,8 +7,14 @@ Layout (all keys under a prefix, default ``imgsearch:``):
   and the hash-index keys that list it. Upserts and deletes are Lua scripts: one step each, so concurrent writes
   of an id (two brokers, the repair loop) leave exactly the last entry's index behind, and an older version never
   replaces a newer entry.
-- ``ph:{phash:016x}``: set of image ids with exactly this 64-bit pHash.
-- ``band:{i}:{value:x}``: set of image ids whose pHash has this value in band i (multi-index hashing).
+- ``hph:{phash:016x}``: set of the entries with exactly this 64-bit pHash, each member the entry's pHash and
+  dHash (32 hex digits) followed by its image id, so that a lookup filters its candidates by distance from the
+  sets alone: reading each candidate's hashes took a pipelined HMGET each, ~21 us of client CPU apiece, and ran
+  past the 50 ms Redis timeout at ~2,400 candidates (a million images give ~4,400; review of 2026-12-05).
+- ``hband:{i}:{value:x}``: the same members, for the entries whose pHash has this value in band i (multi-index
+  hashing).
+- ``ph:`` and ``band:`` sets of plain image ids: written by brokers before the above; still read (each candidate's
+  hashes then read from its entry) until their entries are written again.
 
 The 64-bit pHash is split into 6 bands (11, 11, 11, 11, 10, 10 bits). Two hashes within Hamming distance
 r <= 5 differ in at most 5 bands, so they agree exactly on at least one: looking up the query's 6 band values
@@ -24,6 +30,7 @@ is bypassed for ``backoff_s`` so a dead Redis costs nothing per request. Callers
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -39,6 +46,8 @@ BAND_BITS = (11, 11, 11, 11, 10, 10)
 # Cap on candidates whose hashes a lookup reads (a pathological band value shared by very many images). A million
 # catalogue images give ~4,400 candidates a lookup (review of 2026-12-05), nearly all outside the radius.
 MAX_CANDIDATES = 50_000
+# Cap on candidates from the older brokers' sets of plain ids, whose hashes take a round trip each.
+MAX_LEGACY_CANDIDATES = 2_000
 # Cap on matches within the radius whose whole entries (2 KB embedding included) a lookup reads, nearest first.
 MAX_MATCHES = 256
 
@@ -49,15 +58,16 @@ _VERSION_DIGITS = 20
 
 # An upsert in one step, so that concurrent writes of one id (two brokers, the repair loop) cannot each remove
 # only the hash-index memberships they read and leave the others behind, and an older write (a lower version)
-# never replaces a newer entry. Each entry lists its own index keys (``index_keys``); for an entry written before
-# that, the caller passes the keys of the hash it read. KEYS[1]: the entry; ARGV: image id, version, the new
-# index keys (count, keys), the fallback old keys (count, keys), then the entry's fields and values.
+# never replaces a newer entry. Each entry lists its own index keys and member (``index_keys``, ``index_member``);
+# for an entry written before that, the caller passes the older layout's keys of the hash it read. KEYS[1]: the
+# entry; ARGV: image id, version, the new member, the new index keys (count, keys), the older layout's keys
+# (count, keys), then the entry's fields and values.
 # (Index keys not in KEYS: fine on one Redis; a Redis Cluster would need them in one hash slot.)
 _UPSERT_SCRIPT = """
-local key, id, version = KEYS[1], ARGV[1], ARGV[2]
-local stored = redis.call('HMGET', key, 'version', 'index_keys', 'phash')
+local key, id, version, member = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+local stored = redis.call('HMGET', key, 'version', 'index_keys', 'phash', 'index_member')
 if stored[1] and stored[1] > version then return 0 end
-local i = 3
+local i = 4
 local new_keys = {}
 for j = 1, tonumber(ARGV[i]) do new_keys[j] = ARGV[i + j] end
 i = i + #new_keys + 1
@@ -65,13 +75,13 @@ local fallback = {}
 for j = 1, tonumber(ARGV[i]) do fallback[j] = ARGV[i + j] end
 i = i + #fallback + 1
 if stored[2] then
-  for k in string.gmatch(stored[2], '%S+') do redis.call('SREM', k, id) end
+  for k in string.gmatch(stored[2], '%S+') do redis.call('SREM', k, stored[4] or id) end
 elseif stored[3] then
   for _, k in ipairs(fallback) do redis.call('SREM', k, id) end
 end
 redis.call('DEL', key)
 redis.call('HSET', key, unpack(ARGV, i))
-for _, k in ipairs(new_keys) do redis.call('SADD', k, id) end
+for _, k in ipairs(new_keys) do redis.call('SADD', k, member) end
 return 1
 """
 
@@ -83,7 +93,7 @@ _DELETE_SCRIPT = """
 local result = {0}
 local expect = ARGV[1] == '1'
 for n, key in ipairs(KEYS) do
-  local stored = redis.call('HMGET', key, 'index_keys', 'phash', 'dhash', 'version')
+  local stored = redis.call('HMGET', key, 'index_keys', 'phash', 'dhash', 'version', 'index_member')
   local id = ARGV[n + 1]
   local go = stored[2] ~= false
   if expect then
@@ -93,7 +103,7 @@ for n, key in ipairs(KEYS) do
   end
   if go then
     if stored[1] then
-      for k in string.gmatch(stored[1], '%S+') do redis.call('SREM', k, id) end
+      for k in string.gmatch(stored[1], '%S+') do redis.call('SREM', k, stored[5] or id) end
     else
       table.insert(result, id)
       table.insert(result, stored[2])
@@ -185,6 +195,11 @@ class DuplicateCache:
     def _band(self, i: int, value: int) -> str:
         return f"{self._prefix}band:{i}:{value:x}"
 
+    def _hashed_keys(self, phash: int) -> list[str]:
+        """The sets that list an entry of this pHash (members: hashes + image id)."""
+        return [f"{self._prefix}hph:{phash:016x}",
+                *(f"{self._prefix}hband:{i}:{value:x}" for i, value in enumerate(bands(phash)))]
+
     async def _call(self, coro, timeout_s: float | None = None):
         """Run one Redis round trip under the timeout; failures open the breaker for backoff_s."""
         if time.monotonic() < self._down_until:
@@ -207,28 +222,31 @@ class DuplicateCache:
         entry without a colour signature (written by an older broker) is returned as a near match at best, for the
         embedding to confirm; so is every match when the query's `colour` is not given."""
         pipe = self._redis.pipeline(transaction=False)
-        pipe.smembers(self._ph(phash))
-        for i, value in enumerate(bands(phash)):
-            pipe.smembers(self._band(i, value))
+        for key in (*self._hashed_keys(phash), *self._index_keys(phash)):
+            pipe.smembers(key)
         sets = await self._call(pipe.execute())
-        ids: list[bytes] = list(dict.fromkeys(m for s in sets for m in sorted(s)))[:MAX_CANDIDATES]
-        if not ids:
-            return []
-        # The candidates' hashes first (32 bytes each), then whole entries for those within the radius only: the
-        # first version read every candidate's entry, ~1 MB a lookup at a million images, and cut the candidates
-        # at 512 before any distance check, so true matches past the 512th (by id) were never seen.
-        pipe = self._redis.pipeline(transaction=False)
-        for image_id in ids:
-            pipe.hmget(self._img(image_id.decode()), "phash", "dhash")
-        hashes = await self._call(pipe.execute())
         near: list[tuple[int, int, bytes]] = []
-        for image_id, (ph, dh) in zip(ids, hashes):
-            if ph is None or dh is None:
-                continue  # entry deleted between the round trips
-            dp, dd = hamming(int(ph, 16), phash), hamming(int(dh, 16), dhash)
+        seen: set[bytes] = set()
+        hashed = len(sets) // 2
+        for member in itertools.islice(set().union(*sets[:hashed]), MAX_CANDIDATES):
+            image_id = member[32:]
+            seen.add(image_id)
+            dp, dd = hamming(int(member[:16], 16), phash), hamming(int(member[16:32], 16), dhash)
             if dp <= self._phash_radius and dd <= self._dhash_radius:
                 near.append((dp, dd, image_id))
+        legacy = sorted(set().union(*sets[hashed:]) - seen)[:MAX_LEGACY_CANDIDATES]
+        if legacy:  # entries of older brokers: their hashes from the entries
+            pipe = self._redis.pipeline(transaction=False)
+            for image_id in legacy:
+                pipe.hmget(self._img(image_id.decode()), "phash", "dhash")
+            for image_id, (ph, dh) in zip(legacy, await self._call(pipe.execute())):
+                if ph is None or dh is None:
+                    continue  # entry deleted between the round trips
+                dp, dd = hamming(int(ph, 16), phash), hamming(int(dh, 16), dhash)
+                if dp <= self._phash_radius and dd <= self._dhash_radius:
+                    near.append((dp, dd, image_id))
         near.sort(key=lambda n: (n[0] + n[1], n[2]))
+        near = list({image_id: (dp, dd, image_id) for dp, dd, image_id in reversed(near)}.values())[::-1]
         near = near[:MAX_MATCHES]
         if not near:
             return []
@@ -257,12 +275,14 @@ class DuplicateCache:
         return None if row[0] is None else _entry_from_row(image_id, row)
 
     def _index_keys(self, phash: int) -> list[str]:
+        """The older layout's sets of plain image ids for this pHash."""
         return [self._ph(phash), *(self._band(i, value) for i, value in enumerate(bands(phash)))]
 
     async def upsert(self, entry: CacheEntry) -> bool:
         """Add or replace the entry of an image id, in one step (its old hash-index memberships are removed).
         False when the stored entry has a higher version (a later ingest of the id got there first)."""
-        new_keys = self._index_keys(entry.phash)
+        new_keys = self._hashed_keys(entry.phash)
+        member = f"{entry.phash:016x}{entry.dhash:016x}{entry.image_id}"
         # Only entries of older brokers lack their index keys: the keys of the hash read now stand in for them.
         old = await self._call(self._redis.hget(self._img(entry.image_id), "phash"), self._write_timeout_s)
         fallback = self._index_keys(int(old, 16)) if old is not None else []
@@ -276,8 +296,9 @@ class DuplicateCache:
             "colour": entry.colour,
             "version": _version(entry.version),
             "index_keys": " ".join(new_keys),
+            "index_member": member,
         }
-        args = [entry.image_id, _version(entry.version), len(new_keys), *new_keys, len(fallback), *fallback,
+        args = [entry.image_id, _version(entry.version), member, len(new_keys), *new_keys, len(fallback), *fallback,
                 *(x for pair in fields.items() for x in pair)]
         written = await self._call(self._upsert(keys=[self._img(entry.image_id)], args=args), self._write_timeout_s)
         return bool(written)

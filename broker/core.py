@@ -307,7 +307,7 @@ class Broker:
         are answered alone, flagged partial."""
         if outcome is CacheOutcome.NEAR:
             CACHE_LOOKUPS.labels("near_hit").inc()
-        hits, shards, fanout_s, merge_s = duplicates, (), 0.0, 0.0
+        hits, shards, fanout_s, merge_s, counted = duplicates, (), 0.0, 0.0, False
         if len(duplicates) < query.top_k:
             shard_query = SearchQuery(
                 vector=vector,
@@ -326,11 +326,12 @@ class Broker:
             else:
                 seen = {hit.image_id for hit in duplicates}
                 hits = _first(query, [*duplicates, *(hit for hit in result.hits if hit.image_id not in seen)])
-                partial = partial or result.partial
+                if result.partial:  # counted by the pool's search already
+                    partial, counted = True, True
                 shards = tuple(ShardReport(shard=a.shard, address=a.address, outcome=a.outcome, message=a.message)
                                for a in result.answers)
                 fanout_s, merge_s = result.fanout_s, result.merge_s
-        if partial:
+        if partial and not counted:
             PARTIAL_RESULTS.inc()
         timings = dataclasses.replace(timings, fanout_s=fanout_s, merge_s=merge_s,
                                       total_s=time.perf_counter() - t_start)

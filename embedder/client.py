@@ -56,6 +56,14 @@ OVERDUE_SLACK_S = 0.5
 # Bulk work (ingests) in flight at once, in seconds of the model's measured throughput: what a search that arrives
 # during a bulk ingest may find ahead of it on the model.
 BULK_INFLIGHT_S = 0.2
+# ... in up to this many batches, so that several model instances or Triton pods share it (one batch at a time kept
+# bulk work on one of them: 39 of 3 x 40 images/s, review of 2026-12-05).
+BULK_BATCHES = 4
+# Before the throughput is measured, a batch in flight longer than this is taken as stuck.
+OVERDUE_UNMEASURED_S = 5.0
+# When searches keep a bounded model (max_inflight) busy, every this-many-th batch is bulk work if some waits, so
+# ingests are slowed, not starved.
+BULK_EVERY_BATCHES = 4
 
 
 class Embedder(abc.ABC):
@@ -141,6 +149,7 @@ class MicroBatcher:
         self._last_event = 0.0
         self._sent: dict[int, tuple[float, int, bool]] = {}  # batches in flight: start time, images, bulk
         self._keys = itertools.count()
+        self._urgent_streak = 0  # search batches sent in a row while bulk work waited
 
     def _account(self, now: float) -> None:
         """Busy time since the last change of the in-flight count (stuck batches do not make the model busy)."""
@@ -149,7 +158,9 @@ class MicroBatcher:
         self._last_event = now
 
     def _overdue(self, started: float, n: int, now: float) -> bool:
-        return self._rate is not None and now - started > 2 * n / self._rate + OVERDUE_SLACK_S
+        if self._rate is None:  # a hung first batch must not hold the bulk budget until its deadline
+            return now - started > OVERDUE_UNMEASURED_S
+        return now - started > 2 * n / self._rate + OVERDUE_SLACK_S
 
     def _live_inflight(self, *, bulk_only: bool = False) -> int:
         """Images in flight in batches not yet overdue. A batch far past its expected time is stuck (a hung Triton
@@ -169,6 +180,12 @@ class MicroBatcher:
         if self._rate is None:
             return self._max_batch
         return max(1, int(self._rate * BULK_INFLIGHT_S))
+
+    def _bulk_batch_size(self) -> int:
+        """A bulk batch: a BULK_BATCHES-th of the budget (at least one image), within the room left."""
+        budget = self._bulk_budget()
+        piece = min(self._max_batch, max(1, -(-budget // BULK_BATCHES)))
+        return min(piece, max(1, self._bulk_room()))
 
     def _bulk_room(self) -> int:
         return self._bulk_budget() - self._live_inflight(bulk_only=True)
@@ -250,9 +267,11 @@ class MicroBatcher:
 
     async def _next_batch(self) -> tuple[list[_Pending], bool]:
         await self._wait_for_work()
-        bulk = not self._urgent
+        bulk_ready = bool(self._bulk) and self._bulk_room() > 0
+        bulk = bulk_ready and (not self._urgent or self._urgent_streak >= BULK_EVERY_BATCHES)
+        self._urgent_streak = 0 if bulk or not bulk_ready else self._urgent_streak + 1
         queue = self._bulk if bulk else self._urgent
-        limit = min(self._max_batch, max(1, self._bulk_room())) if bulk else self._max_batch
+        limit = self._bulk_batch_size() if bulk else self._max_batch
         first = self._pop(queue)
         batch, size = [first], len(first.images)
         if self._window_s > 0 and size < limit:
@@ -328,10 +347,12 @@ class MicroBatcher:
                 _fail(item, exc)
             return
         finally:
+            now = loop.time()
+            self._account(now)  # the busy time up to now, this batch still in flight: the last one's counts too
             started, _, _ = self._sent.pop(key)
             if not saturated or self._overdue(started, len(images), time.monotonic()):
                 outcome = "unsaturated"  # its time says nothing of the model's capacity
-            self._finished(loop.time(), len(images), outcome)
+            self._finished(now, len(images), outcome)
         start = 0
         for item in batch:
             part = embeddings[start : start + len(item.images)]
@@ -340,7 +361,7 @@ class MicroBatcher:
                 item.future.set_result(part)
 
     def _finished(self, now: float, n: int, outcome: str) -> None:
-        self._account(now)
+        self._last_event = now
         if outcome == "ok":
             self._done_images += n
         elif outcome in ("error", "unsaturated"):  # a fast failure (model down, bad image), or a light load,

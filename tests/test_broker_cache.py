@@ -4,6 +4,7 @@ repair after an outage, and a fast bypass while Redis is down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
@@ -165,28 +166,48 @@ async def test_an_entry_without_colours_is_only_a_near_match(cache):
     assert not match.exact and match.phash_distance == 0
 
 
-async def test_a_match_among_thousands_of_band_sharing_candidates_is_found(cache):
+async def test_a_match_among_thousands_of_band_sharing_candidates_is_found_within_the_redis_timeout(cache,
+                                                                                                  redis_server):
     """Candidates were cut at 512 (by id) before any distance check, so in a big catalogue (4,400 candidates a
-    lookup at a million images) a true match past the 512th was never seen; and every candidate's whole entry
-    (2 KB embedding included) was read."""
+    lookup at a million images) a true match past the 512th was never seen; every candidate's whole entry (2 KB
+    embedding included) was read; then, with their hashes read one HMGET each, 4,400 candidates took 105-128 ms,
+    past the broker's 50 ms Redis timeout (review). The sets' members now carry the hashes."""
     base_p, base_d = 0x0123456789ABCDEF, 0x0F0F0F0F0F0F0F0F
     rng = random.Random(3)
-    for i in range(3000):  # the same first band as the query, far from it on the other bits
+    for i in range(4400):  # the same first band as the query, far from it on the other bits
         far = (base_p & ~((1 << 53) - 1)) | (rng.getrandbits(53))
         await cache.upsert(_entry(f"a-{i:05d}", far, rng.getrandbits(64)))
     await cache.upsert(_entry("z-the-match", _flip(base_p, [1, 2]), base_d))
-    [match] = await cache.lookup(base_p, base_d, COLOUR)
+    production = DuplicateCache(redis_server.url, prefix=cache._prefix)  # the broker's 50 ms timeout
+    try:
+        results = []
+        for _ in range(3):  # best of three on a shared 2-core box
+            with contextlib.suppress(CacheUnavailable):
+                results.append(await production.lookup(base_p, base_d, COLOUR))
+            production._down_until = 0.0
+    finally:
+        await production.close()
+    assert results, "every lookup ran past the 50 ms timeout"
+    [match] = results[0]
     assert match.entry.image_id == "z-the-match" and match.phash_distance == 2
 
 
 async def _memberships(cache: DuplicateCache, image_id: str) -> set[str]:
-    """The hash-index sets (ph:, band:) that list an image id."""
+    """The hash-index sets that list an image id (hph:/hband: members are 32 hex digits of hashes + the id; the
+    older ph:/band: ones the id alone)."""
     found = set()
     async for key in cache._redis.scan_iter(match=f"{cache._prefix}*", count=10_000):
         name = key.decode()[len(cache._prefix):]
-        if name.startswith(("ph:", "band:")) and await cache._redis.sismember(key, image_id):
+        if name.startswith(("hph:", "hband:")):
+            if any(m.decode()[32:] == image_id for m in await cache._redis.smembers(key)):
+                found.add(name)
+        elif name.startswith(("ph:", "band:")) and await cache._redis.sismember(key, image_id):
             found.add(name)
     return found
+
+
+def _indexed_under(phash: int) -> set[str]:
+    return {f"hph:{phash:016x}", *(f"hband:{i}:{v:x}" for i, v in enumerate(bands(phash)))}
 
 
 async def test_concurrent_writes_of_one_id_leave_only_the_last_entrys_index(cache, redis_server):
@@ -200,8 +221,7 @@ async def test_concurrent_writes_of_one_id_leave_only_the_last_entrys_index(cach
             writes = [_entry("raced", rng.getrandbits(64), rng.getrandbits(64)) for _ in range(12)]
             await asyncio.gather(*(c.upsert(e) for c, e in zip([cache, other] * 6, writes)))
             kept = await cache.get("raced")
-            assert await _memberships(cache, "raced") == {
-                f"ph:{kept.phash:016x}", *(f"band:{i}:{v:x}" for i, v in enumerate(bands(kept.phash)))}
+            assert await _memberships(cache, "raced") == _indexed_under(kept.phash)
         assert await other.delete("raced")
         assert await _memberships(cache, "raced") == set()
     finally:
@@ -238,9 +258,10 @@ async def test_entries_of_an_older_broker_are_replaced_and_deleted_cleanly(cache
 
     await legacy("old-1", 0xAAAA)
     assert (await cache.get("old-1")).version == 0
+    [found] = await cache.lookup(0xAAAA, 0x77, COLOUR)  # still found, through the older layout's sets
+    assert found.entry.image_id == "old-1" and not found.exact  # no colours stored: a near match at best
     await cache.upsert(_entry("old-1", 0xBBBB, 0x77))
-    assert await _memberships(cache, "old-1") == {f"ph:{0xBBBB:016x}", *(
-        f"band:{i}:{v:x}" for i, v in enumerate(bands(0xBBBB)))}
+    assert await _memberships(cache, "old-1") == _indexed_under(0xBBBB)
     await legacy("old-2", 0xCCCC)
     assert await cache.delete_many(["old-2", "never-there"]) == 1
     assert await _memberships(cache, "old-2") == set()

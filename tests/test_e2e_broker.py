@@ -917,6 +917,13 @@ def test_shard_killed_gives_partial_results_and_other_categories_work(stack, cli
     assert 'imgsearch_broker_shard_requests_total{outcome="unavailable",shard="shard-1"}' in metrics
     assert _metric_value(metrics, "imgsearch_broker_partial_results_total") >= 2
 
+    # A cache answer completed from the index without the dead shard is one partial answer (it counted twice).
+    live_item = next(f for f in catalogue["gallery"] if _owner(stack, f.category) == 0)
+    partials = _metric_value(metrics, "imgsearch_broker_partial_results_total")
+    cached = client.search(image=live_item.path.read_bytes(), top_k=5)
+    assert cached.from_duplicate_cache and cached.partial and cached.hits[0].image_id == live_item.image_id
+    assert _metric_value(_metrics(stack), "imgsearch_broker_partial_results_total") == partials + 1
+
     # the shard comes back with its data (writes were durable) and the broker uses it again
     stack.restart_shard(victim)
     deadline = time.monotonic() + 30

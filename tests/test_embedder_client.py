@@ -488,3 +488,77 @@ async def test_bulk_work_is_still_refused_when_it_cannot_make_its_own_deadline()
         await ingest
     finally:
         await batcher.close()
+
+
+async def test_bulk_only_load_measures_the_throughput_and_spreads_over_instances():
+    """The last batch in flight gave no busy time (it left the in-flight set before the time was counted), so with
+    one batch at a time the throughput was never measured and bulk work stayed at one batch in flight: on three
+    model instances it ran at one instance's speed (39 of 120 images/s in the review)."""
+    instances = asyncio.Semaphore(3)
+
+    async def three_instances(images, timeout_s):  # 40 images/s each
+        async with instances:
+            await asyncio.sleep(0.025 * len(images))
+        return np.zeros((len(images), 512), np.float32)
+
+    batcher = MicroBatcher(three_instances, max_batch=32, window_s=0.001, shed_load=True)
+    loop = asyncio.get_running_loop()
+    try:
+        await batcher.submit([b"1"] * 120, timeout_s=30, bulk=True)  # measures
+        assert batcher._rate is not None
+        started = loop.time()
+        await batcher.submit([b"1"] * 360, timeout_s=30, bulk=True)
+        took = loop.time() - started
+    finally:
+        await batcher.close()
+    assert took < 4.5, f"{360 / took:.0f} images/s of 120"  # 9 s at one instance's speed, 3 s at all three's
+
+
+async def test_a_hung_bulk_batch_does_not_hold_up_the_other_ingests():
+    """Before the throughput is measured a batch never counted as overdue, so one batch stuck on a hung pod held
+    the whole bulk budget, and every other ingest waited until its deadline (review: 4 of 4 timed out)."""
+    from embedder import client as client_module
+
+    release = asyncio.Event()
+    calls = 0
+
+    async def first_call_hangs(images, timeout_s):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await release.wait()
+        return np.zeros((len(images), 512), np.float32)
+
+    batcher = MicroBatcher(first_call_hangs, max_batch=32, window_s=0.001, shed_load=True)
+    try:
+        ingests = [asyncio.ensure_future(batcher.submit([b"1"] * 8, timeout_s=client_module.OVERDUE_UNMEASURED_S + 5,
+                                                        bulk=True)) for _ in range(4)]
+        done, _ = await asyncio.wait(ingests[1:], timeout=client_module.OVERDUE_UNMEASURED_S + 3)
+        assert len(done) == 3 and all(task.exception() is None for task in done)
+        assert not ingests[0].done()
+    finally:
+        release.set()
+        await batcher.close()
+        await asyncio.gather(*ingests, return_exceptions=True)
+
+
+async def test_searches_keeping_a_bounded_model_busy_do_not_starve_ingests():
+    """In-process models (max_inflight) took bulk work only when no search waited: a steady search load kept an
+    ingest waiting until its deadline."""
+    model = SerialModel(per_image_s=0.005)
+    batcher = MicroBatcher(model, max_batch=8, window_s=0, max_inflight=1)
+    stop = asyncio.Event()
+
+    async def searches():
+        while not stop.is_set():
+            await asyncio.gather(*(batcher.submit([b"3"], timeout_s=2) for _ in range(4)))
+
+    try:
+        load = [asyncio.ensure_future(searches()) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        embedded = await batcher.submit([b"2"] * 40, timeout_s=5, bulk=True)
+        assert embedded.shape == (40, 512)
+    finally:
+        stop.set()
+        await asyncio.gather(*load, return_exceptions=True)
+        await batcher.close()
