@@ -230,8 +230,11 @@ class MicroBatcher:
         else:
             self._queued_urgent += len(images)
         self._wakeup.set()
+        gathered = asyncio.gather(*(item.future for item in pending))
+        # A caller cancelled or timed out leaves the gathered result unread; read it, or asyncio logs it as lost.
+        gathered.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
-            parts = await asyncio.wait_for(asyncio.gather(*(item.future for item in pending)), timeout_s)
+            parts = await asyncio.wait_for(gathered, timeout_s)
         except (TimeoutError, asyncio.TimeoutError):
             raise EmbedderTimeoutError(f"no embedding within {timeout_s:.3f}s") from None
         finally:
@@ -275,7 +278,11 @@ class MicroBatcher:
         first = self._pop(queue)
         batch, size = [first], len(first.images)
         if self._window_s > 0 and size < limit:
-            await asyncio.sleep(self._window_s)
+            try:
+                await asyncio.sleep(self._window_s)
+            except asyncio.CancelledError:  # close() during the window: the caller is told now, not at its deadline
+                _fail(first, EmbedderUnavailableError("embedder closed"))
+                raise
         while queue and size < limit:
             self._drop_gone(queue)
             if not queue or size + len(queue[0].images) > limit:

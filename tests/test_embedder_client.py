@@ -562,3 +562,31 @@ async def test_searches_keeping_a_bounded_model_busy_do_not_starve_ingests():
         stop.set()
         await asyncio.gather(*load, return_exceptions=True)
         await batcher.close()
+
+
+async def test_close_during_the_batch_window_fails_the_caller_at_once():
+    """A request taken from the queue while its batch waited for company was lost by close(): its caller waited
+    until its deadline (review)."""
+    batcher = MicroBatcher(RecordingModel(), max_batch=8, window_s=0.5)
+    call = asyncio.ensure_future(batcher.submit([b"1"], timeout_s=10))
+    await asyncio.sleep(0.05)  # in the window
+    await batcher.close()
+    with pytest.raises(EmbedderUnavailableError):
+        await asyncio.wait_for(call, 1)
+
+
+async def test_a_cancelled_caller_leaves_no_unretrieved_exception(caplog):
+    """A caller cancelled while queued (a gRPC client cancelling an ingest) left asyncio logging '_GatheringFuture
+    exception was never retrieved' once the embedder closed (review)."""
+    import gc
+
+    batcher = MicroBatcher(RecordingModel(delay_s=0.2), max_batch=32, window_s=0.002, max_inflight=1)
+    first = asyncio.ensure_future(batcher.submit([b"1"] * 4, timeout_s=60))
+    cancelled = asyncio.ensure_future(batcher.submit([b"1"] * 40, timeout_s=60, bulk=True))
+    await asyncio.sleep(0.05)
+    cancelled.cancel()
+    await asyncio.gather(first, cancelled, return_exceptions=True)
+    await batcher.close()
+    gc.collect()
+    await asyncio.sleep(0.01)
+    assert "never retrieved" not in caplog.text
