@@ -30,7 +30,6 @@ is bypassed for ``backoff_s`` so a dead Redis costs nothing per request. Callers
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -43,11 +42,15 @@ from redis.exceptions import RedisError
 from embedder.hashing import same_colours
 
 BAND_BITS = (11, 11, 11, 11, 10, 10)
-# Cap on candidates whose hashes a lookup reads (a pathological band value shared by very many images). A million
-# catalogue images give ~4,400 candidates a lookup (review of 2026-12-05), nearly all outside the radius.
-MAX_CANDIDATES = 50_000
-# Cap on candidates from the older brokers' sets of plain ids, whose hashes take a round trip each.
-MAX_LEGACY_CANDIDATES = 2_000
+# Candidates a lookup reads from one set: all of a set up to this, a random sample of a bigger one (a pHash value
+# shared by very many images). A million catalogue images give ~4,400 candidates a lookup, ~700 a band; a lookup
+# parses ~250 candidates a millisecond, and must stay well inside the broker's 50 ms Redis timeout (reading up to
+# 50,000 ran past it from ~15,000; review of 2026-12-05).
+MAX_EXACT_CANDIDATES = 2_000  # the set of the query's exact pHash
+MAX_BAND_CANDIDATES = 1_000  # each of the 6 band sets
+# The same for the older layout's sets of plain ids, whose candidates' hashes take an HMGET each (~21 us).
+MAX_LEGACY_EXACT_CANDIDATES = 400
+MAX_LEGACY_BAND_CANDIDATES = 100
 # Cap on matches within the radius whose whole entries (2 KB embedding included) a lookup reads, nearest first.
 MAX_MATCHES = 256
 
@@ -222,19 +225,21 @@ class DuplicateCache:
         entry without a colour signature (written by an older broker) is returned as a near match at best, for the
         embedding to confirm; so is every match when the query's `colour` is not given."""
         pipe = self._redis.pipeline(transaction=False)
-        for key in (*self._hashed_keys(phash), *self._index_keys(phash)):
-            pipe.smembers(key)
+        caps = ((MAX_EXACT_CANDIDATES, MAX_BAND_CANDIDATES), (MAX_LEGACY_EXACT_CANDIDATES, MAX_LEGACY_BAND_CANDIDATES))
+        for keys, (exact_cap, band_cap) in zip((self._hashed_keys(phash), self._index_keys(phash)), caps):
+            for i, key in enumerate(keys):  # the whole set when it is no bigger than the cap
+                pipe.srandmember(key, exact_cap if i == 0 else band_cap)
         sets = await self._call(pipe.execute())
         near: list[tuple[int, int, bytes]] = []
         seen: set[bytes] = set()
         hashed = len(sets) // 2
-        for member in itertools.islice(set().union(*sets[:hashed]), MAX_CANDIDATES):
+        for member in set().union(*sets[:hashed]):
             image_id = member[32:]
             seen.add(image_id)
             dp, dd = hamming(int(member[:16], 16), phash), hamming(int(member[16:32], 16), dhash)
             if dp <= self._phash_radius and dd <= self._dhash_radius:
                 near.append((dp, dd, image_id))
-        legacy = sorted(set().union(*sets[hashed:]) - seen)[:MAX_LEGACY_CANDIDATES]
+        legacy = sorted(set().union(*sets[hashed:]) - seen)
         if legacy:  # entries of older brokers: their hashes from the entries
             pipe = self._redis.pipeline(transaction=False)
             for image_id in legacy:
@@ -246,8 +251,10 @@ class DuplicateCache:
                 if dp <= self._phash_radius and dd <= self._dhash_radius:
                     near.append((dp, dd, image_id))
         near.sort(key=lambda n: (n[0] + n[1], n[2]))
-        near = list({image_id: (dp, dd, image_id) for dp, dd, image_id in reversed(near)}.values())[::-1]
-        near = near[:MAX_MATCHES]
+        nearest: dict[bytes, tuple[int, int, bytes]] = {}
+        for match in near:  # an id listed twice (a stale member) keeps its nearest place
+            nearest.setdefault(match[2], match)
+        near = list(nearest.values())[:MAX_MATCHES]
         if not near:
             return []
         pipe = self._redis.pipeline(transaction=False)

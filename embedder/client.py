@@ -59,11 +59,14 @@ BULK_INFLIGHT_S = 0.2
 # ... in up to this many batches, so that several model instances or Triton pods share it (one batch at a time kept
 # bulk work on one of them: 39 of 3 x 40 images/s, review of 2026-12-05).
 BULK_BATCHES = 4
-# Before the throughput is measured, a batch in flight longer than this is taken as stuck.
-OVERDUE_UNMEASURED_S = 5.0
-# When searches keep a bounded model (max_inflight) busy, every this-many-th batch is bulk work if some waits, so
-# ingests are slowed, not starved.
-BULK_EVERY_BATCHES = 4
+# When searches keep a bounded model (max_inflight) busy, bulk work that waits gets a batch of at least this share of
+# the images sent for searches meanwhile, so ingests are slowed, not starved.
+BULK_SHARE = 0.2
+# Load is shed only while the model shows a standing queue: batches that took this much longer than their own work
+# at the measured throughput (an EWMA). On a model that runs calls side by side (a GPU Triton), light traffic
+# measures the traffic, not the capacity, and a burst the model serves in milliseconds was refused (130 of 300 in a
+# review); a real overload queues, and its batches wait.
+QUEUE_DELAY_S = 0.05
 
 
 class Embedder(abc.ABC):
@@ -136,7 +139,7 @@ class MicroBatcher:
         self._bulk: collections.deque[_Pending] = collections.deque()
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._inflight: set[asyncio.Task] = set()
+        self._inflight: dict[asyncio.Task, list[_Pending]] = {}  # batch tasks, with their batches
         # Load shedding (shed_load): a request is refused at once (EmbedderOverloadedError) when the images
         # queued and in flight ahead of it, at the measured throughput, take longer than its deadline. Without
         # it an overload fills the model's queue with requests that time out after being computed anyway.
@@ -149,7 +152,8 @@ class MicroBatcher:
         self._last_event = 0.0
         self._sent: dict[int, tuple[float, int, bool]] = {}  # batches in flight: start time, images, bulk
         self._keys = itertools.count()
-        self._urgent_streak = 0  # search batches sent in a row while bulk work waited
+        self._urgent_images = 0  # images sent for searches while bulk work waited, since its last batch
+        self._queue_delay_s: float | None = None  # EWMA of batches' time beyond their own work
 
     def _account(self, now: float) -> None:
         """Busy time since the last change of the in-flight count (stuck batches do not make the model busy)."""
@@ -158,9 +162,7 @@ class MicroBatcher:
         self._last_event = now
 
     def _overdue(self, started: float, n: int, now: float) -> bool:
-        if self._rate is None:  # a hung first batch must not hold the bulk budget until its deadline
-            return now - started > OVERDUE_UNMEASURED_S
-        return now - started > 2 * n / self._rate + OVERDUE_SLACK_S
+        return self._rate is not None and now - started > 2 * n / self._rate + OVERDUE_SLACK_S
 
     def _live_inflight(self, *, bulk_only: bool = False) -> int:
         """Images in flight in batches not yet overdue. A batch far past its expected time is stuck (a hung Triton
@@ -182,18 +184,23 @@ class MicroBatcher:
         return max(1, int(self._rate * BULK_INFLIGHT_S))
 
     def _bulk_batch_size(self) -> int:
-        """A bulk batch: a BULK_BATCHES-th of the budget (at least one image), within the room left."""
+        """A bulk batch: a BULK_BATCHES-th of the budget (at least one image), within the room left; the whole
+        budget for a bounded model (max_inflight), which runs one batch at a time anyway."""
         budget = self._bulk_budget()
-        piece = min(self._max_batch, max(1, -(-budget // BULK_BATCHES)))
+        piece = min(self._max_batch, max(1, -(-budget // (1 if self._max_inflight else BULK_BATCHES))))
         return min(piece, max(1, self._bulk_room()))
 
     def _bulk_room(self) -> int:
+        # A batch stuck on a hung pod holds one BULK_BATCHES-th of the budget, and once the throughput is measured
+        # (by the batches the other pods answer) it is overdue and holds nothing.
         return self._bulk_budget() - self._live_inflight(bulk_only=True)
 
     def overloaded(self, n: int, timeout_s: float, *, bulk: bool = False) -> bool:
         """Whether `n` images submitted now would be refused (no side effect)."""
         if not self._shed_load or self._rate is None:
             return False
+        if self._queue_delay_s is None or self._queue_delay_s < QUEUE_DELAY_S:
+            return False  # no standing queue: the estimate may be the traffic's rate, not the model's
         ahead = self._ahead(bulk=bulk)
         if ahead == 0:  # nothing ahead: always tried (how the estimate recovers)
             return False
@@ -271,10 +278,10 @@ class MicroBatcher:
     async def _next_batch(self) -> tuple[list[_Pending], bool]:
         await self._wait_for_work()
         bulk_ready = bool(self._bulk) and self._bulk_room() > 0
-        bulk = bulk_ready and (not self._urgent or self._urgent_streak >= BULK_EVERY_BATCHES)
-        self._urgent_streak = 0 if bulk or not bulk_ready else self._urgent_streak + 1
+        share = int(self._urgent_images * BULK_SHARE / (1 - BULK_SHARE))  # bulk images owed
+        bulk = bulk_ready and (not self._urgent or share >= self._bulk_batch_size())
         queue = self._bulk if bulk else self._urgent
-        limit = self._bulk_batch_size() if bulk else self._max_batch
+        limit = min(self._max_batch, max(self._bulk_batch_size(), share)) if bulk else self._max_batch
         first = self._pop(queue)
         batch, size = [first], len(first.images)
         if self._window_s > 0 and size < limit:
@@ -290,6 +297,10 @@ class MicroBatcher:
             item = self._pop(queue)
             batch.append(item)
             size += len(item.images)
+        if bulk or not self._bulk:
+            self._urgent_images = 0
+        else:
+            self._urgent_images += size
         return batch, bulk
 
     async def _run(self) -> None:
@@ -300,7 +311,7 @@ class MicroBatcher:
             # Counted as in flight now, not when its task first runs: the next batch's bulk room depends on it.
             sent = self._register(batch, bulk)
             task = asyncio.get_running_loop().create_task(self._send(batch, bulk, sent))
-            self._inflight.add(task)
+            self._inflight[task] = batch
             task.add_done_callback(self._batch_done)
 
     def _register(self, batch: list[_Pending], bulk: bool) -> tuple[int, bool]:
@@ -315,7 +326,7 @@ class MicroBatcher:
         return key, saturated
 
     def _batch_done(self, task: asyncio.Task) -> None:
-        self._inflight.discard(task)
+        self._inflight.pop(task, None)
         if self._slots is not None:
             self._slots.release()
         if self._wakeup is not None:
@@ -356,7 +367,12 @@ class MicroBatcher:
         finally:
             now = loop.time()
             self._account(now)  # the busy time up to now, this batch still in flight: the last one's counts too
-            started, _, _ = self._sent.pop(key)
+            started, _, _ = self._sent.pop(key, (time.monotonic(), 0, bulk))
+            took_s = time.monotonic() - started
+            if outcome == "ok" and self._rate is not None:  # time beyond its own work: queueing
+                delay = max(0.0, took_s - len(images) / self._rate)
+                self._queue_delay_s = delay if self._queue_delay_s is None else (
+                    (1 - RATE_SMOOTHING) * self._queue_delay_s + RATE_SMOOTHING * delay)
             if not saturated or self._overdue(started, len(images), time.monotonic()):
                 outcome = "unsaturated"  # its time says nothing of the model's capacity
             self._finished(now, len(images), outcome)
@@ -379,6 +395,7 @@ class MicroBatcher:
             self._busy_s, self._done_images = 0.0, 0
 
     async def close(self) -> None:
+        batches = list(self._inflight.values())  # a task cancelled before its first step never fails its callers
         tasks = [t for t in (self._loop_task, *self._inflight) if t is not None]
         for task in tasks:
             task.cancel()
@@ -386,6 +403,9 @@ class MicroBatcher:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._loop_task = None
+        for item in (item for batch in batches for item in batch):
+            _fail(item, EmbedderUnavailableError("embedder closed"))
+        self._sent.clear()
         for queue in (self._urgent, self._bulk):
             while queue:
                 _fail(self._pop(queue), EmbedderUnavailableError("embedder closed"))
