@@ -66,6 +66,11 @@ CACHE_REPAIR_DROPPED = Counter(
     "Failed duplicate-cache writes not kept for the repair loop because too many were pending (Redis down for "
     "long): each costs a cache miss later, or an entry found stale when it would answer.",
 )
+CACHE_LOOKUPS_SAMPLED = Counter(
+    "imgsearch_broker_cache_lookups_sampled_total",
+    "Duplicate-cache lookups whose candidate sets were too big to read whole, so a sample was read (a near "
+    "duplicate may have been missed; the search then goes to the index).",
+)
 SEARCHES = Counter(
     "imgsearch_broker_searches_total",
     "Answered searches by where the answer came from (cache, index) and what the query was (image, vector, "

@@ -62,11 +62,13 @@ BULK_BATCHES = 4
 # When searches keep a bounded model (max_inflight) busy, bulk work that waits gets a batch of at least this share of
 # the images sent for searches meanwhile, so ingests are slowed, not starved.
 BULK_SHARE = 0.2
-# Load is shed only while the model shows a standing queue: batches that took this much longer than their own work
-# at the measured throughput (an EWMA). On a model that runs calls side by side (a GPU Triton), light traffic
-# measures the traffic, not the capacity, and a burst the model serves in milliseconds was refused (130 of 300 in a
-# review); a real overload queues, and its batches wait.
-QUEUE_DELAY_S = 0.05
+# A throughput sample may set or lower the estimate only if a batch of its window queued: took twice the quickest of
+# the last LATENCY_WINDOW batches plus QUEUE_SLACK_S. On a model that runs calls side by side (a GPU Triton), light
+# traffic measures the traffic, not the capacity, and a burst the model serves in milliseconds was refused (130 of
+# 300 in a review); a real overload queues. (Gating the shedding itself on queueing instead made it switch itself
+# off once it worked, and an overload served 15 searches/s instead of 35: a later review.)
+LATENCY_WINDOW = 64
+QUEUE_SLACK_S = 0.01
 
 
 class Embedder(abc.ABC):
@@ -153,7 +155,8 @@ class MicroBatcher:
         self._sent: dict[int, tuple[float, int, bool]] = {}  # batches in flight: start time, images, bulk
         self._keys = itertools.count()
         self._urgent_images = 0  # images sent for searches while bulk work waited, since its last batch
-        self._queue_delay_s: float | None = None  # EWMA of batches' time beyond their own work
+        self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)  # of ok batches
+        self._queued_in_window = False  # a batch of the current sample window queued
 
     def _account(self, now: float) -> None:
         """Busy time since the last change of the in-flight count (stuck batches do not make the model busy)."""
@@ -199,8 +202,6 @@ class MicroBatcher:
         """Whether `n` images submitted now would be refused (no side effect)."""
         if not self._shed_load or self._rate is None:
             return False
-        if self._queue_delay_s is None or self._queue_delay_s < QUEUE_DELAY_S:
-            return False  # no standing queue: the estimate may be the traffic's rate, not the model's
         ahead = self._ahead(bulk=bulk)
         if ahead == 0:  # nothing ahead: always tried (how the estimate recovers)
             return False
@@ -369,10 +370,10 @@ class MicroBatcher:
             self._account(now)  # the busy time up to now, this batch still in flight: the last one's counts too
             started, _, _ = self._sent.pop(key, (time.monotonic(), 0, bulk))
             took_s = time.monotonic() - started
-            if outcome == "ok" and self._rate is not None:  # time beyond its own work: queueing
-                delay = max(0.0, took_s - len(images) / self._rate)
-                self._queue_delay_s = delay if self._queue_delay_s is None else (
-                    (1 - RATE_SMOOTHING) * self._queue_delay_s + RATE_SMOOTHING * delay)
+            if outcome == "ok":
+                if self._latencies and took_s > 2 * min(self._latencies) + QUEUE_SLACK_S:
+                    self._queued_in_window = True
+                self._latencies.append(took_s)
             if not saturated or self._overdue(started, len(images), time.monotonic()):
                 outcome = "unsaturated"  # its time says nothing of the model's capacity
             self._finished(now, len(images), outcome)
@@ -388,11 +389,15 @@ class MicroBatcher:
         if outcome == "ok":
             self._done_images += n
         elif outcome in ("error", "unsaturated"):  # a fast failure (model down, bad image), or a light load,
-            self._busy_s, self._done_images = 0.0, 0  # says nothing of the model's capacity
+            self._busy_s, self._done_images, self._queued_in_window = 0.0, 0, False  # says nothing of the capacity
         if self._busy_s >= RATE_WINDOW_S:
             sample = self._done_images / self._busy_s
-            self._rate = sample if self._rate is None else (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * sample
-            self._busy_s, self._done_images = 0.0, 0
+            if self._rate is not None and sample > self._rate:  # more than estimated was done: it can do that
+                self._rate = (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * sample
+            elif self._queued_in_window:  # the model queued: the sample is its capacity, not the traffic's rate
+                self._rate = sample if self._rate is None else (
+                    (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * sample)
+            self._busy_s, self._done_images, self._queued_in_window = 0.0, 0, False
 
     async def close(self) -> None:
         batches = list(self._inflight.values())  # a task cancelled before its first step never fails its callers

@@ -20,6 +20,7 @@ CONTRACT_METRICS: dict[str, str] = {
     "imgsearch_gc_frozen_objects": "gauge",
     "imgsearch_broker_stage_duration_seconds": "histogram",
     "imgsearch_broker_cache_lookups_total": "counter",
+    "imgsearch_broker_cache_lookups_sampled_total": "counter",
     "imgsearch_broker_shard_requests_total": "counter",
     "imgsearch_broker_shard_call_searches": "histogram",
     "imgsearch_broker_partial_results_total": "counter",
