@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker.metrics import CACHE_LOOKUPS_SAMPLED
-from embedder.hashing import same_colours
+from embedder.hashing import hamming, same_colours
 
 BAND_BITS = (11, 11, 11, 11, 10, 10)
 # Candidates a lookup reads. It must stay well inside the broker's 50 ms Redis timeout: reading every candidate ran
@@ -135,10 +135,6 @@ def bands(phash: int) -> tuple[int, ...]:
     return tuple(values)
 
 
-def hamming(a: int, b: int) -> int:
-    return (a ^ b).bit_count()
-
-
 @dataclass(frozen=True, kw_only=True)
 class CacheEntry:
     image_id: str
@@ -227,48 +223,17 @@ class DuplicateCache:
         """Catalogue images within the near-duplicate radius and of the same colours, exact matches first. An
         entry without a colour signature (written by an older broker) is returned as a near match at best, for the
         embedding to confirm; so is every match when the query's `colour` is not given."""
-        keys = (*self._hashed_keys(phash), *self._index_keys(phash))
-        pipe = self._redis.pipeline(transaction=False)
-        for key in keys:
-            pipe.scard(key)
-        sizes = await self._call(pipe.execute())
-        reads: dict[int, int] = {}  # set index -> members to read (all of it, or a sample)
-        for part, budget, least in ((range(len(keys) // 2), MAX_LOOKUP_CANDIDATES, MIN_SAMPLE),
-                                    (range(len(keys) // 2, len(keys)), MAX_LEGACY_CANDIDATES, 0)):
-            for i in sorted((i for i in part if sizes[i]), key=lambda i: sizes[i]):
-                if sizes[i] <= budget or max(budget, least) > 0:
-                    reads[i] = min(sizes[i], max(budget, least))
-                budget = max(0, budget - sizes[i])
-        if not reads:
-            return []
-        if any(reads[i] < sizes[i] for i in reads):
-            CACHE_LOOKUPS_SAMPLED.inc()
-        pipe = self._redis.pipeline(transaction=False)
-        for i in sorted(reads):
-            if reads[i] < sizes[i]:
-                pipe.srandmember(keys[i], reads[i])
-            else:
-                pipe.smembers(keys[i])
-        found = dict(zip(sorted(reads), await self._call(pipe.execute())))
-        sets = [found.get(i, ()) for i in range(len(keys))]
-        near: list[tuple[int, int, bytes]] = []
-        hashed = len(sets) // 2
-        members = list(set().union(*sets[:hashed]))
-        seen = {member[32:] for member in members}
-        for (dp, dd), member in zip(_distances(members, phash, dhash), members):
-            if dp <= self._phash_radius and dd <= self._dhash_radius:
-                near.append((int(dp), int(dd), member[32:]))
-        legacy = sorted(set().union(*sets[hashed:]) - seen)
-        if legacy:  # entries of older brokers: their hashes from the entries
+        hashed_keys, legacy_keys = self._hashed_keys(phash), self._index_keys(phash)
+        members, legacy_ids = await self._read_sets(hashed_keys, legacy_keys)
+        legacy_ids = sorted(legacy_ids - {member[32:] for member in members})
+        if legacy_ids:  # entries of older brokers: their hashes from the entries, made into members
             pipe = self._redis.pipeline(transaction=False)
-            for image_id in legacy:
+            for image_id in legacy_ids:
                 pipe.hmget(self._img(image_id.decode()), "phash", "dhash")
-            for image_id, (ph, dh) in zip(legacy, await self._call(pipe.execute())):
-                if ph is None or dh is None:
-                    continue  # entry deleted between the round trips
-                dp, dd = hamming(int(ph, 16), phash), hamming(int(dh, 16), dhash)
-                if dp <= self._phash_radius and dd <= self._dhash_radius:
-                    near.append((dp, dd, image_id))
+            members += [ph + dh + image_id for image_id, (ph, dh) in zip(legacy_ids, await self._call(pipe.execute()))
+                        if ph is not None and dh is not None]  # else deleted between the round trips
+        near = [(int(dp), int(dd), member[32:]) for (dp, dd), member in zip(_distances(members, phash, dhash), members)
+                if dp <= self._phash_radius and dd <= self._dhash_radius]
         near.sort(key=lambda n: (n[0] + n[1], n[2]))
         nearest: dict[bytes, tuple[int, int, bytes]] = {}
         for match in near:  # an id listed twice (a stale member) keeps its nearest place
@@ -295,6 +260,36 @@ class DuplicateCache:
                                       dhash_distance=dd))
         matches.sort(key=lambda m: (not m.exact, m.phash_distance + m.dhash_distance, m.entry.image_id))
         return matches
+
+    async def _read_sets(self, hashed_keys: list[str], legacy_keys: list[str]) -> tuple[list[bytes], set[bytes]]:
+        """The members of the query's sets (see MAX_LOOKUP_CANDIDATES): the hashed layout's members, and the older
+        layout's image ids."""
+        keys = [*hashed_keys, *legacy_keys]
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.scard(key)
+        sizes = await self._call(pipe.execute())
+        reads: dict[int, int] = {}  # set index -> members to read (all of it, or a sample)
+        for part, budget, least in ((range(len(hashed_keys)), MAX_LOOKUP_CANDIDATES, MIN_SAMPLE),
+                                    (range(len(hashed_keys), len(keys)), MAX_LEGACY_CANDIDATES, 0)):
+            for i in sorted((i for i in part if sizes[i]), key=lambda i: sizes[i]):  # smallest first
+                if max(budget, least) > 0:
+                    reads[i] = min(sizes[i], max(budget, least))
+                budget = max(0, budget - sizes[i])
+        if not reads:
+            return [], set()
+        if any(reads[i] < sizes[i] for i in reads):
+            CACHE_LOOKUPS_SAMPLED.inc()
+        pipe = self._redis.pipeline(transaction=False)
+        for i, count in reads.items():
+            if count < sizes[i]:
+                pipe.srandmember(keys[i], count)
+            else:
+                pipe.smembers(keys[i])
+        read = dict(zip(reads, await self._call(pipe.execute())))
+        members = set().union(*(read[i] for i in read if i < len(hashed_keys)))
+        legacy_ids = set().union(*(read[i] for i in read if i >= len(hashed_keys)))
+        return list(members), legacy_ids
 
     async def get(self, image_id: str) -> CacheEntry | None:
         row = await self._call(self._redis.hmget(self._img(image_id), *_FIELDS))

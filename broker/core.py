@@ -183,17 +183,9 @@ class Broker:
         else:
             raise InvalidRequestError("a search needs an image, a vector or an image id")
 
-        shard_query = SearchQuery(
-            vector=vector,
-            # one more for a search by image id: the image itself (or its product) is taken out below
-            # (the shards' limit is one above the broker's, ShardConfig.max_top_k)
-            top_k=query.top_k + 1 if source is not None else query.top_k,
-            categories=tuple(query.categories),
-            filter=query.filter,
-            nprobe=query.nprobe,
-            exactness=query.exactness,
-            distinct_products=query.distinct_products,
-        )
+        # one more for a search by image id: the image itself (or its product) is taken out below
+        # (the shards' limit is one above the broker's, ShardConfig.max_top_k)
+        shard_query = _shard_query(query, vector, top_k=query.top_k + 1 if source is not None else query.top_k)
         result = await self.pool.search(shard_query, timeout_s=max(0.0, deadline - time.monotonic()))
         hits = result.hits
         if source is not None:
@@ -221,10 +213,7 @@ class Broker:
             cache=outcome,
             from_duplicate_cache=False,
             partial=result.partial,
-            shards=tuple(
-                ShardReport(shard=a.shard, address=a.address, outcome=a.outcome, message=a.message)
-                for a in result.answers
-            ),
+            shards=_shard_reports(result.answers),
             timings=timings,
         )
 
@@ -309,15 +298,9 @@ class Broker:
             CACHE_LOOKUPS.labels("near_hit").inc()
         hits, shards, fanout_s, merge_s, counted = duplicates, (), 0.0, 0.0, False
         if len(duplicates) < query.top_k:
-            shard_query = SearchQuery(
-                vector=vector,
-                # the duplicates are among the index's nearest too, and are left out of its part
-                top_k=min(query.top_k + len(duplicates), self.max_top_k + 1),
-                categories=tuple(query.categories),
-                nprobe=query.nprobe,
-                exactness=query.exactness,
-                distinct_products=query.distinct_products,
-            )
+            # the duplicates are among the index's nearest too, and are left out of its part (no filter: a
+            # filtered search never reaches the cache)
+            shard_query = _shard_query(query, vector, top_k=min(query.top_k + len(duplicates), self.max_top_k + 1))
             try:
                 result = await self.pool.search(shard_query, timeout_s=max(0.0, deadline - time.monotonic()))
             except (NoShardAvailableError, ShardTimeoutError) as exc:
@@ -328,8 +311,7 @@ class Broker:
                 hits = _first(query, [*duplicates, *(hit for hit in result.hits if hit.image_id not in seen)])
                 if result.partial:  # counted by the pool's search already
                     partial, counted = True, True
-                shards = tuple(ShardReport(shard=a.shard, address=a.address, outcome=a.outcome, message=a.message)
-                               for a in result.answers)
+                shards = _shard_reports(result.answers)
                 fanout_s, merge_s = result.fanout_s, result.merge_s
         if partial and not counted:
             PARTIAL_RESULTS.inc()
@@ -549,6 +531,16 @@ def _check_item(item: CatalogueItem) -> None:
             )
     if (item.image is None) == (item.vector is None):
         raise InvalidRequestError(f"item {item.image_id!r} needs exactly one of image or vector")
+
+
+def _shard_query(query: Query, vector: np.ndarray, *, top_k: int) -> SearchQuery:
+    return SearchQuery(vector=vector, top_k=top_k, categories=tuple(query.categories), filter=query.filter,
+                       nprobe=query.nprobe, exactness=query.exactness, distinct_products=query.distinct_products)
+
+
+def _shard_reports(answers) -> tuple[ShardReport, ...]:
+    return tuple(ShardReport(shard=a.shard, address=a.address, outcome=a.outcome, message=a.message)
+                 for a in answers)
 
 
 def _first(query: Query, hits: Iterable[Hit]) -> tuple[Hit, ...]:

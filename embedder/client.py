@@ -341,7 +341,7 @@ class MicroBatcher:
         batch = [item for item in batch if not item.future.done()]  # caller gone or timed out
         timeout_s = max((item.deadline for item in batch), default=0) - loop.time()
         if timeout_s <= 0:  # nobody left, or every caller's own timeout fires
-            self._sent.pop(key)
+            self._sent.pop(key, None)
             self._account(loop.time())
             return
         images = [data for item in batch for data in item.images]
