@@ -202,14 +202,33 @@ class DuplicateCache:
         return [f"{self._prefix}hph:{phash:016x}",
                 *(f"{self._prefix}hband:{i}:{value:x}" for i, value in enumerate(bands(phash)))]
 
-    async def _call(self, coro, timeout_s: float | None = None):
-        """Run one Redis round trip under the timeout; failures open the breaker for backoff_s."""
+    async def _call(self, coro, timeout_s: float | None = None, *, own_deadline: float | None = None,
+                    deadline: float | None = None):
+        """Run one Redis round trip within Redis's own budget (`own_deadline`, shared by the round trips of one
+        operation; else `timeout_s` from now) and the caller's `deadline`. Redis failing or overrunning its own
+        budget opens the breaker for backoff_s; the caller running out of time says nothing of Redis and does
+        not (a search with 10 ms left must not switch the cache off for every other search)."""
         if time.monotonic() < self._down_until:
             coro.close()
             raise CacheUnavailable("redis bypassed after a recent failure")
+        now = time.monotonic()
+        own = own_deadline if own_deadline is not None else now + (timeout_s or self._timeout_s)
+        end = own if deadline is None else min(own, deadline)
+        caller_bound = end < own
+        if end <= now:
+            coro.close()
+            if caller_bound:
+                raise CacheUnavailable("no time left for redis")
+            self._down_until = now + self._backoff_s
+            raise CacheUnavailable("redis: over its time budget")
         try:
-            return await asyncio.wait_for(coro, timeout_s or self._timeout_s)
-        except (TimeoutError, RedisError, OSError) as exc:
+            return await asyncio.wait_for(coro, end - now)
+        except TimeoutError as exc:
+            if caller_bound:
+                raise CacheUnavailable("redis: the caller's deadline passed") from exc
+            self._down_until = time.monotonic() + self._backoff_s
+            raise CacheUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        except (RedisError, OSError) as exc:
             self._down_until = time.monotonic() + self._backoff_s
             raise CacheUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
@@ -219,18 +238,22 @@ class DuplicateCache:
         except CacheUnavailable:
             return False
 
-    async def lookup(self, phash: int, dhash: int, colour: bytes = b"") -> list[CacheMatch]:
+    async def lookup(self, phash: int, dhash: int, colour: bytes = b"", *,
+                     deadline: float | None = None) -> list[CacheMatch]:
         """Catalogue images within the near-duplicate radius and of the same colours, exact matches first. An
         entry without a colour signature (written by an older broker) is returned as a near match at best, for the
-        embedding to confirm; so is every match when the query's `colour` is not given."""
+        embedding to confirm; so is every match when the query's `colour` is not given. The whole lookup (three or
+        four round trips) gets the Redis timeout, and at most until the caller's `deadline` (time.monotonic()): a
+        Redis answering each round trip within the timeout used to take several timeouts per lookup."""
+        limits = {"own_deadline": time.monotonic() + self._timeout_s, "deadline": deadline}
         hashed_keys, legacy_keys = self._hashed_keys(phash), self._index_keys(phash)
-        members, legacy_ids = await self._read_sets(hashed_keys, legacy_keys)
+        members, legacy_ids = await self._read_sets(hashed_keys, legacy_keys, limits)
         legacy_ids = sorted(legacy_ids - {member[32:] for member in members})
         if legacy_ids:  # entries of older brokers: their hashes from the entries, made into members
             pipe = self._redis.pipeline(transaction=False)
             for image_id in legacy_ids:
                 pipe.hmget(self._img(image_id.decode()), "phash", "dhash")
-            members += [ph + dh + image_id for image_id, (ph, dh) in zip(legacy_ids, await self._call(pipe.execute()))
+            members += [ph + dh + image_id for image_id, (ph, dh) in zip(legacy_ids, await self._call(pipe.execute(), **limits))
                         if ph is not None and dh is not None]  # else deleted between the round trips
         near = [(int(dp), int(dd), member[32:]) for (dp, dd), member in zip(_distances(members, phash, dhash), members)
                 if dp <= self._phash_radius and dd <= self._dhash_radius]
@@ -244,7 +267,7 @@ class DuplicateCache:
         pipe = self._redis.pipeline(transaction=False)
         for _, _, image_id in near:
             pipe.hmget(self._img(image_id.decode()), *_FIELDS)
-        rows = await self._call(pipe.execute())
+        rows = await self._call(pipe.execute(), **limits)
         matches = []
         for (_, _, image_id), row in zip(near, rows):
             if row[0] is None:
@@ -261,14 +284,15 @@ class DuplicateCache:
         matches.sort(key=lambda m: (not m.exact, m.phash_distance + m.dhash_distance, m.entry.image_id))
         return matches
 
-    async def _read_sets(self, hashed_keys: list[str], legacy_keys: list[str]) -> tuple[list[bytes], set[bytes]]:
+    async def _read_sets(self, hashed_keys: list[str], legacy_keys: list[str],
+                         limits: dict) -> tuple[list[bytes], set[bytes]]:
         """The members of the query's sets (see MAX_LOOKUP_CANDIDATES): the hashed layout's members, and the older
         layout's image ids."""
         keys = [*hashed_keys, *legacy_keys]
         pipe = self._redis.pipeline(transaction=False)
         for key in keys:
             pipe.scard(key)
-        sizes = await self._call(pipe.execute())
+        sizes = await self._call(pipe.execute(), **limits)
         reads: dict[int, int] = {}  # set index -> members to read (all of it, or a sample)
         for part, budget, least in ((range(len(hashed_keys)), MAX_LOOKUP_CANDIDATES, MIN_SAMPLE),
                                     (range(len(hashed_keys), len(keys)), MAX_LEGACY_CANDIDATES, 0)):
@@ -286,7 +310,7 @@ class DuplicateCache:
                 pipe.srandmember(keys[i], count)
             else:
                 pipe.smembers(keys[i])
-        read = dict(zip(reads, await self._call(pipe.execute())))
+        read = dict(zip(reads, await self._call(pipe.execute(), **limits)))
         members = set().union(*(read[i] for i in read if i < len(hashed_keys)))
         legacy_ids = set().union(*(read[i] for i in read if i >= len(hashed_keys)))
         return list(members), legacy_ids
@@ -299,13 +323,15 @@ class DuplicateCache:
         """The older layout's sets of plain image ids for this pHash."""
         return [self._ph(phash), *(self._band(i, value) for i, value in enumerate(bands(phash)))]
 
-    async def upsert(self, entry: CacheEntry) -> bool:
+    async def upsert(self, entry: CacheEntry, *, deadline: float | None = None) -> bool:
         """Add or replace the entry of an image id, in one step (its old hash-index memberships are removed).
-        False when the stored entry has a higher version (a later ingest of the id got there first)."""
+        False when the stored entry has a higher version (a later ingest of the id got there first). Both round
+        trips share the write timeout, and end by the caller's `deadline` (time.monotonic()) at the latest."""
+        limits = {"own_deadline": time.monotonic() + self._write_timeout_s, "deadline": deadline}
         new_keys = self._hashed_keys(entry.phash)
         member = f"{entry.phash:016x}{entry.dhash:016x}{entry.image_id}"
         # Only entries of older brokers lack their index keys: the keys of the hash read now stand in for them.
-        old = await self._call(self._redis.hget(self._img(entry.image_id), "phash"), self._write_timeout_s)
+        old = await self._call(self._redis.hget(self._img(entry.image_id), "phash"), **limits)
         fallback = self._index_keys(int(old, 16)) if old is not None else []
         fields = {
             "phash": f"{entry.phash:016x}",
@@ -321,19 +347,19 @@ class DuplicateCache:
         }
         args = [entry.image_id, _version(entry.version), member, len(new_keys), *new_keys, len(fallback), *fallback,
                 *(x for pair in fields.items() for x in pair)]
-        written = await self._call(self._upsert(keys=[self._img(entry.image_id)], args=args), self._write_timeout_s)
+        written = await self._call(self._upsert(keys=[self._img(entry.image_id)], args=args), **limits)
         return bool(written)
 
     async def delete(self, image_id: str) -> bool:
         return await self.delete_many([image_id]) == 1
 
-    async def delete_many(self, image_ids: Sequence[str]) -> int:
+    async def delete_many(self, image_ids: Sequence[str], *, deadline: float | None = None) -> int:
         """Remove the entries of these image ids, in one step and one round trip (not two per id: a bulk delete
-        must not open a connection per id)."""
+        must not open a connection per id), by the caller's `deadline` (time.monotonic()) at the latest."""
         ids = list(dict.fromkeys(image_ids))
         if not ids:
             return 0
-        return await self._delete([self._img(i) for i in ids], ["0", *ids])
+        return await self._delete([self._img(i) for i in ids], ["0", *ids], deadline)
 
     async def delete_stale(self, entries: Sequence[CacheEntry]) -> int:
         """Remove these entries only where Redis still holds them as they are (same hashes and version): an entry
@@ -346,14 +372,15 @@ class DuplicateCache:
             args += [e.image_id, f"{e.phash:016x}", f"{e.dhash:016x}", _version(e.version)]
         return await self._delete([self._img(e.image_id) for e in entries], args)
 
-    async def _delete(self, keys: list[str], args: list[str]) -> int:
-        result = await self._call(self._delete_script(keys=keys, args=args), self._write_timeout_s)
+    async def _delete(self, keys: list[str], args: list[str], deadline: float | None = None) -> int:
+        limits = {"own_deadline": time.monotonic() + self._write_timeout_s, "deadline": deadline}
+        result = await self._call(self._delete_script(keys=keys, args=args), **limits)
         legacy = result[1:]
         if legacy:  # entries of older brokers, without their index keys: unindexed from their hash
             pipe = self._redis.pipeline(transaction=True)
             for image_id, phash in zip(legacy[::2], legacy[1::2]):
                 self._unindex(pipe, image_id.decode(), int(phash, 16))
-            await self._call(pipe.execute(), self._write_timeout_s)
+            await self._call(pipe.execute(), **limits)
         return int(result[0])
 
     def _unindex(self, pipe, image_id: str, phash: int) -> None:

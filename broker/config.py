@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,26 @@ class BrokerConfig:
     shard_calls_in_flight: int = 1
     # At most this many searches per SearchBatch call (the shards accept up to their max_batch_searches, 256).
     shard_batch_max_searches: int = 64
+
+    def __post_init__(self) -> None:
+        """Refuses settings that would quietly break the service (review of 2026-12-05): `--ingest-concurrency 0`
+        hung every IngestStream, `--redis-timeout-s 0` turned the cache off, a NaN similarity never confirmed a
+        near duplicate, a negative search timeout failed every search without a deadline."""
+        for name in ("redis_timeout_s", "redis_backoff_s", "cache_repair_interval_s", "search_timeout_s",
+                     "ingest_timeout_s", "health_check_interval_s", "shard_health_interval_s", "embed_max_batch",
+                     "ingest_concurrency", "max_ingest_bytes_in_flight", "max_ingest_streams", "ingest_chunk_size",
+                     "dimension", "max_top_k", "max_image_bytes", "max_image_pixels", "shard_batch_max_searches"):
+            value = getattr(self, name)
+            if not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        for name in ("ready_wait_s", "shard_calls_in_flight", "near_phash_radius", "near_dhash_radius"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.max_decoding_pixels is not None and self.max_decoding_pixels <= 0:
+            raise ValueError(f"max_decoding_pixels must be > 0, got {self.max_decoding_pixels}")
+        if not -1 <= self.near_min_similarity <= 1:
+            raise ValueError(f"near_min_similarity must be in [-1, 1], got {self.near_min_similarity}")
 
     @property
     def removal_journal_url(self) -> str | None:
@@ -208,7 +229,14 @@ class BrokerConfig:
             server = _server_options(a)
         except ValueError as exc:
             p.error(str(exc))
-        return cls(
+        try:
+            return cls(**cls._fields_from_args(a, server, token))
+        except ValueError as exc:
+            p.error(str(exc))
+
+    @classmethod
+    def _fields_from_args(cls, a: argparse.Namespace, server: ServerOptions, token: str | None) -> dict:
+        return dict(
             server=server,
             shard_map=ShardMap.load(a.shard_map),
             triton_url=a.triton_url,

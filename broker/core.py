@@ -84,6 +84,10 @@ MAX_CACHE_MATCHES_CHECKED = 64
 # Longest a cache answer waits for its shards' check (a Get takes ~1-2 ms): a hung shard must not turn the
 # cache's fastest answers into timeouts; its entries are then answered as cached, flagged partial.
 CACHE_CHECK_MAX_S = 0.25
+# An ingest's cache writes end this long before its deadline, leaving time for the answer to get back.
+ANSWER_RESERVE_S = 0.02
+# On shutdown, stale-entry removals still under way get this long (a lost one is found stale again later).
+CLEANUP_WAIT_S = 1.0
 # The stage histograms in StageTimings' field order, looked up once rather than by label on every search.
 _STAGE_HISTOGRAMS = tuple(STAGE_SECONDS.labels(stage) for stage in STAGES)
 
@@ -115,6 +119,14 @@ class Broker:
         self.max_image_pixels = max_image_pixels
         self._decoding = PixelBudget(max_decoding_pixels or max_image_pixels)
         self.near_min_similarity = near_min_similarity
+        self._cleanups: set[asyncio.Task] = set()  # removals of stale cache entries found by searches
+
+    async def close(self) -> None:
+        """Waits briefly for the stale-entry removals under way (each is bounded by the cache's write timeout)."""
+        if self._cleanups:
+            await asyncio.wait(set(self._cleanups), timeout=CLEANUP_WAIT_S)
+        for task in set(self._cleanups):
+            task.cancel()
 
     # ------------------------------------------------------------------ search
     async def search(self, query: Query, *, timeout_s: float) -> SearchAnswer:
@@ -142,7 +154,7 @@ class Broker:
             vector = None
             if self.cache is not None and query.use_duplicate_cache and not query.filter:
                 t0 = time.perf_counter()
-                outcome, exact, near = await self._lookup(hashes, query.categories)
+                outcome, exact, near = await self._lookup(hashes, query.categories, deadline)
                 # the shards' check of an exact match counts as the cache stage (a near match's, after embedding)
                 hits, partial = (
                     await self._current(query, [(m.entry, 1.0) for m in exact], deadline) if exact else ((), False)
@@ -260,15 +272,23 @@ class Broker:
             # of the same id (the new entry of a re-ingest whose cache write failed). A failure only leaves the
             # entry to be found stale again.
             # Only if still the entry found stale: a re-ingest may have written the id's new entry meanwhile.
-            with contextlib.suppress(CacheUnavailable):
-                await self.cache.delete_stale([entry for entry, _ in matches if entry.image_id in stale])
+            # In the background: tidying up is no part of this search's answer, and a slow Redis held the search
+            # for up to the 1 s write timeout, past its own deadline (review of 2026-12-05).
+            task = asyncio.create_task(
+                self._remove_stale([entry for entry, _ in matches if entry.image_id in stale]))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
         return _first(query, current), any(entry.image_id in unasked for entry, _ in matches)
 
+    async def _remove_stale(self, entries: list[CacheEntry]) -> None:
+        with contextlib.suppress(CacheUnavailable):
+            await self.cache.delete_stale(entries)
+
     async def _lookup(
-        self, hashes: ImageHashes, categories: Sequence[str]
+        self, hashes: ImageHashes, categories: Sequence[str], deadline: float
     ) -> tuple[CacheOutcome, list[CacheMatch], list[CacheMatch]]:
         try:
-            matches = await self.cache.lookup(hashes.phash, hashes.dhash, hashes.colour)
+            matches = await self.cache.lookup(hashes.phash, hashes.dhash, hashes.colour, deadline=deadline)
         except CacheUnavailable as exc:
             log.debug("cache bypassed: %s", exc)
             CACHE_LOOKUPS.labels("error").inc()
@@ -371,11 +391,14 @@ class Broker:
                 for i, item in enumerate(items)
             ]
             await self.pool.upsert(records, timeout_s=max(0.0, deadline - time.monotonic()))
-            pending = await self._cache_ingested(items, hashes, vectors, version)
+            # The shards hold it durably now: the ingest succeeds whatever the cache does. Its writes end before
+            # the caller's deadline; those not done by then are left to the repair queue (a slow Redis failed
+            # with DEADLINE_EXCEEDED ingests that the shards had written, and queued no repair: review).
+            pending = await self._cache_ingested(items, hashes, vectors, version, deadline - ANSWER_RESERVE_S)
         return IngestSummary(ingested=acknowledged, cache_pending=pending)
 
     async def _cache_ingested(self, items: Sequence[CatalogueItem], hashes: dict[int, ImageHashes],
-                              vectors: dict[int, np.ndarray], version: int) -> int:
+                              vectors: dict[int, np.ndarray], version: int, deadline: float) -> int:
         pending = 0
         if self.cache is not None:
             writes = [
@@ -397,7 +420,7 @@ class Broker:
                 )
                 for i, item in enumerate(items)
             ]
-            pending = await self._write_cache(writes)
+            pending = await self._write_cache(writes, deadline)
         return pending
 
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
@@ -414,14 +437,17 @@ class Broker:
             batch = list(image_ids[start : start + DELETE_BATCH_IDS])
             async with self._image_id_locks.hold(batch, timeout_s=max(0.0, deadline - time.monotonic())):
                 if self.cache is not None:
-                    await self._write_cache([(image_id, None) for image_id in batch])
+                    # at most half the time left: the shards' delete needs the rest
+                    now = time.monotonic()
+                    await self._write_cache([(image_id, None) for image_id in batch], now + (deadline - now) / 2)
                 deleted += await self.pool.delete(batch, timeout_s=max(0.0, deadline - time.monotonic()),
                                                   version=self._write_clock.next())
         return deleted
 
-    async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]]) -> int:
+    async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]], deadline: float) -> int:
         """Apply cache upserts (entry) and deletes (None: a Delete, or a vector-only re-ingest dropping an old
-        image entry); failed ones go to the repair queue. Returns how many failed. Deletes go in batches of
+        image entry) by `deadline` (time.monotonic()); failed or unfinished ones go to the repair queue, also
+        when the caller is cancelled (it hung up). Returns how many failed. Deletes go in batches of
         CACHE_DELETE_BATCH_IDS per round trip, so a bulk Delete does not run a Redis call per id."""
 
         def settled(batch: Sequence[tuple[str, CacheEntry | None]], ok: bool) -> int:
@@ -435,16 +461,22 @@ class Broker:
 
         async def upsert(image_id: str, entry: CacheEntry) -> int:
             try:
-                await self.cache.upsert(entry)
+                await self.cache.upsert(entry, deadline=deadline)
             except CacheUnavailable:
                 return settled([(image_id, entry)], False)
+            except asyncio.CancelledError:
+                settled([(image_id, entry)], False)
+                raise
             return settled([(image_id, entry)], True)
 
         async def delete(batch: list[tuple[str, None]]) -> int:
             try:
-                await self.cache.delete_many([image_id for image_id, _ in batch])
+                await self.cache.delete_many([image_id for image_id, _ in batch], deadline=deadline)
             except CacheUnavailable:
                 return settled(batch, False)
+            except asyncio.CancelledError:
+                settled(batch, False)
+                raise
             return settled(batch, True)
 
         failed = sum(
@@ -455,7 +487,11 @@ class Broker:
         deletes = [(image_id, None) for image_id, entry in writes if entry is None]
         # one batch at a time, so a bulk Delete holds one Redis connection
         for start in range(0, len(deletes), CACHE_DELETE_BATCH_IDS):
-            failed += await delete(deletes[start : start + CACHE_DELETE_BATCH_IDS])
+            try:
+                failed += await delete(deletes[start : start + CACHE_DELETE_BATCH_IDS])
+            except asyncio.CancelledError:  # the batches not yet tried are left to the repair queue too
+                settled(deletes[start + CACHE_DELETE_BATCH_IDS :], False)
+                raise
         return failed
 
     # ------------------------------------------------------------------ stats

@@ -99,6 +99,7 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
         max_decoding_pixels=config.max_decoding_pixels,
         near_min_similarity=config.near_min_similarity,
     )
+    hooks.append(broker.close)  # before the cache closes (hooks run last first)
     servicer = BrokerService(
         broker,
         search_timeout_s=config.search_timeout_s,

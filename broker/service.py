@@ -12,12 +12,14 @@ from broker.core import Broker
 from broker.decode_budget import PixelBudget
 from broker.errors import MissingTokenError, WrongTokenError
 from broker.types import CatalogueItem
-from imgsearch.errors import ResourceExhaustedError
+from imgsearch.errors import DeadlineExceededError, ResourceExhaustedError
 from imgsearch.serving import remaining_timeout_s
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 
 # An IngestStream chunk is sent on once its messages reach this many bytes, even short of ingest_chunk_size items.
 INGEST_CHUNK_MAX_BYTES = 8 * 1024 * 1024
+# An IngestStream waiting for its turn gives up this long (at most a tenth of its deadline) before the deadline.
+STREAM_TURN_MARGIN_S = 0.1
 
 
 class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
@@ -83,8 +85,11 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         room, and its stream reads no further meanwhile); each stream also holds the chunk it is filling (cut at
         INGEST_CHUNK_MAX_BYTES) and the message just read."""
         self._authorise_write(context)
+        # Given up a little before the caller's deadline, so that the caller is told why (its own
+        # DEADLINE_EXCEEDED came first, at the same moment, and the refusal never arrived: review of 2026-12-05).
+        wait_s = remaining_timeout_s(context, self._ingest_timeout_s)
         try:
-            async with asyncio.timeout(remaining_timeout_s(context, self._ingest_timeout_s)):
+            async with asyncio.timeout(max(0.0, wait_s - min(STREAM_TURN_MARGIN_S, wait_s / 10))):
                 await self._streams.acquire()
         except TimeoutError:
             raise ResourceExhaustedError(
@@ -158,8 +163,23 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
 
         chunk: list[CatalogueItem] = []
         chunk_bytes = 0
+        messages = aiter(request_iterator)
         try:
-            async for message in request_iterator:
+            while True:
+                # Each message within the write timeout (the caller's deadline when shorter): a client that stops
+                # sending without closing its stream held one of the max_ingest_streams turns for good, and
+                # with them every other stream (review of 2026-12-05). A long stream that keeps sending is not
+                # cut short.
+                idle_s = remaining_s()
+                try:
+                    async with asyncio.timeout(idle_s):
+                        message = await anext(messages)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise DeadlineExceededError(
+                        f"no message on the IngestStream for {idle_s:.1f}s: a stream must keep sending or close"
+                    ) from None
                 chunk.append(convert.item_from_proto(message.item))
                 chunk_bytes += message.ByteSize()
                 # A chunk is also cut by size: 32 images of up to 10 MiB each would hold 320 MiB per chunk.

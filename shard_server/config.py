@@ -133,6 +133,12 @@ class ShardConfig:
     )
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
+                # NaN or infinite intervals and timeouts disabled what they set (a NaN snapshot interval: no timed
+                # snapshot ever), and a negative count or size meant nothing (review of 2026-12-05)
+                raise ValueError(f"{f.name} must be a finite number >= 0, got {value}")
         if self.dimension <= 0:
             raise ValueError("dimension must be positive")
         if self.nprobe <= 0 or self.rerank_factor <= 0 or self.max_top_k <= 0 or self.max_batch_searches <= 0:

@@ -265,3 +265,81 @@ async def test_entries_of_an_older_broker_are_replaced_and_deleted_cleanly(cache
     await legacy("old-2", 0xCCCC)
     assert await cache.delete_many(["old-2", "never-there"]) == 1
     assert await _memberships(cache, "old-2") == set()
+
+
+@contextlib.asynccontextmanager
+async def _slow_redis(redis_url: str, reply_delay_s: float):
+    """A TCP relay in front of a real redis-server that holds back each reply by `reply_delay_s` (a slow or
+    distant Redis that answers every round trip within the timeout)."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+
+    async def relay(client_reader, client_writer):
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", port)
+
+        async def pump(reader, writer, delay_s):
+            with contextlib.suppress(Exception):
+                while data := await reader.read(65536):
+                    await asyncio.sleep(delay_s)
+                    writer.write(data)
+                    await writer.drain()
+            writer.close()
+
+        await asyncio.gather(pump(client_reader, server_writer, 0), pump(server_reader, client_writer, reply_delay_s))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
+    finally:
+        server.close()
+
+
+async def test_a_lookup_takes_the_redis_timeout_in_all_not_per_round_trip(redis_server):
+    """The 50 ms Redis timeout bounded each of a lookup's 3-4 round trips: a Redis answering each in 30 ms made
+    every lookup take ~95 ms, and the cache was never switched off (review of 2026-12-05; failed before: the
+    lookup answered after ~100 ms). The whole lookup now gets the timeout, and overrunning it opens the breaker."""
+    prefix = f"slow{time.monotonic_ns()}:"
+    writer = DuplicateCache(redis_server.url, prefix=prefix)
+    await writer.upsert(_entry("a", 0x1234, 0x5678))
+    await writer.close()
+    async with _slow_redis(redis_server.url, 0.03) as url:
+        cache = DuplicateCache(url, timeout_s=0.05, backoff_s=5, prefix=prefix)
+        try:
+            await cache._redis.ping()  # connected (the connection's set-up takes round trips of its own)
+            started = time.monotonic()
+            with pytest.raises(CacheUnavailable):
+                await cache.lookup(0x1234, 0x5678, COLOUR)
+            assert time.monotonic() - started < 0.08
+            with pytest.raises(CacheUnavailable, match="bypassed"):  # the breaker is open
+                await cache.lookup(0x1234, 0x5678, COLOUR)
+        finally:
+            await cache.close()
+
+
+async def test_a_callers_deadline_cuts_a_lookup_short_without_switching_the_cache_off(cache):
+    """A search with little time left gets its lookup cut short at its deadline, but that says nothing about
+    Redis: the next search still uses the cache."""
+    await cache.upsert(_entry("d", 0x1234, 0x5678))
+    with pytest.raises(CacheUnavailable, match="no time left|deadline"):
+        await cache.lookup(0x1234, 0x5678, COLOUR, deadline=time.monotonic() - 0.001)
+    [m] = await cache.lookup(0x1234, 0x5678, COLOUR, deadline=time.monotonic() + 1)
+    assert m.entry.image_id == "d" and m.exact
+
+
+async def test_a_write_ends_by_the_callers_deadline(redis_server):
+    """An ingest's cache write ends by the ingest's deadline (the broker then queues it for repair), however long
+    the write timeout; Redis is not switched off for it."""
+    async with _slow_redis(redis_server.url, 0.1) as url:
+        cache = DuplicateCache(url, timeout_s=0.5, write_timeout_s=2.0, prefix=f"w{time.monotonic_ns()}:")
+        try:
+            assert await cache.upsert(_entry("w", 1, 2))
+            started = time.monotonic()
+            with pytest.raises(CacheUnavailable):
+                await cache.upsert(_entry("w", 3, 4), deadline=started + 0.05)
+            with pytest.raises(CacheUnavailable):
+                await cache.delete_many(["w"], deadline=time.monotonic() + 0.05)
+            assert time.monotonic() - started < 0.2
+            # not bypassed: the caller's deadline was the limit, not Redis (the delete cut short may have been
+            # applied: the request had gone out)
+            assert await cache.delete_many(["w"], deadline=time.monotonic() + 1.5) in (0, 1)
+        finally:
+            await cache.close()

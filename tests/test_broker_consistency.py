@@ -446,7 +446,7 @@ async def test_a_delete_during_a_cache_repair_round_is_not_undone(shards, redis,
 class SlowCache:
     """A Redis that is slow, not down: a delete takes 0.6 s (under the 1 s write timeout)."""
 
-    async def delete_many(self, image_ids):
+    async def delete_many(self, image_ids, *, deadline=None):
         await asyncio.sleep(0.6)
         return len(image_ids)
 

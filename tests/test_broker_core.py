@@ -51,13 +51,13 @@ class StubCache:
         self.matches, self.error = list(matches), error
         self.lookups, self.upserts, self.deletes = 0, [], []
 
-    async def lookup(self, phash, dhash, colour=b""):
+    async def lookup(self, phash, dhash, colour=b"", *, deadline=None):
         self.lookups += 1
         if self.error:
             raise CacheUnavailable("down")
         return self.matches
 
-    async def upsert(self, entry):
+    async def upsert(self, entry, *, deadline=None):
         if self.error:
             raise CacheUnavailable("down")
         self.upserts.append(entry)
@@ -67,7 +67,7 @@ class StubCache:
             raise CacheUnavailable("down")
         self.deletes.append(image_id)
 
-    async def delete_many(self, image_ids):
+    async def delete_many(self, image_ids, *, deadline=None):
         if self.error:
             raise CacheUnavailable("down")
         self.deletes.extend(image_ids)
@@ -240,7 +240,9 @@ async def test_a_cache_entry_its_shard_no_longer_holds_is_not_answered_and_is_re
     for an image its shard has deleted or replaced: it must not answer, whatever Redis says."""
     cache, pool = StubCache([_match(True, _unit(0))]), StubPool(held)
     hits_before = _lookups("hit")
-    answer = await _broker(cache, StubEmbedder(_unit(0)), pool).search(Query(image=_png(), top_k=3), timeout_s=1)
+    broker = _broker(cache, StubEmbedder(_unit(0)), pool)
+    answer = await broker.search(Query(image=_png(), top_k=3), timeout_s=1)
+    await broker.close()  # the removal runs in the background
     assert not answer.from_duplicate_cache and answer.cache is CacheOutcome.MISS, why
     assert _lookups("hit") == hits_before  # counted as the miss it turned out to be
     assert [h.image_id for h in answer.hits] == ["from-index"] and cache.deletes == ["dup"]
@@ -391,3 +393,57 @@ def test_the_broker_process_exports_no_shard_metrics():
             "print(sorted(m.name for m in prometheus_client.REGISTRY.collect() if m.name.startswith('imgsearch_')))")
     names = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert "imgsearch_broker_searches" in names and "imgsearch_shard_" not in names
+
+
+async def test_removing_a_stale_cache_entry_does_not_hold_the_search():
+    """A search that finds a stale exact match removed it from Redis before answering, under the 1 s write
+    timeout: with a slow Redis a search of 0.2 s failed DEADLINE_EXCEEDED (review of 2026-12-05; failed before:
+    1,009 ms). The removal now runs in the background and the search goes on to the index at once."""
+    import asyncio
+    import time
+
+    class SlowRemoval(StubCache):
+        async def delete_stale(self, entries):
+            await asyncio.sleep(0.6)
+            return await super().delete_stale(entries)
+
+    cache = SlowRemoval([_match(True, _unit(0))])
+    broker = _broker(cache, StubEmbedder(_unit(0)), StubPool({}))  # the shard no longer holds "dup"
+    started = time.monotonic()
+    answer = await broker.search(Query(image=_png(), top_k=3), timeout_s=0.2)
+    assert time.monotonic() - started < 0.15 and [h.image_id for h in answer.hits] == ["from-index"]
+    assert cache.deletes == []
+    await broker.close()
+    assert cache.deletes == ["dup"]
+
+
+async def test_an_ingest_whose_cache_write_is_cut_short_succeeds_and_queues_the_repair():
+    """The shard write is durable: a cache write still running at the ingest's deadline used to fail the ingest
+    with DEADLINE_EXCEEDED and queue nothing. It is now cut short before the deadline and left to the repair
+    queue; an ingest cancelled during it (its caller hung up) queues it too."""
+    import asyncio
+    import time
+
+    class SlowUpsert(StubCache):
+        async def upsert(self, entry, *, deadline=None):
+            await asyncio.sleep(max(0.0, min(0.6, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                raise CacheUnavailable("no time left")
+            self.upserts.append(entry)
+
+    pool, repair = StubPool(), StubRepair()
+    broker = _broker(SlowUpsert(), StubEmbedder(_unit(0)), pool, repair)
+    item = CatalogueItem(image_id="x", product_id="p", category="Milk", image=_png())
+    started = time.monotonic()
+    summary = await broker.ingest([item], timeout_s=0.3)
+    assert time.monotonic() - started < 0.3 and summary.cache_pending == 1
+    assert [r.image_id for r in pool.records] == ["x"] and "x" in repair.pending
+
+    repair = StubRepair()
+    broker = _broker(SlowUpsert(), StubEmbedder(_unit(0)), StubPool(), repair)
+    task = asyncio.create_task(broker.ingest([item], timeout_s=5))
+    await asyncio.sleep(0.2)  # in the cache write
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert "x" in repair.pending

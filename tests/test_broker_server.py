@@ -23,6 +23,7 @@ from broker.service import BrokerService
 from broker.stack import free_port
 from broker.types import CatalogueItem, IngestSummary
 from imgsearch.errors import (
+    DeadlineExceededError,
     ImgsearchError,
     InvalidArgumentError,
     PermissionDeniedError,
@@ -252,6 +253,31 @@ def test_a_shard_with_half_a_tls_setting_refuses_to_start(argv, tmp_path, capsys
     assert "tls" in capsys.readouterr().err.lower()
 
 
+@pytest.mark.parametrize(("argv", "setting"), [
+    (["--ingest-concurrency", "0"], "ingest_concurrency"),  # every IngestStream waited for good
+    (["--redis-timeout-s", "0"], "redis_timeout_s"),  # the cache always timed out
+    (["--search-timeout-s", "-1"], "search_timeout_s"),
+    (["--ingest-timeout-s", "nan"], "ingest_timeout_s"),
+    (["--near-min-similarity", "nan"], "near_min_similarity"),  # no near duplicate ever confirmed
+    (["--max-ingest-streams", "0"], "max_ingest_streams"),
+])
+def test_a_broker_setting_that_would_break_it_refuses_to_start(argv, setting, capsys):
+    """These were accepted silently (review of 2026-12-05)."""
+    with pytest.raises(SystemExit):
+        BrokerConfig.from_env(["--shard-map", '{"shards": {"s0": ["127.0.0.1:1"]}}', *argv])
+    assert setting in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--snapshot-interval-s", "nan"], ["--tombstone-ttl-s", "inf"],
+                                  ["--max-records-per-request", "-1"]])
+def test_a_shard_setting_that_is_not_a_finite_non_negative_number_refuses_to_start(argv, tmp_path, capsys):
+    from shard_server.config import ShardConfig
+
+    with pytest.raises(SystemExit):
+        ShardConfig.from_env(["--data-dir", str(tmp_path), *argv], env={})
+    assert argv[0].removeprefix("--").replace("-", "_") in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("header", "expected"),
     [
@@ -385,9 +411,40 @@ async def test_streams_beyond_the_limit_wait_for_a_turn_then_are_resource_exhaus
     running = [asyncio.ensure_future(service.IngestStream(_messages(f"s{i}", 1, 10), _StreamContext()))
                for i in range(2)]
     await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
     with pytest.raises(ResourceExhaustedError):
         await service.IngestStream(_messages("late", 1, 10), _DeadlineContext(0.2))
+    # before the caller's own deadline, or the caller's DEADLINE_EXCEEDED arrives first and says nothing of why
+    # (review of 2026-12-05: it was always DEADLINE_EXCEEDED through gRPC)
+    assert asyncio.get_running_loop().time() - started < 0.195
     waiting = asyncio.ensure_future(service.IngestStream(_messages("patient", 1, 10), _DeadlineContext(5)))
     await asyncio.sleep(0.05)
     broker.release.set()
     assert [a.ingested for a in await asyncio.gather(*running, waiting)] == [1, 1, 1]
+
+
+async def test_a_stream_that_stops_sending_without_closing_gives_its_turn_back():
+    """A client that sent one item and then neither sent more nor closed its stream held its turn for good: 8 such
+    streams blocked every later IngestStream (review of 2026-12-05: still blocked after 82 s, with a 60 s write
+    timeout). Each message must now come within the write timeout; a stream that keeps sending is not cut short."""
+    broker = _HeldIngests()
+    broker.release.set()
+    service = BrokerService(broker, search_timeout_s=1, ingest_timeout_s=0.5, max_ingest_streams=1)
+    stalled = asyncio.Event()
+
+    async def one_then_silence():
+        yield broker_pb2.IngestStreamRequest(item=broker_pb2.CatalogueItem(
+            image_id="silent-0", product_id="p", category="c", image=b"x"))
+        await stalled.wait()  # never set: the client neither sends nor closes
+
+    async def slow_but_steady():
+        for i in range(4):
+            await asyncio.sleep(0.3)  # under the 0.5 s per message, 1.2 s in all
+            yield broker_pb2.IngestStreamRequest(item=broker_pb2.CatalogueItem(
+                image_id=f"steady-{i}", product_id="p", category="c", image=b"x"))
+
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DeadlineExceededError, match="no message"):
+        await service.IngestStream(one_then_silence(), _StreamContext())
+    assert asyncio.get_running_loop().time() - started < 2
+    assert (await service.IngestStream(slow_but_steady(), _StreamContext())).ingested == 4  # the turn is free

@@ -355,3 +355,21 @@ def test_a_dark_16_bit_pgm_stays_dark_like_its_png_twin():
     pgm = b"P5\n64 48\n65535\n" + levels.astype(">u2").tobytes()
     from_pgm, from_png = decode_image(pgm), decode_image(_png(Image.fromarray(levels)))
     assert np.asarray(from_pgm).max() <= 1 and np.asarray(from_png).max() <= 1
+
+
+def _png_header(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(
+        b"IEND", b"")
+
+
+def test_an_image_pillow_refuses_as_a_bomb_is_told_with_our_limit():
+    """Pillow refuses images over twice its own pixel limit before ours is checked, and its message named its
+    limit (178,956,970 pixels), not the one the service was configured with (review of 2026-12-05)."""
+    with pytest.raises(ImageTooLargeError, match=r"^image is 225000000 pixels, limit is 40000000 pixels$"):
+        decode_image(_png_header(15000, 15000), max_image_pixels=40_000_000)

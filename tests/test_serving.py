@@ -191,3 +191,30 @@ async def test_an_open_health_watch_does_not_hold_a_graceful_stop_for_the_whole_
             seen.append(update.status)
         assert seen and seen[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await watch.code() is grpc.StatusCode.OK
+
+
+async def test_a_stopped_service_closes_its_metrics_port():
+    """stop() left the /metrics HTTP server and its thread running: the port kept answering, and a service started
+    again in the same process on the same metrics port failed with "address already in use" (review of
+    2026-12-05)."""
+    import threading
+
+    metrics_port = ports.free_port()
+
+    def register(server):
+        return []
+
+    def serving_threads() -> int:
+        return sum("serve_forever" in thread.name for thread in threading.enumerate())
+
+    threads_before = serving_threads()
+    for _ in range(2):  # the second start binds the same metrics port again
+        service = await start_grpc_service(ServerOptions(loop_lag_interval_s=0, metrics_port=metrics_port),
+                                           register, component="probe")
+        assert service.metrics_port == metrics_port
+        with socket.create_connection(("127.0.0.1", metrics_port), timeout=2):
+            pass
+        await service.stop(grace_s=0)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", metrics_port), timeout=2).close()
+    assert serving_threads() == threads_before

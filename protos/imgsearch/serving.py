@@ -429,7 +429,7 @@ class GrpcService:
 
     def __init__(self, server: grpc.aio.Server, port: int, health_servicer: HealthServicer,
                  service_names: list[str], metrics_port: int | None, grace_s: float,
-                 lag_monitor: EventLoopLagMonitor | None = None):
+                 lag_monitor: EventLoopLagMonitor | None = None, metrics_server=None):
         self.server = server
         self.port = port
         self.health = health_servicer
@@ -437,6 +437,7 @@ class GrpcService:
         self.metrics_port = metrics_port
         self._grace_s = grace_s
         self._lag_monitor = lag_monitor
+        self._metrics_server = metrics_server  # the /metrics HTTP server (closed with the service)
         self.stop_reason: str | None = None
         self._stop_requested = asyncio.Event()
         self._health_drain: asyncio.Task | None = None
@@ -462,6 +463,11 @@ class GrpcService:
         await self.server.stop(self._grace_s if grace_s is None else grace_s)
         if self._lag_monitor is not None:
             self._lag_monitor.stop()
+        if self._metrics_server is not None:
+            # Its port and thread were left behind: a service started again in the same process on the same
+            # metrics port failed with "address already in use" (review of 2026-12-05).
+            metrics_server, self._metrics_server = self._metrics_server, None
+            await asyncio.to_thread(_close_http_server, metrics_server)
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -505,9 +511,10 @@ async def start_grpc_service(
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    metrics_port = None
+    metrics_port = metrics_server = None
     if options.metrics_port is not None:
-        metrics_port = start_metrics_endpoint(options.host, options.metrics_port)
+        metrics_server = start_metrics_server(options.host, options.metrics_port)
+        metrics_port = metrics_server.server_address[1]
     BUILD_INFO.labels(component, version).set(1)
     install_gc_pause_metric()
     await server.start()
@@ -517,16 +524,26 @@ async def start_grpc_service(
                                           stall_log_s=options.loop_stall_log_s)
         lag_monitor.start()
     service = GrpcService(server, port, health_servicer, names, metrics_port, options.shutdown_grace_s,
-                          lag_monitor)
+                          lag_monitor, metrics_server)
     await service.set_serving(False)
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return service
 
 
 def start_metrics_endpoint(host: str, port: int) -> int:
-    """Serve the default Prometheus registry over HTTP; returns the bound port."""
+    """Serve the default Prometheus registry over HTTP for the rest of the process; returns the bound port."""
+    return start_metrics_server(host, port).server_address[1]
+
+
+def start_metrics_server(host: str, port: int):
+    """Serve the default Prometheus registry over HTTP, in a thread; returns the server (`_close_http_server`)."""
     httpd, _thread = start_http_server(port, addr=host)
-    return httpd.server_address[1]
+    return httpd
+
+
+def _close_http_server(httpd) -> None:
+    httpd.shutdown()  # ends serve_forever, and with it the thread
+    httpd.server_close()
 
 
 async def run_until_signalled(service: GrpcService, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
