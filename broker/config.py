@@ -230,38 +230,34 @@ class BrokerConfig:
         except ValueError as exc:
             p.error(str(exc))
         try:
-            return cls(**cls._fields_from_args(a, server, token))
+            return cls(
+                server=server,
+                shard_map=ShardMap.load(a.shard_map),
+                triton_url=a.triton_url,
+                triton_model=a.triton_model,
+                redis_url=a.redis_url,
+                journal_redis_url=a.journal_redis_url,
+                redis_timeout_s=a.redis_timeout_s,
+                search_timeout_s=a.search_timeout_s,
+                ingest_timeout_s=a.ingest_timeout_s,
+                ingest_concurrency=a.ingest_concurrency,
+                max_ingest_bytes_in_flight=a.max_ingest_bytes_in_flight,
+                max_ingest_streams=a.max_ingest_streams,
+                dimension=a.dimension,
+                max_image_bytes=a.max_image_bytes,
+                max_image_pixels=a.max_image_pixels,
+                max_decoding_pixels=a.max_decoding_pixels,
+                near_min_similarity=a.near_min_similarity,
+                write_token=token,
+                shard_tls_ca_file=_opt_path(a.shard_tls_ca_file),
+                shard_tls_cert_file=_opt_path(a.shard_tls_cert_file),
+                shard_tls_key_file=_opt_path(a.shard_tls_key_file),
+                ready_wait_s=a.ready_wait_s,
+                shard_calls_in_flight=a.shard_calls_in_flight,
+                shard_batch_max_searches=a.shard_batch_max_searches,
+            )
         except ValueError as exc:
             p.error(str(exc))
-
-    @classmethod
-    def _fields_from_args(cls, a: argparse.Namespace, server: ServerOptions, token: str | None) -> dict:
-        return dict(
-            server=server,
-            shard_map=ShardMap.load(a.shard_map),
-            triton_url=a.triton_url,
-            triton_model=a.triton_model,
-            redis_url=a.redis_url,
-            journal_redis_url=a.journal_redis_url,
-            redis_timeout_s=a.redis_timeout_s,
-            search_timeout_s=a.search_timeout_s,
-            ingest_timeout_s=a.ingest_timeout_s,
-            ingest_concurrency=a.ingest_concurrency,
-            max_ingest_bytes_in_flight=a.max_ingest_bytes_in_flight,
-            max_ingest_streams=a.max_ingest_streams,
-            dimension=a.dimension,
-            max_image_bytes=a.max_image_bytes,
-            max_image_pixels=a.max_image_pixels,
-            max_decoding_pixels=a.max_decoding_pixels,
-            near_min_similarity=a.near_min_similarity,
-            write_token=token,
-            shard_tls_ca_file=_opt_path(a.shard_tls_ca_file),
-            shard_tls_cert_file=_opt_path(a.shard_tls_cert_file),
-            shard_tls_key_file=_opt_path(a.shard_tls_key_file),
-            ready_wait_s=a.ready_wait_s,
-            shard_calls_in_flight=a.shard_calls_in_flight,
-            shard_batch_max_searches=a.shard_batch_max_searches,
-        )
 
 
 def _server_options(a: argparse.Namespace) -> ServerOptions:

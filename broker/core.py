@@ -66,11 +66,10 @@ from embedder.errors import EmbedderOverloadedError
 from embedder.hashing import ImageHashes, hashes_of_bytes
 from imgsearch.errors import ImgsearchError
 from shard_server.errors import InvalidRequestError as ShardInvalidRequestError
-from shard_server.types import Hit, Record, SearchQuery, distinct_products, normalised
+from shard_server.types import MAX_ID_CHARS, Hit, Record, SearchQuery, distinct_products, normalised
 
 log = logging.getLogger(__name__)
 
-MAX_ID_CHARS = 512
 # Cache entries removed per Redis round trip by a Delete (see DuplicateCache.delete_many).
 CACHE_DELETE_BATCH_IDS = 1_000
 # Share of a search's remaining deadline kept back from the embedding call for the fan-out, capped.

@@ -32,6 +32,7 @@ from shard_server.partition import Partition
 from shard_server.snapshot import SnapshotStore
 from shard_server.tombstones import Tombstones
 from shard_server.types import (
+    MAX_ID_CHARS,
     CategoryStats,
     Exactness,
     Hit,
@@ -210,6 +211,7 @@ class ShardEngine:
                 f"{len(records)} records in one request; the limit is {self.config.max_records_per_request} "
                 "(use UpsertStream for bulk loads)")
         self._validate_records(records)
+        _check_id_lengths(records)
         self._check_versions(r.version for r in records)
 
     def _check_versions(self, versions: Iterable[int]) -> None:
@@ -252,6 +254,7 @@ class ShardEngine:
         rows_by_category: Counter[str] = Counter()
         for records in self._record_batches(convert.upsert_request_batches(parts, batch_bytes=UPSERT_BATCH_BYTES)):
             self._validate_records(records)
+            _check_id_lengths(records)
             self._check_versions(r.version for r in records)
             rows_by_category.update(r.category for r in records)
         return rows_by_category
@@ -659,3 +662,11 @@ def _answer(found: list[tuple[float, str, tuple[str, str, dict, int]]], query: S
     if query.distinct_products:  # a product filed under two categories is still one product
         out = distinct_products(out)
     return tuple(itertools.islice(out, query.top_k))
+
+
+def _check_id_lengths(records: Iterable[Record]) -> None:
+    """Writes only, not the log's replay: a log written before this limit must still load."""
+    for r in records:
+        for name in ("image_id", "product_id", "category"):
+            if len(getattr(r, name)) > MAX_ID_CHARS:
+                raise InvalidRequestError(f"record {r.image_id[:64]!r}: {name} is over {MAX_ID_CHARS} characters")

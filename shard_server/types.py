@@ -170,6 +170,11 @@ __all__ = [
 ]
 
 
+# Longest image id, product id and category name a write may carry (the broker's limit too): an id the broker
+# refuses could be written to a shard directly and then neither deleted nor searched by id through the broker.
+MAX_ID_CHARS = 512
+
+
 def normalised(vector: np.ndarray, dim: int, what: str) -> np.ndarray:
     """A float32 unit vector, or InvalidRequestError saying what is wrong with it."""
     v = np.asarray(vector, dtype=np.float32).ravel()

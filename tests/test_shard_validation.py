@@ -92,6 +92,11 @@ BAD_RECORDS = {
     "unknown attribute": (_record(attributes={"size": "XL"}), "unknown attribute 'size'"),
     "wrong attribute type": (_record(attributes={"price": "cheap"}), "'price' must be a finite number"),
     "attribute text too long": (_record(attributes={"brand": "b" * 1025}), "the limit is 1024"),
+    # the broker's limit: such an id could be written here directly, then neither deleted nor searched by id
+    # through the broker (review of 2026-12-05)
+    "image id too long": (_record(image_id="i" * 513), "image_id is over 512 characters"),
+    "product id too long": (_record(product_id="p" * 513), "product_id is over 512 characters"),
+    "category too long": (_record(category="c" * 513), "category is over 512 characters"),
 }
 
 
