@@ -118,8 +118,10 @@ def retrieval_report(similarities: np.ndarray, query_labels: Sequence, gallery_l
     recalls = recall_at_k(similarities, query_labels, gallery_labels, exclude_self=exclude_self)
     sweep = threshold_sweep(similarities, query_labels, gallery_labels, exclude_self=exclude_self)
     best = best_f1(sweep)
+    _, relevant = _mask_self(similarities, relevance_matrix(query_labels, gallery_labels), exclude_self)
     return {
         "queries": len(query_labels),
+        "answerable_queries": int(relevant.any(axis=1).sum()),  # those with a right answer: what Recall averages
         "gallery": len(gallery_labels),
         **{f"recall@{k}": v for k, v in recalls.items()},
         "map@r": map_at_r(similarities, query_labels, gallery_labels, exclude_self=exclude_self),
@@ -131,16 +133,24 @@ def retrieval_report(similarities: np.ndarray, query_labels: Sequence, gallery_l
 
 def product_ranks(query_emb: np.ndarray, query_labels: Sequence[str], gallery_emb: np.ndarray,
                   gallery_labels: Sequence[str]) -> np.ndarray:
-    """1-based rank of each query's product among the gallery's products, by each product's best cosine."""
+    """1-based rank of each query's product among the gallery's products, by each product's best cosine; 0 for a
+    query whose product has no gallery item (no right answer: `rank_summary` leaves it out, as `recall_at_k` does;
+    it raised KeyError before). A product tied with the right one does not rank above it (`recall_at_k` breaks
+    ties by gallery order instead; with real-valued embeddings only identical images tie)."""
     products = sorted(set(gallery_labels))
     column = {p: i for i, p in enumerate(products)}
     owner = np.array([column[label] for label in gallery_labels])
     best = np.full((len(query_emb), len(products)), -np.inf, dtype=np.float32)
     np.maximum.at(best.T, owner, (query_emb @ gallery_emb.T).T)  # best[q, p] = max over p's images
-    right = best[np.arange(len(query_emb)), [column[label] for label in query_labels]]
-    return 1 + (best > right[:, None]).sum(axis=1)
+    answerable = np.array([label in column for label in query_labels], dtype=bool)
+    right = best[np.arange(len(query_emb)), [column.get(label, 0) for label in query_labels]]
+    return np.where(answerable, 1 + (best > right[:, None]).sum(axis=1), 0)
 
 
 def rank_summary(ranks: np.ndarray) -> dict:
-    """Recall@1/5/10 and MRR of 1-based ranks."""
+    """Recall@1/5/10 and MRR of 1-based ranks (0: a query with no right answer, left out)."""
+    ranks = np.asarray(ranks)
+    ranks = ranks[ranks > 0]
+    if not len(ranks):
+        return {**{f"recall@{k}": float("nan") for k in (1, 5, 10)}, "mrr": float("nan")}
     return {**{f"recall@{k}": float((ranks <= k).mean()) for k in (1, 5, 10)}, "mrr": float((1 / ranks).mean())}

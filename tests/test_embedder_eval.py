@@ -225,3 +225,14 @@ def test_precision_check_cosine_ignores_the_length_error_of_half_precision():
     row = compare(variant, variant, {"val": reference * lengths}, {"val": reference})
     assert row["cosine_min"] == pytest.approx(1.0, abs=1e-6)
     assert row["length_deviation_max"] == pytest.approx(0.004, abs=1e-6)
+
+
+def test_product_ranks_leave_out_a_query_whose_product_has_no_gallery_image():
+    """It raised KeyError where recall_at_k and map_at_r leave such a query out (review of 2026-12-05)."""
+    from embedder.metrics import product_ranks, rank_summary
+
+    gallery = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    queries = np.array([[0.9, 0.1], [0.1, 0.9], [0.7, 0.7]], np.float32)
+    ranks = product_ranks(queries, ["a", "a", "absent"], gallery, ["a", "b"])
+    assert ranks.tolist() == [1, 2, 0]
+    assert rank_summary(ranks) == {"recall@1": 0.5, "recall@5": 1.0, "recall@10": 1.0, "mrr": 0.75}
