@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Iterable, Sequence
 from operator import attrgetter
 
-from shard_server.types import Hit, distinct_products, first_of_each, newest_copies
+from shard_server.types import Hit, distinct_products, first_of_each, newest_copies, rank_key
 
 
 def merge_top_k(hit_lists: Iterable[Sequence[Hit]], top_k: int, *, distinct: bool = False) -> tuple[Hit, ...]:
@@ -17,7 +17,7 @@ def merge_top_k(hit_lists: Iterable[Sequence[Hit]], top_k: int, *, distinct: boo
     # broker/removal_hints.py): one answer lists it once, as its newest copy (the write versions).
     hits = newest_copies([h for hits in hit_lists for h in hits], key=attrgetter("image_id"),
                          version=attrgetter("version"))
-    merged = first_of_each(sorted(hits, key=lambda x: -x.score), key=attrgetter("image_id"))
+    merged = first_of_each(sorted(hits, key=lambda x: rank_key(x.score, x.image_id)), key=attrgetter("image_id"))
     if distinct:
         merged = distinct_products(merged)
     return tuple(itertools.islice(merged, top_k))

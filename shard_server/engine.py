@@ -44,6 +44,7 @@ from shard_server.types import (
     first_of_each,
     newest_copies,
     normalised,
+    rank_key,
 )
 from shard_server.wal import MAX_FRAME_BYTES, LogFrame, WriteAheadLog
 
@@ -507,7 +508,7 @@ class ShardEngine:
                                     distinct=query.distinct_products, exact_rows_limit=exact_rows_limit)
             scanned += hits.candidates_scanned
             found.extend(zip(hits.scores.tolist(), [category] * len(hits.details), hits.details))
-        found.sort(key=lambda item: -item[0])
+        found.sort(key=_found_key)
         return SearchResult(hits=_answer(found, query, several=len(searched) > 1), candidates_scanned=scanned)
 
     def _search_many(self, vector: np.ndarray, query: SearchQuery, searched: list[tuple[str, Partition]],
@@ -548,6 +549,7 @@ class ShardEngine:
                         return None
                     details[position] = detail
             found.extend((float(scores[p]), searched[owners[p]][0], details[p]) for p in positions.tolist())
+            found.sort(key=_found_key)  # equal scores by image id, as in the one-pass search
             answer = _answer(found, query, several=True)
             if len(answer) >= query.top_k:
                 break
@@ -662,6 +664,10 @@ def _answer(found: list[tuple[float, str, tuple[str, str, dict, int]]], query: S
     if query.distinct_products:  # a product filed under two categories is still one product
         out = distinct_products(out)
     return tuple(itertools.islice(out, query.top_k))
+
+
+def _found_key(item: tuple[float, str, tuple[str, str, dict, int]]) -> tuple[float, str]:
+    return rank_key(item[0], item[2][0])
 
 
 def _check_id_lengths(records: Iterable[Record]) -> None:

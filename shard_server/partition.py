@@ -29,7 +29,7 @@ from shard_server.attributes import AttributeColumns
 from shard_server.columns import GrowableArray, StringColumn
 from shard_server.config import ShardConfig
 from shard_server.rwlock import ReadWriteLock
-from shard_server.types import AnyOf, Filter, first_of_each
+from shard_server.types import SCORE_TIE_DECIMALS, AnyOf, Filter, first_of_each
 from shard_server.vectors import VectorStore
 
 log = logging.getLogger(__name__)
@@ -282,12 +282,21 @@ class Partition:
                                      candidates_scanned=scanned, strategy="exact")
             m = min(len(rows), m * DISTINCT_WIDEN_FACTOR)
 
-    @staticmethod
-    def _top_k_of(rows: np.ndarray, scores: np.ndarray, k: int, *, scanned: int) -> PartitionHits:
+    def _top_k_of(self, rows: np.ndarray, scores: np.ndarray, k: int, *, scanned: int) -> PartitionHits:
+        """The k best rows, equal scores (to SCORE_TIE_DECIMALS) by image id, so that replicas whose rows lie in
+        another order answer alike (types.rank_key)."""
+        keys = np.round(scores.astype(np.float64), SCORE_TIE_DECIMALS)
         if len(rows) > k:
-            part = np.argpartition(-scores, k - 1)[:k]
-            rows, scores = rows[part], scores[part]
-        order = np.argsort(-scores, kind="stable")
+            part = np.argpartition(-keys, k - 1)[:k]
+            kth = keys[part].min()
+            if np.count_nonzero(keys == kth) > np.count_nonzero(keys[part] == kth):
+                part = np.flatnonzero(keys >= kth)  # rows tied at the cut: all of them, the ids decide below
+            rows, scores, keys = rows[part], scores[part], keys[part]
+        order = np.argsort(-keys, kind="stable")
+        if len(order) > 1 and np.any(keys[order][1:] == keys[order][:-1]):
+            ids = self.image_ids.view[rows]
+            order = np.array(sorted(range(len(rows)), key=lambda i: (-keys[i], ids[i])), dtype=np.int64)
+        order = order[:k]
         return PartitionHits(rows=rows[order], scores=scores[order].astype(np.float32),
                              candidates_scanned=scanned, strategy="exact")
 

@@ -113,6 +113,19 @@ def newest_copies(items: Sequence[T], *, key: Callable[[T], str], version: Calla
     return [item for item in items if version(item) == newest[key(item)]]
 
 
+# Scores are compared to this many decimals, and equal ones ordered by image id, in every ranking (a partition's top
+# k, a shard's merge of its partitions, the broker's merge of its shards). Ties were broken by row position and
+# category order instead: two replicas whose rows lay in another order (writes applied in another order) answered
+# the same search differently, and identical searches alternated between them (review of 2026-12-05). Rounding
+# also ties identical vectors whose dot products differ in the last bit (BLAS sums rows in blocks).
+SCORE_TIE_DECIMALS = 6
+
+
+def rank_key(score: float, image_id: str) -> tuple[float, str]:
+    """Sort key of a hit: the best score first, equal scores by image id."""
+    return -round(score, SCORE_TIE_DECIMALS), image_id
+
+
 def first_of_each(items: Iterable[T], key: Callable[[T], str]) -> Iterator[T]:
     """The first item of each key, in the given order (each product's best when the items come best first)."""
     seen: set[str] = set()

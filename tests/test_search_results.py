@@ -193,3 +193,45 @@ def test_an_image_rewritten_between_the_two_reads_of_a_many_category_search_is_s
     hits = engine.search(SearchQuery(vector=query, top_k=5)).hits
     assert rewritten and hits[0].image_id == top.image_id and hits[0].attributes["brand"] == "new-brand"
     engine.close()
+
+
+def test_equal_scores_are_ranked_by_image_id_whatever_the_row_or_category_order(tmp_path):
+    """Ties were broken by row position and category order: two replicas that applied the same writes in another
+    order answered the same search differently (identical searches alternated between them), and categories
+    [A, C] and [C, A] gave different answers (review of 2026-12-05). Equal scores now rank by image id in the
+    partition, the shard and the broker's merge."""
+    import numpy as np
+
+    from shard_server.types import Record
+
+    rng = np.random.default_rng(5)
+    same = rng.standard_normal(DIM).astype(np.float32)
+    others = rng.standard_normal((30, DIM)).astype(np.float32)
+
+    def records(ids, category):
+        return [Record(image_id=i, product_id="p-" + i, category=category, vector=same) for i in ids]
+
+    answers = []
+    for n, order in enumerate((["dup0", "dup1", "dup2", "dup3"], ["dup3", "dup2", "dup1", "dup0"])):
+        engine = ShardEngine(ShardConfig(data_dir=tmp_path / f"replica{n}", dimension=DIM))
+        engine.load()
+        try:
+            filler = [Record(image_id=f"o{i}", product_id=f"o{i}", category="A", vector=v) for i, v in enumerate(others)]
+            engine.upsert(filler[:15] + records(order[:2], "A") + filler[15:] + records(order[2:], "A"))
+            engine.upsert(records(["dupC"], "C"))
+            for categories in (("A",), ("A", "C"), ("C", "A")):
+                for distinct in (False, True):
+                    query = SearchQuery(vector=same, top_k=2, categories=categories, distinct_products=distinct)
+                    answers.append((categories, distinct, [h.image_id for h in engine.search(query).hits]))
+        finally:
+            engine.close()
+    first, second = answers[: len(answers) // 2], answers[len(answers) // 2:]
+    assert first == second
+    assert {tuple(ids) for categories, _, ids in first if categories != ("A",)} == {("dup0", "dup1")}
+
+    def hit(image, category, score):
+        return Hit(image_id=image, product_id="p-" + image, category=category, score=score)
+
+    shard_a, shard_c = [hit("b", "A", 0.5), hit("z", "A", 0.4)], [hit("a", "C", 0.5), hit("y", "C", 0.5000000001)]
+    assert [h.image_id for h in merge_top_k([shard_a, shard_c], 3)] == ["a", "b", "y"]
+    assert [h.image_id for h in merge_top_k([shard_c, shard_a], 3)] == ["a", "b", "y"]
