@@ -283,8 +283,8 @@ class Partition:
             m = min(len(rows), m * DISTINCT_WIDEN_FACTOR)
 
     def _top_k_of(self, rows: np.ndarray, scores: np.ndarray, k: int, *, scanned: int) -> PartitionHits:
-        """The k best rows, equal scores (to SCORE_TIE_DECIMALS) by image id, so that replicas whose rows lie in
-        another order answer alike (types.rank_key)."""
+        """The k best rows and their scores rounded to SCORE_TIE_DECIMALS, equal ones by image id, so that
+        replicas whose rows lie in another order answer alike (types.rank_key)."""
         keys = np.round(scores.astype(np.float64), SCORE_TIE_DECIMALS)
         if len(rows) > k:
             part = np.argpartition(-keys, k - 1)[:k]
@@ -297,7 +297,8 @@ class Partition:
             ids = self.image_ids.view[rows]
             order = np.array(sorted(range(len(rows)), key=lambda i: (-keys[i], ids[i])), dtype=np.int64)
         order = order[:k]
-        return PartitionHits(rows=rows[order], scores=scores[order].astype(np.float32),
+        # The scores as ranked (to SCORE_TIE_DECIMALS), so that an answer's scores never rise down the list.
+        return PartitionHits(rows=rows[order], scores=keys[order].astype(np.float32),
                              candidates_scanned=scanned, strategy="exact")
 
     def _selection(self, flt: Filter, n: int) -> _Selection:
