@@ -30,6 +30,8 @@ from broker.catalogue import GROCERY_ATTRIBUTE_SCHEMA
 from shard_server.types import AnyOf, Condition, Equals, Filter, Is, Range
 
 DEFAULT_BROKER = "127.0.0.1:7100"
+# Files listed when an ingest skipped some (the count says how many more).
+SHOWN_PROBLEMS = 20
 
 
 # ---------------------------------------------------------------------- filters
@@ -133,6 +135,9 @@ def cmd_up(args) -> int:
             raise
         print("interrupted during start-up", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
+        print(f"imgsearch up: could not start the stack: {exc}", file=sys.stderr)
+        return 1
     finally:
         stop["starting"] = False
         print("stopping ...", flush=True)
@@ -164,7 +169,7 @@ def _listed_files(source: str | None, args, *, category: str | None = None) -> l
 def cmd_ingest(args) -> int:
     from tqdm import tqdm
 
-    from broker.catalogue import iter_items
+    from broker.catalogue import checked_items
 
     if (args.source is None) == (args.grocery_split is None):
         print("error: give an image, folder or CSV, or --grocery-split (not both)", file=sys.stderr)
@@ -190,23 +195,36 @@ def cmd_ingest(args) -> int:
     if unreadable:
         print(f"error: {len(unreadable)} image file(s) not found, e.g. {unreadable[0]}", file=sys.stderr)
         return 1
+    from broker.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+    from imgsearch.errors import ImgsearchError
+
+    problems: list[tuple[Path, str]] = []
     t0 = time.perf_counter()
     with (
         _client(args, write=True) as client,
         tqdm(total=len(files), unit="img", desc="ingest") as bar,
     ):
-
-        def items():
-            for item in iter_items(files):
-                yield item
-                bar.update(1)
-
-        summary = client.ingest_stream(items(), timeout_s=args.timeout_s)
+        items = checked_items(files, problems, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES,
+                              max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, on_file=lambda: bar.update(1))
+        try:
+            summary = client.ingest_stream(items, timeout_s=args.timeout_s)
+        except ImgsearchError as exc:
+            print(f"imgsearch ingest: {exc.code.name}: {exc}", file=sys.stderr)
+            print("  Part of the images may be stored. Running the same command again is safe: an image id is "
+                  "stored once, the last write winning.", file=sys.stderr)
+            return 1
     elapsed = time.perf_counter() - t0
     print(
         f"ingested {summary.ingested} images in {elapsed:.1f}s ({summary.ingested / elapsed:.1f}/s); "
         f"cache entries pending repair: {summary.cache_pending}"
     )
+    if problems:
+        print(f"skipped {len(problems)} file(s) that could not be read or decoded:", file=sys.stderr)
+        for path, reason in problems[:SHOWN_PROBLEMS]:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        if len(problems) > SHOWN_PROBLEMS:
+            print(f"  ... and {len(problems) - SHOWN_PROBLEMS} more", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -279,7 +297,7 @@ def print_answer(answer, *, title: str, expected_product: str | None = None) -> 
             f"{h.score:.3f}",
             h.product_id,
             h.category,
-            h.image_id.rsplit("/", 1)[-1],
+            h.image_id,  # whole: it is what --image-id and delete take (its last part alone found nothing)
             attrs,
             style=mark,
         )
@@ -300,8 +318,10 @@ def _console():
 def cmd_delete(args) -> int:
     image_ids = list(args.image_ids)
     if args.from_file:
-        text = sys.stdin.read() if args.from_file == "-" else Path(args.from_file).read_text()
-        image_ids += [line.strip() for line in text.splitlines() if line.strip()]
+        # utf-8-sig: a file saved by a Windows editor starts with a byte-order mark, which became part of the
+        # first id (silently not deleted, CLI review of 2026-12-05)
+        text = sys.stdin.read() if args.from_file == "-" else Path(args.from_file).read_text(encoding="utf-8-sig")
+        image_ids += [line.strip().lstrip("\ufeff") for line in text.splitlines() if line.strip()]
     if not image_ids:
         print("error: give image ids, or --from-file with one id per line", file=sys.stderr)
         return 2
@@ -522,6 +542,10 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:  # unreadable/missing files, bad CSVs, undecodable text
         print(f"imgsearch {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a traceback said nothing useful (`up` handles its own)
+        hint = " Running the same command again is safe." if args.command == "ingest" else ""
+        print(f"imgsearch {args.command}: interrupted.{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

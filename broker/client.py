@@ -10,6 +10,7 @@ a timeout on every call, and typed errors (imgsearch.errors, via from_rpc_error)
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, Iterable, Sequence
 
 import grpc
@@ -17,7 +18,7 @@ import numpy as np
 
 from broker import convert
 from broker.types import CatalogueItem, IngestSummary, Query, SearchAnswer, ShardSummary
-from imgsearch.errors import from_rpc_error
+from imgsearch.errors import InvalidArgumentError, from_rpc_error
 from imgsearch.serving import client_channel_options, tls_credentials
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 from shard_server.types import Exactness, Filter
@@ -27,6 +28,8 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     """The request of a `search` call, built from that call's arguments (`locals()`, before anything else), so
     the sync and async clients keep one list of search options: their signatures."""
     fields = {name: value for name, value in arguments.items() if name not in ("self", "timeout_s")}
+    if fields["top_k"] < 1:  # protobuf's own "Value out of range" ValueError said nothing of the argument
+        raise InvalidArgumentError(f"top_k must be at least 1, got {fields['top_k']}")
     vector, categories, filter = fields.pop("vector"), fields.pop("categories"), fields.pop("filter")
     return convert.query_to_proto(
         Query(
@@ -36,6 +39,42 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
             **fields,
         )
     )
+
+
+def _or(timeout_s: float | None, default_s: float) -> float:
+    """The call's timeout: `default_s` only when none is given (0 meant the default before: a caller's 0 s is
+    an immediate DEADLINE_EXCEEDED, as grpc gives it)."""
+    return default_s if timeout_s is None else timeout_s
+
+
+class _Items:
+    """The items of an ingest stream as messages, keeping the error the items themselves raised (an unreadable
+    file, say): grpc turned it into UNKNOWN "Exception iterating requests!" (sync) or a CancelledError (async),
+    and the caller never learnt which file or why (CLI review of 2026-12-05). The caller gets it back as it was."""
+
+    def __init__(self, items):
+        self.items = items
+        self.error: BaseException | None = None
+
+    def __iter__(self):
+        try:
+            for item in self.items:
+                yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
+        except Exception as exc:
+            self.error = exc
+            raise
+
+    async def __aiter__(self):
+        try:
+            if hasattr(self.items, "__aiter__"):
+                async for item in self.items:
+                    yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
+            else:
+                for item in self.items:
+                    yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
+        except Exception as exc:
+            self.error = exc
+            raise
 
 
 def _metadata(token: str | None):
@@ -94,7 +133,7 @@ class BrokerClient:
     ) -> SearchAnswer:
         req = _search_request(locals())
         try:
-            resp = await self._stub.Search(req, timeout=timeout_s or self.timeout_s)
+            resp = await self._stub.Search(req, timeout=_or(timeout_s, self.timeout_s))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return convert.answer_from_proto(resp)
@@ -103,7 +142,7 @@ class BrokerClient:
         req = broker_pb2.IngestRequest(item=convert.item_to_proto(item))
         try:
             resp = await self._stub.Ingest(
-                req, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata
+                req, timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -112,26 +151,23 @@ class BrokerClient:
     async def ingest_stream(
         self, items: Iterable[CatalogueItem] | AsyncIterable[CatalogueItem], *, timeout_s: float | None = None
     ) -> IngestSummary:
-        async def messages():
-            if hasattr(items, "__aiter__"):
-                async for item in items:
-                    yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
-            else:
-                for item in items:
-                    yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
-
+        messages = _Items(items)
         try:
             resp = await self._stub.IngestStream(
-                messages(), timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata
+                messages.__aiter__(), timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             )
-        except grpc.RpcError as err:
+        except (grpc.RpcError, asyncio.CancelledError) as err:
+            if messages.error is not None:
+                raise messages.error from None
+            if isinstance(err, asyncio.CancelledError):
+                raise
             raise from_rpc_error(err) from None
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
 
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float | None = None) -> int:
         req = broker_pb2.BrokerServiceDeleteRequest(image_ids=list(image_ids))
         try:
-            resp = await self._stub.Delete(req, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata)
+            resp = await self._stub.Delete(req, timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return resp.deleted
@@ -139,7 +175,7 @@ class BrokerClient:
     async def stats(self, *, timeout_s: float | None = None) -> list[ShardSummary]:
         try:
             resp = await self._stub.Stats(
-                broker_pb2.BrokerServiceStatsRequest(), timeout=timeout_s or self.timeout_s
+                broker_pb2.BrokerServiceStatsRequest(), timeout=_or(timeout_s, self.timeout_s)
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -198,14 +234,14 @@ class SyncBrokerClient:
     ) -> SearchAnswer:
         req = _search_request(locals())
         try:
-            return convert.answer_from_proto(self._stub.Search(req, timeout=timeout_s or self.timeout_s))
+            return convert.answer_from_proto(self._stub.Search(req, timeout=_or(timeout_s, self.timeout_s)))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
     def ingest(self, item: CatalogueItem, *, timeout_s: float | None = None) -> IngestSummary:
         req = broker_pb2.IngestRequest(item=convert.item_to_proto(item))
         try:
-            resp = self._stub.Ingest(req, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata)
+            resp = self._stub.Ingest(req, timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
@@ -213,12 +249,14 @@ class SyncBrokerClient:
     def ingest_stream(
         self, items: Iterable[CatalogueItem], *, timeout_s: float | None = None
     ) -> IngestSummary:
-        messages = (broker_pb2.IngestStreamRequest(item=convert.item_to_proto(i)) for i in items)
+        messages = _Items(items)
         try:
             resp = self._stub.IngestStream(
-                messages, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata
+                iter(messages), timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             )
         except grpc.RpcError as err:
+            if messages.error is not None:
+                raise messages.error from None
             raise from_rpc_error(err) from None
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
 
@@ -226,7 +264,7 @@ class SyncBrokerClient:
         req = broker_pb2.BrokerServiceDeleteRequest(image_ids=list(image_ids))
         try:
             return self._stub.Delete(
-                req, timeout=timeout_s or self.ingest_timeout_s, metadata=self._metadata
+                req, timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             ).deleted
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -234,7 +272,7 @@ class SyncBrokerClient:
     def stats(self, *, timeout_s: float | None = None) -> list[ShardSummary]:
         try:
             resp = self._stub.Stats(
-                broker_pb2.BrokerServiceStatsRequest(), timeout=timeout_s or self.timeout_s
+                broker_pb2.BrokerServiceStatsRequest(), timeout=_or(timeout_s, self.timeout_s)
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

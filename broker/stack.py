@@ -46,6 +46,17 @@ def console_script(name: str) -> list[str]:
     return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
 
+def check_port_free(host: str, port: int, what: str) -> None:
+    """Raise OSError when `port` cannot be bound on `host` (another process listens there)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"the {what} {host}:{port} is in use ({exc.strerror}): another stack or service "
+                          "listens there; pick another port") from None
+
+
 def wait_for_port(
     host: str, port: int, *, timeout_s: float, process: subprocess.Popen | None = None, name: str = ""
 ) -> None:
@@ -136,6 +147,14 @@ class LocalStack:
         self.stop()
 
     def start(self) -> None:
+        if self.config.shards < 1 or self.config.replicas < 1:
+            raise ValueError("a stack needs at least one shard and one replica")
+        # Before anything starts: a broker port already in use made the new broker exit while the health check
+        # reached the other stack's broker, and "ready" was printed for it (CLI review of 2026-12-05).
+        for port, what in ((self.config.broker_port, "broker port"), (self.config.broker_metrics_port,
+                                                                        "broker metrics port")):
+            if port:
+                check_port_free(HOST, port, what)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         try:
@@ -334,6 +353,9 @@ class LocalStack:
 
         with SyncBrokerClient(self.broker_address) as client:
             client.wait_until_serving(timeout_s=self.config.startup_timeout_s)
+        broker = self.processes["broker"]
+        if not broker.running:  # what answered was not ours
+            raise RuntimeError(f"imgsearch-broker exited with code {broker.process.returncode} (see {self.logs})")
 
     def describe(self) -> dict[str, object]:
         return {

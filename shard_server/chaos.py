@@ -122,7 +122,9 @@ async def writer(w, client, model, rng, stop, counters):
                          "in_stock": rng.random() < 0.5, "brand": f"b{rng.randint(0, 9)}"}
                 if rng.random() < 0.2:
                     attrs.pop("brand")
-                v = vec(np.random.default_rng(rng.getrandbits(32)))
+                # 64 bits: with 32, a round's ~20,000 draws gave two ids the same vector now and then, and the exact
+                # top-1 of one was the other (the one "violation" seen in 91 runs of a review, 2026-12-05)
+                v = vec(np.random.default_rng(rng.getrandbits(64)))
                 prod = f"p{rng.randint(0, 999)}"
                 records.append(Record(image_id=i, product_id=prod, category=cat, vector=v, attributes=attrs, version=_version()))
                 states.append((cat, prod, v, attrs))
@@ -179,6 +181,11 @@ async def searcher(client, model, rng, stop, counters):
         await asyncio.sleep(0.01)
 
 
+def _best(hits) -> list[str]:
+    """The ids tied at the top score: an identical vector under another id ranks by id (a tie, not a loss)."""
+    return [h.image_id for h in hits if h.score == hits[0].score]
+
+
 async def verify(client, model, round_no):
     """After restart: collapse uncertain states through Get, check everything else."""
     all_ids = [f"w{w}-{k:05d}" for w in range(WRITERS) for k in range(IDS_PER_WRITER)]
@@ -225,12 +232,12 @@ async def verify(client, model, round_no):
                 elif found[h.image_id][0] != h.category:
                     violate(f"round {round_no}: search returned {h.image_id} in {h.category}, "
                             f"Get says {found[h.image_id][0]}")
-            if ex is Exactness.EXACT and (not hits or hits[0] != i):
+            if ex is Exactness.EXACT and i not in _best(res.hits):
                 violate(f"round {round_no}: exact top-1 of {i}'s vector is {hits[:1]}")
         # per-category search
         res = await client.search(SearchQuery(vector=s[2], top_k=5, categories=(s[0],), exactness=Exactness.EXACT),
                                   timeout_s=10)
-        if not res.hits or res.hits[0].image_id != i:
+        if i not in _best(res.hits):
             violate(f"round {round_no}: exact top-1 in {s[0]} for {i} is {[h.image_id for h in res.hits[:1]]}")
     # Look for a ghost copy in another category: search each other category with the vector
     for i in sample[:60]:

@@ -15,6 +15,9 @@ def files(tmp_path, monkeypatch):
     (tmp_path / "extra-field.csv").write_text("image,product_id,category\na.jpg,p,c,surplus\n")
     (tmp_path / "missing-image.csv").write_text("image,product_id,category\nmissing.jpg,p,c\n")
     (tmp_path / "latin1.csv").write_bytes("image,product_id,category\na.jpg,caf\xe9,c\n".encode("latin-1"))
+    # saved by Excel as "CSV UTF-8": a byte-order mark, which read as part of the first column's name
+    (tmp_path / "bom.csv").write_bytes("image, product_id, category\nbom-missing.jpg,p,c\n".encode("utf-8-sig"))
+    (tmp_path / "same-name.csv").write_text("image,product_id,category\na/front.jpg,p,c\nb/front.jpg,q,c\n")
     return tmp_path
 
 
@@ -26,10 +29,13 @@ def files(tmp_path, monkeypatch):
         (["ingest", "{d}/extra-field.csv"], "line 2"),
         (["ingest", "{d}/missing-image.csv"], "missing.jpg"),
         (["ingest", "{d}/latin1.csv"], "utf-8"),
+        (["ingest", "{d}/bom.csv"], "bom-missing.jpg"),  # the header is read; the file is what is missing
+        (["ingest", "{d}/same-name.csv"], "add an image_id column"),
         (["delete", "--from-file", "{d}/missing.txt"], "missing.txt"),
         (["eval", "{d}/missing.csv"], "missing.csv"),
     ],
     ids=["search-missing-file", "csv-without-category", "csv-extra-field", "csv-missing-image", "csv-not-utf8",
+         "csv-with-bom-and-spaced-header", "csv-default-ids-collide",
          "delete-missing-list", "eval-missing-csv"],
 )
 def test_bad_local_input_is_one_clear_line(files, capsys, args, says):

@@ -553,6 +553,48 @@ def test_cli_ingest_csv_search_and_stats(stack, catalogue, tmp_path):
     assert client_delete(stack, ["cli-1"]) == 0
 
 
+def test_cli_ingest_stores_the_good_files_and_lists_the_bad_ones(stack, client, catalogue, tmp_path):
+    """One empty or corrupt file failed the whole stream after every file before it was sent, and nothing was
+    stored (CLI review of 2026-12-05). The good ones are now stored, the bad ones listed, and the exit status is 1.
+    A search table shows whole image ids (it showed their last part, which --image-id did not find)."""
+    good = catalogue["gallery"][2]
+    folder = tmp_path / "Shelf" / "mixed-product"
+    folder.mkdir(parents=True)
+    (folder / "good.jpg").write_bytes(good.path.read_bytes())
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "cut.jpg").write_bytes(good.path.read_bytes()[:2000])
+    done = _cli(stack, "ingest", str(tmp_path))
+    assert done.returncode == 1, done.stderr
+    assert "ingested 1 images" in done.stdout
+    assert "skipped 2 file(s)" in done.stderr and "empty.jpg" in done.stderr and "cut.jpg" in done.stderr
+    assert "Traceback" not in done.stderr
+    image_id = "Shelf/mixed-product/good"
+    assert client.search(image_id=image_id, top_k=1).hits
+    done = _cli(stack, "search", str(good.path), "-k", "3", "--category", "Shelf")
+    assert done.returncode == 0 and image_id in done.stdout, done.stdout
+    assert client_delete(stack, [image_id]) == 1
+
+
+async def test_an_ingest_streams_own_items_error_reaches_the_caller_as_it_was(stack, catalogue):
+    """An items iterator that fails (an unreadable file) gave the sync client UNKNOWN "Exception iterating
+    requests!" and the async one a CancelledError, neither naming the file (CLI review of 2026-12-05)."""
+    from broker.catalogue import iter_items
+    from imgsearch.errors import InvalidArgumentError
+
+    def items():
+        yield from iter_items(catalogue["gallery"][:1])
+        raise PermissionError(13, "Permission denied", "locked.jpg")
+
+    with SyncBrokerClient(stack.broker_address, token=TOKEN) as sync_client:
+        with pytest.raises(PermissionError, match="locked.jpg"):
+            sync_client.ingest_stream(items(), timeout_s=60)
+        with pytest.raises(InvalidArgumentError, match="top_k"):
+            sync_client.search(vector=[1.0] * 512, top_k=-1)
+    async with BrokerClient(stack.broker_address, token=TOKEN) as async_client:
+        with pytest.raises(PermissionError, match="locked.jpg"):
+            await async_client.ingest_stream(items(), timeout_s=60)
+
+
 def test_cli_ingest_a_grocery_split(stack, client, catalogue, data_dir, tmp_path):
     """`imgsearch ingest --grocery-split` files photos under the ids and coarse categories that `imgsearch eval
     --grocery-split` expects. A split of three catalogue photos (already ingested: the upsert is idempotent)."""
