@@ -112,8 +112,7 @@ def cmd_up(args) -> int:
             stop["interrupted"] = True
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(f"starting the stack in {work} ...", flush=True)
     stack = LocalStack(config)
     try:
@@ -143,6 +142,8 @@ def cmd_up(args) -> int:
         print("stopping ...", flush=True)
         stack.stop()
         print("stopped.")
+        for sig, handler in previous.items():  # `up` may run inside another program (the tests)
+            signal.signal(sig, handler)
     return 0
 
 

@@ -42,3 +42,18 @@ def test_bad_local_input_is_one_clear_line(files, capsys, args, says):
     assert cli.main([a.format(d=files) for a in args]) == 1
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_up_refuses_a_broker_port_in_use_before_starting_anything(tmp_path, capsys):
+    """`imgsearch up` on a port another stack's broker listened on printed "ready" for that broker, its own having
+    exited (CLI review of 2026-12-05)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = cli.main(["up", "--port", str(port), "--work-dir", str(tmp_path / "stack")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"127.0.0.1:{port} is in use" in err, err
+    assert not (tmp_path / "stack" / "logs").exists()  # nothing was started
