@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grocery-split", help="the grocery photos of this split as queries (val, or test where "
                     "there is a test.txt), under --data")
     ev.add_argument("--data", default="", help="data folder holding grocery/ (default ../shared/data)")
-    ev.add_argument("-k", type=int, default=10, help="products per answer (Recall@k for k up to this)")
+    ev.add_argument("-k", type=int, default=10, help="products per answer (Recall@1, 5, 10 up to this, and at this k)")
     ev.add_argument("--own-category", action="store_true", help="search each query in its own category only")
     _add_filter_arguments(ev, ", on every search (e.g. packshot=true)")
     ev.add_argument("--concurrency", type=int, default=1, help="searches in flight")

@@ -103,7 +103,9 @@ def summarise(outcomes: Sequence[QueryOutcome], *, top_k: int) -> EvalReport:
         queries=n,
         answered=len(ranks),
         top_k=top_k,
-        recall_at={k: sum(r is not None and r <= k for r in ranks) / n for k in RECALL_AT if k <= top_k},
+        # Recall@1/5/10 up to top_k, and at top_k itself (`-k 3` printed Recall@1 alone: CLI review)
+        recall_at={k: sum(r is not None and r <= k for r in ranks) / n
+                   for k in sorted({*RECALL_AT, top_k}) if k <= top_k},
         mrr=sum(1.0 / r for r in ranks if r is not None) / n,
         latency_p50_s=float(np.percentile(latencies, 50)),
         latency_p95_s=float(np.percentile(latencies, 95)),

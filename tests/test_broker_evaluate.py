@@ -42,6 +42,7 @@ def test_summary_scores_failed_searches_as_misses():
     assert report.mrr == pytest.approx((1 + 1 / 2 + 1 / 7 + 1) / 6)
     assert report.errors == {"INVALID_ARGUMENT": 1} and report.from_cache == 1
     assert set(summarise(outcomes, top_k=5).recall_at) == {1, 5}  # no Recall@10 from 5 products
+    assert set(summarise(outcomes, top_k=3).recall_at) == {1, 3}  # and Recall@k at -k itself
     with pytest.raises(ValueError):
         summarise([], top_k=10)
 
