@@ -539,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ImgsearchError as exc:
         print(f"imgsearch {args.command}: {exc.code.name}: {exc}", file=sys.stderr)
+        if exc.code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            print("  The broker requires a write token: set IMGSEARCH_WRITE_TOKEN to it.", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:  # unreadable/missing files, bad CSVs, undecodable text
         print(f"imgsearch {args.command}: error: {exc}", file=sys.stderr)
