@@ -143,7 +143,8 @@ def cmd_up(args) -> int:
         stack.stop()
         print("stopped.")
         for sig, handler in previous.items():  # `up` may run inside another program (the tests)
-            signal.signal(sig, handler)
+            if handler is not None:  # None: set outside Python, cannot be set back from it
+                signal.signal(sig, handler)
     return 0
 
 
@@ -205,8 +206,13 @@ def cmd_ingest(args) -> int:
         _client(args, write=True) as client,
         tqdm(total=len(files), unit="img", desc="ingest") as bar,
     ):
-        items = checked_items(files, problems, max_image_bytes=DEFAULT_MAX_IMAGE_BYTES,
-                              max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, on_file=lambda: bar.update(1))
+        # The broker's limits, read from the variables the broker reads (for a broker started in this environment,
+        # as `imgsearch up` does), else its defaults.
+        items = checked_items(
+            files, problems,
+            max_image_bytes=int(os.environ.get("IMGSEARCH_MAX_IMAGE_BYTES") or DEFAULT_MAX_IMAGE_BYTES),
+            max_image_pixels=int(os.environ.get("IMGSEARCH_MAX_IMAGE_PIXELS") or DEFAULT_MAX_IMAGE_PIXELS),
+            on_file=lambda: bar.update(1))
         try:
             summary = client.ingest_stream(items, timeout_s=args.timeout_s)
         except ImgsearchError as exc:

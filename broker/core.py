@@ -124,8 +124,10 @@ class Broker:
         """Waits briefly for the stale-entry removals under way (each is bounded by the cache's write timeout)."""
         if self._cleanups:
             await asyncio.wait(set(self._cleanups), timeout=CLEANUP_WAIT_S)
-        for task in set(self._cleanups):
+        left = set(self._cleanups)
+        for task in left:
             task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
 
     # ------------------------------------------------------------------ search
     async def search(self, query: Query, *, timeout_s: float) -> SearchAnswer:
@@ -419,7 +421,7 @@ class Broker:
                 )
                 for i, item in enumerate(items)
             ]
-            pending = await self._write_cache(writes, deadline)
+            pending = await self._write_cache(writes, deadline, written=True)
         return pending
 
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
@@ -438,18 +440,27 @@ class Broker:
                 if self.cache is not None:
                     # at most half the time left: the shards' delete needs the rest
                     now = time.monotonic()
-                    await self._write_cache([(image_id, None) for image_id in batch], now + (deadline - now) / 2)
+                    await self._write_cache([(image_id, None) for image_id in batch], now + (deadline - now) / 2,
+                                            written=False)
                 deleted += await self.pool.delete(batch, timeout_s=max(0.0, deadline - time.monotonic()),
                                                   version=self._write_clock.next())
         return deleted
 
-    async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]], deadline: float) -> int:
+    async def _write_cache(self, writes: list[tuple[str, CacheEntry | None]], deadline: float, *,
+                           written: bool) -> int:
         """Apply cache upserts (entry) and deletes (None: a Delete, or a vector-only re-ingest dropping an old
-        image entry) by `deadline` (time.monotonic()); failed or unfinished ones go to the repair queue, also
-        when the caller is cancelled (it hung up). Returns how many failed. Deletes go in batches of
-        CACHE_DELETE_BATCH_IDS per round trip, so a bulk Delete does not run a Redis call per id."""
+        image entry) by `deadline` (time.monotonic()); failed or unfinished ones go to the repair queue. Returns
+        how many failed. Deletes go in batches of CACHE_DELETE_BATCH_IDS per round trip, so a bulk Delete does not
+        run a Redis call per id.
+
+        `written`: the shards already hold what these writes reflect (an ingest's, after its shard write). Then a
+        caller that hangs up meanwhile leaves every write not yet done to the repair queue. Before the shards (a
+        Delete clears the cache first), it leaves the queue alone: the shards deleted nothing, and queueing the
+        deletes replaced an image's pending upsert with a delete (review of 2026-12-05)."""
+        done: set[str] = set()
 
         def settled(batch: Sequence[tuple[str, CacheEntry | None]], ok: bool) -> int:
+            done.update(image_id for image_id, _ in batch)
             if self.repair is not None:
                 for image_id, entry in batch:
                     if ok:
@@ -463,9 +474,6 @@ class Broker:
                 await self.cache.upsert(entry, deadline=deadline)
             except CacheUnavailable:
                 return settled([(image_id, entry)], False)
-            except asyncio.CancelledError:
-                settled([(image_id, entry)], False)
-                raise
             return settled([(image_id, entry)], True)
 
         async def delete(batch: list[tuple[str, None]]) -> int:
@@ -473,24 +481,22 @@ class Broker:
                 await self.cache.delete_many([image_id for image_id, _ in batch], deadline=deadline)
             except CacheUnavailable:
                 return settled(batch, False)
-            except asyncio.CancelledError:
-                settled(batch, False)
-                raise
             return settled(batch, True)
 
-        failed = sum(
-            await asyncio.gather(
-                *(upsert(image_id, entry) for image_id, entry in writes if entry is not None)
+        try:
+            failed = sum(
+                await asyncio.gather(
+                    *(upsert(image_id, entry) for image_id, entry in writes if entry is not None)
+                )
             )
-        )
-        deletes = [(image_id, None) for image_id, entry in writes if entry is None]
-        # one batch at a time, so a bulk Delete holds one Redis connection
-        for start in range(0, len(deletes), CACHE_DELETE_BATCH_IDS):
-            try:
+            deletes = [(image_id, None) for image_id, entry in writes if entry is None]
+            # one batch at a time, so a bulk Delete holds one Redis connection
+            for start in range(0, len(deletes), CACHE_DELETE_BATCH_IDS):
                 failed += await delete(deletes[start : start + CACHE_DELETE_BATCH_IDS])
-            except asyncio.CancelledError:  # the batches not yet tried are left to the repair queue too
-                settled(deletes[start + CACHE_DELETE_BATCH_IDS :], False)
-                raise
+        except asyncio.CancelledError:
+            if written:
+                settled([(image_id, entry) for image_id, entry in writes if image_id not in done], False)
+            raise
         return failed
 
     # ------------------------------------------------------------------ stats

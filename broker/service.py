@@ -177,6 +177,8 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
+                    if idle_s < self._ingest_timeout_s:  # the caller's own deadline came first
+                        raise DeadlineExceededError("the IngestStream's deadline passed") from None
                     raise DeadlineExceededError(
                         f"no message on the IngestStream for {idle_s:.1f}s: a stream must keep sending or close"
                     ) from None

@@ -9,13 +9,11 @@ whose shorter side is at most 512 px; larger ones are box-reduced first, for spe
 
 from __future__ import annotations
 
-import functools
-import io
 from dataclasses import dataclass
 
 import imagehash
 import numpy as np
-from PIL import ExifTags, Image, ImageCms, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from embedder.preprocess import decode_image, to_rgb
 
@@ -73,49 +71,21 @@ def image_hashes(img: Image.Image) -> ImageHashes:
 
 
 def _hashes_of_upright(upright: Image.Image) -> ImageHashes:
-    """Hashes of an RGB image already turned upright (orientation is never applied twice)."""
-    profile = upright.info.get("icc_profile")
+    """Hashes of an RGB image already turned upright (orientation is never applied twice). The pixels as stored,
+    whatever colour profile they carry: a copy with its profile stripped (what many image pipelines do) is then an
+    exact match, an sRGB re-export of a profiled image (most grocery packshots carry Adobe RGB) often is not and is
+    found through the index. Hashing in sRGB was tried and turned that around (56 of 56 stripped copies matched,
+    27 after; 28 of 56 re-exports matched, 56 after): a review of 2026-12-05; the model reads stored pixels too."""
     shorter = min(upright.size)
     if shorter > _MAX_HASH_INPUT_SIDE:
         # imagehash shrinks to 32x32 with Lanczos, which costs ~0.3 s on a 12 MP phone photo; a box
         # reduction to a shorter side of 256-511 px first changes at most 2 of 64 bits on the test images.
         upright = upright.reduce(shorter // (_MAX_HASH_INPUT_SIDE // 2))
-    if profile:
-        upright = _in_srgb(upright, profile)
     return ImageHashes(
         phash=_to_uint64(imagehash.phash(upright, hash_size=_HASH_SIZE)),
         dhash=_to_uint64(imagehash.dhash(upright, hash_size=_HASH_SIZE)),
         colour=colour_signature(upright),
     )
-
-
-def _in_srgb(rgb: Image.Image, profile: bytes) -> Image.Image:
-    """The picture's colours as an sRGB viewer shows them. 56 of the 81 grocery packshots carry an Adobe RGB
-    profile: read as stored, their colour signatures were up to 24 away from an sRGB re-export of the same
-    picture, over the cache's limit of 12 (review of 2026-12-05). A profile that cannot be read or applied
-    leaves the pixels as stored. (The model reads pixels as stored: it was trained that way.)"""
-    transform = _srgb_transform(profile)
-    if transform is None:
-        return rgb
-    try:
-        return ImageCms.applyTransform(rgb, transform)
-    except (ImageCms.PyCMSError, ValueError, OSError):
-        return rgb
-
-
-@functools.lru_cache(maxsize=64)
-def _srgb_transform(profile: bytes):
-    try:
-        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        if "srgb" in ImageCms.getProfileDescription(source).lower():
-            return None  # already sRGB
-        # NOCACHE: LittleCMS's one-pixel cache is written during a transform; hashes are taken on several threads
-        return ImageCms.buildTransform(source, _SRGB, "RGB", "RGB", flags=ImageCms.Flags.NOCACHE)
-    except (ImageCms.PyCMSError, ValueError, OSError, TypeError):
-        return None
-
-
-_SRGB = ImageCms.createProfile("sRGB")
 
 
 def colour_signature(rgb: Image.Image) -> bytes:

@@ -33,6 +33,7 @@ from shard_server.snapshot import SnapshotStore
 from shard_server.tombstones import Tombstones
 from shard_server.types import (
     MAX_ID_CHARS,
+    SCORE_TIE_DECIMALS,
     CategoryStats,
     Exactness,
     Hit,
@@ -532,15 +533,20 @@ class ShardEngine:
         scores = np.concatenate([p[0] for p in parts])
         owners = np.concatenate([np.full(len(p[0]), p[1]) for p in parts])
         rows = np.concatenate([p[2] for p in parts])
-        order = np.argsort(-scores, kind="stable")  # ties in category order, as in the one-pass search
+        descending = -np.round(scores.astype(np.float64), SCORE_TIE_DECIMALS)
+        order = np.argsort(descending, kind="stable")
+        descending = descending[order]
         found: list[tuple[float, str, tuple[str, str, dict, int]]] = []
         answer: tuple[Hit, ...] = ()
         start, chunk = 0, max(2 * query.top_k, 32)
         while start < len(order):
-            positions = order[start:start + chunk]
+            # A round ends after the last of the scores equal to its last one: a group of equal scores cut by a
+            # round's end was cut in category order, not by image id (review of 2026-12-05).
+            end = int(np.searchsorted(descending, descending[min(start + chunk, len(order)) - 1], side="right"))
+            positions = order[start:end]
             # Doubling: when duplicates (distinct products across categories) keep the answer short, every round
             # re-reads the whole list, so the rounds must grow or the search is quadratic.
-            start, chunk = start + chunk, 2 * chunk
+            start, chunk = end, 2 * chunk
             details: dict[int, tuple[str, str, dict, int]] = {}
             for owner in dict.fromkeys(owners[positions].tolist()):
                 mine = positions[owners[positions] == owner]

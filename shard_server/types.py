@@ -117,7 +117,8 @@ def newest_copies(items: Sequence[T], *, key: Callable[[T], str], version: Calla
 # k, a shard's merge of its partitions, the broker's merge of its shards). Ties were broken by row position and
 # category order instead: two replicas whose rows lay in another order (writes applied in another order) answered
 # the same search differently, and identical searches alternated between them (review of 2026-12-05). Rounding
-# also ties identical vectors whose dot products differ in the last bit (BLAS sums rows in blocks).
+# also ties, in all but rare cases (two values either side of a rounding boundary), identical vectors whose dot
+# products differ in the last bit.
 SCORE_TIE_DECIMALS = 6
 
 

@@ -447,3 +447,40 @@ async def test_an_ingest_whose_cache_write_is_cut_short_succeeds_and_queues_the_
     with pytest.raises(asyncio.CancelledError):
         await task
     assert "x" in repair.pending
+
+
+async def test_a_cancelled_write_leaves_the_repair_queue_as_the_shards_left_the_images():
+    """A Delete clears the cache before the shards: cancelled then (its caller hung up), the shards deleted
+    nothing, and queueing cache deletes replaced an image's pending cache upsert with a delete. An ingest's
+    cache writes come after its shard write: cancelled, all of them are queued, its deletes too (those of
+    vector-only items, whose old image entry must go), which were never tried (review of 2026-12-05)."""
+    import asyncio
+
+    class SlowCache(StubCache):
+        async def upsert(self, entry, *, deadline=None):
+            await asyncio.sleep(10)
+
+        async def delete_many(self, image_ids, *, deadline=None):
+            await asyncio.sleep(10)
+
+    pending = CacheEntry(image_id="x", product_id="p", category="Milk", phash=1, dhash=2, embedding=_unit(0))
+    repair = StubRepair()
+    repair.add("x", pending)
+    broker = _broker(SlowCache(), StubEmbedder(_unit(0)), repair=repair)
+    task = asyncio.create_task(broker.delete(["x"], timeout_s=30))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert repair.pending == {"x": pending}
+
+    repair = StubRepair()
+    broker = _broker(SlowCache(), StubEmbedder(_unit(0)), repair=repair)
+    items = [CatalogueItem(image_id="photo", product_id="p", category="Milk", image=_png()),
+             CatalogueItem(image_id="vector-only", product_id="p", category="Milk", vector=_unit(1))]
+    task = asyncio.create_task(broker.ingest(items, timeout_s=30))
+    await asyncio.sleep(0.2)  # in the cache upserts
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert repair.pending["photo"].image_id == "photo" and repair.pending["vector-only"] is None

@@ -197,13 +197,10 @@ def test_colours_tell_a_recoloured_copy_from_a_re_encoded_one():
     assert not same_colours(b"", original.colour) and not same_colours(original.colour, b"")
 
 
-def test_a_packshot_with_a_colour_profile_and_its_srgb_re_export_hash_alike():
-    """Most grocery packshots carry an Adobe RGB profile. Read as stored, an sRGB re-export of the same picture (what
-    a shop's image pipeline often makes) had colour signatures up to 24 apart, over the cache's limit: 30 of 80
-    were exact matches and 52 near (review of 2026-12-05); with the pixels taken to sRGB first, 63 and 80."""
+def test_a_packshot_with_its_colour_profile_stripped_hashes_as_the_original():
+    """Image pipelines often strip a picture's colour profile and keep its pixels: that copy is the same picture
+    to the cache (hashing in sRGB, tried on 2026-12-05, lost 29 of 56 such copies of the grocery packshots)."""
     from PIL import ImageCms
-
-    from embedder.hashing import same_colours
 
     def profile(path: Path) -> str:
         icc = Image.open(path).info.get("icc_profile")
@@ -212,17 +209,11 @@ def test_a_packshot_with_a_colour_profile_and_its_srgb_re_export_hash_alike():
     iconic = sorted((DATA_DIR / "grocery" / "iconic-images-and-descriptions").rglob("*.jpg"))
     tagged = [path for path in iconic if "adobe" in profile(path).lower()][:12]
     assert len(tagged) == 12
-    srgb = ImageCms.createProfile("sRGB")
-    exact = 0
     for path in tagged:
-        raw = path.read_bytes()
-        img = Image.open(io.BytesIO(raw))
-        managed = ImageCms.profileToProfile(img.convert("RGB"), ImageCms.ImageCmsProfile(
-            io.BytesIO(img.info["icc_profile"])), srgb, outputMode="RGB")
-        out = io.BytesIO()
-        managed.save(out, "JPEG", quality=95)
-        a, b = hashes_of_bytes(raw), hashes_of_bytes(out.getvalue())
-        assert same_colours(a.colour, b.colour), path.name
-        assert hamming(a.phash, b.phash) <= 5 and hamming(a.dhash, b.dhash) <= 5, path.name
-        exact += a.phash == b.phash and a.dhash == b.dhash
-    assert exact >= 6
+        img = Image.open(path)
+        img.load()
+        img.info.pop("icc_profile")
+        stripped = io.BytesIO()
+        img.save(stripped, "PNG")  # the same pixels, no profile
+        assert "icc_profile" not in Image.open(io.BytesIO(stripped.getvalue())).info
+        assert hashes_of_bytes(stripped.getvalue()) == hashes_of_bytes(path.read_bytes()), path.name

@@ -229,6 +229,20 @@ def test_equal_scores_are_ranked_by_image_id_whatever_the_row_or_category_order(
     assert first == second
     assert {tuple(ids) for categories, _, ids in first if categories != ("A",)} == {("dup0", "dup1")}
 
+    # a search over 8 or more categories reads the best hits in rounds: a tie cut by a round's end was cut in
+    # category order (review of the change)
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path / "many", dimension=DIM))
+    engine.load()
+    try:
+        engine.upsert([Record(image_id=f"id{i:02d}", product_id=f"p{i}", category=f"c{i:02d}", vector=same)
+                       for i in range(40)])
+        categories = tuple(f"c{i:02d}" for i in range(40))
+        for order in (categories, categories[::-1]):
+            hits = engine.search(SearchQuery(vector=same, top_k=2, categories=order)).hits
+            assert [h.image_id for h in hits] == ["id00", "id01"]
+    finally:
+        engine.close()
+
     def hit(image, category, score):
         return Hit(image_id=image, product_id="p-" + image, category=category, score=score)
 
