@@ -302,7 +302,8 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="imgsearch-embed bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help=f"comma-separated, of {', '.join(BACKENDS)}")
     parser.add_argument("--concurrency", default="1,2,4,8", help="client concurrencies, comma-separated")
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds per (backend, concurrency)")
     parser.add_argument("--images", type=int, default=32, help="distinct grocery val photos to cycle through")
@@ -314,8 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="benchmark this running Triton (host:port, gRPC) instead of starting one here")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="PyTorch checkpoint for the torch backend (default: the untrained network)")
-    parser.add_argument("--out-md", type=Path, default=REPO_ROOT / "docs" / "bench-embedder.md")
-    parser.add_argument("--out-json", type=Path, default=REPO_ROOT / "docs" / "bench-embedder.json")
+    parser.add_argument("--out-md", type=Path, default=REPO_ROOT / "docs" / "bench-embedder.md",
+                        help="markdown report (default: the repository's docs/bench-embedder.md, replaced)")
+    parser.add_argument("--out-json", type=Path, default=REPO_ROOT / "docs" / "bench-embedder.json",
+                        help="JSON report (default: the repository's docs/bench-embedder.json, replaced)")
     args = parser.parse_args(argv)
     args.argv = argv
     return asyncio.run(run(args))

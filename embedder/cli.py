@@ -21,7 +21,9 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        print("usage: imgsearch-embed {" + ",".join(SUBCOMMANDS) + "} [options]\n")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"imgsearch-embed: unknown command {argv[0]!r}", file=sys.stderr)
+        print("usage: imgsearch-embed {" + ",".join(SUBCOMMANDS) + "} [options]   (COMMAND --help for its options)\n")
         for name, (_, text) in SUBCOMMANDS.items():
             print(f"  {name:12s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -172,7 +172,8 @@ def train(config: TrainConfig, catalogue: list[data.CatalogueImage], *, progress
     head.to(device)
 
     # Decode once. Random crops want a little more than the crop size; a single serving-transform view wants
-    # exactly the serving resize (shorter side = image size), so its features match serving bit for bit.
+    # the serving resize (shorter side = image size), so its features match serving's (within a grey level on some
+    # photos: the cache shrinks then crops where serving resizes once; a review measured 1 of 14 photos differing).
     augmented = config.feature_views != 1
     train_images = data.load_cached(
         train_items, round(config.image_size * 1.15) if augmented else config.image_size, progress,
