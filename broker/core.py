@@ -391,38 +391,22 @@ class Broker:
                 )
                 for i, item in enumerate(items)
             ]
-            await self.pool.upsert(records, timeout_s=max(0.0, deadline - time.monotonic()))
+            writes = _cache_writes(items, hashes, vectors, version) if self.cache is not None else []
+            try:
+                await self.pool.upsert(records, timeout_s=max(0.0, deadline - time.monotonic()))
+            except asyncio.CancelledError:
+                # The caller hung up: the records may have reached the shards, so their cache writes are queued
+                # (review of 2026-12-05: nothing was). An entry of a record that did not is found stale by the
+                # first search it would answer, and removed.
+                if self.repair is not None:
+                    for image_id, entry in writes:
+                        self.repair.add(image_id, entry)
+                raise
             # The shards hold it durably now: the ingest succeeds whatever the cache does. Its writes end before
             # the caller's deadline; those not done by then are left to the repair queue (a slow Redis failed
             # with DEADLINE_EXCEEDED ingests that the shards had written, and queued no repair: review).
-            pending = await self._cache_ingested(items, hashes, vectors, version, deadline - ANSWER_RESERVE_S)
+            pending = await self._write_cache(writes, deadline - ANSWER_RESERVE_S, written=True) if writes else 0
         return IngestSummary(ingested=acknowledged, cache_pending=pending)
-
-    async def _cache_ingested(self, items: Sequence[CatalogueItem], hashes: dict[int, ImageHashes],
-                              vectors: dict[int, np.ndarray], version: int, deadline: float) -> int:
-        pending = 0
-        if self.cache is not None:
-            writes = [
-                (
-                    item.image_id,
-                    CacheEntry(
-                        image_id=item.image_id,
-                        product_id=item.product_id,
-                        category=item.category,
-                        phash=hashes[i].phash,
-                        dhash=hashes[i].dhash,
-                        colour=hashes[i].colour,
-                        embedding=vectors[i],
-                        attributes=dict(item.attributes),
-                        version=version,
-                    )
-                    if i in hashes
-                    else None,
-                )
-                for i, item in enumerate(items)
-            ]
-            pending = await self._write_cache(writes, deadline, written=True)
-        return pending
 
     async def delete(self, image_ids: Sequence[str], *, timeout_s: float) -> int:
         for image_id in image_ids:
@@ -455,8 +439,10 @@ class Broker:
 
         `written`: the shards already hold what these writes reflect (an ingest's, after its shard write). Then a
         caller that hangs up meanwhile leaves every write not yet done to the repair queue. Before the shards (a
-        Delete clears the cache first), it leaves the queue alone: the shards deleted nothing, and queueing the
-        deletes replaced an image's pending upsert with a delete (review of 2026-12-05)."""
+        Delete clears the cache first), the writes not yet done when it hangs up are left out of the queue: the
+        shards deleted nothing, and queueing them replaced the images' pending upserts with deletes (review of
+        2026-12-05). The writes done or failed before it were settled as usual, so a Delete that does not reach
+        the shards can still leave an image's cache entry missing: a cache miss later, never a stale answer."""
         done: set[str] = set()
 
         def settled(batch: Sequence[tuple[str, CacheEntry | None]], ok: bool) -> int:
@@ -560,6 +546,30 @@ class Broker:
             return normalised(vector, self.dimension, what)
         except ShardInvalidRequestError as exc:
             raise InvalidRequestError(str(exc)) from None
+
+
+def _cache_writes(items: Sequence[CatalogueItem], hashes: dict[int, ImageHashes], vectors: dict[int, np.ndarray],
+                  version: int) -> list[tuple[str, CacheEntry | None]]:
+    """An ingest's cache writes: each image item's entry, and None (a delete of its old entry) for a vector item."""
+    return [
+        (
+            item.image_id,
+            CacheEntry(
+                image_id=item.image_id,
+                product_id=item.product_id,
+                category=item.category,
+                phash=hashes[i].phash,
+                dhash=hashes[i].dhash,
+                colour=hashes[i].colour,
+                embedding=vectors[i],
+                attributes=dict(item.attributes),
+                version=version,
+            )
+            if i in hashes
+            else None,
+        )
+        for i, item in enumerate(items)
+    ]
 
 
 def _check_item(item: CatalogueItem) -> None:

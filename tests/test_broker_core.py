@@ -484,3 +484,23 @@ async def test_a_cancelled_write_leaves_the_repair_queue_as_the_shards_left_the_
     with pytest.raises(asyncio.CancelledError):
         await task
     assert repair.pending["photo"].image_id == "photo" and repair.pending["vector-only"] is None
+
+
+async def test_an_ingest_cancelled_during_its_shard_write_queues_its_cache_writes():
+    """The records may have reached the shards: their cache writes are queued (nothing was, review of
+    2026-12-05); an entry whose record did not is found stale by the first search it would answer."""
+    import asyncio
+
+    class SlowPool(StubPool):
+        async def upsert(self, records, *, timeout_s):
+            await asyncio.sleep(10)
+
+    repair = StubRepair()
+    broker = _broker(StubCache(), StubEmbedder(_unit(0)), SlowPool(), repair)
+    item = CatalogueItem(image_id="mid-write", product_id="p", category="Milk", image=_png())
+    task = asyncio.create_task(broker.ingest([item], timeout_s=30))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert repair.pending["mid-write"].image_id == "mid-write"
