@@ -299,12 +299,19 @@ class Partition:
         """The k best rows and their scores rounded to SCORE_TIE_DECIMALS, equal ones by image id, so that
         replicas whose rows lie in another order answer alike (types.rank_key)."""
         if len(rows) > k:
-            # The rows that may round to a top-k score, by the raw scores (rounding all of them cost ~2 ms over
-            # 200k rows): usually k of them.
             part = np.argpartition(-scores, k - 1)[:k]
-            part = np.flatnonzero(scores >= scores[part].min() - 10.0 ** -SCORE_TIE_DECIMALS)
+            # Rows outside these k that may round to a top-k score (usually none): then the rows near the cut
+            # are ranked by their rounded scores and ids. Rounding every row cost ~2 ms over 200k rows.
+            floor = scores[part].min() - 10.0 ** -SCORE_TIE_DECIMALS
+            if np.count_nonzero(scores >= floor) > k:
+                return self._top_k_at_a_tie(rows, scores, np.flatnonzero(scores >= floor), k, scanned)
             rows, scores = rows[part], scores[part]
         keys = np.round(scores.astype(np.float64), SCORE_TIE_DECIMALS)
+        return self._ranked(rows, keys, scanned)
+
+    def _top_k_at_a_tie(self, rows: np.ndarray, scores: np.ndarray, near: np.ndarray, k: int,
+                        scanned: int) -> PartitionHits:
+        rows, keys = rows[near], np.round(scores[near].astype(np.float64), SCORE_TIE_DECIMALS)
         if len(rows) > k:
             part = np.argpartition(-keys, k - 1)[:k]
             kth = keys[part].min()
@@ -313,15 +320,21 @@ class Partition:
                 ids = self.image_ids.view[rows[tied]].tolist()
                 chosen = [i for _, i in heapq.nsmallest(k - len(above), zip(ids, tied.tolist()))]
                 part = np.concatenate([above, np.asarray(chosen, dtype=np.int64)])
-            rows, scores, keys = rows[part], scores[part], keys[part]
+            rows, keys = rows[part], keys[part]
+        return self._ranked(rows, keys, scanned)
+
+    def _ranked(self, rows: np.ndarray, keys: np.ndarray, scanned: int) -> PartitionHits:
+        """Rows best first by rounded score, then image id; the scores as ranked, so that an answer's scores never
+        rise down the list."""
         order = np.argsort(-keys, kind="stable")
-        if len(order) > 1 and np.any(keys[order][1:] == keys[order][:-1]):
+        ranked = keys[order]
+        if len(ranked) > 1 and (ranked[1:] == ranked[:-1]).any():
             by_id = np.empty(len(rows), dtype=np.int64)
             by_id[np.argsort(self.image_ids.view[rows], kind="stable")] = np.arange(len(rows))
             order = np.lexsort((by_id, -keys))
-        # The scores as ranked (to SCORE_TIE_DECIMALS), so that an answer's scores never rise down the list.
-        return PartitionHits(rows=rows[order], scores=keys[order].astype(np.float32),
-                             candidates_scanned=scanned, strategy="exact")
+            ranked = keys[order]
+        return PartitionHits(rows=rows[order], scores=ranked.astype(np.float32), candidates_scanned=scanned,
+                             strategy="exact")
 
     def _selection(self, flt: Filter, n: int) -> _Selection:
         if _filter_values(flt) > MASK_CACHE_MAX_FILTER_VALUES:
