@@ -30,6 +30,7 @@ from broker.catalogue import GROCERY_ATTRIBUTE_SCHEMA
 from shard_server.types import AnyOf, Condition, Equals, Filter, Is, Range
 
 DEFAULT_BROKER = "127.0.0.1:7100"
+TIMEOUT_HELP = "seconds the call may take (default: %(default)s)"
 # Files listed when an ingest skipped some (the count says how many more).
 SHOWN_PROBLEMS = 20
 
@@ -448,10 +449,10 @@ def build_parser() -> argparse.ArgumentParser:
     broker = os.environ.get("IMGSEARCH_BROKER", DEFAULT_BROKER)
 
     up = sub.add_parser("up", help="run redis, Triton (CPU), shards and the broker in the foreground")
-    up.add_argument("--shards", type=int, default=2)
-    up.add_argument("--replicas", type=int, default=1, help="shard processes per shard")
-    up.add_argument("--port", type=int, default=7100, help="broker port")
-    up.add_argument("--metrics-port", type=int, default=9100, help="broker /metrics port")
+    up.add_argument("--shards", type=int, default=2, help="shard processes (default: %(default)s)")
+    up.add_argument("--replicas", type=int, default=1, help="shard processes per shard (default: %(default)s)")
+    up.add_argument("--port", type=int, default=7100, help="broker port (default: %(default)s)")
+    up.add_argument("--metrics-port", type=int, default=9100, help="broker /metrics port (default: %(default)s)")
     up.add_argument("--work-dir", help="data and logs (default: a new temporary folder)")
     up.add_argument("--attribute-schema", default=GROCERY_ATTRIBUTE_SCHEMA,
                     help="the shards' attributes, name:text|number|flag,... (default: %(default)s, the shards' own "
@@ -468,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--image-id", help="image id (single file)")
     ing.add_argument("--broker", default=broker)
     _add_tls_arguments(ing)
-    ing.add_argument("--timeout-s", type=float, default=3600.0)
+    ing.add_argument("--timeout-s", type=float, default=3600.0, help=TIMEOUT_HELP)
     ing.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("search", help="search with a query image, or like a catalogue image (--image-id)")
@@ -480,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--category", action="append", help="restrict to a category (repeatable)")
     _add_filter_arguments(s, "")
     s.add_argument("--price", type=parse_range, help="price range lo..hi")
-    s.add_argument("-k", type=int, default=10)
+    s.add_argument("-k", type=int, default=10, help="hits (products with --distinct-products) to answer (default: %(default)s)")
     s.add_argument(
         "--distinct-products",
         action="store_true",
@@ -489,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--broker", default=broker)
     _add_tls_arguments(s)
-    s.add_argument("--timeout-s", type=float, default=10.0)
+    s.add_argument("--timeout-s", type=float, default=10.0, help=TIMEOUT_HELP)
     s.set_defaults(func=cmd_search)
 
     de = sub.add_parser("delete", help="remove catalogue images by id (from every shard and the cache)")
@@ -497,14 +498,14 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--from-file", help="a file with one image id per line ('-': standard input)")
     de.add_argument("--broker", default=broker)
     _add_tls_arguments(de)
-    de.add_argument("--timeout-s", type=float, default=600.0)
+    de.add_argument("--timeout-s", type=float, default=600.0, help=TIMEOUT_HELP)
     de.set_defaults(func=cmd_delete)
 
     st = sub.add_parser("stats", help="vectors per shard and category")
     st.add_argument("--json", action="store_true")
     st.add_argument("--broker", default=broker)
     _add_tls_arguments(st)
-    st.add_argument("--timeout-s", type=float, default=10.0)
+    st.add_argument("--timeout-s", type=float, default=10.0, help=TIMEOUT_HELP)
     st.set_defaults(func=cmd_stats)
 
     ev = sub.add_parser("eval", help="Recall@1/5/10, MRR and latency of the broker on labelled query photos")
@@ -513,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grocery-split", help="the grocery photos of this split as queries (val, or test where "
                     "there is a test.txt), under --data")
     ev.add_argument("--data", default="", help="data folder holding grocery/ (default ../shared/data)")
-    ev.add_argument("-k", type=int, default=10, help="products per answer (Recall@1, 5, 10 up to this, and at this k)")
+    ev.add_argument("-k", type=int, default=10, help="products per answer (Recall@1, 5, 10 up to this, and at this k; default: %(default)s)")
     ev.add_argument("--own-category", action="store_true", help="search each query in its own category only")
     _add_filter_arguments(ev, ", on every search (e.g. packshot=true)")
     ev.add_argument("--concurrency", type=int, default=1, help="searches in flight")
@@ -521,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the report and every query's rank to this file")
     ev.add_argument("--broker", default=broker)
     _add_tls_arguments(ev)
-    ev.add_argument("--timeout-s", type=float, default=10.0, help="per search")
+    ev.add_argument("--timeout-s", type=float, default=10.0, help="per search (default: %(default)s)")
     ev.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="bring a stack up, ingest the grocery photos, run queries, shut down")
