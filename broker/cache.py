@@ -126,6 +126,10 @@ class CacheUnavailable(Exception):
     """Redis could not be reached in time; the caller goes on without the cache."""
 
 
+class CacheOutOfTime(CacheUnavailable):
+    """The caller's own deadline cut the call short: nothing is known to be wrong with Redis."""
+
+
 def bands(phash: int) -> tuple[int, ...]:
     values = []
     shift = 64
@@ -218,14 +222,14 @@ class DuplicateCache:
         if end <= now:
             coro.close()
             if caller_bound:
-                raise CacheUnavailable("no time left for redis")
+                raise CacheOutOfTime("no time left for redis")
             self._down_until = now + self._backoff_s
             raise CacheUnavailable("redis: over its time budget")
         try:
             return await asyncio.wait_for(coro, end - now)
         except TimeoutError as exc:
             if caller_bound:
-                raise CacheUnavailable("redis: the caller's deadline passed") from exc
+                raise CacheOutOfTime("redis: the caller's deadline passed") from exc
             self._down_until = time.monotonic() + self._backoff_s
             raise CacheUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         except (RedisError, OSError) as exc:

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from broker.cache import CacheEntry, CacheMatch, CacheUnavailable, DuplicateCache
+from broker.cache import CacheEntry, CacheMatch, CacheOutOfTime, CacheUnavailable, DuplicateCache
 from broker.decode_budget import PixelBudget, header_pixels
 from broker.errors import InvalidRequestError, NoShardAvailableError, ShardTimeoutError
 from broker.fanout import DELETE_BATCH_IDS, ShardPool
@@ -292,7 +292,9 @@ class Broker:
             matches = await self.cache.lookup(hashes.phash, hashes.dhash, hashes.colour, deadline=deadline)
         except CacheUnavailable as exc:
             log.debug("cache bypassed: %s", exc)
-            CACHE_LOOKUPS.labels("error").inc()
+            # A search whose own deadline cut the lookup short says nothing of Redis: counted as an error, it
+            # could page "Redis is down or slow" (ImgsearchCacheErrors) when the broker itself is overloaded.
+            CACHE_LOOKUPS.labels("out_of_time" if isinstance(exc, CacheOutOfTime) else "error").inc()
             return CacheOutcome.ERROR, [], []
         if categories:
             wanted = set(categories)

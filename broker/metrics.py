@@ -14,7 +14,8 @@ STAGE_SECONDS = Histogram(
 )
 CACHE_LOOKUPS = Counter(
     "imgsearch_broker_cache_lookups_total",
-    "Duplicate-cache lookups by result (hit, near_hit, miss, error).",
+    "Duplicate-cache lookups by result (hit, near_hit, miss, error; out_of_time: cut short by the search's own "
+    "deadline).",
     ["result"],
 )
 CACHE_STALE_ENTRIES = Counter(
@@ -91,7 +92,7 @@ SHARDS_UNREACHABLE = Gauge(
 
 for _stage in STAGES:
     STAGE_SECONDS.labels(_stage)
-for _result in ("hit", "near_hit", "miss", "error"):
+for _result in ("hit", "near_hit", "miss", "error", "out_of_time"):
     CACHE_LOOKUPS.labels(_result)
 for _source, _query in (("cache", "image"), ("index", "image"), ("index", "vector"), ("index", "image_id")):
     SEARCHES.labels(_source, _query)

@@ -504,3 +504,18 @@ async def test_an_ingest_cancelled_during_its_shard_write_queues_its_cache_write
     with pytest.raises(asyncio.CancelledError):
         await task
     assert repair.pending["mid-write"].image_id == "mid-write"
+
+
+async def test_a_lookup_cut_short_by_the_searchs_own_deadline_is_not_a_cache_error():
+    """It says nothing of Redis; counted as an error it could page "Redis is down or slow" when the broker itself
+    is overloaded (ImgsearchCacheErrors)."""
+    from broker.cache import CacheOutOfTime
+
+    class OutOfTime(StubCache):
+        async def lookup(self, phash, dhash, colour=b"", *, deadline=None):
+            raise CacheOutOfTime("no time left for redis")
+
+    errors, out_of_time = _lookups("error"), _lookups("out_of_time")
+    answer = await _broker(OutOfTime(), StubEmbedder(_unit(0))).search(Query(image=_png(), top_k=3), timeout_s=1)
+    assert answer.cache is CacheOutcome.ERROR and [h.image_id for h in answer.hits] == ["from-index"]
+    assert _lookups("error") == errors and _lookups("out_of_time") == out_of_time + 1

@@ -67,7 +67,7 @@ TARGET_LABELS = frozenset({"namespace", "instance", "job", "pod", "service", "co
 # against the code).
 LABEL_VALUES: dict[str, frozenset[str]] = {
     "stage": frozenset({"decode_hash", "cache", "embed", "fanout", "merge", "total"}),
-    "result": frozenset({"hit", "near_hit", "miss", "error"}),
+    "result": frozenset({"hit", "near_hit", "miss", "error", "out_of_time"}),
     "outcome": frozenset({"ok", "timeout", "unavailable", "error"}),
     "source": frozenset({"cache", "index"}),
     "query": frozenset({"image", "vector", "image_id"}),
