@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     broker = os.environ.get("IMGSEARCH_BROKER", DEFAULT_BROKER)
 
     up = sub.add_parser("up", help="run redis, Triton (CPU), shards and the broker in the foreground")
-    up.add_argument("--shards", type=int, default=2, help="shard processes (default: %(default)s)")
+    up.add_argument("--shards", type=int, default=2, help="shards, each of --replicas processes (default: %(default)s)")
     up.add_argument("--replicas", type=int, default=1, help="shard processes per shard (default: %(default)s)")
     up.add_argument("--port", type=int, default=7100, help="broker port (default: %(default)s)")
     up.add_argument("--metrics-port", type=int, default=9100, help="broker /metrics port (default: %(default)s)")

@@ -243,7 +243,7 @@ class MicroBatcher:
         gathered.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             parts = await asyncio.wait_for(gathered, timeout_s)
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise EmbedderTimeoutError(f"no embedding within {timeout_s:.3f}s") from None
         finally:
             for item in pending:

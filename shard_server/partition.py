@@ -281,19 +281,18 @@ class Partition:
                 chosen = np.asarray(picks, dtype=np.int64)
                 return PartitionHits(rows=best.rows[chosen], scores=best.scores[chosen],
                                      candidates_scanned=scanned, strategy="exact")
-            m = min(len(rows), max(m * DISTINCT_WIDEN_FACTOR, self._tie_at_top(best.scores, scores) + m))
+            m = min(len(rows), max(m * DISTINCT_WIDEN_FACTOR, self._through_the_cut(best.scores, scores) + m))
 
     @staticmethod
-    def _tie_at_top(window: np.ndarray, scores: np.ndarray) -> int:
-        """When a distinct-products window is one score all through (copies of one picture), how many rows
-        share that score: the next window takes them at once. Widening step by step ranked a tie of thousands by
-        image id at every step (50k copies of a placeholder: 20 -> 320 ms a search, review of 2026-12-05); 0
-        otherwise."""
-        if len(window) < 2 or window[0] != window[-1]:
+    def _through_the_cut(window: np.ndarray, scores: np.ndarray) -> int:
+        """How many rows score at least the window's last score (to SCORE_TIE_DECIMALS): the next window takes
+        all of a tie at the cut at once. Widening step by step ranked a tie of thousands (copies of one picture, a
+        placeholder) by image id at every step (50k copies: 20 -> 320 ms a search, reviews of 2026-12-05)."""
+        if not len(window):
             return 0
-        near = scores[scores >= window[0] - 10.0 ** -SCORE_TIE_DECIMALS]
+        near = scores[scores >= window[-1] - 10.0 ** -SCORE_TIE_DECIMALS]
         return int(np.count_nonzero(np.round(near.astype(np.float64), SCORE_TIE_DECIMALS).astype(np.float32)
-                                    == window[0]))
+                                    >= window[-1]))
 
     def _top_k_of(self, rows: np.ndarray, scores: np.ndarray, k: int, *, scanned: int) -> PartitionHits:
         """The k best rows and their scores rounded to SCORE_TIE_DECIMALS, equal ones by image id, so that
