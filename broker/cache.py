@@ -249,7 +249,7 @@ class DuplicateCache:
         embedding to confirm; so is every match when the query's `colour` is not given. The whole lookup (three or
         four round trips) gets the Redis timeout, and at most until the caller's `deadline` (time.monotonic()): a
         Redis answering each round trip within the timeout used to take several timeouts per lookup."""
-        limits = {"own_deadline": time.monotonic() + self._timeout_s, "deadline": deadline}
+        limits = _budget(self._timeout_s, deadline)
         hashed_keys, legacy_keys = self._hashed_keys(phash), self._index_keys(phash)
         members, legacy_ids = await self._read_sets(hashed_keys, legacy_keys, limits)
         legacy_ids = sorted(legacy_ids - {member[32:] for member in members})
@@ -331,7 +331,7 @@ class DuplicateCache:
         """Add or replace the entry of an image id, in one step (its old hash-index memberships are removed).
         False when the stored entry has a higher version (a later ingest of the id got there first). Both round
         trips share the write timeout, and end by the caller's `deadline` (time.monotonic()) at the latest."""
-        limits = {"own_deadline": time.monotonic() + self._write_timeout_s, "deadline": deadline}
+        limits = _budget(self._write_timeout_s, deadline)
         new_keys = self._hashed_keys(entry.phash)
         member = f"{entry.phash:016x}{entry.dhash:016x}{entry.image_id}"
         # Only entries of older brokers lack their index keys: the keys of the hash read now stand in for them.
@@ -377,7 +377,7 @@ class DuplicateCache:
         return await self._delete([self._img(e.image_id) for e in entries], args)
 
     async def _delete(self, keys: list[str], args: list[str], deadline: float | None = None) -> int:
-        limits = {"own_deadline": time.monotonic() + self._write_timeout_s, "deadline": deadline}
+        limits = _budget(self._write_timeout_s, deadline)
         result = await self._call(self._delete_script(keys=keys, args=args), **limits)
         legacy = result[1:]
         if legacy:  # entries of older brokers, without their index keys: unindexed from their hash
@@ -394,6 +394,11 @@ class DuplicateCache:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+def _budget(seconds: float, deadline: float | None) -> dict[str, float | None]:
+    """`_call`'s limits for the round trips of one operation: Redis's own budget from now, and the caller's deadline."""
+    return {"own_deadline": time.monotonic() + seconds, "deadline": deadline}
 
 
 def _entry_from_row(image_id: str, row) -> CacheEntry:

@@ -65,13 +65,13 @@ class _Items:
             raise
 
     async def __aiter__(self):
+        if not hasattr(self.items, "__aiter__"):
+            for message in iter(self):  # __iter__ keeps the error
+                yield message
+            return
         try:
-            if hasattr(self.items, "__aiter__"):
-                async for item in self.items:
-                    yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
-            else:
-                for item in self.items:
-                    yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
+            async for item in self.items:
+                yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
         except Exception as exc:
             self.error = exc
             raise

@@ -33,7 +33,6 @@ from shard_server.snapshot import SnapshotStore
 from shard_server.tombstones import Tombstones
 from shard_server.types import (
     MAX_ID_CHARS,
-    SCORE_TIE_DECIMALS,
     CategoryStats,
     Exactness,
     Hit,
@@ -533,9 +532,8 @@ class ShardEngine:
         scores = np.concatenate([p[0] for p in parts])
         owners = np.concatenate([np.full(len(p[0]), p[1]) for p in parts])
         rows = np.concatenate([p[2] for p in parts])
-        descending = -np.round(scores.astype(np.float64), SCORE_TIE_DECIMALS)
-        order = np.argsort(descending, kind="stable")
-        descending = descending[order]
+        order = np.argsort(-scores, kind="stable")
+        descending = -scores[order]  # already rounded by the partitions (Partition._top_k_of)
         found: list[tuple[float, str, tuple[str, str, dict, int]]] = []
         answer: tuple[Hit, ...] = ()
         start, chunk = 0, max(2 * query.top_k, 32)
@@ -554,8 +552,10 @@ class ShardEngine:
                     if detail is None:
                         return None
                     details[position] = detail
-            found.extend((float(scores[p]), searched[owners[p]][0], details[p]) for p in positions.tolist())
-            found.sort(key=_found_key)  # equal scores by image id, as in the one-pass search
+            # equal scores by image id, as in the one-pass search: a round holds whole groups of equal scores, all
+            # below the rounds before it, so sorting it alone keeps `found` in order
+            found.extend(sorted(((float(scores[p]), searched[owners[p]][0], details[p]) for p in positions.tolist()),
+                                key=_found_key))
             answer = _answer(found, query, several=True)
             if len(answer) >= query.top_k:
                 break

@@ -30,7 +30,7 @@ from shard_server.attributes import AttributeColumns
 from shard_server.columns import GrowableArray, StringColumn
 from shard_server.config import ShardConfig
 from shard_server.rwlock import ReadWriteLock
-from shard_server.types import SCORE_TIE_DECIMALS, AnyOf, Filter, first_of_each
+from shard_server.types import SCORE_TIE_DECIMALS, AnyOf, Filter, first_of_each, rounded_scores
 from shard_server.vectors import VectorStore
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class Partition:
         if not len(window):
             return 0
         near = scores[scores >= window[-1] - 10.0 ** -SCORE_TIE_DECIMALS]
-        return int(np.count_nonzero(np.round(near.astype(np.float64), SCORE_TIE_DECIMALS).astype(np.float32)
+        return int(np.count_nonzero(rounded_scores(near).astype(np.float32)
                                     >= window[-1]))
 
     def _top_k_of(self, rows: np.ndarray, scores: np.ndarray, k: int, *, scanned: int) -> PartitionHits:
@@ -305,12 +305,12 @@ class Partition:
             if np.count_nonzero(scores >= floor) > k:
                 return self._top_k_at_a_tie(rows, scores, np.flatnonzero(scores >= floor), k, scanned)
             rows, scores = rows[part], scores[part]
-        keys = np.round(scores.astype(np.float64), SCORE_TIE_DECIMALS)
+        keys = rounded_scores(scores)
         return self._ranked(rows, keys, scanned)
 
     def _top_k_at_a_tie(self, rows: np.ndarray, scores: np.ndarray, near: np.ndarray, k: int,
                         scanned: int) -> PartitionHits:
-        rows, keys = rows[near], np.round(scores[near].astype(np.float64), SCORE_TIE_DECIMALS)
+        rows, keys = rows[near], rounded_scores(scores[near])
         if len(rows) > k:
             part = np.argpartition(-keys, k - 1)[:k]
             kth = keys[part].min()

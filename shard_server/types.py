@@ -127,6 +127,11 @@ def rank_key(score: float, image_id: str) -> tuple[float, str]:
     return -round(score, SCORE_TIE_DECIMALS), image_id
 
 
+def rounded_scores(scores: np.ndarray) -> np.ndarray:
+    """`rank_key`'s rounding of a score array (float64, as Python's round works on floats)."""
+    return np.round(scores.astype(np.float64), SCORE_TIE_DECIMALS)
+
+
 def first_of_each(items: Iterable[T], key: Callable[[T], str]) -> Iterator[T]:
     """The first item of each key, in the given order (each product's best when the items come best first)."""
     seen: set[str] = set()
