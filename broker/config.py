@@ -75,6 +75,9 @@ class BrokerConfig:
     shard_calls_in_flight: int = 1
     # At most this many searches per SearchBatch call (the shards accept up to their max_batch_searches, 256).
     shard_batch_max_searches: int = 64
+    # Searches travel over long-lived SearchStream calls to the shards (a message on an open stream costs a third
+    # of a unary call in gRPC Python; docs/benchmarks.md); off: one unary call per search or batch.
+    shard_search_streams: bool = True
 
     def __post_init__(self) -> None:
         """Refuses settings that would quietly break the service (review of 2026-12-05): `--ingest-concurrency 0`
@@ -213,6 +216,13 @@ class BrokerConfig:
             default=int(env("IMGSEARCH_SHARD_BATCH_MAX_SEARCHES", str(cls.shard_batch_max_searches))),
         )
         p.add_argument(
+            "--shard-search-streams",
+            action=argparse.BooleanOptionalAction,
+            default=_bool("IMGSEARCH_SHARD_SEARCH_STREAMS", env("IMGSEARCH_SHARD_SEARCH_STREAMS"),
+                          cls.shard_search_streams),
+            help="send searches to the shards over long-lived streams (cheaper than a call each)",
+        )
+        p.add_argument(
             "--event-loop", choices=EVENT_LOOPS, default=env("IMGSEARCH_EVENT_LOOP", DEFAULT_EVENT_LOOP)
         )
         a = p.parse_args(argv)
@@ -255,6 +265,7 @@ class BrokerConfig:
                 ready_wait_s=a.ready_wait_s,
                 shard_calls_in_flight=a.shard_calls_in_flight,
                 shard_batch_max_searches=a.shard_batch_max_searches,
+                shard_search_streams=a.shard_search_streams,
             )
         except ValueError as exc:
             p.error(str(exc))
@@ -272,6 +283,14 @@ def _server_options(a: argparse.Namespace) -> ServerOptions:
         tls_client_ca_file=_opt_path(a.tls_client_ca_file),
         event_loop=a.event_loop,
     )
+
+
+def _bool(name: str, raw: str | None, default: bool) -> bool:
+    if raw is None or raw == "":
+        return default
+    if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise SystemExit(f"{name}: expected true or false, got {raw!r}")
+    return raw.lower() in ("1", "true", "yes", "on")
 
 
 def _opt_int(text: str | None) -> int | None:

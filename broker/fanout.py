@@ -101,16 +101,18 @@ class ShardPool:
 
     def __init__(self, shard_map: ShardMap, *, tls_ca_file: Path | None = None, tls_cert_file: Path | None = None,
                  tls_key_file: Path | None = None, calls_in_flight: int = 1, batch_max_searches: int = 64,
-                 removal_journal: HintJournal | None = None):
+                 search_streams: bool = True, removal_journal: HintJournal | None = None):
         """`calls_in_flight`: searches to one replica beyond this many calls in flight queue and go out as one
-        SearchBatch (broker.coalesce); 0 sends every search as its own call. `removal_journal`: where the
+        SearchBatch (broker.coalesce); 0 sends every search as its own call. `search_streams`: searches go over
+        long-lived SearchStream calls (ShardClient). `removal_journal`: where the
         stale-copy removals that a down replica missed are kept beyond this broker's life (broker.removal_hints)."""
         if calls_in_flight < 0:
             raise ValueError("calls_in_flight must be >= 0")
         self.shard_map = shard_map
         creds = channel_credentials(tls_ca_file, tls_cert_file, tls_key_file)
         self._replicas: dict[str, list[ShardClient]] = {
-            name: [ShardClient(address, channel_credentials=creds) for address in addresses]
+            name: [ShardClient(address, channel_credentials=creds, search_streams=search_streams)
+                   for address in addresses]
             for name, addresses in shard_map.shards.items()
         }
         self._searchers: dict[str, list[SearchCoalescer]] = {

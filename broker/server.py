@@ -71,6 +71,7 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
         tls_key_file=config.shard_tls_key_file,
         calls_in_flight=config.shard_calls_in_flight,
         batch_max_searches=config.shard_batch_max_searches,
+        search_streams=config.shard_search_streams,
         removal_journal=journal,
     )
     pool.removal_hints.start()  # with a journal: takes up the removals a stopped broker left there

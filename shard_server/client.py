@@ -3,23 +3,42 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from imgsearch.errors import ImgsearchError, from_rpc_error
+from imgsearch.errors import (
+    DeadlineExceededError,
+    ImgsearchError,
+    UnavailableError,
+    from_rpc_error,
+    from_status,
+)
 from imgsearch.serving import client_channel_options
 from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.convert import SERVICE_NAME
 from shard_server.types import Record, SearchQuery, SearchResult, ShardStats
 
+# After a shard answered SearchStream with UNIMPLEMENTED (a shard older than this client, during a rolling
+# upgrade), searches are unary calls for this long, then the stream is tried again.
+SEARCH_STREAM_RETRY_S = 60.0
+# Open streams kept for reuse at most; more exist only while that many searches are in flight at once.
+MAX_IDLE_SEARCH_STREAMS = 16
+_RETRY_ON_FRESH_STREAM = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
 
 class ShardClient:
+    """Searches go over long-lived SearchStream calls, one search or batch in flight per stream (a message on an
+    open stream costs a third of a unary call in gRPC Python); everything else is a unary call."""
+
     def __init__(self, address: str, *, channel_credentials: grpc.ChannelCredentials | None = None,
-                 max_message_bytes: int = 64 * 1024 * 1024):
+                 max_message_bytes: int = 64 * 1024 * 1024, search_streams: bool = True):
         self.address = address
+        self._idle_streams: list[grpc.aio.StreamStreamCall] = []
+        self._streams_off_until = float("inf") if not search_streams else float("-inf")
         options = client_channel_options(max_message_bytes)
         if channel_credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=options)
@@ -29,6 +48,11 @@ class ShardClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def search(self, query: SearchQuery, *, timeout_s: float) -> SearchResult:
+        outcomes = await self._over_stream([query], timeout_s)
+        if outcomes is not None:
+            if isinstance(outcomes[0], ImgsearchError):
+                raise outcomes[0]
+            return outcomes[0]
         try:
             response = await self._stub.Search(convert.query_to_proto(query), timeout=timeout_s)
         except grpc.RpcError as e:
@@ -37,13 +61,73 @@ class ShardClient:
 
     async def search_batch(self, queries: Sequence[SearchQuery], *,
                            timeout_s: float) -> list[SearchResult | ImgsearchError]:
-        """One call for several searches: each gets its result, or the typed error that refused it (returned,
-        not raised). A failure of the call itself (unavailable, deadline, a batch over the limit) raises."""
+        """Several searches at once: each gets its result, or the typed error that refused it (returned, not
+        raised). A failure of the whole (unavailable, deadline, a batch over the shard's limit) raises."""
+        outcomes = await self._over_stream(queries, timeout_s)
+        if outcomes is not None:
+            return outcomes
         try:
             response = await self._stub.SearchBatch(convert.batch_to_proto(queries), timeout=timeout_s)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         return convert.outcomes_from_proto(response)
+
+    async def _over_stream(self, queries: Sequence[SearchQuery],
+                           timeout_s: float) -> list[SearchResult | ImgsearchError] | None:
+        """The searches' outcomes over an open SearchStream (a new one when none is idle); None when the shard
+        has no SearchStream (the caller then makes a unary call)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._streams_off_until:
+            return None
+        request = convert.stream_request_to_proto(queries)
+        deadline = loop.time() + timeout_s
+        while True:
+            call = None
+            while self._idle_streams and call is None:
+                call = self._idle_streams.pop()
+                if call.done():  # ended while idle: the shard restarted, or ended its streams to shut down
+                    call = None
+            reused = call is not None
+            if call is None:
+                call = self._stub.SearchStream()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await call.write(request)
+                    response = await call.read()
+            except asyncio.InvalidStateError:  # the call ended before the write (grpc.aio raises this, no status)
+                if reused:
+                    continue
+                code, details = await call.code(), await call.details()
+                if code is grpc.StatusCode.OK:
+                    code = grpc.StatusCode.UNAVAILABLE
+                raise from_status(code, details or f"shard {self.address} ended the search stream") from None
+            except TimeoutError:
+                call.cancel()  # its answer may still come: the stream cannot carry the next search
+                raise DeadlineExceededError(
+                    f"shard {self.address} did not answer within {timeout_s:.3f} s") from None
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except grpc.RpcError as e:
+                call.cancel()
+                if e.code() is grpc.StatusCode.UNIMPLEMENTED:
+                    self._streams_off_until = loop.time() + SEARCH_STREAM_RETRY_S
+                    return None
+                # A stream left open while idle may have ended meanwhile (the shard restarted, or ended its
+                # streams to shut down): searches are read-only, so they go again over a new stream.
+                if reused and e.code() in _RETRY_ON_FRESH_STREAM:
+                    continue
+                raise from_rpc_error(e) from e
+            if response is grpc.aio.EOF:  # the shard ended the stream (shutting down) without answering
+                call.cancel()
+                if reused:
+                    continue
+                raise UnavailableError(f"shard {self.address} ended the search stream without answering")
+            if len(self._idle_streams) < MAX_IDLE_SEARCH_STREAMS:
+                self._idle_streams.append(call)
+            else:
+                call.cancel()
+            return convert.outcomes_from_proto(response)
 
     async def upsert(self, records: Sequence[Record], *, timeout_s: float, validate_only: bool = False) -> int:
         """Write records (durable when this returns); with `validate_only`, only raise what the write would."""
@@ -117,6 +201,9 @@ class ShardClient:
         return response.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
+        for call in self._idle_streams:
+            call.cancel()
+        self._idle_streams.clear()
         await self._channel.close()
 
     async def __aenter__(self) -> ShardClient:

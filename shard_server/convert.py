@@ -337,6 +337,10 @@ def batch_to_proto(queries: Iterable[SearchQuery]) -> shard_pb2.ShardServiceSear
     return shard_pb2.ShardServiceSearchBatchRequest(searches=[query_to_proto(q) for q in queries])
 
 
+def stream_request_to_proto(queries: Iterable[SearchQuery]) -> shard_pb2.ShardServiceSearchStreamRequest:
+    return shard_pb2.ShardServiceSearchStreamRequest(searches=[query_to_proto(q) for q in queries])
+
+
 def add_outcome(target, outcome: SearchResult | ImgsearchError) -> None:
     """Append one search's result, or the error that refused it, to a repeated SearchOutcome field."""
     message = target.add()
@@ -348,7 +352,9 @@ def add_outcome(target, outcome: SearchResult | ImgsearchError) -> None:
     add_hits(message.result.hits, outcome.hits)
 
 
-def outcomes_from_proto(message: shard_pb2.ShardServiceSearchBatchResponse) -> list[SearchResult | ImgsearchError]:
+def outcomes_from_proto(
+    message: shard_pb2.ShardServiceSearchBatchResponse | shard_pb2.ShardServiceSearchStreamResponse,
+) -> list[SearchResult | ImgsearchError]:
     """Each search's result, or its error as the typed exception (not raised)."""
     return [
         result_from_proto(o.result) if o.WhichOneof("outcome") == "result"

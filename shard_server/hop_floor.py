@@ -61,7 +61,7 @@ from imgsearch.serving import (
     run_event_loop,
     start_grpc_service,
 )
-from imgsearch.v1 import shard_pb2_grpc
+from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.client import ShardClient
 from shard_server.types import Hit, SearchQuery, SearchResult
@@ -91,6 +91,16 @@ class EchoShard(shard_pb2_grpc.ShardServiceServicer):
         if self._parse:
             convert.query_from_proto(request)
         return self._response
+
+    async def SearchStream(self, request_iterator, context):
+        # What the broker's ShardClient uses: each message a batch, answered with one canned top-10 per search.
+        async for request in request_iterator:
+            response = shard_pb2.ShardServiceSearchStreamResponse()
+            for search in request.searches:
+                if self._parse:
+                    convert.query_from_proto(search)
+                response.outcomes.add().result.CopyFrom(self._response)
+            yield response
 
 
 BARE_SERVICE = "imgsearch.hopfloor.Bare"

@@ -13,7 +13,8 @@ from prometheus_client import Counter, Gauge, Histogram
 from imgsearch.serving import LATENCY_BUCKETS_S
 
 # Per partition, not per request: a search over many categories observes once per category it covers. The
-# per-request latency (the shard's objective) is grpc_server_handling_seconds of ShardService Search/SearchBatch.
+# per-request latency (the shard's objective) is grpc_server_handling_seconds of ShardService Search/SearchBatch
+# calls and SearchStream messages.
 PARTITION_SEARCH_DURATION = Histogram(
     "imgsearch_shard_partition_search_duration_seconds",
     "Time to search one partition (one category) by strategy; a request covering N categories observes N times. "

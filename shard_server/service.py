@@ -6,7 +6,10 @@ import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
+
 from imgsearch.errors import ImgsearchError
+from imgsearch.serving import MessageMetrics, RequestStreams
 from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.engine import MANY_PARTITIONS, ShardEngine
@@ -29,6 +32,8 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self.engine = engine
         self._search_pool = search_pool
         self._write_pool = write_pool
+        self.search_streams = RequestStreams()  # ended by GrpcService.stop
+        self._stream_metrics = MessageMetrics(convert.SERVICE_NAME, "SearchStream")
 
     def _ready(self) -> None:
         if not self.engine.loaded:
@@ -67,13 +72,12 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         self._ready()
         return convert.result_to_proto(await self._search(request))
 
-    async def SearchBatch(self, request, context):
+    async def _answer_batch(self, request, response):
         """Each search on its own: one refused search (bad input) does not fail the others."""
         self._ready()
         limit = self.engine.config.max_batch_searches
         if len(request.searches) > limit:
             raise RequestTooLargeError(f"{len(request.searches)} searches in one batch; the limit is {limit}")
-        response = shard_pb2.ShardServiceSearchBatchResponse()
         for message in request.searches:
             try:
                 outcome = await self._search(message)
@@ -81,6 +85,51 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                 outcome = exc
             convert.add_outcome(response.outcomes, outcome)
         return response
+
+    async def SearchBatch(self, request, context):
+        return await self._answer_batch(request, shard_pb2.ShardServiceSearchBatchResponse())
+
+    async def SearchStream(self, request_iterator, context):
+        """SearchBatch, one message at a time over a long-lived stream (see the proto). A message refused whole
+        ends the stream with its status, as it would fail a SearchBatch call."""
+        streams = self.search_streams
+        if streams.ending:
+            return
+        streams.opened()
+        try:
+            async for request in self._until_ended(request_iterator, streams):
+                streams.answering(True)
+                t0 = self._stream_metrics.started()
+                try:
+                    response = await self._answer_batch(request, shard_pb2.ShardServiceSearchStreamResponse())
+                except ImgsearchError as exc:
+                    self._stream_metrics.handled(t0, exc.code)
+                    raise
+                except asyncio.CancelledError:  # the client gave up on it (its deadline) or hung up
+                    self._stream_metrics.handled(t0, grpc.StatusCode.CANCELLED)
+                    raise
+                except BaseException:
+                    self._stream_metrics.handled(t0, grpc.StatusCode.INTERNAL)
+                    raise
+                self._stream_metrics.handled(t0)
+                yield response
+                if streams.ending:
+                    return
+                streams.answering(False)
+        finally:
+            streams.closed()
+
+    @staticmethod
+    async def _until_ended(request_iterator, streams: RequestStreams):
+        """The stream's messages, until the stream ends or RequestStreams.end cancels the wait for the next one.
+        That cancel must end the stream with a status: grpc.aio leaves a handler cancelled from inside the server
+        without one, and its graceful stop then waited for the call all the same."""
+        try:
+            async for request in request_iterator:
+                yield request
+        except asyncio.CancelledError:
+            if not streams.ending:
+                raise  # the client hung up
 
     async def Upsert(self, request, context):
         self._ready()

@@ -205,7 +205,7 @@ def test_the_shard_latency_objective_is_per_request():
     (alert,) = [a for a in alerts() if a["alert"] == "ImgsearchShardSearchLatencyHigh"]
     assert contract.metric_names(alert["expr"]) == {"grpc_server_handling_seconds"}
     assert 'grpc_service="imgsearch.v1.ShardService"' in alert["expr"]
-    assert 'grpc_method=~"Search|SearchBatch"' in alert["expr"]
+    assert 'grpc_method=~"Search|SearchBatch|SearchStream"' in alert["expr"]
     assert "shard" in re.search(r"sum by \(([^)]*)\)", alert["expr"])[1]
     for rule in rules():
         assert "imgsearch_shard_partition_search_duration_seconds" not in rule["expr"] or "record" in rule, rule

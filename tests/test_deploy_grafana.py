@@ -117,7 +117,7 @@ def test_shard_latency_panels_are_per_request_and_per_partition_by_name():
     (objective,) = [p for t, p in panels.items() if t.startswith("Shard request p99")]
     (expr,) = [t["expr"] for t in objective["targets"]]
     assert "grpc_server_handling_seconds_bucket" in expr and 'grpc_service="imgsearch.v1.ShardService"' in expr
-    assert 'grpc_method=~"Search|SearchBatch"' in expr
+    assert 'grpc_method=~"Search|SearchBatch|SearchStream"' in expr
     for title, expr in queries(dashboard()):
         if "imgsearch_shard_partition_search_duration_seconds" in expr:
             assert "partition" in title.lower(), title

@@ -16,7 +16,7 @@ OUT = Path(__file__).with_name("imgsearch.json")
 NS = 'namespace=~"$namespace"'
 RATE = "$__rate_interval"
 BROKER = 'grpc_service="imgsearch.v1.BrokerService"'
-SHARD_SEARCHES = 'grpc_service="imgsearch.v1.ShardService", grpc_method=~"Search|SearchBatch"'
+SHARD_SEARCHES = 'grpc_service="imgsearch.v1.ShardService", grpc_method=~"Search|SearchBatch|SearchStream"'
 SERVER_ERRORS = 'grpc_code=~"UNKNOWN|DEADLINE_EXCEEDED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNIMPLEMENTED"'
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
@@ -189,7 +189,8 @@ def build() -> dict:
         ],
         unit="s",
         thresholds=[(0.05, "red")],
-        description="gRPC handling time of the shards' Search and SearchBatch calls: what a broker waits for, "
+        description="gRPC handling time of the shards' Search and SearchBatch calls and SearchStream messages: what a "
+        "broker waits for, "
         "whatever the number of categories searched (alert ImgsearchShardSearchLatencyHigh).",
     )
     lay.panel(
@@ -412,7 +413,7 @@ def build() -> dict:
             ),
         ],
         unit="short",
-        description="Above 1: searches queued behind a call in flight went out together as one SearchBatch "
+        description="Above 1: searches queued behind a call in flight went out together as one batch "
         "(broker --shard-calls-in-flight). Grows with load; 1 when idle or when batching is off.",
     )
     lay.panel(

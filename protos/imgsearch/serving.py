@@ -152,6 +152,8 @@ async def _finish(context: grpc.aio.ServicerContext, exc: BaseException | None) 
         await context.abort(exc.code, str(exc) or exc.code.name)
     if isinstance(exc, asyncio.CancelledError):
         raise exc
+    if isinstance(exc, NotImplementedError):  # a generated servicer's default for a method it does not serve
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
     log.exception("unhandled error in RPC handler", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
     return grpc.StatusCode.INTERNAL  # pragma: no cover - abort raises
@@ -170,6 +172,8 @@ def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> st
         return _STATUS_NAMES[code]
     if exc is None:
         return "OK"
+    if isinstance(exc, NotImplementedError):
+        return "UNIMPLEMENTED"
     if isinstance(exc, asyncio.CancelledError):
         # grpc cancels the handler both when the client cancels and when the call's deadline passes; the client
         # sees DEADLINE_EXCEEDED in the second case, and so should the server's metrics.
@@ -244,7 +248,28 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_stream:
+            # Not counted here: a long-lived request stream counts each of its messages (MessageMetrics).
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_bidi(handler.stream_stream),
+                request_deserializer=_lenient(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
         return handler
+
+    @staticmethod
+    def _wrap_bidi(behaviour: Callable[..., AsyncIterator]):
+        async def wrapped(request_iterator, context):
+            try:
+                async for response in behaviour(_checked_stream(request_iterator), context):
+                    yield response
+            except BaseException as e:  # noqa: BLE001 - re-raised or mapped below
+                if isinstance(e, grpc.aio.AbortError):
+                    raise
+                await _finish(context, e)
+                raise
+
+        return wrapped
 
     @staticmethod
     def _wrap_unary(behaviour: Callable[..., Awaitable], rpc_type: str, service: str, method: str):
@@ -424,6 +449,58 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             self._changed.notify_all()
 
 
+class MessageMetrics:
+    """The call metrics of a request stream whose every message is one request (ShardService.SearchStream):
+    grpc_server_started_total, grpc_server_handled_total and grpc_server_handling_seconds count and time each
+    message as one call (grpc_type "bidi_stream"), so per-request objectives and alerts see it as they see a unary
+    call. The stream itself is not counted (it lives as long as its client)."""
+
+    def __init__(self, service: str, method: str) -> None:
+        self._labels = ("bidi_stream", service, method)
+        self._started = GRPC_STARTED.labels(*self._labels)
+        self._timing = GRPC_HANDLING_SECONDS.labels(*self._labels)
+        self._ok = GRPC_HANDLED.labels(*self._labels, "OK")
+
+    def started(self) -> float:
+        self._started.inc()
+        return time.perf_counter()
+
+    def handled(self, t0: float, code: grpc.StatusCode = grpc.StatusCode.OK) -> None:
+        self._timing.observe(time.perf_counter() - t0)
+        (self._ok if code is grpc.StatusCode.OK else GRPC_HANDLED.labels(*self._labels, code.name)).inc()
+
+
+class RequestStreams:
+    """The open long-lived request streams of a servicer, so that shutting down does not wait for them.
+
+    grpc's graceful stop waits up to its grace period for every open call, and such a stream stays open as long
+    as its client: every stop took the whole grace. `end()` (GrpcService.stop calls it before stopping the
+    server) ends each stream at once if it is waiting for its next message, or right after the answer it is
+    working on; the client opens a new stream (to another replica, or to this one once it is back)."""
+
+    def __init__(self) -> None:
+        self._open: dict[asyncio.Task, bool] = {}  # handler task -> answering a message now
+        self.ending = False
+
+    def opened(self) -> None:
+        self._open[asyncio.current_task()] = False
+
+    def closed(self) -> None:
+        self._open.pop(asyncio.current_task(), None)
+
+    def answering(self, busy: bool) -> None:
+        self._open[asyncio.current_task()] = busy
+
+    def end(self) -> None:
+        self.ending = True
+        for task, busy in list(self._open.items()):
+            if not busy:
+                # Waiting for its next message: the handler catches this cancel and ends the stream with status
+                # OK (it must: grpc.aio sends no status for a handler cancelled from inside the server). A busy
+                # one returns after its answer (see `ending`).
+                task.cancel()
+
+
 class GrpcService:
     """A running grpc.aio server with health, reflection and metrics; `stop()` is graceful."""
 
@@ -438,6 +515,7 @@ class GrpcService:
         self._grace_s = grace_s
         self._lag_monitor = lag_monitor
         self._metrics_server = metrics_server  # the /metrics HTTP server (closed with the service)
+        self.request_streams: list[RequestStreams] = []  # ended before the server stops (see RequestStreams)
         self.stop_reason: str | None = None
         self._stop_requested = asyncio.Event()
         self._health_drain: asyncio.Task | None = None
@@ -460,6 +538,8 @@ class GrpcService:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.set_serving(False)
         await self.health.drain()  # liveness too, and open Watch streams end rather than hold the grace
+        for streams in self.request_streams:
+            streams.end()
         await self.server.stop(self._grace_s if grace_s is None else grace_s)
         if self._lag_monitor is not None:
             self._lag_monitor.stop()

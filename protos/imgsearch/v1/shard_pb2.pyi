@@ -41,6 +41,18 @@ class ShardServiceSearchBatchResponse(_message.Message):
     outcomes: _containers.RepeatedCompositeFieldContainer[SearchOutcome]
     def __init__(self, outcomes: _Optional[_Iterable[_Union[SearchOutcome, _Mapping]]] = ...) -> None: ...
 
+class ShardServiceSearchStreamRequest(_message.Message):
+    __slots__ = ("searches",)
+    SEARCHES_FIELD_NUMBER: _ClassVar[int]
+    searches: _containers.RepeatedCompositeFieldContainer[ShardServiceSearchRequest]
+    def __init__(self, searches: _Optional[_Iterable[_Union[ShardServiceSearchRequest, _Mapping]]] = ...) -> None: ...
+
+class ShardServiceSearchStreamResponse(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[SearchOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[SearchOutcome, _Mapping]]] = ...) -> None: ...
+
 class SearchOutcome(_message.Message):
     __slots__ = ("result", "error")
     RESULT_FIELD_NUMBER: _ClassVar[int]

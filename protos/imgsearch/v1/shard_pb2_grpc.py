@@ -45,6 +45,11 @@ class ShardServiceStub:
                 request_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchRequest.SerializeToString,
                 response_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchResponse.FromString,
                 _registered_method=True)
+        self.SearchStream = channel.stream_stream(
+                '/imgsearch.v1.ShardService/SearchStream',
+                request_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchStreamRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchStreamResponse.FromString,
+                _registered_method=True)
         self.Upsert = channel.unary_unary(
                 '/imgsearch.v1.ShardService/Upsert',
                 request_serializer=imgsearch_dot_v1_dot_shard__pb2.UpsertRequest.SerializeToString,
@@ -90,6 +95,18 @@ class ShardServiceServicer:
         for a shard while its previous call is in flight as one batch, saving a gRPC round trip per search under
         load. A search the shard refuses (an unknown filter field, a vector of the wrong size...) gets its status
         in its own result and the others are still answered; a batch over the shard's limit is RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchStream(self, request_iterator, context):
+        """SearchBatch over one long-lived stream: each request message is a batch of searches, answered by one
+        response message, in order and one at a time. In gRPC Python a message on an open stream costs a third of
+        a unary call (docs/benchmarks.md), so the broker keeps one stream open per shard replica for its searches.
+        A message the shard refuses whole (a batch over its limit, a shard still loading) ends the stream with that
+        status, as SearchBatch would fail the call. The shard ends idle streams when it shuts down; callers open a
+        new one. A caller that gives up on a message cancels the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,6 +163,11 @@ def add_ShardServiceServicer_to_server(servicer, server):
                     servicer.SearchBatch,
                     request_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchRequest.FromString,
                     response_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchResponse.SerializeToString,
+            ),
+            'SearchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SearchStream,
+                    request_deserializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchStreamRequest.FromString,
+                    response_serializer=imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchStreamResponse.SerializeToString,
             ),
             'Upsert': grpc.unary_unary_rpc_method_handler(
                     servicer.Upsert,
@@ -228,6 +250,33 @@ class ShardService:
             '/imgsearch.v1.ShardService/SearchBatch',
             imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchRequest.SerializeToString,
             imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imgsearch.v1.ShardService/SearchStream',
+            imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchStreamRequest.SerializeToString,
+            imgsearch_dot_v1_dot_shard__pb2.ShardServiceSearchStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,221 @@
+"""ShardService.SearchStream: the broker's searches travel over long-lived streams to the shards (ShardClient).
+
+Against a real shard server: stream answers equal unary answers, a message refused whole ends only its stream,
+a restarted shard and a shard without SearchStream are searched as before, a shutdown does not wait for open
+streams, each message counts as one call in the metrics. With a stand-in servicer on a real gRPC server (unit
+tests of the client): a shard that does not answer in time."""
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from imgsearch.errors import DeadlineExceededError, ImgsearchError
+from imgsearch.serving import ServerOptions, start_grpc_service
+from imgsearch.v1 import common_pb2, shard_pb2, shard_pb2_grpc
+from shard_server import client as shard_client
+from shard_server import convert, synthetic
+from shard_server.client import ShardClient
+from shard_server.config import ShardConfig
+from shard_server.server import start_shard_server
+from shard_server.types import Condition, Equals, Filter, Is, Range, SearchQuery
+
+DIM = 32
+
+
+def _config(tmp_path, **overrides) -> ShardConfig:
+    return ShardConfig(**{"data_dir": tmp_path / "shard", "dimension": DIM, "max_top_k": 100,
+                          "max_batch_searches": 8, **overrides})
+
+
+async def _load(client: ShardClient) -> synthetic.SyntheticCatalogue:
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=4)
+    for i, category in enumerate("abc"):
+        await client.upsert(catalogue.records(100 * i, 100 * (i + 1), category=category), timeout_s=10)
+    return catalogue
+
+
+@pytest.fixture
+async def shard(tmp_path):
+    handle = await start_shard_server(_config(tmp_path))
+    client = ShardClient(f"127.0.0.1:{handle.port}")
+    catalogue = await _load(client)
+    yield handle, client, catalogue
+    await client.close()
+    await handle.stop(snapshot=False)
+
+
+def _queries(catalogue, n: int) -> list[SearchQuery]:
+    vectors = catalogue.queries(n)
+    filters = (Filter(), Filter(all_of=(Condition(field="price", predicate=Range(max=50.0)),)),
+               Filter(all_of=(Condition(field="in_stock", predicate=Is(value=True)),)))
+    return [
+        SearchQuery(vector=vectors[i], top_k=1 + i % 9, categories=(("a",), (), ("b", "c"))[i % 3],
+                    filter=filters[i % 3], distinct_products=i % 4 == 0)
+        for i in range(n)
+    ]
+
+
+def _handled(method: str, code: str) -> float:
+    return REGISTRY.get_sample_value("grpc_server_handled_total", {
+        "grpc_type": "bidi_stream" if method == "SearchStream" else "unary",
+        "grpc_service": "imgsearch.v1.ShardService", "grpc_method": method, "grpc_code": code}) or 0.0
+
+
+async def test_stream_answers_equal_unary_answers(shard):
+    _handle, client, catalogue = shard
+    queries = _queries(catalogue, 40)
+    bad = SearchQuery(vector=np.ones(DIM, np.float32), top_k=5,
+                      filter=Filter(all_of=(Condition(field="size", predicate=Equals(value="XL")),)))
+    async with ShardClient(client.address, search_streams=False) as unary:
+        unary0, stream0 = _handled("Search", "OK"), _handled("SearchStream", "OK")
+        expected = [await unary.search(q, timeout_s=5) for q in queries]
+        assert _handled("Search", "OK") - unary0 == 40
+        assert [await client.search(q, timeout_s=5) for q in queries] == expected
+        # concurrent searches: one stream each, each answered with its own result
+        assert list(await asyncio.gather(*(client.search(q, timeout_s=5) for q in queries))) == expected
+        outcomes = await client.search_batch([*queries[:3], bad], timeout_s=5)
+        assert outcomes[:3] == expected[:3]
+        refused = (await unary.search_batch([bad], timeout_s=5))[0]
+        assert (type(outcomes[3]), str(outcomes[3])) == (type(refused), str(refused))
+        assert "unknown filter field 'size'" in str(refused)
+    assert _handled("SearchStream", "OK") - stream0 == 81  # one call per message, none for the streams
+    assert _handled("Search", "OK") - unary0 == 40
+    assert 1 < len(client._idle_streams) <= shard_client.MAX_IDLE_SEARCH_STREAMS
+
+
+async def test_a_message_refused_whole_ends_only_its_stream(shard):
+    _handle, client, catalogue = shard
+    refused0 = _handled("SearchStream", "RESOURCE_EXHAUSTED")
+    with pytest.raises(ImgsearchError) as info:
+        await client.search_batch(_queries(catalogue, 9), timeout_s=5)
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "the limit is 8" in str(info.value)
+    assert _handled("SearchStream", "RESOURCE_EXHAUSTED") - refused0 == 1
+    assert len(await client.search_batch(_queries(catalogue, 8), timeout_s=5)) == 8
+
+
+async def test_a_restarted_shard_is_searched_over_a_new_stream(tmp_path, free_port):
+    config = _config(tmp_path, port=free_port())
+    handle = await start_shard_server(config)
+    async with ShardClient(f"127.0.0.1:{handle.port}") as client:
+        catalogue = await _load(client)
+        query = _queries(catalogue, 1)[0]
+        before = await client.search(query, timeout_s=5)
+        assert len(client._idle_streams) == 1  # left open, and ended by the stop below
+        await handle.stop()
+        handle = await start_shard_server(config)
+        try:
+            assert await client.search(query, timeout_s=5) == before
+        finally:
+            await handle.stop(snapshot=False)
+
+
+async def test_a_shutdown_does_not_wait_for_open_streams(tmp_path):
+    # grpc's graceful stop waits for every open call up to its grace period: an idle search stream held every
+    # shard stop for the whole grace.
+    handle = await start_shard_server(_config(tmp_path, shutdown_grace_s=20.0))
+    async with ShardClient(f"127.0.0.1:{handle.port}") as client:
+        catalogue = await _load(client)
+        await asyncio.gather(*(client.search(q, timeout_s=5) for q in _queries(catalogue, 3)))
+        assert len(client._idle_streams) == 3
+        started = time.monotonic()
+        await handle.stop(snapshot=False)
+        assert time.monotonic() - started < 5.0
+        with pytest.raises(ImgsearchError) as info:
+            await client.search(_queries(catalogue, 1)[0], timeout_s=2)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+class OldShard(shard_pb2_grpc.ShardServiceServicer):
+    """A shard from before SearchStream: Search only (the generated servicer's default answers the rest)."""
+
+    def __init__(self, answer: shard_pb2.ShardServiceSearchResponse, delay_s: float = 0.0):
+        self.answer = answer
+        self.delay_s = delay_s
+        self.searches = 0
+
+    async def Search(self, request, context):
+        self.searches += 1
+        await asyncio.sleep(self.delay_s)
+        return self.answer
+
+
+class SlowStreamShard(OldShard):
+    """Answers SearchStream messages after `delay_s` (the first `slow` of them; the rest at once)."""
+
+    def __init__(self, answer, delay_s: float, slow: int):
+        super().__init__(answer)
+        self.stream_delay_s = delay_s
+        self.slow = slow
+
+    async def SearchStream(self, request_iterator, context):
+        async for request in request_iterator:
+            if self.slow > 0:
+                self.slow -= 1
+                await asyncio.sleep(self.stream_delay_s)
+            response = shard_pb2.ShardServiceSearchStreamResponse()
+            for _ in request.searches:
+                response.outcomes.add().result.CopyFrom(self.answer)
+            yield response
+
+
+async def _serve(servicer):
+    def register(server):
+        shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
+        return [convert.SERVICE_NAME]
+
+    service = await start_grpc_service(ServerOptions(host="127.0.0.1", port=0), register, component="test-shard")
+    await service.set_serving(True)
+    return service
+
+
+def _answer() -> shard_pb2.ShardServiceSearchResponse:
+    return shard_pb2.ShardServiceSearchResponse(
+        hits=[common_pb2.Hit(image_id="i1", product_id="p1", category="a", score=0.5)], candidates_scanned=3)
+
+
+async def test_a_shard_without_search_stream_is_searched_with_unary_calls():
+    servicer = OldShard(_answer())
+    service = await _serve(servicer)
+    query = SearchQuery(vector=np.ones(DIM, np.float32), top_k=1)
+    try:
+        async with ShardClient(f"127.0.0.1:{service.port}") as client:
+            result = await client.search(query, timeout_s=5)
+            assert [h.image_id for h in result.hits] == ["i1"] and servicer.searches == 1
+            assert client._streams_off_until > asyncio.get_running_loop().time() + 30
+            await client.search(query, timeout_s=5)  # no second try of the stream for a while
+            assert servicer.searches == 2 and not client._idle_streams
+    finally:
+        await service.stop(0)
+
+
+async def test_a_shard_that_does_not_answer_in_time_fails_only_that_search():
+    servicer = SlowStreamShard(_answer(), delay_s=3.0, slow=1)
+    service = await _serve(servicer)
+    query = SearchQuery(vector=np.ones(DIM, np.float32), top_k=1)
+    try:
+        async with ShardClient(f"127.0.0.1:{service.port}") as client:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                await client.search(query, timeout_s=0.3)
+            assert time.monotonic() - started < 1.5
+            assert not client._idle_streams  # its answer may still come: that stream is not used again
+            # the next search gets a new stream, and not the late answer of the first
+            assert [h.image_id for h in (await client.search(query, timeout_s=5)).hits] == ["i1"]
+            assert servicer.searches == 0
+    finally:
+        await service.stop(0)
+
+
+async def test_a_malformed_stream_message_is_invalid_argument(shard):
+    _handle, client, _catalogue = shard
+    async with grpc.aio.insecure_channel(client.address) as channel:
+        call = channel.stream_stream("/imgsearch.v1.ShardService/SearchStream")()
+        await call.write(b"\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.read()
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request message" in info.value.details()
