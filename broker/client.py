@@ -18,7 +18,8 @@ import numpy as np
 
 from broker import convert
 from broker.types import CatalogueItem, IngestSummary, Query, SearchAnswer, ShardSummary
-from imgsearch.errors import InvalidArgumentError, from_rpc_error
+from imgsearch.errors import InvalidArgumentError, from_rpc_error, from_status
+from imgsearch.request_streams import StreamPool
 from imgsearch.serving import client_channel_options, tls_credentials
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 from shard_server.types import Exactness, Filter
@@ -82,7 +83,9 @@ def _metadata(token: str | None):
 
 
 class BrokerClient:
-    """Async client (grpc.aio)."""
+    """Async client (grpc.aio). Searches go over long-lived SearchStream calls (`search_streams`), one search in
+    flight per stream and as many streams as searches at once: a message on an open stream costs a third of a
+    unary call in gRPC Python. A broker without SearchStream gets unary Search calls."""
 
     def __init__(
         self,
@@ -95,6 +98,7 @@ class BrokerClient:
         timeout_s: float = 5.0,
         ingest_timeout_s: float = 120.0,
         max_message_bytes: int = 64 * 1024 * 1024,
+        search_streams: bool = True,
     ):
         options = client_channel_options(max_message_bytes)
         credentials = tls_credentials(root_certificates, certificate_chain, private_key)
@@ -103,6 +107,7 @@ class BrokerClient:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
+        self._search_streams = StreamPool(self._stub.SearchStream, peer=f"broker {address}", enabled=search_streams)
         self._metadata = _metadata(token)
         self.timeout_s = timeout_s
         self.ingest_timeout_s = ingest_timeout_s
@@ -114,6 +119,7 @@ class BrokerClient:
         await self.close()
 
     async def close(self) -> None:
+        self._search_streams.close()
         await self._channel.close()
 
     async def search(
@@ -132,8 +138,16 @@ class BrokerClient:
         timeout_s: float | None = None,
     ) -> SearchAnswer:
         req = _search_request(locals())
+        timeout_s = _or(timeout_s, self.timeout_s)
+        if self._search_streams.usable():
+            response = await self._search_streams.ask(
+                broker_pb2.SearchStreamRequest(search=req, timeout_s=timeout_s), timeout_s=timeout_s)
+            if response is not None:
+                if response.WhichOneof("outcome") == "error":
+                    raise from_status(response.error.code, response.error.message)
+                return convert.answer_from_proto(response.result)
         try:
-            resp = await self._stub.Search(req, timeout=_or(timeout_s, self.timeout_s))
+            resp = await self._stub.Search(req, timeout=timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return convert.answer_from_proto(resp)

@@ -12,8 +12,8 @@ from broker.core import Broker
 from broker.decode_budget import PixelBudget
 from broker.errors import MissingTokenError, WrongTokenError
 from broker.types import CatalogueItem
-from imgsearch.errors import DeadlineExceededError, ResourceExhaustedError
-from imgsearch.serving import remaining_timeout_s
+from imgsearch.errors import DeadlineExceededError, ImgsearchError, ResourceExhaustedError
+from imgsearch.serving import MessageMetrics, RequestStreams, remaining_timeout_s
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 
 # An IngestStream chunk is sent on once its messages reach this many bytes, even short of ingest_chunk_size items.
@@ -45,6 +45,9 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self._ingest_bytes = PixelBudget(max_ingest_bytes_in_flight, unit="bytes")
         self._max_streams = max_ingest_streams
         self._streams = asyncio.Semaphore(max_ingest_streams)
+        self.search_streams = RequestStreams()  # ended by GrpcService.stop
+        self._stream_metrics = MessageMetrics(broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name,
+                                              "SearchStream")
 
     def _authorise_write(self, context: grpc.aio.ServicerContext) -> None:
         if self._write_token is None:
@@ -65,6 +68,40 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
             query, timeout_s=remaining_timeout_s(context, self._search_timeout_s)
         )
         return convert.answer_to_proto(answer)
+
+    async def SearchStream(self, request_iterator, context):
+        """Search, one message at a time over a long-lived stream (see the proto). Each search gets its answer or
+        its error in its own response message; the stream stays open."""
+        async for response in self.search_streams.serve(request_iterator, self._stream_search):
+            yield response
+
+    async def _stream_search(self, message) -> broker_pb2.SearchStreamResponse:
+        response = broker_pb2.SearchStreamResponse()
+        t0 = self._stream_metrics.started()
+        timeout_s = self._search_timeout_s
+        if message.timeout_s > 0:
+            timeout_s = min(timeout_s, message.timeout_s)
+        try:
+            query = convert.query_from_proto(message.search)
+            budget = asyncio.timeout(timeout_s)  # what a Search call's deadline does to its handler
+            try:
+                async with budget:
+                    answer = await self._broker.search(query, timeout_s=timeout_s)
+            except TimeoutError:
+                if not budget.expired():
+                    raise  # the search's own DEADLINE_EXCEEDED (a DeadlineExceededError is a TimeoutError)
+                raise DeadlineExceededError(f"the search did not finish within {timeout_s:.3f} s") from None
+        except ImgsearchError as exc:
+            self._stream_metrics.handled(t0, exc)
+            response.error.code = exc.code.value[0]
+            response.error.message = str(exc) or exc.code.name
+            return response
+        except BaseException as exc:
+            self._stream_metrics.handled(t0, exc)
+            raise
+        self._stream_metrics.handled(t0)
+        response.result.CopyFrom(convert.answer_to_proto(answer))
+        return response
 
     async def Ingest(self, request, context):
         self._authorise_write(context)

@@ -3,31 +3,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterable, Iterable, Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from imgsearch.errors import (
-    DeadlineExceededError,
-    ImgsearchError,
-    UnavailableError,
-    from_rpc_error,
-    from_status,
-)
+from imgsearch.errors import ImgsearchError, from_rpc_error
+from imgsearch.request_streams import StreamPool
 from imgsearch.serving import client_channel_options
 from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.convert import SERVICE_NAME
 from shard_server.types import Record, SearchQuery, SearchResult, ShardStats
-
-# After a shard answered SearchStream with UNIMPLEMENTED (a shard older than this client, during a rolling
-# upgrade), searches are unary calls for this long, then the stream is tried again.
-SEARCH_STREAM_RETRY_S = 60.0
-# Open streams kept for reuse at most; more exist only while that many searches are in flight at once.
-MAX_IDLE_SEARCH_STREAMS = 16
-_RETRY_ON_FRESH_STREAM = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class ShardClient:
@@ -37,14 +24,13 @@ class ShardClient:
     def __init__(self, address: str, *, channel_credentials: grpc.ChannelCredentials | None = None,
                  max_message_bytes: int = 64 * 1024 * 1024, search_streams: bool = True):
         self.address = address
-        self._idle_streams: list[grpc.aio.StreamStreamCall] = []
-        self._streams_off_until = float("inf") if not search_streams else float("-inf")
         options = client_channel_options(max_message_bytes)
         if channel_credentials is None:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         else:
             self._channel = grpc.aio.secure_channel(address, channel_credentials, options=options)
         self._stub = shard_pb2_grpc.ShardServiceStub(self._channel)
+        self._search_streams = StreamPool(self._stub.SearchStream, peer=f"shard {address}", enabled=search_streams)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def search(self, query: SearchQuery, *, timeout_s: float) -> SearchResult:
@@ -74,60 +60,12 @@ class ShardClient:
 
     async def _over_stream(self, queries: Sequence[SearchQuery],
                            timeout_s: float) -> list[SearchResult | ImgsearchError] | None:
-        """The searches' outcomes over an open SearchStream (a new one when none is idle); None when the shard
-        has no SearchStream (the caller then makes a unary call)."""
-        loop = asyncio.get_running_loop()
-        if loop.time() < self._streams_off_until:
+        """The searches' outcomes over a SearchStream; None when the shard has none (the caller makes a unary
+        call)."""
+        if not self._search_streams.usable():
             return None
-        request = convert.stream_request_to_proto(queries)
-        deadline = loop.time() + timeout_s
-        while True:
-            call = None
-            while self._idle_streams and call is None:
-                call = self._idle_streams.pop()
-                if call.done():  # ended while idle: the shard restarted, or ended its streams to shut down
-                    call = None
-            reused = call is not None
-            if call is None:
-                call = self._stub.SearchStream()
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await call.write(request)
-                    response = await call.read()
-            except asyncio.InvalidStateError:  # the call ended before the write (grpc.aio raises this, no status)
-                if reused:
-                    continue
-                code, details = await call.code(), await call.details()
-                if code is grpc.StatusCode.OK:
-                    code = grpc.StatusCode.UNAVAILABLE
-                raise from_status(code, details or f"shard {self.address} ended the search stream") from None
-            except TimeoutError:
-                call.cancel()  # its answer may still come: the stream cannot carry the next search
-                raise DeadlineExceededError(
-                    f"shard {self.address} did not answer within {timeout_s:.3f} s") from None
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-            except grpc.RpcError as e:
-                call.cancel()
-                if e.code() is grpc.StatusCode.UNIMPLEMENTED:
-                    self._streams_off_until = loop.time() + SEARCH_STREAM_RETRY_S
-                    return None
-                # A stream left open while idle may have ended meanwhile (the shard restarted, or ended its
-                # streams to shut down): searches are read-only, so they go again over a new stream.
-                if reused and e.code() in _RETRY_ON_FRESH_STREAM:
-                    continue
-                raise from_rpc_error(e) from e
-            if response is grpc.aio.EOF:  # the shard ended the stream (shutting down) without answering
-                call.cancel()
-                if reused:
-                    continue
-                raise UnavailableError(f"shard {self.address} ended the search stream without answering")
-            if len(self._idle_streams) < MAX_IDLE_SEARCH_STREAMS:
-                self._idle_streams.append(call)
-            else:
-                call.cancel()
-            return convert.outcomes_from_proto(response)
+        response = await self._search_streams.ask(convert.stream_request_to_proto(queries), timeout_s=timeout_s)
+        return None if response is None else convert.outcomes_from_proto(response)
 
     async def upsert(self, records: Sequence[Record], *, timeout_s: float, validate_only: bool = False) -> int:
         """Write records (durable when this returns); with `validate_only`, only raise what the write would."""
@@ -201,9 +139,7 @@ class ShardClient:
         return response.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self) -> None:
-        for call in self._idle_streams:
-            call.cancel()
-        self._idle_streams.clear()
+        self._search_streams.close()
         await self._channel.close()
 
     async def __aenter__(self) -> ShardClient:

@@ -6,8 +6,6 @@ import asyncio
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
-import grpc
-
 from imgsearch.errors import ImgsearchError
 from imgsearch.serving import MessageMetrics, RequestStreams
 from imgsearch.v1 import shard_pb2, shard_pb2_grpc
@@ -92,44 +90,18 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
     async def SearchStream(self, request_iterator, context):
         """SearchBatch, one message at a time over a long-lived stream (see the proto). A message refused whole
         ends the stream with its status, as it would fail a SearchBatch call."""
-        streams = self.search_streams
-        if streams.ending:
-            return
-        streams.opened()
-        try:
-            async for request in self._until_ended(request_iterator, streams):
-                streams.answering(True)
-                t0 = self._stream_metrics.started()
-                try:
-                    response = await self._answer_batch(request, shard_pb2.ShardServiceSearchStreamResponse())
-                except ImgsearchError as exc:
-                    self._stream_metrics.handled(t0, exc.code)
-                    raise
-                except asyncio.CancelledError:  # the client gave up on it (its deadline) or hung up
-                    self._stream_metrics.handled(t0, grpc.StatusCode.CANCELLED)
-                    raise
-                except BaseException:
-                    self._stream_metrics.handled(t0, grpc.StatusCode.INTERNAL)
-                    raise
-                self._stream_metrics.handled(t0)
-                yield response
-                if streams.ending:
-                    return
-                streams.answering(False)
-        finally:
-            streams.closed()
+        async for response in self.search_streams.serve(request_iterator, self._stream_answer):
+            yield response
 
-    @staticmethod
-    async def _until_ended(request_iterator, streams: RequestStreams):
-        """The stream's messages, until the stream ends or RequestStreams.end cancels the wait for the next one.
-        That cancel must end the stream with a status: grpc.aio leaves a handler cancelled from inside the server
-        without one, and its graceful stop then waited for the call all the same."""
+    async def _stream_answer(self, request) -> shard_pb2.ShardServiceSearchStreamResponse:
+        t0 = self._stream_metrics.started()
         try:
-            async for request in request_iterator:
-                yield request
-        except asyncio.CancelledError:
-            if not streams.ending:
-                raise  # the client hung up
+            response = await self._answer_batch(request, shard_pb2.ShardServiceSearchStreamResponse())
+        except BaseException as exc:
+            self._stream_metrics.handled(t0, exc)
+            raise
+        self._stream_metrics.handled(t0)
+        return response
 
     async def Upsert(self, request, context):
         self._ready()

@@ -505,6 +505,27 @@ async def test_async_client(stack, catalogue):
             await c.search(image=b"", top_k=3)
 
 
+async def test_image_searches_over_streams_answer_as_unary_calls(stack, catalogue, client):
+    """The async client searches over BrokerService.SearchStream; the sync client makes Search calls. Through
+    Triton and the duplicate cache (exact copies of catalogue images, other photos of their products), both
+    give the same answers, and a refused image is answered on the stream without ending it."""
+    photos = [f.path.read_bytes() for f in catalogue["gallery"][:6:2] + catalogue["queries"][:3]]
+    async with BrokerClient(stack.broker_address, timeout_s=10.0) as streams:
+        for data in photos:
+            for options in ({}, {"use_duplicate_cache": False}, {"categories": catalogue["categories"][:2]}):
+                expected = client.search(image=data, top_k=5, **options)
+                answer = await streams.search(image=data, top_k=5, **options)
+                assert answer.hits, options
+                assert [(h.image_id, h.score) for h in answer.hits] == [(h.image_id, h.score) for h in expected.hits]
+                assert (answer.cache, answer.from_duplicate_cache, answer.partial) == (
+                    expected.cache, expected.from_duplicate_cache, expected.partial)
+        assert {(await streams.search(image=data, top_k=5)).cache for data in photos[:3]} == {CacheOutcome.EXACT}
+        with pytest.raises(InvalidArgumentError):
+            await streams.search(image=b"not an image", top_k=3)
+        assert (await streams.search(image=photos[-1], top_k=5)).hits
+        assert streams._search_streams.idle_streams == 1
+
+
 def _cli(stack, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "IMGSEARCH_BROKER": stack.broker_address, "IMGSEARCH_WRITE_TOKEN": TOKEN}
     return subprocess.run(

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from imgsearch import request_streams
 from imgsearch.errors import DeadlineExceededError, ImgsearchError
 from imgsearch.serving import ServerOptions, start_grpc_service
 from imgsearch.v1 import common_pb2, shard_pb2, shard_pb2_grpc
-from shard_server import client as shard_client
 from shard_server import convert, synthetic
 from shard_server.client import ShardClient
 from shard_server.config import ShardConfig
@@ -84,7 +84,7 @@ async def test_stream_answers_equal_unary_answers(shard):
         assert "unknown filter field 'size'" in str(refused)
     assert _handled("SearchStream", "OK") - stream0 == 81  # one call per message, none for the streams
     assert _handled("Search", "OK") - unary0 == 40
-    assert 1 < len(client._idle_streams) <= shard_client.MAX_IDLE_SEARCH_STREAMS
+    assert 1 < client._search_streams.idle_streams <= request_streams.MAX_IDLE_STREAMS
 
 
 async def test_a_message_refused_whole_ends_only_its_stream(shard):
@@ -104,7 +104,7 @@ async def test_a_restarted_shard_is_searched_over_a_new_stream(tmp_path, free_po
         catalogue = await _load(client)
         query = _queries(catalogue, 1)[0]
         before = await client.search(query, timeout_s=5)
-        assert len(client._idle_streams) == 1  # left open, and ended by the stop below
+        assert client._search_streams.idle_streams == 1  # left open, and ended by the stop below
         await handle.stop()
         handle = await start_shard_server(config)
         try:
@@ -120,7 +120,7 @@ async def test_a_shutdown_does_not_wait_for_open_streams(tmp_path):
     async with ShardClient(f"127.0.0.1:{handle.port}") as client:
         catalogue = await _load(client)
         await asyncio.gather(*(client.search(q, timeout_s=5) for q in _queries(catalogue, 3)))
-        assert len(client._idle_streams) == 3
+        assert client._search_streams.idle_streams == 3
         started = time.monotonic()
         await handle.stop(snapshot=False)
         assert time.monotonic() - started < 5.0
@@ -185,9 +185,9 @@ async def test_a_shard_without_search_stream_is_searched_with_unary_calls():
         async with ShardClient(f"127.0.0.1:{service.port}") as client:
             result = await client.search(query, timeout_s=5)
             assert [h.image_id for h in result.hits] == ["i1"] and servicer.searches == 1
-            assert client._streams_off_until > asyncio.get_running_loop().time() + 30
+            assert not client._search_streams.usable()  # for a while: UNIMPLEMENTED_RETRY_S
             await client.search(query, timeout_s=5)  # no second try of the stream for a while
-            assert servicer.searches == 2 and not client._idle_streams
+            assert servicer.searches == 2 and not client._search_streams.idle_streams
     finally:
         await service.stop(0)
 
@@ -202,7 +202,7 @@ async def test_a_shard_that_does_not_answer_in_time_fails_only_that_search():
             with pytest.raises(DeadlineExceededError):
                 await client.search(query, timeout_s=0.3)
             assert time.monotonic() - started < 1.5
-            assert not client._idle_streams  # its answer may still come: that stream is not used again
+            assert not client._search_streams.idle_streams  # its answer may still come: that stream is not used again
             # the next search gets a new stream, and not the late answer of the first
             assert [h.image_id for h in (await client.search(query, timeout_s=5)).hits] == ["i1"]
             assert servicer.searches == 0

@@ -465,9 +465,19 @@ class MessageMetrics:
         self._started.inc()
         return time.perf_counter()
 
-    def handled(self, t0: float, code: grpc.StatusCode = grpc.StatusCode.OK) -> None:
+    def handled(self, t0: float, error: BaseException | None = None) -> None:
+        """One message answered (`error` None), or failed with `error`."""
         self._timing.observe(time.perf_counter() - t0)
-        (self._ok if code is grpc.StatusCode.OK else GRPC_HANDLED.labels(*self._labels, code.name)).inc()
+        if error is None:
+            self._ok.inc()
+            return
+        if isinstance(error, ImgsearchError):
+            code = error.code.name
+        elif isinstance(error, asyncio.CancelledError):  # the client gave up on it (its time limit) or hung up
+            code = "CANCELLED"
+        else:
+            code = "INTERNAL"
+        GRPC_HANDLED.labels(*self._labels, code).inc()
 
 
 class RequestStreams:
@@ -482,14 +492,32 @@ class RequestStreams:
         self._open: dict[asyncio.Task, bool] = {}  # handler task -> answering a message now
         self.ending = False
 
-    def opened(self) -> None:
-        self._open[asyncio.current_task()] = False
+    async def serve(self, request_iterator: AsyncIterator, answer: Callable[[Any], Awaitable[Any]]) -> AsyncIterator:
+        """A stream handler's responses: `answer` of each message in turn, until the client ends the stream or
+        `end()` is called."""
+        if self.ending:
+            return
+        task = asyncio.current_task()
+        self._open[task] = False
+        try:
+            async for message in self._until_ended(request_iterator):
+                self._open[task] = True
+                yield await answer(message)
+                if self.ending:
+                    return
+                self._open[task] = False
+        finally:
+            self._open.pop(task, None)
 
-    def closed(self) -> None:
-        self._open.pop(asyncio.current_task(), None)
-
-    def answering(self, busy: bool) -> None:
-        self._open[asyncio.current_task()] = busy
+    async def _until_ended(self, request_iterator: AsyncIterator) -> AsyncIterator:
+        # `end()` cancels the wait for the next message; that must end the stream with a status: grpc.aio sends
+        # none for a handler cancelled from inside the server, and its graceful stop then waited for the call.
+        try:
+            async for message in request_iterator:
+                yield message
+        except asyncio.CancelledError:
+            if not self.ending:
+                raise  # the client hung up
 
     def end(self) -> None:
         self.ending = True

@@ -26,7 +26,7 @@ from imgsearch.v1 import common_pb2 as imgsearch_dot_v1_dot_common__pb2
 from imgsearch.v1 import shard_pb2 as imgsearch_dot_v1_dot_shard__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19imgsearch/v1/broker.proto\x12\x0cimgsearch.v1\x1a\x19imgsearch/v1/common.proto\x1a\x18imgsearch/v1/shard.proto\"\xfa\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12&\n\x06vector\x18\x02 \x01(\x0b\x32\x14.imgsearch.v1.VectorH\x00\x12\x12\n\x08image_id\x18\x08 \x01(\tH\x00\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\ncategories\x18\x04 \x03(\t\x12$\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x14.imgsearch.v1.Filter\x12,\n\x07options\x18\x06 \x01(\x0b\x32\x1b.imgsearch.v1.SearchOptions\x12\x1c\n\x14skip_duplicate_cache\x18\x07 \x01(\x08\x42\x07\n\x05query\"k\n\x0bShardReport\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.imgsearch.v1.ShardOutcome\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x9f\x01\n\x0cStageTimings\x12\x1b\n\x13\x64\x65\x63ode_hash_seconds\x18\x01 \x01(\x01\x12\x15\n\rcache_seconds\x18\x02 \x01(\x01\x12\x15\n\rembed_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x66\x61nout_seconds\x18\x04 \x01(\x01\x12\x15\n\rmerge_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\"\xe3\x01\n\x0eSearchResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.imgsearch.v1.Hit\x12)\n\x05\x63\x61\x63he\x18\x02 \x01(\x0e\x32\x1a.imgsearch.v1.CacheOutcome\x12\x1c\n\x14\x66rom_duplicate_cache\x18\x03 \x01(\x08\x12\x0f\n\x07partial\x18\x04 \x01(\x08\x12)\n\x06shards\x18\x05 \x03(\x0b\x32\x19.imgsearch.v1.ShardReport\x12+\n\x07timings\x18\x06 \x01(\x0b\x32\x1a.imgsearch.v1.StageTimings\"\x9d\x02\n\rCatalogueItem\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x0f\n\x05image\x18\x04 \x01(\x0cH\x00\x12&\n\x06vector\x18\x05 \x01(\x0b\x32\x14.imgsearch.v1.VectorH\x00\x12?\n\nattributes\x18\x06 \x03(\x0b\x32+.imgsearch.v1.CatalogueItem.AttributesEntry\x1aO\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.imgsearch.v1.AttributeValue:\x02\x38\x01\x42\t\n\x07\x63ontent\":\n\rIngestRequest\x12)\n\x04item\x18\x01 \x01(\x0b\x32\x1b.imgsearch.v1.CatalogueItem\"@\n\x13IngestStreamRequest\x12)\n\x04item\x18\x01 \x01(\x0b\x32\x1b.imgsearch.v1.CatalogueItem\"?\n\x14IngestStreamResponse\x12\x10\n\x08ingested\x18\x01 \x01(\x04\x12\x15\n\rcache_pending\x18\x02 \x01(\x04\"9\n\x0eIngestResponse\x12\x10\n\x08ingested\x18\x01 \x01(\x04\x12\x15\n\rcache_pending\x18\x02 \x01(\x04\"/\n\x1a\x42rokerServiceDeleteRequest\x12\x11\n\timage_ids\x18\x01 \x03(\t\".\n\x1b\x42rokerServiceDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\x1b\n\x19\x42rokerServiceStatsRequest\"p\n\nShardStats\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12/\n\ncategories\x18\x04 \x03(\x0b\x32\x1b.imgsearch.v1.CategoryStats\"F\n\x1a\x42rokerServiceStatsResponse\x12(\n\x06shards\x18\x01 \x03(\x0b\x32\x18.imgsearch.v1.ShardStats*\xab\x01\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41\x43HE_OUTCOME_NOT_USED\x10\x01\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_MISS\x10\x02\x12\x17\n\x13\x43\x41\x43HE_OUTCOME_EXACT\x10\x03\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_NEAR\x10\x04\x12\x17\n\x13\x43\x41\x43HE_OUTCOME_ERROR\x10\x05*\x96\x01\n\x0cShardOutcome\x12\x1d\n\x19SHARD_OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10SHARD_OUTCOME_OK\x10\x01\x12\x19\n\x15SHARD_OUTCOME_TIMEOUT\x10\x02\x12\x1d\n\x19SHARD_OUTCOME_UNAVAILABLE\x10\x03\x12\x17\n\x13SHARD_OUTCOME_ERROR\x10\x04\x32\xad\x03\n\rBrokerService\x12\x43\n\x06Search\x12\x1b.imgsearch.v1.SearchRequest\x1a\x1c.imgsearch.v1.SearchResponse\x12\x43\n\x06Ingest\x12\x1b.imgsearch.v1.IngestRequest\x1a\x1c.imgsearch.v1.IngestResponse\x12W\n\x0cIngestStream\x12!.imgsearch.v1.IngestStreamRequest\x1a\".imgsearch.v1.IngestStreamResponse(\x01\x12]\n\x06\x44\x65lete\x12(.imgsearch.v1.BrokerServiceDeleteRequest\x1a).imgsearch.v1.BrokerServiceDeleteResponse\x12Z\n\x05Stats\x12\'.imgsearch.v1.BrokerServiceStatsRequest\x1a(.imgsearch.v1.BrokerServiceStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19imgsearch/v1/broker.proto\x12\x0cimgsearch.v1\x1a\x19imgsearch/v1/common.proto\x1a\x18imgsearch/v1/shard.proto\"\xfa\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12&\n\x06vector\x18\x02 \x01(\x0b\x32\x14.imgsearch.v1.VectorH\x00\x12\x12\n\x08image_id\x18\x08 \x01(\tH\x00\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\ncategories\x18\x04 \x03(\t\x12$\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x14.imgsearch.v1.Filter\x12,\n\x07options\x18\x06 \x01(\x0b\x32\x1b.imgsearch.v1.SearchOptions\x12\x1c\n\x14skip_duplicate_cache\x18\x07 \x01(\x08\x42\x07\n\x05query\"U\n\x13SearchStreamRequest\x12+\n\x06search\x18\x01 \x01(\x0b\x32\x1b.imgsearch.v1.SearchRequest\x12\x11\n\ttimeout_s\x18\x02 \x01(\x01\"}\n\x14SearchStreamResponse\x12.\n\x06result\x18\x01 \x01(\x0b\x32\x1c.imgsearch.v1.SearchResponseH\x00\x12*\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.imgsearch.v1.SearchErrorH\x00\x42\t\n\x07outcome\"k\n\x0bShardReport\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x07outcome\x18\x03 \x01(\x0e\x32\x1a.imgsearch.v1.ShardOutcome\x12\x0f\n\x07message\x18\x04 \x01(\t\"\x9f\x01\n\x0cStageTimings\x12\x1b\n\x13\x64\x65\x63ode_hash_seconds\x18\x01 \x01(\x01\x12\x15\n\rcache_seconds\x18\x02 \x01(\x01\x12\x15\n\rembed_seconds\x18\x03 \x01(\x01\x12\x16\n\x0e\x66\x61nout_seconds\x18\x04 \x01(\x01\x12\x15\n\rmerge_seconds\x18\x05 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x06 \x01(\x01\"\xe3\x01\n\x0eSearchResponse\x12\x1f\n\x04hits\x18\x01 \x03(\x0b\x32\x11.imgsearch.v1.Hit\x12)\n\x05\x63\x61\x63he\x18\x02 \x01(\x0e\x32\x1a.imgsearch.v1.CacheOutcome\x12\x1c\n\x14\x66rom_duplicate_cache\x18\x03 \x01(\x08\x12\x0f\n\x07partial\x18\x04 \x01(\x08\x12)\n\x06shards\x18\x05 \x03(\x0b\x32\x19.imgsearch.v1.ShardReport\x12+\n\x07timings\x18\x06 \x01(\x0b\x32\x1a.imgsearch.v1.StageTimings\"\x9d\x02\n\rCatalogueItem\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x12\n\nproduct_id\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61tegory\x18\x03 \x01(\t\x12\x0f\n\x05image\x18\x04 \x01(\x0cH\x00\x12&\n\x06vector\x18\x05 \x01(\x0b\x32\x14.imgsearch.v1.VectorH\x00\x12?\n\nattributes\x18\x06 \x03(\x0b\x32+.imgsearch.v1.CatalogueItem.AttributesEntry\x1aO\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.imgsearch.v1.AttributeValue:\x02\x38\x01\x42\t\n\x07\x63ontent\":\n\rIngestRequest\x12)\n\x04item\x18\x01 \x01(\x0b\x32\x1b.imgsearch.v1.CatalogueItem\"@\n\x13IngestStreamRequest\x12)\n\x04item\x18\x01 \x01(\x0b\x32\x1b.imgsearch.v1.CatalogueItem\"?\n\x14IngestStreamResponse\x12\x10\n\x08ingested\x18\x01 \x01(\x04\x12\x15\n\rcache_pending\x18\x02 \x01(\x04\"9\n\x0eIngestResponse\x12\x10\n\x08ingested\x18\x01 \x01(\x04\x12\x15\n\rcache_pending\x18\x02 \x01(\x04\"/\n\x1a\x42rokerServiceDeleteRequest\x12\x11\n\timage_ids\x18\x01 \x03(\t\".\n\x1b\x42rokerServiceDeleteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x04\"\x1b\n\x19\x42rokerServiceStatsRequest\"p\n\nShardStats\x12\r\n\x05shard\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\treachable\x18\x03 \x01(\x08\x12/\n\ncategories\x18\x04 \x03(\x0b\x32\x1b.imgsearch.v1.CategoryStats\"F\n\x1a\x42rokerServiceStatsResponse\x12(\n\x06shards\x18\x01 \x03(\x0b\x32\x18.imgsearch.v1.ShardStats*\xab\x01\n\x0c\x43\x61\x63heOutcome\x12\x1d\n\x19\x43\x41\x43HE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43\x41\x43HE_OUTCOME_NOT_USED\x10\x01\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_MISS\x10\x02\x12\x17\n\x13\x43\x41\x43HE_OUTCOME_EXACT\x10\x03\x12\x16\n\x12\x43\x41\x43HE_OUTCOME_NEAR\x10\x04\x12\x17\n\x13\x43\x41\x43HE_OUTCOME_ERROR\x10\x05*\x96\x01\n\x0cShardOutcome\x12\x1d\n\x19SHARD_OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10SHARD_OUTCOME_OK\x10\x01\x12\x19\n\x15SHARD_OUTCOME_TIMEOUT\x10\x02\x12\x1d\n\x19SHARD_OUTCOME_UNAVAILABLE\x10\x03\x12\x17\n\x13SHARD_OUTCOME_ERROR\x10\x04\x32\x88\x04\n\rBrokerService\x12\x43\n\x06Search\x12\x1b.imgsearch.v1.SearchRequest\x1a\x1c.imgsearch.v1.SearchResponse\x12Y\n\x0cSearchStream\x12!.imgsearch.v1.SearchStreamRequest\x1a\".imgsearch.v1.SearchStreamResponse(\x01\x30\x01\x12\x43\n\x06Ingest\x12\x1b.imgsearch.v1.IngestRequest\x1a\x1c.imgsearch.v1.IngestResponse\x12W\n\x0cIngestStream\x12!.imgsearch.v1.IngestStreamRequest\x1a\".imgsearch.v1.IngestStreamResponse(\x01\x12]\n\x06\x44\x65lete\x12(.imgsearch.v1.BrokerServiceDeleteRequest\x1a).imgsearch.v1.BrokerServiceDeleteResponse\x12Z\n\x05Stats\x12\'.imgsearch.v1.BrokerServiceStatsRequest\x1a(.imgsearch.v1.BrokerServiceStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,40 +35,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CATALOGUEITEM_ATTRIBUTESENTRY']._loaded_options = None
   _globals['_CATALOGUEITEM_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_CACHEOUTCOME']._serialized_start=1701
-  _globals['_CACHEOUTCOME']._serialized_end=1872
-  _globals['_SHARDOUTCOME']._serialized_start=1875
-  _globals['_SHARDOUTCOME']._serialized_end=2025
+  _globals['_CACHEOUTCOME']._serialized_start=1915
+  _globals['_CACHEOUTCOME']._serialized_end=2086
+  _globals['_SHARDOUTCOME']._serialized_start=2089
+  _globals['_SHARDOUTCOME']._serialized_end=2239
   _globals['_SEARCHREQUEST']._serialized_start=97
   _globals['_SEARCHREQUEST']._serialized_end=347
-  _globals['_SHARDREPORT']._serialized_start=349
-  _globals['_SHARDREPORT']._serialized_end=456
-  _globals['_STAGETIMINGS']._serialized_start=459
-  _globals['_STAGETIMINGS']._serialized_end=618
-  _globals['_SEARCHRESPONSE']._serialized_start=621
-  _globals['_SEARCHRESPONSE']._serialized_end=848
-  _globals['_CATALOGUEITEM']._serialized_start=851
-  _globals['_CATALOGUEITEM']._serialized_end=1136
-  _globals['_CATALOGUEITEM_ATTRIBUTESENTRY']._serialized_start=1046
-  _globals['_CATALOGUEITEM_ATTRIBUTESENTRY']._serialized_end=1125
-  _globals['_INGESTREQUEST']._serialized_start=1138
-  _globals['_INGESTREQUEST']._serialized_end=1196
-  _globals['_INGESTSTREAMREQUEST']._serialized_start=1198
-  _globals['_INGESTSTREAMREQUEST']._serialized_end=1262
-  _globals['_INGESTSTREAMRESPONSE']._serialized_start=1264
-  _globals['_INGESTSTREAMRESPONSE']._serialized_end=1327
-  _globals['_INGESTRESPONSE']._serialized_start=1329
-  _globals['_INGESTRESPONSE']._serialized_end=1386
-  _globals['_BROKERSERVICEDELETEREQUEST']._serialized_start=1388
-  _globals['_BROKERSERVICEDELETEREQUEST']._serialized_end=1435
-  _globals['_BROKERSERVICEDELETERESPONSE']._serialized_start=1437
-  _globals['_BROKERSERVICEDELETERESPONSE']._serialized_end=1483
-  _globals['_BROKERSERVICESTATSREQUEST']._serialized_start=1485
-  _globals['_BROKERSERVICESTATSREQUEST']._serialized_end=1512
-  _globals['_SHARDSTATS']._serialized_start=1514
-  _globals['_SHARDSTATS']._serialized_end=1626
-  _globals['_BROKERSERVICESTATSRESPONSE']._serialized_start=1628
-  _globals['_BROKERSERVICESTATSRESPONSE']._serialized_end=1698
-  _globals['_BROKERSERVICE']._serialized_start=2028
-  _globals['_BROKERSERVICE']._serialized_end=2457
+  _globals['_SEARCHSTREAMREQUEST']._serialized_start=349
+  _globals['_SEARCHSTREAMREQUEST']._serialized_end=434
+  _globals['_SEARCHSTREAMRESPONSE']._serialized_start=436
+  _globals['_SEARCHSTREAMRESPONSE']._serialized_end=561
+  _globals['_SHARDREPORT']._serialized_start=563
+  _globals['_SHARDREPORT']._serialized_end=670
+  _globals['_STAGETIMINGS']._serialized_start=673
+  _globals['_STAGETIMINGS']._serialized_end=832
+  _globals['_SEARCHRESPONSE']._serialized_start=835
+  _globals['_SEARCHRESPONSE']._serialized_end=1062
+  _globals['_CATALOGUEITEM']._serialized_start=1065
+  _globals['_CATALOGUEITEM']._serialized_end=1350
+  _globals['_CATALOGUEITEM_ATTRIBUTESENTRY']._serialized_start=1260
+  _globals['_CATALOGUEITEM_ATTRIBUTESENTRY']._serialized_end=1339
+  _globals['_INGESTREQUEST']._serialized_start=1352
+  _globals['_INGESTREQUEST']._serialized_end=1410
+  _globals['_INGESTSTREAMREQUEST']._serialized_start=1412
+  _globals['_INGESTSTREAMREQUEST']._serialized_end=1476
+  _globals['_INGESTSTREAMRESPONSE']._serialized_start=1478
+  _globals['_INGESTSTREAMRESPONSE']._serialized_end=1541
+  _globals['_INGESTRESPONSE']._serialized_start=1543
+  _globals['_INGESTRESPONSE']._serialized_end=1600
+  _globals['_BROKERSERVICEDELETEREQUEST']._serialized_start=1602
+  _globals['_BROKERSERVICEDELETEREQUEST']._serialized_end=1649
+  _globals['_BROKERSERVICEDELETERESPONSE']._serialized_start=1651
+  _globals['_BROKERSERVICEDELETERESPONSE']._serialized_end=1697
+  _globals['_BROKERSERVICESTATSREQUEST']._serialized_start=1699
+  _globals['_BROKERSERVICESTATSREQUEST']._serialized_end=1726
+  _globals['_SHARDSTATS']._serialized_start=1728
+  _globals['_SHARDSTATS']._serialized_end=1840
+  _globals['_BROKERSERVICESTATSRESPONSE']._serialized_start=1842
+  _globals['_BROKERSERVICESTATSRESPONSE']._serialized_end=1912
+  _globals['_BROKERSERVICE']._serialized_start=2242
+  _globals['_BROKERSERVICE']._serialized_end=2762
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,22 @@ class SearchRequest(_message.Message):
     skip_duplicate_cache: bool
     def __init__(self, image: _Optional[bytes] = ..., vector: _Optional[_Union[_common_pb2.Vector, _Mapping]] = ..., image_id: _Optional[str] = ..., top_k: _Optional[int] = ..., categories: _Optional[_Iterable[str]] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., options: _Optional[_Union[_common_pb2.SearchOptions, _Mapping]] = ..., skip_duplicate_cache: _Optional[bool] = ...) -> None: ...
 
+class SearchStreamRequest(_message.Message):
+    __slots__ = ("search", "timeout_s")
+    SEARCH_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    search: SearchRequest
+    timeout_s: float
+    def __init__(self, search: _Optional[_Union[SearchRequest, _Mapping]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class SearchStreamResponse(_message.Message):
+    __slots__ = ("result", "error")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    result: SearchResponse
+    error: _shard_pb2.SearchError
+    def __init__(self, result: _Optional[_Union[SearchResponse, _Mapping]] = ..., error: _Optional[_Union[_shard_pb2.SearchError, _Mapping]] = ...) -> None: ...
+
 class ShardReport(_message.Message):
     __slots__ = ("shard", "address", "outcome", "message")
     SHARD_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class BrokerServiceStub:
                 request_serializer=imgsearch_dot_v1_dot_broker__pb2.SearchRequest.SerializeToString,
                 response_deserializer=imgsearch_dot_v1_dot_broker__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchStream = channel.stream_stream(
+                '/imgsearch.v1.BrokerService/SearchStream',
+                request_serializer=imgsearch_dot_v1_dot_broker__pb2.SearchStreamRequest.SerializeToString,
+                response_deserializer=imgsearch_dot_v1_dot_broker__pb2.SearchStreamResponse.FromString,
+                _registered_method=True)
         self.Ingest = channel.unary_unary(
                 '/imgsearch.v1.BrokerService/Ingest',
                 request_serializer=imgsearch_dot_v1_dot_broker__pb2.IngestRequest.SerializeToString,
@@ -68,6 +73,18 @@ class BrokerServiceServicer:
 
     def Search(self, request, context):
         """Find the catalogue images most similar to a query image (or vector).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchStream(self, request_iterator, context):
+        """Search over one long-lived stream, for clients that search often: each request message is one search,
+        answered by one response message, in order and one at a time. In gRPC Python a message on an open stream
+        costs a third of a unary call (docs/benchmarks.md); the async Python client keeps streams open for its
+        searches. Each message carries its own time limit, as a Search call's deadline. A search the broker refuses
+        or fails is answered with its status in `error`, and the stream stays open; a malformed message ends the
+        stream with INVALID_ARGUMENT. The broker ends idle streams when it shuts down; clients open new ones.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +125,11 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=imgsearch_dot_v1_dot_broker__pb2.SearchRequest.FromString,
                     response_serializer=imgsearch_dot_v1_dot_broker__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SearchStream,
+                    request_deserializer=imgsearch_dot_v1_dot_broker__pb2.SearchStreamRequest.FromString,
+                    response_serializer=imgsearch_dot_v1_dot_broker__pb2.SearchStreamResponse.SerializeToString,
             ),
             'Ingest': grpc.unary_unary_rpc_method_handler(
                     servicer.Ingest,
@@ -158,6 +180,33 @@ class BrokerService:
             '/imgsearch.v1.BrokerService/Search',
             imgsearch_dot_v1_dot_broker__pb2.SearchRequest.SerializeToString,
             imgsearch_dot_v1_dot_broker__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/imgsearch.v1.BrokerService/SearchStream',
+            imgsearch_dot_v1_dot_broker__pb2.SearchStreamRequest.SerializeToString,
+            imgsearch_dot_v1_dot_broker__pb2.SearchStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
