@@ -107,7 +107,8 @@ class BrokerClient:
         else:
             self._channel = grpc.aio.insecure_channel(address, options=options)
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
-        self._search_streams = StreamPool(self._stub.SearchStream, peer=f"broker {address}", enabled=search_streams)
+        self._search_streams = StreamPool(self._stub.SearchStream, peer=f"broker {address}",
+                                          max_message_bytes=max_message_bytes, enabled=search_streams)
         self._metadata = _metadata(token)
         self.timeout_s = timeout_s
         self.ingest_timeout_s = ingest_timeout_s

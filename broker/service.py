@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 
 import grpc
 
@@ -12,9 +13,11 @@ from broker.core import Broker
 from broker.decode_budget import PixelBudget
 from broker.errors import MissingTokenError, WrongTokenError
 from broker.types import CatalogueItem
-from imgsearch.errors import DeadlineExceededError, ImgsearchError, ResourceExhaustedError
+from imgsearch.errors import DeadlineExceededError, ImgsearchError, InternalError, ResourceExhaustedError
 from imgsearch.serving import MessageMetrics, RequestStreams, remaining_timeout_s
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
+
+log = logging.getLogger("broker")
 
 # An IngestStream chunk is sent on once its messages reach this many bytes, even short of ingest_chunk_size items.
 INGEST_CHUNK_MAX_BYTES = 8 * 1024 * 1024
@@ -91,14 +94,17 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
                 if not budget.expired():
                     raise  # the search's own DEADLINE_EXCEEDED (a DeadlineExceededError is a TimeoutError)
                 raise DeadlineExceededError(f"the search did not finish within {timeout_s:.3f} s") from None
-        except ImgsearchError as exc:
+        except asyncio.CancelledError as exc:  # the client hung up
+            self._stream_metrics.handled(t0, exc)
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered with its status, as a Search call fails alone
+            if not isinstance(exc, ImgsearchError):
+                log.exception("unhandled error in SearchStream search", exc_info=exc)
+                exc = InternalError(f"internal error: {type(exc).__name__}")
             self._stream_metrics.handled(t0, exc)
             response.error.code = exc.code.value[0]
             response.error.message = str(exc) or exc.code.name
             return response
-        except BaseException as exc:
-            self._stream_metrics.handled(t0, exc)
-            raise
         self._stream_metrics.handled(t0)
         response.result.CopyFrom(convert.answer_to_proto(answer))
         return response

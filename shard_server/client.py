@@ -30,7 +30,8 @@ class ShardClient:
         else:
             self._channel = grpc.aio.secure_channel(address, channel_credentials, options=options)
         self._stub = shard_pb2_grpc.ShardServiceStub(self._channel)
-        self._search_streams = StreamPool(self._stub.SearchStream, peer=f"shard {address}", enabled=search_streams)
+        self._search_streams = StreamPool(self._stub.SearchStream, peer=f"shard {address}",
+                                          max_message_bytes=max_message_bytes, enabled=search_streams)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def search(self, query: SearchQuery, *, timeout_s: float) -> SearchResult:
@@ -64,7 +65,8 @@ class ShardClient:
         call)."""
         if not self._search_streams.usable():
             return None
-        response = await self._search_streams.ask(convert.stream_request_to_proto(queries), timeout_s=timeout_s)
+        response = await self._search_streams.ask(convert.stream_request_to_proto(queries, timeout_s=timeout_s),
+                                                  timeout_s=timeout_s)
         return None if response is None else convert.outcomes_from_proto(response)
 
     async def upsert(self, records: Sequence[Record], *, timeout_s: float, validate_only: bool = False) -> int:

@@ -337,8 +337,10 @@ def batch_to_proto(queries: Iterable[SearchQuery]) -> shard_pb2.ShardServiceSear
     return shard_pb2.ShardServiceSearchBatchRequest(searches=[query_to_proto(q) for q in queries])
 
 
-def stream_request_to_proto(queries: Iterable[SearchQuery]) -> shard_pb2.ShardServiceSearchStreamRequest:
-    return shard_pb2.ShardServiceSearchStreamRequest(searches=[query_to_proto(q) for q in queries])
+def stream_request_to_proto(queries: Iterable[SearchQuery], *,
+                            timeout_s: float) -> shard_pb2.ShardServiceSearchStreamRequest:
+    return shard_pb2.ShardServiceSearchStreamRequest(searches=[query_to_proto(q) for q in queries],
+                                                     timeout_s=timeout_s)
 
 
 def add_outcome(target, outcome: SearchResult | ImgsearchError) -> None:

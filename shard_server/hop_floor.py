@@ -28,6 +28,11 @@ default EventEngine, ``GRPC_EXPERIMENTS=``, and iomgr, the services' default, se
 alternating, and prints the median p50 of every layer under each: the engine is chosen when a process imports
 grpc, so it cannot change inside one run.
 
+``--streams N`` compares unary calls with messages on open streams (what ShardClient and the async BrokerClient
+send since 2026-12-05): the bare hop both ways, the echo shard through ShardClient both ways, and the broker over
+the echo shard with unary calls on both hops (``--no-shard-search-streams``, ``BrokerClient(search_streams=False)``)
+and with streams on both; one client, alternating N times, median p50 of each.
+
 ``--apis N`` asks whether grpc's synchronous API would make the bare hop cheaper: the bare hop with a grpc.aio or
 a synchronous (thread pool) server, each called from a grpc.aio or a synchronous client, one client, alternating
 N times, median p50 of each.
@@ -105,6 +110,7 @@ class EchoShard(shard_pb2_grpc.ShardServiceServicer):
 
 BARE_SERVICE = "imgsearch.hopfloor.Bare"
 BARE_METHOD = f"/{BARE_SERVICE}/Ping"
+BARE_STREAM_METHOD = f"/{BARE_SERVICE}/PingStream"
 # What serves the hop: raw bytes on a plain server; the generated stub on a plain server; our service plumbing.
 SERVERS = ("bare", "bare-sync", "stub", "service", "relay")
 # (label, server, client) from the bare library to the full echo shard; see --layers.
@@ -125,6 +131,17 @@ BROKER_LAYERS = (
     ("broker over the echo shard via BrokerClient (two hops)", "broker", "BrokerClient"),
 )
 
+# (label, server, client) of one hop and of the broker's two as unary calls and as messages on open streams (the
+# services' default since 2026-12-05); see --streams.
+STREAM_LAYERS = (
+    ("one bare hop, unary call", "bare", "bytes"),
+    ("one bare hop, message on an open stream", "bare", "bytes-stream"),
+    ("echo shard via ShardClient, unary Search calls", "service", "ShardClient-unary"),
+    ("echo shard via ShardClient, SearchStream", "service", "ShardClient"),
+    ("broker over the echo shard via BrokerClient, unary calls on both hops", "broker-unary", "BrokerClient-unary"),
+    ("broker over the echo shard via BrokerClient, streams on both hops", "broker", "BrokerClient"),
+)
+
 # (label, server, client) of the bare hop through grpc's two Python APIs; see --apis.
 APIS = (
     ("grpc.aio server, grpc.aio client", "bare", "bytes"),
@@ -143,7 +160,13 @@ def _bare_handler(*, sync: bool = False) -> grpc.GenericRpcHandler:
     def ping_sync(request: bytes, context) -> bytes:
         return response
 
+    async def ping_stream(requests, context):
+        async for _ in requests:
+            yield response
+
     handlers = {"Ping": grpc.unary_unary_rpc_method_handler(ping_sync if sync else ping)}
+    if not sync:
+        handlers["PingStream"] = grpc.stream_stream_rpc_method_handler(ping_stream)
     return grpc.method_handlers_generic_handler(BARE_SERVICE, handlers)
 
 
@@ -228,13 +251,15 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
     "ShardClient" or "BrokerClient" (vector queries to a broker)."""
     vectors = np.random.default_rng(0).standard_normal((64, dim)).astype(np.float32)
     async with contextlib.AsyncExitStack() as stack:
-        if client_kind == "ShardClient":
-            client = await stack.enter_async_context(ShardClient(address))
+        if client_kind in ("ShardClient", "ShardClient-unary"):
+            client = await stack.enter_async_context(
+                ShardClient(address, search_streams=client_kind == "ShardClient"))
 
             async def call(i: int) -> None:
                 await client.search(SearchQuery(vector=vectors[i % len(vectors)], top_k=TOP_K), timeout_s=10)
-        elif client_kind == "BrokerClient":
-            broker = await stack.enter_async_context(BrokerClient(address, timeout_s=10))
+        elif client_kind in ("BrokerClient", "BrokerClient-unary"):
+            broker = await stack.enter_async_context(
+                BrokerClient(address, timeout_s=10, search_streams=client_kind == "BrokerClient"))
 
             async def call(i: int) -> None:
                 await broker.search(vector=vectors[i % len(vectors)], top_k=TOP_K, use_duplicate_cache=False)
@@ -247,6 +272,13 @@ async def measure(address: str, *, queries: int, concurrency: int, dim: int = 51
 
                 async def call(i: int) -> None:
                     await ping(payloads[i % len(payloads)], timeout=10)
+            elif client_kind == "bytes-stream":
+                stream = channel.stream_stream(BARE_STREAM_METHOD)()
+                payloads = [r.SerializeToString() for r in requests]
+
+                async def call(i: int) -> None:
+                    await stream.write(payloads[i % len(payloads)])
+                    await stream.read()
             else:
                 stub = shard_pb2_grpc.ShardServiceStub(channel)
 
@@ -297,14 +329,14 @@ class EchoShardProcess:
 
 
 @contextlib.contextmanager
-def broker_process(shard_address: str, work_dir: Path) -> Iterator[str]:
+def broker_process(shard_address: str, work_dir: Path, *extra_args: str) -> Iterator[str]:
     """The real ``imgsearch-broker`` over one shard holding category "all" (vector queries: no Triton or Redis)."""
     shard_map = work_dir / "shard-map.json"
     shard_map.write_text(json.dumps({"shards": {"echo": [shard_address]}, "categories": {"all": "echo"}}))
     port = free_port()
     proc = subprocess.Popen([*console_script("imgsearch-broker"), "--host", "127.0.0.1", "--port", str(port),
                              "--metrics-port", "-1", "--shard-map", str(shard_map),
-                             "--triton-url", f"127.0.0.1:{free_port()}", "--dimension", "512"],
+                             "--triton-url", f"127.0.0.1:{free_port()}", "--dimension", "512", *extra_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
         wait_for_port("127.0.0.1", port, timeout_s=60, process=proc, name="imgsearch-broker")
@@ -325,10 +357,11 @@ def serving(server_kind: str, event_loop: str = DEFAULT_EVENT_LOOP) -> Iterator[
         if server_kind == "relay":
             downstream = stack.enter_context(EchoShardProcess(event_loop, server_kind="bare"))
             yield stack.enter_context(EchoShardProcess(event_loop, server_kind="relay", downstream=downstream))
-        elif server_kind == "broker":
+        elif server_kind in ("broker", "broker-unary"):
             shard = stack.enter_context(EchoShardProcess(event_loop, server_kind="service"))
             work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            yield stack.enter_context(broker_process(shard, work_dir))
+            extra = ("--no-shard-search-streams",) if server_kind == "broker-unary" else ()
+            yield stack.enter_context(broker_process(shard, work_dir, *extra))
         else:
             yield stack.enter_context(EchoShardProcess(event_loop, server_kind=server_kind))
 
@@ -387,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--downstream", help=argparse.SUPPRESS)
     parser.add_argument("--broker", type=int, default=0, metavar="N",
                         help="the broker's two hops against one and against two bare hops, alternating N times")
+    parser.add_argument("--streams", type=int, default=0, metavar="N",
+                        help="one hop and the broker's two as unary calls and over open streams, alternating N times")
     parser.add_argument("--apis", type=int, default=0, metavar="N",
                         help="the bare hop with grpc.aio or synchronous server and client, alternating N times")
     parser.add_argument("--experiments", type=int, default=0, metavar="N",
@@ -401,9 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         run_event_loop(_serve(args.serve, args.downstream), event_loop=args.event_loop)
         return 0
-    if args.layers or args.apis or args.broker:
-        chosen = LAYERS if args.layers else APIS if args.apis else BROKER_LAYERS
-        layers = hop_layers(queries=args.queries, repeats=args.layers or args.apis or args.broker,
+    if args.layers or args.apis or args.broker or args.streams:
+        chosen = (LAYERS if args.layers else APIS if args.apis else STREAM_LAYERS if args.streams
+                  else BROKER_LAYERS)
+        layers = hop_layers(queries=args.queries, repeats=args.layers or args.apis or args.broker or args.streams,
                             event_loop=args.event_loop, layers=chosen)
         print(json.dumps(run_event_loop(layers, event_loop=args.event_loop), indent=2))
         return 0

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 from concurrent.futures import ThreadPoolExecutor
 
-from imgsearch.errors import ImgsearchError
+from imgsearch.errors import DeadlineExceededError, ImgsearchError
 from imgsearch.serving import MessageMetrics, RequestStreams
 from imgsearch.v1 import shard_pb2, shard_pb2_grpc
 from shard_server import convert
@@ -95,8 +96,24 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
 
     async def _stream_answer(self, request) -> shard_pb2.ShardServiceSearchStreamResponse:
         t0 = self._stream_metrics.started()
+        response = shard_pb2.ShardServiceSearchStreamResponse()
+        limited = 0 < request.timeout_s < math.inf
+        budget = asyncio.timeout(request.timeout_s if limited else None)  # what a call's deadline does
         try:
-            response = await self._answer_batch(request, shard_pb2.ShardServiceSearchStreamResponse())
+            try:
+                async with budget:
+                    await self._answer_batch(request, response)
+            except TimeoutError:
+                if not budget.expired():
+                    raise
+                # Every search of the message answered DEADLINE_EXCEEDED, and the stream stays open: its client
+                # gave up at the same moment and waits for this answer to use the stream again.
+                late = DeadlineExceededError(f"not answered within the message's {request.timeout_s:.3f} s")
+                response.ClearField("outcomes")
+                for _ in request.searches:
+                    convert.add_outcome(response.outcomes, late)
+                self._stream_metrics.handled(t0, late)
+                return response
         except BaseException as exc:
             self._stream_metrics.handled(t0, exc)
             raise

@@ -20,7 +20,13 @@ from broker.server import start_broker
 from broker.service import BrokerService
 from broker.stack import free_port
 from broker.types import CacheOutcome, SearchAnswer
-from imgsearch.errors import DeadlineExceededError, InvalidArgumentError, NotFoundError
+from imgsearch.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 from imgsearch.serving import ServerOptions, start_grpc_service
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc, common_pb2
 from shard_server import synthetic
@@ -128,14 +134,25 @@ async def slow_broker():
     await service.stop(0)
 
 
-async def test_a_search_past_the_clients_time_limit_drops_its_stream(slow_broker):
+async def test_a_search_past_its_time_limit_is_deadline_exceeded_on_both_sides_and_keeps_its_stream(slow_broker):
     vector = np.ones(DIM, np.float32)
+    late0, cancelled0 = _handled("DEADLINE_EXCEEDED"), _handled("CANCELLED")
     async with BrokerClient(slow_broker) as client:
-        started = time.monotonic()
-        with pytest.raises(DeadlineExceededError):
-            await client.search(vector=vector, top_k=1, timeout_s=0.2)
-        assert time.monotonic() - started < 0.8
-        assert not client._search_streams.idle_streams  # its late answer may still come: the stream is dropped
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                await client.search(vector=vector, top_k=1, timeout_s=0.2)
+            assert time.monotonic() - started < 0.8
+            # The broker answers DEADLINE_EXCEEDED at the message's limit; the client reads that late answer before
+            # the stream carries another search, and keeps the stream.
+            for _ in range(50):
+                if client._search_streams.idle_streams:
+                    break
+                await asyncio.sleep(0.02)
+            assert client._search_streams.idle_streams == 1
+        # Counted as a unary call past its deadline is (a cancelled stream counted CANCELLED, which the
+        # error-ratio alert leaves out: review of 2026-12-05).
+        assert (_handled("DEADLINE_EXCEEDED") - late0, _handled("CANCELLED") - cancelled0) == (3, 0)
         assert [h.image_id for h in (await client.search(vector=vector, top_k=1, timeout_s=3)).hits] == ["i1"]
         assert client._search_streams.idle_streams == 1
 
@@ -187,3 +204,38 @@ async def test_a_broker_without_search_stream_is_searched_with_unary_calls():
             assert not client._search_streams.usable()
     finally:
         await service.stop(0)
+
+
+async def test_closing_the_client_ends_a_search_in_flight_with_unavailable(slow_broker):
+    client = BrokerClient(slow_broker)
+    search = asyncio.create_task(client.search(vector=np.ones(DIM, np.float32), top_k=1, timeout_s=5))
+    await asyncio.sleep(0.2)
+    await client.close()
+    with pytest.raises(UnavailableError, match="closed"):
+        await search
+    assert not client._search_streams.idle_streams  # nothing put back into the closed client's pool
+    with pytest.raises(UnavailableError, match="closed"):
+        await client.search(vector=np.ones(DIM, np.float32), top_k=1)
+
+
+async def test_a_search_over_the_clients_message_limit_is_resource_exhausted(slow_broker):
+    # grpc fails such a write on a stream with INTERNAL "Internal error from Core"; a unary call says
+    # RESOURCE_EXHAUSTED, and so does the stream client, before sending anything.
+    for streams in (True, False):
+        async with BrokerClient(slow_broker, max_message_bytes=1024 * 1024, search_streams=streams) as client:
+            with pytest.raises(ResourceExhaustedError):
+                await client.search(image=b"\xff" * (2 * 1024 * 1024), top_k=1)
+
+
+async def test_streams_are_closed_once_idle_past_their_age(slow_broker, monkeypatch):
+    # A stream stays with the broker it started on: renewing streams is how a client's searches reach brokers
+    # added behind a load balancer.
+    from imgsearch import request_streams
+
+    vector = np.ones(DIM, np.float32)
+    async with BrokerClient(slow_broker, timeout_s=3) as client:
+        await client.search(vector=vector, top_k=1)
+        assert client._search_streams.idle_streams == 1
+        monkeypatch.setattr(request_streams, "MAX_STREAM_AGE_S", 0.0)
+        await client.search(vector=vector, top_k=1)
+        assert client._search_streams.idle_streams == 0

@@ -96,7 +96,7 @@ def test_the_issue_s_topics_have_panels():
     assert (
         "sum by (le, stage) (rate(imgsearch_broker_stage_duration_seconds_bucket" in exprs
     )  # latency by stage
-    assert 'grpc_method="Search"' in exprs  # QPS
+    assert 'grpc_method=~"Search|SearchStream"' in exprs  # QPS: unary calls and stream messages
     assert "sum by (grpc_service, grpc_code)" in exprs  # error codes
     assert 'imgsearch_broker_cache_lookups_total{result=~"hit|near_hit"' in exprs  # cache hit ratio
     assert (

@@ -21,7 +21,7 @@ from shard_server import convert, synthetic
 from shard_server.client import ShardClient
 from shard_server.config import ShardConfig
 from shard_server.server import start_shard_server
-from shard_server.types import Condition, Equals, Filter, Is, Range, SearchQuery
+from shard_server.types import Condition, Equals, Exactness, Filter, Hit, Is, Range, SearchQuery, SearchResult
 
 DIM = 32
 
@@ -219,3 +219,144 @@ async def test_a_malformed_stream_message_is_invalid_argument(shard):
             await call.read()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed request message" in info.value.details()
+
+
+# -- the real ShardServicer over a stand-in engine whose searches take `delay_s` (unit tests of shard_server.service)
+
+class SlowEngine:
+    """Stands in for ShardEngine: every search takes `delay_s` (in the search pool: EXACT searches go there)."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+        self.loaded = True
+        self.partitions = {}
+        self.config = ShardConfig(data_dir="/nonexistent", dimension=DIM)
+
+    def search(self, query, *, exact_rows_limit=None):
+        time.sleep(self.delay_s)
+        return SearchResult(hits=(Hit(image_id="i1", product_id="p1", category="a", score=0.5),))
+
+
+@pytest.fixture
+async def slow_shard():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shard_server.service import ShardServicer
+
+    engine = SlowEngine(delay_s=1.0)
+    pool = ThreadPoolExecutor(4)
+    servicer = ShardServicer(engine, pool, pool)
+
+    def register(server):
+        shard_pb2_grpc.add_ShardServiceServicer_to_server(servicer, server)
+        return [convert.SERVICE_NAME]
+
+    service = await start_grpc_service(ServerOptions(host="127.0.0.1", port=0, shutdown_grace_s=20.0), register,
+                                       component="slow-shard")
+    service.request_streams.append(servicer.search_streams)
+    await service.set_serving(True)
+    yield engine, servicer, service
+    await service.stop(0)
+    pool.shutdown(wait=False)
+
+
+SLOW_QUERY = SearchQuery(vector=np.ones(DIM, np.float32), top_k=1, exactness=Exactness.EXACT)
+
+
+async def test_a_message_past_its_time_limit_is_deadline_exceeded_and_its_stream_is_kept(slow_shard):
+    engine, _servicer, service = slow_shard
+    late0, cancelled0 = _handled("SearchStream", "DEADLINE_EXCEEDED"), _handled("SearchStream", "CANCELLED")
+    async with ShardClient(f"127.0.0.1:{service.port}") as client:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            await client.search(SLOW_QUERY, timeout_s=0.3)
+        assert time.monotonic() - started < 0.8
+        # The shard answers DEADLINE_EXCEEDED at the message's own limit, counts it so (a cancel counted as
+        # CANCELLED escaped the error-ratio alert), and the client takes the stream back once that answer is read.
+        for _ in range(50):
+            if client._search_streams.idle_streams:
+                break
+            await asyncio.sleep(0.02)
+        assert client._search_streams.idle_streams == 1
+        assert _handled("SearchStream", "DEADLINE_EXCEEDED") - late0 == 1
+        assert _handled("SearchStream", "CANCELLED") - cancelled0 == 0
+        engine.delay_s = 0.0
+        assert [h.image_id for h in (await client.search(SLOW_QUERY, timeout_s=3)).hits] == ["i1"]
+
+
+async def test_a_shutdown_answers_the_search_in_progress_first(slow_shard):
+    _engine, _servicer, service = slow_shard
+    async with ShardClient(f"127.0.0.1:{service.port}") as client:
+        search = asyncio.create_task(client.search(SLOW_QUERY, timeout_s=5))
+        await asyncio.sleep(0.3)  # the shard is searching
+        started = time.monotonic()
+        await service.stop()  # grace 20 s
+        assert time.monotonic() - started < 3.0
+        assert [h.image_id for h in (await search).hits] == ["i1"]
+
+
+async def test_a_cancelled_search_leaves_no_stream_behind(slow_shard):
+    _engine, servicer, service = slow_shard
+    cancelled0 = _handled("SearchStream", "CANCELLED")
+    async with ShardClient(f"127.0.0.1:{service.port}") as client:
+        search = asyncio.create_task(client.search(SLOW_QUERY, timeout_s=5))
+        await asyncio.sleep(0.3)
+        search.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await search
+        assert not client._search_streams.idle_streams
+        for _ in range(100):  # the shard's handler ends with the call (after the search's thread returns)
+            if not servicer.search_streams._open:
+                break
+            await asyncio.sleep(0.02)
+        assert not servicer.search_streams._open
+        assert _handled("SearchStream", "CANCELLED") - cancelled0 == 1
+
+
+async def test_a_shard_killed_and_restarted_on_its_port_is_searched_over_a_new_stream(tmp_path, free_port):
+    from shard_server.process import ShardProcess
+
+    port = free_port()
+    shard = ShardProcess(tmp_path / "shard", extra_args=("--port", str(port), "--dimension", str(DIM))).start()
+    try:
+        async with ShardClient(shard.address) as client:
+            catalogue = await _load(client)
+            query = _queries(catalogue, 1)[0]
+            before = await client.search(query, timeout_s=5)
+            assert client._search_streams.idle_streams == 1
+            shard.kill()  # SIGKILL: the stream breaks without a word
+            shard.start()
+            assert await client.search(query, timeout_s=10) == before
+    finally:
+        shard.stop()
+
+
+async def test_a_client_hanging_up_while_answers_are_on_their_way_leaves_nothing_behind(tmp_path, caplog):
+    # The handler's generators were left suspended at a yield; closing them later went through the error path
+    # (GeneratorExit mapped to INTERNAL: "unhandled error in RPC handler"), and the stream stayed registered.
+    import gc
+
+    handle = await start_shard_server(_config(tmp_path, max_top_k=1000, max_batch_searches=256))
+    try:
+        async with ShardClient(f"127.0.0.1:{handle.port}") as client:
+            catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=4)
+            await client.upsert(catalogue.records(0, 3000, category="a"), timeout_s=30)
+            streams = handle.service.request_streams[0]
+            # ~200 x 1000 hits: an answer of megabytes, held back by flow control while the client does not read
+            request = convert.stream_request_to_proto([SearchQuery(vector=catalogue.queries(1)[0], top_k=1000)] * 200,
+                                                      timeout_s=30)
+            for _ in range(2):
+                async with grpc.aio.insecure_channel(client.address,
+                                                     options=[("grpc.max_receive_message_length", 1 << 28)]) as channel:
+                    call = shard_pb2_grpc.ShardServiceStub(channel).SearchStream()
+                    await call.write(request)
+                    await asyncio.sleep(1.0)
+                    call.cancel()
+                    await asyncio.sleep(0.3)
+                gc.collect()
+                await asyncio.sleep(0.2)
+            assert not streams._open
+            assert "unhandled error" not in caplog.text and "never retrieved" not in caplog.text
+            assert await client.search(_queries(catalogue, 1)[0], timeout_s=5)
+    finally:
+        await handle.stop(snapshot=False)

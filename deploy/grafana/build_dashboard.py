@@ -107,7 +107,7 @@ def build() -> dict:
         "Search QPS",
         [
             (
-                f'sum(rate(grpc_server_handled_total{{{BROKER}, grpc_method="Search", {NS}}}[{RATE}]))',
+                f'sum(rate(grpc_server_handled_total{{{BROKER}, grpc_method=~"Search|SearchStream", {NS}}}[{RATE}]))',
                 "searches/s",
             ),
         ],

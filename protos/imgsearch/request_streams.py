@@ -1,40 +1,75 @@
 """Client side of long-lived request streams: one request in flight per open stream, streams reused.
 
-In gRPC Python a message on an open stream costs about a third of a unary call (~0.16 against ~0.45 ms on
-loopback, docs/benchmarks.md item 12), and per search the call is most of what a broker or shard spends. So the
-searches of ShardClient (ShardService.SearchStream) and of the async BrokerClient (BrokerService.SearchStream)
-travel as messages over streams kept open: each request takes an idle stream (or opens one), writes one message,
-reads one answer and gives the stream back. A request that fails or gives up mid-way drops its stream, whose
-next message could otherwise be answered with this one's late reply."""
+In gRPC Python a message on an open stream costs about a third of a unary call (~0.16 against ~0.41 ms on
+loopback: `python -m shard_server.hop_floor --streams 3`, docs/benchmarks.md item 12), and per search the call
+is most of what a broker or shard spends. So the searches of ShardClient (ShardService.SearchStream) and of the
+async BrokerClient (BrokerService.SearchStream) travel as messages over streams kept open: each request takes an
+idle stream (or opens one), writes one message, reads one answer and gives the stream back.
+
+Each message carries its time limit, and the server answers DEADLINE_EXCEEDED when it passes, as a call's
+deadline would end the call. A request that gives up at its limit leaves that late answer to be read in the
+background before its stream carries another request, so a reply is never read by the wrong request, and the
+server counts the search as DEADLINE_EXCEEDED (a cancelled stream is counted CANCELLED, which the error-ratio
+alert leaves out). A request whose caller is cancelled, or that fails otherwise, drops its stream."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from imgsearch.errors import DeadlineExceededError, UnavailableError, from_rpc_error, from_status
+from imgsearch.errors import (
+    DeadlineExceededError,
+    ResourceExhaustedError,
+    UnavailableError,
+    from_rpc_error,
+    from_status,
+)
 
 # After a server answered with UNIMPLEMENTED (older than its client, during a rolling upgrade), requests go by
 # unary calls for this long, then the stream is tried again.
 UNIMPLEMENTED_RETRY_S = 60.0
 # Open streams kept for reuse at most; more exist only while that many requests are in flight at once.
 MAX_IDLE_STREAMS = 16
+# A stream carries requests for this long at most, then is closed when it is next idle: new streams are how a
+# client's load moves to servers added behind a load balancer (a stream stays with the server it started on).
+MAX_STREAM_AGE_S = 60.0
+# How long a stream whose request gave up at its time limit waits in the background for the server's late answer
+# (DEADLINE_EXCEEDED, sent at the same limit counted from the message's arrival) before it is dropped.
+LATE_ANSWER_WAIT_S = 1.0
 # Failures of a stream that sat idle, after which the request goes again over a new stream: the server ended it
 # meanwhile (it restarted, or ended its streams to shut down). Only for read-only requests.
 _STALE_STREAM_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
+@dataclass(eq=False)
+class _Stream:
+    call: grpc.aio.StreamStreamCall
+    opened_at: float  # event-loop time
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark a read's outcome as seen (a read left behind fails later: no "exception was never retrieved")."""
+    if not task.cancelled():
+        task.exception()
+
+
 class StreamPool:
     """Open streams of one bidirectional method, each with at most one request in flight."""
 
-    def __init__(self, open_stream: Callable[[], grpc.aio.StreamStreamCall], *, peer: str, enabled: bool = True):
+    def __init__(self, open_stream: Callable[[], grpc.aio.StreamStreamCall], *, peer: str,
+                 max_message_bytes: int, enabled: bool = True):
         self._open_stream = open_stream
         self._peer = peer
-        self._idle: list[grpc.aio.StreamStreamCall] = []
+        self._max_message_bytes = max_message_bytes
+        self._idle: list[_Stream] = []
+        self._busy: set[_Stream] = set()
+        self._late: set[asyncio.Task] = set()  # streams waiting for a late answer (the loop keeps weak refs)
         self._off_until = float("-inf") if enabled else float("inf")
+        self._closed = False
 
     @property
     def idle_streams(self) -> int:
@@ -48,54 +83,120 @@ class StreamPool:
     async def ask(self, request: Any, *, timeout_s: float) -> Any | None:
         """The server's answer to `request`, over an idle stream or a new one; None when the server has no such
         method (the caller makes a unary call). Failures raise imgsearch.errors types."""
+        if self._closed:
+            raise UnavailableError(f"the client of {self._peer} is closed")
+        size = request.ByteSize()
+        if size > self._max_message_bytes:  # grpc fails such a write with INTERNAL "Internal error from Core"
+            raise ResourceExhaustedError(f"the request is {size} bytes, over this client's limit of "
+                                         f"{self._max_message_bytes} bytes")
+        if not timeout_s > 0:  # NaN too: grpc fails a call with such a timeout at once
+            raise DeadlineExceededError(f"no time left to ask {self._peer} (timeout {timeout_s} s)")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
-            call = None
-            while self._idle and call is None:
-                call = self._idle.pop()
-                if call.done():  # ended while idle
-                    call = None
-            reused = call is not None
-            if call is None:
-                call = self._open_stream()
+            stream = self._take_idle()
+            reused = stream is not None
+            if stream is None:
+                stream = _Stream(call=self._open_stream(), opened_at=loop.time())
+            call = stream.call
+            written = False
+            self._busy.add(stream)
             try:
                 async with asyncio.timeout_at(deadline):
                     await call.write(request)
-                    response = await call.read()
+                written = True
+                # Read in a task of its own: grpc.aio cancels the whole call when a read is cancelled, and at the
+                # time limit the stream must live on until the server's late answer is read.
+                read = loop.create_task(call.read())
+                read.add_done_callback(_retrieve)
+                try:
+                    await asyncio.wait((read,), timeout=deadline - loop.time())
+                except asyncio.CancelledError:
+                    read.cancel()
+                    raise
+                response = read.result() if read.done() else None
             except asyncio.InvalidStateError:  # the call ended before the write (grpc.aio raises this, no status)
+                self._busy.discard(stream)
                 if reused:
                     continue
                 code, details = await call.code(), await call.details()
                 if code is grpc.StatusCode.OK:
                     code = grpc.StatusCode.UNAVAILABLE
                 raise from_status(code, details or f"{self._peer} ended the stream") from None
-            except TimeoutError:
-                call.cancel()  # its answer may still come: the stream cannot carry the next request
+            except TimeoutError:  # the time limit passed during the write: the stream's state is unknown
+                self._drop(stream)
                 raise DeadlineExceededError(f"{self._peer} did not answer within {timeout_s:.3f} s") from None
             except asyncio.CancelledError:
-                call.cancel()
+                self._drop(stream)
+                current = asyncio.current_task()
+                if self._closed and current is not None and not current.cancelling():
+                    raise UnavailableError(f"the client of {self._peer} was closed during the request") from None
                 raise
             except grpc.RpcError as e:
-                call.cancel()
+                self._drop(stream)
                 if e.code() is grpc.StatusCode.UNIMPLEMENTED:
                     self._off_until = loop.time() + UNIMPLEMENTED_RETRY_S
                     return None
-                if reused and e.code() in _STALE_STREAM_CODES:
+                # A write that fails breaks only a stream that was reused (grpc raises INTERNAL "Internal error
+                # from Core" for a write to a connection that died while the stream sat idle).
+                if reused and (not written or e.code() in _STALE_STREAM_CODES):
                     continue
                 raise from_rpc_error(e) from e
+            if response is None:  # the time limit passed: its answer is still to come
+                self._busy.discard(stream)
+                self._wait_for_late_answer(stream, read)
+                raise DeadlineExceededError(f"{self._peer} did not answer within {timeout_s:.3f} s")
             if response is grpc.aio.EOF:  # the server ended the stream (shutting down) without answering
-                call.cancel()
+                self._drop(stream)
                 if reused:
                     continue
                 raise UnavailableError(f"{self._peer} ended the stream without answering")
-            if len(self._idle) < MAX_IDLE_STREAMS:
-                self._idle.append(call)
-            else:
-                call.cancel()
+            self._busy.discard(stream)
+            self._release(stream)
             return response
 
+    def _take_idle(self) -> _Stream | None:
+        while self._idle:
+            stream = self._idle.pop()
+            if not stream.call.done():  # else it ended while idle: the server restarted or shut down
+                return stream
+        return None
+
+    def _release(self, stream: _Stream) -> None:
+        if (self._closed or len(self._idle) >= MAX_IDLE_STREAMS
+                or asyncio.get_running_loop().time() - stream.opened_at > MAX_STREAM_AGE_S):
+            stream.call.cancel()
+        else:
+            self._idle.append(stream)
+
+    def _drop(self, stream: _Stream) -> None:
+        self._busy.discard(stream)
+        stream.call.cancel()
+
+    def _wait_for_late_answer(self, stream: _Stream, read: asyncio.Task) -> None:
+        task = asyncio.get_running_loop().create_task(self._late_answer(stream, read))
+        self._late.add(task)
+        task.add_done_callback(self._late.discard)
+
+    async def _late_answer(self, stream: _Stream, read: asyncio.Task) -> None:
+        try:
+            await asyncio.wait((read,), timeout=LATE_ANSWER_WAIT_S)
+        except asyncio.CancelledError:  # the client is closing
+            read.cancel()
+            stream.call.cancel()
+            raise
+        if not read.done() or read.cancelled() or read.exception() is not None or read.result() is grpc.aio.EOF:
+            read.cancel()  # no late answer: the stream failed, or the server is stuck
+            stream.call.cancel()
+            return
+        self._release(stream)
+
     def close(self) -> None:
-        for call in self._idle:
-            call.cancel()
+        """Cancel every stream, those with a request in flight too (its caller gets UNAVAILABLE)."""
+        self._closed = True
+        for task in list(self._late):
+            task.cancel()
+        for stream in [*self._busy, *self._idle]:
+            stream.call.cancel()
+        self._busy.clear()
         self._idle.clear()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import inspect
 import logging
 import signal
 import sys
@@ -152,7 +153,8 @@ async def _finish(context: grpc.aio.ServicerContext, exc: BaseException | None) 
         await context.abort(exc.code, str(exc) or exc.code.name)
     if isinstance(exc, asyncio.CancelledError):
         raise exc
-    if isinstance(exc, NotImplementedError):  # a generated servicer's default for a method it does not serve
+    if isinstance(exc, NotImplementedError) and _code_of(context, None) == "UNIMPLEMENTED":
+        # a generated servicer's default for a method it does not serve (it sets the code, then raises)
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method not implemented")
     log.exception("unhandled error in RPC handler", exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
@@ -172,8 +174,6 @@ def _code_of(context: grpc.aio.ServicerContext, exc: BaseException | None) -> st
         return _STATUS_NAMES[code]
     if exc is None:
         return "OK"
-    if isinstance(exc, NotImplementedError):
-        return "UNIMPLEMENTED"
     if isinstance(exc, asyncio.CancelledError):
         # grpc cancels the handler both when the client cancels and when the call's deadline passes; the client
         # sees DEADLINE_EXCEEDED in the second case, and so should the server's metrics.
@@ -251,22 +251,47 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream:
             # Not counted here: a long-lived request stream counts each of its messages (MessageMetrics).
             return grpc.stream_stream_rpc_method_handler(
-                self._wrap_bidi(handler.stream_stream),
+                self._wrap_bidi(handler.stream_stream, service, method),
                 request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
 
     @staticmethod
-    def _wrap_bidi(behaviour: Callable[..., AsyncIterator]):
-        async def wrapped(request_iterator, context):
-            try:
-                async for response in behaviour(_checked_stream(request_iterator), context):
-                    yield response
-            except BaseException as e:  # noqa: BLE001 - re-raised or mapped below
-                if isinstance(e, grpc.aio.AbortError):
-                    raise
+    def _wrap_bidi(behaviour: Callable[..., Any], service: str, method: str):
+        """Errors to status codes, and a malformed message counted as one INVALID_ARGUMENT call (the stream's
+        messages are counted by the handler, MessageMetrics)."""
+        labels = ("bidi_stream", service, method)
+
+        async def failed(e: BaseException, context) -> None:
+            if isinstance(e, MalformedRequestError):
+                GRPC_STARTED.labels(*labels).inc()
+                GRPC_HANDLED.labels(*labels, "INVALID_ARGUMENT").inc()
+            if not isinstance(e, grpc.aio.AbortError):
                 await _finish(context, e)
+
+        if not inspect.isasyncgenfunction(behaviour):  # a handler that writes with context.write, or none at all
+            async def wrapped_coroutine(request_iterator, context):
+                try:
+                    result = behaviour(_checked_stream(request_iterator), context)
+                    if inspect.isawaitable(result):
+                        await result
+                except (Exception, asyncio.CancelledError) as e:
+                    await failed(e, context)
+                    raise
+
+            return wrapped_coroutine
+
+        async def wrapped(request_iterator, context):
+            # GeneratorExit (the call ended while a response was on its way) passes through: it is no error, and
+            # aborting then logged one and left the inner generators suspended.
+            responses = behaviour(_checked_stream(request_iterator), context)
+            try:
+                async with contextlib.aclosing(responses):
+                    async for response in responses:
+                        yield response
+            except (Exception, asyncio.CancelledError) as e:
+                await failed(e, context)
                 raise
 
         return wrapped
@@ -598,6 +623,10 @@ async def start_grpc_service(
             ("grpc.max_receive_message_length", options.max_message_bytes),
             ("grpc.max_send_message_length", options.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Clients ping every 30 s while a call is open (client_channel_options), and a search stream stays
+            # open while idle: with grpc's default (5 min) the server answered GOAWAY "too_many_pings" after
+            # about 4 idle minutes, failing every call of the connection (review of 2026-12-05).
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
     names = list(register(server))

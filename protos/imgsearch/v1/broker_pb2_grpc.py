@@ -83,8 +83,9 @@ class BrokerServiceServicer:
         answered by one response message, in order and one at a time. In gRPC Python a message on an open stream
         costs a third of a unary call (docs/benchmarks.md); the async Python client keeps streams open for its
         searches. Each message carries its own time limit, as a Search call's deadline. A search the broker refuses
-        or fails is answered with its status in `error`, and the stream stays open; a malformed message ends the
-        stream with INVALID_ARGUMENT. The broker ends idle streams when it shuts down; clients open new ones.
+        or fails (past its time limit: DEADLINE_EXCEEDED) is answered with its status in `error`, and the stream stays
+        open; a malformed message ends the stream with INVALID_ARGUMENT. The broker ends idle streams when it shuts
+        down; clients open new ones.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -42,10 +42,12 @@ class ShardServiceSearchBatchResponse(_message.Message):
     def __init__(self, outcomes: _Optional[_Iterable[_Union[SearchOutcome, _Mapping]]] = ...) -> None: ...
 
 class ShardServiceSearchStreamRequest(_message.Message):
-    __slots__ = ("searches",)
+    __slots__ = ("searches", "timeout_s")
     SEARCHES_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     searches: _containers.RepeatedCompositeFieldContainer[ShardServiceSearchRequest]
-    def __init__(self, searches: _Optional[_Iterable[_Union[ShardServiceSearchRequest, _Mapping]]] = ...) -> None: ...
+    timeout_s: float
+    def __init__(self, searches: _Optional[_Iterable[_Union[ShardServiceSearchRequest, _Mapping]]] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class ShardServiceSearchStreamResponse(_message.Message):
     __slots__ = ("outcomes",)

@@ -106,7 +106,7 @@ class ShardServiceServicer:
         a unary call (docs/benchmarks.md), so the broker keeps one stream open per shard replica for its searches.
         A message the shard refuses whole (a batch over its limit, a shard still loading) ends the stream with that
         status, as SearchBatch would fail the call. The shard ends idle streams when it shuts down; callers open a
-        new one. A caller that gives up on a message cancels the stream.
+        new one. A caller that hangs up cancels the stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
