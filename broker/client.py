@@ -11,6 +11,7 @@ a timeout on every call, and typed errors (imgsearch.errors, via from_rpc_error)
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 
 import grpc
@@ -141,12 +142,14 @@ class BrokerClient:
         req = _search_request(locals())
         timeout_s = _or(timeout_s, self.timeout_s)
         if self._search_streams.usable():
-            response = await self._search_streams.ask(
-                broker_pb2.SearchStreamRequest(search=req, timeout_s=timeout_s), timeout_s=timeout_s)
+            deadline = time.monotonic() + timeout_s
+            response = await self._search_streams.ask(broker_pb2.SearchStreamRequest(search=req),
+                                                      timeout_s=timeout_s)
             if response is not None:
                 if response.WhichOneof("outcome") == "error":
                     raise from_status(response.error.code, response.error.message)
                 return convert.answer_from_proto(response.result)
+            timeout_s = max(0.0, deadline - time.monotonic())  # after a try of the stream (UNIMPLEMENTED)
         try:
             resp = await self._stub.Search(req, timeout=timeout_s)
         except grpc.RpcError as err:

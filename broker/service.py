@@ -81,10 +81,13 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     async def _stream_search(self, message) -> broker_pb2.SearchStreamResponse:
         response = broker_pb2.SearchStreamResponse()
         t0 = self._stream_metrics.started()
+        # 0: none set, the default (so is inf); below 0 or NaN: no time at all, as a call with such a deadline.
         timeout_s = self._search_timeout_s
-        if message.timeout_s > 0:
-            timeout_s = min(timeout_s, message.timeout_s)
+        if message.timeout_s != 0:
+            timeout_s = min(timeout_s, message.timeout_s) if message.timeout_s > 0 else 0.0
         try:
+            if timeout_s <= 0:
+                raise DeadlineExceededError(f"no time left for the search (timeout {message.timeout_s} s)")
             query = convert.query_from_proto(message.search)
             budget = asyncio.timeout(timeout_s)  # what a Search call's deadline does to its handler
             try:

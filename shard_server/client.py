@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 
 import grpc
@@ -35,11 +36,13 @@ class ShardClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def search(self, query: SearchQuery, *, timeout_s: float) -> SearchResult:
+        deadline = time.monotonic() + timeout_s
         outcomes = await self._over_stream([query], timeout_s)
         if outcomes is not None:
             if isinstance(outcomes[0], ImgsearchError):
                 raise outcomes[0]
             return outcomes[0]
+        timeout_s = max(0.0, deadline - time.monotonic())  # after a try of the stream (UNIMPLEMENTED)
         try:
             response = await self._stub.Search(convert.query_to_proto(query), timeout=timeout_s)
         except grpc.RpcError as e:
@@ -50,9 +53,11 @@ class ShardClient:
                            timeout_s: float) -> list[SearchResult | ImgsearchError]:
         """Several searches at once: each gets its result, or the typed error that refused it (returned, not
         raised). A failure of the whole (unavailable, deadline, a batch over the shard's limit) raises."""
+        deadline = time.monotonic() + timeout_s
         outcomes = await self._over_stream(queries, timeout_s)
         if outcomes is not None:
             return outcomes
+        timeout_s = max(0.0, deadline - time.monotonic())  # after a try of the stream (UNIMPLEMENTED)
         try:
             response = await self._stub.SearchBatch(convert.batch_to_proto(queries), timeout=timeout_s)
         except grpc.RpcError as e:

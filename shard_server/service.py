@@ -97,18 +97,28 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
     async def _stream_answer(self, request) -> shard_pb2.ShardServiceSearchStreamResponse:
         t0 = self._stream_metrics.started()
         response = shard_pb2.ShardServiceSearchStreamResponse()
-        limited = 0 < request.timeout_s < math.inf
-        budget = asyncio.timeout(request.timeout_s if limited else None)  # what a call's deadline does
+        timeout_s = request.timeout_s
+        loop = asyncio.get_running_loop()
+        # 0: none set (and inf); below 0 or NaN: no time at all, as a call with such a deadline fails at once.
+        deadline = None if timeout_s == 0 or timeout_s == math.inf else loop.time() + (
+            timeout_s if timeout_s > 0 else 0.0)
+        budget = asyncio.timeout_at(deadline)  # what a call's deadline does
         try:
             try:
+                if deadline is not None and deadline <= loop.time():
+                    raise TimeoutError
                 async with budget:
                     await self._answer_batch(request, response)
+                # Searches on the event loop do not yield, so the budget cannot cut them short: one that ended
+                # past the limit is late all the same (its client stopped waiting).
+                if deadline is not None and loop.time() > deadline:
+                    raise TimeoutError
             except TimeoutError:
-                if not budget.expired():
-                    raise
+                if deadline is None or loop.time() < deadline:
+                    raise  # not this message's limit
                 # Every search of the message answered DEADLINE_EXCEEDED, and the stream stays open: its client
                 # gave up at the same moment and waits for this answer to use the stream again.
-                late = DeadlineExceededError(f"not answered within the message's {request.timeout_s:.3f} s")
+                late = DeadlineExceededError(f"not answered within the message's {timeout_s:.3f} s")
                 response.ClearField("outcomes")
                 for _ in request.searches:
                     convert.add_outcome(response.outcomes, late)

@@ -239,3 +239,17 @@ async def test_streams_are_closed_once_idle_past_their_age(slow_broker, monkeypa
         monkeypatch.setattr(request_streams, "MAX_STREAM_AGE_S", 0.0)
         await client.search(vector=vector, top_k=1)
         assert client._search_streams.idle_streams == 0
+
+
+async def test_a_message_with_a_negative_or_nan_limit_is_deadline_exceeded_at_once(stack):
+    broker, catalogue = stack
+    search = broker_pb2.SearchRequest(vector=common_pb2.Vector(values=catalogue.queries(1)[0].tolist()), top_k=3)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.port}") as channel:
+        call = broker_pb2_grpc.BrokerServiceStub(channel).SearchStream()
+        for timeout_s in (-1.0, float("nan")):  # as a call with such a deadline; it meant the default before
+            await call.write(broker_pb2.SearchStreamRequest(search=search, timeout_s=timeout_s))
+            assert (await call.read()).error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        for timeout_s in (0.0, float("inf")):  # not set, and no limit: the broker's default
+            await call.write(broker_pb2.SearchStreamRequest(search=search, timeout_s=timeout_s))
+            assert (await call.read()).result.hits
+        await call.done_writing()

@@ -360,3 +360,58 @@ async def test_a_client_hanging_up_while_answers_are_on_their_way_leaves_nothing
             assert await client.search(_queries(catalogue, 1)[0], timeout_s=5)
     finally:
         await handle.stop(snapshot=False)
+
+
+async def test_a_search_on_the_event_loop_that_ends_past_the_limit_is_answered_deadline_exceeded(slow_shard):
+    # A search on the shard's event loop does not yield, so nothing cut it short: it was answered with results,
+    # counted OK, after its client had given up (review of 2026-12-05).
+    engine, _servicer, service = slow_shard
+    engine.delay_s = 0.3
+    late0 = _handled("SearchStream", "DEADLINE_EXCEEDED")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        call = shard_pb2_grpc.ShardServiceStub(channel).SearchStream()
+        inline = SearchQuery(vector=np.ones(DIM, np.float32), top_k=1)  # not EXACT: searched on the loop
+        await call.write(convert.stream_request_to_proto([inline] * 2, timeout_s=0.1))
+        response = await call.read()
+        assert [o.error.code for o in response.outcomes] == [grpc.StatusCode.DEADLINE_EXCEEDED.value[0]] * 2
+        assert _handled("SearchStream", "DEADLINE_EXCEEDED") - late0 == 1
+        engine.delay_s = 0.0
+        await call.write(convert.stream_request_to_proto([inline], timeout_s=1))
+        assert (await call.read()).outcomes[0].WhichOneof("outcome") == "result"
+        await call.done_writing()
+
+
+@pytest.mark.parametrize("timeout_s", [-1.0, float("nan"), float("-inf")])
+async def test_a_message_with_a_negative_or_nan_limit_is_deadline_exceeded_at_once(shard, timeout_s):
+    # It meant no limit at all; a call with such a deadline fails at once. 0 (not set) means no limit.
+    _handle, client, catalogue = shard
+    query = _queries(catalogue, 1)[0]
+    async with grpc.aio.insecure_channel(client.address) as channel:
+        call = shard_pb2_grpc.ShardServiceStub(channel).SearchStream()
+        await call.write(convert.stream_request_to_proto([query], timeout_s=timeout_s))
+        assert (await call.read()).outcomes[0].error.code == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+        await call.write(convert.stream_request_to_proto([query], timeout_s=0))
+        assert (await call.read()).outcomes[0].WhichOneof("outcome") == "result"
+        await call.done_writing()
+
+
+class LateUnimplementedShard(OldShard):
+    """A shard without SearchStream that is slow to say so, and slow to search."""
+
+    async def SearchStream(self, request_iterator, context):
+        await asyncio.sleep(self.delay_s)
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        raise NotImplementedError
+
+
+async def test_the_unary_call_after_a_stream_try_gets_only_the_time_left():
+    servicer = LateUnimplementedShard(_answer(), delay_s=0.25)
+    service = await _serve(servicer)
+    try:
+        async with ShardClient(f"127.0.0.1:{service.port}") as client:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceededError):
+                await client.search(SearchQuery(vector=np.ones(DIM, np.float32), top_k=1), timeout_s=0.4)
+            assert time.monotonic() - started < 0.48  # the unary call got 0.4 s again: answered at 0.5 s
+    finally:
+        await service.stop(0)

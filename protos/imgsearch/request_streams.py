@@ -82,7 +82,8 @@ class StreamPool:
 
     async def ask(self, request: Any, *, timeout_s: float) -> Any | None:
         """The server's answer to `request`, over an idle stream or a new one; None when the server has no such
-        method (the caller makes a unary call). Failures raise imgsearch.errors types."""
+        method (the caller makes a unary call). Failures raise imgsearch.errors types. The request's `timeout_s`
+        field is set to the time left before each write (a retry on a new stream gets less)."""
         if self._closed:
             raise UnavailableError(f"the client of {self._peer} is closed")
         size = request.ByteSize()
@@ -94,6 +95,10 @@ class StreamPool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
+            remaining_s = deadline - loop.time()
+            if remaining_s <= 0:
+                raise DeadlineExceededError(f"{self._peer} did not answer within {timeout_s:.3f} s")
+            request.timeout_s = remaining_s
             stream = self._take_idle()
             reused = stream is not None
             if stream is None:

@@ -1,0 +1,54 @@
+"""Unit tests of imgsearch.request_streams.StreamPool with stand-in calls (the real streams are tested against
+real servers in tests/test_search_stream.py and tests/test_broker_search_stream.py)."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from imgsearch.request_streams import StreamPool
+from imgsearch.v1 import shard_pb2
+
+
+class StandInCall:
+    """A stream call whose writes take `write_s` and then fail with `write_error` if set; answers every write."""
+
+    def __init__(self, *, write_s: float = 0.0):
+        self.write_s = write_s
+        self.write_error: grpc.StatusCode | None = None
+        self.limits: list[float] = []  # the request's timeout_s at each write
+        self._answers: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+
+    def done(self) -> bool:
+        return self.cancelled
+
+    def cancel(self) -> bool:
+        self.cancelled = True
+        return True
+
+    async def write(self, request) -> None:
+        await asyncio.sleep(self.write_s)
+        if self.write_error is not None:
+            raise grpc.aio.AioRpcError(self.write_error, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+        self.limits.append(request.timeout_s)
+        await self._answers.put(shard_pb2.ShardServiceSearchStreamResponse())
+
+    async def read(self):
+        return await self._answers.get()
+
+
+async def test_a_retry_on_a_new_stream_sends_only_the_time_left():
+    # The retry re-sent the message with its whole limit: the server's clock started again from the second
+    # arrival, and its late answer missed the client's wait for it (review of 2026-12-05).
+    first, second = StandInCall(), StandInCall()
+    calls = iter([first, second])
+    pool = StreamPool(lambda: next(calls), peer="stand-in", max_message_bytes=1 << 20)
+    await pool.ask(shard_pb2.ShardServiceSearchStreamRequest(), timeout_s=1.0)
+    assert pool.idle_streams == 1 and first.limits[0] == pytest.approx(1.0, abs=0.01)
+    first.write_s, first.write_error = 0.3, grpc.StatusCode.UNAVAILABLE  # the idle stream died meanwhile
+    await pool.ask(shard_pb2.ShardServiceSearchStreamRequest(), timeout_s=1.0)
+    assert first.cancelled and second.limits[0] == pytest.approx(0.7, abs=0.05)
+    assert pool.idle_streams == 1
+    pool.close()
+    assert second.cancelled
