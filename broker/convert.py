@@ -93,30 +93,25 @@ def query_to_proto(q: Query) -> broker_pb2.SearchRequest:
     return req
 
 
-def answer_to_proto(a: SearchAnswer) -> broker_pb2.SearchResponse:
+def answer_to_proto(a: SearchAnswer, response: broker_pb2.SearchResponse | None = None) -> broker_pb2.SearchResponse:
+    """The answer as a SearchResponse; filled into `response` when given (a SearchStreamResponse's `result`,
+    instead of building one and copying it there)."""
     t = a.timings
-    response = broker_pb2.SearchResponse(
-        cache=_CACHE_TO_PROTO[a.cache],
-        from_duplicate_cache=a.from_duplicate_cache,
-        partial=a.partial,
-        shards=[
-            broker_pb2.ShardReport(
-                shard=s.shard,
-                address=s.address,
-                outcome=_SHARD_OUTCOME_TO_PROTO[s.outcome],
-                message=s.message,
-            )
-            for s in a.shards
-        ],
-        timings=broker_pb2.StageTimings(
-            decode_hash_seconds=t.decode_hash_s,
-            cache_seconds=t.cache_s,
-            embed_seconds=t.embed_s,
-            fanout_seconds=t.fanout_s,
-            merge_seconds=t.merge_s,
-            total_seconds=t.total_s,
-        ),
-    )
+    if response is None:
+        response = broker_pb2.SearchResponse()
+    response.cache = _CACHE_TO_PROTO[a.cache]
+    response.from_duplicate_cache = a.from_duplicate_cache
+    response.partial = a.partial
+    for s in a.shards:
+        response.shards.add(shard=s.shard, address=s.address, outcome=_SHARD_OUTCOME_TO_PROTO[s.outcome],
+                            message=s.message)
+    timings = response.timings
+    timings.decode_hash_seconds = t.decode_hash_s
+    timings.cache_seconds = t.cache_s
+    timings.embed_seconds = t.embed_s
+    timings.fanout_seconds = t.fanout_s
+    timings.merge_seconds = t.merge_s
+    timings.total_seconds = t.total_s
     add_hits(response.hits, a.hits)
     return response
 

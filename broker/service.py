@@ -109,7 +109,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
             response.error.message = str(exc) or exc.code.name
             return response
         self._stream_metrics.handled(t0)
-        response.result.CopyFrom(convert.answer_to_proto(answer))
+        convert.answer_to_proto(answer, response.result)
         return response
 
     async def Ingest(self, request, context):

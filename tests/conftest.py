@@ -100,3 +100,14 @@ def redis_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+async def settle(condition, *, timeout_s: float = 2.0, interval_s: float = 0.02) -> None:
+    """Wait until `condition()` holds or `timeout_s` passes (the caller asserts it): for state that a server or
+    client reaches shortly after the call under test returns."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(interval_s)

@@ -11,6 +11,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from conftest import settle
 from prometheus_client import REGISTRY
 
 from broker.client import BrokerClient
@@ -145,10 +146,7 @@ async def test_a_search_past_its_time_limit_is_deadline_exceeded_on_both_sides_a
             assert time.monotonic() - started < 0.8
             # The broker answers DEADLINE_EXCEEDED at the message's limit; the client reads that late answer before
             # the stream carries another search, and keeps the stream.
-            for _ in range(50):
-                if client._search_streams.idle_streams:
-                    break
-                await asyncio.sleep(0.02)
+            await settle(lambda: client._search_streams.idle_streams)
             assert client._search_streams.idle_streams == 1
         # Counted as a unary call past its deadline is (a cancelled stream counted CANCELLED, which the
         # error-ratio alert leaves out: review of 2026-12-05).

@@ -11,7 +11,9 @@ import time
 import grpc
 import numpy as np
 import pytest
+from conftest import settle
 from prometheus_client import REGISTRY
+from test_search_batch import _queries  # the same mix of categories, filters and options
 
 from imgsearch import request_streams
 from imgsearch.errors import DeadlineExceededError, ImgsearchError
@@ -21,7 +23,7 @@ from shard_server import convert, synthetic
 from shard_server.client import ShardClient
 from shard_server.config import ShardConfig
 from shard_server.server import start_shard_server
-from shard_server.types import Condition, Equals, Exactness, Filter, Hit, Is, Range, SearchQuery, SearchResult
+from shard_server.types import Condition, Equals, Exactness, Filter, Hit, SearchQuery, SearchResult
 
 DIM = 32
 
@@ -47,16 +49,6 @@ async def shard(tmp_path):
     await client.close()
     await handle.stop(snapshot=False)
 
-
-def _queries(catalogue, n: int) -> list[SearchQuery]:
-    vectors = catalogue.queries(n)
-    filters = (Filter(), Filter(all_of=(Condition(field="price", predicate=Range(max=50.0)),)),
-               Filter(all_of=(Condition(field="in_stock", predicate=Is(value=True)),)))
-    return [
-        SearchQuery(vector=vectors[i], top_k=1 + i % 9, categories=(("a",), (), ("b", "c"))[i % 3],
-                    filter=filters[i % 3], distinct_products=i % 4 == 0)
-        for i in range(n)
-    ]
 
 
 def _handled(method: str, code: str) -> float:
@@ -273,10 +265,7 @@ async def test_a_message_past_its_time_limit_is_deadline_exceeded_and_its_stream
         assert time.monotonic() - started < 0.8
         # The shard answers DEADLINE_EXCEEDED at the message's own limit, counts it so (a cancel counted as
         # CANCELLED escaped the error-ratio alert), and the client takes the stream back once that answer is read.
-        for _ in range(50):
-            if client._search_streams.idle_streams:
-                break
-            await asyncio.sleep(0.02)
+        await settle(lambda: client._search_streams.idle_streams)
         assert client._search_streams.idle_streams == 1
         assert _handled("SearchStream", "DEADLINE_EXCEEDED") - late0 == 1
         assert _handled("SearchStream", "CANCELLED") - cancelled0 == 0
@@ -305,10 +294,8 @@ async def test_a_cancelled_search_leaves_no_stream_behind(slow_shard):
         with pytest.raises(asyncio.CancelledError):
             await search
         assert not client._search_streams.idle_streams
-        for _ in range(100):  # the shard's handler ends with the call (after the search's thread returns)
-            if not servicer.search_streams._open:
-                break
-            await asyncio.sleep(0.02)
+        # the shard's handler ends with the call (after the search's thread returns)
+        await settle(lambda: not servicer.search_streams._open)
         assert not servicer.search_streams._open
         assert _handled("SearchStream", "CANCELLED") - cancelled0 == 1
 
