@@ -32,6 +32,11 @@ from imgsearch.errors import (
 # After a server answered with UNIMPLEMENTED (older than its client, during a rolling upgrade), requests go by
 # unary calls for this long, then the stream is tried again.
 UNIMPLEMENTED_RETRY_S = 60.0
+# When the server ends a new stream before its first message is sent, grpc.aio can report INTERNAL "Internal error
+# from Core" in place of the server's status (a lost race: 5 in 2,000 fresh streams to a server without the
+# method, on a loaded 2-core box). That request goes by a unary call, which gets the server's true answer, and
+# streams stay off for this long: about as long as a rolling upgrade's step, short if the server did have them.
+UNKNOWN_REFUSAL_RETRY_S = 5.0
 # Open streams kept for reuse at most; more exist only while that many requests are in flight at once.
 MAX_IDLE_STREAMS = 16
 # A stream carries requests for this long at most, then is closed when it is next idle: new streams are how a
@@ -141,6 +146,9 @@ class StreamPool:
                 self._drop(stream)
                 if e.code() is grpc.StatusCode.UNIMPLEMENTED:
                     self._off_until = loop.time() + UNIMPLEMENTED_RETRY_S
+                    return None
+                if not reused and not written and e.code() is grpc.StatusCode.INTERNAL:
+                    self._off_until = max(self._off_until, loop.time() + UNKNOWN_REFUSAL_RETRY_S)
                     return None
                 # A write that fails breaks only a stream that was reused (grpc raises INTERNAL "Internal error
                 # from Core" for a write to a connection that died while the stream sat idle).
