@@ -214,3 +214,13 @@ def test_hop_apis_measure_the_bare_hop_through_the_aio_and_the_synchronous_api()
     apis = asyncio.run(hop_layers(queries=30, repeats=1, layers=APIS))
     assert [api["layer"] for api in apis] == [label for label, _, _ in APIS]
     assert all(len(api["runs"]) == 1 and 0 < api["p50_ms"] < 1000 for api in apis)
+
+
+def test_keepalive_probe_reports_both_streams():
+    # The probe's real run idles 330 s (too long for make test); a short idle only checks its wiring: both
+    # servers answer, both streams are found open, the next search of each is answered.
+    from shard_server.keepalive_probe import probe
+
+    report = asyncio.run(probe(0.2))
+    assert set(report) == {"ours", "grpc-default"}
+    assert all(not r["stream_ended"] and r["next_search_hits"] == 3 for r in report.values()), report
