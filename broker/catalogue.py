@@ -103,11 +103,18 @@ def files_from_folder(folder: Path, *, category: str | None = None) -> list[Cata
     """Every image under `folder`: product = parent folder name, category = its parent's name (or `category`),
     image id = path relative to `folder` without suffix."""
     files = []
+    seen: dict[str, Path] = {}
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         rel = path.relative_to(folder)
         product = path.parent.name
         cat = category or (path.parent.parent.name if len(rel.parts) >= 3 else product)
         image_id = str(rel.with_suffix(""))
+        # front.jpg and front.png were one image: the later replaced the earlier, and the ingest counted both
+        # (review of 2026-12-05).
+        if image_id in seen:
+            raise ValueError(f"{seen[image_id]} and {path} would both get image id {image_id!r} (the path without "
+                             f"its suffix): rename one, or ingest them from a CSV with an image_id column")
+        seen[image_id] = path
         files.append(CatalogueFile(path=path, image_id=image_id, product_id=product, category=cat))
     return files
 
@@ -182,6 +189,8 @@ def checked_items(files: list[CatalogueFile], problems: list[tuple[Path, str]], 
             data = f.path.read_bytes()
             decode_image(data, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
                          draft_min_side=64)
+        except FileNotFoundError:
+            problems.append((f.path, "not found"))
         except OSError as exc:
             problems.append((f.path, f"unreadable: {exc.strerror or exc}"))
         except EmbedderError as exc:

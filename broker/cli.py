@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -33,6 +34,10 @@ DEFAULT_BROKER = "127.0.0.1:7100"
 TIMEOUT_HELP = "seconds the call may take (default: %(default)s)"
 # Files listed when an ingest skipped some (the count says how many more).
 SHOWN_PROBLEMS = 20
+# `imgsearch up` restarts a shard process that exits, unless they exited more often than this within the window
+# (a crash loop: a corrupt data folder, a port taken), when it stops the stack.
+MAX_SHARD_RESTARTS = 5
+SHARD_RESTART_WINDOW_S = 60.0
 
 
 # ---------------------------------------------------------------------- filters
@@ -41,6 +46,8 @@ def parse_condition(text: str) -> Condition:
     field, sep, value = text.partition("=")
     if not sep or not field:
         raise argparse.ArgumentTypeError(f"filter {text!r} is not field=value")
+    if not value:  # `brand=` matched nothing and answered 0 hits (review)
+        raise argparse.ArgumentTypeError(f"filter {text!r} has no value")
     if ".." in value:
         return Condition(field=field, predicate=parse_range(value))
     if value.lower() in ("true", "false"):
@@ -55,9 +62,23 @@ def parse_range(text: str) -> Range:
     if not sep:
         raise argparse.ArgumentTypeError(f"range {text!r} is not lo..hi")
     try:
-        return Range(min=float(lo) if lo else None, max=float(hi) if hi else None)
+        low, high = float(lo) if lo else None, float(hi) if hi else None
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"range {text!r}: {exc}") from None
+    if low is not None and high is not None and low > high:
+        raise argparse.ArgumentTypeError(f"range {text!r} is empty: {lo} is above {hi}")
+    return Range(min=low, max=high)
+
+
+def positive_seconds(text: str) -> float:
+    """A --timeout-s value: a positive, finite number of seconds (`nan` reached the broker as a deadline)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive, finite number of seconds")
+    return value
 
 
 def _client(args, *, write: bool = False):
@@ -124,11 +145,37 @@ def cmd_up(args) -> int:
         print(
             f"ready: export IMGSEARCH_BROKER={stack.broker_address}   (Ctrl-C stops everything)", flush=True
         )
+        restarts: list[float] = []  # when shard processes were restarted, for the crash-loop limit
         while not stop["now"]:
             dead = [p.name for p in stack.processes.values() if not p.running]
-            if dead:
-                print(f"stopping: {', '.join(dead)} exited (see {stack.logs})", file=sys.stderr)
+            # A shard restarts from its write-ahead log, as Kubernetes restarts its pod; the broker meanwhile
+            # answers without it, flagged partial. The other processes have no stand-in: the stack stops. Triton
+            # was not watched at all (killed, it left the stack "ready" with every image search UNAVAILABLE and
+            # its backend stubs running: review of 2026-12-05).
+            shards = [name for name in dead if name.startswith("shard-")]
+            others = [name for name in dead if name not in shards]
+            if stack.triton is not None and not stack.triton.is_running():
+                others.append("triton")
+            if others:
+                print(f"stopping: {', '.join(others)} exited (see {stack.logs})", file=sys.stderr)
                 return 1
+            now = time.monotonic()
+            restarts = [t for t in restarts if now - t < SHARD_RESTART_WINDOW_S]
+            if len(restarts) + len(shards) > MAX_SHARD_RESTARTS:
+                print(f"stopping: shard processes exited {len(restarts) + len(shards)} times within "
+                      f"{SHARD_RESTART_WINDOW_S:.0f} s (see {stack.logs})", file=sys.stderr)
+                return 1
+            for name in shards:
+                code = stack.processes[name].process.returncode
+                print(f"{name} exited (code {code}); restarting it (see {stack.logs / (name + '.log')})",
+                      file=sys.stderr, flush=True)
+                restarts.append(now)
+                try:
+                    stack.restart_shard(name)
+                except (OSError, RuntimeError, TimeoutError) as exc:
+                    print(f"stopping: {name} did not come back: {exc}", file=sys.stderr)
+                    return 1
+                print(f"{name} is back", flush=True)
             time.sleep(0.5)
     except KeyboardInterrupt:
         if not stop["interrupted"]:
@@ -194,9 +241,11 @@ def cmd_ingest(args) -> int:
     if not files:
         print(f"no images found under {source}", file=sys.stderr)
         return 1
-    unreadable = [f.path for f in files if not f.path.is_file()]
-    if unreadable:
-        print(f"error: {len(unreadable)} image file(s) not found, e.g. {unreadable[0]}", file=sys.stderr)
+    # A file that is missing is skipped and listed like one that cannot be decoded (a CSV row naming a missing
+    # file stopped the whole ingest, against the docs: review); only when none is there, nothing is sent.
+    missing = [f.path for f in files if not f.path.is_file()]
+    if len(missing) == len(files):
+        print(f"error: none of the {len(files)} image file(s) exists, e.g. {missing[0]}", file=sys.stderr)
         return 1
     from broker.config import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
     from imgsearch.errors import ImgsearchError
@@ -214,13 +263,18 @@ def cmd_ingest(args) -> int:
             max_image_bytes=int(os.environ.get("IMGSEARCH_MAX_IMAGE_BYTES") or DEFAULT_MAX_IMAGE_BYTES),
             max_image_pixels=int(os.environ.get("IMGSEARCH_MAX_IMAGE_PIXELS") or DEFAULT_MAX_IMAGE_PIXELS),
             on_file=lambda: bar.update(1))
+        failure: ImgsearchError | None = None
         try:
             summary = client.ingest_stream(items, timeout_s=args.timeout_s)
         except ImgsearchError as exc:
-            print(f"imgsearch ingest: {exc.code.name}: {exc}", file=sys.stderr)
-            print("  Part of the images may be stored. Running the same command again is safe: an image id is "
-                  "stored once, the last write winning.", file=sys.stderr)
-            return 1
+            failure = exc
+    # Printed once the progress bar is closed: printed inside, it landed on the bar's line and the bar was drawn
+    # again below it (review).
+    if failure is not None:
+        print(f"imgsearch ingest: {failure.code.name}: {failure}", file=sys.stderr)
+        print("  Part of the images may be stored. Running the same command again is safe: an image id is "
+              "stored once, the last write winning.", file=sys.stderr)
+        return 1
     elapsed = time.perf_counter() - t0
     print(
         f"ingested {summary.ingested} images in {elapsed:.1f}s ({summary.ingested / elapsed:.1f}/s); "
@@ -378,8 +432,14 @@ def cmd_stats(args) -> int:
                 f"{c.resident_bytes / 2**20:.2f}",
             )
     _console().print(table)
-    total = sum(c.vectors for s in shards for c in s.categories)
-    print(f"{total} vectors in {len(shards)} shard replicas")
+    # Every replica holds a copy of its shard: the catalogue's size is each shard's largest replica, summed (the
+    # sum over replicas counted each image once per copy: review).
+    largest: dict[str, int] = {}
+    for s in shards:
+        largest[s.shard] = max(largest.get(s.shard, 0), sum(c.vectors for c in s.categories))
+    unreachable = sum(not s.reachable for s in shards)
+    print(f"{sum(largest.values())} vectors in {len(largest)} shard(s) of {len(shards)} replica(s)"
+          + (f"; {unreachable} replica(s) unreachable, their vectors not counted" if unreachable else ""))
     return 0
 
 
@@ -469,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--image-id", help="image id (single file)")
     ing.add_argument("--broker", default=broker)
     _add_tls_arguments(ing)
-    ing.add_argument("--timeout-s", type=float, default=3600.0, help=TIMEOUT_HELP)
+    ing.add_argument("--timeout-s", type=positive_seconds, default=3600.0, help=TIMEOUT_HELP)
     ing.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("search", help="search with a query image, or like a catalogue image (--image-id)")
@@ -490,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--broker", default=broker)
     _add_tls_arguments(s)
-    s.add_argument("--timeout-s", type=float, default=10.0, help=TIMEOUT_HELP)
+    s.add_argument("--timeout-s", type=positive_seconds, default=10.0, help=TIMEOUT_HELP)
     s.set_defaults(func=cmd_search)
 
     de = sub.add_parser("delete", help="remove catalogue images by id (from every shard and the cache)")
@@ -498,14 +558,14 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--from-file", help="a file with one image id per line ('-': standard input)")
     de.add_argument("--broker", default=broker)
     _add_tls_arguments(de)
-    de.add_argument("--timeout-s", type=float, default=600.0, help=TIMEOUT_HELP)
+    de.add_argument("--timeout-s", type=positive_seconds, default=600.0, help=TIMEOUT_HELP)
     de.set_defaults(func=cmd_delete)
 
     st = sub.add_parser("stats", help="vectors per shard and category")
     st.add_argument("--json", action="store_true")
     st.add_argument("--broker", default=broker)
     _add_tls_arguments(st)
-    st.add_argument("--timeout-s", type=float, default=10.0, help=TIMEOUT_HELP)
+    st.add_argument("--timeout-s", type=positive_seconds, default=10.0, help=TIMEOUT_HELP)
     st.set_defaults(func=cmd_stats)
 
     ev = sub.add_parser("eval", help="Recall@1/5/10, MRR and latency of the broker on labelled query photos")
@@ -522,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="write the report and every query's rank to this file")
     ev.add_argument("--broker", default=broker)
     _add_tls_arguments(ev)
-    ev.add_argument("--timeout-s", type=float, default=10.0, help="per search (default: %(default)s)")
+    ev.add_argument("--timeout-s", type=positive_seconds, default=10.0, help="per search (default: %(default)s)")
     ev.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="bring a stack up, ingest the grocery photos, run queries, shut down")
@@ -549,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         if exc.code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
             print("  The broker requires a write token: set IMGSEARCH_WRITE_TOKEN to it.", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `imgsearch search --json | head`: the reader left; not an error of ours to print
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # else Python's exit flush fails on the closed pipe again
+        return 141  # 128 + SIGPIPE, as a shell tool killed by it
     except (OSError, ValueError) as exc:  # unreadable/missing files, bad CSVs, undecodable text
         print(f"imgsearch {args.command}: error: {exc}", file=sys.stderr)
         return 1

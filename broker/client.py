@@ -11,6 +11,7 @@ a timeout on every call, and typed errors (imgsearch.errors, via from_rpc_error)
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 
@@ -25,21 +26,34 @@ from imgsearch.serving import client_channel_options, tls_credentials
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
 from shard_server.types import Exactness, Filter
 
+_MAX_INT32 = 2**31 - 1
+
 
 def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     """The request of a `search` call, built from that call's arguments (`locals()`, before anything else), so
     the sync and async clients keep one list of search options: their signatures."""
     fields = {name: value for name, value in arguments.items() if name not in ("self", "timeout_s")}
-    if fields["top_k"] < 1:  # protobuf's own "Value out of range" ValueError said nothing of the argument
-        raise InvalidArgumentError(f"top_k must be at least 1, got {fields['top_k']}")
+    # Checked here because protobuf's own errors (a ValueError "Value out of range") said nothing of the argument,
+    # and a message holds only one of image, vector and image id: a second was silently dropped (review).
+    for name, lowest in (("top_k", 1), ("nprobe", 0)):
+        try:
+            value = fields[name] = operator.index(fields[name])  # numpy integers too
+        except TypeError:
+            value = fields[name]
+        if not isinstance(value, int) or not lowest <= value <= _MAX_INT32:
+            raise InvalidArgumentError(f"{name} must be an integer from {lowest} to {_MAX_INT32}, got {value!r}")
+    given = [name for name in ("image", "vector", "image_id") if fields[name] is not None]
+    if len(given) > 1:
+        raise InvalidArgumentError(f"a search takes one of image, vector and image_id, got {' and '.join(given)}")
     vector, categories, filter = fields.pop("vector"), fields.pop("categories"), fields.pop("filter")
+    if isinstance(categories, str):  # one name: iterated, it was read as one category per letter
+        categories = (categories,)
+    if vector is not None:
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.ndim != 1:  # a (2, 256) array was flattened and searched as one 512-d vector
+            raise InvalidArgumentError(f"vector must be one-dimensional, got shape {vector.shape}")
     return convert.query_to_proto(
-        Query(
-            vector=None if vector is None else np.asarray(vector, dtype=np.float32),
-            categories=tuple(categories),
-            filter=filter or Filter(),
-            **fields,
-        )
+        Query(vector=vector, categories=tuple(categories), filter=filter or Filter(), **fields)
     )
 
 

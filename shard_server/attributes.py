@@ -81,6 +81,11 @@ def validate_filter(flt: Filter, schema: Mapping[str, str]) -> None:
             for bound in (p.min, p.max):
                 if bound is not None and not np.isfinite(bound):
                     raise InvalidRequestError(f"range bound on {condition.field!r} must be finite")
+            # An empty range matched nothing and answered 0 hits, hiding a caller's swapped bounds (review).
+            if p.min is not None and p.max is not None and (p.min > p.max or (p.exclusive and p.min == p.max)):
+                raise InvalidRequestError(f"range on {condition.field!r} is empty: min {p.min:g} is above max "
+                                          f"{p.max:g}" if p.min > p.max else
+                                          f"range on {condition.field!r} is empty: min = max {p.min:g}, exclusive")
 
 
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import re
 import shutil
 import subprocess
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
@@ -33,6 +35,7 @@ from imgsearch.errors import (
 )
 from imgsearch.serving import ServerOptions
 from imgsearch.v1 import broker_pb2
+from shard_server.types import Exactness
 
 
 def _config(**server) -> BrokerConfig:
@@ -448,3 +451,38 @@ async def test_a_stream_that_stops_sending_without_closing_gives_its_turn_back()
         await service.IngestStream(one_then_silence(), _StreamContext())
     assert asyncio.get_running_loop().time() - started < 2
     assert (await service.IngestStream(slow_but_steady(), _StreamContext())).ingested == 4  # the turn is free
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        ({"vector": [1.0] * 4, "top_k": 2**40}, "top_k must be an integer from 1"),
+        ({"vector": [1.0] * 4, "nprobe": -5}, "nprobe must be an integer from 0"),
+        ({"vector": [1.0] * 4, "top_k": 2.5}, "top_k must be an integer"),
+        ({"vector": [1.0] * 4, "image": b"jpeg"}, "one of image, vector and image_id, got image and vector"),
+        ({"vector": np.ones((2, 2), np.float32)}, "one-dimensional, got shape (2, 2)"),
+    ],
+    ids=["top_k-overflow", "negative-nprobe", "fractional-top_k", "image-and-vector", "two-dimensional-vector"],
+)
+async def test_client_arguments_that_protobuf_would_garble_are_invalid_argument(arguments, says):
+    """top_k 2**40 raised protobuf's bare ValueError "Value out of range", an image with a vector sent one of the
+    two silently, a (2, 256) array was flattened into one 512-d query (review of 2026-12-05). Nothing is sent."""
+    from broker.client import BrokerClient, SyncBrokerClient
+    from imgsearch.errors import InvalidArgumentError
+
+    async with BrokerClient("127.0.0.1:1") as client:
+        with pytest.raises(InvalidArgumentError, match=re.escape(says)):
+            await client.search(**arguments, timeout_s=1)
+    with SyncBrokerClient("127.0.0.1:1") as client, pytest.raises(InvalidArgumentError, match=re.escape(says)):
+        client.search(**arguments, timeout_s=1)
+
+
+def test_one_category_given_as_a_string_is_that_category():
+    """categories="Milk" was read letter by letter as four categories M, i, l, k: 0 hits, no error (review)."""
+    from broker.client import _search_request
+
+    request = _search_request({"self": None, "image": None, "vector": [1.0] * 4, "image_id": None, "top_k": 3,
+                               "categories": "Milk", "filter": None, "exactness": Exactness.DEFAULT,
+                               "nprobe": np.int64(4), "use_duplicate_cache": True, "distinct_products": False,
+                               "timeout_s": None})
+    assert list(request.categories) == ["Milk"] and request.options.nprobe == 4

@@ -18,6 +18,10 @@ def files(tmp_path, monkeypatch):
     # saved by Excel as "CSV UTF-8": a byte-order mark, which read as part of the first column's name
     (tmp_path / "bom.csv").write_bytes("image, product_id, category\nbom-missing.jpg,p,c\n".encode("utf-8-sig"))
     (tmp_path / "same-name.csv").write_text("image,product_id,category\na/front.jpg,p,c\nb/front.jpg,q,c\n")
+    clash = tmp_path / "clash" / "Cat" / "prod"
+    clash.mkdir(parents=True)
+    (clash / "front.jpg").write_bytes(b"jpeg")
+    (clash / "front.png").write_bytes(b"png")
     return tmp_path
 
 
@@ -31,11 +35,13 @@ def files(tmp_path, monkeypatch):
         (["ingest", "{d}/latin1.csv"], "utf-8"),
         (["ingest", "{d}/bom.csv"], "bom-missing.jpg"),  # the header is read; the file is what is missing
         (["ingest", "{d}/same-name.csv"], "add an image_id column"),
+        # both were sent as one image id, the second replacing the first, and both counted (review)
+        (["ingest", "{d}/clash"], "would both get image id 'Cat/prod/front'"),
         (["delete", "--from-file", "{d}/missing.txt"], "missing.txt"),
         (["eval", "{d}/missing.csv"], "missing.csv"),
     ],
     ids=["search-missing-file", "csv-without-category", "csv-extra-field", "csv-missing-image", "csv-not-utf8",
-         "csv-with-bom-and-spaced-header", "csv-default-ids-collide",
+         "csv-with-bom-and-spaced-header", "csv-default-ids-collide", "folder-ids-collide",
          "delete-missing-list", "eval-missing-csv"],
 )
 def test_bad_local_input_is_one_clear_line(files, capsys, args, says):
@@ -57,3 +63,23 @@ def test_up_refuses_a_broker_port_in_use_before_starting_anything(tmp_path, caps
     err = capsys.readouterr().err
     assert code == 1 and f"127.0.0.1:{port} is in use" in err, err
     assert not (tmp_path / "stack" / "logs").exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["search", "q.jpg", "--filter", "brand="], "has no value"),
+        (["search", "q.jpg", "--price", "10..5"], "is empty: 10 is above 5"),
+        (["search", "q.jpg", "--filter", "price=10..5"], "is empty: 10 is above 5"),
+        (["search", "q.jpg", "--timeout-s", "nan"], "positive, finite number of seconds"),
+        (["stats", "--timeout-s", "0"], "positive, finite number of seconds"),
+        (["ingest", "x", "--timeout-s", "inf"], "positive, finite number of seconds"),
+    ],
+    ids=["empty-value", "empty-price-range", "empty-filter-range", "nan-timeout", "zero-timeout", "inf-timeout"],
+)
+def test_arguments_that_could_only_fail_are_refused_before_any_call(monkeypatch, capsys, args, says):
+    """They reached the broker and answered 0 hits (an empty range or value) or DEADLINE_EXCEEDED (nan) (review)."""
+    monkeypatch.setenv("IMGSEARCH_BROKER", "127.0.0.1:1")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(args)
+    assert exit_.value.code == 2 and says in capsys.readouterr().err

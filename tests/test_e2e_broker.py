@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -557,6 +558,9 @@ def test_cli_ingest_csv_search_and_stats(stack, catalogue, tmp_path):
     products = [h["product_id"] for h in json.loads(done.stdout)["hits"]]
     assert len(products) == len(set(products)) >= 10
 
+    done = _cli(stack, "stats")
+    # each shard's vectors once, not once per replica copy (review of 2026-12-05)
+    assert done.returncode == 0 and re.search(r"\d+ vectors in \d+ shard\(s\) of \d+ replica\(s\)", done.stdout)
     done = _cli(stack, "stats", "--json")
     assert done.returncode == 0, done.stderr
     assert sum(c["vectors"] for s in json.loads(done.stdout) for c in s["categories"]) >= len(
@@ -598,6 +602,15 @@ def test_cli_ingest_stores_the_good_files_and_lists_the_bad_ones(stack, client, 
     done = _cli(stack, "search", str(good.path), "-k", "3", "--category", "Shelf")
     assert done.returncode == 0 and image_id in done.stdout, done.stdout
     assert client_delete(stack, [image_id, "Shelf/mixed-product/iphone"]) == 2
+
+    # A CSV row naming a missing file stopped the whole ingest before anything was sent, against the docs
+    # ("skipped and listed"): review of 2026-12-05.
+    (tmp_path / "listing.csv").write_text(f"image,image_id,product_id,category\n{good.path},csv-good,p,Shelf\n"
+                                          "gone.jpg,csv-gone,p,Shelf\n")
+    done = _cli(stack, "ingest", str(tmp_path / "listing.csv"))
+    assert done.returncode == 1 and "ingested 1 images" in done.stdout, (done.stdout, done.stderr)
+    assert "skipped 1 file(s)" in done.stderr and "gone.jpg: not found" in done.stderr, done.stderr
+    assert client_delete(stack, ["csv-good"]) == 1
 
 
 async def test_an_ingest_streams_own_items_error_reaches_the_caller_as_it_was(stack, catalogue):

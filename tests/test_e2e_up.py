@@ -70,6 +70,21 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
             assert [s.reachable for s in shards] == [True, True]
         assert all(_listening(a) for a in addresses)
 
+        # A shard process that dies is restarted on its port, from its data folder (it stopped the whole stack)
+        victim = _pids_with(f"--port {shards[1].address.rsplit(':', 1)[1]} ")
+        assert len(victim) == 1
+        os.kill(victim[0], signal.SIGKILL)
+        restarted = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            restarted.append(line)
+            if not line or line.startswith("shard-1 is back"):
+                break
+        assert "shard-1 exited (code -9); restarting it" in "".join(restarted), "".join(restarted)
+        assert "shard-1 is back" in "".join(restarted), "".join(restarted)
+        with SyncBrokerClient(f"127.0.0.1:{port}") as client:
+            assert [s.reachable for s in client.stats(timeout_s=10)] == [True, True]
+
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, rest
@@ -87,6 +102,61 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def _pids_with(text: str) -> list[int]:
+    """Processes whose command line holds `text` (arguments joined by spaces, with a trailing one)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                command = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in command:
+                found.append(int(entry))
+    return found
+
+
+def test_up_stops_everything_when_triton_dies(tmp_path):
+    # Triton was not watched: killed, it left the stack "ready" with every image search failing UNAVAILABLE, and
+    # its python-backend stubs running (review of 2026-12-05).
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "IMGSEARCH_WRITE_TOKEN")}
+    work = tmp_path / "stack"
+    proc = subprocess.Popen(
+        [*console_script("imgsearch"), "up", "--shards", "1", "--port", str(port), "--metrics-port", "0",
+         "--work-dir", str(work)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if not line or line.startswith("ready:"):
+                break
+        assert "ready:" in "".join(lines), "".join(lines)
+        triton = sorted(set(_pids_with(str(work))) & set(_pids_with("bin/tritonserver ")))  # its model repository
+        assert len(triton) == 1, "the stack's tritonserver not found"
+        os.kill(triton[0], signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 1, rest
+        assert "stopping: triton exited" in rest and "stopped." in rest, rest
+        assert not _listening(f"127.0.0.1:{port}")
+        assert not [pid for pid in _pids_with("triton_python_backend_stub") if _in_group_of(pid, triton)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def _in_group_of(pid: int, group_pids: list[int]) -> bool:
+    try:
+        return os.getpgid(pid) in group_pids
+    except ProcessLookupError:
+        return False
 
 
 _SLOW_TRITON_UP = """

@@ -48,6 +48,11 @@ BAD_QUERIES = {
     "wrong predicate type": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(
         Condition(field="brand", predicate=Range(min=1.0)),))), "field 'brand' is text"),
     "empty category": (SearchQuery(vector=GOOD, top_k=5, categories=("",)), "empty category"),
+    # an empty range answered 0 hits, hiding swapped bounds (review of 2026-12-05)
+    "empty range": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(
+        Condition(field="price", predicate=Range(min=10.0, max=5.0)),))), "range on 'price' is empty: min 10"),
+    "empty exclusive range": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=(
+        Condition(field="price", predicate=Range(min=5.0, max=5.0, exclusive=True)),))), "min = max 5, exclusive"),
     # Each condition costs a pass over the attribute columns; a 1M-value any_of held the loop for seconds.
     "too many conditions": (SearchQuery(vector=GOOD, top_k=5, filter=Filter(all_of=tuple(
         Condition(field="brand", predicate=Equals(value=f"b{i}")) for i in range(65)))), "the limit is 64"),
