@@ -99,9 +99,10 @@ def grocery_packshots(data_dir: Path) -> list[CatalogueFile]:
     return files
 
 
-def files_from_folder(folder: Path, *, category: str | None = None) -> list[CatalogueFile]:
+def files_from_folder(folder: Path, *, category: str | None = None, unique_ids: bool = True) -> list[CatalogueFile]:
     """Every image under `folder`: product = parent folder name, category = its parent's name (or `category`),
-    image id = path relative to `folder` without suffix."""
+    image id = path relative to `folder` without suffix (two files of one id refused with ValueError, unless
+    `unique_ids` is False: query photos are not stored under their ids)."""
     files = []
     seen: dict[str, Path] = {}
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
@@ -111,7 +112,7 @@ def files_from_folder(folder: Path, *, category: str | None = None) -> list[Cata
         image_id = str(rel.with_suffix(""))
         # front.jpg and front.png were one image: the later replaced the earlier, and the ingest counted both
         # (review of 2026-12-05).
-        if image_id in seen:
+        if unique_ids and image_id in seen:
             raise ValueError(f"{seen[image_id]} and {path} would both get image id {image_id!r} (the path without "
                              f"its suffix): rename one, or ingest them from a CSV with an image_id column")
         seen[image_id] = path

@@ -196,7 +196,7 @@ def cmd_up(args) -> int:
     return 0
 
 
-def _listed_files(source: str | None, args, *, category: str | None = None) -> list:
+def _listed_files(source: str | None, args, *, category: str | None = None, unique_ids: bool = True) -> list:
     """Labelled images from `--grocery-split` (under `--data`), a CSV, or a folder laid out as
     <category>/<product>/<image>; empty (with a message) when a grocery split has no list."""
     from broker.catalogue import default_data_dir, files_from_csv, files_from_folder, grocery_split
@@ -213,7 +213,7 @@ def _listed_files(source: str | None, args, *, category: str | None = None) -> l
     path = Path(source)
     if path.suffix.lower() == ".csv":
         return files_from_csv(path)
-    return files_from_folder(path, category=category)
+    return files_from_folder(path, category=category, unique_ids=unique_ids)
 
 
 def cmd_ingest(args) -> int:
@@ -453,7 +453,7 @@ def cmd_eval(args) -> int:
     if (args.queries is None) == (args.grocery_split is None):
         print("error: give a queries CSV or folder, or --grocery-split (not both)", file=sys.stderr)
         return 2
-    queries = _listed_files(args.queries, args)
+    queries = _listed_files(args.queries, args, unique_ids=False)
     if args.limit:
         queries = pick_queries(queries, args.limit)
     if not queries:
