@@ -350,7 +350,8 @@ def print_answer(answer, *, title: str, expected_product: str | None = None) -> 
     )
     table = Table(title=title, caption=caption, expand=False)
     for col in ("#", "score", "product", "category", "image id", "attributes"):
-        table.add_column(col)
+        # an id is what --image-id and delete take: wrapped when the table is too narrow, never cut with "…"
+        table.add_column(col, overflow="fold" if col == "image id" else "ellipsis")
     for rank, h in enumerate(answer.hits, 1):
         mark = "bold green" if expected_product and h.product_id == expected_product else None
         attrs = " ".join(f"{k}={v}" for k, v in sorted(h.attributes.items()))

@@ -83,3 +83,19 @@ def test_arguments_that_could_only_fail_are_refused_before_any_call(monkeypatch,
     with pytest.raises(SystemExit) as exit_:
         cli.main(args)
     assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_long_image_id_is_wrapped_in_the_search_table_not_cut(capsys):
+    """At the 160 columns of piped output a long id was cut with "…", and the cut id is not what --image-id and
+    delete take (review of 2026-12-05)."""
+    from broker.types import CacheOutcome, SearchAnswer, StageTimings
+    from shard_server.types import Hit
+
+    image_id = "Arla-Ecological-Medium-Fat-Milk/Arla-Ecological-Medium-Fat-Milk_001-front-shelf-photo-" + "x" * 40
+    hit = Hit(image_id=image_id, product_id="Arla-Ecological-Medium-Fat-Milk", category="Milk", score=0.9,
+              attributes={"brand": "Arla", "price": 12.5})
+    cli.print_answer(SearchAnswer(hits=(hit,), cache=CacheOutcome.MISS, from_duplicate_cache=False, partial=False,
+                                  shards=(), timings=StageTimings()), title="query.jpg")
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    id_column = "".join(row.split("│")[5].strip() for row in rows)
+    assert id_column == image_id
