@@ -120,10 +120,11 @@ def files_from_folder(folder: Path, *, category: str | None = None, unique_ids: 
     return files
 
 
-def files_from_csv(csv_path: Path) -> list[CatalogueFile]:
+def files_from_csv(csv_path: Path, *, unique_ids: bool = True) -> list[CatalogueFile]:
     """CSV with a header: `image` (path, relative to the CSV's folder), `image_id`, `product_id`, `category`;
     any other column is an attribute (numbers become numbers, true/false become flags, empty cells are left
-    out)."""
+    out). Two rows of one default image id (the file name) are refused with ValueError unless `unique_ids` is False
+    (query photos are not stored under their ids)."""
     base = csv_path.parent
     files = []
     # utf-8-sig: a CSV saved by Excel as "CSV UTF-8" starts with a byte-order mark, which became part of the first
@@ -153,7 +154,7 @@ def files_from_csv(csv_path: Path) -> list[CatalogueFile]:
                     attributes=attrs,
                 )
             )
-    if "image_id" not in (reader.fieldnames or ()):
+    if unique_ids and "image_id" not in (reader.fieldnames or ()):
         # The default id is the file name without suffix: two rows of one name would be one image, the later
         # replacing the earlier (sub/front.jpg and sub2/front.jpg: one of them silently lost, CLI review).
         seen: dict[str, Path] = {}

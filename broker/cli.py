@@ -18,6 +18,7 @@ IMGSEARCH_WRITE_TOKEN.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -134,17 +135,21 @@ def cmd_up(args) -> int:
             stop["interrupted"] = True
             raise KeyboardInterrupt
 
+    def say(*parts, **kwargs) -> None:
+        # `up 2>&1 | tee up.log` and Ctrl-C: tee dies first, and a print to its closed pipe raised BrokenPipeError
+        # before stack.stop(), leaving Triton (in a session of its own) running (review of 2026-12-05).
+        with contextlib.suppress(OSError):
+            print(*parts, **kwargs, flush=True)
+
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    print(f"starting the stack in {work} ...", flush=True)
+    say(f"starting the stack in {work} ...")
     stack = LocalStack(config)
     try:
         stack.start()
         stop["starting"] = False
         for key, value in stack.describe().items():
-            print(f"  {key:15s} {value}")
-        print(
-            f"ready: export IMGSEARCH_BROKER={stack.broker_address}   (Ctrl-C stops everything)", flush=True
-        )
+            say(f"  {key:15s} {value}")
+        say(f"ready: export IMGSEARCH_BROKER={stack.broker_address}   (Ctrl-C stops everything)")
         restarts: list[float] = []  # when shard processes were restarted, for the crash-loop limit
         while not stop["now"]:
             dead = [p.name for p in stack.processes.values() if not p.running]
@@ -157,42 +162,49 @@ def cmd_up(args) -> int:
             if stack.triton is not None and not stack.triton.is_running():
                 others.append("triton")
             if others:
-                print(f"stopping: {', '.join(others)} exited (see {stack.logs})", file=sys.stderr)
+                say(f"stopping: {', '.join(others)} exited (see {stack.logs})", file=sys.stderr)
                 return 1
             now = time.monotonic()
             restarts = [t for t in restarts if now - t < SHARD_RESTART_WINDOW_S]
             if len(restarts) + len(shards) > MAX_SHARD_RESTARTS:
-                print(f"stopping: shard processes exited {len(restarts) + len(shards)} times within "
-                      f"{SHARD_RESTART_WINDOW_S:.0f} s (see {stack.logs})", file=sys.stderr)
+                say(f"stopping: shard processes exited {len(restarts) + len(shards)} times within "
+                    f"{SHARD_RESTART_WINDOW_S:.0f} s (see {stack.logs})", file=sys.stderr)
                 return 1
             for name in shards:
+                if stop["now"]:  # Ctrl-C reaches the shards too: a shard that died of it is not restarted
+                    break
                 code = stack.processes[name].process.returncode
-                print(f"{name} exited (code {code}); restarting it (see {stack.logs / (name + '.log')})",
-                      file=sys.stderr, flush=True)
+                say(f"{name} exited (code {code}); restarting it (see {stack.logs / (name + '.log')})",
+                    file=sys.stderr)
                 restarts.append(now)
                 try:
-                    stack.restart_shard(name)
+                    stack.restart_shard(name, stop_requested=lambda: stop["now"])
                 except (OSError, RuntimeError, TimeoutError) as exc:
-                    print(f"stopping: {name} did not come back: {exc}", file=sys.stderr)
+                    if stop["now"]:  # stopped during the restart (the restarted shard got the Ctrl-C too)
+                        break
+                    say(f"stopping: {name} did not come back: {exc}", file=sys.stderr)
                     return 1
-                print(f"{name} is back", flush=True)
-            time.sleep(0.5)
+                say(f"{name} is back")
+            else:
+                time.sleep(0.5)
     except KeyboardInterrupt:
         if not stop["interrupted"]:
             raise
-        print("interrupted during start-up", file=sys.stderr)
+        say("interrupted during start-up", file=sys.stderr)
         return 130
     except (OSError, RuntimeError, TimeoutError, ValueError) as exc:
-        print(f"imgsearch up: could not start the stack: {exc}", file=sys.stderr)
+        say(f"imgsearch up: could not start the stack: {exc}", file=sys.stderr)
         return 1
     finally:
         stop["starting"] = False
-        print("stopping ...", flush=True)
-        stack.stop()
-        print("stopped.")
-        for sig, handler in previous.items():  # `up` may run inside another program (the tests)
-            if handler is not None:  # None: set outside Python, cannot be set back from it
-                signal.signal(sig, handler)
+        say("stopping ...")
+        try:
+            stack.stop()
+        finally:
+            say("stopped.")
+            for sig, handler in previous.items():  # `up` may run inside another program (the tests)
+                if handler is not None:  # None: set outside Python, cannot be set back from it
+                    signal.signal(sig, handler)
     return 0
 
 
@@ -212,7 +224,7 @@ def _listed_files(source: str | None, args, *, category: str | None = None, uniq
         return grocery_split(data, args.grocery_split)
     path = Path(source)
     if path.suffix.lower() == ".csv":
-        return files_from_csv(path)
+        return files_from_csv(path, unique_ids=unique_ids)
     return files_from_folder(path, category=category, unique_ids=unique_ids)
 
 
@@ -604,7 +616,11 @@ def main(argv: list[str] | None = None) -> int:
     from imgsearch.errors import ImgsearchError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        # Output still buffered would be written at interpreter exit, outside this try: a reader that left
+        # (`| head`) then gave "Exception ignored ... BrokenPipeError" and exit status 120 (review).
+        sys.stdout.flush()
+        return code
     except ImgsearchError as exc:
         print(f"imgsearch {args.command}: {exc.code.name}: {exc}", file=sys.stderr)
         if exc.code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):

@@ -11,6 +11,7 @@ a timeout on every call, and typed errors (imgsearch.errors, via from_rpc_error)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import operator
 import time
 from collections.abc import AsyncIterable, Iterable, Sequence
@@ -31,30 +32,50 @@ _MAX_INT32 = 2**31 - 1
 
 def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     """The request of a `search` call, built from that call's arguments (`locals()`, before anything else), so
-    the sync and async clients keep one list of search options: their signatures."""
+    the sync and async clients keep one list of search options: their signatures. Bad arguments are
+    InvalidArgumentError before anything is sent: protobuf's own errors (a ValueError "Value out of range", a
+    TypeError, a KeyError) said nothing of the argument, and a message holds only one of image, vector and image
+    id, so a second was silently dropped (review of 2026-12-05)."""
     fields = {name: value for name, value in arguments.items() if name not in ("self", "timeout_s")}
-    # Checked here because protobuf's own errors (a ValueError "Value out of range") said nothing of the argument,
-    # and a message holds only one of image, vector and image id: a second was silently dropped (review).
     for name, lowest in (("top_k", 1), ("nprobe", 0)):
-        try:
-            value = fields[name] = operator.index(fields[name])  # numpy integers too
-        except TypeError:
-            value = fields[name]
-        if not isinstance(value, int) or not lowest <= value <= _MAX_INT32:
+        value = fields[name]
+        if not isinstance(value, bool):
+            with contextlib.suppress(TypeError):
+                value = fields[name] = operator.index(value)  # numpy integers too
+        if not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= _MAX_INT32:
             raise InvalidArgumentError(f"{name} must be an integer from {lowest} to {_MAX_INT32}, got {value!r}")
     given = [name for name in ("image", "vector", "image_id") if fields[name] is not None]
     if len(given) > 1:
         raise InvalidArgumentError(f"a search takes one of image, vector and image_id, got {' and '.join(given)}")
+    if fields["image"] is not None and not isinstance(fields["image"], (bytes, bytearray, memoryview)):
+        raise InvalidArgumentError(f"image must be the encoded file's bytes, got {type(fields['image']).__name__}"
+                                   " (read the file first)")
+    if fields["image"] is not None:
+        fields["image"] = bytes(fields["image"])  # protobuf takes bytes only
+    if fields["image_id"] is not None and not isinstance(fields["image_id"], str):
+        raise InvalidArgumentError(f"image_id must be a string, got {type(fields['image_id']).__name__}")
+    if not isinstance(fields["exactness"], Exactness):
+        raise InvalidArgumentError(f"exactness must be an Exactness, got {fields['exactness']!r}")
     vector, categories, filter = fields.pop("vector"), fields.pop("categories"), fields.pop("filter")
-    if isinstance(categories, str):  # one name: iterated, it was read as one category per letter
+    if filter is not None and not isinstance(filter, Filter):
+        raise InvalidArgumentError(f"filter must be a Filter, got {type(filter).__name__}")
+    if categories is None:
+        categories = ()
+    elif isinstance(categories, str):  # one name: iterated, it was read as one category per letter
         categories = (categories,)
+    categories = tuple(categories) if not isinstance(categories, (bytes, bytearray)) else (categories,)
+    if not all(isinstance(c, str) for c in categories):
+        raise InvalidArgumentError(f"categories must be category names (strings), got {list(categories)!r}")
     if vector is not None:
-        vector = np.asarray(vector, dtype=np.float32)
+        try:
+            vector = np.asarray(vector, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(f"vector must be numbers: {exc}") from None
+        if vector.ndim == 2 and vector.shape[0] == 1:  # a model's output for one image
+            vector = vector[0]
         if vector.ndim != 1:  # a (2, 256) array was flattened and searched as one 512-d vector
             raise InvalidArgumentError(f"vector must be one-dimensional, got shape {vector.shape}")
-    return convert.query_to_proto(
-        Query(vector=vector, categories=tuple(categories), filter=filter or Filter(), **fields)
-    )
+    return convert.query_to_proto(Query(vector=vector, categories=categories, filter=filter or Filter(), **fields))
 
 
 def _or(timeout_s: float | None, default_s: float) -> float:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,10 +59,15 @@ def check_port_free(host: str, port: int, what: str) -> None:
 
 
 def wait_for_port(
-    host: str, port: int, *, timeout_s: float, process: subprocess.Popen | None = None, name: str = ""
+    host: str, port: int, *, timeout_s: float, process: subprocess.Popen | None = None, name: str = "",
+    stop_requested: Callable[[], bool] | None = None,
 ) -> None:
+    """Return once something listens on `port`; raise RuntimeError when `process` exits first, TimeoutError after
+    `timeout_s`, InterruptedError as soon as `stop_requested()` is true."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if stop_requested is not None and stop_requested():
+            raise InterruptedError(f"stopped while waiting for {name} on {host}:{port}")
         if process is not None and process.poll() is not None:
             raise RuntimeError(f"{name} exited with code {process.returncode} before listening on {port}")
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
@@ -304,12 +310,14 @@ class LocalStack:
             ],
         )
 
-    def restart_shard(self, index: int | str) -> None:
-        """Start a stopped shard process again on the same port and data folder (index, or process name)."""
+    def restart_shard(self, index: int | str, *, stop_requested: Callable[[], bool] | None = None) -> None:
+        """Start a stopped shard process again on the same port and data folder (index, or process name); the
+        wait for its port ends early (InterruptedError) once `stop_requested()` is true."""
         process_name = f"shard-{index}" if isinstance(index, int) else index
         proc = self._spawn_shard(process_name)
         wait_for_port(
-            HOST, self.shard_ports[process_name][0], timeout_s=60, process=proc.process, name=process_name
+            HOST, self.shard_ports[process_name][0], timeout_s=60, process=proc.process, name=process_name,
+            stop_requested=stop_requested,
         )
 
     # ------------------------------------------------------------------ broker

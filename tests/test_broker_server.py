@@ -461,8 +461,17 @@ async def test_a_stream_that_stops_sending_without_closing_gives_its_turn_back()
         ({"vector": [1.0] * 4, "top_k": 2.5}, "top_k must be an integer"),
         ({"vector": [1.0] * 4, "image": b"jpeg"}, "one of image, vector and image_id, got image and vector"),
         ({"vector": np.ones((2, 2), np.float32)}, "one-dimensional, got shape (2, 2)"),
+        ({"vector": [1.0] * 4, "top_k": True}, "top_k must be an integer"),
+        ({"image": "photo.jpg"}, "image must be the encoded file's bytes, got str"),
+        ({"image_id": 5}, "image_id must be a string, got int"),
+        ({"vector": ["a"]}, "vector must be numbers"),
+        ({"vector": [1.0] * 4, "categories": [1, 2]}, "categories must be category names"),
+        ({"vector": [1.0] * 4, "exactness": "fast"}, "exactness must be an Exactness"),
+        ({"vector": [1.0] * 4, "filter": {"price": 1}}, "filter must be a Filter, got dict"),
     ],
-    ids=["top_k-overflow", "negative-nprobe", "fractional-top_k", "image-and-vector", "two-dimensional-vector"],
+    ids=["top_k-overflow", "negative-nprobe", "fractional-top_k", "image-and-vector", "two-dimensional-vector",
+         "bool-top_k", "image-path", "numeric-image-id", "text-vector", "numeric-categories", "exactness-text",
+         "filter-dict"],
 )
 async def test_client_arguments_that_protobuf_would_garble_are_invalid_argument(arguments, says):
     """top_k 2**40 raised protobuf's bare ValueError "Value out of range", an image with a vector sent one of the
@@ -486,3 +495,9 @@ def test_one_category_given_as_a_string_is_that_category():
                                "nprobe": np.int64(4), "use_duplicate_cache": True, "distinct_products": False,
                                "timeout_s": None})
     assert list(request.categories) == ["Milk"] and request.options.nprobe == 4
+    # a model's output for one image, shape (1, D), is that one vector
+    request = _search_request({"self": None, "image": None, "vector": np.ones((1, 4)), "image_id": None,
+                               "top_k": 3, "categories": None, "filter": None, "exactness": Exactness.DEFAULT,
+                               "nprobe": 0, "use_duplicate_cache": True, "distinct_products": False,
+                               "timeout_s": None})
+    assert len(request.vector.values) == 4 and list(request.categories) == []

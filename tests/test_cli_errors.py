@@ -99,3 +99,137 @@ def test_a_long_image_id_is_wrapped_in_the_search_table_not_cut(capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
     id_column = "".join(row.split("│")[5].strip() for row in rows)
     assert id_column == image_id
+
+
+class _StandInStack:
+    """LocalStack's surface that `imgsearch up` uses, with real child processes (unit tests of cmd_up alone)."""
+
+    def __init__(self, config):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        from broker.stack import ManagedProcess
+
+        self._spawn = lambda name, seconds: ManagedProcess(
+            name=name, process=subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"]),
+            log_path=Path(config.work_dir) / f"{name}.log")
+        self.logs = Path(config.work_dir)
+        self.processes = {}
+        self.triton = None
+        self.broker_address = "127.0.0.1:1"
+        self.stopped = False
+        self.restarts = 0
+        _StandInStack.last = self
+
+    def start(self):
+        self.processes["broker"] = self._spawn("broker", self.broker_lives_s)
+        self.processes["shard-0"] = self._spawn("shard-0", self.shard_lives_s)
+
+    def describe(self):
+        return {}
+
+    def restart_shard(self, name, *, stop_requested=None):
+        from broker.stack import wait_for_port
+        from imgsearch.ports import free_port
+
+        self.restarts += 1
+        self.processes[name] = self._spawn(name, 30)
+        # nothing will listen there: the wait lasts until stopped
+        wait_for_port("127.0.0.1", free_port(), timeout_s=60, process=self.processes[name].process, name=name,
+                      stop_requested=stop_requested)
+
+    def stop(self):
+        self.stopped = True
+        for process in self.processes.values():
+            process.stop(grace_s=2)
+
+
+def test_up_stops_at_once_when_told_to_during_a_shard_restart(tmp_path, monkeypatch, capsys):
+    """A SIGTERM during a restart's wait (up to 60 s) was held until the wait ended, then reported as a failure
+    ("did not come back", exit 1) (review of 2026-12-05)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from broker import stack
+
+    monkeypatch.setattr(_StandInStack, "broker_lives_s", 60, raising=False)
+    monkeypatch.setattr(_StandInStack, "shard_lives_s", 0.5, raising=False)
+    monkeypatch.setattr(stack, "LocalStack", _StandInStack)
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    started = time.monotonic()
+    try:
+        code = cli.main(["up", "--work-dir", str(tmp_path), "--port", "0", "--metrics-port", "0"])
+    finally:
+        timer.cancel()
+    out = capsys.readouterr()
+    assert code == 0 and time.monotonic() - started < 8, out
+    assert _StandInStack.last.restarts == 1 and _StandInStack.last.stopped
+    assert "restarting it" in out.err and "did not come back" not in out.err
+
+
+def test_up_stops_its_stack_even_when_its_output_is_gone(tmp_path, monkeypatch):
+    """`imgsearch up | tee log` and Ctrl-C: tee died first, the print of "stopping ..." raised BrokenPipeError, and
+    stack.stop() never ran, leaving Triton running in its own session (review of 2026-12-05)."""
+    import sys
+
+    from broker import stack
+
+    class GonePipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    class StackWhoseReaderLeaves(_StandInStack):
+        def start(self):
+            super().start()
+            monkeypatch.setattr(sys, "stdout", GonePipe())  # the reader leaves once the stack is up
+            monkeypatch.setattr(sys, "stderr", GonePipe())
+
+    monkeypatch.setattr(_StandInStack, "broker_lives_s", 1, raising=False)  # then the broker exits: up stops
+    monkeypatch.setattr(_StandInStack, "shard_lives_s", 60, raising=False)
+    monkeypatch.setattr(stack, "LocalStack", StackWhoseReaderLeaves)
+    assert cli.cmd_up(cli.build_parser().parse_args(
+        ["up", "--work-dir", str(tmp_path), "--port", "0", "--metrics-port", "0"])) == 1
+    assert _StandInStack.last.stopped
+
+
+def test_stats_counts_each_shard_once_not_once_per_replica(monkeypatch, capsys):
+    """With 2 replicas, 864 images were reported as "1728 vectors in 4 shard replicas" (review of 2026-12-05)."""
+    from broker.types import ShardSummary
+    from shard_server.types import CategoryStats
+
+    def milk(vectors):
+        return (CategoryStats(category="Milk", vectors=vectors, trained=False, index_type="Flat", resident_bytes=0),)
+
+    class StandInClient:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def stats(self, *, timeout_s):
+            return [ShardSummary(shard="shard-0", address="a:1", reachable=True, categories=milk(500)),
+                    ShardSummary(shard="shard-0", address="a:2", reachable=True, categories=milk(498)),  # catching up
+                    ShardSummary(shard="shard-1", address="b:1", reachable=True, categories=milk(364)),
+                    ShardSummary(shard="shard-1", address="b:2", reachable=False)]
+
+    monkeypatch.setattr(cli, "_client", lambda args, write=False: StandInClient())
+    assert cli.main(["stats"]) == 0
+    assert ("864 vectors in 2 shard(s) of 4 replica(s); 1 replica(s) unreachable, their vectors not counted"
+            in capsys.readouterr().out)
+
+
+def test_eval_takes_query_files_that_share_a_name(tmp_path, monkeypatch, capsys):
+    """Queries are not stored under their ids: the ingest's id clash check refused an eval CSV (review)."""
+    monkeypatch.setenv("IMGSEARCH_BROKER", "127.0.0.1:1")
+    (tmp_path / "q.csv").write_text("image,product_id,category\na/front.jpg,p,c\nb/front.jpg,q,c\n")
+    assert cli.main(["eval", str(tmp_path / "q.csv"), "--timeout-s", "0.5"]) == 1  # the files are not there
+    err = capsys.readouterr().err
+    assert "would both get image id" not in err and "every search failed" in err, err
