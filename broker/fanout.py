@@ -47,6 +47,10 @@ DELETE_BATCH_IDS = 1_000
 GET_NEWER_COPY_WAIT_S = 0.05
 # A replica that ran out of a search's time is asked last for this long (its shard's other replicas first).
 SLOW_REPLICA_LAST_S = 2.0
+# ... and one that answered UNAVAILABLE (loading its snapshot after a restart, shutting down, unreachable) for this
+# long: round-robin sent it every other search for the whole of a load, each one a refusal and a retry on its
+# sibling, which users never saw but which paged ImgsearchErrorRatioHigh for a load of over 5 minutes (review).
+UNAVAILABLE_REPLICA_LAST_S = 5.0
 # Of what is left of a deadline, the share a replica gets when another could still be tried after it.
 REPLICA_SHARE_OF_DEADLINE = 0.75
 # Longest an ingest waits for the best-effort removal of re-ingested ids from the shards that do not own them.
@@ -205,6 +209,8 @@ class ShardPool:
                 raise  # the request is wrong, not the shard
             except UnavailableError as exc:
                 reply = _ReplicaReply(address=addresses[i], outcome=UNAVAILABLE, message=str(exc))
+                if not last:
+                    self._suspect_until[addresses[i]] = time.monotonic() + UNAVAILABLE_REPLICA_LAST_S
                 continue  # another replica may be up
             except DeadlineExceededError as exc:
                 reply = _ReplicaReply(address=addresses[i], outcome=TIMEOUT, message=str(exc))

@@ -283,3 +283,27 @@ async def test_a_loaded_replica_that_ran_out_of_what_a_hung_one_left_is_not_aske
     answers = [await pool.search(query, timeout_s=0.4) for _ in range(20)]
     assert sum(a.partial for a in answers) <= 2 and hung.searches <= 3
     await pool.close()
+
+
+async def test_a_replica_that_refuses_as_unavailable_is_asked_last_for_a_while(monkeypatch):
+    """A replica loading its snapshot answers UNAVAILABLE: round-robin sent it every other search for the whole
+    load, each a refusal counted on the shard and retried on its sibling, paging ImgsearchErrorRatioHigh after
+    5 minutes (deploy review of 2026-12-05). It is asked last for UNAVAILABLE_REPLICA_LAST_S, then again."""
+    monkeypatch.setattr("broker.fanout.UNAVAILABLE_REPLICA_LAST_S", 0.5, raising=False)
+
+    class LoadingShard(SearchingShard):
+        async def search(self, query, *, timeout_s):
+            self.searches += 1
+            raise UnavailableError("shard is loading")
+
+    loading, healthy = LoadingShard(), SearchingShard()
+    pool = _pool(monkeypatch, {"h:0": loading, "h:1": healthy}, {"s0": ("h:0", "h:1")}, {"a": "s0"})
+    query = SearchQuery(vector=np.ones(DIM, np.float32), top_k=1)
+    for _ in range(20):
+        assert not (await pool.search(query, timeout_s=1)).partial
+    assert loading.searches == 1 and healthy.searches == 20
+    await asyncio.sleep(0.6)
+    for _ in range(2):
+        await pool.search(query, timeout_s=1)
+    assert loading.searches == 2  # its turn again once the penalty is over
+    await pool.close()

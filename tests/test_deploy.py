@@ -253,12 +253,34 @@ def test_broker_and_shards_use_native_grpc_probes_on_their_grpc_port(rendered):
         assert f"--port={grpc_port}" in c["args"]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert c[probe]["grpc"]["port"] == grpc_port, (overlay, name, probe)
-        if name == "imgsearch-broker":
-            # Only readiness waits for Triton and the shards (service ""), which may take longer than any startup
-            # budget; startup and liveness ask whether the process is up, or brokers would be restarted in a loop.
-            assert c["readinessProbe"]["grpc"].get("service", "") == "", overlay
-            for probe in ("startupProbe", "livenessProbe"):
-                assert c[probe]["grpc"].get("service") == "imgsearch.liveness", (overlay, probe)
+        # Only readiness waits for Triton and the shards, or a shard's load (service ""), which may take longer
+        # than any startup budget; startup and liveness ask whether the process is up, or pods would be restarted
+        # in a loop (a shard whose load took over 15 minutes began it again from zero, for good: review).
+        assert c["readinessProbe"]["grpc"].get("service", "") == "", overlay
+        for probe in ("startupProbe", "livenessProbe"):
+            assert c[probe]["grpc"].get("service") == "imgsearch.liveness", (overlay, name, probe)
+        # kubelet's 1 s default took a busy pod out of its Service on two slow health checks
+        assert c["readinessProbe"].get("timeoutSeconds", 1) >= 3, (overlay, name)
+
+
+def test_the_hpa_alone_sets_the_brokers_replica_count(rendered):
+    """With spec.replicas set too, every `kubectl apply -k` reset the brokers to it, even when the HPA had scaled
+    them up (review of 2026-12-05); and a PDB of minAvailable 1 let a drain take all but one of them."""
+    for overlay, docs in rendered.items():
+        broker = named(docs, "Deployment", "imgsearch-broker")
+        assert any(h["spec"]["scaleTargetRef"]["name"] == "imgsearch-broker"
+                   for h in of_kind(docs, "HorizontalPodAutoscaler")), overlay
+        assert "replicas" not in broker["spec"], overlay
+        assert named(docs, "PodDisruptionBudget", "imgsearch-broker")["spec"] == {
+            "maxUnavailable": 1, "selector": broker["spec"]["selector"]}, overlay
+
+
+def test_the_ingress_lets_a_bulk_ingest_stream_run_for_an_hour(rendered):
+    """ingress-nginx cut gRPC calls silent for 60 s: an IngestStream is answered only when it ends (review)."""
+    (ingress,) = of_kind(rendered["prod-gpu"], "Ingress")
+    annotations = ingress["metadata"]["annotations"]
+    for name in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(annotations[f"nginx.ingress.kubernetes.io/{name}"]) >= 3600
 
 
 def test_triton_probes_health_endpoints_and_mounts_shm_and_the_model_repository(rendered):
