@@ -25,6 +25,7 @@ from imgsearch.serving import (
     EventLoopLagMonitor,
     ServerOptions,
     run_event_loop,
+    run_until_signalled,
     start_grpc_service,
 )
 
@@ -218,3 +219,26 @@ async def test_a_stopped_service_closes_its_metrics_port():
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", metrics_port), timeout=2).close()
     assert serving_threads() == threads_before
+
+
+async def test_metrics_stay_up_through_the_process_clean_up_after_a_stop():
+    """/metrics closed with the gRPC server, before a shard's final snapshot (minutes at scale): Prometheus saw
+    the target down (up == 0) for that long, and a routine drain could page ImgsearchShardDown (deploy review
+    of 2026-12-05). It now closes once `on_stop` is done."""
+    import urllib.request
+
+    metrics_port = ports.free_port()
+    service = await start_grpc_service(ServerOptions(loop_lag_interval_s=0, metrics_port=metrics_port),
+                                       lambda server: [], component="probe")
+    scraped_during_clean_up = []
+
+    async def clean_up():
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read())
+        scraped_during_clean_up.append(b"imgsearch_build_info" in body)
+
+    service.request_stop("test")
+    await asyncio.wait_for(run_until_signalled(service, on_stop=clean_up), timeout=30)
+    assert scraped_during_clean_up == [True]
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", metrics_port), timeout=2).close()

@@ -588,7 +588,9 @@ class GrpcService:
         for name in ["", *self.service_names]:
             await self.health.set(name, status)
 
-    async def stop(self, grace_s: float | None = None) -> None:
+    async def stop(self, grace_s: float | None = None, *, close_metrics: bool = True) -> None:
+        """Drain and stop serving; the /metrics endpoint too unless `close_metrics` is False (then
+        `close_metrics()` once the process's own clean-up is done)."""
         await self.set_serving(False)
         await self.health.drain()  # liveness too, and open Watch streams end rather than hold the grace
         for streams in self.request_streams:
@@ -596,6 +598,10 @@ class GrpcService:
         await self.server.stop(self._grace_s if grace_s is None else grace_s)
         if self._lag_monitor is not None:
             self._lag_monitor.stop()
+        if close_metrics:
+            await self.close_metrics()
+
+    async def close_metrics(self) -> None:
         if self._metrics_server is not None:
             # Its port and thread were left behind: a service started again in the same process on the same
             # metrics port failed with "address already in use" (review of 2026-12-05).
@@ -697,11 +703,17 @@ async def run_until_signalled(service: GrpcService, on_stop: Callable[[], Awaita
     await asyncio.wait({waiter, stopper, requested}, return_when=asyncio.FIRST_COMPLETED)
     requested.cancel()
     log.info("shutting down (grace %.1fs)", service._grace_s)
-    await service.stop()
-    if on_stop is not None:
-        await on_stop()
-    waiter.cancel()
-    stopper.cancel()
+    # /metrics stays up through `on_stop` (a shard's final snapshot can take minutes): closed with the gRPC
+    # server, the target read as down (up == 0) for that long and could page ImgsearchShardDown on a routine
+    # drain (deploy review of 2026-12-05).
+    await service.stop(close_metrics=False)
+    try:
+        if on_stop is not None:
+            await on_stop()
+    finally:
+        await service.close_metrics()
+        waiter.cancel()
+        stopper.cancel()
 
 
 def remaining_timeout_s(context: grpc.aio.ServicerContext, default_s: float) -> float:
