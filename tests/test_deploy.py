@@ -625,3 +625,15 @@ def test_network_policies_open_exactly_the_needed_flows(rendered):
             ]
             assert metrics, target
             assert all(allowed(prometheus, target, port) for port in metrics), (overlay, target)
+
+
+def test_in_production_two_replicas_of_a_shard_never_share_a_node(rendered):
+    """Only preferred before: both replicas of a shard could land on one node, and losing it lost the shard
+    (deploy review of 2026-12-05). Required per shard (its own instance label), not across shards."""
+    for sts in of_kind(rendered["prod-gpu"], "StatefulSet"):
+        if not sts["metadata"]["name"].startswith("imgsearch-shard-"):
+            continue
+        anti = sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        (term,) = anti["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"], sts["metadata"]["name"]
