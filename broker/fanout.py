@@ -51,6 +51,9 @@ SLOW_REPLICA_LAST_S = 2.0
 # long: round-robin sent it every other search for the whole of a load, each one a refusal and a retry on its
 # sibling, which users never saw but which paged ImgsearchErrorRatioHigh for a load of over 5 minutes (review).
 UNAVAILABLE_REPLICA_LAST_S = 5.0
+# Each failure in a row doubles those times, up to this: a replica hung for good cost one search in 2 s three
+# quarters of its deadline (3.75 s of a 5 s search: journey review of 2026-12-05), now one in a minute.
+MAX_REPLICA_LAST_S = 60.0
 # Of what is left of a deadline, the share a replica gets when another could still be tried after it.
 REPLICA_SHARE_OF_DEADLINE = 0.75
 # Longest an ingest waits for the best-effort removal of re-ingested ids from the shards that do not own them.
@@ -129,6 +132,7 @@ class ShardPool:
         self._addresses = {name: list(addresses) for name, addresses in shard_map.shards.items()}
         self._next = {name: itertools.count() for name in shard_map.shards}
         self._suspect_until: dict[str, float] = {}  # replica address -> until when it is asked last
+        self._strikes: dict[str, int] = {}  # replica address -> its failures in a row since it last answered
         self.removal_hints = RemovalHints(
             {address: client for name, clients in self._replicas.items()
              for address, client in zip(self._addresses[name], clients, strict=True)},
@@ -202,24 +206,31 @@ class ShardPool:
             last = attempt == len(clients) - 1
             budget = remaining if last else REPLICA_SHARE_OF_DEADLINE * remaining
             try:
-                return _ReplicaReply(
-                    address=addresses[i], outcome=OK, value=await call(clients[i], budget)
-                )
+                reply = _ReplicaReply(address=addresses[i], outcome=OK, value=await call(clients[i], budget))
+                if self._strikes:
+                    self._strikes.pop(addresses[i], None)
+                return reply
             except _CALLERS_FAULT:
                 raise  # the request is wrong, not the shard
             except UnavailableError as exc:
                 reply = _ReplicaReply(address=addresses[i], outcome=UNAVAILABLE, message=str(exc))
                 if not last:
-                    self._suspect_until[addresses[i]] = time.monotonic() + UNAVAILABLE_REPLICA_LAST_S
+                    self._ask_last(addresses[i], UNAVAILABLE_REPLICA_LAST_S)
                 continue  # another replica may be up
             except DeadlineExceededError as exc:
                 reply = _ReplicaReply(address=addresses[i], outcome=TIMEOUT, message=str(exc))
                 if not last:  # the last one only had what the others left: the search's deadline, not its fault
-                    self._suspect_until[addresses[i]] = time.monotonic() + SLOW_REPLICA_LAST_S
+                    self._ask_last(addresses[i], SLOW_REPLICA_LAST_S)
                 continue  # another replica may answer in what is left
             except ImgsearchError as exc:
                 return _ReplicaReply(address=addresses[i], outcome=ERROR, message=f"{exc.code.name}: {exc}")
         return reply
+
+    def _ask_last(self, address: str, base_s: float) -> None:
+        """Ask this replica last for `base_s`, doubled for each earlier failure in a row (up to MAX_REPLICA_LAST_S)."""
+        strikes = self._strikes.get(address, 0)
+        self._strikes[address] = strikes + 1
+        self._suspect_until[address] = time.monotonic() + min(MAX_REPLICA_LAST_S, base_s * 2 ** min(strikes, 10))
 
     # -- writes --
     async def upsert(self, records: Sequence[Record], *, timeout_s: float) -> int:

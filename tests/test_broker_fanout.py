@@ -307,3 +307,34 @@ async def test_a_replica_that_refuses_as_unavailable_is_asked_last_for_a_while(m
         await pool.search(query, timeout_s=1)
     assert loading.searches == 2  # its turn again once the penalty is over
     await pool.close()
+
+
+async def test_a_replica_that_keeps_failing_is_asked_last_for_longer_each_time(monkeypatch):
+    """A replica hung for good cost one search in 2 s three quarters of its deadline (3.75 s of a 5 s search:
+    journey review of 2026-12-05). Each failure in a row doubles its time at the back, up to MAX_REPLICA_LAST_S;
+    an answer resets it."""
+    monkeypatch.setattr("broker.fanout.SLOW_REPLICA_LAST_S", 0.5, raising=False)
+    hung, healthy = SearchingShard(hung=True), SearchingShard()
+    pool = _pool(monkeypatch, {"h:0": hung, "h:1": healthy}, {"s0": ("h:0", "h:1")}, {"a": "s0"})
+    query = SearchQuery(vector=np.ones(DIM, np.float32), top_k=1)
+
+    async def search_twice():  # round-robin: one of the two starts at the hung replica unless it is asked last
+        for _ in range(2):
+            assert not (await pool.search(query, timeout_s=0.2)).partial
+
+    await search_twice()
+    assert hung.searches == 1  # then asked last for 0.5 s
+    await asyncio.sleep(0.8)
+    await search_twice()
+    assert hung.searches == 2  # its second failure in a row: 1 s
+    await asyncio.sleep(0.3)
+    await search_twice()
+    assert hung.searches == 2
+    await asyncio.sleep(1.0)
+    await search_twice()
+    assert hung.searches == 3  # third: 2 s
+    hung.hung = False  # it answers again: its count starts over
+    await asyncio.sleep(2.3)
+    await search_twice()
+    assert pool._strikes.get("h:0") is None
+    await pool.close()
