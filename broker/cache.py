@@ -226,7 +226,8 @@ class DuplicateCache:
             self._down_until = now + self._backoff_s
             raise CacheUnavailable("redis: over its time budget")
         try:
-            return await asyncio.wait_for(coro, end - now)
+            async with asyncio.timeout(end - now):  # not wait_for: it can drop a cancel on 3.11 (hint_journal)
+                return await coro
         except TimeoutError as exc:
             if caller_bound:
                 raise CacheOutOfTime("redis: the caller's deadline passed") from exc

@@ -80,7 +80,10 @@ class HintJournal:
             coro.close()
             raise JournalUnavailable("redis bypassed after a recent failure")
         try:
-            return await asyncio.wait_for(coro, self._timeout_s)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the result and drops a cancel that
+            # arrives in the loop iteration the reply does (gh-86296), so RemovalHints.stop() waited for good.
+            async with asyncio.timeout(self._timeout_s):
+                return await coro
         except (TimeoutError, RedisError, OSError) as exc:
             if breaker:
                 self._down_until = time.monotonic() + self._backoff_s

@@ -68,7 +68,8 @@ class RemovalHints:
         added = self._keep(address, {image_id: version for image_id in image_ids})
         if added and self._journal is not None:
             try:
-                await asyncio.wait_for(self._journal.save(address, added), min(timeout_s, SAVE_ON_INGEST_MAX_S))
+                async with asyncio.timeout(min(timeout_s, SAVE_ON_INGEST_MAX_S)):  # not wait_for (hint_journal)
+                    await self._journal.save(address, added)
             except (JournalUnavailable, TimeoutError) as exc:
                 self._unsaved.setdefault(address, {}).update(added)
                 log.warning("%d stale-copy removals for %s kept in memory only for now: %r", len(added), address,
@@ -187,17 +188,21 @@ class RemovalHints:
     async def stop(self) -> None:
         """Stop the retry loop, sending what is pending once more first (briefly: shutdown must not hang)."""
         if self._task is not None:
-            self._task.cancel()
+            while not self._task.done():  # a cancel can be lost (asyncio.wait_for on 3.11): ask again
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
         if not self._pending:
             return
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.retry_once(), FLUSH_ON_STOP_S)
+            async with asyncio.timeout(FLUSH_ON_STOP_S):
+                await self.retry_once()
         if self._unsaved and self._journal is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.sync_journal(), FLUSH_ON_STOP_S)
+                async with asyncio.timeout(FLUSH_ON_STOP_S):
+                    await self.sync_journal()
         if self._pending:
             unsaved = sum(map(len, self._unsaved.values())) if self._journal is not None else len(self)
             log.warning("stopping with %d stale-copy removals unsent (their replicas still down); %d of them are "

@@ -87,7 +87,9 @@ class CacheRepairQueue:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
+            while not self._task.done():  # a cancel can be lost (asyncio.wait_for on 3.11): ask again
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=0.1)
             try:
                 await self._task
             except asyncio.CancelledError:

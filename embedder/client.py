@@ -242,7 +242,10 @@ class MicroBatcher:
         # A caller cancelled or timed out leaves the gathered result unread; read it, or asyncio logs it as lost.
         gathered.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
-            parts = await asyncio.wait_for(gathered, timeout_s)
+            # not asyncio.wait_for: on Python 3.11 it can return a result and drop a cancel that came in the same
+            # loop step (gh-86296), and a cancelled caller would go on
+            async with asyncio.timeout(timeout_s):
+                parts = await gathered
         except TimeoutError:
             raise EmbedderTimeoutError(f"no embedding within {timeout_s:.3f}s") from None
         finally:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import imagehash
 import numpy as np
+import scipy.fftpack  # noqa: F401  imagehash.phash imports it on its first call: 0.2-0.5 s inside the first search
 from PIL import ExifTags, Image, ImageOps
 
 from embedder.preprocess import decode_image, to_rgb

@@ -436,7 +436,10 @@ async def test_an_ingest_whose_cache_write_is_cut_short_succeeds_and_queues_the_
     item = CatalogueItem(image_id="x", product_id="p", category="Milk", image=_png())
     started = time.monotonic()
     summary = await broker.ingest([item], timeout_s=0.3)
-    assert time.monotonic() - started < 0.3 and summary.cache_pending == 1
+    # The stub write is cut at deadline - ANSWER_RESERVE_S (20 ms before the 0.3 s): asserting < 0.3 s measured
+    # the event loop's wake-up latency against those 20 ms (0.31 s on a loaded 2-core box). Before the fix the
+    # ingest took the stub's whole 0.6 s write: anything well under that shows the cut.
+    assert time.monotonic() - started < 0.45 and summary.cache_pending == 1
     assert [r.image_id for r in pool.records] == ["x"] and "x" in repair.pending
 
     repair = StubRepair()

@@ -165,7 +165,9 @@ async def test_overload_is_refused_at_once_and_admitted_calls_make_their_deadlin
                 outcomes.append("ok")
             except EmbedderOverloadedError:
                 outcomes.append("shed")
-                assert loop.time() - started < 0.01  # refused without waiting
+                # refused without waiting (for its 0.3 s deadline): the refusal is synchronous, so 10 ms measured
+                # only the OS scheduler (39 ms on a loaded 2-core box)
+                assert loop.time() - started < 0.1
                 await asyncio.sleep(0.02)
             except EmbedderTimeoutError:
                 outcomes.append("timeout")
@@ -651,8 +653,11 @@ async def test_shedding_keeps_a_steady_overload_at_the_models_throughput():
                 outcomes.append((asked - started, "timeout"))
 
     try:
-        await asyncio.gather(*(client(started + 5) for _ in range(16)))
+        await asyncio.gather(*(client(started + 6) for _ in range(16)))
     finally:
         await batcher.close()
-    late = [outcome for at, outcome in outcomes if at >= 3]  # once the throughput is measured
+    # Until the throughput is measured (~2 s) every call is admitted, and the model works off their batches after
+    # their callers timed out: on a busy box that backlog (up to 4 batches, ~1.1 s) ran into a window starting at
+    # 3 s (43-52 answered instead of ~65, and overdue batches no longer counted as work ahead: timeouts).
+    late = [outcome for at, outcome in outcomes if at >= 4]  # once the throughput is measured and the backlog gone
     assert late.count("ok") >= 0.7 * 35 * 2 and late.count("timeout") <= 5, (late.count("ok"), late.count("timeout"))

@@ -69,10 +69,13 @@ def _hold_the_loop(seconds: float) -> None:
 
 def test_lag_monitor_logs_where_a_stalled_loop_is_stuck_and_times_the_lag(caplog):
     async def main() -> None:
-        monitor = EventLoopLagMonitor(asyncio.get_running_loop(), interval_s=0.02, stall_log_s=0.1)
+        # The stack is taken once the no-op has waited stall_log_s: at 0.1 s a loop thread descheduled that long
+        # on a loaded box was caught entering _hold_the_loop (the "def" line, where it gives up the GIL), not in
+        # its sleep. Well inside the hold now.
+        monitor = EventLoopLagMonitor(asyncio.get_running_loop(), interval_s=0.02, stall_log_s=0.3)
         monitor.start()
         await asyncio.sleep(0.1)  # a few prompt rounds
-        _hold_the_loop(0.5)
+        _hold_the_loop(1.0)
         await asyncio.sleep(0.1)
         monitor.stop()
         # On a busy box the watchdog may not have recorded the stalled round yet (a clean-clone run failed so).
