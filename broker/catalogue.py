@@ -104,20 +104,27 @@ def files_from_folder(folder: Path, *, category: str | None = None, unique_ids: 
     image id = path relative to `folder` without suffix (two files of one id refused with ValueError, unless
     `unique_ids` is False: query photos are not stored under their ids)."""
     files = []
-    seen: dict[str, Path] = {}
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         rel = path.relative_to(folder)
         product = path.parent.name
         cat = category or (path.parent.parent.name if len(rel.parts) >= 3 else product)
         image_id = str(rel.with_suffix(""))
+        files.append(CatalogueFile(path=path, image_id=image_id, product_id=product, category=cat))
+    if unique_ids:
         # front.jpg and front.png were one image: the later replaced the earlier, and the ingest counted both
         # (review of 2026-12-05).
-        if unique_ids and image_id in seen:
-            raise ValueError(f"{seen[image_id]} and {path} would both get image id {image_id!r} (the path without "
-                             f"its suffix): rename one, or ingest them from a CSV with an image_id column")
-        seen[image_id] = path
-        files.append(CatalogueFile(path=path, image_id=image_id, product_id=product, category=cat))
+        _refuse_shared_ids(files, "", "(the path without its suffix): rename one, or ingest them from a CSV with "
+                           "an image_id column")
     return files
+
+
+def _refuse_shared_ids(files: list[CatalogueFile], where: str, fix: str) -> None:
+    """ValueError when two different files would get one image id (one would silently replace the other)."""
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.image_id in seen and seen[f.image_id] != f.path:
+            raise ValueError(f"{where}{seen[f.image_id]} and {f.path} would both get image id {f.image_id!r} {fix}")
+        seen[f.image_id] = f.path
 
 
 def files_from_csv(csv_path: Path, *, unique_ids: bool = True) -> list[CatalogueFile]:
@@ -157,12 +164,7 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True) -> list[Catalogue
     if unique_ids and "image_id" not in (reader.fieldnames or ()):
         # The default id is the file name without suffix: two rows of one name would be one image, the later
         # replacing the earlier (sub/front.jpg and sub2/front.jpg: one of them silently lost, CLI review).
-        seen: dict[str, Path] = {}
-        for f in files:
-            if f.image_id in seen and seen[f.image_id] != f.path:
-                raise ValueError(f"{csv_path}: {seen[f.image_id]} and {f.path} would both get image id "
-                                 f"{f.image_id!r} (the file name): add an image_id column")
-            seen[f.image_id] = f.path
+        _refuse_shared_ids(files, f"{csv_path}: ", "(the file name): add an image_id column")
     return files
 
 

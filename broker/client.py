@@ -59,11 +59,8 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     vector, categories, filter = fields.pop("vector"), fields.pop("categories"), fields.pop("filter")
     if filter is not None and not isinstance(filter, Filter):
         raise InvalidArgumentError(f"filter must be a Filter, got {type(filter).__name__}")
-    if categories is None:
-        categories = ()
-    elif isinstance(categories, str):  # one name: iterated, it was read as one category per letter
-        categories = (categories,)
-    categories = tuple(categories) if not isinstance(categories, (bytes, bytearray)) else (categories,)
+    # One name is one category (iterated, a string was read as one category per letter)
+    categories = (categories,) if isinstance(categories, (str, bytes)) else tuple(categories or ())
     if not all(isinstance(c, str) for c in categories):
         raise InvalidArgumentError(f"categories must be category names (strings), got {list(categories)!r}")
     if vector is not None:

@@ -83,9 +83,8 @@ def validate_filter(flt: Filter, schema: Mapping[str, str]) -> None:
                     raise InvalidRequestError(f"range bound on {condition.field!r} must be finite")
             # An empty range matched nothing and answered 0 hits, hiding a caller's swapped bounds (review).
             if p.min is not None and p.max is not None and (p.min > p.max or (p.exclusive and p.min == p.max)):
-                raise InvalidRequestError(f"range on {condition.field!r} is empty: min {p.min:g} is above max "
-                                          f"{p.max:g}" if p.min > p.max else
-                                          f"range on {condition.field!r} is empty: min = max {p.min:g}, exclusive")
+                bounds = f"min {p.min:g} is above max {p.max:g}" if p.min > p.max else f"min = max {p.min:g}, exclusive"
+                raise InvalidRequestError(f"range on {condition.field!r} is empty: {bounds}")
 
 
 

@@ -51,17 +51,9 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
         env=env,
         start_new_session=True,  # its own process group, so a failed test can still stop the children
     )
-    lines: list[str] = []
     try:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("ready:"):
-                break
-        output = "".join(lines)
+        output = _output_until(proc, "ready:", deadline)
         assert "ready:" in output, output
         addresses = re.findall(r"(?:redis://)?127\.0\.0\.1:\d+(?:/0)?", output)
         assert f"127.0.0.1:{port}" in addresses and len(addresses) >= 5  # broker, triton, 2 shards, redis
@@ -74,14 +66,8 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
         victim = _pids_with(f"--port {shards[1].address.rsplit(':', 1)[1]} ")
         assert len(victim) == 1
         os.kill(victim[0], signal.SIGKILL)
-        restarted = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            restarted.append(line)
-            if not line or line.startswith("shard-1 is back"):
-                break
-        assert "shard-1 exited (code -9); restarting it" in "".join(restarted), "".join(restarted)
-        assert "shard-1 is back" in "".join(restarted), "".join(restarted)
+        restarted = _output_until(proc, "shard-1 is back", deadline)
+        assert "shard-1 exited (code -9); restarting it" in restarted and "shard-1 is back" in restarted, restarted
         with SyncBrokerClient(f"127.0.0.1:{port}") as client:
             assert [s.reachable for s in client.stats(timeout_s=10)] == [True, True]
 
@@ -102,6 +88,18 @@ def test_up_serves_and_ctrl_c_stops_everything(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+
+
+def _output_until(proc: subprocess.Popen, prefix: str, deadline: float) -> str:
+    """What `proc` prints up to and including its first line starting with `prefix` (or its end, or the
+    deadline)."""
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if not line or line.startswith(prefix):
+            break
+    return "".join(lines)
 
 
 def _pids_with(text: str) -> list[int]:
@@ -130,14 +128,8 @@ def test_up_stops_everything_when_triton_dies(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     try:
-        lines = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if not line or line.startswith("ready:"):
-                break
-        assert "ready:" in "".join(lines), "".join(lines)
+        output = _output_until(proc, "ready:", time.monotonic() + 240)
+        assert "ready:" in output, output
         triton = sorted(set(_pids_with(str(work))) & set(_pids_with("bin/tritonserver ")))  # its model repository
         assert len(triton) == 1, "the stack's tritonserver not found"
         os.kill(triton[0], signal.SIGKILL)
