@@ -29,7 +29,8 @@ alternating, and prints the median p50 of every layer under each: the engine is 
 grpc, so it cannot change inside one run.
 
 ``--streams N`` compares unary calls with messages on open streams (what ShardClient and the async BrokerClient
-send since 2026-12-05): the bare hop both ways, the echo shard through ShardClient both ways, and the broker over
+send since 2026-12-05): the bare hop both ways, two bare hops (the raw-bytes relay) both ways, the echo shard
+through ShardClient both ways, and the broker over
 the echo shard with unary calls on both hops (``--no-shard-search-streams``, ``BrokerClient(search_streams=False)``)
 and with streams on both; one client, alternating N times, median p50 of each.
 
@@ -136,6 +137,8 @@ BROKER_LAYERS = (
 STREAM_LAYERS = (
     ("one bare hop, unary call", "bare", "bytes"),
     ("one bare hop, message on an open stream", "bare", "bytes-stream"),
+    ("two bare hops (raw-bytes relay), unary calls", "relay", "bytes"),
+    ("two bare hops (raw-bytes relay), messages on open streams", "relay", "bytes-stream"),
     ("echo shard via ShardClient, unary Search calls", "service", "ShardClient-unary"),
     ("echo shard via ShardClient, SearchStream", "service", "ShardClient"),
     ("broker over the echo shard via BrokerClient, unary calls on both hops", "broker-unary", "BrokerClient-unary"),
@@ -212,11 +215,24 @@ def _relay_handler(downstream: str) -> grpc.GenericRpcHandler:
     channel = grpc.aio.insecure_channel(downstream)
     ping = channel.unary_unary(BARE_METHOD)
 
+    ping_stream = channel.stream_stream(BARE_STREAM_METHOD)
+
     async def relay(request: bytes, context) -> bytes:
         return await ping(request, timeout=10)
 
+    async def relay_stream(requests, context):
+        # one open downstream stream per incoming stream, each message forwarded and answered in turn
+        downstream_call = ping_stream()
+        try:
+            async for request in requests:
+                await downstream_call.write(request)
+                yield await downstream_call.read()
+        finally:
+            downstream_call.cancel()
+
     return grpc.method_handlers_generic_handler(
-        BARE_SERVICE, {"Ping": grpc.unary_unary_rpc_method_handler(relay)})
+        BARE_SERVICE, {"Ping": grpc.unary_unary_rpc_method_handler(relay),
+                       "PingStream": grpc.stream_stream_rpc_method_handler(relay_stream)})
 
 
 async def _serve(server_kind: str, downstream: str | None = None) -> None:

@@ -28,7 +28,7 @@ from shard_server.compare_plots import (
     update_document,
 )
 from shard_server.config import ShardConfig
-from shard_server.hop_floor import APIS, LAYERS, hop_floor, hop_layers
+from shard_server.hop_floor import APIS, LAYERS, STREAM_LAYERS, hop_floor, hop_layers
 
 
 def test_index_params_are_the_shards():
@@ -208,6 +208,15 @@ def test_hop_layers_measure_each_layer_from_the_bare_library_to_the_echo_shard()
     layers = asyncio.run(hop_layers(queries=30, repeats=2))
     assert [layer["layer"] for layer in layers] == [label for label, _, _ in LAYERS]
     assert all(len(layer["runs"]) == 2 and 0 < layer["p50_ms"] < 1000 for layer in layers)
+
+
+def test_hop_streams_measure_one_and_two_bare_hops_both_ways():
+    # The floor under the broker's two hops over streams: a relay forwarding each message of an open stream.
+    bare = tuple(layer for layer in STREAM_LAYERS if "bare" in layer[0])
+    assert [server for _, server, _ in bare] == ["bare", "bare", "relay", "relay"]
+    measured = asyncio.run(hop_layers(queries=30, repeats=1, layers=bare))
+    assert [m["layer"] for m in measured] == [label for label, _, _ in bare]
+    assert all(len(m["runs"]) == 1 and 0 < m["p50_ms"] < 1000 for m in measured)
 
 
 def test_hop_apis_measure_the_bare_hop_through_the_aio_and_the_synchronous_api():
