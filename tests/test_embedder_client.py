@@ -661,3 +661,52 @@ async def test_shedding_keeps_a_steady_overload_at_the_models_throughput():
     # 3 s (43-52 answered instead of ~65, and overdue batches no longer counted as work ahead: timeouts).
     late = [outcome for at, outcome in outcomes if at >= 4]  # once the throughput is measured and the backlog gone
     assert late.count("ok") >= 0.7 * 35 * 2 and late.count("timeout") <= 5, (late.count("ok"), late.count("timeout"))
+
+
+class DeadlineModel:
+    """A model that honours its call's timeout, as a Triton call's gRPC deadline does: one batch at a time at
+    `per_image_s`; a batch whose caller gave up before its turn is dropped, one running finishes unread."""
+
+    def __init__(self, per_image_s: float) -> None:
+        self.per_image_s = per_image_s
+        self._lock = asyncio.Lock()
+
+    async def _compute(self, n: int, deadline: float) -> None:
+        async with self._lock:
+            if asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(self.per_image_s * n)
+
+    async def __call__(self, images: list[bytes], timeout_s: float) -> np.ndarray:
+        work = asyncio.ensure_future(self._compute(len(images), asyncio.get_running_loop().time() + timeout_s))
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(work)
+        except TimeoutError:
+            raise EmbedderTimeoutError(f"no answer within {timeout_s:.3f}s") from None
+        return np.zeros((len(images), 512), dtype=np.float32)
+
+
+async def test_a_cold_burst_whose_every_batch_times_out_is_still_shed():
+    """16 callers in step with 0.3 s deadlines on a cold 35 images/s model: each wave was one batch of 16 (0.46 s)
+    that timed out, so the throughput was never measured, nothing was shed and no call was ever answered (0 of
+    112 in a review's probe). The timeouts now bound the throughput until batches get done."""
+    batcher = MicroBatcher(DeadlineModel(per_image_s=1 / 35), max_batch=32, window_s=0.002, shed_load=True)
+    loop = asyncio.get_running_loop()
+    started, answered = loop.time(), []
+
+    async def caller() -> None:
+        while loop.time() < started + 3:
+            try:
+                await batcher.submit([b"1"], timeout_s=0.3)
+                answered.append(loop.time() - started)
+            except EmbedderOverloadedError:
+                await asyncio.sleep(0.01)
+            except EmbedderTimeoutError:
+                pass
+
+    try:
+        await asyncio.gather(*(caller() for _ in range(16)))
+    finally:
+        await batcher.close()
+    late = [at for at in answered if at >= 1.5]  # the model can do ~52 in the last 1.5 s
+    assert len(late) >= 25, (len(answered), len(late))
