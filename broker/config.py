@@ -205,6 +205,12 @@ class BrokerConfig:
             "--shutdown-grace-s", type=float, default=float(env("IMGSEARCH_SHUTDOWN_GRACE_S", "10"))
         )
         p.add_argument(
+            "--max-search-streams", type=int,
+            default=int(env("IMGSEARCH_MAX_SEARCH_STREAMS", str(ServerOptions.max_search_streams))),
+            help="SearchStream calls open at once; more are refused (RESOURCE_EXHAUSTED) and our clients then "
+                 "send unary Search calls",
+        )
+        p.add_argument(
             "--shard-calls-in-flight",
             type=int,
             default=int(env("IMGSEARCH_SHARD_CALLS_IN_FLIGHT", str(cls.shard_calls_in_flight))),
@@ -278,6 +284,7 @@ def _server_options(a: argparse.Namespace) -> ServerOptions:
         metrics_port=None if a.metrics_port is None or a.metrics_port < 0 else a.metrics_port,
         max_message_bytes=a.max_message_bytes,
         shutdown_grace_s=a.shutdown_grace_s,
+        max_search_streams=a.max_search_streams,
         tls_cert_file=_opt_path(a.tls_cert_file),
         tls_key_file=_opt_path(a.tls_key_file),
         tls_client_ca_file=_opt_path(a.tls_client_ca_file),

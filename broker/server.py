@@ -117,7 +117,7 @@ async def start_broker(config: BrokerConfig, *, embedder=None) -> BrokerHandle:
         return [SERVICE_NAME]
 
     service = await start_grpc_service(config.server, register, component="broker")
-    service.request_streams.append(servicer.search_streams)
+    service.serve_request_streams(servicer.search_streams)
     gate = asyncio.create_task(_serve_and_watch_shards(service, broker, config))
 
     async def cancel_gate():

@@ -121,6 +121,7 @@ class ShardConfig:
     train_threads: int = 0
     max_message_bytes: int = 64 * 1024 * 1024
     shutdown_grace_s: float = 10.0
+    max_search_streams: int = ServerOptions.max_search_streams  # SearchStream calls open at once (see ServerOptions)
     # TLS: this server's certificate and key (both, or neither: plaintext), and for mutual TLS the CA whose client
     # certificates are accepted (the brokers': --shard-tls-cert-file there).
     tls_cert_file: Path | None = None
@@ -157,6 +158,7 @@ class ShardConfig:
     def server_options(self) -> ServerOptions:
         return ServerOptions(host=self.host, port=self.port, metrics_port=self.metrics_port,
                              max_message_bytes=self.max_message_bytes, shutdown_grace_s=self.shutdown_grace_s,
+                             max_search_streams=self.max_search_streams,
                              tls_cert_file=self.tls_cert_file, tls_key_file=self.tls_key_file,
                              tls_client_ca_file=self.tls_client_ca_file)
 

@@ -93,7 +93,7 @@ async def start_shard_server(config: ShardConfig, *, wait_loaded: bool = True) -
         return [SERVICE_NAME]
 
     service = await start_grpc_service(config.server_options(), register, component="shard")
-    service.request_streams.append(servicer.search_streams)
+    service.serve_request_streams(servicer.search_streams)
     loop = asyncio.get_running_loop()
     # Fail-stop: a failed log refuses every write until a restart, so the process stops (exit status 1) and its
     # supervisor (the kubelet, systemd) restarts it; the restart replays the log.

@@ -263,6 +263,7 @@ def test_a_shard_with_half_a_tls_setting_refuses_to_start(argv, tmp_path, capsys
     (["--ingest-timeout-s", "nan"], "ingest_timeout_s"),
     (["--near-min-similarity", "nan"], "near_min_similarity"),  # no near duplicate ever confirmed
     (["--max-ingest-streams", "0"], "max_ingest_streams"),
+    (["--max-search-streams", "0"], "max_search_streams"),  # every SearchStream refused
 ])
 def test_a_broker_setting_that_would_break_it_refuses_to_start(argv, setting, capsys):
     """These were accepted silently (review of 2026-12-05)."""
@@ -271,8 +272,19 @@ def test_a_broker_setting_that_would_break_it_refuses_to_start(argv, setting, ca
     assert setting in capsys.readouterr().err
 
 
+def test_the_search_stream_limit_is_a_server_setting_of_broker_and_shard(monkeypatch, tmp_path):
+    from shard_server.config import ShardConfig
+
+    monkeypatch.setenv("IMGSEARCH_MAX_SEARCH_STREAMS", "100")
+    assert BrokerConfig.from_env(["--shard-map", '{"shards": {"s0": ["127.0.0.1:1"]}}']).server.max_search_streams == 100
+    monkeypatch.delenv("IMGSEARCH_MAX_SEARCH_STREAMS")
+    assert BrokerConfig.from_env(["--shard-map", '{"shards": {"s0": ["127.0.0.1:1"]}}']).server.max_search_streams == 2048
+    shard = ShardConfig.from_env(["--data-dir", str(tmp_path)], env={"IMGSEARCH_SHARD_MAX_SEARCH_STREAMS": "7"})
+    assert shard.server_options().max_search_streams == 7
+
+
 @pytest.mark.parametrize("argv", [["--snapshot-interval-s", "nan"], ["--tombstone-ttl-s", "inf"],
-                                  ["--max-records-per-request", "-1"]])
+                                  ["--max-records-per-request", "-1"], ["--max-search-streams", "0"]])
 def test_a_shard_setting_that_is_not_a_finite_non_negative_number_refuses_to_start(argv, tmp_path, capsys):
     from shard_server.config import ShardConfig
 

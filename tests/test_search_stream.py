@@ -402,3 +402,42 @@ async def test_the_unary_call_after_a_stream_try_gets_only_the_time_left():
             assert time.monotonic() - started < 0.48  # the unary call got 0.4 s again: answered at 0.5 s
     finally:
         await service.stop(0)
+
+
+async def test_streams_over_the_servers_limit_are_refused_and_their_searches_go_unary(tmp_path):
+    """Each open stream holds a handler and grpc's call state for as long as its client keeps it: a server holds
+    at most max_search_streams per method, refuses more when they open (RESOURCE_EXHAUSTED, counted as one call),
+    and ShardClient sends that search as a unary call instead."""
+    handle = await start_shard_server(_config(tmp_path, max_search_streams=2))
+    address = f"127.0.0.1:{handle.port}"
+    try:
+        async with ShardClient(address) as client:
+            catalogue = await _load(client)
+            query = SearchQuery(vector=catalogue.queries(1)[0], top_k=5, categories=("a",))
+            expected = await client.search(query, timeout_s=5)  # over one stream, kept idle by client
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = shard_pb2_grpc.ShardServiceStub(channel)
+                message = convert.stream_request_to_proto([query], timeout_s=5)
+                held = stub.SearchStream()  # the second and last stream the shard allows
+                await held.write(message)
+                assert (await held.read()).outcomes[0].HasField("result")
+                refused0, unary0 = _handled("SearchStream", "RESOURCE_EXHAUSTED"), _handled("Search", "OK")
+                over = stub.SearchStream()
+                await over.write(message)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await over.read()
+                assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "max_search_streams" in refused.value.details()
+                assert _handled("SearchStream", "RESOURCE_EXHAUSTED") - refused0 == 1
+                # Two searches at once: one over the client's idle stream, one over a new stream, refused, then
+                # sent as a unary call; both answered.
+                assert list(await asyncio.gather(client.search(query, timeout_s=5),
+                                                 client.search(query, timeout_s=5))) == [expected, expected]
+                assert _handled("Search", "OK") - unary0 == 1
+                held.cancel()
+            (streams,) = handle.service.request_streams
+            assert streams.max_open == 2
+            await settle(lambda: streams.open_streams <= 1, timeout_s=5)
+            assert streams.open_streams <= 1
+    finally:
+        await handle.stop(snapshot=False)

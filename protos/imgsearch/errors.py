@@ -32,6 +32,14 @@ class ResourceExhaustedError(ImgsearchError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class TooManyStreamsError(ResourceExhaustedError):
+    """A long-lived request stream refused when it opens: the server holds as many as it allows. The refusal
+    carries this trailing metadata key, so that a client tells it from a message refused whole (also
+    RESOURCE_EXHAUSTED) and sends its request as a unary call."""
+
+    metadata_key = "imgsearch-too-many-streams"
+
+
 class UnavailableError(ImgsearchError):
     code = grpc.StatusCode.UNAVAILABLE
 

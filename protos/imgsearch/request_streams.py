@@ -24,6 +24,7 @@ import grpc
 from imgsearch.errors import (
     DeadlineExceededError,
     ResourceExhaustedError,
+    TooManyStreamsError,
     UnavailableError,
     from_rpc_error,
     from_status,
@@ -37,6 +38,9 @@ UNIMPLEMENTED_RETRY_S = 60.0
 # method, on a loaded 2-core box). That request goes by a unary call, which gets the server's true answer, and
 # streams stay off for this long: about as long as a rolling upgrade's step, short if the server did have them.
 UNKNOWN_REFUSAL_RETRY_S = 5.0
+# After a server refused a new stream because it holds as many as it allows (TooManyStreamsError), requests go by
+# unary calls for this long.
+TOO_MANY_STREAMS_RETRY_S = 5.0
 # Open streams kept for reuse at most; more exist only while that many requests are in flight at once.
 MAX_IDLE_STREAMS = 16
 # A stream carries requests for this long at most, then is closed when it is next idle: new streams are how a
@@ -54,6 +58,10 @@ _STALE_STREAM_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 class _Stream:
     call: grpc.aio.StreamStreamCall
     opened_at: float  # event-loop time
+
+
+def _too_many_streams(metadata) -> bool:
+    return any(key == TooManyStreamsError.metadata_key for key, _ in (metadata or ()))
 
 
 def _retrieve(task: asyncio.Task) -> None:
@@ -130,6 +138,9 @@ class StreamPool:
                 if reused:
                     continue
                 code, details = await call.code(), await call.details()
+                if _too_many_streams(await call.trailing_metadata()):
+                    self._off_until = max(self._off_until, loop.time() + TOO_MANY_STREAMS_RETRY_S)
+                    return None
                 if code is grpc.StatusCode.OK:
                     code = grpc.StatusCode.UNAVAILABLE
                 raise from_status(code, details or f"{self._peer} ended the stream") from None
@@ -149,6 +160,9 @@ class StreamPool:
                     return None
                 if not reused and not written and e.code() is grpc.StatusCode.INTERNAL:
                     self._off_until = max(self._off_until, loop.time() + UNKNOWN_REFUSAL_RETRY_S)
+                    return None
+                if not reused and _too_many_streams(e.trailing_metadata()):  # the server holds enough streams
+                    self._off_until = max(self._off_until, loop.time() + TOO_MANY_STREAMS_RETRY_S)
                     return None
                 # A write that fails breaks only a stream that was reused (grpc raises INTERNAL "Internal error
                 # from Core" for a write to a connection that died while the stream sat idle).

@@ -29,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from imgsearch.errors import ImgsearchError, MalformedRequestError
+from imgsearch.errors import ImgsearchError, MalformedRequestError, TooManyStreamsError
 from imgsearch.gc_pauses import install_gc_pause_metric
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,8 @@ async def _finish(context: grpc.aio.ServicerContext, exc: BaseException | None) 
     if exc is None:
         code = context.code() if hasattr(context, "code") else None
         return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
+    if isinstance(exc, TooManyStreamsError):
+        await context.abort(exc.code, str(exc), trailing_metadata=((TooManyStreamsError.metadata_key, "1"),))
     if isinstance(exc, ImgsearchError):
         await context.abort(exc.code, str(exc) or exc.code.name)
     if isinstance(exc, asyncio.CancelledError):
@@ -264,9 +266,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         labels = ("bidi_stream", service, method)
 
         async def failed(e: BaseException, context) -> None:
-            if isinstance(e, MalformedRequestError):
+            if isinstance(e, (MalformedRequestError, TooManyStreamsError)):  # counted as one refused call
                 GRPC_STARTED.labels(*labels).inc()
-                GRPC_HANDLED.labels(*labels, "INVALID_ARGUMENT").inc()
+                GRPC_HANDLED.labels(*labels, e.code.name).inc()
             if not isinstance(e, grpc.aio.AbortError):
                 await _finish(context, e)
 
@@ -393,9 +395,14 @@ class ServerOptions:
     # stack is logged.
     loop_lag_interval_s: float = 0.25
     loop_stall_log_s: float = 0.2
+    # Long-lived search streams open at once per method (RequestStreams); a stream over it is refused when it
+    # opens (RESOURCE_EXHAUSTED), and our clients send that search as a unary call instead.
+    max_search_streams: int = 2048
 
     def __post_init__(self) -> None:
         check_event_loop(self.event_loop)
+        if self.max_search_streams < 1:
+            raise ValueError(f"max_search_streams must be at least 1, got {self.max_search_streams}")
         # Half a TLS setting (a mistyped variable) must not quietly serve plaintext, without client auth.
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("TLS needs both a certificate and its key (--tls-cert-file and --tls-key-file)")
@@ -513,15 +520,25 @@ class RequestStreams:
     server) ends each stream at once if it is waiting for its next message, or right after the answer it is
     working on; the client opens a new stream (to another replica, or to this one once it is back)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_open: int = ServerOptions.max_search_streams) -> None:
         self._open: dict[asyncio.Task, bool] = {}  # handler task -> answering a message now
         self.ending = False
+        # Each open stream holds a handler task and grpc's call state for as long as its client keeps it: without
+        # a bound, clients (or one faulty client) could open streams until the process ran out of memory.
+        self.max_open = max_open
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._open)
 
     async def serve(self, request_iterator: AsyncIterator, answer: Callable[[Any], Awaitable[Any]]) -> AsyncIterator:
         """A stream handler's responses: `answer` of each message in turn, until the client ends the stream or
         `end()` is called."""
         if self.ending:
             return
+        if len(self._open) >= self.max_open:
+            raise TooManyStreamsError(f"{len(self._open)} streams of this method are open, this server's limit "
+                                      "(max_search_streams); send the request as a unary call")
         task = asyncio.current_task()
         self._open[task] = False
         try:
@@ -559,7 +576,8 @@ class GrpcService:
 
     def __init__(self, server: grpc.aio.Server, port: int, health_servicer: HealthServicer,
                  service_names: list[str], metrics_port: int | None, grace_s: float,
-                 lag_monitor: EventLoopLagMonitor | None = None, metrics_server=None):
+                 lag_monitor: EventLoopLagMonitor | None = None, metrics_server=None, *,
+                 max_search_streams: int = ServerOptions.max_search_streams):
         self.server = server
         self.port = port
         self.health = health_servicer
@@ -569,9 +587,15 @@ class GrpcService:
         self._lag_monitor = lag_monitor
         self._metrics_server = metrics_server  # the /metrics HTTP server (closed with the service)
         self.request_streams: list[RequestStreams] = []  # ended before the server stops (see RequestStreams)
+        self._max_search_streams = max_search_streams
         self.stop_reason: str | None = None
         self._stop_requested = asyncio.Event()
         self._health_drain: asyncio.Task | None = None
+
+    def serve_request_streams(self, streams: RequestStreams) -> None:
+        """Streams of a servicer: bounded by the server's max_search_streams, ended before the server stops."""
+        streams.max_open = self._max_search_streams
+        self.request_streams.append(streams)
 
     def request_stop(self, reason: str) -> None:
         """Fail-stop from inside the service: every health status (liveness too) turns NOT_SERVING at once, and
@@ -667,7 +691,7 @@ async def start_grpc_service(
                                           stall_log_s=options.loop_stall_log_s)
         lag_monitor.start()
     service = GrpcService(server, port, health_servicer, names, metrics_port, options.shutdown_grace_s,
-                          lag_monitor, metrics_server)
+                          lag_monitor, metrics_server, max_search_streams=options.max_search_streams)
     await service.set_serving(False)
     await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return service
