@@ -7,9 +7,10 @@ every run, and every test, sees the same catalogue.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,10 +128,14 @@ def _refuse_shared_ids(files: list[CatalogueFile], where: str, fix: str) -> None
         seen[f.image_id] = f.path
 
 
-def files_from_csv(csv_path: Path, *, unique_ids: bool = True) -> list[CatalogueFile]:
+def files_from_csv(csv_path: Path, *, unique_ids: bool = True,
+                   attribute_kinds: Mapping[str, str] | None = None) -> list[CatalogueFile]:
     """CSV with a header: `image` (path, relative to the CSV's folder), `image_id`, `product_id`, `category`;
-    any other column is an attribute (numbers become numbers, true/false become flags, empty cells are left
-    out). Two rows of one default image id (the file name) are refused with ValueError unless `unique_ids` is False
+    any other column is an attribute, empty cells are left out. A column named in `attribute_kinds` (the shards'
+    schema: name -> text, number or flag) is read as that kind, a cell that is not one refused with ValueError;
+    any other column by its look (numbers become numbers, true/false flags). Typed by look alone, a brand "1664"
+    became the number 1664.0 and the shards refused the whole ingest (a text attribute), and "007" lost its zeros.
+    Two rows of one default image id (the file name) are refused with ValueError unless `unique_ids` is False
     (query photos are not stored under their ids)."""
     base = csv_path.parent
     files = []
@@ -150,7 +155,9 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True) -> list[Catalogue
             for key, value in row.items():
                 if key in ("image", "image_id", "product_id", "category") or value in (None, ""):
                     continue
-                attrs[key] = _typed(value)
+                kind = (attribute_kinds or {}).get(key)
+                attrs[key] = _typed(value) if kind is None else _of_kind(
+                    value, kind, f"{csv_path}, line {reader.line_num}, column {key!r}")
             path = Path(row["image"])
             files.append(
                 CatalogueFile(
@@ -166,6 +173,27 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True) -> list[Catalogue
         # replacing the earlier (sub/front.jpg and sub2/front.jpg: one of them silently lost, CLI review).
         _refuse_shared_ids(files, f"{csv_path}: ", "(the file name): add an image_id column")
     return files
+
+
+_FLAG_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _of_kind(value: str, kind: str, where: str) -> str | float | bool:
+    """A cell of a column the schema declares (see files_from_csv)."""
+    if kind == "text":
+        return value
+    if kind == "flag":
+        flag = _FLAG_WORDS.get(value.strip().lower())
+        if flag is None:
+            raise ValueError(f"{where}: {value!r} is not a flag (true/false, yes/no, 1/0)")
+        return flag
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: {value!r} is not a number (a decimal point, not a comma)") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: {value!r} is not a finite number")
+    return number
 
 
 def _typed(value: str) -> str | float | bool:

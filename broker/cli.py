@@ -82,6 +82,17 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def _attribute_schema(text: str) -> str:
+    """An --attribute-schema value, checked as the shards check theirs."""
+    from shard_server.config import parse_attribute_schema
+
+    try:
+        parse_attribute_schema(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _client(args, *, write: bool = False):
     from broker.client import SyncBrokerClient
 
@@ -212,6 +223,7 @@ def _listed_files(source: str | None, args, *, category: str | None = None, uniq
     """Labelled images from `--grocery-split` (under `--data`), a CSV, or a folder laid out as
     <category>/<product>/<image>; empty (with a message) when a grocery split has no list."""
     from broker.catalogue import default_data_dir, files_from_csv, files_from_folder, grocery_split
+    from shard_server.config import parse_attribute_schema
 
     if args.grocery_split is not None:
         # The same ids and categories (the coarse class) for `ingest` and `eval`, so one split can be ingested and
@@ -224,7 +236,9 @@ def _listed_files(source: str | None, args, *, category: str | None = None, uniq
         return grocery_split(data, args.grocery_split)
     path = Path(source)
     if path.suffix.lower() == ".csv":
-        return files_from_csv(path, unique_ids=unique_ids)
+        schema = getattr(args, "attribute_schema", None)
+        kinds = dict(parse_attribute_schema(schema)) if schema else None
+        return files_from_csv(path, unique_ids=unique_ids, attribute_kinds=kinds)
     return files_from_folder(path, category=category, unique_ids=unique_ids)
 
 
@@ -539,6 +553,11 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--data", default="", help="data folder holding grocery/ (default ../shared/data)")
     ing.add_argument("--category", help="category of every image (folder or single file)")
     ing.add_argument("--product-id", help="product id (single file)")
+    ing.add_argument("--attribute-schema", type=_attribute_schema, default=os.environ.get(
+                         "IMGSEARCH_SHARD_ATTRIBUTE_SCHEMA", GROCERY_ATTRIBUTE_SCHEMA),
+                     help="the shards' attributes, name:text|number|flag,... (default: IMGSEARCH_SHARD_ATTRIBUTE_SCHEMA, "
+                     "else `up`'s default, %(default)s): a CSV column of one of these names is read as its kind (a "
+                     "brand 1664 stays text), a cell that is not refused; other columns by their look")
     ing.add_argument("--image-id", help="image id (single file)")
     ing.add_argument("--broker", default=broker)
     _add_tls_arguments(ing)

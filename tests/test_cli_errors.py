@@ -18,6 +18,10 @@ def files(tmp_path, monkeypatch):
     # saved by Excel as "CSV UTF-8": a byte-order mark, which read as part of the first column's name
     (tmp_path / "bom.csv").write_bytes("image, product_id, category\nbom-missing.jpg,p,c\n".encode("utf-8-sig"))
     (tmp_path / "same-name.csv").write_text("image,product_id,category\na/front.jpg,p,c\nb/front.jpg,q,c\n")
+    # a decimal comma, and a flag the schema cannot read: typed by look they went as text and the shards refused
+    # the whole ingest
+    (tmp_path / "comma-price.csv").write_text("image,product_id,category,price\na.jpg,p,c,\"12,50\"\n")
+    (tmp_path / "odd-flag.csv").write_text("image,product_id,category,in_stock\na.jpg,p,c,maybe\n")
     clash = tmp_path / "clash" / "Cat" / "prod"
     clash.mkdir(parents=True)
     (clash / "front.jpg").write_bytes(b"jpeg")
@@ -39,15 +43,23 @@ def files(tmp_path, monkeypatch):
         (["ingest", "{d}/clash"], "would both get image id 'Cat/prod/front'"),
         (["delete", "--from-file", "{d}/missing.txt"], "missing.txt"),
         (["eval", "{d}/missing.csv"], "missing.csv"),
+        (["ingest", "{d}/comma-price.csv"], "line 2, column 'price': '12,50' is not a number"),
+        (["ingest", "{d}/odd-flag.csv"], "line 2, column 'in_stock': 'maybe' is not a flag"),
     ],
     ids=["search-missing-file", "csv-without-category", "csv-extra-field", "csv-missing-image", "csv-not-utf8",
          "csv-with-bom-and-spaced-header", "csv-default-ids-collide", "folder-ids-collide",
-         "delete-missing-list", "eval-missing-csv"],
+         "delete-missing-list", "eval-missing-csv", "csv-price-not-a-number", "csv-flag-not-a-flag"],
 )
 def test_bad_local_input_is_one_clear_line(files, capsys, args, says):
     assert cli.main([a.format(d=files) for a in args]) == 1
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_bad_attribute_schema_is_a_usage_error(files, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["ingest", f"{files}/odd-flag.csv", "--attribute-schema", "in_stock:maybe"])
+    assert exit_.value.code == 2 and "bad attribute schema entry 'in_stock:maybe'" in capsys.readouterr().err
 
 
 def test_up_refuses_a_broker_port_in_use_before_starting_anything(tmp_path, capsys):

@@ -537,12 +537,20 @@ def _cli(stack, *args: str) -> subprocess.CompletedProcess:
 def test_cli_ingest_csv_search_and_stats(stack, catalogue, tmp_path):
     item = catalogue["gallery"][1]
     (tmp_path / "cat.csv").write_text(
-        "image,image_id,product_id,category,brand,price,in_stock\n"
-        f"{item.path},cli-1,cli-product,{item.category},CliBrand,12.5,true\n"
+        "image,image_id,product_id,category,brand,colour,price,in_stock\n"
+        f"{item.path},cli-1,cli-product,{item.category},CliBrand,,12.5,true\n"
+        # text attributes that look like numbers (a beer brand, a colour code): typed by their look, the brand went
+        # as the number 1664.0, the shards refused it and the whole ingest failed
+        f"{item.path},cli-2,cli-product-2,{item.category},1664,007,3,yes\n"
     )
     done = _cli(stack, "ingest", str(tmp_path / "cat.csv"))
     assert done.returncode == 0, done.stderr
-    assert "ingested 1 images" in done.stdout
+    assert "ingested 2 images" in done.stdout
+    done = _cli(stack, "search", str(item.path), "--filter", "brand=1664", "--json")
+    assert done.returncode == 0, done.stderr
+    assert [(h["image_id"], h["attributes"]) for h in json.loads(done.stdout)["hits"]] == [
+        ("cli-2", {"brand": "1664", "colour": "007", "price": 3.0, "in_stock": True})]
+    assert client_delete(stack, ["cli-2"]) == 1
 
     done = _cli(stack, "search", str(item.path), "-k", "3", "--filter", "brand=CliBrand", "--json")
     assert done.returncode == 0, done.stderr
