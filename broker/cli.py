@@ -82,6 +82,14 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def _non_empty(text: str) -> str:
+    """An id or category given on the command line: `--category ''` (an unset shell variable) stored the image
+    under "default" and `--image-id ''` under the file name, silently (API probe of 2026-12-05)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def _attribute_schema(text: str) -> str:
     """An --attribute-schema value, checked as the shards check theirs."""
     from shard_server.config import parse_attribute_schema
@@ -551,14 +559,14 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--grocery-split", help="the grocery photos of this split (train...), under --data, with the "
                      "categories and ids `eval --grocery-split` uses")
     ing.add_argument("--data", default="", help="data folder holding grocery/ (default ../shared/data)")
-    ing.add_argument("--category", help="category of every image (folder or single file)")
-    ing.add_argument("--product-id", help="product id (single file)")
+    ing.add_argument("--category", type=_non_empty, help="category of every image (folder or single file)")
+    ing.add_argument("--product-id", type=_non_empty, help="product id (single file)")
     ing.add_argument("--attribute-schema", type=_attribute_schema, default=os.environ.get(
                          "IMGSEARCH_SHARD_ATTRIBUTE_SCHEMA", GROCERY_ATTRIBUTE_SCHEMA),
                      help="the shards' attributes, name:text|number|flag,... (default: IMGSEARCH_SHARD_ATTRIBUTE_SCHEMA, "
                      "else `up`'s default, %(default)s): a CSV column of one of these names is read as its kind (a "
                      "brand 1664 stays text), a cell that is not refused; other columns by their look")
-    ing.add_argument("--image-id", help="image id (single file)")
+    ing.add_argument("--image-id", type=_non_empty, help="image id (single file)")
     ing.add_argument("--broker", default=broker)
     _add_tls_arguments(ing)
     ing.add_argument("--timeout-s", type=positive_seconds, default=3600.0, help=TIMEOUT_HELP)
@@ -567,10 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search with a query image, or like a catalogue image (--image-id)")
     s.add_argument("image", nargs="?", help="query image file")
     s.add_argument(
-        "--image-id",
+        "--image-id", type=_non_empty,
         help="search like this catalogue image (its stored embedding; the image itself is left out)",
     )
-    s.add_argument("--category", action="append", help="restrict to a category (repeatable)")
+    s.add_argument("--category", action="append", type=_non_empty, help="restrict to a category (repeatable)")
     _add_filter_arguments(s, "")
     s.add_argument("--price", type=parse_range, help="price range lo..hi")
     s.add_argument("-k", type=int, default=10, help="hits (products with --distinct-products) to answer (default: %(default)s)")

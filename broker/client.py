@@ -64,6 +64,8 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     if not all(isinstance(c, str) for c in categories):
         raise InvalidArgumentError(f"categories must be category names (strings), got {list(categories)!r}")
     if vector is not None:
+        if np.iscomplexobj(vector):  # numpy dropped the imaginary parts with only a warning
+            raise InvalidArgumentError("vector must be real numbers, got complex ones")
         try:
             vector = np.asarray(vector, dtype=np.float32)
         except (TypeError, ValueError) as exc:
@@ -79,6 +81,23 @@ def _or(timeout_s: float | None, default_s: float) -> float:
     """The call's timeout: `default_s` only when none is given (0 meant the default before: a caller's 0 s is
     an immediate DEADLINE_EXCEEDED, as grpc gives it)."""
     return default_s if timeout_s is None else timeout_s
+
+
+def _sync_timeout(timeout_s: float | None, default_s: float) -> float | None:
+    """`_or` for grpc's synchronous calls, which fail at once with an infinite timeout (the async ones wait, API
+    probe of 2026-12-05): no deadline then."""
+    timeout_s = _or(timeout_s, default_s)
+    return None if timeout_s == float("inf") else timeout_s
+
+
+def _delete_request(image_ids: Sequence[str] | str) -> broker_pb2.BrokerServiceDeleteRequest:
+    """One id is one id: iterated, delete("sku-1") deleted the images "s", "k", "u", "-" and "1" and left
+    "sku-1" (API probe of 2026-12-05)."""
+    ids = [image_ids] if isinstance(image_ids, str) else list(image_ids)
+    wrong = [i for i in ids if not isinstance(i, str)]
+    if wrong:
+        raise InvalidArgumentError(f"image ids must be strings, got {type(wrong[0]).__name__}")
+    return broker_pb2.BrokerServiceDeleteRequest(image_ids=ids)
 
 
 class _Items:
@@ -214,8 +233,8 @@ class BrokerClient:
             raise from_rpc_error(err) from None
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
 
-    async def delete(self, image_ids: Sequence[str], *, timeout_s: float | None = None) -> int:
-        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=list(image_ids))
+    async def delete(self, image_ids: Sequence[str] | str, *, timeout_s: float | None = None) -> int:
+        req = _delete_request(image_ids)
         try:
             resp = await self._stub.Delete(req, timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
         except grpc.RpcError as err:
@@ -284,14 +303,14 @@ class SyncBrokerClient:
     ) -> SearchAnswer:
         req = _search_request(locals())
         try:
-            return convert.answer_from_proto(self._stub.Search(req, timeout=_or(timeout_s, self.timeout_s)))
+            return convert.answer_from_proto(self._stub.Search(req, timeout=_sync_timeout(timeout_s, self.timeout_s)))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
     def ingest(self, item: CatalogueItem, *, timeout_s: float | None = None) -> IngestSummary:
         req = broker_pb2.IngestRequest(item=convert.item_to_proto(item))
         try:
-            resp = self._stub.Ingest(req, timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
+            resp = self._stub.Ingest(req, timeout=_sync_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
@@ -302,7 +321,7 @@ class SyncBrokerClient:
         messages = _Items(items)
         try:
             resp = self._stub.IngestStream(
-                iter(messages), timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata
+                iter(messages), timeout=_sync_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             )
         except grpc.RpcError as err:
             if messages.error is not None:
@@ -310,11 +329,11 @@ class SyncBrokerClient:
             raise from_rpc_error(err) from None
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
 
-    def delete(self, image_ids: Sequence[str], *, timeout_s: float | None = None) -> int:
-        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=list(image_ids))
+    def delete(self, image_ids: Sequence[str] | str, *, timeout_s: float | None = None) -> int:
+        req = _delete_request(image_ids)
         try:
             return self._stub.Delete(
-                req, timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata
+                req, timeout=_sync_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             ).deleted
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -322,7 +341,7 @@ class SyncBrokerClient:
     def stats(self, *, timeout_s: float | None = None) -> list[ShardSummary]:
         try:
             resp = self._stub.Stats(
-                broker_pb2.BrokerServiceStatsRequest(), timeout=_or(timeout_s, self.timeout_s)
+                broker_pb2.BrokerServiceStatsRequest(), timeout=_sync_timeout(timeout_s, self.timeout_s)
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

@@ -580,7 +580,7 @@ def _check_item(item: CatalogueItem) -> None:
         if not value or len(value) > MAX_ID_CHARS:
             raise InvalidRequestError(
                 f"{name} must be a non-empty string of at most {MAX_ID_CHARS} characters "
-                f"(item {item.image_id!r})"
+                f"(item {item.image_id[:MAX_ID_CHARS]!r}{'...' if len(item.image_id) > MAX_ID_CHARS else ''})"
             )
     if (item.image is None) == (item.vector is None):
         raise InvalidRequestError(f"item {item.image_id!r} needs exactly one of image or vector")

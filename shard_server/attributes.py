@@ -67,8 +67,9 @@ def validate_filter(flt: Filter, schema: Mapping[str, str]) -> None:
     for condition in flt.all_of:
         kind = schema.get(condition.field)
         if kind is None:
+            shown = condition.field if len(condition.field) <= 80 else condition.field[:80] + "..."
             raise InvalidRequestError(
-                f"unknown filter field {condition.field!r}; known fields: {', '.join(sorted(schema)) or 'none'}")
+                f"unknown filter field {shown!r}; known fields: {', '.join(sorted(schema)) or 'none'}")
         wanted = _PREDICATE_KIND.get(type(condition.predicate))
         if wanted is None:
             raise InvalidRequestError(f"unknown predicate {condition.predicate!r} on field {condition.field!r}")

@@ -167,7 +167,10 @@ def attribute_value_to_proto(value: object) -> common_pb2.AttributeValue:
     if isinstance(value, (bool, np.bool_)):
         return common_pb2.AttributeValue(flag=bool(value))
     if isinstance(value, (int, float, np.integer, np.floating)):
-        return common_pb2.AttributeValue(number=float(value))
+        try:
+            return common_pb2.AttributeValue(number=float(value))
+        except OverflowError:  # an int past float's range (10**400)
+            raise InvalidRequestError("attribute value is a number too large for a float") from None
     if isinstance(value, str):
         return common_pb2.AttributeValue(text=value)
     raise InvalidRequestError(f"attribute value {value!r} is not text, number or flag")

@@ -641,6 +641,41 @@ async def test_an_ingest_streams_own_items_error_reaches_the_caller_as_it_was(st
             await async_client.ingest_stream(items(), timeout_s=60)
 
 
+def test_adversarial_client_input_found_by_the_api_probe(stack, client, catalogue, tmp_path):
+    """From an adversarial probe of the API (2026-12-05): `delete("sku-1")` deleted the images "s", "k", "u", "-"
+    and "1" and left "sku-1"; an over-long id was quoted whole in the INVALID_ARGUMENT, whose trailers then passed
+    grpc's 16 KiB limit, so the caller got RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead;
+    a number past float's range raised a raw OverflowError; the sync client failed at once with an infinite
+    timeout; a complex vector lost its imaginary parts silently; `--category ''` stored the image under
+    "default"."""
+    vector = np.random.default_rng(5).standard_normal(512).astype(np.float32)
+    ids = ["sku-1", "s", "k", "u", "-", "1"]
+    client.ingest_stream([CatalogueItem(image_id=i, product_id="probe", category="Probe", vector=vector) for i in ids])
+    assert client.delete("sku-1") == 1
+    assert {h.image_id for h in client.search(vector=vector, top_k=10, categories="Probe").hits} == set(ids[1:])
+    with pytest.raises(InvalidArgumentError, match="must be strings"):
+        client.delete([None])
+    assert client.delete(ids[1:]) == 5
+
+    long_id = "x" * 20_000
+    with pytest.raises(InvalidArgumentError, match="characters in all|image_id must be") as refused:
+        client.ingest(CatalogueItem(image_id=long_id, product_id="p", category="Probe", vector=vector))
+    assert len(str(refused.value)) < 2_000
+    with pytest.raises(InvalidArgumentError, match="unknown filter field"):
+        client.search(vector=vector, filter=Filter(all_of=(Condition(field="f" * 20_000, predicate=Equals(value="a")),)))
+    with pytest.raises(InvalidArgumentError, match="too large"):
+        client.ingest(CatalogueItem(image_id="big", product_id="p", category="Probe", vector=vector,
+                                    attributes={"price": 10**400}))
+    with pytest.raises(InvalidArgumentError, match="complex"):
+        client.search(vector=vector.astype(np.complex64), top_k=3)
+    assert client.search(vector=vector, top_k=3, timeout_s=float("inf")).hits
+
+    item = catalogue["gallery"][0]
+    for flag in ("--category", "--image-id", "--product-id"):
+        done = _cli(stack, "ingest", str(item.path), flag, "")
+        assert done.returncode == 2 and "must not be empty" in done.stderr, (flag, done.stderr)
+
+
 def test_cli_ingest_a_grocery_split(stack, client, catalogue, data_dir, tmp_path):
     """`imgsearch ingest --grocery-split` files photos under the ids and coarse categories that `imgsearch eval
     --grocery-split` expects. A split of three catalogue photos (already ingested: the upsert is idempotent)."""

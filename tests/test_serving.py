@@ -171,6 +171,35 @@ async def test_a_call_past_its_deadline_is_counted_as_deadline_exceeded_not_canc
         await service.stop(grace_s=0)
 
 
+async def test_a_long_error_message_is_cut_so_the_caller_still_gets_its_status():
+    """A status message travels in the trailers, percent-encoded, and grpc drops trailers over 16 KiB: an
+    INVALID_ARGUMENT quoting a 20,000-character id reached the caller as RESOURCE_EXHAUSTED "received metadata size
+    exceeds hard limit" (API probe of 2026-12-05). Every handler's error message is cut to 1,000 characters."""
+    from imgsearch.errors import InvalidArgumentError
+
+    service_name = "probe.LongError"
+
+    async def refuse(request, context):
+        raise InvalidArgumentError("bad id " + "\u00e9" * 20_000)  # 2 bytes in UTF-8, 6 percent-encoded
+
+    def register(server):
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service_name, {
+            "Refuse": grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=bytes,
+                                                          response_serializer=bytes),
+        })])
+        return [service_name]
+
+    service = await start_grpc_service(ServerOptions(loop_lag_interval_s=0), register, component="probe")
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await channel.unary_unary(f"/{service_name}/Refuse")(b"x", timeout=5)
+        assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details().startswith("bad id \u00e9") and "(20,007 characters in all)" in raised.value.details()
+    finally:
+        await service.stop(grace_s=0)
+
+
 async def test_an_open_health_watch_does_not_hold_a_graceful_stop_for_the_whole_grace():
     """A load balancer or the broker may hold a health Watch stream open; the stream never ends by itself, so
     without help grpc waits the full grace period (180 s for a shard pod) for it. The watcher must see

@@ -144,15 +144,30 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+# A status message travels in the call's trailers, percent-encoded (up to 12 bytes a character), and grpc drops
+# trailers over 16 KiB: the caller then got RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead
+# of the status, for an INVALID_ARGUMENT that quoted a 20,000-character id (API probe of 2026-12-05).
+MAX_STATUS_DETAILS_CHARS = 1000
+
+
+def status_details(exc: ImgsearchError) -> str:
+    """The error's message for a status, cut to MAX_STATUS_DETAILS_CHARS."""
+    details = str(exc) or exc.code.name
+    if len(details) > MAX_STATUS_DETAILS_CHARS:
+        details = f"{details[:MAX_STATUS_DETAILS_CHARS]}... ({len(details):,} characters in all)"
+    return details
+
+
 async def _finish(context: grpc.aio.ServicerContext, exc: BaseException | None) -> grpc.StatusCode:
     """Map an exception raised by a handler to a status, aborting the call when needed."""
     if exc is None:
         code = context.code() if hasattr(context, "code") else None
         return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK
     if isinstance(exc, TooManyStreamsError):
-        await context.abort(exc.code, str(exc), trailing_metadata=((TooManyStreamsError.metadata_key, "1"),))
+        await context.abort(exc.code, status_details(exc),
+                            trailing_metadata=((TooManyStreamsError.metadata_key, "1"),))
     if isinstance(exc, ImgsearchError):
-        await context.abort(exc.code, str(exc) or exc.code.name)
+        await context.abort(exc.code, status_details(exc))
     if isinstance(exc, asyncio.CancelledError):
         raise exc
     if isinstance(exc, NotImplementedError) and _code_of(context, None) == "UNIMPLEMENTED":
