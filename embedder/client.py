@@ -149,10 +149,6 @@ class MicroBatcher:
         self._queued_urgent = 0  # images submitted, not yet in a batch
         self._queued_bulk = 0
         self._rate: float | None = None  # images/s while saturated (EWMA); None until measured
-        # Set from timeouts alone (see _finished): an upper bound, lowered while every batch times out, replaced
-        # by the first window in which images get done.
-        self._rate_from_timeouts = False
-        self._timeout_bound: float | None = None  # images/s the timed-out batches of this window show it is under
         self._busy_s = 0.0
         self._done_images = 0
         self._last_event = 0.0
@@ -322,18 +318,16 @@ class MicroBatcher:
             self._inflight[task] = batch
             task.add_done_callback(self._batch_done)
 
-    def _register(self, batch: list[_Pending], bulk: bool) -> tuple[int, bool, int]:
-        """Counts a batch as in flight: its key in `_sent`, whether it is sent to a busy model, and the images in
-        flight ahead of it."""
+    def _register(self, batch: list[_Pending], bulk: bool) -> tuple[int, bool]:
+        """Counts a batch as in flight: its key in `_sent`, and whether it is sent to a busy model."""
         # Only a busy model (this batch sent while others wait or run) measures its throughput: at light load,
         # one call at a time, the images done per busy second are the load, not the capacity, and a burst after
         # it was refused work a batching GPU would have done in milliseconds.
-        ahead = self._live_inflight()
-        saturated = ahead > 0 or self._queued_urgent > 0 or self._queued_bulk > 0
+        saturated = self._live_inflight() > 0 or self._queued_urgent > 0 or self._queued_bulk > 0
         self._account(asyncio.get_running_loop().time())
         key = next(self._keys)
         self._sent[key] = (time.monotonic(), sum(len(item.images) for item in batch), bulk)
-        return key, saturated, ahead
+        return key, saturated
 
     def _batch_done(self, task: asyncio.Task) -> None:
         self._inflight.pop(task, None)
@@ -342,11 +336,11 @@ class MicroBatcher:
         if self._wakeup is not None:
             self._wakeup.set()  # bulk room freed
 
-    async def _send(self, batch: list[_Pending], bulk: bool, sent: tuple[int, bool, int] | None = None) -> None:
+    async def _send(self, batch: list[_Pending], bulk: bool, sent: tuple[int, bool] | None = None) -> None:
         loop = asyncio.get_running_loop()
         if sent is None:
             sent = self._register(batch, bulk)
-        key, saturated, ahead = sent
+        key, saturated = sent
         batch = [item for item in batch if not item.future.done()]  # caller gone or timed out
         timeout_s = max((item.deadline for item in batch), default=0) - loop.time()
         if timeout_s <= 0:  # nobody left, or every caller's own timeout fires
@@ -383,14 +377,7 @@ class MicroBatcher:
                 if self._latencies and took_s > 2 * min(self._latencies) + QUEUE_SLACK_S:
                     self._queued_in_window = True
                 self._latencies.append(took_s)
-            if (outcome == "timeout" and (self._rate is None or self._rate_from_timeouts)
-                    and took_s > 0 and not self._overdue(started, len(images), time.monotonic())):
-                # Not done in took_s with `ahead` images before it: the model does fewer than this many a second,
-                # saturated or not (a burst of callers in step sends one batch at a time).
-                bound = (ahead + len(images)) / took_s
-                self._timeout_bound = bound if self._timeout_bound is None else min(self._timeout_bound, bound)
-            elif not (saturated or (self._rate_from_timeouts and outcome == "ok")) or self._overdue(
-                    started, len(images), time.monotonic()):
+            if not saturated or self._overdue(started, len(images), time.monotonic()):
                 outcome = "unsaturated"  # its time says nothing of the model's capacity
             self._finished(now, len(images), outcome)
         start = 0
@@ -406,28 +393,14 @@ class MicroBatcher:
             self._done_images += n
         elif outcome in ("error", "unsaturated"):  # a fast failure (model down, bad image), or a light load,
             self._busy_s, self._done_images, self._queued_in_window = 0.0, 0, False  # says nothing of the capacity
-            self._timeout_bound = None
         if self._busy_s >= RATE_WINDOW_S:
             sample = self._done_images / self._busy_s
-            if self._done_images == 0 and self._timeout_bound is not None and (
-                    self._rate is None or self._rate_from_timeouts):
-                # Every batch timed out before the throughput was ever measured (a burst of callers with short
-                # deadlines on a cold model): nothing would ever be measured or shed, and every call timed out
-                # (0 of 112 answered in a review's probe). The timeouts' bound sheds until batches get done.
-                self._rate = self._timeout_bound if self._rate is None else min(self._rate, self._timeout_bound)
-                self._rate_from_timeouts = True
-            elif self._rate_from_timeouts and self._done_images > 0:
-                # The first window with images done ends it. Its sample is low when its batches waited behind
-                # timed-out work, and a rate that admits nothing ahead is never measured again (each batch alone,
-                # unsaturated): the bound that got batches done is kept when higher (3 against 35 images/s, probe).
-                self._rate, self._rate_from_timeouts = max(sample, self._rate), False
-            elif self._rate is not None and sample > self._rate:  # more than estimated was done: it can do that
+            if self._rate is not None and sample > self._rate:  # more than estimated was done: it can do that
                 self._rate = (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * sample
             elif self._queued_in_window:  # the model queued: the sample is its capacity, not the traffic's rate
                 self._rate = sample if self._rate is None else (
                     (1 - RATE_SMOOTHING) * self._rate + RATE_SMOOTHING * sample)
             self._busy_s, self._done_images, self._queued_in_window = 0.0, 0, False
-            self._timeout_bound = None
 
     async def close(self) -> None:
         batches = list(self._inflight.values())  # a task cancelled before its first step never fails its callers
