@@ -153,8 +153,8 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True,
                 raise ValueError(f"{csv_path}, line {reader.line_num}: expected {len(reader.fieldnames)} fields")
             attrs: dict[str, str | float | bool] = {}
             for key, value in row.items():
-                if key in ("image", "image_id", "product_id", "category") or value in (None, ""):
-                    continue
+                if key in ("image", "image_id", "product_id", "category") or value is None or not value.strip():
+                    continue  # empty, or only spaces (the cells of an `a, b, c` CSV)
                 kind = (attribute_kinds or {}).get(key)
                 attrs[key] = _typed(value) if kind is None else _of_kind(
                     value, kind, f"{csv_path}, line {reader.line_num}, column {key!r}")

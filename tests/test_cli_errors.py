@@ -56,6 +56,19 @@ def test_bad_local_input_is_one_clear_line(files, capsys, args, says):
     assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_csv_columns_of_the_schema_are_read_as_their_kind(tmp_path):
+    from broker.catalogue import files_from_csv
+
+    (tmp_path / "c.csv").write_text("image, product_id, category, brand, colour, price, in_stock, packshot, note\n"
+                                    "a.jpg,p,c,1664,007, 12.5 ,Yes, ,42\n")
+    [row] = files_from_csv(tmp_path / "c.csv", attribute_kinds={
+        "brand": "text", "colour": "text", "price": "number", "in_stock": "flag", "packshot": "flag"})
+    # text as written, numbers and flags read, a cell of spaces left out, a column outside the schema by its look
+    assert row.attributes == {"brand": "1664", "colour": "007", "price": 12.5, "in_stock": True, "note": 42.0}
+    [by_look] = files_from_csv(tmp_path / "c.csv")
+    assert by_look.attributes["brand"] == 1664.0  # what every column was before
+
+
 def test_a_bad_attribute_schema_is_a_usage_error(files, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["ingest", f"{files}/odd-flag.csv", "--attribute-schema", "in_stock:maybe"])
