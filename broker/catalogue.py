@@ -151,10 +151,16 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True,
         for row in reader:
             if None in row or None in row.values():
                 raise ValueError(f"{csv_path}, line {reader.line_num}: expected {len(reader.fieldnames)} fields")
+            # Cells as their header names: without the spaces around them (an `a, b, c` CSV stored the id " g1",
+            # the category " Milk" and the brand " Arla", which no search or delete by name found: review)
+            row = {key: value.strip() for key, value in row.items()}
+            empty = [name for name in ("image", "product_id", "category") if not row[name]]
+            if empty:
+                raise ValueError(f"{csv_path}, line {reader.line_num}: empty {' and '.join(empty)}")
             attrs: dict[str, str | float | bool] = {}
             for key, value in row.items():
-                if key in ("image", "image_id", "product_id", "category") or value is None or not value.strip():
-                    continue  # empty, or only spaces (the cells of an `a, b, c` CSV)
+                if key in ("image", "image_id", "product_id", "category") or not value:
+                    continue  # empty, or only spaces
                 kind = (attribute_kinds or {}).get(key)
                 attrs[key] = _typed(value) if kind is None else _of_kind(
                     value, kind, f"{csv_path}, line {reader.line_num}, column {key!r}")

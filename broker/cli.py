@@ -47,14 +47,17 @@ def parse_condition(text: str) -> Condition:
     field, sep, value = text.partition("=")
     if not sep or not field:
         raise argparse.ArgumentTypeError(f"filter {text!r} is not field=value")
-    if not value:  # `brand=` matched nothing and answered 0 hits (review)
+    if not value.strip():  # `brand=` (or `brand= `) matched nothing and answered 0 hits (review)
         raise argparse.ArgumentTypeError(f"filter {text!r} has no value")
     if ".." in value:
         return Condition(field=field, predicate=parse_range(value))
     if value.lower() in ("true", "false"):
         return Condition(field=field, predicate=Is(value=value.lower() == "true"))
     if "|" in value:
-        return Condition(field=field, predicate=AnyOf(values=frozenset(value.split("|"))))
+        values = value.split("|")
+        if not all(v.strip() for v in values):  # `brand=Arla|` asked for an empty brand too, `brand=|` only that
+            raise argparse.ArgumentTypeError(f"filter {text!r} has an empty alternative")
+        return Condition(field=field, predicate=AnyOf(values=frozenset(values)))
     return Condition(field=field, predicate=Equals(value=value))
 
 

@@ -25,6 +25,7 @@ from imgsearch.errors import InvalidArgumentError, from_rpc_error, from_status
 from imgsearch.request_streams import StreamPool
 from imgsearch.serving import client_channel_options, tls_credentials
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
+from shard_server.convert import image_id_list
 from shard_server.types import Exactness, Filter
 
 _MAX_INT32 = 2**31 - 1
@@ -60,7 +61,10 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     if filter is not None and not isinstance(filter, Filter):
         raise InvalidArgumentError(f"filter must be a Filter, got {type(filter).__name__}")
     # One name is one category (iterated, a string was read as one category per letter)
-    categories = (categories,) if isinstance(categories, (str, bytes)) else tuple(categories or ())
+    try:
+        categories = (categories,) if isinstance(categories, (str, bytes)) else tuple(categories or ())
+    except TypeError:  # categories=5
+        raise InvalidArgumentError(f"categories must be category names (strings), got {categories!r}") from None
     if not all(isinstance(c, str) for c in categories):
         raise InvalidArgumentError(f"categories must be category names (strings), got {list(categories)!r}")
     if vector is not None:
@@ -68,7 +72,7 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
             raise InvalidArgumentError("vector must be real numbers, got complex ones")
         try:
             vector = np.asarray(vector, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: 10**400
             raise InvalidArgumentError(f"vector must be numbers: {exc}") from None
         if vector.ndim == 2 and vector.shape[0] == 1:  # a model's output for one image
             vector = vector[0]
@@ -83,21 +87,15 @@ def _or(timeout_s: float | None, default_s: float) -> float:
     return default_s if timeout_s is None else timeout_s
 
 
-def _sync_timeout(timeout_s: float | None, default_s: float) -> float | None:
-    """`_or` for grpc's synchronous calls, which fail at once with an infinite timeout (the async ones wait, API
-    probe of 2026-12-05): no deadline then."""
+def _call_timeout(timeout_s: float | None, default_s: float) -> float | None:
+    """`_or` for a grpc call, which fails at once with an infinite timeout (API probe of 2026-12-05): no deadline
+    then. (A stream message's limit takes infinity as it is.)"""
     timeout_s = _or(timeout_s, default_s)
     return None if timeout_s == float("inf") else timeout_s
 
 
 def _delete_request(image_ids: Sequence[str] | str) -> broker_pb2.BrokerServiceDeleteRequest:
-    """One id is one id: iterated, delete("sku-1") deleted the images "s", "k", "u", "-" and "1" and left
-    "sku-1" (API probe of 2026-12-05)."""
-    ids = [image_ids] if isinstance(image_ids, str) else list(image_ids)
-    wrong = [i for i in ids if not isinstance(i, str)]
-    if wrong:
-        raise InvalidArgumentError(f"image ids must be strings, got {type(wrong[0]).__name__}")
-    return broker_pb2.BrokerServiceDeleteRequest(image_ids=ids)
+    return broker_pb2.BrokerServiceDeleteRequest(image_ids=image_id_list(image_ids))
 
 
 class _Items:
@@ -202,7 +200,7 @@ class BrokerClient:
                 return convert.answer_from_proto(response.result)
             timeout_s = max(0.0, deadline - time.monotonic())  # after a try of the stream (UNIMPLEMENTED)
         try:
-            resp = await self._stub.Search(req, timeout=timeout_s)
+            resp = await self._stub.Search(req, timeout=None if timeout_s == float("inf") else timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return convert.answer_from_proto(resp)
@@ -211,7 +209,7 @@ class BrokerClient:
         req = broker_pb2.IngestRequest(item=convert.item_to_proto(item))
         try:
             resp = await self._stub.Ingest(
-                req, timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata
+                req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -220,10 +218,10 @@ class BrokerClient:
     async def ingest_stream(
         self, items: Iterable[CatalogueItem] | AsyncIterable[CatalogueItem], *, timeout_s: float | None = None
     ) -> IngestSummary:
-        messages = _Items(items)
+        messages = _Items([items] if isinstance(items, CatalogueItem) else items)
         try:
             resp = await self._stub.IngestStream(
-                messages.__aiter__(), timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata
+                messages.__aiter__(), timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             )
         except (grpc.RpcError, asyncio.CancelledError) as err:
             if messages.error is not None:
@@ -236,7 +234,7 @@ class BrokerClient:
     async def delete(self, image_ids: Sequence[str] | str, *, timeout_s: float | None = None) -> int:
         req = _delete_request(image_ids)
         try:
-            resp = await self._stub.Delete(req, timeout=_or(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
+            resp = await self._stub.Delete(req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return resp.deleted
@@ -244,7 +242,7 @@ class BrokerClient:
     async def stats(self, *, timeout_s: float | None = None) -> list[ShardSummary]:
         try:
             resp = await self._stub.Stats(
-                broker_pb2.BrokerServiceStatsRequest(), timeout=_or(timeout_s, self.timeout_s)
+                broker_pb2.BrokerServiceStatsRequest(), timeout=_call_timeout(timeout_s, self.timeout_s)
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -303,14 +301,14 @@ class SyncBrokerClient:
     ) -> SearchAnswer:
         req = _search_request(locals())
         try:
-            return convert.answer_from_proto(self._stub.Search(req, timeout=_sync_timeout(timeout_s, self.timeout_s)))
+            return convert.answer_from_proto(self._stub.Search(req, timeout=_call_timeout(timeout_s, self.timeout_s)))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
     def ingest(self, item: CatalogueItem, *, timeout_s: float | None = None) -> IngestSummary:
         req = broker_pb2.IngestRequest(item=convert.item_to_proto(item))
         try:
-            resp = self._stub.Ingest(req, timeout=_sync_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
+            resp = self._stub.Ingest(req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
@@ -318,10 +316,10 @@ class SyncBrokerClient:
     def ingest_stream(
         self, items: Iterable[CatalogueItem], *, timeout_s: float | None = None
     ) -> IngestSummary:
-        messages = _Items(items)
+        messages = _Items([items] if isinstance(items, CatalogueItem) else items)  # one item is one item
         try:
             resp = self._stub.IngestStream(
-                iter(messages), timeout=_sync_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
+                iter(messages), timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             )
         except grpc.RpcError as err:
             if messages.error is not None:
@@ -333,7 +331,7 @@ class SyncBrokerClient:
         req = _delete_request(image_ids)
         try:
             return self._stub.Delete(
-                req, timeout=_sync_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
+                req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
             ).deleted
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
@@ -341,7 +339,7 @@ class SyncBrokerClient:
     def stats(self, *, timeout_s: float | None = None) -> list[ShardSummary]:
         try:
             resp = self._stub.Stats(
-                broker_pb2.BrokerServiceStatsRequest(), timeout=_sync_timeout(timeout_s, self.timeout_s)
+                broker_pb2.BrokerServiceStatsRequest(), timeout=_call_timeout(timeout_s, self.timeout_s)
             )
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None

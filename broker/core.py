@@ -577,9 +577,9 @@ def _cache_writes(items: Sequence[CatalogueItem], hashes: dict[int, ImageHashes]
 def _check_item(item: CatalogueItem) -> None:
     for name in ("image_id", "product_id", "category"):
         value = getattr(item, name)
-        if not value or len(value) > MAX_ID_CHARS:
+        if not value or not value.strip() or len(value) > MAX_ID_CHARS:  # " " was stored as a category (review)
             raise InvalidRequestError(
-                f"{name} must be a non-empty string of at most {MAX_ID_CHARS} characters "
+                f"{name} must be a string of 1 to {MAX_ID_CHARS} characters, not only spaces "
                 f"(item {item.image_id[:MAX_ID_CHARS]!r}{'...' if len(item.image_id) > MAX_ID_CHARS else ''})"
             )
     if (item.image is None) == (item.vector is None):

@@ -111,20 +111,20 @@ class ShardClient:
             raise from_rpc_error(e) from e
         return response.upserted
 
-    async def delete(self, image_ids: Sequence[str], *, timeout_s: float, version: int = 0) -> int:
+    async def delete(self, image_ids: Sequence[str] | str, *, timeout_s: float, version: int = 0) -> int:
         """Remove these ids (with `version`: only copies written with a lower version; see the proto)."""
+        request = shard_pb2.ShardServiceDeleteRequest(image_ids=convert.image_id_list(image_ids), version=version)
         try:
-            response = await self._stub.Delete(
-                shard_pb2.ShardServiceDeleteRequest(image_ids=list(image_ids), version=version), timeout=timeout_s)
+            response = await self._stub.Delete(request, timeout=timeout_s)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         return response.deleted
 
-    async def get(self, image_ids: Sequence[str], *, timeout_s: float) -> list[Record]:
+    async def get(self, image_ids: Sequence[str] | str, *, timeout_s: float) -> list[Record]:
         """The stored records of these image ids that this shard holds."""
+        request = shard_pb2.ShardServiceGetRequest(image_ids=convert.image_id_list(image_ids))
         try:
-            response = await self._stub.Get(shard_pb2.ShardServiceGetRequest(image_ids=list(image_ids)),
-                                            timeout=timeout_s)
+            response = await self._stub.Get(request, timeout=timeout_s)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from e
         return convert.records_from_proto(response.records)

@@ -4,7 +4,7 @@ shard (and the broker) works on :mod:`shard_server.types`. Conversions are struc
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -144,9 +144,27 @@ def _whole_records(view: memoryview, *, max_bytes: int, final: bool) -> tuple[li
     return pieces, pos
 
 
+def image_id_list(image_ids: Sequence[str] | str) -> list[str]:
+    """The ids of a delete or get: one string is one id (iterated, delete("sku-1") deleted the images "s", "k",
+    "u", "-" and "1" and left "sku-1": API probe of 2026-12-05); anything but strings is InvalidRequestError."""
+    try:
+        ids = [image_ids] if isinstance(image_ids, str) else list(image_ids)
+    except TypeError:
+        raise InvalidRequestError(f"image ids must be a list of strings, got {type(image_ids).__name__}") from None
+    wrong = [i for i in ids if not isinstance(i, str)]
+    if wrong:
+        raise InvalidRequestError(f"image ids must be strings, got {type(wrong[0]).__name__}")
+    return ids
+
+
 def vector_to_proto(vector: np.ndarray) -> common_pb2.Vector:
     # Building the message from raw packed bytes is ~50x faster than assigning 512 Python floats.
-    raw = np.ascontiguousarray(vector, dtype="<f4").ravel().tobytes()
+    if np.iscomplexobj(vector):  # numpy drops the imaginary parts with only a warning
+        raise InvalidRequestError("a vector must be real numbers, got complex ones")
+    try:
+        raw = np.ascontiguousarray(vector, dtype="<f4").ravel().tobytes()
+    except (TypeError, ValueError, OverflowError) as exc:  # text, ragged lists, 10**400
+        raise InvalidRequestError(f"a vector must be numbers within float32's range: {exc}") from None
     if not raw:
         return common_pb2.Vector()
     return common_pb2.Vector.FromString(bytes([_PACKED_VALUES_TAG]) + _varint(len(raw)) + raw)
@@ -198,6 +216,13 @@ def attributes_from_proto(attributes: Mapping[str, common_pb2.AttributeValue]) -
 
 
 def condition_to_proto(condition: Condition) -> common_pb2.Condition:
+    try:
+        return _condition_to_proto(condition)
+    except (TypeError, ValueError, OverflowError) as exc:  # a Range(min=10**400), Equals(value=5)...
+        raise InvalidRequestError(f"condition on {str(condition.field)[:80]!r}: {exc}") from None
+
+
+def _condition_to_proto(condition: Condition) -> common_pb2.Condition:
     p = condition.predicate
     if isinstance(p, Equals):
         return common_pb2.Condition(field=condition.field, equals=p.value)
@@ -228,7 +253,7 @@ def condition_from_proto(message: common_pb2.Condition) -> Condition:
     elif kind == "is":
         predicate = Is(value=getattr(message, "is"))
     else:
-        raise InvalidRequestError(f"condition on field {message.field!r} has no predicate")
+        raise InvalidRequestError(f"condition on field {message.field[:80]!r} has no predicate")
     return Condition(field=message.field, predicate=predicate)
 
 

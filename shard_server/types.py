@@ -36,6 +36,11 @@ class Equals:
 class AnyOf:
     values: frozenset[str]
 
+    def __post_init__(self) -> None:
+        # One value is one value: iterated, AnyOf(values="Arla") matched the brands "A", "r", "l" and "a" (review)
+        if isinstance(self.values, str):
+            object.__setattr__(self, "values", frozenset((self.values,)))
+
 
 @dataclass(frozen=True, kw_only=True)
 class Range:
@@ -87,6 +92,10 @@ class SearchQuery:
     nprobe: int = 0  # 0: derived from exactness and the server's default
     exactness: Exactness = Exactness.DEFAULT
     distinct_products: bool = False  # at most one hit per product id; top_k counts products
+
+    def __post_init__(self) -> None:
+        if isinstance(self.categories, str):  # one name is one category, not one per letter (review)
+            object.__setattr__(self, "categories", (self.categories,))
 
 
 @dataclass(frozen=True, kw_only=True)

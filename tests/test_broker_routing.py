@@ -77,6 +77,12 @@ def test_filter_syntax():
     assert parse_range("..5") == Range(min=None, max=5)
     with pytest.raises(argparse.ArgumentTypeError):
         parse_condition("brand")
+    # filters that can never match were accepted and answered 0 hits (review of 2026-12-05)
+    for never in ("brand= ", "brand=|", "brand=Arla|", "brand=| Arla"):
+        with pytest.raises(argparse.ArgumentTypeError, match="no value|empty alternative"):
+            parse_condition(never)
+    # one value is one value, not one per letter
+    assert AnyOf(values="Arla").values == frozenset({"Arla"})
 
 
 def test_the_deployed_shard_map_loads():

@@ -676,6 +676,65 @@ def test_adversarial_client_input_found_by_the_api_probe(stack, client, catalogu
         assert done.returncode == 2 and "must not be empty" in done.stderr, (flag, done.stderr)
 
 
+async def test_adversarial_client_input_found_by_the_review_of_the_probe_fixes(stack, catalogue, tmp_path):
+    """The second round (review of 2026-12-05): the async client failed at once with timeout_s=inf; AnyOf(values=
+    "Arla") matched the brands "A", "r", "l", "a"; ShardClient.delete("sku-1") and SearchQuery(categories="Milk")
+    split their strings; a complex vector was ingested without its imaginary parts; 10**400 in a vector or a range
+    raised OverflowError; delete(None), delete(5), categories=5 raised TypeError; ingest_stream(one item) failed; a
+    category of spaces was stored; an `a, b, c` CSV stored " g1", " Milk", " Arla"."""
+    from shard_server.client import ShardClient
+
+    rng = np.random.default_rng(6)
+    vector = rng.standard_normal(512).astype(np.float32)
+    async with BrokerClient(stack.broker_address, token=TOKEN, search_streams=False) as client:
+        inf = float("inf")
+        await client.ingest_stream(CatalogueItem(image_id="rv-1", product_id="p1", category="Review2",
+                                                 vector=vector, attributes={"brand": "Arla"}), timeout_s=inf)
+        await client.ingest(CatalogueItem(image_id="rv-2", product_id="p2", category="Review2", vector=vector,
+                                          attributes={"brand": "A"}), timeout_s=inf)
+        assert await client.stats(timeout_s=inf)
+        hits = (await client.search(vector=vector, top_k=5, categories="Review2", timeout_s=inf,
+                                    filter=Filter(all_of=(Condition(field="brand", predicate=AnyOf(values="Arla")),)))
+                ).hits
+        assert [h.image_id for h in hits] == ["rv-1"]
+        huge_range = Filter(all_of=(Condition(field="price", predicate=Range(min=10**400)),))
+        for bad in ({"vector": [10**400] * 512}, {"vector": vector, "categories": 5},
+                    {"vector": vector, "filter": huge_range}):
+            with pytest.raises(InvalidArgumentError):
+                await client.search(top_k=3, **bad)
+        for bad_ids in (None, 5, [b"rv-1"]):
+            with pytest.raises(InvalidArgumentError, match="image ids must be"):
+                await client.delete(bad_ids)
+        with pytest.raises(InvalidArgumentError, match="complex"):
+            await client.ingest(CatalogueItem(image_id="rv-c", product_id="p", category="Review2",
+                                              vector=vector + 1j * vector))
+        with pytest.raises(InvalidArgumentError, match="not only spaces"):
+            await client.ingest(CatalogueItem(image_id="rv-s", product_id="p", category=" ", vector=vector))
+        found = set()
+        for address in stack.shard_addresses:  # one of them owns the category
+            async with ShardClient(address) as shard:
+                found |= {r.image_id for r in await shard.get("rv-1", timeout_s=5)}
+                hits = (await shard.search(SearchQuery(vector=vector, top_k=3, categories="Review2"),
+                                           timeout_s=5)).hits
+                assert {h.image_id for h in hits} in (set(), {"rv-1", "rv-2"})
+        assert found == {"rv-1"}
+        assert await client.delete("rv-1", timeout_s=inf) == 1
+        assert await client.delete(["rv-2"]) == 1
+
+    item = catalogue["gallery"][3]
+    (tmp_path / "spaced.csv").write_text("image, image_id, product_id, category, brand\n"
+                                         f"{item.path}, csv-g1, csv-p1, CsvSpaced, Arla \n")
+    done = _cli(stack, "ingest", str(tmp_path / "spaced.csv"))
+    assert done.returncode == 0, done.stderr
+    with SyncBrokerClient(stack.broker_address, token=TOKEN) as sync_client:
+        hits = sync_client.search(image=item.path.read_bytes(), top_k=3, categories=["CsvSpaced"],
+                                  use_duplicate_cache=False,
+                                  filter=Filter(all_of=(Condition(field="brand", predicate=Equals(value="Arla")),)))
+        assert [(h.image_id, h.category, h.attributes) for h in hits.hits] == [
+            ("csv-g1", "CsvSpaced", {"brand": "Arla"})]
+        assert sync_client.delete("csv-g1") == 1
+
+
 def test_cli_ingest_a_grocery_split(stack, client, catalogue, data_dir, tmp_path):
     """`imgsearch ingest --grocery-split` files photos under the ids and coarse categories that `imgsearch eval
     --grocery-split` expects. A split of three catalogue photos (already ingested: the upsert is idempotent)."""

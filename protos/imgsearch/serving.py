@@ -144,17 +144,20 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-# A status message travels in the call's trailers, percent-encoded (up to 12 bytes a character), and grpc drops
-# trailers over 16 KiB: the caller then got RESOURCE_EXHAUSTED "received metadata size exceeds hard limit" instead
-# of the status, for an INVALID_ARGUMENT that quoted a 20,000-character id (API probe of 2026-12-05).
-MAX_STATUS_DETAILS_CHARS = 1000
+# A status message travels in the call's trailers, each UTF-8 byte outside printable ASCII percent-encoded as three,
+# and grpc fails calls whose trailers pass 8 KiB (some of them) or 16 KiB (all): the caller then got
+# RESOURCE_EXHAUSTED "received metadata size exceeds ... limit" instead of the status, for an INVALID_ARGUMENT that
+# quoted a 20,000-character id (API probe of 2026-12-05). 2,000 UTF-8 bytes are at most 6,000 encoded.
+MAX_STATUS_DETAILS_BYTES = 2000
 
 
-def status_details(exc: ImgsearchError) -> str:
-    """The error's message for a status, cut to MAX_STATUS_DETAILS_CHARS."""
-    details = str(exc) or exc.code.name
-    if len(details) > MAX_STATUS_DETAILS_CHARS:
-        details = f"{details[:MAX_STATUS_DETAILS_CHARS]}... ({len(details):,} characters in all)"
+def status_details(exc: BaseException | str) -> str:
+    """An error's message for a status, cut to MAX_STATUS_DETAILS_BYTES of UTF-8."""
+    details = exc if isinstance(exc, str) else (str(exc) or exc.code.name)
+    encoded = details.encode("utf-8", errors="replace")
+    if len(encoded) > MAX_STATUS_DETAILS_BYTES:
+        cut = encoded[:MAX_STATUS_DETAILS_BYTES].decode("utf-8", errors="ignore")
+        details = f"{cut}... ({len(details):,} characters in all)"
     return details
 
 
@@ -462,7 +465,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
         status = self._status.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, status_details(f"unknown service {request.service!r}"))
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
