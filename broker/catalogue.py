@@ -135,8 +135,9 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True,
     schema: name -> text, number or flag) is read as that kind, a cell that is not one refused with ValueError;
     any other column by its look (numbers become numbers, true/false flags). Typed by look alone, a brand "1664"
     became the number 1664.0 and the shards refused the whole ingest (a text attribute), and "007" lost its zeros.
-    Two rows of one default image id (the file name) are refused with ValueError unless `unique_ids` is False
-    (query photos are not stored under their ids)."""
+    Cells are stripped; a row without an image, a product id or (unless `unique_ids` is False) a category is
+    refused with ValueError, and so are two files of one image id (a blank or missing image_id is the file name)
+    unless `unique_ids` is False (query photos are not stored under their ids)."""
     base = csv_path.parent
     files = []
     # utf-8-sig: a CSV saved by Excel as "CSV UTF-8" starts with a byte-order mark, which became part of the first
@@ -154,7 +155,9 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True,
             # Cells as their header names: without the spaces around them (an `a, b, c` CSV stored the id " g1",
             # the category " Milk" and the brand " Arla", which no search or delete by name found: review)
             row = {key: value.strip() for key, value in row.items()}
-            empty = [name for name in ("image", "product_id", "category") if not row[name]]
+            # a query's category is used only by `eval --own-category`: not required there
+            required = ("image", "product_id", "category") if unique_ids else ("image", "product_id")
+            empty = [name for name in required if not row[name]]
             if empty:
                 raise ValueError(f"{csv_path}, line {reader.line_num}: empty {' and '.join(empty)}")
             attrs: dict[str, str | float | bool] = {}
@@ -174,10 +177,13 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True,
                     attributes=attrs,
                 )
             )
-    if unique_ids and "image_id" not in (reader.fieldnames or ()):
+    if unique_ids:
         # The default id is the file name without suffix: two rows of one name would be one image, the later
-        # replacing the earlier (sub/front.jpg and sub2/front.jpg: one of them silently lost, CLI review).
-        _refuse_shared_ids(files, f"{csv_path}: ", "(the file name): add an image_id column")
+        # replacing the earlier (sub/front.jpg and sub2/front.jpg: one of them silently lost, CLI review); so
+        # would two rows of one image_id, or blank image_id cells of one file name (review of 2026-12-06).
+        fix = ("(a blank image_id takes the file name): give each row its own image_id"
+               if "image_id" in (reader.fieldnames or ()) else "(the file name): add an image_id column")
+        _refuse_shared_ids(files, f"{csv_path}: ", fix)
     return files
 
 

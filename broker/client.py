@@ -68,12 +68,15 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     if not all(isinstance(c, str) for c in categories):
         raise InvalidArgumentError(f"categories must be category names (strings), got {list(categories)!r}")
     if vector is not None:
-        if np.iscomplexobj(vector):  # numpy dropped the imaginary parts with only a warning
-            raise InvalidArgumentError("vector must be real numbers, got complex ones")
         try:
-            vector = np.asarray(vector, dtype=np.float32)
+            vector = np.asarray(vector)  # a ragged list raises here
+            complex_values = np.iscomplexobj(vector)  # numpy would drop the imaginary parts with only a warning
+            if not complex_values:
+                vector = vector.astype(np.float32, copy=False)
         except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: 10**400
             raise InvalidArgumentError(f"vector must be numbers: {exc}") from None
+        if complex_values:
+            raise InvalidArgumentError("vector must be real numbers, got complex ones")
         if vector.ndim == 2 and vector.shape[0] == 1:  # a model's output for one image
             vector = vector[0]
         if vector.ndim != 1:  # a (2, 256) array was flattened and searched as one 512-d vector

@@ -67,6 +67,16 @@ def test_csv_columns_of_the_schema_are_read_as_their_kind(tmp_path):
     assert row.attributes == {"brand": "1664", "colour": "007", "price": 12.5, "in_stock": True, "note": 42.0}
     [by_look] = files_from_csv(tmp_path / "c.csv")
     assert by_look.attributes["brand"] == 1664.0  # what every column was before
+    # blank image_id cells take the file name: two of one name would be one image, the later replacing the earlier
+    (tmp_path / "blank-ids.csv").write_text("image,image_id,product_id,category\na/front.jpg, ,p1,Milk\n"
+                                            "b/front.jpg,,p2,Milk\n")
+    with pytest.raises(ValueError, match="give each row its own image_id"):
+        files_from_csv(tmp_path / "blank-ids.csv")
+    # eval's queries need no category (only --own-category uses it)
+    (tmp_path / "queries.csv").write_text("image,product_id,category\nq1.jpg,p1,\n")
+    assert files_from_csv(tmp_path / "queries.csv", unique_ids=False)[0].category == ""
+    with pytest.raises(ValueError, match="line 2: empty category"):
+        files_from_csv(tmp_path / "queries.csv")
 
 
 def test_a_bad_attribute_schema_is_a_usage_error(files, capsys):

@@ -698,7 +698,7 @@ async def test_adversarial_client_input_found_by_the_review_of_the_probe_fixes(s
                 ).hits
         assert [h.image_id for h in hits] == ["rv-1"]
         huge_range = Filter(all_of=(Condition(field="price", predicate=Range(min=10**400)),))
-        for bad in ({"vector": [10**400] * 512}, {"vector": vector, "categories": 5},
+        for bad in ({"vector": [10**400] * 512}, {"vector": [[1.0] * 256, [1.0] * 255]}, {"vector": vector, "categories": 5},
                     {"vector": vector, "filter": huge_range}):
             with pytest.raises(InvalidArgumentError):
                 await client.search(top_k=3, **bad)
@@ -708,6 +708,9 @@ async def test_adversarial_client_input_found_by_the_review_of_the_probe_fixes(s
         with pytest.raises(InvalidArgumentError, match="complex"):
             await client.ingest(CatalogueItem(image_id="rv-c", product_id="p", category="Review2",
                                               vector=vector + 1j * vector))
+        with pytest.raises(InvalidArgumentError, match="within float32's range"):  # ragged: a raw ValueError
+            await client.ingest(CatalogueItem(image_id="rv-r", product_id="p", category="Review2",
+                                              vector=[[1.0] * 256, [1.0] * 255]))
         with pytest.raises(InvalidArgumentError, match="not only spaces"):
             await client.ingest(CatalogueItem(image_id="rv-s", product_id="p", category=" ", vector=vector))
         found = set()
