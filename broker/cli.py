@@ -93,15 +93,14 @@ def _non_empty(text: str) -> str:
     return text
 
 
-def _attribute_schema(text: str) -> str:
-    """An --attribute-schema value, checked as the shards check theirs."""
+def _attribute_schema(text: str) -> dict[str, str]:
+    """An --attribute-schema value as {name: kind}, parsed as the shards parse theirs."""
     from shard_server.config import parse_attribute_schema
 
     try:
-        parse_attribute_schema(text)
+        return dict(parse_attribute_schema(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def _client(args, *, write: bool = False):
@@ -234,7 +233,6 @@ def _listed_files(source: str | None, args, *, category: str | None = None, uniq
     """Labelled images from `--grocery-split` (under `--data`), a CSV, or a folder laid out as
     <category>/<product>/<image>; empty (with a message) when a grocery split has no list."""
     from broker.catalogue import default_data_dir, files_from_csv, files_from_folder, grocery_split
-    from shard_server.config import parse_attribute_schema
 
     if args.grocery_split is not None:
         # The same ids and categories (the coarse class) for `ingest` and `eval`, so one split can be ingested and
@@ -247,9 +245,8 @@ def _listed_files(source: str | None, args, *, category: str | None = None, uniq
         return grocery_split(data, args.grocery_split)
     path = Path(source)
     if path.suffix.lower() == ".csv":
-        schema = getattr(args, "attribute_schema", None)
-        kinds = dict(parse_attribute_schema(schema)) if schema else None
-        return files_from_csv(path, unique_ids=unique_ids, attribute_kinds=kinds)
+        # eval has no --attribute-schema: its queries' attributes are not stored
+        return files_from_csv(path, unique_ids=unique_ids, attribute_kinds=getattr(args, "attribute_schema", None))
     return files_from_folder(path, category=category, unique_ids=unique_ids)
 
 

@@ -17,7 +17,6 @@ import time
 from collections.abc import AsyncIterable, Iterable, Sequence
 
 import grpc
-import numpy as np
 
 from broker import convert
 from broker.types import CatalogueItem, IngestSummary, Query, SearchAnswer, ShardSummary
@@ -25,7 +24,7 @@ from imgsearch.errors import InvalidArgumentError, from_rpc_error, from_status
 from imgsearch.request_streams import StreamPool
 from imgsearch.serving import client_channel_options, tls_credentials
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
-from shard_server.convert import image_id_list
+from shard_server.convert import float32_array, image_id_list
 from shard_server.types import Exactness, Filter
 
 _MAX_INT32 = 2**31 - 1
@@ -68,15 +67,7 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     if not all(isinstance(c, str) for c in categories):
         raise InvalidArgumentError(f"categories must be category names (strings), got {list(categories)!r}")
     if vector is not None:
-        try:
-            vector = np.asarray(vector)  # a ragged list raises here
-            complex_values = np.iscomplexobj(vector)  # numpy would drop the imaginary parts with only a warning
-            if not complex_values:
-                vector = vector.astype(np.float32, copy=False)
-        except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: 10**400
-            raise InvalidArgumentError(f"vector must be numbers: {exc}") from None
-        if complex_values:
-            raise InvalidArgumentError("vector must be real numbers, got complex ones")
+        vector = float32_array(vector)
         if vector.ndim == 2 and vector.shape[0] == 1:  # a model's output for one image
             vector = vector[0]
         if vector.ndim != 1:  # a (2, 256) array was flattened and searched as one 512-d vector
@@ -90,15 +81,14 @@ def _or(timeout_s: float | None, default_s: float) -> float:
     return default_s if timeout_s is None else timeout_s
 
 
-def _call_timeout(timeout_s: float | None, default_s: float) -> float | None:
-    """`_or` for a grpc call, which fails at once with an infinite timeout (API probe of 2026-12-05): no deadline
-    then. (A stream message's limit takes infinity as it is.)"""
-    timeout_s = _or(timeout_s, default_s)
+def _grpc_timeout(timeout_s: float) -> float | None:
+    """A grpc call's timeout: grpc fails a call with an infinite one at once (API probe of 2026-12-05), so none.
+    (A stream message's limit takes infinity as it is.)"""
     return None if timeout_s == float("inf") else timeout_s
 
 
-def _delete_request(image_ids: Sequence[str] | str) -> broker_pb2.BrokerServiceDeleteRequest:
-    return broker_pb2.BrokerServiceDeleteRequest(image_ids=image_id_list(image_ids))
+def _call_timeout(timeout_s: float | None, default_s: float) -> float | None:
+    return _grpc_timeout(_or(timeout_s, default_s))
 
 
 class _Items:
@@ -203,7 +193,7 @@ class BrokerClient:
                 return convert.answer_from_proto(response.result)
             timeout_s = max(0.0, deadline - time.monotonic())  # after a try of the stream (UNIMPLEMENTED)
         try:
-            resp = await self._stub.Search(req, timeout=None if timeout_s == float("inf") else timeout_s)
+            resp = await self._stub.Search(req, timeout=_grpc_timeout(timeout_s))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         return convert.answer_from_proto(resp)
@@ -235,7 +225,7 @@ class BrokerClient:
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
 
     async def delete(self, image_ids: Sequence[str] | str, *, timeout_s: float | None = None) -> int:
-        req = _delete_request(image_ids)
+        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=image_id_list(image_ids))
         try:
             resp = await self._stub.Delete(req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
         except grpc.RpcError as err:
@@ -331,7 +321,7 @@ class SyncBrokerClient:
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
 
     def delete(self, image_ids: Sequence[str] | str, *, timeout_s: float | None = None) -> int:
-        req = _delete_request(image_ids)
+        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=image_id_list(image_ids))
         try:
             return self._stub.Delete(
                 req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
