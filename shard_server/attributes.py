@@ -74,9 +74,12 @@ def validate_filter(flt: Filter, schema: Mapping[str, str]) -> None:
         if wanted is None:
             raise InvalidRequestError(f"unknown predicate {condition.predicate!r} on field {condition.field!r}")
         if wanted != kind:
+            # Say what the field does take: `--filter price=5` was refused with only "equals needs a text field"
+            hint = {"number": "a range (min and max; `price=5..5` on the command line)",
+                    "flag": "true or false", "text": "a value or any of several"}[kind]
             raise InvalidRequestError(
                 f"field {condition.field!r} is {kind}; predicate {type(condition.predicate).__name__.lower()} "
-                f"needs a {wanted} field")
+                f"needs a {wanted} field; filter a {kind} field with {hint}")
         p = condition.predicate
         if isinstance(p, Range):
             for bound in (p.min, p.max):

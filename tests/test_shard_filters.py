@@ -155,3 +155,17 @@ def test_attribute_rows_leave_out_absent_values():
         {"price": 0.0}, {"brand": "acme", "price": 2.5, "in_stock": True}, {"brand": "zeta", "in_stock": False}, {}]
     assert columns.rows([]) == []
     assert type(columns.rows([0])[0]["price"]) is float and type(columns.rows([0])[0]["in_stock"]) is bool
+
+
+def test_a_predicate_of_the_wrong_kind_says_what_the_field_takes():
+    """`--filter price=5` was refused with only "predicate equals needs a text field" (API probe of 2026-12-05)."""
+    from shard_server.attributes import validate_filter
+    from shard_server.errors import InvalidRequestError
+    from shard_server.types import Equals, Is
+
+    schema = {"brand": "text", "price": "number", "in_stock": "flag"}
+    for condition, says in ((Condition(field="price", predicate=Equals(value="5")), "with a range"),
+                            (Condition(field="in_stock", predicate=Equals(value="maybe")), "with true or false"),
+                            (Condition(field="brand", predicate=Is(value=True)), "with a value or any of several")):
+        with pytest.raises(InvalidRequestError, match=says):
+            validate_filter(Filter(all_of=(condition,)), schema)
