@@ -143,7 +143,9 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True,
     # utf-8-sig: a CSV saved by Excel as "CSV UTF-8" starts with a byte-order mark, which became part of the first
     # column's name ("no image column"); names are stripped (`image, product_id, category` is common too).
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+        delimiter = _delimiter(f.readline())
+        f.seek(0)
+        reader = csv.DictReader(f, delimiter=delimiter)
         if reader.fieldnames:
             reader.fieldnames = [name.strip() for name in reader.fieldnames]
         missing = {"image", "product_id", "category"} - set(reader.fieldnames or ())
@@ -166,7 +168,8 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True,
                     continue  # empty, or only spaces
                 kind = (attribute_kinds or {}).get(key)
                 attrs[key] = _typed(value) if kind is None else _of_kind(
-                    value, kind, f"{csv_path}, line {reader.line_num}, column {key!r}")
+                    value, kind, f"{csv_path}, line {reader.line_num}, column {key!r}",
+                    decimal_comma=delimiter == ";")
             path = Path(row["image"])
             files.append(
                 CatalogueFile(
@@ -190,8 +193,17 @@ def files_from_csv(csv_path: Path, *, unique_ids: bool = True,
 _FLAG_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def _of_kind(value: str, kind: str, where: str) -> str | float | bool:
-    """A cell of a column the schema declares (see files_from_csv)."""
+def _delimiter(header: str) -> str:
+    """The header line's delimiter: a comma, or a semicolon or tab when the line has more of those (Excel writes
+    `;` where the decimal separator is a comma, as in most of Europe; such a file read as `,` had no columns)."""
+    counts = {delimiter: header.count(delimiter) for delimiter in (",", ";", "\t")}
+    most = max(counts, key=counts.__getitem__)
+    return most if counts[most] > counts[","] else ","
+
+
+def _of_kind(value: str, kind: str, where: str, *, decimal_comma: bool = False) -> str | float | bool:
+    """A cell of a column the schema declares (see files_from_csv). With `decimal_comma` (a `;`-separated file),
+    a number may be written `12,50`."""
     if kind == "text":
         return value
     if kind == "flag":
@@ -199,10 +211,13 @@ def _of_kind(value: str, kind: str, where: str) -> str | float | bool:
         if flag is None:
             raise ValueError(f"{where}: {value!r} is not a flag (true/false, yes/no, 1/0)")
         return flag
+    if decimal_comma and value.count(",") == 1 and "." not in value:
+        value = value.replace(",", ".")
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"{where}: {value!r} is not a number (a decimal point, not a comma)") from None
+        hint = "" if decimal_comma else " (a decimal point, not a comma, in a comma-separated file)"
+        raise ValueError(f"{where}: {value!r} is not a number{hint}") from None
     if not math.isfinite(number):
         raise ValueError(f"{where}: {value!r} is not a finite number")
     return number

@@ -72,6 +72,13 @@ def test_csv_columns_of_the_schema_are_read_as_their_kind(tmp_path):
                                             "b/front.jpg,,p2,Milk\n")
     with pytest.raises(ValueError, match="give each row its own image_id"):
         files_from_csv(tmp_path / "blank-ids.csv")
+    # Excel where the decimal separator is a comma writes `;` between cells, and `12,50`
+    (tmp_path / "excel-eu.csv").write_text("image;product_id;category;price;brand\r\na.jpg;p;Milk;12,50;Arla, AB\r\n",
+                                           encoding="utf-8-sig")
+    [eu] = files_from_csv(tmp_path / "excel-eu.csv", attribute_kinds={"price": "number", "brand": "text"})
+    assert (eu.category, eu.attributes) == ("Milk", {"price": 12.5, "brand": "Arla, AB"})
+    (tmp_path / "tabs.tsv.csv").write_text("image\tproduct_id\tcategory\na.jpg\tp\tMilk\n")
+    assert files_from_csv(tmp_path / "tabs.tsv.csv")[0].category == "Milk"
     # eval's queries need no category (only --own-category uses it)
     (tmp_path / "queries.csv").write_text("image,product_id,category\nq1.jpg,p1,\n")
     assert files_from_csv(tmp_path / "queries.csv", unique_ids=False)[0].category == ""
