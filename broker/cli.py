@@ -86,8 +86,9 @@ def positive_seconds(text: str) -> float:
 
 
 def _non_empty(text: str) -> str:
-    """An id or category given on the command line: `--category ''` (an unset shell variable) stored the image
-    under "default" and `--image-id ''` under the file name, silently (API probe of 2026-12-05)."""
+    """A value given on the command line that must not be empty: `--category ''` (an unset shell variable) stored
+    the image under "default" and `--image-id ''` under the file name, silently, and `--broker ''` failed with
+    UNKNOWN "target uri is not valid" and grpc's log lines (API probe of 2026-12-05)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return text
@@ -567,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "else `up`'s default, %(default)s): a CSV column of one of these names is read as its kind (a "
                      "brand 1664 stays text), a cell that is not refused; other columns by their look")
     ing.add_argument("--image-id", type=_non_empty, help="image id (single file)")
-    ing.add_argument("--broker", default=broker)
+    ing.add_argument("--broker", default=broker, type=_non_empty)
     _add_tls_arguments(ing)
     ing.add_argument("--timeout-s", type=positive_seconds, default=3600.0, help=TIMEOUT_HELP)
     ing.set_defaults(func=cmd_ingest)
@@ -588,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one hit per product (its best image); -k counts products",
     )
     s.add_argument("--json", action="store_true")
-    s.add_argument("--broker", default=broker)
+    s.add_argument("--broker", default=broker, type=_non_empty)
     _add_tls_arguments(s)
     s.add_argument("--timeout-s", type=positive_seconds, default=10.0, help=TIMEOUT_HELP)
     s.set_defaults(func=cmd_search)
@@ -596,14 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("delete", help="remove catalogue images by id (from every shard and the cache)")
     de.add_argument("image_ids", nargs="*", help="image ids")
     de.add_argument("--from-file", help="a file with one image id per line ('-': standard input)")
-    de.add_argument("--broker", default=broker)
+    de.add_argument("--broker", default=broker, type=_non_empty)
     _add_tls_arguments(de)
     de.add_argument("--timeout-s", type=positive_seconds, default=600.0, help=TIMEOUT_HELP)
     de.set_defaults(func=cmd_delete)
 
     st = sub.add_parser("stats", help="vectors per shard and category")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--broker", default=broker)
+    st.add_argument("--broker", default=broker, type=_non_empty)
     _add_tls_arguments(st)
     st.add_argument("--timeout-s", type=positive_seconds, default=10.0, help=TIMEOUT_HELP)
     st.set_defaults(func=cmd_stats)
@@ -620,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrency", type=int, default=1, help="searches in flight")
     ev.add_argument("--limit", type=int, default=0, help="only this many queries, spread evenly (0: all)")
     ev.add_argument("--json", help="write the report and every query's rank to this file")
-    ev.add_argument("--broker", default=broker)
+    ev.add_argument("--broker", default=broker, type=_non_empty)
     _add_tls_arguments(ev)
     ev.add_argument("--timeout-s", type=positive_seconds, default=10.0, help="per search (default: %(default)s)")
     ev.set_defaults(func=cmd_eval)

@@ -92,6 +92,13 @@ def test_a_bad_attribute_schema_is_a_usage_error(files, capsys):
     assert exit_.value.code == 2 and "bad attribute schema entry 'in_stock:maybe'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["stats"], ["search", "--image-id", "x"], ["delete", "x"]])
+def test_an_empty_broker_address_is_a_usage_error(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--broker", ""])
+    assert exit_.value.code == 2 and "--broker: must not be empty" in capsys.readouterr().err
+
+
 def test_up_refuses_a_broker_port_in_use_before_starting_anything(tmp_path, capsys):
     """`imgsearch up` on a port another stack's broker listened on printed "ready" for that broker, its own having
     exited (CLI review of 2026-12-05)."""
