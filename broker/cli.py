@@ -124,6 +124,14 @@ def _tls(args) -> dict[str, bytes | None]:
     }
 
 
+def _add_broker_arguments(parser: argparse.ArgumentParser, broker: str, *, timeout_s: float,
+                          timeout_help: str = TIMEOUT_HELP) -> None:
+    """--broker, the TLS files and --timeout-s: what every command that calls a broker takes."""
+    parser.add_argument("--broker", default=broker, type=_non_empty)
+    _add_tls_arguments(parser)
+    parser.add_argument("--timeout-s", type=positive_seconds, default=timeout_s, help=timeout_help)
+
+
 def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-ca-file", help="CA certificate of a TLS broker (or IMGSEARCH_TLS_CA_FILE)")
     parser.add_argument("--tls-client-cert-file", help="this client's certificate, for a broker that requires "
@@ -568,9 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "else `up`'s default, %(default)s): a CSV column of one of these names is read as its kind (a "
                      "brand 1664 stays text), a cell that is not refused; other columns by their look")
     ing.add_argument("--image-id", type=_non_empty, help="image id (single file)")
-    ing.add_argument("--broker", default=broker, type=_non_empty)
-    _add_tls_arguments(ing)
-    ing.add_argument("--timeout-s", type=positive_seconds, default=3600.0, help=TIMEOUT_HELP)
+    _add_broker_arguments(ing, broker, timeout_s=3600.0)
     ing.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("search", help="search with a query image, or like a catalogue image (--image-id)")
@@ -589,24 +595,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="one hit per product (its best image); -k counts products",
     )
     s.add_argument("--json", action="store_true")
-    s.add_argument("--broker", default=broker, type=_non_empty)
-    _add_tls_arguments(s)
-    s.add_argument("--timeout-s", type=positive_seconds, default=10.0, help=TIMEOUT_HELP)
+    _add_broker_arguments(s, broker, timeout_s=10.0)
     s.set_defaults(func=cmd_search)
 
     de = sub.add_parser("delete", help="remove catalogue images by id (from every shard and the cache)")
     de.add_argument("image_ids", nargs="*", help="image ids")
     de.add_argument("--from-file", help="a file with one image id per line ('-': standard input)")
-    de.add_argument("--broker", default=broker, type=_non_empty)
-    _add_tls_arguments(de)
-    de.add_argument("--timeout-s", type=positive_seconds, default=600.0, help=TIMEOUT_HELP)
+    _add_broker_arguments(de, broker, timeout_s=600.0)
     de.set_defaults(func=cmd_delete)
 
     st = sub.add_parser("stats", help="vectors per shard and category")
     st.add_argument("--json", action="store_true")
-    st.add_argument("--broker", default=broker, type=_non_empty)
-    _add_tls_arguments(st)
-    st.add_argument("--timeout-s", type=positive_seconds, default=10.0, help=TIMEOUT_HELP)
+    _add_broker_arguments(st, broker, timeout_s=10.0)
     st.set_defaults(func=cmd_stats)
 
     ev = sub.add_parser("eval", help="Recall@1/5/10, MRR and latency of the broker on labelled query photos")
@@ -621,9 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrency", type=int, default=1, help="searches in flight")
     ev.add_argument("--limit", type=int, default=0, help="only this many queries, spread evenly (0: all)")
     ev.add_argument("--json", help="write the report and every query's rank to this file")
-    ev.add_argument("--broker", default=broker, type=_non_empty)
-    _add_tls_arguments(ev)
-    ev.add_argument("--timeout-s", type=positive_seconds, default=10.0, help="per search (default: %(default)s)")
+    _add_broker_arguments(ev, broker, timeout_s=10.0, timeout_help="per search (default: %(default)s)")
     ev.set_defaults(func=cmd_eval)
 
     d = sub.add_parser("demo", help="bring a stack up, ingest the grocery photos, run queries, shut down")

@@ -97,7 +97,7 @@ class _Items:
     and the caller never learnt which file or why (CLI review of 2026-12-05). The caller gets it back as it was."""
 
     def __init__(self, items):
-        self.items = items
+        self.items = [items] if isinstance(items, CatalogueItem) else items  # one item is one item
         self.error: BaseException | None = None
 
     def __iter__(self):
@@ -211,7 +211,7 @@ class BrokerClient:
     async def ingest_stream(
         self, items: Iterable[CatalogueItem] | AsyncIterable[CatalogueItem], *, timeout_s: float | None = None
     ) -> IngestSummary:
-        messages = _Items([items] if isinstance(items, CatalogueItem) else items)
+        messages = _Items(items)
         try:
             resp = await self._stub.IngestStream(
                 messages.__aiter__(), timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
@@ -309,7 +309,7 @@ class SyncBrokerClient:
     def ingest_stream(
         self, items: Iterable[CatalogueItem], *, timeout_s: float | None = None
     ) -> IngestSummary:
-        messages = _Items([items] if isinstance(items, CatalogueItem) else items)  # one item is one item
+        messages = _Items(items)
         try:
             resp = self._stub.IngestStream(
                 iter(messages), timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata

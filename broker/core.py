@@ -64,7 +64,7 @@ from broker.versions import WriteClock
 from embedder.client import Embedder
 from embedder.errors import EmbedderOverloadedError
 from embedder.hashing import ImageHashes, hashes_of_bytes
-from imgsearch.errors import ImgsearchError
+from imgsearch.errors import ImgsearchError, quoted
 from shard_server.errors import InvalidRequestError as ShardInvalidRequestError
 from shard_server.types import MAX_ID_CHARS, Hit, Record, SearchQuery, distinct_products, normalised
 
@@ -580,7 +580,7 @@ def _check_item(item: CatalogueItem) -> None:
         if not value or not value.strip() or len(value) > MAX_ID_CHARS:  # " " was stored as a category (review)
             raise InvalidRequestError(
                 f"{name} must be a string of 1 to {MAX_ID_CHARS} characters, not only spaces "
-                f"(item {item.image_id[:MAX_ID_CHARS]!r}{'...' if len(item.image_id) > MAX_ID_CHARS else ''})"
+                f"(item {quoted(item.image_id)})"
             )
     if (item.image is None) == (item.vector is None):
         raise InvalidRequestError(f"item {item.image_id!r} needs exactly one of image or vector")

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 
+from broker.background import stop_task
 from broker.hint_journal import HintJournal, JournalUnavailable
 from broker.metrics import PENDING_REMOVALS, REMOVAL_HINTS_DROPPED, UNSAVED_REMOVALS
 from imgsearch.errors import ImgsearchError
@@ -188,11 +189,7 @@ class RemovalHints:
     async def stop(self) -> None:
         """Stop the retry loop, sending what is pending once more first (briefly: shutdown must not hang)."""
         if self._task is not None:
-            while not self._task.done():  # a cancel can be lost (asyncio.wait_for on 3.11): ask again
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=0.1)
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
             self._task = None
         if not self._pending:
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from broker.background import stop_task
 from broker.cache import CacheEntry, CacheUnavailable, DuplicateCache
 from broker.metrics import CACHE_REPAIR_DROPPED, CACHE_REPAIR_PENDING
 
@@ -87,10 +88,4 @@ class CacheRepairQueue:
 
     async def stop(self) -> None:
         if self._task is not None:
-            while not self._task.done():  # a cancel can be lost (asyncio.wait_for on 3.11): ask again
-                self._task.cancel()
-                await asyncio.wait({self._task}, timeout=0.1)
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_task(self._task)

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from imgsearch.errors import quoted
 from shard_server.columns import GrowableArray
 from shard_server.errors import InvalidRequestError
 from shard_server.types import AnyOf, Attributes, Condition, Equals, Filter, Is, Range
@@ -67,9 +68,8 @@ def validate_filter(flt: Filter, schema: Mapping[str, str]) -> None:
     for condition in flt.all_of:
         kind = schema.get(condition.field)
         if kind is None:
-            shown = condition.field if len(condition.field) <= 80 else condition.field[:80] + "..."
             raise InvalidRequestError(
-                f"unknown filter field {shown!r}; known fields: {', '.join(sorted(schema)) or 'none'}")
+                f"unknown filter field {quoted(condition.field)}; known fields: {', '.join(sorted(schema)) or 'none'}")
         wanted = _PREDICATE_KIND.get(type(condition.predicate))
         if wanted is None:
             raise InvalidRequestError(f"unknown predicate {condition.predicate!r} on field {condition.field!r}")

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from imgsearch.errors import ImgsearchError, from_status
+from imgsearch.errors import ImgsearchError, from_status, quoted
 from imgsearch.v1 import common_pb2, shard_pb2
 from shard_server.attributes import check_filter_size, check_filter_text
 from shard_server.errors import InvalidRequestError
@@ -230,7 +230,7 @@ def condition_to_proto(condition: Condition) -> common_pb2.Condition:
     try:
         return _condition_to_proto(condition)
     except (TypeError, ValueError, OverflowError) as exc:  # a Range(min=10**400), Equals(value=5)...
-        raise InvalidRequestError(f"condition on {str(condition.field)[:80]!r}: {exc}") from None
+        raise InvalidRequestError(f"condition on {quoted(condition.field)}: {exc}") from None
 
 
 def _condition_to_proto(condition: Condition) -> common_pb2.Condition:
@@ -264,7 +264,7 @@ def condition_from_proto(message: common_pb2.Condition) -> Condition:
     elif kind == "is":
         predicate = Is(value=getattr(message, "is"))
     else:
-        raise InvalidRequestError(f"condition on field {message.field[:80]!r} has no predicate")
+        raise InvalidRequestError(f"condition on field {quoted(message.field)} has no predicate")
     return Condition(field=message.field, predicate=predicate)
 
 

@@ -10,6 +10,13 @@ from __future__ import annotations
 import grpc
 
 
+def quoted(value: object, limit: int = 80) -> str:
+    """A caller's value for an error message: its repr, cut to `limit` characters. A message quoting a
+    20,000-character id whole lost the rest of its text to the status cut (imgsearch.serving.status_details)."""
+    text = str(value)
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
+
+
 class ImgsearchError(Exception):
     """Base of every error the engine reports to a caller."""
 
