@@ -8,8 +8,9 @@ On Kubernetes the ServiceMonitors in deploy/base do this; outside it, point Prom
         --rules deploy/prometheus/rules/imgsearch.rules.yml > prometheus.yml
     prometheus --config.file=prometheus.yml
 
-Job names and the `shard` label match what the ServiceMonitors produce, so the alerting rules and the Grafana
-dashboard work unchanged on either.
+The `shard` label and the broker, Triton and Redis job names match what the ServiceMonitors produce; the shards
+are one job here (`imgsearch-shard`) and one job per shard there (`imgsearch-shard-0`, ...), which the rules and
+the dashboard match alike (`job=~"imgsearch-shard.*"`), so they work unchanged on either.
 """
 
 from __future__ import annotations
