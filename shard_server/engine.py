@@ -273,15 +273,21 @@ class ShardEngine:
         # Training waits until the whole write is in: started half-way, it would give a partition the list count
         # of the rows it had so far (a 200k-vector stream got IVF790 instead of IVF1789) and train it again later.
         self._bulk_write_applying.set()
+        newest = 0
         try:
             for records in self._record_batches(convert.upsert_request_batches(chunks,
                                                                                batch_bytes=UPSERT_BATCH_BYTES)):
                 if validate:
                     self._validate_records(records)
-                self._apply_upsert(records)
+                newest = max(newest, self._apply_upsert(records, expire_tombstones=False))
                 release_free_memory()  # the chunks drained so far: their pages go while the vectors grow
         finally:
             self._bulk_write_applying.clear()
+        # Once for the whole write, as a unary write applied in one batch does: a replay cuts a unary write of
+        # over UPSERT_BATCH_BYTES into batches, and forgetting deletes after its first batch let a later record
+        # of the same write through that the live shard had dropped as older than the delete (review).
+        if newest:
+            self.tombstones.expire(newest)
 
     def delete(self, image_ids: Sequence[str], *, version: int = 0) -> int:
         """Remove ids; returns how many were held. With a `version`, only copies written with a lower version go,
@@ -379,7 +385,9 @@ class ShardEngine:
         else:
             raise WalError(f"unknown log record type {op!r}")
 
-    def _apply_upsert(self, records: Sequence[Record]) -> None:
+    def _apply_upsert(self, records: Sequence[Record], *, expire_tombstones: bool = True) -> int:
+        """Apply one batch of a write; returns its newest version (0: none). `expire_tombstones` False: the caller
+        forgets old deletes once the whole write is applied."""
         latest: dict[str, Record] = {}
         for r in records:
             # Of an id's records in one batch, the one that applying them one by one would leave: the highest
@@ -395,7 +403,8 @@ class ShardEngine:
             for image_id, r in latest.items():
                 if r.version:  # newer than the remembered delete (_takes); an unversioned write leaves it
                     self.tombstones.forget(image_id)
-            self.tombstones.expire(newest)
+            if expire_tombstones:
+                self.tombstones.expire(newest)
         self._remove_ids(latest.keys())
         by_category: dict[str, list[Record]] = {}
         for r in latest.values():
@@ -410,6 +419,7 @@ class ShardEngine:
             for r, row in zip(group, rows.tolist()):
                 self.id_map[r.image_id] = base | row
             _export_category(self, category, partition)
+        return newest
 
     def _partition_for_write(self, category: str) -> Partition:
         partition = self.partitions.get(category)

@@ -379,9 +379,10 @@ def test_training_waits_until_a_bulk_write_is_applied(tmp_path, monkeypatch):
     swapped_mid_write = []
     apply = engine._apply_upsert
 
-    def apply_then_try_training(records):
-        apply(records)
+    def apply_then_try_training(records, **options):
+        newest = apply(records, **options)
         swapped_mid_write.append(engine.train_pending())
+        return newest
 
     monkeypatch.setattr(engine, "_apply_upsert", apply_then_try_training)
     catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=20, seed=7)

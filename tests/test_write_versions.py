@@ -475,3 +475,19 @@ def test_a_write_version_far_ahead_of_the_shards_clock_is_refused(tmp_path):
     engine.upsert([_record("x", time.time_ns())])  # older than what is held: dropped, as before
     assert _held(engine, "x") == (f"p{now + 10 * SECOND_NS}", "a")
     engine.close()
+
+
+def test_a_unary_write_cut_into_batches_on_replay_restarts_to_what_the_live_shard_kept(tmp_path, monkeypatch):
+    """A unary write is applied live as one batch, and replayed in batches of UPSERT_BATCH_BYTES. Old deletes were
+    forgotten after each batch, so on replay the first batch's newest version forgot x's delete before the batch
+    holding x's older write came: x, dropped by the live shard, came back after a restart (review: a 9 MB write)."""
+    engine = _engine(tmp_path, tombstone_ttl_s=10, max_version_ahead_s=5)
+    engine.delete(["x"], version=100 * SECOND_NS)
+    engine.upsert([_record("y", 111 * SECOND_NS), _record("x", 90 * SECOND_NS)])  # y is 11 s after x's delete
+    live = ({i: _held(engine, i) for i in ("x", "y")}, sorted(engine.tombstones))
+    assert live == ({"x": None, "y": (f"p{111 * SECOND_NS}", "a")}, [])
+    engine.close()  # no snapshot: the restart replays the log
+    monkeypatch.setattr("shard_server.engine.UPSERT_BATCH_BYTES", 1)  # every record a batch of its own
+    restarted = _engine(tmp_path, tombstone_ttl_s=10, max_version_ahead_s=5)
+    assert ({i: _held(restarted, i) for i in ("x", "y")}, sorted(restarted.tombstones)) == live
+    restarted.close()
