@@ -210,6 +210,23 @@ class AttributeColumns:
         arrays |= {f"flag.{k}": v.view for k, v in self._flags.items()}
         return arrays, dict(self._values)
 
+    @staticmethod
+    def columns_not_kept(schema: Mapping[str, str], arrays: Mapping[str, np.ndarray],
+                         rows: np.ndarray | None = None) -> list[str]:
+        """The saved columns (``kind.name``) that hold a value in `rows` (a mask; None: every row) and that
+        `from_state` under `schema` would drop: an attribute the schema no longer has, or has as another kind."""
+        missing = {"text": -1, "flag": -1}
+        dropped = []
+        for key, data in arrays.items():
+            kind, _, name = key.partition(".")
+            if schema.get(name) == kind:
+                continue
+            values = data if rows is None else data[rows]
+            held = ~np.isnan(values) if kind == "number" else values != missing.get(kind, -1)
+            if np.any(held):
+                dropped.append(key)
+        return sorted(dropped)
+
     @classmethod
     def from_state(cls, schema: Mapping[str, str], arrays: Mapping[str, np.ndarray],
                    dictionaries: Mapping[str, list[str]], n: int) -> AttributeColumns:

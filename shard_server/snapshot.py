@@ -209,6 +209,15 @@ class SnapshotStore:
         partition.versions = GrowableArray(np.uint64, initial=versions)
         partition.image_ids = StringColumn(ids["image_ids"])
         partition.product_ids = StringColumn(map(sys.intern, ids["product_ids"]))
+        dropped = AttributeColumns.columns_not_kept(config.attribute_kinds, arrays, alive)
+        if dropped:
+            # Loaded, they would be gone for good with the next snapshot (the log refuses such a change too).
+            raise SnapshotCorruptError(
+                f"snapshot partition {directory} ({entry['category']!r}) holds values of the attributes "
+                f"{', '.join(k.partition('.')[2] + ' (' + k.partition('.')[0] + ')' for k in dropped)}, which "
+                "the configured attribute schema does not have as that kind: starting would drop them. Start the "
+                "shard with the attribute schema that wrote them (attributes may be added to it, not removed or "
+                "changed), or re-ingest the catalogue into a fresh data dir")
         partition.attributes = AttributeColumns.from_state(config.attribute_kinds, arrays, ids["dictionaries"], n)
         partition.live_count = int(np.count_nonzero(alive))
         if entry["trained"]:
