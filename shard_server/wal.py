@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from shard_server.errors import WalCorruptError, WalError, WalFailedError
 
 log = logging.getLogger(__name__)
@@ -111,8 +113,9 @@ def read_segment(path: Path, *, truncate_torn_tail: bool, may_end_torn: bool = T
                 _torn(path, good_until, size, f, may_end_torn, "torn frame header")
                 break
             length, crc = HEADER.unpack(header)
-            if length == 0:  # never written (every record has an op code): a zero-filled tail
-                _torn(path, good_until, size, f, may_end_torn, "empty frame (zero-filled tail)")
+            if length == 0:  # never written (every record has an op code): a zero-filled tail, if zeros follow
+                _torn(path, good_until, size, f, may_end_torn, "empty frame (zero-filled tail)",
+                      frame_end=good_until + HEADER.size)
                 break
             offset = good_until + HEADER.size
             if length <= READ_CHUNK_BYTES:
@@ -122,8 +125,10 @@ def read_segment(path: Path, *, truncate_torn_tail: bool, may_end_torn: bool = T
                 data = None
                 actual, got = _checksum(f, length)
             if got < length or actual != crc:
-                _torn(path, good_until, size, f, may_end_torn, f"torn or corrupt frame (length {length})",
-                      frame_end=offset + length)
+                what = f"torn or corrupt frame (length {length})"
+                if got < length and may_end_torn:  # runs past the end: a torn last write, or a corrupt length
+                    _refuse_if_frames_follow(path, good_until, offset, size, f, what)
+                _torn(path, good_until, size, f, may_end_torn, what, frame_end=offset + length)
                 break
             good_until = offset + length
             yield LogFrame(path=path, offset=offset, length=length, data=data)
@@ -141,17 +146,111 @@ def _torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str, *, f
         raise WalCorruptError(f"{path}: {what} at byte {at} of {size}, in a segment older than the newest one: "
                               "acknowledged writes after it would be lost. The shard does not start; restore the "
                               "data dir from a replica or a backup")
-    if frame_end is not None and frame_end < size:
-        f.seek(frame_end)
-        rest = f.read(min(size - frame_end, READ_CHUNK_BYTES))
-        if rest.strip(b"\0"):
-            # After a power loss, unsynced pages can reach the disk out of order, so this can also be a torn tail
-            # with a later unacknowledged page written: the operator decides, with the command to accept the cut.
-            raise WalCorruptError(f"{path}: {what} at byte {at}, followed by {size - frame_end} more bytes of log: "
-                                  "a corrupt write with more after it, not a plain torn tail. The shard does not "
-                                  "start; restore the data dir from a replica or a backup, or, to start without "
-                                  f"the writes from there on, run `truncate -s {at} {path}`")
+    if frame_end is not None and frame_end < size and not _only_zeros(f, frame_end, size):
+        # After a power loss, unsynced pages can reach the disk out of order, so this can also be a torn tail
+        # with a later unacknowledged page written: the operator decides, with the command to accept the cut.
+        raise WalCorruptError(f"{path}: {what} at byte {at}, followed by {size - frame_end} more bytes of log: "
+                              "a corrupt write with more after it, not a plain torn tail. The shard does not "
+                              "start; restore the data dir from a replica or a backup, or, to start without "
+                              f"the writes from there on, run `truncate -s {at} {path}`")
     log.warning("%s: %s at byte %d (a write torn by a crash, never acknowledged)", path, what, at)
+
+
+def _only_zeros(f, start: int, stop: int) -> bool:
+    f.seek(start)
+    for _ in range(start, stop, READ_CHUNK_BYTES):
+        chunk = f.read(READ_CHUNK_BYTES)
+        if chunk.strip(b"\0"):
+            return False
+    return True
+
+
+# After a frame whose length runs past the end of its segment, this much of what follows is searched for whole
+# frames: a write torn by a crash leaves none after it, a corrupt length field in the middle of the log does.
+RESYNC_SCAN_BYTES = READ_CHUNK_BYTES
+_RESYNC_WINDOW_BYTES = 1 << 20
+_RESYNC_MAX_HOPS = 1_000_000
+_RESYNC_MAX_CHASES = 50_000
+_RESYNC_ZEROS_BYTES = 64 << 10
+
+
+def _refuse_if_frames_follow(path: Path, at: int, payload_at: int, size: int, f, what: str) -> None:
+    """WalCorruptError when checksummed frames follow the bad frame at byte `at` (its payload at `payload_at`)
+    through to the end of the segment: its length field is corrupt, and the writes after it were acknowledged."""
+    found = _next_whole_frame(f, payload_at, size)
+    if found is not None:
+        raise WalCorruptError(f"{path}: {what} at byte {at} runs past the end of the segment ({size} bytes), but "
+                              f"whole frames follow from byte {found} to the end: a corrupt length field, not a "
+                              "torn write, and the writes after it were acknowledged. The shard does not start; "
+                              "restore the data dir from a replica or a backup, or, to start without the writes "
+                              f"from there on, run `truncate -s {at} {path}`")
+
+
+def _next_whole_frame(f, start: int, size: int) -> int | None:
+    """The offset of a frame that starts within RESYNC_SCAN_BYTES after `start`, whose checksum holds and which
+    whole frames follow to the end of the segment (or to a zero-filled tail); None when there is none.
+
+    Every byte offset is a candidate (frames have no alignment). numpy reads the length at each and keeps those
+    that fit in the segment and, where the next header lies in the same window, are followed by one that fits
+    too; the rest are followed through the file, shortest first, up to _RESYNC_MAX_CHASES in all. Random bytes (a
+    torn write's partial payload) thus cost a scan of the window and little else, also in a segment of
+    gigabytes where most random lengths fit; should the budget run out, the frame is taken for a torn write, as
+    before this search existed, and the log says so."""
+    chases = 0
+    stop = min(size - HEADER.size, start + RESYNC_SCAN_BYTES)  # the last offset a header can start at
+    for window_start in range(start, stop + 1, _RESYNC_WINDOW_BYTES):
+        f.seek(window_start)
+        window = f.read(min(_RESYNC_WINDOW_BYTES, stop + 1 - window_start) + 3)
+        raw = np.frombuffer(window, np.uint8).astype(np.int64)
+        n = len(raw) - 3
+        if n <= 0:
+            break
+        lengths = raw[:n] | raw[1:n + 1] << 8 | raw[2:n + 2] << 16 | raw[3:n + 3] << 24
+        ends = window_start + np.arange(n, dtype=np.int64) + HEADER.size + lengths
+        fits = (lengths > 0) & (ends <= size)
+        next_at = ends - window_start
+        in_window = fits & (next_at < n)
+        next_fits = np.zeros(n, dtype=bool)
+        next_fits[in_window] = ends[in_window] + HEADER.size + lengths[next_at[in_window]] <= size
+        candidates = np.flatnonzero(fits & (~in_window | next_fits | (ends == size)))
+        candidates = candidates[np.argsort(lengths[candidates], kind="stable")]
+        for i in candidates.tolist():
+            if chases >= _RESYNC_MAX_CHASES:
+                log.warning("%s: stopped looking for whole frames after the bad frame before byte %d after %d "
+                            "tries: taken for a torn write", f.name, start, chases)
+                return None
+            chases += 1
+            at = window_start + i
+            if _frames_reach_end(f, int(ends[i]), size) and _checksum_holds(f, at, int(lengths[i])):
+                return at
+    return None
+
+
+def _frames_reach_end(f, at: int, size: int) -> bool:
+    """Whether whole frames (by their lengths) lead from byte `at` exactly to the end of the segment, or, after at
+    least one of them, to a zero-filled tail (its first _RESYNC_ZEROS_BYTES checked). A zero header right at `at`
+    is not enough: in a sparse or zero-filled segment most random lengths would land on one."""
+    for hop in range(_RESYNC_MAX_HOPS):
+        if at == size:
+            return True
+        f.seek(at)
+        header = f.read(HEADER.size)
+        if len(header) < HEADER.size:
+            return False
+        length, _ = HEADER.unpack(header)
+        if length == 0:
+            return hop > 0 and not f.read(_RESYNC_ZEROS_BYTES).strip(b"\0")
+        at += HEADER.size + length
+        if at > size:
+            return False
+    return False
+
+
+def _checksum_holds(f, at: int, length: int) -> bool:
+    f.seek(at)
+    _, crc = HEADER.unpack(f.read(HEADER.size))
+    actual, got = _checksum(f, length)
+    return got == length and actual == crc
 
 
 class WriteAheadLog:

@@ -110,6 +110,44 @@ def test_torn_wal_tail_is_cut_on_replay(tmp_path):
     assert [f.read().decode() for f in WriteAheadLog(tmp_path).replay(0)] == [f"record-{i}" for i in range(4)]
 
 
+@pytest.mark.parametrize("length, refusal", [(0, "followed by"), (0x7FFFFFFF, "whole frames follow")])
+def test_a_corrupt_length_field_with_writes_after_it_stops_the_replay(tmp_path, length, refusal):
+    """A length field overwritten in the middle of the newest segment read as a torn tail (0: "zero-filled", or
+    running past the end of the file), and the acknowledged writes after it were cut off without a word
+    (review: 4 of 5 writes lost). Whole frames after it now show it is not the end of the log."""
+    wal = WriteAheadLog(tmp_path)
+    wal.open()
+    payloads = [f"record-{i}".encode() * (i + 1) for i in range(5)]
+    for payload in payloads:
+        wal.append(payload)
+    wal.close()
+    (segment,) = wal.segments()
+    size = segment.stat().st_size
+    with open(segment, "r+b") as f:  # the second frame's length
+        f.seek(HEADER.size + len(payloads[0]))
+        f.write(length.to_bytes(4, "little"))
+    with pytest.raises(WalCorruptError, match=refusal):
+        list(WriteAheadLog(tmp_path).replay(0))
+    assert segment.stat().st_size == size
+
+
+def test_a_torn_last_write_is_still_cut_whatever_its_partial_payload(tmp_path):
+    """The search for whole frames after a frame that runs past the end must not mistake a torn write's partial
+    payload (random bytes, or zeros) for frames."""
+    for i, partial in enumerate((np.random.default_rng(1).bytes(3 << 20), bytes(5000), b"\x01" * 70)):
+        directory = tmp_path / str(i)
+        wal = WriteAheadLog(directory)
+        wal.open()
+        wal.append(b"kept")
+        wal.close()
+        (segment,) = wal.segments()
+        whole = segment.stat().st_size
+        with open(segment, "ab") as f:
+            f.write(HEADER.pack(len(partial) + 1000, 12345) + partial)
+        assert [frame.read() for frame in WriteAheadLog(directory).replay(0)] == [b"kept"]
+        assert segment.stat().st_size == whole
+
+
 def test_a_big_frame_is_verified_and_read_back_in_chunks(tmp_path, monkeypatch):
     """Frames over READ_CHUNK_BYTES are checked chunk by chunk and not held in memory; a torn one is still cut."""
     monkeypatch.setattr(wal_module, "READ_CHUNK_BYTES", 10)
