@@ -45,6 +45,13 @@ class WalError(ShardError, InternalError):
     """The write-ahead log could not be written or read."""
 
 
+class WalDiskFullError(WalError):
+    """A write did not fit on the log's disk (ENOSPC, or a quota): it was cut off, nothing of it is kept, and the
+    log takes writes again once there is room. RESOURCE_EXHAUSTED, so callers can tell it from a fault of ours."""
+
+    code = ResourceExhaustedError.code
+
+
 class WalFailedError(WalError):
     """The log failed earlier (an fsync error) and refuses every write until the shard restarts, which it is
     doing (fail-stop): UNAVAILABLE, so callers retry elsewhere or later, as for a shard that is down."""

@@ -9,6 +9,7 @@ flushes everything written so far, and writers whose frame is already covered re
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import struct
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shard_server.errors import WalCorruptError, WalError, WalFailedError
+from shard_server.errors import WalCorruptError, WalDiskFullError, WalError, WalFailedError
 
 log = logging.getLogger(__name__)
 
@@ -352,6 +353,8 @@ class WriteAheadLog:
                     os.ftruncate(self._fd, start)
                 except OSError:
                     self._fail(f"a write failed ({e}) and could not be cut off")
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise WalDiskFullError(f"write-ahead log write failed, the disk is full: {e}") from e
                 raise WalError(f"write-ahead log write failed: {e}") from e
             self._written_seq += 1
             seq = self._written_seq

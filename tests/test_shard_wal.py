@@ -125,8 +125,10 @@ def test_a_write_that_fails_part_way_is_cut_off_and_later_writes_survive(tmp_pat
         return real_write(fd, data)
 
     monkeypatch.setattr(wal_module.os, "write", short_then_enospc)
-    with pytest.raises(WalError):
+    with pytest.raises(WalError) as refused:
         engine.upsert([_record(1)])  # refused: the caller knows it failed
+    # and why: a full disk, not a fault of the shard (it answered INTERNAL, review)
+    assert refused.value.code.name == "RESOURCE_EXHAUSTED" and "disk is full" in str(refused.value)
     monkeypatch.setattr(wal_module.os, "write", real_write)  # space was freed
     engine.upsert([_record(2)])
     engine.delete(["img-0"])
