@@ -122,8 +122,11 @@ def _lock_data_dir(config: ShardConfig) -> int:
     """One shard process per data dir: a second one replays the same log, and its final snapshot drops the log
     segment the first is still appending to (writes the first acknowledged are then lost on its next crash).
     The lock is held until the process exits."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(config.data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(config.data_dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a regular file in its place, a read-only filesystem, no permission (a traceback before)
+        raise SystemExit(f"imgsearch-shard: cannot use data dir {config.data_dir}: {e.strerror or e}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

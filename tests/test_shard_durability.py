@@ -871,3 +871,14 @@ def test_a_stop_during_the_snapshot_load_is_taken_at_once(tmp_path):
     restarted.load()
     assert sum(c.vectors for c in restarted.stats().categories) == 200
     restarted.close()
+
+
+def test_a_data_dir_that_cannot_be_used_stops_the_shard_with_a_clear_message(tmp_path):
+    """A regular file where the data dir should be (or a read-only filesystem) ended the shard with a
+    FileExistsError traceback (review); it is a one-line message now, as for a data dir in use."""
+    from shard_server.server import _lock_data_dir
+
+    in_the_way = tmp_path / "data"
+    in_the_way.write_text("not a directory")
+    with pytest.raises(SystemExit, match=r"cannot use data dir .*data: File exists"):
+        _lock_data_dir(ShardConfig(data_dir=in_the_way, dimension=DIM))
