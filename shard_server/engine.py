@@ -58,6 +58,8 @@ OP_UPSERT = b"U"
 OP_BULK_UPSERT = b"B"
 OP_DELETE = b"D"
 _BULK_HEADER_LENGTH = struct.Struct("<I")
+# After failed snapshots the next try waits 2, 4, 8 ... s, at most this long.
+SNAPSHOT_RETRY_MAX_S = 64.0
 # Bulk writes are decoded and applied in batches of about this many serialised bytes (~4,000 512-d records).
 UPSERT_BATCH_BYTES = 8 << 20
 # A search over at least this many partitions reads ids and attributes only for the best rows of them all
@@ -623,15 +625,23 @@ class ShardEngine:
 
     # --- snapshots -------------------------------------------------------------------------------------------
     def _snapshot_loop(self) -> None:
+        failures, retry_at = 0, 0.0
         while not self._stop.wait(timeout=1.0):
-            due = time.monotonic() - self._last_snapshot_at >= self.config.snapshot_interval_s
-            if self._swaps_since_snapshot or (
-                    self._writes_since_snapshot and (due or self.wal.size_bytes >= self.config.snapshot_wal_bytes)):
+            now = time.monotonic()
+            due = now - self._last_snapshot_at >= self.config.snapshot_interval_s
+            if now >= retry_at and (self._swaps_since_snapshot or (
+                    self._writes_since_snapshot and (due or self.wal.size_bytes >= self.config.snapshot_wal_bytes))):
                 try:
                     self.snapshot()
+                    failures = 0
                 except Exception:  # noqa: BLE001 - the log still holds everything; try again later
-                    log.exception("snapshot failed")
+                    # Later and later (2, 4, ... 64 s): after an index swap or with a big log it was due again at
+                    # once, and a full disk got the whole snapshot written (and a new log segment) every second.
+                    failures += 1
+                    delay_s = min(SNAPSHOT_RETRY_MAX_S, 2.0 ** failures)
+                    log.exception("snapshot failed (%d in a row); next try in %.0f s", failures, delay_s)
                     self._last_snapshot_at = time.monotonic()
+                    retry_at = self._last_snapshot_at + delay_s
 
     def snapshot(self) -> None:
         """Write a snapshot covering every applied write, then drop the log segments it covers."""

@@ -882,3 +882,24 @@ def test_a_data_dir_that_cannot_be_used_stops_the_shard_with_a_clear_message(tmp
     in_the_way.write_text("not a directory")
     with pytest.raises(SystemExit, match=r"cannot use data dir .*data: File exists"):
         _lock_data_dir(ShardConfig(data_dir=in_the_way, dimension=DIM))
+
+
+@pytest.mark.timeout(60)
+def test_failed_snapshots_are_tried_again_later_and_later(tmp_path):
+    """After an index swap (or with a big log) a failed snapshot was due again at once: on a full disk the shard
+    wrote the whole snapshot, and opened a new log segment, every second (review). Now 2 s, 4 s, ... later."""
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=DIM))
+    engine.load()
+    tries = []
+
+    def failing_snapshot():
+        tries.append(time.monotonic())
+        raise OSError(28, "No space left on device")
+
+    engine.snapshot = failing_snapshot
+    engine._swaps_since_snapshot = 1  # a rebuilt index waits for its snapshot: always due
+    engine.start_background()
+    time.sleep(5.5)
+    engine.close()
+    assert len(tries) == 2, tries  # at about 1 s and 3 s (every second before: 5)
+    assert tries[1] - tries[0] >= 1.9
