@@ -397,7 +397,10 @@ class ShardEngine:
             # as it would across batches, so a stream's outcome does not depend on where its batches are cut.
             earlier = latest.pop(r.image_id, None)
             latest[r.image_id] = earlier if earlier is not None and r.version and earlier.version > r.version else r
-        newest = max((r.version for r in latest.values()), default=0)
+        # Of every record, not only those kept: a replay may cut the write into batches elsewhere, and an id's
+        # records can then fall into two batches (review: [x@111 s, x unversioned] forgot old deletes on replay
+        # only).
+        newest = max((r.version for r in records), default=0)
         if newest:
             # Versioned writes: whatever order they arrive in, an id keeps its highest version, so replicas and
             # concurrent brokers converge; a write older than what is held, or than a remembered delete, is dropped.

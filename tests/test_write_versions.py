@@ -491,3 +491,19 @@ def test_a_unary_write_cut_into_batches_on_replay_restarts_to_what_the_live_shar
     restarted = _engine(tmp_path, tombstone_ttl_s=10, max_version_ahead_s=5)
     assert ({i: _held(restarted, i) for i in ("x", "y")}, sorted(restarted.tombstones)) == live
     restarted.close()
+
+
+def test_a_write_whose_versioned_record_is_replaced_forgets_the_same_deletes_live_and_on_replay(tmp_path, monkeypatch):
+    """[x at 111 s, x unversioned] in one write: live, only the unversioned record was kept, and old deletes were
+    forgotten by the kept records' versions (none); a replay cutting the write between them forgot them by 111 s,
+    and z's older write, dropped live, came back after a restart (review)."""
+    engine = _engine(tmp_path, tombstone_ttl_s=10, max_version_ahead_s=5)
+    engine.delete(["z"], version=100 * SECOND_NS)
+    engine.upsert([_record("x", 111 * SECOND_NS), replace(_record("x", 111 * SECOND_NS), version=0)])
+    engine.upsert([_record("z", 90 * SECOND_NS)])
+    live = ({i: _held(engine, i) for i in ("x", "z")}, sorted(engine.tombstones))
+    engine.close()
+    monkeypatch.setattr("shard_server.engine.UPSERT_BATCH_BYTES", 1)  # every record a batch of its own
+    restarted = _engine(tmp_path, tombstone_ttl_s=10, max_version_ahead_s=5)
+    assert ({i: _held(restarted, i) for i in ("x", "z")}, sorted(restarted.tombstones)) == live
+    restarted.close()
