@@ -198,7 +198,8 @@ class SnapshotStore:
         ids = json.loads((directory / "ids.json").read_text())
         with np.load(directory / "attributes.npz") as npz:
             arrays = {k: npz[k] for k in npz.files}
-        if len(vectors) != n or len(alive) != n or len(ids["image_ids"]) != n:
+        if (len(vectors) != n or len(alive) != n or len(ids["image_ids"]) != n
+                or any(len(column) != n for column in arrays.values())):
             raise SnapshotCorruptError(f"snapshot partition {directory}: row counts disagree")
         partition.vectors = VectorStore(config.dimension, base=vectors, dtype=config.vector_dtype)
         partition.alive = GrowableArray(np.bool_, initial=alive)

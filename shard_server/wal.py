@@ -1,9 +1,20 @@
 """Write-ahead log: numbered segment files of framed records, fsynced before a write is acknowledged.
 
-Frame: little-endian u32 payload length, u32 CRC32 of the payload, payload. A crash can leave a torn last frame;
-replay detects it by length or CRC and truncates the segment there (that write was never acknowledged, because
-acknowledgement waits for fsync). Concurrent writers share fsyncs (group commit): whoever holds the sync lock
-flushes everything written so far, and writers whose frame is already covered return at once.
+Frame: a 4-byte magic, little-endian u32 payload length, u32 CRC32 of the payload, payload. A crash can leave a
+torn last frame; replay detects it by its magic, length or CRC and truncates the segment there (that write was
+never acknowledged, because acknowledgement waits for fsync). Whatever makes a frame bad, replay then looks for a
+whole frame (magic, a length that fits, a CRC that holds) anywhere after it: one found means the bad frame is not
+the end of the log but corruption of acknowledged writes, and the shard refuses to start. The magic is what makes
+that search possible: a corrupt length field used to hide where the next frame starts, and the writes after it
+were cut as a torn tail (review). Its bytes cannot occur in UTF-8 text, and a vector's floats would have to hold
+it and a whole checksummed frame after it by chance.
+
+Segments written before the magic (``*.wal``, "legacy") are still read, with the checks of their time: a bad
+frame followed by non-zero bytes is refused, one that runs past the end is taken for a torn tail. Each load
+starts a fresh segment, so they are gone after the first snapshot.
+
+Concurrent writers share fsyncs (group commit): whoever holds the sync lock flushes everything written so far,
+and writers whose frame is already covered return at once.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -19,15 +31,18 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from shard_server.errors import WalCorruptError, WalDiskFullError, WalError, WalFailedError
 
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct("<II")
+# A frame's header: magic, payload length, CRC32 of the payload.
+HEADER = struct.Struct("<4sII")
+FRAME_MAGIC = b"\xa5\x1e\xb3\x0f"  # not UTF-8 (a continuation byte after a control character), a tiny float
 MAX_FRAME_BYTES = (1 << 32) - 1
-SEGMENT_SUFFIX = ".wal"
+SEGMENT_SUFFIX = ".wal2"
+# Segments of frames without the magic: payload length, CRC32.
+LEGACY_HEADER = struct.Struct("<II")
+LEGACY_SEGMENT_SUFFIX = ".wal"
 
 
 def _segment_name(generation: int) -> str:
@@ -99,37 +114,45 @@ def _checksum(f, length: int) -> tuple[int, int]:
 def read_segment(path: Path, *, truncate_torn_tail: bool, may_end_torn: bool = True) -> Iterator[LogFrame]:
     """Frames of one segment in order; a torn tail ends the segment (and is cut off if asked).
 
-    A torn tail is the frame being written when the process died, and nothing after it but zeros: only the newest
-    segment can have one (`may_end_torn`; older ones were fsynced whole before the next was opened). A bad frame
-    anywhere else (a complete frame whose checksum fails with more written after it, or any bad frame of an older
-    segment) is corruption of acknowledged writes: WalCorruptError, and the segment is left as it is."""
+    A torn tail is the frame being written when the process died: only the newest segment can have one
+    (`may_end_torn`; older ones were fsynced whole before the next was opened). A bad frame with a whole frame
+    after it, or any bad frame of an older segment, is corruption of acknowledged writes: WalCorruptError, and the
+    segment is left as it is."""
+    legacy = path.suffix == LEGACY_SEGMENT_SUFFIX
+    header_struct = LEGACY_HEADER if legacy else HEADER
     good_until = 0
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         while True:
-            header = f.read(HEADER.size)
+            header = f.read(header_struct.size)
             if not header:
                 break
-            if len(header) < HEADER.size:
-                _torn(path, good_until, size, f, may_end_torn, "torn frame header")
-                break
-            length, crc = HEADER.unpack(header)
-            if length == 0:  # never written (every record has an op code): a zero-filled tail, if zeros follow
-                _torn(path, good_until, size, f, may_end_torn, "empty frame (zero-filled tail)",
-                      frame_end=good_until + HEADER.size)
-                break
-            offset = good_until + HEADER.size
-            if length <= READ_CHUNK_BYTES:
-                data = f.read(length)
-                got, actual = len(data), zlib.crc32(data)
+            what, frame_end = None, None
+            if len(header) < header_struct.size:
+                what = "torn frame header"
+            elif legacy:
+                length, crc = LEGACY_HEADER.unpack(header)
             else:
-                data = None
-                actual, got = _checksum(f, length)
-            if got < length or actual != crc:
-                what = f"torn or corrupt frame (length {length})"
-                if got < length and may_end_torn:  # runs past the end: a torn last write, or a corrupt length
-                    _refuse_if_frames_follow(path, good_until, offset, size, f, what)
-                _torn(path, good_until, size, f, may_end_torn, what, frame_end=offset + length)
+                magic, length, crc = HEADER.unpack(header)
+                if magic != FRAME_MAGIC:
+                    what = "no frame marker"
+            if what is None and length == 0:  # never written (every record has an op code): a zero-filled tail
+                what, frame_end = "empty frame (zero-filled tail)", good_until + header_struct.size
+            if what is None:
+                offset = good_until + header_struct.size
+                if length <= READ_CHUNK_BYTES:
+                    data = f.read(length)
+                    got, actual = len(data), zlib.crc32(data)
+                else:
+                    data = None
+                    actual, got = _checksum(f, length)
+                if got < length or actual != crc:
+                    what, frame_end = f"torn or corrupt frame (length {length})", offset + length
+            if what is not None:
+                if legacy:
+                    _legacy_torn(path, good_until, size, f, may_end_torn, what, frame_end=frame_end)
+                else:
+                    _torn(path, good_until, size, f, may_end_torn, what)
                 break
             good_until = offset + length
             yield LogFrame(path=path, offset=offset, length=length, data=data)
@@ -141,15 +164,52 @@ def read_segment(path: Path, *, truncate_torn_tail: bool, may_end_torn: bool = T
             os.fsync(f.fileno())
 
 
-def _torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str, *, frame_end: int | None = None) -> None:
+def _older_segment(path: Path, at: int, size: int, what: str) -> WalCorruptError:
+    return WalCorruptError(f"{path}: {what} at byte {at} of {size}, in a segment older than the newest one: "
+                           "acknowledged writes after it would be lost. The shard does not start; restore the data "
+                           "dir from a replica or a backup")
+
+
+def _torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str) -> None:
     """Accept a bad frame at byte `at` as the torn tail of a crashed write, or raise WalCorruptError."""
     if not may_end_torn:
-        raise WalCorruptError(f"{path}: {what} at byte {at} of {size}, in a segment older than the newest one: "
-                              "acknowledged writes after it would be lost. The shard does not start; restore the "
-                              "data dir from a replica or a backup")
+        raise _older_segment(path, at, size, what)
+    found = _next_frame(f, at + 1, size)
+    if found is not None:
+        # After a power loss, unsynced pages can reach the disk out of order, so a whole frame after a bad one can
+        # also be a later unacknowledged write: the operator decides, with the command to accept the cut.
+        raise WalCorruptError(f"{path}: {what} at byte {at}, followed by a whole frame at byte {found} "
+                              f"({size - found} bytes of log from there): acknowledged writes would be lost, not "
+                              "a plain torn tail. The shard does not start; restore the data dir from a replica "
+                              "or a backup, or, to start without the writes from there on, run "
+                              f"`truncate -s {at} {path}`")
+    log.warning("%s: %s at byte %d (a write torn by a crash, never acknowledged)", path, what, at)
+
+
+def _next_frame(f, start: int, stop: int) -> int | None:
+    """The offset of the first whole frame (magic, a length that fits before `stop`, a CRC that holds) at or after
+    byte `start`; None when there is none. The search for the magic runs at memory speed (``mmap.find``), and
+    only where it is found is a checksum computed."""
+    if stop - start < HEADER.size:
+        return None
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+        at = mapped.find(FRAME_MAGIC, start, stop)
+        while at >= 0:
+            if at + HEADER.size <= stop:
+                _, length, crc = HEADER.unpack_from(view, at)
+                payload = at + HEADER.size
+                if 0 < length <= stop - payload and zlib.crc32(view[payload:payload + length]) == crc:
+                    return at
+            at = mapped.find(FRAME_MAGIC, at + 1, stop)
+    return None
+
+
+def _legacy_torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str, *,
+                 frame_end: int | None = None) -> None:
+    """A legacy segment's bad frame: a torn tail when only zeros follow its claimed end, else WalCorruptError."""
+    if not may_end_torn:
+        raise _older_segment(path, at, size, what)
     if frame_end is not None and frame_end < size and not _only_zeros(f, frame_end, size):
-        # After a power loss, unsynced pages can reach the disk out of order, so this can also be a torn tail
-        # with a later unacknowledged page written: the operator decides, with the command to accept the cut.
         raise WalCorruptError(f"{path}: {what} at byte {at}, followed by {size - frame_end} more bytes of log: "
                               "a corrupt write with more after it, not a plain torn tail. The shard does not "
                               "start; restore the data dir from a replica or a backup, or, to start without "
@@ -164,94 +224,6 @@ def _only_zeros(f, start: int, stop: int) -> bool:
         if chunk.strip(b"\0"):
             return False
     return True
-
-
-# After a frame whose length runs past the end of its segment, this much of what follows is searched for whole
-# frames: a write torn by a crash leaves none after it, a corrupt length field in the middle of the log does.
-RESYNC_SCAN_BYTES = READ_CHUNK_BYTES
-_RESYNC_WINDOW_BYTES = 1 << 20
-_RESYNC_MAX_HOPS = 1_000_000
-_RESYNC_MAX_CHASES = 50_000
-_RESYNC_ZEROS_BYTES = 64 << 10
-
-
-def _refuse_if_frames_follow(path: Path, at: int, payload_at: int, size: int, f, what: str) -> None:
-    """WalCorruptError when checksummed frames follow the bad frame at byte `at` (its payload at `payload_at`)
-    through to the end of the segment: its length field is corrupt, and the writes after it were acknowledged."""
-    found = _next_whole_frame(f, payload_at, size)
-    if found is not None:
-        raise WalCorruptError(f"{path}: {what} at byte {at} runs past the end of the segment ({size} bytes), but "
-                              f"whole frames follow from byte {found} to the end: a corrupt length field, not a "
-                              "torn write, and the writes after it were acknowledged. The shard does not start; "
-                              "restore the data dir from a replica or a backup, or, to start without the writes "
-                              f"from there on, run `truncate -s {at} {path}`")
-
-
-def _next_whole_frame(f, start: int, size: int) -> int | None:
-    """The offset of a frame that starts within RESYNC_SCAN_BYTES after `start`, whose checksum holds and which
-    whole frames follow to the end of the segment (or to a zero-filled tail); None when there is none.
-
-    Every byte offset is a candidate (frames have no alignment). numpy reads the length at each and keeps those
-    that fit in the segment and, where the next header lies in the same window, are followed by one that fits
-    too; the rest are followed through the file, shortest first, up to _RESYNC_MAX_CHASES in all. Random bytes (a
-    torn write's partial payload) thus cost a scan of the window and little else, also in a segment of
-    gigabytes where most random lengths fit; should the budget run out, the frame is taken for a torn write, as
-    before this search existed, and the log says so."""
-    chases = 0
-    stop = min(size - HEADER.size, start + RESYNC_SCAN_BYTES)  # the last offset a header can start at
-    for window_start in range(start, stop + 1, _RESYNC_WINDOW_BYTES):
-        f.seek(window_start)
-        window = f.read(min(_RESYNC_WINDOW_BYTES, stop + 1 - window_start) + 3)
-        raw = np.frombuffer(window, np.uint8).astype(np.int64)
-        n = len(raw) - 3
-        if n <= 0:
-            break
-        lengths = raw[:n] | raw[1:n + 1] << 8 | raw[2:n + 2] << 16 | raw[3:n + 3] << 24
-        ends = window_start + np.arange(n, dtype=np.int64) + HEADER.size + lengths
-        fits = (lengths > 0) & (ends <= size)
-        next_at = ends - window_start
-        in_window = fits & (next_at < n)
-        next_fits = np.zeros(n, dtype=bool)
-        next_fits[in_window] = ends[in_window] + HEADER.size + lengths[next_at[in_window]] <= size
-        candidates = np.flatnonzero(fits & (~in_window | next_fits | (ends == size)))
-        candidates = candidates[np.argsort(lengths[candidates], kind="stable")]
-        for i in candidates.tolist():
-            if chases >= _RESYNC_MAX_CHASES:
-                log.warning("%s: stopped looking for whole frames after the bad frame before byte %d after %d "
-                            "tries: taken for a torn write", f.name, start, chases)
-                return None
-            chases += 1
-            at = window_start + i
-            if _frames_reach_end(f, int(ends[i]), size) and _checksum_holds(f, at, int(lengths[i])):
-                return at
-    return None
-
-
-def _frames_reach_end(f, at: int, size: int) -> bool:
-    """Whether whole frames (by their lengths) lead from byte `at` exactly to the end of the segment, or, after at
-    least one of them, to a zero-filled tail (its first _RESYNC_ZEROS_BYTES checked). A zero header right at `at`
-    is not enough: in a sparse or zero-filled segment most random lengths would land on one."""
-    for hop in range(_RESYNC_MAX_HOPS):
-        if at == size:
-            return True
-        f.seek(at)
-        header = f.read(HEADER.size)
-        if len(header) < HEADER.size:
-            return False
-        length, _ = HEADER.unpack(header)
-        if length == 0:
-            return hop > 0 and not f.read(_RESYNC_ZEROS_BYTES).strip(b"\0")
-        at += HEADER.size + length
-        if at > size:
-            return False
-    return False
-
-
-def _checksum_holds(f, at: int, length: int) -> bool:
-    f.seek(at)
-    _, crc = HEADER.unpack(f.read(HEADER.size))
-    actual, got = _checksum(f, length)
-    return got == length and actual == crc
 
 
 class WriteAheadLog:
@@ -279,11 +251,13 @@ class WriteAheadLog:
         self._bytes = sum(p.stat().st_size for p in self.segments())
 
     def segments(self) -> list[Path]:
-        return sorted(self.directory.glob("*" + SEGMENT_SUFFIX))
+        """Every segment, oldest first (legacy ones too: they come before the first of the current format)."""
+        paths = [*self.directory.glob("*" + SEGMENT_SUFFIX), *self.directory.glob("*" + LEGACY_SEGMENT_SUFFIX)]
+        return sorted(paths, key=self.generation_of)
 
     @staticmethod
     def generation_of(path: Path) -> int:
-        return int(path.name[: -len(SEGMENT_SUFFIX)])
+        return int(path.name.partition(".")[0])
 
     def replay(self, after_generation: int) -> Iterator[LogFrame]:
         """Frames of every segment newer than ``after_generation``, oldest first; cuts a torn tail (of the newest
@@ -336,7 +310,7 @@ class WriteAheadLog:
         crc = 0
         for part in parts:
             crc = zlib.crc32(part, crc)
-        frame = HEADER.pack(size, crc)
+        frame = HEADER.pack(FRAME_MAGIC, size, crc)
         with self._write_lock:
             if self._fd is None or self._failed:
                 raise (WalFailedError(self._failed) if self._failed else WalError("write-ahead log is closed"))
@@ -353,6 +327,7 @@ class WriteAheadLog:
                     os.ftruncate(self._fd, start)
                 except OSError:
                     self._fail(f"a write failed ({e}) and could not be cut off")
+                    raise WalFailedError(self._failed) from e
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise WalDiskFullError(f"write-ahead log write failed, the disk is full: {e}") from e
                 raise WalError(f"write-ahead log write failed: {e}") from e

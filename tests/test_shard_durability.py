@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import re
 import time
+import zlib
 from pathlib import Path
 
 import grpc
@@ -25,7 +26,7 @@ from shard_server.engine import ShardEngine
 from shard_server.errors import SnapshotCorruptError, WalCorruptError
 from shard_server.process import ShardProcess
 from shard_server.types import Exactness, SearchQuery
-from shard_server.wal import HEADER, WriteAheadLog
+from shard_server.wal import FRAME_MAGIC, HEADER, LEGACY_HEADER, WriteAheadLog
 
 DIM = 64
 SHARD_ARGS = ("--dimension", str(DIM), "--nlist", "16", "--index-factory", "IVF{nlist},PQ16x4fs",
@@ -100,7 +101,7 @@ def test_torn_wal_tail_is_cut_on_replay(tmp_path):
     segment = wal.segments()[-1]
     whole = segment.stat().st_size
     with open(segment, "ab") as f:  # a crash in the middle of the next frame
-        f.write(HEADER.pack(1000, 12345) + b"partial")
+        f.write(HEADER.pack(FRAME_MAGIC, 1000, 12345) + b"partial")
     reopened = WriteAheadLog(tmp_path)
     assert [f.read().decode() for f in reopened.replay(0)] == [f"record-{i}" for i in range(5)]
     assert segment.stat().st_size == whole
@@ -110,8 +111,8 @@ def test_torn_wal_tail_is_cut_on_replay(tmp_path):
     assert [f.read().decode() for f in WriteAheadLog(tmp_path).replay(0)] == [f"record-{i}" for i in range(4)]
 
 
-@pytest.mark.parametrize("length, refusal", [(0, "followed by"), (0x7FFFFFFF, "whole frames follow")])
-def test_a_corrupt_length_field_with_writes_after_it_stops_the_replay(tmp_path, length, refusal):
+@pytest.mark.parametrize("length", [0, 0x7FFFFFFF, 3])
+def test_a_corrupt_length_field_with_writes_after_it_stops_the_replay(tmp_path, length):
     """A length field overwritten in the middle of the newest segment read as a torn tail (0: "zero-filled", or
     running past the end of the file), and the acknowledged writes after it were cut off without a word
     (review: 4 of 5 writes lost). Whole frames after it now show it is not the end of the log."""
@@ -124,11 +125,62 @@ def test_a_corrupt_length_field_with_writes_after_it_stops_the_replay(tmp_path, 
     (segment,) = wal.segments()
     size = segment.stat().st_size
     with open(segment, "r+b") as f:  # the second frame's length
-        f.seek(HEADER.size + len(payloads[0]))
+        f.seek(HEADER.size + len(payloads[0]) + len(FRAME_MAGIC))
         f.write(length.to_bytes(4, "little"))
-    with pytest.raises(WalCorruptError, match=refusal):
+    with pytest.raises(WalCorruptError, match="followed by a whole frame"):
         list(WriteAheadLog(tmp_path).replay(0))
     assert segment.stat().st_size == size
+
+
+def _frames(payloads, *, header=HEADER) -> bytes:
+    """Frames as the log writes them (or, with LEGACY_HEADER, as it wrote them before the frame marker)."""
+    head = (lambda n, crc: header.pack(FRAME_MAGIC, n, crc)) if header is HEADER else header.pack
+    return b"".join(head(len(p), zlib.crc32(p)) + p for p in payloads)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["many small frames after it", "a big frame", "a torn last write too"])
+def test_a_corrupt_length_field_is_found_wherever_the_next_frame_is(tmp_path, case):
+    """The first search for frames after a bad one (by length chains, 8 MiB at most) missed these, and cut the
+    acknowledged writes as a torn tail (review): 1.1M small frames after the corruption (and hours of start-up),
+    a corrupt frame of over 8 MiB, a corrupt length with a torn write at the end. The frame marker finds them."""
+    if case == "many small frames after it":
+        payloads = [b"first", *(b"delete %07d" % i for i in range(1_000_000))]
+    elif case == "a big frame":
+        payloads = [b"first", bytes(9 << 20), b"after the big one", b"and another"]
+    else:
+        payloads = [b"first", b"second", b"third"]
+    segment = tmp_path / "000000000001.wal2"
+    data = bytearray(_frames(payloads))
+    length_at = HEADER.size + len(payloads[0]) + len(FRAME_MAGIC)  # the second frame's length field
+    data[length_at:length_at + 4] = (0x7FFFFFFF).to_bytes(4, "little")
+    if case == "a torn last write too":
+        data += HEADER.pack(FRAME_MAGIC, 5000, 1) + b"partial"
+    segment.write_bytes(bytes(data))
+    started = time.monotonic()
+    with pytest.raises(WalCorruptError, match="followed by a whole frame"):
+        list(WriteAheadLog(tmp_path).replay(0))
+    assert time.monotonic() - started < 10
+    assert segment.stat().st_size == len(data)
+
+
+def test_segments_written_before_the_frame_marker_are_still_replayed(tmp_path):
+    """A data dir of an older shard: its legacy segment is replayed (a torn tail cut as then), and the writes
+    after the upgrade go to a new segment of the current format, replayed after it."""
+    legacy = tmp_path / "000000000001.wal"
+    legacy.write_bytes(_frames([b"old one", b"old two"], header=LEGACY_HEADER) + LEGACY_HEADER.pack(900, 1) + b"torn")
+    wal = WriteAheadLog(tmp_path)
+    assert [frame.read() for frame in wal.replay(0)] == [b"old one", b"old two"]
+    wal.open()
+    wal.append(b"new")
+    wal.close()
+    assert [p.name for p in wal.segments()] == ["000000000001.wal", "000000000002.wal2"]
+    assert [frame.read() for frame in WriteAheadLog(tmp_path).replay(0)] == [b"old one", b"old two", b"new"]
+    with open(legacy, "r+b") as f:  # a legacy segment, older than the newest: any bad frame is refused
+        f.seek(LEGACY_HEADER.size + 2)
+        f.write(b"X")
+    with pytest.raises(WalCorruptError, match="older than the newest"):
+        list(WriteAheadLog(tmp_path).replay(0))
 
 
 def test_a_torn_last_write_is_still_cut_whatever_its_partial_payload(tmp_path):
@@ -143,7 +195,7 @@ def test_a_torn_last_write_is_still_cut_whatever_its_partial_payload(tmp_path):
         (segment,) = wal.segments()
         whole = segment.stat().st_size
         with open(segment, "ab") as f:
-            f.write(HEADER.pack(len(partial) + 1000, 12345) + partial)
+            f.write(HEADER.pack(FRAME_MAGIC, len(partial) + 1000, 12345) + partial)
         assert [frame.read() for frame in WriteAheadLog(directory).replay(0)] == [b"kept"]
         assert segment.stat().st_size == whole
 
@@ -246,7 +298,8 @@ def test_a_snapshot_is_not_loaded_under_a_schema_that_would_drop_its_attribute_v
 
 def test_snapshot_round_trip_and_checksum(tmp_path):
     config, snapshot = _engine_with_snapshot(tmp_path)
-    assert not any(p.stat().st_size for p in (config.data_dir / "wal").glob("*.wal")), "log not truncated"
+    segments = WriteAheadLog(config.data_dir / "wal").segments()
+    assert segments and not any(p.stat().st_size for p in segments), "log not truncated"
     engine = ShardEngine(config)
     engine.load()
     stats = {c.category: (c.vectors, c.trained) for c in engine.stats().categories}
