@@ -32,7 +32,12 @@ grpc, so it cannot change inside one run.
 send since 2026-12-05): the bare hop both ways, two bare hops (the raw-bytes relay) both ways, the echo shard
 through ShardClient both ways, and the broker over
 the echo shard with unary calls on both hops (``--no-shard-search-streams``, ``BrokerClient(search_streams=False)``)
-and with streams on both; one client, alternating N times, median p50 of each.
+and with streams on both; one client, alternating N times, median p50 of each. Between the bare relay and the
+broker it also measures a minimal broker: the generated BrokerService stub serving SearchStream, each message's
+vector put into a ShardService SearchStream message on one open stream to the echo shard and its hits copied
+into the answer (protobuf to protobuf), with none of our code (no validation, deadlines, metrics, dataclasses,
+replicas or merge), called through BrokerClient like the real broker: the real broker minus it is what our code
+on the broker adds.
 
 ``--apis N`` asks whether grpc's synchronous API would make the bare hop cheaper: the bare hop with a grpc.aio or
 a synchronous (thread pool) server, each called from a grpc.aio or a synchronous client, one client, alternating
@@ -67,7 +72,7 @@ from imgsearch.serving import (
     run_event_loop,
     start_grpc_service,
 )
-from imgsearch.v1 import shard_pb2, shard_pb2_grpc
+from imgsearch.v1 import broker_pb2, broker_pb2_grpc, shard_pb2, shard_pb2_grpc
 from shard_server import convert
 from shard_server.client import ShardClient
 from shard_server.types import Hit, SearchQuery, SearchResult
@@ -113,7 +118,7 @@ BARE_SERVICE = "imgsearch.hopfloor.Bare"
 BARE_METHOD = f"/{BARE_SERVICE}/Ping"
 BARE_STREAM_METHOD = f"/{BARE_SERVICE}/PingStream"
 # What serves the hop: raw bytes on a plain server; the generated stub on a plain server; our service plumbing.
-SERVERS = ("bare", "bare-sync", "stub", "service", "relay")
+SERVERS = ("bare", "bare-sync", "stub", "service", "relay", "stub-relay")
 # (label, server, client) from the bare library to the full echo shard; see --layers.
 LAYERS = (
     ("grpc.aio, raw bytes", "bare", "bytes"),
@@ -141,6 +146,8 @@ STREAM_LAYERS = (
     ("two bare hops (raw-bytes relay), messages on open streams", "relay", "bytes-stream"),
     ("echo shard via ShardClient, unary Search calls", "service", "ShardClient-unary"),
     ("echo shard via ShardClient, SearchStream", "service", "ShardClient"),
+    ("minimal broker (generated stubs, protobuf only) over the echo shard via BrokerClient, streams", "stub-relay",
+     "BrokerClient"),
     ("broker over the echo shard via BrokerClient, unary calls on both hops", "broker-unary", "BrokerClient-unary"),
     ("broker over the echo shard via BrokerClient, streams on both hops", "broker", "BrokerClient"),
 )
@@ -210,6 +217,31 @@ def canned_response_bytes() -> bytes:
     return convert.result_to_proto(canned_result()).SerializeToString()
 
 
+class MinimalBroker(broker_pb2_grpc.BrokerServiceServicer):
+    """SearchStream of vector queries relayed to the echo shard's SearchStream with the generated stubs and
+    nothing else: what the broker's hop costs without any code of ours (see --streams)."""
+
+    def __init__(self, downstream: str) -> None:
+        self._shard = shard_pb2_grpc.ShardServiceStub(grpc.aio.insecure_channel(downstream))
+
+    async def SearchStream(self, request_iterator, context):
+        shard_call = self._shard.SearchStream()  # one open stream to the shard per incoming stream
+        try:
+            async for message in request_iterator:
+                request = shard_pb2.ShardServiceSearchStreamRequest(timeout_s=message.timeout_s or 10.0)
+                search = request.searches.add()
+                search.vector.CopyFrom(message.search.vector)
+                search.top_k = message.search.top_k
+                search.categories.extend(message.search.categories)
+                await shard_call.write(request)
+                answer = await shard_call.read()
+                response = broker_pb2.SearchStreamResponse()
+                response.result.hits.extend(answer.outcomes[0].result.hits)
+                yield response
+        finally:
+            shard_call.cancel()
+
+
 def _relay_handler(downstream: str) -> grpc.GenericRpcHandler:
     """Forwards each raw request to the bare echo server at ``downstream`` and returns its raw answer."""
     channel = grpc.aio.insecure_channel(downstream)
@@ -236,12 +268,14 @@ def _relay_handler(downstream: str) -> grpc.GenericRpcHandler:
 
 
 async def _serve(server_kind: str, downstream: str | None = None) -> None:
-    if server_kind in ("bare", "stub", "relay"):
+    if server_kind in ("bare", "stub", "relay", "stub-relay"):
         server = grpc.aio.server()
         if server_kind == "bare":
             server.add_generic_rpc_handlers((_bare_handler(),))
         elif server_kind == "relay":
             server.add_generic_rpc_handlers((_relay_handler(downstream),))
+        elif server_kind == "stub-relay":
+            broker_pb2_grpc.add_BrokerServiceServicer_to_server(MinimalBroker(downstream), server)
         else:
             shard_pb2_grpc.add_ShardServiceServicer_to_server(EchoShard(parse=False), server)
         port = server.add_insecure_port("127.0.0.1:0")
@@ -370,9 +404,10 @@ def serving(server_kind: str, event_loop: str = DEFAULT_EVENT_LOOP) -> Iterator[
     """The address of a server of `server_kind`, with the bare echo server or echo shard behind a relay or
     broker."""
     with contextlib.ExitStack() as stack:
-        if server_kind == "relay":
-            downstream = stack.enter_context(EchoShardProcess(event_loop, server_kind="bare"))
-            yield stack.enter_context(EchoShardProcess(event_loop, server_kind="relay", downstream=downstream))
+        if server_kind in ("relay", "stub-relay"):
+            echo = "bare" if server_kind == "relay" else "service"
+            downstream = stack.enter_context(EchoShardProcess(event_loop, server_kind=echo))
+            yield stack.enter_context(EchoShardProcess(event_loop, server_kind=server_kind, downstream=downstream))
         elif server_kind in ("broker", "broker-unary"):
             shard = stack.enter_context(EchoShardProcess(event_loop, server_kind="service"))
             work_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))

@@ -219,6 +219,14 @@ def test_hop_streams_measure_one_and_two_bare_hops_both_ways():
     assert all(len(m["runs"]) == 1 and 0 < m["p50_ms"] < 1000 for m in measured)
 
 
+def test_hop_streams_measure_a_minimal_broker_through_the_broker_client():
+    # The real broker's hop without our code: the generated stubs relaying vector searches to the echo shard.
+    minimal = tuple(layer for layer in STREAM_LAYERS if layer[1] == "stub-relay")
+    assert len(minimal) == 1 and minimal[0][2] == "BrokerClient"
+    [measured] = asyncio.run(hop_layers(queries=30, repeats=1, layers=minimal))
+    assert len(measured["runs"]) == 1 and 0 < measured["p50_ms"] < 1000
+
+
 def test_hop_apis_measure_the_bare_hop_through_the_aio_and_the_synchronous_api():
     apis = asyncio.run(hop_layers(queries=30, repeats=1, layers=APIS))
     assert [api["layer"] for api in apis] == [label for label, _, _ in APIS]
