@@ -24,6 +24,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import struct
 import threading
 import zlib
@@ -43,6 +44,7 @@ SEGMENT_SUFFIX = ".wal2"
 # Segments of frames without the magic: payload length, CRC32.
 LEGACY_HEADER = struct.Struct("<II")
 LEGACY_SEGMENT_SUFFIX = ".wal"
+_SEGMENT_NAME = re.compile(r"[0-9]{12}\.wal2?")
 
 
 def _segment_name(generation: int) -> str:
@@ -149,10 +151,7 @@ def read_segment(path: Path, *, truncate_torn_tail: bool, may_end_torn: bool = T
                 if got < length or actual != crc:
                     what, frame_end = f"torn or corrupt frame (length {length})", offset + length
             if what is not None:
-                if legacy:
-                    _legacy_torn(path, good_until, size, f, may_end_torn, what, frame_end=frame_end)
-                else:
-                    _torn(path, good_until, size, f, may_end_torn, what)
+                _torn(path, good_until, size, f, may_end_torn, what, frame_end=frame_end, search=not legacy)
                 break
             good_until = offset + length
             yield LogFrame(path=path, offset=offset, length=length, data=data)
@@ -170,14 +169,22 @@ def _older_segment(path: Path, at: int, size: int, what: str) -> WalCorruptError
                            "dir from a replica or a backup")
 
 
-def _torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str) -> None:
-    """Accept a bad frame at byte `at` as the torn tail of a crashed write, or raise WalCorruptError."""
+def _torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str, *, frame_end: int | None,
+          search: bool) -> None:
+    """Accept a bad frame at byte `at` as the torn tail of a crashed write, or raise WalCorruptError: in an older
+    segment; when its length fits and non-zero bytes follow its end (the log went on after it); or, with
+    `search` (segments with frame markers), when a whole frame lies anywhere after it."""
     if not may_end_torn:
         raise _older_segment(path, at, size, what)
-    found = _next_frame(f, at + 1, size)
-    if found is not None:
-        # After a power loss, unsynced pages can reach the disk out of order, so a whole frame after a bad one can
-        # also be a later unacknowledged write: the operator decides, with the command to accept the cut.
+    if frame_end is not None and frame_end < size and not _only_zeros(f, frame_end, size):
+        # After a power loss, unsynced pages can reach the disk out of order, so this can also be a torn tail
+        # with a later unacknowledged page written: the operator decides, with the command to accept the cut.
+        raise WalCorruptError(f"{path}: {what} at byte {at}, followed by {size - frame_end} more bytes of log: "
+                              "a corrupt write with more after it, not a plain torn tail. The shard does not "
+                              "start; restore the data dir from a replica or a backup, or, to start without "
+                              f"the writes from there on, run `truncate -s {at} {path}`")
+    found = _next_frame(f, at + 1, size) if search else None
+    if found is not None:  # (the same may follow a power loss, as above)
         raise WalCorruptError(f"{path}: {what} at byte {at}, followed by a whole frame at byte {found} "
                               f"({size - found} bytes of log from there): acknowledged writes would be lost, not "
                               "a plain torn tail. The shard does not start; restore the data dir from a replica "
@@ -187,9 +194,13 @@ def _torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str) -> N
 
 
 def _next_frame(f, start: int, stop: int) -> int | None:
-    """The offset of the first whole frame (magic, a length that fits before `stop`, a CRC that holds) at or after
-    byte `start`; None when there is none. The search for the magic runs at memory speed (``mmap.find``), and
-    only where it is found is a checksum computed."""
+    """The offset of the first whole frame at or after byte `start`: its marker, a length that fits before
+    `stop`, after its end the end of the segment, another marker or zeros (what follows a frame on disk, a torn
+    one's or a zero-filled tail's start included), and a CRC that holds; None when there is none.
+
+    The marker is found at memory speed (``mmap.find``), and the checksum is computed only where what follows
+    the claimed end looks right: a value that happens to hold the marker in every record of a big torn write
+    (a number attribute's low bytes, say) would otherwise cost a checksum of up to the whole segment each."""
     if stop - start < HEADER.size:
         return None
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
@@ -198,23 +209,17 @@ def _next_frame(f, start: int, stop: int) -> int | None:
             if at + HEADER.size <= stop:
                 _, length, crc = HEADER.unpack_from(view, at)
                 payload = at + HEADER.size
-                if 0 < length <= stop - payload and zlib.crc32(view[payload:payload + length]) == crc:
+                end = payload + length
+                if (0 < length <= stop - payload and _frame_may_end_at(view, end, stop)
+                        and zlib.crc32(view[payload:end]) == crc):
                     return at
             at = mapped.find(FRAME_MAGIC, at + 1, stop)
     return None
 
 
-def _legacy_torn(path: Path, at: int, size: int, f, may_end_torn: bool, what: str, *,
-                 frame_end: int | None = None) -> None:
-    """A legacy segment's bad frame: a torn tail when only zeros follow its claimed end, else WalCorruptError."""
-    if not may_end_torn:
-        raise _older_segment(path, at, size, what)
-    if frame_end is not None and frame_end < size and not _only_zeros(f, frame_end, size):
-        raise WalCorruptError(f"{path}: {what} at byte {at}, followed by {size - frame_end} more bytes of log: "
-                              "a corrupt write with more after it, not a plain torn tail. The shard does not "
-                              "start; restore the data dir from a replica or a backup, or, to start without "
-                              f"the writes from there on, run `truncate -s {at} {path}`")
-    log.warning("%s: %s at byte %d (a write torn by a crash, never acknowledged)", path, what, at)
+def _frame_may_end_at(view: memoryview, end: int, stop: int) -> bool:
+    following = bytes(view[end:min(end + len(FRAME_MAGIC), stop)])
+    return following in (FRAME_MAGIC[:len(following)], bytes(len(following)))
 
 
 def _only_zeros(f, start: int, stop: int) -> bool:
@@ -251,8 +256,9 @@ class WriteAheadLog:
         self._bytes = sum(p.stat().st_size for p in self.segments())
 
     def segments(self) -> list[Path]:
-        """Every segment, oldest first (legacy ones too: they come before the first of the current format)."""
-        paths = [*self.directory.glob("*" + SEGMENT_SUFFIX), *self.directory.glob("*" + LEGACY_SEGMENT_SUFFIX)]
+        """Every segment, oldest first (legacy ones too: they come before the first of the current format). Files
+        of other names are not the log's (a copy an operator left, say) and are left alone."""
+        paths = [p for p in self.directory.iterdir() if _SEGMENT_NAME.fullmatch(p.name)]
         return sorted(paths, key=self.generation_of)
 
     @staticmethod
@@ -305,6 +311,8 @@ class WriteAheadLog:
         """
         parts = (payload,) if isinstance(payload, (bytes, bytearray, memoryview)) else tuple(payload)
         size = sum(len(part) for part in parts)
+        if not size:  # a frame of length 0 reads as the start of a zero-filled tail
+            raise WalError("an empty record cannot be logged")
         if size > MAX_FRAME_BYTES:
             raise WalError(f"record of {size} bytes exceeds the WAL frame limit")
         crc = 0
