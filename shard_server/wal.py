@@ -2,9 +2,9 @@
 
 Frame: a 4-byte magic, little-endian u32 payload length, u32 CRC32 of the payload, payload. A crash can leave a
 torn last frame; replay detects it by its magic, length or CRC and truncates the segment there (that write was
-never acknowledged, because acknowledgement waits for fsync). Whatever makes a frame bad, replay then looks for a
-whole frame (magic, a length that fits, a CRC that holds) anywhere after it: one found means the bad frame is not
-the end of the log but corruption of acknowledged writes, and the shard refuses to start. The magic is what makes
+never acknowledged, because acknowledgement waits for fsync). A bad frame is not the end of the log, but
+corruption of acknowledged writes, when its length fits and non-zero bytes follow its end, or when a whole frame
+(magic, a length that fits, a CRC that holds) lies anywhere after it: the shard then refuses to start. The magic is what makes
 that search possible: a corrupt length field used to hide where the next frame starts, and the writes after it
 were cut as a torn tail (review). Its bytes cannot occur in UTF-8 text, and a vector's floats would have to hold
 it and a whole checksummed frame after it by chance.
