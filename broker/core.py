@@ -135,6 +135,8 @@ class Broker:
         deadline = time.monotonic() + timeout_s
         if not 1 <= query.top_k <= self.max_top_k:
             raise InvalidRequestError(f"top_k must be in 1..{self.max_top_k}, got {query.top_k}")
+        if not all(query.categories):  # checked here, not only by the shards: a cache answer never asks them
+            raise InvalidRequestError("empty category name in search request")
         decode_s = cache_s = embed_s = 0.0
         outcome = CacheOutcome.NOT_USED
         near: list[CacheMatch] = []
@@ -264,7 +266,7 @@ class Broker:
                 continue
             current.append(
                 Hit(image_id=record.image_id, product_id=record.product_id, category=record.category,
-                    score=score, attributes=dict(record.attributes))
+                    score=score, attributes=dict(record.attributes), version=record.version)
             )
         if stale:
             CACHE_STALE_ENTRIES.inc(len(stale))

@@ -548,3 +548,23 @@ async def test_a_search_by_image_id_out_of_time_is_deadline_exceeded_not_unavail
     for timeout_s in (0.001, 0.002, 0.004):
         with pytest.raises(DeadlineExceededError):
             await broker.search(Query(image_id="short-deadline", top_k=3), timeout_s=timeout_s)
+
+
+@pytest.mark.timeout(60)
+async def test_a_cache_answer_is_the_stored_copy_and_refuses_what_the_index_refuses(shards, brokers):
+    """A cache hit said version 0 where the index answered the stored copy's write version, and a search with an
+    empty category name was answered from the cache but refused (INVALID_ARGUMENT) by the shards (review)."""
+    broker = brokers.start()
+    photo = _png(4200)
+    await broker.ingest([_item("versioned-x", "p1", "a", photo)], timeout_s=10)
+    stored = (await _held(shards[0], ["versioned-x"]))["versioned-x"]
+    assert stored.version > 0
+    cached = await broker.search(Query(image=photo, top_k=1), timeout_s=5)
+    indexed = await broker.search(Query(image=photo, top_k=1, use_duplicate_cache=False), timeout_s=5)
+    assert cached.from_duplicate_cache and not indexed.from_duplicate_cache
+    assert [(h.image_id, h.version) for h in cached.hits] == [(h.image_id, h.version) for h in indexed.hits] == [
+        ("versioned-x", stored.version)]
+    for use_cache in (True, False):
+        with pytest.raises(InvalidArgumentError, match="empty category"):
+            await broker.search(Query(image=photo, top_k=1, categories=("a", ""), use_duplicate_cache=use_cache),
+                                timeout_s=5)
