@@ -44,6 +44,11 @@ MAX_IMAGE_SIDE = 20_000
 # took ~4 s to open, three times per search (decode budget, hashing, Triton). Real files take a few dozen (a PNG
 # written in 8 KiB data chunks: about one per 8 KiB).
 MAX_HEADER_STEPS = 10_000
+# Scans of one JPEG. A progressive JPEG is decoded scan after scan over the whole image: a 377 KB file of 4,000
+# tiny repeated scans of 36 Mpx took ~10 s to decode, in the broker and again in Triton, stalling the searches
+# behind it (review). Encoders write a dozen or so (libjpeg's progressive script: 10); start-of-scan markers
+# inside metadata (an EXIF thumbnail's) count too, which leaves room to spare.
+MAX_JPEG_SCANS = 128
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start of frame: baseline, extended, progressive, lossless..., not DHT (C4), JPG (C8) or DAC (CC).
@@ -54,6 +59,10 @@ def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_STEPS) -> None
     """Raise InvalidImageError for a JPEG, PNG or GIF whose header would take Pillow more than `limit` steps to
     read; walks it the way Pillow does, lengths only. Anything malformed is left to the decoder to report."""
     if data.startswith(b"\xff\xd8\xff"):
+        scans = data.count(b"\xff\xda")  # entropy-coded data escapes 0xFF: there this is always a marker
+        if scans > MAX_JPEG_SCANS:
+            raise InvalidImageError(f"JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} accepted: not a real "
+                                    "photo (each scan is a pass over the whole image)")
         walk = _jpeg_steps(data)
     elif data.startswith(_PNG_SIGNATURE):
         walk = _png_steps(data)
@@ -234,7 +243,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
+        finite = np.isfinite(arr)
+        if not finite.all():
+            # One NaN or inf pixel made the whole range NaN, and the image black (review): the range comes from
+            # the finite pixels, and the others take its ends (NaN the low one).
+            if not finite.any():
+                raise InvalidImageError("float image without a single finite pixel")
+            values = arr[finite]
+            arr = np.nan_to_num(arr, nan=values.min(), posinf=values.max(), neginf=values.min())
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
         arr = ((arr - lo) / ((hi - lo) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:

@@ -373,3 +373,35 @@ def test_an_image_pillow_refuses_as_a_bomb_is_told_with_our_limit():
     limit (178,956,970 pixels), not the one the service was configured with (review of 2026-12-05)."""
     with pytest.raises(ImageTooLargeError, match=r"^image is 225000000 pixels, limit is 40000000 pixels$"):
         decode_image(_png_header(15000, 15000), max_image_pixels=40_000_000)
+
+
+def _progressive_jpeg(extra_scans: int) -> bytes:
+    """A progressive JPEG, with its smallest scan written `extra_scans` more times before the end of image (each
+    scan is a pass of the decoder over the whole image)."""
+    buf = io.BytesIO()
+    Image.new("L", (640, 480), 128).save(buf, format="JPEG", progressive=True)
+    data = buf.getvalue()
+    starts = [i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] == 0xDA]
+    scans = [data[start:end] for start, end in zip(starts, [*starts[1:], len(data) - 2])]
+    return data[:-2] + min(scans, key=len) * extra_scans + data[-2:]
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded():
+    """4,000 repeated tiny scans of 36 Mpx in 377 KB took ~10 s to decode, in the broker and in Triton (review)."""
+    assert decode_image(_progressive_jpeg(0)).size == (640, 480)  # an ordinary progressive JPEG
+    assert decode_image(_progressive_jpeg(20)).size == (640, 480)  # a few scans more: still decoded
+    with pytest.raises(InvalidImageError, match="scans"):
+        decode_image(_progressive_jpeg(200))
+
+
+def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_levels():
+    """One NaN or inf pixel made the range NaN and the whole image black (review)."""
+    gradient = np.tile(np.linspace(0.0, 1.0, 64, dtype=np.float32), (64, 1))
+    for bad in (np.nan, np.inf, -np.inf):
+        arr = gradient.copy()
+        arr[3, 5] = bad
+        grey = np.asarray(to_rgb(Image.fromarray(arr, mode="F")))[..., 0]
+        assert len(np.unique(grey)) > 32, bad
+        assert grey[10, 0] == 0 and grey[10, 63] == 255
+    with pytest.raises(InvalidImageError, match="finite"):
+        to_rgb(Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F"))
