@@ -264,6 +264,9 @@ def test_a_shard_with_half_a_tls_setting_refuses_to_start(argv, tmp_path, capsys
     (["--near-min-similarity", "nan"], "near_min_similarity"),  # no near duplicate ever confirmed
     (["--max-ingest-streams", "0"], "max_ingest_streams"),
     (["--max-search-streams", "0"], "max_search_streams"),  # every SearchStream refused
+    (["--shutdown-grace-s", "nan"], "shutdown_grace_s"),  # accepted, and handed to grpc's stop (review)
+    (["--shutdown-grace-s", "-1"], "shutdown_grace_s"),
+    (["--max-message-bytes", "0"], "max_message_bytes"),
 ])
 def test_a_broker_setting_that_would_break_it_refuses_to_start(argv, setting, capsys):
     """These were accepted silently (review of 2026-12-05)."""

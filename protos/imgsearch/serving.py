@@ -13,6 +13,7 @@ import concurrent.futures
 import contextlib
 import inspect
 import logging
+import math
 import signal
 import sys
 import threading
@@ -421,6 +422,12 @@ class ServerOptions:
         check_event_loop(self.event_loop)
         if self.max_search_streams < 1:
             raise ValueError(f"max_search_streams must be at least 1, got {self.max_search_streams}")
+        if not 0 < self.max_message_bytes < math.inf:  # 0 or -1 made grpc refuse every message, or none
+            raise ValueError(f"max_message_bytes must be a number > 0, got {self.max_message_bytes}")
+        for name in ("shutdown_grace_s", "loop_lag_interval_s", "loop_stall_log_s"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:  # a NaN or negative grace reached grpc's stop as it was
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         # Half a TLS setting (a mistyped variable) must not quietly serve plaintext, without client auth.
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("TLS needs both a certificate and its key (--tls-cert-file and --tls-key-file)")
