@@ -69,9 +69,10 @@ def evaluate_pair(query_emb: np.ndarray, query_labels: Sequence[str], gallery_em
 
 
 def evaluate_grocery(embed: EmbedFn, root: Path, *, heldout_products: set[str] | None = None,
-                     batch_size: int = 32, progress: bool = True) -> dict:
-    """val vs train photos and val vs iconic images; also restricted to held-out products when given."""
-    queries = data.read_grocery(root, "val")
+                     batch_size: int = 32, progress: bool = True, split: str = "val") -> dict:
+    """`split` (val, or test where the folder has a test.txt) vs train photos and vs iconic images; also
+    restricted to held-out products when given. The protocols are named after the split (val_vs_train...)."""
+    queries = data.read_grocery(root, split)
     gallery_photos = data.read_grocery(root, "train")
     iconic = data.read_grocery_iconic(root)
     q = embed_catalogue(embed, queries, batch_size, progress)
@@ -81,15 +82,15 @@ def evaluate_grocery(embed: EmbedFn, root: Path, *, heldout_products: set[str] |
     g_labels = [i.product_id for i in gallery_photos]
     ic_labels = [i.product_id for i in iconic]
     results = {
-        "val_vs_train": evaluate_pair(q, q_labels, g, g_labels),
-        "val_vs_iconic": evaluate_pair(q, q_labels, ic, ic_labels),
+        f"{split}_vs_train": evaluate_pair(q, q_labels, g, g_labels),
+        f"{split}_vs_iconic": evaluate_pair(q, q_labels, ic, ic_labels),
     }
     if heldout_products:
         keep = np.array([label in heldout_products for label in q_labels])
         kept_labels = [label for label, k in zip(q_labels, keep) if k]
         # Queries of products the model never trained on, against the whole gallery (all 81 products).
-        results["heldout_val_vs_train"] = evaluate_pair(q[keep], kept_labels, g, g_labels)
-        results["heldout_val_vs_iconic"] = evaluate_pair(q[keep], kept_labels, ic, ic_labels)
+        results[f"heldout_{split}_vs_train"] = evaluate_pair(q[keep], kept_labels, g, g_labels)
+        results[f"heldout_{split}_vs_iconic"] = evaluate_pair(q[keep], kept_labels, ic, ic_labels)
     return results
 
 
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--any-image-size", action="store_true",
                         help="evaluate a --checkpoint trained on crops of another size than serving's 224 px")
     parser.add_argument("--grocery", type=Path, default=data.grocery_dir(), help="grocery dataset folder")
+    parser.add_argument("--grocery-split", default="val",
+                        help="the grocery photos of this split as queries against train and the packshots (val, "
+                             "or test where the folder has a test.txt, such as the dataset's own held-out split)")
     parser.add_argument("--queries", type=Path, help="query catalogue CSV/folder (instead of the grocery data)")
     parser.add_argument("--gallery", type=Path,
                         help="gallery catalogue CSV/folder; without it, --queries are searched among themselves, "
@@ -176,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                                                              exclude_self=True)}
     else:
         heldout = set(json.loads(args.heldout.read_text())["val_products"]) if args.heldout else None
-        results = evaluate_grocery(embed, args.grocery, heldout_products=heldout, batch_size=args.batch_size)
+        if not (args.grocery / f"{args.grocery_split}.txt").is_file():
+            parser.error(f"no grocery split {args.grocery_split!r}: {args.grocery / (args.grocery_split + '.txt')} "
+                         "does not exist")
+        results = evaluate_grocery(embed, args.grocery, heldout_products=heldout, batch_size=args.batch_size,
+                                   split=args.grocery_split)
     print(f"model: {model_name}  ({time.monotonic() - started:.0f} s)")
     print(summary_markdown(results) if args.markdown else summary_table(results))
     if args.out:

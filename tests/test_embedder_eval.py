@@ -236,3 +236,26 @@ def test_product_ranks_leave_out_a_query_whose_product_has_no_gallery_image():
     ranks = product_ranks(queries, ["a", "a", "absent"], gallery, ["a", "b"])
     assert ranks.tolist() == [1, 2, 0]
     assert rank_summary(ranks) == {"recall@1": 0.5, "recall@5": 1.0, "recall@10": 1.0, "mrr": 0.75}
+
+
+def test_eval_takes_the_grocery_test_split_where_there_is_one(tmp_path, capsys):
+    """The dataset's own held-out split (test.txt, beside train.txt and val.txt) could only be evaluated through
+    a running broker (`imgsearch eval --grocery-split test`), not in process."""
+    source = data.grocery_dir()
+    root = tmp_path / "grocery"
+    root.mkdir()
+    for name in ("classes.csv", "train", "val", "iconic-images-and-descriptions"):
+        (root / name).symlink_to(source / name)
+    train = [line for line in (source / "train.txt").read_text().splitlines() if line.strip()]
+    val = [line for line in (source / "val.txt").read_text().splitlines() if line.strip()]
+    (root / "train.txt").write_text("\n".join(train[::100]) + "\n")
+    (root / "test.txt").write_text("\n".join(val[::40]) + "\n")  # a stand-in for the held-out photos
+    with pytest.raises(SystemExit):
+        evaluate.main(["--grocery", str(root), "--grocery-split", "val"])  # no val.txt in this folder
+    assert "no grocery split 'val'" in capsys.readouterr().err
+    out = tmp_path / "test.json"
+    assert evaluate.main(["--grocery", str(root), "--grocery-split", "test", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"test_vs_train", "test_vs_iconic"}
+    assert results["test_vs_iconic"]["queries"] == len(val[::40])
+    assert results["test_vs_iconic"]["recall@10"] > 0.5
