@@ -1,6 +1,7 @@
 """`imgsearch demo` / `make demo`: a local stack, the grocery train photos and the 81 product packshots as the
 catalogue, a few val photos as queries (also against the packshots only: "find the listing"), every val photo
 through `imgsearch eval` (Recall@1/5/10 against the catalogue, against the packshots and within its own category),
+every test photo where the grocery folder has a test.txt (the dataset's own held-out split) against the catalogue,
 one re-encoded catalogue photo (the duplicate-cache path), then shut down."""
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 
     if limit:
         train = train[:: max(1, len(train) // limit)][:limit]
     val = grocery_split(data_dir, "val")
+    test = grocery_split(data_dir, "test") if (data_dir / "grocery" / "test.txt").is_file() else []
     products = {f.product_id for f in train}
     packshots = [f for f in grocery_packshots(data_dir) if f.product_id in products]
     with tempfile.TemporaryDirectory(prefix="imgsearch-demo-") as work:
@@ -129,6 +131,13 @@ def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 
                         report = summarise(outcomes, top_k=EVAL_TOP_K)
                         print(f"\nimgsearch eval: {len(shelf_photos)} val photos against {title}")
                         print(format_report(report))
+                # The dataset's own held-out split, where the folder has one (a test.txt beside val.txt).
+                held_out = [f for f in test if f.product_id in products]
+                if held_out:
+                    outcomes = asyncio.run(_evaluate(stack.broker_address, held_out, Filter(), False))
+                    print(f"\nimgsearch eval: {len(held_out)} test photos (grocery/test.txt) against the whole "
+                          "catalogue")
+                    print(format_report(summarise(outcomes, top_k=EVAL_TOP_K)))
 
                 q = picked[0] if picked else val[0]
                 answer = client.search(image=q.path.read_bytes(), top_k=5, distinct_products=True, timeout_s=30)
