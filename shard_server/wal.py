@@ -2,12 +2,13 @@
 
 Frame: a 4-byte magic, little-endian u32 payload length, u32 CRC32 of the payload, payload. A crash can leave a
 torn last frame; replay detects it by its magic, length or CRC and truncates the segment there (that write was
-never acknowledged, because acknowledgement waits for fsync). A bad frame is not the end of the log, but
-corruption of acknowledged writes, when its length fits and non-zero bytes follow its end, or when a whole frame
-(magic, a length that fits, a CRC that holds) lies anywhere after it: the shard then refuses to start. The magic is what makes
-that search possible: a corrupt length field used to hide where the next frame starts, and the writes after it
-were cut as a torn tail (review). Its bytes cannot occur in UTF-8 text, and a vector's floats would have to hold
-it and a whole checksummed frame after it by chance.
+never acknowledged, because acknowledgement waits for fsync). A bad frame is not the end of the log but
+corruption of acknowledged writes when its length fits and non-zero bytes follow its end, or when a whole frame
+(magic, a length that fits, a CRC that holds) lies anywhere after it: the shard then refuses to start. The magic
+is what makes that search possible: a corrupt length field used to hide where the next frame starts, and the
+writes after it were cut as a torn tail (review). Its bytes cannot occur in UTF-8 text, and a vector's floats
+would have to hold it and a whole checksummed frame after it by chance (or on purpose: a crafted vector in a
+write torn by a crash makes the shard refuse to start, with the command that accepts the cut).
 
 Segments written before the magic (``*.wal``, "legacy") are still read, with the checks of their time: a bad
 frame followed by non-zero bytes is refused, one that runs past the end is taken for a torn tail. Each load
@@ -117,9 +118,9 @@ def read_segment(path: Path, *, truncate_torn_tail: bool, may_end_torn: bool = T
     """Frames of one segment in order; a torn tail ends the segment (and is cut off if asked).
 
     A torn tail is the frame being written when the process died: only the newest segment can have one
-    (`may_end_torn`; older ones were fsynced whole before the next was opened). A bad frame with a whole frame
-    after it, or any bad frame of an older segment, is corruption of acknowledged writes: WalCorruptError, and the
-    segment is left as it is."""
+    (`may_end_torn`; older ones were fsynced whole before the next was opened). A bad frame with more log after it
+    (see `_torn`), or any bad frame of an older segment, is corruption of acknowledged writes: WalCorruptError,
+    and the segment is left as it is."""
     legacy = path.suffix == LEGACY_SEGMENT_SUFFIX
     header_struct = LEGACY_HEADER if legacy else HEADER
     good_until = 0
