@@ -6,7 +6,11 @@ Each subcommand lives in its own module with its own argument parser; this only 
 from __future__ import annotations
 
 import importlib
+import os
+import pickle
 import sys
+
+from imgsearch.errors import ImgsearchError
 
 SUBCOMMANDS = {
     "train": ("embedder.train", "train the ArcFace model on a catalogue (CSV or folders per product)"),
@@ -28,7 +32,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:12s} {text}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-    return int(module.main(argv[1:]) or 0)
+    try:
+        return int(module.main(argv[1:]) or 0)
+    except (OSError, ValueError, ImgsearchError, pickle.UnpicklingError) as exc:
+        # What a user's input causes (a file that is missing or does not decode, a malformed catalogue, a file
+        # that is not a checkpoint): one line naming it, not a traceback (review). IMGSEARCH_DEBUG=1 shows it.
+        if os.environ.get("IMGSEARCH_DEBUG"):
+            raise
+        print(f"imgsearch-embed {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

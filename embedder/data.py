@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageEnhance
 
 from embedder.preprocess import decode_image, image_to_tensor, normalise
+from imgsearch.errors import ImgsearchError
 
 DATA_DIR_ENV_VAR = "IMGSEARCH_DATA_DIR"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -41,10 +42,12 @@ class CatalogueImage:
 def read_catalogue_csv(csv_path: Path) -> list[CatalogueImage]:
     """Rows `path, product_id[, category]`; a header row is allowed; relative paths are relative to the CSV."""
     items = []
-    with open(csv_path, newline="") as handle:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which made its header row a file name.
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
         for row in csv.reader(handle):
             row = [cell.strip() for cell in row]
-            if not row or not row[0] or row[0].startswith("#") or row[0].lower() == "path":
+            # a header row: `path, product_id, ...`, or `image, ...` as `imgsearch ingest` reads it
+            if not row or not row[0] or row[0].startswith("#") or row[0].lower() in ("path", "image"):
                 continue
             if len(row) < 2:
                 raise ValueError(f"{csv_path}: row {row!r} needs at least path and product id")
@@ -57,6 +60,10 @@ def read_catalogue_csv(csv_path: Path) -> list[CatalogueImage]:
 def read_catalogue_dir(root: Path) -> list[CatalogueImage]:
     """One folder per product (`root/<product_id>/*.jpg`); the folder's parent names the category if nested."""
     items = []
+    loose = [p.name for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    if loose:  # they were skipped without a word, and the figures covered the rest alone (review)
+        raise ValueError(f"{root}: images at the top of the folder ({', '.join(loose[:3])}...): a catalogue folder "
+                         "holds a folder per product (<product>/<image>, or <category>/<product>/<image>)")
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.parent != root:
             category = path.parent.parent.name if path.parent.parent != root else ""
@@ -65,7 +72,12 @@ def read_catalogue_dir(root: Path) -> list[CatalogueImage]:
 
 
 def read_catalogue(source: Path) -> list[CatalogueImage]:
-    return read_catalogue_dir(source) if source.is_dir() else read_catalogue_csv(source)
+    """A CSV or a folder per product; ValueError (a message for the user) when it lists no image."""
+    items = read_catalogue_dir(source) if source.is_dir() else read_catalogue_csv(source)
+    if not items:
+        raise ValueError(f"{source}: no images (a CSV of `path, product_id[, category]` rows, or a folder per "
+                         "product)")
+    return items
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,6 +120,8 @@ def read_grocery_iconic(root: Path) -> list[CatalogueImage]:
 def split_by_product(items: Sequence[CatalogueImage], val_fraction: float, seed: int = 0
                      ) -> tuple[list[CatalogueImage], list[CatalogueImage]]:
     """Hold out whole products, so validation measures retrieval of products the model never trained on."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"the validation fraction must be in [0, 1), got {val_fraction}")
     products = sorted({item.product_id for item in items})
     n_val = round(len(products) * val_fraction)
     if val_fraction > 0 and len(products) > 1:
@@ -119,8 +133,12 @@ def split_by_product(items: Sequence[CatalogueImage], val_fraction: float, seed:
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode a file the way serving decodes uploads (EXIF orientation, any mode to RGB)."""
-    return decode_image(path.read_bytes())
+    """Decode a file the way serving decodes uploads (EXIF orientation, any mode to RGB); a file that does not
+    decode is named in the error."""
+    try:
+        return decode_image(path.read_bytes())
+    except ImgsearchError as exc:
+        raise type(exc)(f"{path}: {exc}") from exc
 
 
 def shrink(img: Image.Image, shorter_side: int) -> Image.Image:

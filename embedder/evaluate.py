@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from embedder import data
 from embedder.metrics import cosine_similarities, retrieval_report
 from embedder.model_files import INPUT_NAME, OUTPUT_NAME, default_model_path
 from embedder.preprocess import preprocess_bytes
+from imgsearch.errors import ImgsearchError
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]  # (N,3,224,224) float32 -> (N,D) float32
 
@@ -45,6 +47,13 @@ def torch_embed_fn(model, device: str = "cpu") -> EmbedFn:
     return embed
 
 
+def _preprocessed(path: Path) -> np.ndarray:
+    try:
+        return preprocess_bytes(path.read_bytes())
+    except ImgsearchError as exc:  # name the file that does not decode
+        raise type(exc)(f"{path}: {exc}") from exc
+
+
 def embed_catalogue(embed: EmbedFn, items: Sequence[data.CatalogueImage], batch_size: int = 32,
                     progress: bool = True) -> np.ndarray:
     """Decode each file exactly as serving does (embedder.preprocess), embed in batches."""
@@ -56,7 +65,7 @@ def embed_catalogue(embed: EmbedFn, items: Sequence[data.CatalogueImage], batch_
         batch = items[start:start + batch_size]
         # preprocess_bytes, not load_image: serving decodes big JPEGs at a reduced scale (a 12 MP photo's pixels
         # differ by ~2 levels, its embedding by cosine 0.994).
-        pixels = np.stack([preprocess_bytes(item.path.read_bytes()) for item in batch])
+        pixels = np.stack([_preprocessed(item.path) for item in batch])
         chunks.append(np.asarray(embed(pixels), dtype=np.float32))
         bar.update(len(batch))
     bar.close()
@@ -99,10 +108,25 @@ def summary_table(results: dict) -> str:
              f"{'MAP@R':>6s} {'best-F1 thr':>11s} {'P':>5s} {'R':>5s} {'F1':>5s}")]
     for name, r in results.items():
         b = r["best_f1"]
+        if not r.get("answerable_queries", r["queries"]):
+            lines.append(f"{name:24s} {r['queries']:7d} {r['gallery']:7d} {NOTHING_TO_MEASURE}")
+            continue
         lines.append(f"{name:24s} {r['queries']:7d} {r['gallery']:7d} {r['recall@1']:6.3f} {r['recall@5']:6.3f} "
                      f"{r['recall@10']:6.3f} {r['map@r']:6.3f} {b['threshold']:11.2f} {b['precision']:5.3f} "
                      f"{b['recall']:5.3f} {b['f1']:5.3f}")
-    return "\n".join(lines)
+    return "\n".join(lines + _answerable_notes(results))
+
+
+# A protocol none of whose queries has a right answer in its gallery: its figures were printed as NaN (review).
+NOTHING_TO_MEASURE = "no query has a right answer in the gallery: nothing to measure"
+
+
+def _answerable_notes(results: dict) -> list[str]:
+    """Where only part of the queries have a right answer in the gallery, what the figures average over (they
+    read as if over every query: 20 queries against a gallery of one of their products gave R@1 1.000, review)."""
+    return [f"{name}: {r['answerable_queries']} of {r['queries']} queries have a right answer in the gallery; "
+            "the figures are over those" for name, r in results.items()
+            if 0 < r.get("answerable_queries", r["queries"]) < r["queries"]]
 
 
 def summary_markdown(results: dict) -> str:
@@ -110,10 +134,24 @@ def summary_markdown(results: dict) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         b = r["best_f1"]
+        if not r.get("answerable_queries", r["queries"]):
+            lines.append(f"| {name} | {r['queries']} | {r['gallery']} | {NOTHING_TO_MEASURE} |||||||")
+            continue
         lines.append(f"| {name} | {r['queries']} | {r['gallery']} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | "
                      f"{r['recall@10']:.3f} | {r['map@r']:.3f} | {b['threshold']:.2f} | {b['precision']:.3f} | "
                      f"{b['recall']:.3f} | {b['f1']:.3f} |")
-    return "\n".join(lines)
+    notes = _answerable_notes(results)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +188,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.gallery and not args.queries:
         parser.error("--gallery needs --queries")
+    if args.heldout and args.queries:
+        parser.error("--heldout goes with the grocery data, not --queries")
+    if args.grocery_split == "train":
+        parser.error("--grocery-split train: the train photos are the gallery (every query would find itself)")
+    if args.batch_size < 1 or args.threads < 1:
+        parser.error("--batch-size and --threads must be at least 1")
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder: give the JSON file to write")
 
     if args.checkpoint or args.baseline:
         import torch
@@ -189,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_markdown(results) if args.markdown else summary_table(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"model": model_name, "results": results}, indent=1))
+        # NaN (a protocol with nothing to measure) is not JSON: null instead
+        args.out.write_text(json.dumps(_nan_to_none({"model": model_name, "results": results}), indent=1))
     return 0
 
 

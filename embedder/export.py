@@ -41,15 +41,18 @@ def export_onnx(model: torch.nn.Module, out: Path, *, image_size: int = DEFAULT_
     out.parent.mkdir(parents=True, exist_ok=True)
     dummy = torch.zeros(2, 3, image_size, image_size)
     tmp = out.with_suffix(".onnx.tmp")
-    with torch.no_grad():
-        # The TorchScript exporter: the dynamo one needs onnxscript, which this project does not ship.
-        torch.onnx.export(
-            model, (dummy,), str(tmp), dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            do_constant_folding=True,
-        )
-    _pin_embedding_width(tmp, _embedding_width(model, image_size))
-    tmp.replace(out)
+    try:
+        with torch.no_grad():
+            # The TorchScript exporter: the dynamo one needs onnxscript, which this project does not ship.
+            torch.onnx.export(
+                model, (dummy,), str(tmp), dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True,
+            )
+        _pin_embedding_width(tmp, _embedding_width(model, image_size))
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed export left a 16 MB .onnx.tmp behind (review)
     return out
 
 
@@ -96,13 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flip-average", action="store_true",
                         help="embed each image and its mirror image and average them (2x the compute)")
     args = parser.parse_args(argv)
+    if args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder: give the ONNX file to write")
+    if args.checkpoint is not None and args.out.resolve() == args.checkpoint.resolve():
+        parser.error("--out is the checkpoint itself: it would be overwritten")
 
     torch.manual_seed(args.seed)
     try:
         model = (load_checkpoint(args.checkpoint, any_image_size=args.any_image_size) if args.checkpoint
                  else build_pretrained_embedder(seed=args.seed))
     except ValueError as exc:
-        print(f"imgsearch-embed export: {exc} (--any-image-size exports it anyway)", file=sys.stderr)
+        hint = " (--any-image-size exports it anyway)" if "crops" in str(exc) else ""
+        print(f"imgsearch-embed export: {exc}{hint}", file=sys.stderr)
         return 2
     if args.flip_average:
         model = FlipAveragedEmbedder(model.eval())

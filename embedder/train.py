@@ -14,6 +14,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,7 +130,11 @@ def online_batches(model: ImageEmbedder, loader: DataLoader, block: int, device:
 @torch.no_grad()
 def validate(model: ImageEmbedder, val_features: torch.Tensor, block: int, labels: list[str],
              device: torch.device) -> dict:
-    """Leave-one-out retrieval among the held-out products' photos (serving transform)."""
+    """Leave-one-out retrieval among the held-out products' photos (serving transform); nothing when no held-out
+    product has two photos (the figures were NaN, and no epoch was ever the best, review)."""
+    counts = Counter(labels)
+    if not any(counts[label] > 1 for label in labels):
+        return {}
     model.eval()
     embeddings = torch.cat([model.embed_from_block(val_features[i:i + 64, 0].float().to(device), block).cpu()
                             for i in range(0, len(val_features), 64)]).numpy()
@@ -314,6 +319,26 @@ def main(argv: list[str] | None = None) -> int:
     if len({item.product_id for item in catalogue}) < 2:
         print("the catalogue needs at least two products")
         return 2
+    for name in ("epochs", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            print(f"--{name.replace('_', '-')} must be at least 1", file=sys.stderr)
+            return 2
+    if not 0 <= args.val_fraction < 1:
+        print(f"--val-fraction must be in [0, 1), got {args.val_fraction}", file=sys.stderr)
+        return 2
+    train_items, val_items = data.split_by_product(catalogue, args.val_fraction, args.seed)
+    train_products, val_products = ({i.product_id for i in items} for items in (train_items, val_items))
+    if len(train_products) < 2:
+        # ArcFace over one class learns nothing, and reported loss 0 and accuracy 1 (review)
+        print(f"{len(train_products)} product left to train on after holding out {len(val_products)} for "
+              "validation: at least two are needed (lower --val-fraction, or add products)", file=sys.stderr)
+        return 2
+    if val_products and not any(n > 1 for n in Counter(i.product_id for i in val_items).values()):
+        print("warning: no held-out product has two photos, so there is no validation (best.pt is the last "
+              "epoch)", file=sys.stderr)
+    elif len(val_products) == 1:
+        print("warning: one product held out: its validation figures are 1.0 whatever the model (every other "
+              "held-out photo is of it); hold out at least two", file=sys.stderr)
     fields = {k: v for k, v in vars(args).items() if k not in ("catalogue", "grocery", "out", "iconic_copies")}
     source = ({"grocery": str(args.grocery), "iconic_copies": args.iconic_copies} if args.grocery is not None
               else {"catalogue": str(args.catalogue)})

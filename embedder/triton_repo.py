@@ -202,6 +202,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.instances < 1 or args.preprocess_instances < 1:
         parser.error("--instances and --preprocess-instances must be at least 1")
+    if args.max_batch_size < 1 or args.max_queue_delay_us < 0:
+        parser.error("--max-batch-size must be at least 1 and --max-queue-delay-us at least 0")
+    if args.model is not None and args.model.is_file():
+        import onnx
+
+        try:  # a PyTorch checkpoint was copied in as model.onnx, and Triton failed only when it loaded it (review)
+            onnx.load_model(str(args.model), load_external_data=False)
+        except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and others for what is not ONNX
+            parser.error(f"--model {args.model} is not an ONNX model ({type(exc).__name__}); export a checkpoint "
+                         "with `imgsearch-embed export` first")
     if args.tensorrt_fp16 and not args.gpu:
         parser.error("--tensorrt-fp16 needs --gpu")
     options = RepositoryOptions(max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,

@@ -13,9 +13,15 @@ from embedder.triton_repo import RepositoryOptions, main, write_model_repository
 
 @pytest.fixture(scope="module")
 def onnx_file(tmp_path_factory) -> Path:
-    # The repository writer only copies the file; its content is not read here.
+    # The repository writer only copies the file; the CLI checks that it is ONNX: a one-node graph is enough.
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["pixels"], ["embedding"])], "tiny",
+                              [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [1])])
     path = tmp_path_factory.mktemp("model") / "model.onnx"
-    path.write_bytes(b"onnx bytes")
+    onnx.save_model(helper.make_model(graph), str(path))
     return path
 
 
@@ -26,7 +32,7 @@ def _config(repo: Path, model: str) -> mc.ModelConfig:
 def test_cpu_repository_layout_and_configs(tmp_path, onnx_file):
     repo = write_model_repository(tmp_path / "repo", model_path=onnx_file)
     assert sorted(p.name for p in repo.iterdir()) == ["imgsearch", "imgsearch_embedding", "imgsearch_preprocess"]
-    assert (repo / "imgsearch_embedding" / "1" / "model.onnx").read_bytes() == b"onnx bytes"
+    assert (repo / "imgsearch_embedding" / "1" / "model.onnx").read_bytes() == onnx_file.read_bytes()
     assert (repo / "imgsearch_preprocess" / "1" / "model.py").is_file()
     assert (repo / "imgsearch" / "1").is_dir()
 
