@@ -34,9 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     try:
         return int(module.main(argv[1:]) or 0)
-    except (OSError, ValueError, ImgsearchError, pickle.UnpicklingError) as exc:
-        # What a user's input causes (a file that is missing or does not decode, a malformed catalogue, a file
-        # that is not a checkpoint): one line naming it, not a traceback (review). IMGSEARCH_DEBUG=1 shows it.
+    except BrokenPipeError:  # `imgsearch-embed eval | head`
+        return 1
+    except (OSError, ImgsearchError, pickle.UnpicklingError) as exc:
+        # What a user's input causes (a file that is missing, unreadable or does not decode, a malformed catalogue
+        # or split list, a file that is not a checkpoint: InputFileError), each naming the file: one line, not a
+        # traceback (review). Anything else is a bug and keeps its traceback; IMGSEARCH_DEBUG=1 shows these too.
         if os.environ.get("IMGSEARCH_DEBUG"):
             raise
         print(f"imgsearch-embed {argv[0]}: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from embedder.errors import InputFileError
 from embedder.preprocess import decode_image, image_to_tensor, normalise
 from imgsearch.errors import ImgsearchError
 
@@ -41,6 +42,14 @@ class CatalogueImage:
 
 def read_catalogue_csv(csv_path: Path) -> list[CatalogueImage]:
     """Rows `path, product_id[, category]`; a header row is allowed; relative paths are relative to the CSV."""
+    try:
+        return _read_catalogue_csv(csv_path)
+    except UnicodeDecodeError as exc:  # Excel's plain "CSV (Comma delimited)" is cp1252
+        raise InputFileError(f"{csv_path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                             "\"CSV UTF-8\"") from exc
+
+
+def _read_catalogue_csv(csv_path: Path) -> list[CatalogueImage]:
     items = []
     # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which made its header row a file name.
     with open(csv_path, newline="", encoding="utf-8-sig") as handle:
@@ -50,7 +59,7 @@ def read_catalogue_csv(csv_path: Path) -> list[CatalogueImage]:
             if not row or not row[0] or row[0].startswith("#") or row[0].lower() in ("path", "image"):
                 continue
             if len(row) < 2:
-                raise ValueError(f"{csv_path}: row {row!r} needs at least path and product id")
+                raise InputFileError(f"{csv_path}: row {row!r} needs at least path and product id")
             path = Path(row[0])
             items.append(CatalogueImage(path=path if path.is_absolute() else csv_path.parent / path,
                                         product_id=row[1], category=row[2] if len(row) > 2 else ""))
@@ -62,7 +71,7 @@ def read_catalogue_dir(root: Path) -> list[CatalogueImage]:
     items = []
     loose = [p.name for p in sorted(root.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     if loose:  # they were skipped without a word, and the figures covered the rest alone (review)
-        raise ValueError(f"{root}: images at the top of the folder ({', '.join(loose[:3])}...): a catalogue folder "
+        raise InputFileError(f"{root}: images at the top of the folder ({', '.join(loose[:3])}...): a catalogue folder "
                          "holds a folder per product (<product>/<image>, or <category>/<product>/<image>)")
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.parent != root:
@@ -75,7 +84,7 @@ def read_catalogue(source: Path) -> list[CatalogueImage]:
     """A CSV or a folder per product; ValueError (a message for the user) when it lists no image."""
     items = read_catalogue_dir(source) if source.is_dir() else read_catalogue_csv(source)
     if not items:
-        raise ValueError(f"{source}: no images (a CSV of `path, product_id[, category]` rows, or a folder per "
+        raise InputFileError(f"{source}: no images (a CSV of `path, product_id[, category]` rows, or a folder per "
                          "product)")
     return items
 
@@ -103,10 +112,15 @@ def read_grocery(root: Path, split: str = "train") -> list[CatalogueImage]:
     """The grocery dataset's `train`/`val` photos: product = fine class name, category = coarse class name."""
     classes = grocery_classes(root)
     items = []
-    for line in (root / f"{split}.txt").read_text().splitlines():
+    listing = root / f"{split}.txt"
+    for number, line in enumerate(listing.read_text().splitlines(), start=1):
         if line.strip():
-            rel, fine, _coarse = (part.strip() for part in line.split(","))
-            cls = classes[int(fine)]
+            try:
+                rel, fine, _coarse = (part.strip() for part in line.split(","))
+                cls = classes[int(fine)]
+            except (ValueError, KeyError) as exc:
+                raise InputFileError(f"{listing}, line {number}: {line!r} is not `path, fine class id, coarse "
+                                     "class id` of a class in classes.csv") from exc
             items.append(CatalogueImage(path=root / rel, product_id=cls.name, category=cls.coarse_name))
     return items
 
@@ -121,7 +135,7 @@ def split_by_product(items: Sequence[CatalogueImage], val_fraction: float, seed:
                      ) -> tuple[list[CatalogueImage], list[CatalogueImage]]:
     """Hold out whole products, so validation measures retrieval of products the model never trained on."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"the validation fraction must be in [0, 1), got {val_fraction}")
+        raise InputFileError(f"the validation fraction must be in [0, 1), got {val_fraction}")
     products = sorted({item.product_id for item in items})
     n_val = round(len(products) * val_fraction)
     if val_fraction > 0 and len(products) > 1:

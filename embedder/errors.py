@@ -32,3 +32,8 @@ class EmbedderTimeoutError(EmbedderError, DeadlineExceededError):
 class EmbedderOverloadedError(EmbedderError, ResourceExhaustedError):
     """The embedding queue holds more work than can be done within the caller's deadline: refused at once
     (load shedding) instead of queued to time out after using the model."""
+
+
+class InputFileError(EmbedderError, InvalidArgumentError, ValueError):
+    """A file the user gave a tool cannot be used (a catalogue, a split list, a checkpoint): the message names it.
+    A ValueError too, for callers that catch those."""

@@ -135,7 +135,8 @@ def summary_markdown(results: dict) -> str:
     for name, r in results.items():
         b = r["best_f1"]
         if not r.get("answerable_queries", r["queries"]):
-            lines.append(f"| {name} | {r['queries']} | {r['gallery']} | {NOTHING_TO_MEASURE} |||||||")
+            cells = [name, str(r["queries"]), str(r["gallery"]), NOTHING_TO_MEASURE, *[""] * 7]
+            lines.append("| " + " | ".join(cells) + " |")
             continue
         lines.append(f"| {name} | {r['queries']} | {r['gallery']} | {r['recall@1']:.3f} | {r['recall@5']:.3f} | "
                      f"{r['recall@10']:.3f} | {r['map@r']:.3f} | {b['threshold']:.2f} | {b['precision']:.3f} | "
@@ -225,7 +226,13 @@ def main(argv: list[str] | None = None) -> int:
         results = {"queries_leave_one_out": retrieval_report(cosine_similarities(q, q), labels, labels,
                                                              exclude_self=True)}
     else:
-        heldout = set(json.loads(args.heldout.read_text())["val_products"]) if args.heldout else None
+        heldout = None
+        if args.heldout:
+            try:
+                heldout = set(json.loads(args.heldout.read_text())["val_products"])
+            except (ValueError, KeyError, TypeError) as exc:
+                parser.error(f"--heldout {args.heldout}: not a training run's split.json ({type(exc).__name__}: "
+                             f"{exc})")
         if not (args.grocery / f"{args.grocery_split}.txt").is_file():
             parser.error(f"no grocery split {args.grocery_split!r}: {args.grocery / (args.grocery_split + '.txt')} "
                          "does not exist")

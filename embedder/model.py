@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedder.errors import InputFileError
 from embedder.preprocess import DEFAULT_IMAGE_SIZE
 
 EMBEDDING_DIM = 512
@@ -305,9 +306,9 @@ def load_checkpoint(path: Path, *, any_image_size: bool = False) -> ImageEmbedde
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # not a checkpoint (an ONNX file, say)
-        raise ValueError(f"{path}: not a checkpoint written by imgsearch-embed train ({exc})") from exc
+        raise InputFileError(f"{path}: not a checkpoint written by imgsearch-embed train ({exc})") from exc
     if not isinstance(payload, dict) or "model_config" not in payload or "model" not in payload:
-        raise ValueError(f"{path}: not a checkpoint written by imgsearch-embed train (no model_config and model)")
+        raise InputFileError(f"{path}: not a checkpoint written by imgsearch-embed train (no model_config and model)")
     trained_size = payload.get("train_config", {}).get("image_size", DEFAULT_IMAGE_SIZE)
     if trained_size != DEFAULT_IMAGE_SIZE and not any_image_size:
         raise ValueError(f"checkpoint {path} was trained on {trained_size} px crops; serving, export and "

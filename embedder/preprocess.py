@@ -59,10 +59,6 @@ def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_STEPS) -> None
     """Raise InvalidImageError for a JPEG, PNG or GIF whose header would take Pillow more than `limit` steps to
     read; walks it the way Pillow does, lengths only. Anything malformed is left to the decoder to report."""
     if data.startswith(b"\xff\xd8\xff"):
-        scans = data.count(b"\xff\xda")  # entropy-coded data escapes 0xFF: there this is always a marker
-        if scans > MAX_JPEG_SCANS:
-            raise InvalidImageError(f"JPEG of {scans} scans, more than the {MAX_JPEG_SCANS} accepted: not a real "
-                                    "photo (each scan is a pass over the whole image)")
         walk = _jpeg_steps(data)
     elif data.startswith(_PNG_SIGNATURE):
         walk = _png_steps(data)
@@ -74,6 +70,39 @@ def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_STEPS) -> None
         if steps > limit:
             raise InvalidImageError(f"image header of more than {limit} segments (or chunks, or padding bytes): "
                                     "not a real image")
+    # After the header: the scans, each a pass of the decoder over the whole image.
+    if data.startswith(b"\xff\xd8\xff") and _jpeg_scans(data, stop_after=MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+        raise InvalidImageError(f"JPEG of more than {MAX_JPEG_SCANS} scans: not a real photo (each scan is a pass "
+                                "over the whole image)")
+
+
+# The next marker from a position: fill bytes (0xFF runs) and junk skipped at C speed. In entropy-coded data a 0xFF
+# byte is followed by 0x00 (an escaped 0xFF) or a restart marker (0xD0-0xD7), which are no segment's start.
+_JPEG_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+
+
+def _jpeg_scans(data: bytes, *, stop_after: int, max_segments: int = MAX_HEADER_STEPS) -> int:
+    """Start-of-scan markers of the image, up to its end-of-image marker (not those in metadata, nor in what
+    follows the image: a phone's motion photo appends a video, whose bytes held one b"\xff\xda" per 64 KiB and
+    got 12 MB photos refused, review); counting stops past `stop_after`. More than `max_segments` segments in
+    all is refused (InvalidImageError): this walk is Python, and real files have a few dozen."""
+    scans, pos, segments = 0, 2, 0
+    while scans <= stop_after:
+        found = _JPEG_NEXT_MARKER.search(data, pos)
+        if found is None:
+            break
+        code, pos = found.group(1)[0], found.end()  # just past the marker's code
+        if code == 0xD9:  # end of image
+            break
+        segments += 1
+        if segments > max_segments:
+            raise InvalidImageError(f"JPEG of more than {max_segments} segments: not a real image")
+        if code in (0x01, 0xD8):  # no length: TEM, SOI
+            continue
+        pos += int.from_bytes(data[pos:pos + 2], "big")  # past the segment (a scan's header)
+        if code == 0xDA:  # start of scan: its entropy-coded data runs to the next marker
+            scans += 1
+    return scans
 
 
 def _jpeg_steps(data: bytes) -> Iterator[None]:

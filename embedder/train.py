@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--val-fraction must be in [0, 1), got {args.val_fraction}", file=sys.stderr)
         return 2
     train_items, val_items = data.split_by_product(catalogue, args.val_fraction, args.seed)
+    val_items = list({item.path: item for item in val_items}.values())  # each file once, as train() validates
     train_products, val_products = ({i.product_id for i in items} for items in (train_items, val_items))
     if len(train_products) < 2:
         # ArcFace over one class learns nothing, and reported loss 0 and accuracy 1 (review)

@@ -118,3 +118,28 @@ def test_export_and_triton_repo_refuse_what_is_not_theirs_to_take(tmp_path, caps
     _fails_with(capsys, ["triton-repo", "--model", str(not_a_checkpoint), "--out", str(tmp_path / "repo")],
                 "is not an ONNX model")
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_files_of_the_wrong_shape_are_named_with_where_they_go_wrong(catalogue, capsys, tmp_path):
+    """A cp1252 CSV and a malformed line of a split list gave a bare codec or unpacking message (review)."""
+    cp1252 = tmp_path / "excel.csv"
+    cp1252.write_bytes("photo.jpg,Café\n".encode("cp1252"))
+    _fails_with(capsys, ["eval", "--queries", str(cp1252)], f"{cp1252}: not UTF-8")
+    grocery = tmp_path / "grocery"
+    grocery.mkdir()
+    (grocery / "classes.csv").symlink_to(data.grocery_dir() / "classes.csv")
+    (grocery / "test.txt").write_text("test/a.jpg, 0, 0\ntest/b.jpg 0\n")
+    with pytest.raises(data.InputFileError, match=r"test.txt, line 2"):
+        data.read_grocery(grocery, "test")
+    split = tmp_path / "split.json"
+    split.write_text('{"train_products": []}')
+    _fails_with(capsys, ["eval", "--heldout", str(split)], "not a training run's split.json")
+
+
+def test_a_protocol_with_nothing_to_measure_is_a_whole_markdown_row():
+    from embedder.evaluate import summary_markdown
+
+    nothing = {"queries": 2, "gallery": 3, "answerable_queries": 0, "recall@1": float("nan"),
+               "best_f1": {"threshold": 1.0, "precision": 1.0, "recall": 0.0, "f1": 0.0}}
+    header, _, row = summary_markdown({"queries_vs_gallery": nothing}).splitlines()
+    assert row.count("|") == header.count("|") and "nothing to measure" in row

@@ -11,7 +11,14 @@ import pytest
 from PIL import Image
 
 from embedder.errors import ImageTooLargeError, InvalidImageError
-from embedder.preprocess import decode_image, image_to_tensor, preprocess_bytes, resize_for_model, to_rgb
+from embedder.preprocess import (
+    _jpeg_scans,
+    decode_image,
+    image_to_tensor,
+    preprocess_bytes,
+    resize_for_model,
+    to_rgb,
+)
 
 DATA_DIR = Path(os.environ.get("IMGSEARCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 ODD = DATA_DIR / "odd-images"
@@ -392,6 +399,16 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded():
     assert decode_image(_progressive_jpeg(20)).size == (640, 480)  # a few scans more: still decoded
     with pytest.raises(InvalidImageError, match="scans"):
         decode_image(_progressive_jpeg(200))
+
+
+def test_only_the_scans_of_the_image_count_not_bytes_after_it_or_in_its_metadata():
+    """Counting every b"\\xff\\xda" in the file refused a motion photo (a JPEG with a video appended: one such pair
+    per 64 KiB of it) of 12 MB, and counted the scans of EXIF thumbnails (review)."""
+    photo = _progressive_jpeg(0) + np.random.default_rng(7).bytes(12 << 20)  # a video's bytes after the image
+    assert decode_image(photo).size == (640, 480)
+    thumbnails = ODD / "pdq" / "misc-images" / "wee.jpg"  # 7 scans, and 2 more in thumbnails of its metadata
+    assert thumbnails.read_bytes().count(b"\xff\xda") == 9
+    assert _jpeg_scans(thumbnails.read_bytes(), stop_after=128) == 7
 
 
 def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_levels():
