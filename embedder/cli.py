@@ -5,6 +5,7 @@ Each subcommand lives in its own module with its own argument parser; this only 
 
 from __future__ import annotations
 
+import csv
 import importlib
 import os
 import pickle
@@ -36,13 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(argv[1:]) or 0)
     except BrokenPipeError:  # `imgsearch-embed eval | head`
         return 1
-    except (OSError, ImgsearchError, pickle.UnpicklingError) as exc:
-        # What a user's input causes (a file that is missing, unreadable or does not decode, a malformed catalogue
-        # or split list, a file that is not a checkpoint: InputFileError), each naming the file: one line, not a
-        # traceback (review). Anything else is a bug and keeps its traceback; IMGSEARCH_DEBUG=1 shows these too.
+    except (OSError, ValueError, csv.Error, ImgsearchError, pickle.UnpicklingError) as exc:
+        # What a user's input causes (a file that is missing, unreadable or does not decode, a malformed catalogue,
+        # JSON or split list, a file that is not a checkpoint): one line, not a traceback (review). Our own errors
+        # (InputFileError...) name the file; others also say their type, since they may be a bug of ours
+        # (IMGSEARCH_DEBUG=1 shows the traceback).
         if os.environ.get("IMGSEARCH_DEBUG"):
             raise
-        print(f"imgsearch-embed {argv[0]}: error: {exc}", file=sys.stderr)
+        told = str(exc) if isinstance(exc, ImgsearchError | OSError) else f"{type(exc).__name__}: {exc}"
+        print(f"imgsearch-embed {argv[0]}: error: {told}", file=sys.stderr)
         return 2
 
 

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             net = GeMBaseline() if args.baseline else load_checkpoint(args.checkpoint,
                                                                       any_image_size=args.any_image_size)
         except ValueError as exc:  # trained on crops of another size than serving's
-            parser.error(f"{exc} (--any-image-size evaluates it anyway)")
+            parser.error(f"{exc}{' (--any-image-size evaluates it anyway)' if 'crops' in str(exc) else ''}")
         embed, model_name = torch_embed_fn(net, args.device), ("imagenet-gem-baseline" if args.baseline else str(args.checkpoint))
     else:
         onnx_path = args.onnx or default_model_path()

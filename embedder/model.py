@@ -305,7 +305,7 @@ def load_checkpoint(path: Path, *, any_image_size: bool = False) -> ImageEmbedde
     crops of another size than serving's is refused unless `any_image_size`."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:  # not a checkpoint (an ONNX file, say)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:  # not a checkpoint (ONNX, say)
         raise InputFileError(f"{path}: not a checkpoint written by imgsearch-embed train ({exc})") from exc
     if not isinstance(payload, dict) or "model_config" not in payload or "model" not in payload:
         raise InputFileError(f"{path}: not a checkpoint written by imgsearch-embed train (no model_config and model)")

@@ -76,9 +76,15 @@ def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_STEPS) -> None
                                 "over the whole image)")
 
 
-# The next marker from a position: fill bytes (0xFF runs) and junk skipped at C speed. In entropy-coded data a 0xFF
-# byte is followed by 0x00 (an escaped 0xFF) or a restart marker (0xD0-0xD7), which are no segment's start.
-_JPEG_NEXT_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")
+# The next marker from a position, junk and fill bytes skipped at C speed: in entropy-coded data a 0xFF byte is
+# followed by 0x00 (an escaped 0xFF) or a restart marker (0xD0-0xD7), which start no segment; in a run of 0xFF
+# (fill) the code is the byte after the last one. No `\xff+`: a long run not followed by a code cost quadratic
+# time (40,000 bytes of 0xFF took 11 s, review).
+_JPEG_NEXT_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
+# Markers followed by a length-prefixed segment (as libjpeg reads them): SOFn, DHT, DAC, SOS, DQT, DNL, DRI, DHP,
+# EXP, APPn, COM. libjpeg reads no length after the others (where it expects a restart marker, it skips a
+# reserved one and scans on), so neither may this walk: skipping one as a segment hid scans behind it (review).
+_JPEG_SEGMENT_CODES = frozenset([*range(0xC0, 0xD0), *range(0xDA, 0xF0), 0xFE])
 
 
 def _jpeg_scans(data: bytes, *, stop_after: int, max_segments: int = MAX_HEADER_STEPS) -> int:
@@ -97,7 +103,7 @@ def _jpeg_scans(data: bytes, *, stop_after: int, max_segments: int = MAX_HEADER_
         segments += 1
         if segments > max_segments:
             raise InvalidImageError(f"JPEG of more than {max_segments} segments: not a real image")
-        if code in (0x01, 0xD8):  # no length: TEM, SOI
+        if code not in _JPEG_SEGMENT_CODES:  # TEM, SOI, reserved: no length
             continue
         pos += int.from_bytes(data[pos:pos + 2], "big")  # past the segment (a scan's header)
         if code == 0xDA:  # start of scan: its entropy-coded data runs to the next marker

@@ -143,3 +143,10 @@ def test_a_protocol_with_nothing_to_measure_is_a_whole_markdown_row():
                "best_f1": {"threshold": 1.0, "precision": 1.0, "recall": 0.0, "f1": 0.0}}
     header, _, row = summary_markdown({"queries_vs_gallery": nothing}).splitlines()
     assert row.count("|") == header.count("|") and "nothing to measure" in row
+
+
+def test_a_value_error_from_a_users_file_is_one_line_with_its_type(tmp_path, capsys):
+    """Narrowed to our own errors, the catch let a malformed --show JSON through as a traceback again (review)."""
+    bad = tmp_path / "results.json"
+    bad.write_text("{not json")
+    _fails_with(capsys, ["eval", "--show", str(bad)], "JSONDecodeError")
