@@ -238,9 +238,10 @@ def cmd_up(args) -> int:
     return 0
 
 
-def _listed_files(source: str | None, args, *, category: str | None = None, unique_ids: bool = True) -> list:
+def _listed_files(source: str | None, args, *, category: str | None = None,
+                  unique_ids: bool = True) -> list | None:
     """Labelled images from `--grocery-split` (under `--data`), a CSV, or a folder laid out as
-    <category>/<product>/<image>; empty (with a message) when a grocery split has no list."""
+    <category>/<product>/<image>; None (with a message) when a grocery split has no list."""
     from broker.catalogue import default_data_dir, files_from_csv, files_from_folder, grocery_split
 
     if args.grocery_split is not None:
@@ -250,7 +251,7 @@ def _listed_files(source: str | None, args, *, category: str | None = None, uniq
         listing = data / "grocery" / f"{args.grocery_split}.txt"
         if not listing.is_file():
             print(f"no grocery split {args.grocery_split!r}: {listing} does not exist", file=sys.stderr)
-            return []
+            return None
         return grocery_split(data, args.grocery_split)
     path = Path(source)
     if path.suffix.lower() == ".csv":
@@ -270,6 +271,8 @@ def cmd_ingest(args) -> int:
     source = Path(args.source or ".")
     if args.grocery_split is not None or source.suffix.lower() == ".csv" or source.is_dir():
         files = _listed_files(args.source, args, category=args.category)
+        if files is None:  # said why; "no images found under ." named a folder nobody gave (review)
+            return 1
     else:
         from broker.catalogue import CatalogueFile
 
@@ -498,6 +501,8 @@ def cmd_eval(args) -> int:
         print("error: give a queries CSV or folder, or --grocery-split (not both)", file=sys.stderr)
         return 2
     queries = _listed_files(args.queries, args, unique_ids=False)
+    if queries is None:  # said why
+        return 1
     if args.limit:
         queries = pick_queries(queries, args.limit)
     if not queries:

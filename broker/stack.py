@@ -60,20 +60,33 @@ def check_port_free(host: str, port: int, what: str) -> None:
 
 def wait_for_port(
     host: str, port: int, *, timeout_s: float, process: subprocess.Popen | None = None, name: str = "",
-    stop_requested: Callable[[], bool] | None = None,
+    stop_requested: Callable[[], bool] | None = None, log_path: Path | None = None,
 ) -> None:
-    """Return once something listens on `port`; raise RuntimeError when `process` exits first, TimeoutError after
-    `timeout_s`, InterruptedError as soon as `stop_requested()` is true."""
+    """Return once something listens on `port`; raise RuntimeError when `process` exits first (with the last line
+    of its `log_path`, which says why), TimeoutError after `timeout_s`, InterruptedError as soon as
+    `stop_requested()` is true."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if stop_requested is not None and stop_requested():
             raise InterruptedError(f"stopped while waiting for {name} on {host}:{port}")
         if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{name} exited with code {process.returncode} before listening on {port}")
+            why = _last_line(log_path) if log_path is not None else ""
+            raise RuntimeError(f"{name} exited with code {process.returncode} before listening on {port}"
+                               + (f": {why}" if why else ""))
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
             return
         time.sleep(0.1)
     raise TimeoutError(f"{name} not listening on {host}:{port} after {timeout_s:.0f}s")
+
+
+def _last_line(path: Path) -> str:
+    """The last non-empty line of a log (a process's reason to exit: "data dir ... is in use by another process"
+    was only in the shard's log, and `up` said no more than its exit code, review)."""
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip()[:500] if lines else ""
 
 
 @dataclass
@@ -284,6 +297,7 @@ class LocalStack:
                 timeout_s=self.config.startup_timeout_s,
                 process=self.processes[process_name].process,
                 name=process_name,
+                log_path=self.processes[process_name].log_path,
             )
         self.shard_addresses = [replicas[f"shard-{i}"][0] for i in range(self.config.shards)]
         self.shard_metrics_ports = [metrics for _, metrics in self.shard_ports.values()]
@@ -317,7 +331,7 @@ class LocalStack:
         proc = self._spawn_shard(process_name)
         wait_for_port(
             HOST, self.shard_ports[process_name][0], timeout_s=60, process=proc.process, name=process_name,
-            stop_requested=stop_requested,
+            stop_requested=stop_requested, log_path=proc.log_path,
         )
 
     # ------------------------------------------------------------------ broker
@@ -352,7 +366,8 @@ class LocalStack:
             argv += ["--redis-url", self.redis_url]
         env = {"IMGSEARCH_WRITE_TOKEN": self.config.write_token} if self.config.write_token else {}
         proc = self._spawn("broker", argv, env)
-        wait_for_port(HOST, port, timeout_s=60, process=proc.process, name="imgsearch-broker")
+        wait_for_port(HOST, port, timeout_s=60, process=proc.process, name="imgsearch-broker",
+                      log_path=proc.log_path)
         self.broker_address = f"{HOST}:{port}"
         self.broker_metrics_port = metrics_port
 

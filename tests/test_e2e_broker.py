@@ -759,9 +759,11 @@ def test_cli_ingest_a_grocery_split(stack, client, catalogue, data_dir, tmp_path
     assert per_category() == before  # the same ids under the same categories: nothing added, nothing moved
     done = _cli(stack, "ingest", "--grocery-split", "nosuch", "--data", str(tmp_path))
     assert done.returncode == 1 and "no grocery split 'nosuch'" in done.stderr
+    assert "no images found" not in done.stderr  # a second line naming "." (review)
     assert _cli(stack, "ingest").returncode == 2
     done = _cli(stack, "eval", "--grocery-split", "nosuch", "--data", str(tmp_path))
     assert done.returncode == 1 and "no grocery split 'nosuch'" in done.stderr
+    assert "no query images found" not in done.stderr
 
 
 def client_delete(stack, ids) -> int:

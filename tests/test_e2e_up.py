@@ -196,3 +196,17 @@ def test_sigterm_during_start_up_stops_what_has_started_at_once(tmp_path):
             up.kill()
         for pid in _redis_servers_in(tmp_path):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_process_that_exits_before_listening_is_reported_with_the_last_line_of_its_log(tmp_path):
+    """`up` said only "shard-0 exited with code 1 before listening"; why (its data dir in use by another stack) was
+    in the shard's log alone (review)."""
+    from broker.stack import wait_for_port
+
+    log = tmp_path / "shard-0.log"
+    with open(log, "wb") as out:
+        script = "import sys; print('starting'); sys.exit('imgsearch-shard: data dir d is in use by another process')"
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
+    with pytest.raises(RuntimeError, match=r"exited with code 1 before listening on \d+: imgsearch-shard: data dir d "
+                                           r"is in use by another process$"):
+        wait_for_port("127.0.0.1", free_port(), timeout_s=30, process=proc, name="shard-0", log_path=log)
