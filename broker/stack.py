@@ -70,7 +70,7 @@ def wait_for_port(
         if stop_requested is not None and stop_requested():
             raise InterruptedError(f"stopped while waiting for {name} on {host}:{port}")
         if process is not None and process.poll() is not None:
-            why = _last_line(log_path) if log_path is not None else ""
+            why = log_tail(log_path, 1)[:500] if log_path is not None else ""
             raise RuntimeError(f"{name} exited with code {process.returncode} before listening on {port}"
                                + (f": {why}" if why else ""))
         with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
@@ -79,14 +79,15 @@ def wait_for_port(
     raise TimeoutError(f"{name} not listening on {host}:{port} after {timeout_s:.0f}s")
 
 
-def _last_line(path: Path) -> str:
-    """The last non-empty line of a log (a process's reason to exit: "data dir ... is in use by another process"
-    was only in the shard's log, and `up` said no more than its exit code, review)."""
+def log_tail(path: Path, lines: int = 30) -> str:
+    """The last `lines` non-empty lines of a log ("" when it cannot be read). Its last line is a process's reason
+    to exit: "data dir ... is in use by another process" was only in the shard's log, and `up` said no more than
+    its exit code (review)."""
     try:
-        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+        kept = [line.rstrip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
         return ""
-    return lines[-1].strip()[:500] if lines else ""
+    return "\n".join(kept[-lines:])
 
 
 @dataclass
@@ -112,10 +113,7 @@ class ManagedProcess:
         self.stop(grace_s=5.0, sig=signal.SIGKILL)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, lines)
 
 
 @dataclass(frozen=True, kw_only=True)

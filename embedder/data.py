@@ -4,11 +4,12 @@ in-memory image cache and the training augmentations (PIL/numpy only: the projec
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,13 +147,20 @@ def split_by_product(items: Sequence[CatalogueImage], val_fraction: float, seed:
     return train, val
 
 
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Our errors raised inside (a file that does not decode) name `path`."""
+    try:
+        yield
+    except ImgsearchError as exc:
+        raise type(exc)(f"{path}: {exc}") from exc
+
+
 def load_image(path: Path) -> Image.Image:
     """Decode a file the way serving decodes uploads (EXIF orientation, any mode to RGB); a file that does not
     decode is named in the error."""
-    try:
+    with naming(path):
         return decode_image(path.read_bytes())
-    except ImgsearchError as exc:
-        raise type(exc)(f"{path}: {exc}") from exc
 
 
 def shrink(img: Image.Image, shorter_side: int) -> Image.Image:

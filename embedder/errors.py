@@ -37,3 +37,7 @@ class EmbedderOverloadedError(EmbedderError, ResourceExhaustedError):
 class InputFileError(EmbedderError, InvalidArgumentError, ValueError):
     """A file the user gave a tool cannot be used (a catalogue, a split list, a checkpoint): the message names it.
     A ValueError too, for callers that catch those."""
+
+
+class CheckpointImageSizeError(InputFileError):
+    """A checkpoint trained on crops of another size than serving's: export and eval take it only when told."""

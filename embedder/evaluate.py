@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from embedder import data
+from embedder.errors import CheckpointImageSizeError
 from embedder.metrics import cosine_similarities, retrieval_report
 from embedder.model_files import INPUT_NAME, OUTPUT_NAME, default_model_path
 from embedder.preprocess import preprocess_bytes
-from imgsearch.errors import ImgsearchError
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]  # (N,3,224,224) float32 -> (N,D) float32
 
@@ -47,13 +47,6 @@ def torch_embed_fn(model, device: str = "cpu") -> EmbedFn:
     return embed
 
 
-def _preprocessed(path: Path) -> np.ndarray:
-    try:
-        return preprocess_bytes(path.read_bytes())
-    except ImgsearchError as exc:  # name the file that does not decode
-        raise type(exc)(f"{path}: {exc}") from exc
-
-
 def embed_catalogue(embed: EmbedFn, items: Sequence[data.CatalogueImage], batch_size: int = 32,
                     progress: bool = True) -> np.ndarray:
     """Decode each file exactly as serving does (embedder.preprocess), embed in batches."""
@@ -65,7 +58,11 @@ def embed_catalogue(embed: EmbedFn, items: Sequence[data.CatalogueImage], batch_
         batch = items[start:start + batch_size]
         # preprocess_bytes, not load_image: serving decodes big JPEGs at a reduced scale (a 12 MP photo's pixels
         # differ by ~2 levels, its embedding by cosine 0.994).
-        pixels = np.stack([_preprocessed(item.path) for item in batch])
+        pixels = []
+        for item in batch:
+            with data.naming(item.path):
+                pixels.append(preprocess_bytes(item.path.read_bytes()))
+        pixels = np.stack(pixels)
         chunks.append(np.asarray(embed(pixels), dtype=np.float32))
         bar.update(len(batch))
     bar.close()
@@ -208,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             net = GeMBaseline() if args.baseline else load_checkpoint(args.checkpoint,
                                                                       any_image_size=args.any_image_size)
         except ValueError as exc:  # trained on crops of another size than serving's
-            parser.error(f"{exc}{' (--any-image-size evaluates it anyway)' if 'crops' in str(exc) else ''}")
+            hint = " (--any-image-size evaluates it anyway)" if isinstance(exc, CheckpointImageSizeError) else ""
+            parser.error(f"{exc}{hint}")
         embed, model_name = torch_embed_fn(net, args.device), ("imagenet-gem-baseline" if args.baseline else str(args.checkpoint))
     else:
         onnx_path = args.onnx or default_model_path()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embedder.errors import CheckpointImageSizeError
 from embedder.model import build_pretrained_embedder, load_checkpoint
 from embedder.model_files import INPUT_NAME, OUTPUT_NAME
 from embedder.preprocess import DEFAULT_IMAGE_SIZE
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         model = (load_checkpoint(args.checkpoint, any_image_size=args.any_image_size) if args.checkpoint
                  else build_pretrained_embedder(seed=args.seed))
     except ValueError as exc:
-        hint = " (--any-image-size exports it anyway)" if "crops" in str(exc) else ""
+        hint = " (--any-image-size exports it anyway)" if isinstance(exc, CheckpointImageSizeError) else ""
         print(f"imgsearch-embed export: {exc}{hint}", file=sys.stderr)
         return 2
     if args.flip_average:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embedder.errors import InputFileError
+from embedder.errors import CheckpointImageSizeError, InputFileError
 from embedder.preprocess import DEFAULT_IMAGE_SIZE
 
 EMBEDDING_DIM = 512
@@ -311,7 +311,7 @@ def load_checkpoint(path: Path, *, any_image_size: bool = False) -> ImageEmbedde
         raise InputFileError(f"{path}: not a checkpoint written by imgsearch-embed train (no model_config and model)")
     trained_size = payload.get("train_config", {}).get("image_size", DEFAULT_IMAGE_SIZE)
     if trained_size != DEFAULT_IMAGE_SIZE and not any_image_size:
-        raise ValueError(f"checkpoint {path} was trained on {trained_size} px crops; serving, export and "
+        raise CheckpointImageSizeError(f"checkpoint {path} was trained on {trained_size} px crops; serving, export and "
                          f"evaluation crop to {DEFAULT_IMAGE_SIZE} px, so it would be measured and served on inputs "
                          "it never learned")
     model = ImageEmbedder(ModelConfig(**payload["model_config"]))

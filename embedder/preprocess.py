@@ -58,7 +58,8 @@ _JPEG_FRAME_MARKERS = frozenset(0xFFC0 + n for n in range(16)) - {0xFFC4, 0xFFC8
 def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_STEPS) -> None:
     """Raise InvalidImageError for a JPEG, PNG or GIF whose header would take Pillow more than `limit` steps to
     read; walks it the way Pillow does, lengths only. Anything malformed is left to the decoder to report."""
-    if data.startswith(b"\xff\xd8\xff"):
+    is_jpeg = data.startswith(b"\xff\xd8\xff")
+    if is_jpeg:
         walk = _jpeg_steps(data)
     elif data.startswith(_PNG_SIGNATURE):
         walk = _png_steps(data)
@@ -71,7 +72,7 @@ def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_STEPS) -> None
             raise InvalidImageError(f"image header of more than {limit} segments (or chunks, or padding bytes): "
                                     "not a real image")
     # After the header: the scans, each a pass of the decoder over the whole image.
-    if data.startswith(b"\xff\xd8\xff") and _jpeg_scans(data, stop_after=MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+    if is_jpeg and _jpeg_scans(data, stop_after=MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
         raise InvalidImageError(f"JPEG of more than {MAX_JPEG_SCANS} scans: not a real photo (each scan is a pass "
                                 "over the whole image)")
 

@@ -144,6 +144,15 @@ def validate(model: ImageEmbedder, val_features: torch.Tensor, block: int, label
             "val_map@r": map_at_r(sims, labels, labels, exclude_self=True)}
 
 
+def training_split(catalogue: list[data.CatalogueImage], val_fraction: float, seed: int
+                   ) -> tuple[list[data.CatalogueImage], list[data.CatalogueImage]]:
+    """The photos trained on and those validated on (whole products held out). An image listed twice (e.g.
+    packshots repeated to weigh more in training) would find its own copy in the leave-one-out validation: each
+    file is validated on once."""
+    train_items, val_items = data.split_by_product(catalogue, val_fraction, seed)
+    return train_items, list({item.path: item for item in val_items}.values())
+
+
 def train(config: TrainConfig, catalogue: list[data.CatalogueImage], *, progress: bool = True,
           source: dict | None = None) -> dict:
     """Train on `catalogue`; `source` (how the catalogue was read) is recorded in metrics.json as it is."""
@@ -155,10 +164,7 @@ def train(config: TrainConfig, catalogue: list[data.CatalogueImage], *, progress
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 
-    train_items, val_items = data.split_by_product(catalogue, config.val_fraction, config.seed)
-    # An image listed twice (e.g. packshots repeated to weigh more in training) would find its own copy in the
-    # leave-one-out validation: validate on each file once.
-    val_items = list({item.path: item for item in val_items}.values())
+    train_items, val_items = training_split(catalogue, config.val_fraction, config.seed)
     products = sorted({item.product_id for item in train_items})
     label_of = {product: i for i, product in enumerate(products)}
     (out / "split.json").write_text(json.dumps({
@@ -326,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.val_fraction < 1:
         print(f"--val-fraction must be in [0, 1), got {args.val_fraction}", file=sys.stderr)
         return 2
-    train_items, val_items = data.split_by_product(catalogue, args.val_fraction, args.seed)
-    val_items = list({item.path: item for item in val_items}.values())  # each file once, as train() validates
+    train_items, val_items = training_split(catalogue, args.val_fraction, args.seed)
     train_products, val_products = ({i.product_id for i in items} for items in (train_items, val_items))
     if len(train_products) < 2:
         # ArcFace over one class learns nothing, and reported loss 0 and accuracy 1 (review)

@@ -88,6 +88,10 @@ class StreamPool:
     def idle_streams(self) -> int:
         return len(self._idle)
 
+    def _off_for(self, seconds: float) -> None:
+        """Unary calls instead of streams for `seconds` (or longer, if already off for longer)."""
+        self._off_until = max(self._off_until, asyncio.get_running_loop().time() + seconds)
+
     def usable(self) -> bool:
         """False while the streams are off (disabled, or the server had no such method a moment ago): the caller
         makes a unary call instead."""
@@ -139,7 +143,7 @@ class StreamPool:
                     continue
                 code, details = await call.code(), await call.details()
                 if _too_many_streams(await call.trailing_metadata()):
-                    self._off_until = max(self._off_until, loop.time() + TOO_MANY_STREAMS_RETRY_S)
+                    self._off_for(TOO_MANY_STREAMS_RETRY_S)
                     return None
                 if code is grpc.StatusCode.OK:
                     code = grpc.StatusCode.UNAVAILABLE
@@ -159,10 +163,10 @@ class StreamPool:
                     self._off_until = loop.time() + UNIMPLEMENTED_RETRY_S
                     return None
                 if not reused and not written and e.code() is grpc.StatusCode.INTERNAL:
-                    self._off_until = max(self._off_until, loop.time() + UNKNOWN_REFUSAL_RETRY_S)
+                    self._off_for(UNKNOWN_REFUSAL_RETRY_S)
                     return None
                 if not reused and _too_many_streams(e.trailing_metadata()):  # the server holds enough streams
-                    self._off_until = max(self._off_until, loop.time() + TOO_MANY_STREAMS_RETRY_S)
+                    self._off_for(TOO_MANY_STREAMS_RETRY_S)
                     return None
                 # A write that fails breaks only a stream that was reused (grpc raises INTERNAL "Internal error
                 # from Core" for a write to a connection that died while the stream sat idle).
