@@ -2,9 +2,9 @@
 
 Layout (all keys under a prefix, default ``imgsearch:``):
 
-- ``img:{image_id}``: hash with the entry (pHash, dHash, colour signature, product id, category, attributes as
-  JSON, embedding as raw float32 bytes, kept to confirm near matches without a shard call), the write's version
-  and the hash-index keys that list it. Upserts and deletes are Lua scripts: one step each, so concurrent writes
+- ``img:{image_id}``: hash with the entry (pHash, dHash, colour and brightness signatures, product id, category,
+  attributes as JSON, embedding as raw float32 bytes, kept to confirm near matches without a shard call), the
+  write's version and the hash-index keys that list it. Upserts and deletes are Lua scripts: one step each, so concurrent writes
   of an id (two brokers, the repair loop) leave exactly the last entry's index behind, and an older version never
   replaces a newer entry.
 - ``hph:{phash:016x}``: set of the entries with exactly this 64-bit pHash, each member the entry's pHash and
@@ -20,7 +20,9 @@ The 64-bit pHash is split into 6 bands (11, 11, 11, 11, 10, 10 bits). Two hashes
 r <= 5 differ in at most 5 bands, so they agree exactly on at least one: looking up the query's 6 band values
 finds every catalogue hash within the radius. Candidates are then checked on both pHash and dHash distance, and
 on their colours (embedder.hashing.same_colours): the hashes see brightness only, so a product's recoloured
-variant or a greyscale copy has the same hashes as the original, and must not be answered for it.
+variant or a greyscale copy has the same hashes as the original, and must not be answered for it. An exact
+match (both hashes identical) is answered without an embedding, so it must also be as bright
+(embedder.hashing.same_brightness): flat or nearly flat pictures hash alike at any brightness.
 
 Redis is an optimisation, not a source of truth: every call has a short timeout, and after a failure the cache
 is bypassed for ``backoff_s`` so a dead Redis costs nothing per request. Callers get
@@ -40,7 +42,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from broker.metrics import CACHE_LOOKUPS_SAMPLED
-from embedder.hashing import hamming, same_colours
+from embedder.hashing import hamming, same_brightness, same_colours
 
 BAND_BITS = (11, 11, 11, 11, 10, 10)
 # Candidates a lookup reads. It must stay well inside the broker's 50 ms Redis timeout: reading every candidate ran
@@ -57,7 +59,7 @@ MAX_LEGACY_CANDIDATES = 1_000
 # Cap on matches within the radius whose whole entries (2 KB embedding included) a lookup reads, nearest first.
 MAX_MATCHES = 256
 
-_FIELDS = ("phash", "dhash", "product_id", "category", "attributes", "embedding", "colour", "version")
+_FIELDS = ("phash", "dhash", "product_id", "category", "attributes", "embedding", "colour", "version", "brightness")
 # Versions are stored as 20 decimal digits, so that Lua compares them as strings (its numbers are doubles, exact
 # only to 2^53; versions are nanoseconds, ~2^60).
 _VERSION_DIGITS = 20
@@ -149,13 +151,14 @@ class CacheEntry:
     embedding: np.ndarray  # float32 (dim,), unit norm
     attributes: Mapping[str, str | float | bool] = field(default_factory=dict)
     colour: bytes = b""  # embedder.hashing.colour_signature; empty in entries written before it existed
+    brightness: bytes = b""  # embedder.hashing.brightness_signature; empty in entries written before it existed
     version: int = 0  # the ingest's write version (broker.versions); 0 in entries written before versions
 
 
 @dataclass(frozen=True, kw_only=True)
 class CacheMatch:
     entry: CacheEntry
-    exact: bool  # both hashes identical, and the same colours
+    exact: bool  # both hashes identical, the same colours and the same brightness
     phash_distance: int
     dhash_distance: int
 
@@ -243,11 +246,12 @@ class DuplicateCache:
         except CacheUnavailable:
             return False
 
-    async def lookup(self, phash: int, dhash: int, colour: bytes = b"", *,
+    async def lookup(self, phash: int, dhash: int, colour: bytes = b"", *, brightness: bytes = b"",
                      deadline: float | None = None) -> list[CacheMatch]:
-        """Catalogue images within the near-duplicate radius and of the same colours, exact matches first. An
-        entry without a colour signature (written by an older broker) is returned as a near match at best, for the
-        embedding to confirm; so is every match when the query's `colour` is not given. The whole lookup (three or
+        """Catalogue images within the near-duplicate radius and of the same colours, exact matches first (the
+        same hashes, colours and brightness). An entry without a colour or brightness signature (written by an
+        older broker) is returned as a near match at best, for the embedding to confirm; so is every match when
+        the query's `colour` or `brightness` is not given. The whole lookup (three or
         four round trips) gets the Redis timeout, and at most until the caller's `deadline` (time.monotonic()): a
         Redis answering each round trip within the timeout used to take several timeouts per lookup."""
         limits = _budget(self._timeout_s, deadline)
@@ -284,8 +288,10 @@ class DuplicateCache:
             vouched = same_colours(entry.colour, colour)
             if entry.colour and colour and not vouched:
                 continue  # another colour of the picture: another product's variant, or a greyscale copy
-            matches.append(CacheMatch(entry=entry, exact=dp == 0 and dd == 0 and vouched, phash_distance=dp,
-                                      dhash_distance=dd))
+            # A flat or nearly flat picture hashes alike at any brightness (a grey square and a white one): the
+            # hashes' agreement vouches for nothing there, so the embedding decides unless the brightness agrees.
+            exact = dp == 0 and dd == 0 and vouched and same_brightness(entry.brightness, brightness)
+            matches.append(CacheMatch(entry=entry, exact=exact, phash_distance=dp, dhash_distance=dd))
         matches.sort(key=lambda m: (not m.exact, m.phash_distance + m.dhash_distance, m.entry.image_id))
         return matches
 
@@ -346,6 +352,7 @@ class DuplicateCache:
             "attributes": json.dumps(dict(entry.attributes), sort_keys=True),
             "embedding": np.asarray(entry.embedding, dtype="<f4").tobytes(),
             "colour": entry.colour,
+            "brightness": entry.brightness,
             "version": _version(entry.version),
             "index_keys": " ".join(new_keys),
             "index_member": member,
@@ -403,7 +410,7 @@ def _budget(seconds: float, deadline: float | None) -> dict[str, float | None]:
 
 
 def _entry_from_row(image_id: str, row) -> CacheEntry:
-    phash, dhash, product_id, category, attributes, embedding, colour, version = row
+    phash, dhash, product_id, category, attributes, embedding, colour, version, brightness = row
     return CacheEntry(
         image_id=image_id,
         product_id=product_id.decode(),
@@ -413,6 +420,7 @@ def _entry_from_row(image_id: str, row) -> CacheEntry:
         attributes=json.loads(attributes),
         embedding=np.frombuffer(embedding, dtype="<f4").astype(np.float32),
         colour=colour or b"",
+        brightness=brightness or b"",
         version=int(version) if version else 0,
     )
 

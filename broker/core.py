@@ -4,7 +4,8 @@ Search flow: validate -> decode + hash (pHash, dHash) -> duplicate cache -> embe
 
 Duplicate-cache policy (see broker.cache for the Redis layout):
 - *exact*: both 64-bit hashes equal a catalogue image's, and so do its colours (the hashes see brightness only:
-  a product's recoloured variant has the same hashes). Answered from the cache without an embedding call (two
+  a product's recoloured variant has the same hashes) and its brightness (the hashes are of brightness
+  differences: a flat grey picture has the hashes of a flat white one). Answered from the cache without an embedding call (two
   independent 64-bit hashes agreeing is a re-encode of the same picture in practice), so it still works while
   Triton is down.
 - *near*: pHash and dHash both within 5 bits, same colours. The query is embedded and the match is trusted only
@@ -291,7 +292,8 @@ class Broker:
         self, hashes: ImageHashes, categories: Sequence[str], deadline: float
     ) -> tuple[CacheOutcome, list[CacheMatch], list[CacheMatch]]:
         try:
-            matches = await self.cache.lookup(hashes.phash, hashes.dhash, hashes.colour, deadline=deadline)
+            matches = await self.cache.lookup(hashes.phash, hashes.dhash, hashes.colour,
+                                              brightness=hashes.brightness, deadline=deadline)
         except CacheUnavailable as exc:
             log.debug("cache bypassed: %s", exc)
             # A search whose own deadline cut the lookup short says nothing of Redis: counted as an error, it
@@ -565,6 +567,7 @@ def _cache_writes(items: Sequence[CatalogueItem], hashes: dict[int, ImageHashes]
                 phash=hashes[i].phash,
                 dhash=hashes[i].dhash,
                 colour=hashes[i].colour,
+                brightness=hashes[i].brightness,
                 embedding=vectors[i],
                 attributes=dict(item.attributes),
                 version=version,

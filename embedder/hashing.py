@@ -28,6 +28,11 @@ _COLOUR_GRID = 8
 # 5-170 (5 % of them under 20), greyscale copies by 11-101, a 45 degree hue shift by 7-71. Copies edited for
 # brightness, contrast or saturation (up to 23) may fall outside: they are then found through the index.
 COLOUR_MAX_DIFFERENCE = 12
+# Two pictures are equally bright when no cell of their brightness signatures (luma, Y of the same grid) differs by
+# more than this. Re-encodes and resizes whose hashes are identical differ by at most 7 (`python -m
+# embedder.signature_margins`); flat or nearly flat pictures of different brightness have identical hashes and
+# colours (a flat grey and a flat white square: pHash 0x8000000000000000, dHash 0), which only this tells apart.
+BRIGHTNESS_MAX_DIFFERENCE = 12
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -37,6 +42,9 @@ class ImageHashes:
     # The picture's colours: Cb and Cr of an 8x8 grid (128 bytes; see colour_signature). pHash and dHash see
     # brightness only, so a recoloured copy (a product's colour variant, a greyscale copy) hashes alike.
     colour: bytes = b""
+    # Its brightness: Y of the same grid (64 bytes; see brightness_signature). The hashes are of brightness
+    # *differences*: a flat or nearly flat picture hashes alike at any brightness.
+    brightness: bytes = b""
 
     def hex(self) -> str:
         """32 hex digits, pHash then dHash: a stable string key (for Redis and logs)."""
@@ -82,27 +90,48 @@ def _hashes_of_upright(upright: Image.Image) -> ImageHashes:
         # imagehash shrinks to 32x32 with Lanczos, which costs ~0.3 s on a 12 MP phone photo; a box
         # reduction to a shorter side of 256-511 px first changes at most 2 of 64 bits on the test images.
         upright = upright.reduce(shorter // (_MAX_HASH_INPUT_SIDE // 2))
+    grid = _grid(upright)
     return ImageHashes(
         phash=_to_uint64(imagehash.phash(upright, hash_size=_HASH_SIZE)),
         dhash=_to_uint64(imagehash.dhash(upright, hash_size=_HASH_SIZE)),
-        colour=colour_signature(upright),
+        colour=grid[..., 1:].tobytes(),  # colour_signature
+        brightness=grid[..., 0].tobytes(),  # brightness_signature
     )
+
+
+def _grid(rgb: Image.Image) -> np.ndarray:
+    """The picture's 8x8 box-averaged grid in YCbCr, (8, 8, 3) uint8."""
+    cells = rgb.resize((_COLOUR_GRID, _COLOUR_GRID), Image.Resampling.BOX).convert("YCbCr")
+    return np.asarray(cells, dtype=np.uint8)
 
 
 def colour_signature(rgb: Image.Image) -> bytes:
     """Chroma (Cb, Cr) of the picture's 8x8 box-averaged grid, row-major, 2 bytes a cell. Chroma, not RGB: a
     brighter or darker copy keeps its colours."""
-    cells = rgb.resize((_COLOUR_GRID, _COLOUR_GRID), Image.Resampling.BOX).convert("YCbCr")
-    return np.asarray(cells, dtype=np.uint8)[..., 1:].tobytes()
+    return _grid(rgb)[..., 1:].tobytes()
+
+
+def brightness_signature(rgb: Image.Image) -> bytes:
+    """Luma (Y) of the same 8x8 grid, row-major, 1 byte a cell."""
+    return _grid(rgb)[..., 0].tobytes()
+
+
+def _within(a: bytes, b: bytes, max_difference: int) -> bool:
+    if not a or len(a) != len(b):
+        return False
+    diff = np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8).astype(np.int16))
+    return int(diff.max()) <= max_difference
 
 
 def same_colours(a: bytes, b: bytes) -> bool:
     """Whether two colour signatures are of the same picture's colours (False when either is missing: an entry
     written before signatures existed cannot be vouched for)."""
-    if not a or len(a) != len(b):
-        return False
-    diff = np.abs(np.frombuffer(a, np.uint8).astype(np.int16) - np.frombuffer(b, np.uint8).astype(np.int16))
-    return int(diff.max()) <= COLOUR_MAX_DIFFERENCE
+    return _within(a, b, COLOUR_MAX_DIFFERENCE)
+
+
+def same_brightness(a: bytes, b: bytes) -> bool:
+    """Whether two brightness signatures are of equally bright pictures (False when either is missing)."""
+    return _within(a, b, BRIGHTNESS_MAX_DIFFERENCE)
 
 
 def hashes_of_bytes(data: bytes, **limits: int) -> ImageHashes:

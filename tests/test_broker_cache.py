@@ -19,9 +19,12 @@ from embedder.hashing import COLOUR_MAX_DIFFERENCE
 
 # A colour signature (embedder.hashing.colour_signature: 8x8 cells of Cb, Cr); the lookups below ask with it.
 COLOUR = bytes(range(128))
+# Its brightness signature (embedder.hashing.brightness_signature: 8x8 cells of Y).
+BRIGHTNESS = bytes(range(64, 128))
 
 
-def _entry(image_id: str, phash: int, dhash: int, category: str = "Milk", colour: bytes = COLOUR) -> CacheEntry:
+def _entry(image_id: str, phash: int, dhash: int, category: str = "Milk", colour: bytes = COLOUR,
+           brightness: bytes = BRIGHTNESS) -> CacheEntry:
     v = np.random.default_rng(abs(hash(image_id)) % 2**32).standard_normal(512).astype(np.float32)
     return CacheEntry(
         image_id=image_id,
@@ -32,6 +35,7 @@ def _entry(image_id: str, phash: int, dhash: int, category: str = "Milk", colour
         embedding=v / np.linalg.norm(v),
         attributes={"brand": "Arla", "price": 12.5},
         colour=colour,
+        brightness=brightness,
     )
 
 
@@ -65,28 +69,28 @@ async def test_exact_and_near_lookup(cache):
     for i in range(200):  # unrelated catalogue images
         await cache.upsert(_entry(f"x{i}", rng.getrandbits(64), rng.getrandbits(64)))
 
-    exact = await cache.lookup(base_p, base_d, COLOUR)
+    exact = await cache.lookup(base_p, base_d, COLOUR, brightness=BRIGHTNESS)
     assert [m.entry.image_id for m in exact] == ["a"] and exact[0].exact
     assert exact[0].entry.attributes == {"brand": "Arla", "price": 12.5}
     assert exact[0].entry.embedding.shape == (512,)
 
-    near = await cache.lookup(_flip(base_p, [0, 9, 20, 40, 63]), _flip(base_d, [3, 33]), COLOUR)
+    near = await cache.lookup(_flip(base_p, [0, 9, 20, 40, 63]), _flip(base_d, [3, 33]), COLOUR, brightness=BRIGHTNESS)
     assert [(m.entry.image_id, m.exact, m.phash_distance, m.dhash_distance) for m in near] == [
         ("a", False, 5, 2)
     ]
 
-    assert await cache.lookup(_flip(base_p, [0, 9, 20, 40, 50, 63]), base_d, COLOUR) == []  # pHash 6 bits away
-    assert await cache.lookup(base_p, _flip(base_d, [1, 2, 3, 4, 5, 6]), COLOUR) == []  # dHash 6 bits away
+    assert await cache.lookup(_flip(base_p, [0, 9, 20, 40, 50, 63]), base_d, COLOUR, brightness=BRIGHTNESS) == []  # pHash 6 bits away
+    assert await cache.lookup(base_p, _flip(base_d, [1, 2, 3, 4, 5, 6]), COLOUR, brightness=BRIGHTNESS) == []  # dHash 6 bits away
 
 
 async def test_reingest_replaces_and_delete_removes(cache):
     await cache.upsert(_entry("img", 0x1234, 0x5678))
     await cache.upsert(_entry("img", 0xFFFF0000FFFF0000, 0x5678, category="Juice"))
-    assert await cache.lookup(0x1234, 0x5678, COLOUR) == []  # the old hash no longer points at the image
-    [m] = await cache.lookup(0xFFFF0000FFFF0000, 0x5678, COLOUR)
+    assert await cache.lookup(0x1234, 0x5678, COLOUR, brightness=BRIGHTNESS) == []  # the old hash no longer points at the image
+    [m] = await cache.lookup(0xFFFF0000FFFF0000, 0x5678, COLOUR, brightness=BRIGHTNESS)
     assert m.entry.category == "Juice"
     assert await cache.delete("img")
-    assert await cache.lookup(0xFFFF0000FFFF0000, 0x5678, COLOUR) == []
+    assert await cache.lookup(0xFFFF0000FFFF0000, 0x5678, COLOUR, brightness=BRIGHTNESS) == []
     assert not await cache.delete("img")
 
 
@@ -98,9 +102,9 @@ async def test_delete_many_removes_entries_and_their_index_in_two_round_trips(ca
     doomed = [e.image_id for e in entries[:250]] + [f"unknown-{i}" for i in range(5000)] + ["m0"]
     assert await cache.delete_many(doomed) == 250
     for e in entries[:250:25]:
-        assert await cache.get(e.image_id) is None and await cache.lookup(e.phash, e.dhash, COLOUR) == []
+        assert await cache.get(e.image_id) is None and await cache.lookup(e.phash, e.dhash, COLOUR, brightness=BRIGHTNESS) == []
     for e in entries[250:]:
-        assert [m.entry.image_id for m in await cache.lookup(e.phash, e.dhash, COLOUR)] == [e.image_id]
+        assert [m.entry.image_id for m in await cache.lookup(e.phash, e.dhash, COLOUR, brightness=BRIGHTNESS)] == [e.image_id]
     assert await cache.delete_many(doomed) == 0 and await cache.delete_many([]) == 0
 
 
@@ -111,9 +115,9 @@ async def test_redis_down_is_bypassed_fast_and_repaired(redis_server):
         redis_server.stop()
         t0 = time.perf_counter()
         with pytest.raises(CacheUnavailable):
-            await cache.lookup(1, 2, COLOUR)
+            await cache.lookup(1, 2, COLOUR, brightness=BRIGHTNESS)
         with pytest.raises(CacheUnavailable):  # breaker open: no second timeout
-            await cache.lookup(1, 2, COLOUR)
+            await cache.lookup(1, 2, COLOUR, brightness=BRIGHTNESS)
         assert time.perf_counter() - t0 < 1.0
         with pytest.raises(CacheUnavailable):
             await cache.upsert(_entry("late", 42, 43))
@@ -128,7 +132,7 @@ async def test_redis_down_is_bypassed_fast_and_repaired(redis_server):
                 break
             await asyncio.sleep(0.1)
         assert len(repair) == 0
-        [m] = await cache.lookup(42, 43, COLOUR)
+        [m] = await cache.lookup(42, 43, COLOUR, brightness=BRIGHTNESS)
         assert m.entry.image_id == "late"
     finally:
         await repair.stop()
@@ -141,7 +145,7 @@ async def test_unreachable_redis_address_fails_within_timeout():
     cache = DuplicateCache(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.1)
     t0 = time.perf_counter()
     with pytest.raises(CacheUnavailable):
-        await cache.lookup(1, 2, COLOUR)
+        await cache.lookup(1, 2, COLOUR, brightness=BRIGHTNESS)
     assert time.perf_counter() - t0 < 0.5
     assert not await cache.ping()
     await cache.close()
@@ -155,14 +159,36 @@ async def test_a_recoloured_copy_is_neither_an_exact_nor_a_near_match(cache):
     assert await cache.lookup(0x1234, 0x5678, other_colours) == []
     assert await cache.lookup(0x1234 ^ 1, 0x5678, other_colours) == []
     slightly_off = bytes(b + (COLOUR_MAX_DIFFERENCE if i == 5 else 0) for i, b in enumerate(COLOUR))  # a re-encode
-    [match] = await cache.lookup(0x1234, 0x5678, slightly_off)
+    [match] = await cache.lookup(0x1234, 0x5678, slightly_off, brightness=BRIGHTNESS)
     assert match.exact
+
+
+async def test_a_picture_of_other_brightness_is_only_a_near_match(cache):
+    """The hashes are of brightness differences: a flat or nearly flat picture hashes alike at any brightness (a flat
+    grey and a flat white square: the same pHash, dHash and colours), and an exact hit answered a grey query with a
+    white packshot at score 1.0 without an embedding. Only the brightness signature tells them apart: the match is
+    left to the embedding to confirm, as a near one. Entries written before brightness signatures existed, and
+    queries without one, are near matches at best too."""
+    from embedder.hashing import BRIGHTNESS_MAX_DIFFERENCE
+
+    await cache.upsert(_entry("white", 0x1234, 0x5678))
+    darker = bytes(b - (BRIGHTNESS_MAX_DIFFERENCE + 1 if i == 7 else 0) for i, b in enumerate(BRIGHTNESS))
+    [match] = await cache.lookup(0x1234, 0x5678, COLOUR, brightness=darker)
+    assert not match.exact and match.phash_distance == match.dhash_distance == 0
+    re_encoded = bytes(b - (BRIGHTNESS_MAX_DIFFERENCE if i == 7 else 0) for i, b in enumerate(BRIGHTNESS))
+    [match] = await cache.lookup(0x1234, 0x5678, COLOUR, brightness=re_encoded)
+    assert match.exact
+    [match] = await cache.lookup(0x1234, 0x5678, COLOUR)
+    assert not match.exact
+    await cache.upsert(_entry("old", 0x9999, 0x5678, brightness=b""))
+    [match] = await cache.lookup(0x9999, 0x5678, COLOUR, brightness=BRIGHTNESS)
+    assert not match.exact and match.phash_distance == 0
 
 
 async def test_an_entry_without_colours_is_only_a_near_match(cache):
     """Entries written before colour signatures existed cannot be vouched for: the embedding must confirm them."""
     await cache.upsert(_entry("old", 0x1234, 0x5678, colour=b""))
-    [match] = await cache.lookup(0x1234, 0x5678, COLOUR)
+    [match] = await cache.lookup(0x1234, 0x5678, COLOUR, brightness=BRIGHTNESS)
     assert not match.exact and match.phash_distance == 0
 
 
@@ -183,7 +209,7 @@ async def test_a_match_among_thousands_of_band_sharing_candidates_is_found_withi
         results = []
         for _ in range(3):  # best of three on a shared 2-core box
             with contextlib.suppress(CacheUnavailable):
-                results.append(await production.lookup(base_p, base_d, COLOUR))
+                results.append(await production.lookup(base_p, base_d, COLOUR, brightness=BRIGHTNESS))
             production._down_until = 0.0
     finally:
         await production.close()
@@ -232,7 +258,7 @@ async def test_an_older_write_does_not_replace_a_newer_entry(cache):
     newer = dataclasses.replace(_entry("v", 0x1111, 0x2222), version=2_000_000_000_000_000_002)
     older = dataclasses.replace(_entry("v", 0x3333, 0x4444), version=2_000_000_000_000_000_001)
     assert await cache.upsert(newer) and not await cache.upsert(older)
-    assert (await cache.get("v")).phash == 0x1111 and await cache.lookup(0x3333, 0x4444, COLOUR) == []
+    assert (await cache.get("v")).phash == 0x1111 and await cache.lookup(0x3333, 0x4444, COLOUR, brightness=BRIGHTNESS) == []
 
 
 async def test_a_stale_entry_is_removed_only_if_not_replaced_since(cache):
@@ -258,7 +284,7 @@ async def test_entries_of_an_older_broker_are_replaced_and_deleted_cleanly(cache
 
     await legacy("old-1", 0xAAAA)
     assert (await cache.get("old-1")).version == 0
-    [found] = await cache.lookup(0xAAAA, 0x77, COLOUR)  # still found, through the older layout's sets
+    [found] = await cache.lookup(0xAAAA, 0x77, COLOUR, brightness=BRIGHTNESS)  # still found, through the older layout's sets
     assert found.entry.image_id == "old-1" and not found.exact  # no colours stored: a near match at best
     await cache.upsert(_entry("old-1", 0xBBBB, 0x77))
     assert await _memberships(cache, "old-1") == _indexed_under(0xBBBB)
@@ -307,10 +333,10 @@ async def test_a_lookup_takes_the_redis_timeout_in_all_not_per_round_trip(redis_
             await cache._redis.ping()  # connected (the connection's set-up takes round trips of its own)
             started = time.monotonic()
             with pytest.raises(CacheUnavailable):
-                await cache.lookup(0x1234, 0x5678, COLOUR)
+                await cache.lookup(0x1234, 0x5678, COLOUR, brightness=BRIGHTNESS)
             assert time.monotonic() - started < 0.08
             with pytest.raises(CacheUnavailable, match="bypassed"):  # the breaker is open
-                await cache.lookup(0x1234, 0x5678, COLOUR)
+                await cache.lookup(0x1234, 0x5678, COLOUR, brightness=BRIGHTNESS)
         finally:
             await cache.close()
 
@@ -320,8 +346,8 @@ async def test_a_callers_deadline_cuts_a_lookup_short_without_switching_the_cach
     Redis: the next search still uses the cache."""
     await cache.upsert(_entry("d", 0x1234, 0x5678))
     with pytest.raises(CacheOutOfTime):
-        await cache.lookup(0x1234, 0x5678, COLOUR, deadline=time.monotonic() - 0.001)
-    [m] = await cache.lookup(0x1234, 0x5678, COLOUR, deadline=time.monotonic() + 1)
+        await cache.lookup(0x1234, 0x5678, COLOUR, brightness=BRIGHTNESS, deadline=time.monotonic() - 0.001)
+    [m] = await cache.lookup(0x1234, 0x5678, COLOUR, brightness=BRIGHTNESS, deadline=time.monotonic() + 1)
     assert m.entry.image_id == "d" and m.exact
 
 

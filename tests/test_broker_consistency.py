@@ -30,7 +30,7 @@ from broker.fanout import ShardPool
 from broker.repair import CacheRepairQueue
 from broker.routing import ShardMap
 from broker.server import start_broker
-from broker.types import CatalogueItem, Query
+from broker.types import CacheOutcome, CatalogueItem, Query
 from imgsearch.errors import DeadlineExceededError, InvalidArgumentError, UnavailableError
 from imgsearch.serving import ServerOptions
 from shard_server.client import ShardClient
@@ -568,3 +568,26 @@ async def test_a_cache_answer_is_the_stored_copy_and_refuses_what_the_index_refu
         with pytest.raises(InvalidArgumentError, match="empty category"):
             await broker.search(Query(image=photo, top_k=1, categories=("a", ""), use_duplicate_cache=use_cache),
                                 timeout_s=5)
+
+
+def _flat_png(grey: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (grey, grey, grey)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.timeout(60)
+async def test_a_flat_picture_is_not_answered_by_one_of_another_brightness(shards, brokers):
+    """A flat grey query was answered from the cache by a flat white packshot, at score 1.0 and without an
+    embedding (review): flat pictures have the same hashes and colours at any brightness. The brightness signature
+    makes it a near match, for the embedding to confirm (here it does not: the stand-in embeds other bytes
+    elsewhere); the same picture re-encoded is still an exact hit."""
+    broker = brokers.start()
+    white = _flat_png(255)
+    await broker.ingest([_item("flat-white", "p-white", "a", white)], timeout_s=10)
+    grey = await broker.search(Query(image=_flat_png(128), top_k=1), timeout_s=5)
+    assert not grey.from_duplicate_cache and grey.cache is CacheOutcome.MISS  # a near match, not confirmed
+    jpeg = io.BytesIO()
+    Image.open(io.BytesIO(white)).save(jpeg, format="JPEG", quality=90)
+    again = await broker.search(Query(image=jpeg.getvalue(), top_k=1), timeout_s=5)
+    assert again.from_duplicate_cache and [(h.image_id, h.score) for h in again.hits] == [("flat-white", 1.0)]

@@ -51,7 +51,7 @@ class StubCache:
         self.matches, self.error = list(matches), error
         self.lookups, self.upserts, self.deletes = 0, [], []
 
-    async def lookup(self, phash, dhash, colour=b"", *, deadline=None):
+    async def lookup(self, phash, dhash, colour=b"", *, brightness=b"", deadline=None):
         self.lookups += 1
         if self.error:
             raise CacheUnavailable("down")
@@ -515,7 +515,7 @@ async def test_a_lookup_cut_short_by_the_searchs_own_deadline_is_not_a_cache_err
     from broker.cache import CacheOutOfTime
 
     class OutOfTime(StubCache):
-        async def lookup(self, phash, dhash, colour=b"", *, deadline=None):
+        async def lookup(self, phash, dhash, colour=b"", *, brightness=b"", deadline=None):
             raise CacheOutOfTime("no time left for redis")
 
     errors, out_of_time = _lookups("error"), _lookups("out_of_time")

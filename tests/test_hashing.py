@@ -217,3 +217,38 @@ def test_a_packshot_with_its_colour_profile_stripped_hashes_as_the_original():
         img.save(stripped, "PNG")  # the same pixels, no profile
         assert "icc_profile" not in Image.open(io.BytesIO(stripped.getvalue())).info
         assert hashes_of_bytes(stripped.getvalue()) == hashes_of_bytes(path.read_bytes()), path.name
+
+
+def test_brightness_tells_flat_pictures_apart_and_keeps_re_encodes_together():
+    """Flat pictures hash alike at any brightness (the hashes are of brightness differences) and have the same
+    colours: a grey query was an exact cache hit of a white packshot. The brightness signature tells them apart
+    and keeps a photo's re-encodes and resizes together (`python -m embedder.signature_margins` measures that on
+    the grocery photos)."""
+    from embedder.hashing import same_brightness, same_colours
+
+    def flat(grey: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (300, 200), (grey, grey, grey)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    white, grey = hashes_of_bytes(flat(255)), hashes_of_bytes(flat(128))
+    assert (white.phash, white.dhash) == (grey.phash, grey.dhash) and same_colours(white.colour, grey.colour)
+    assert len(white.brightness) == 64 and not same_brightness(white.brightness, grey.brightness)
+    photo = Image.open(ODD / "imagededup" / "base_images" / "ukbench00120.jpg").convert("RGB")
+    original = hashes_of_bytes(_jpeg(photo, 95))
+    for copy in (_jpeg(photo, 60), _jpeg(photo.resize((320, 240)), 80)):
+        assert same_brightness(original.brightness, hashes_of_bytes(copy).brightness)
+    assert not same_brightness(b"", original.brightness) and not same_brightness(original.brightness, b"")
+
+
+def test_signature_margins_measures_copies_of_real_photos():
+    """`python -m embedder.signature_margins` on two packshots: their hash-identical copies fall within both
+    thresholds, and flat greys hash alike but are told apart."""
+    from embedder import data, signature_margins
+
+    paths = [item.path for item in data.read_grocery_iconic(DATA_DIR / "grocery")[:2]]
+    figures = signature_margins.measure(paths)
+    assert figures["photos"] == 2 and figures["hash_identical_copies"] > 0
+    assert figures["colour_max_difference"] <= figures["colour_threshold"]
+    assert figures["brightness_max_difference"] <= figures["brightness_threshold"]
+    assert figures["flat_greys_hash_alike"] and figures["flat_greys_told_apart"]
