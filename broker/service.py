@@ -55,8 +55,10 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
     def _authorise_write(self, context: grpc.aio.ServicerContext) -> None:
         if self._write_token is None:
             return
-        metadata = dict(context.invocation_metadata() or ())
-        header = metadata.get("authorization", "")
+        headers = [value for key, value in context.invocation_metadata() or () if key == "authorization"]
+        if len(headers) > 1:  # which one counts would depend on the order proxies keep: neither does
+            raise WrongTokenError("send one authorization header, not several")
+        header = headers[0] if headers else ""
         scheme, _, token = header.strip().partition(" ")
         if not header.strip() or (scheme.lower() == "bearer" and not token.strip()):  # no credentials at all
             raise MissingTokenError("writes need `authorization: Bearer <token>` metadata")

@@ -307,14 +307,19 @@ def test_a_shard_setting_that_is_not_a_finite_non_negative_number_refuses_to_sta
         ("Basic s3cret", "PERMISSION_DENIED"),
         ("Bearer s3cret", None),
         ("bearer  s3cret ", None),
+        (("Bearer wrong", "Bearer s3cret"), "PERMISSION_DENIED"),
+        (("Bearer s3cret", "Bearer s3cret"), "PERMISSION_DENIED"),
     ],
 )
 def test_writes_without_credentials_are_unauthenticated_and_with_wrong_ones_denied(header, expected):
     """No token at all (no header, or a Bearer header with nothing after it) is UNAUTHENTICATED; a token that
-    is not the write token is PERMISSION_DENIED."""
+    is not the write token is PERMISSION_DENIED, and so are several authorization headers (the last one decided,
+    so a wrong token followed by the right one was let in: review)."""
     class Context:
         def invocation_metadata(self):
-            return () if header is None else (("authorization", header),)
+            if header is None:
+                return ()
+            return tuple(("authorization", h) for h in header) if isinstance(header, tuple) else (("authorization", header),)
 
     service = BrokerService(None, search_timeout_s=1, ingest_timeout_s=1, write_token="s3cret")
     if expected is None:
