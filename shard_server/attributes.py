@@ -150,6 +150,21 @@ class AttributeColumns:
         for name, column in self._flags.items():
             column.extend(np.array([int(a[name]) if name in a else -1 for a in rows], dtype=np.int8))
 
+    def extend_from(self, source: AttributeColumns, rows: np.ndarray) -> None:
+        """Append `source`'s values of `rows` column by column: the columns of a compacted copy of `source`,
+        filled only from it, so that its text dictionaries are a prefix of `source`'s (codes are kept as they
+        are). The caller holds `source`'s read lock."""
+        for name, column in self._codes.items():
+            values, theirs = self._values[name], source._values[name]
+            for value in theirs[len(values):]:
+                self._dictionary[name][value] = len(values)
+                values.append(value)
+            column.extend(source._codes[name].view[rows])
+        for name, column in self._numbers.items():
+            column.extend(source._numbers[name].view[rows])
+        for name, column in self._flags.items():
+            column.extend(source._flags[name].view[rows])
+
     def rows(self, indices: Sequence[int] | np.ndarray) -> list[dict[str, str | float | bool]]:
         """The attributes of the given rows (absent values left out), read with one fancy-index per column:
         numpy scalars per cell cost ~10 us a row, a search's top-k paid ~0.1 ms for them."""

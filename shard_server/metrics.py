@@ -31,6 +31,8 @@ CATEGORIES_UNTRAINED = Gauge(
     "Categories holding live vectors that have no trained IVF-PQ index yet (searched exactly).")
 TRAINING_EVENTS = Counter("imgsearch_shard_training_events_total", "Background training events.", ["event"])
 INDEX_SWAPS = Counter("imgsearch_shard_index_swaps_total", "Trained indexes swapped in.")
+COMPACTIONS = Counter("imgsearch_shard_compactions_total",
+                      "Partitions replaced by a copy of their live rows (deleted and replaced rows dropped).", ["event"])
 WAL_BYTES = Gauge("imgsearch_shard_wal_bytes", "Size of the write-ahead log on disk.")
 SNAPSHOTS = Counter("imgsearch_shard_snapshots_total", "Snapshots written.")
 RESIDENT_BYTES = Gauge("imgsearch_shard_resident_bytes",
@@ -41,6 +43,8 @@ for _s in STRATEGIES:
     PARTITION_SEARCH_DURATION.labels(_s)
 for _e in ("started", "completed", "failed"):
     TRAINING_EVENTS.labels(_e)
+for _e in ("completed", "failed"):
+    COMPACTIONS.labels(_e)
 
 
 class CategoryTotals:

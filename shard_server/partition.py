@@ -1,8 +1,10 @@
 """One category's vectors: exact search while small, IVF-PQ (trained in the background) once big enough.
 
 Rows are append-only: a row number is the faiss id, an index into the exact vectors, the attribute columns and
-the id lists. Upserting an existing image appends a new row and tombstones the old one (``alive``); tombstoned
-rows are removed from the IVF index at once and excluded from every exact scan.
+the id lists. Upserting an existing image appends a new row and tombstones the old one (``alive``), both under
+one write lock; tombstoned rows are removed from the IVF index at once and excluded from every exact scan. Once
+tombstoned rows are as many as live ones (a catalogue re-ingested to update its prices leaves one per image),
+the engine replaces the partition with a compacted copy of its live rows (`compacted_copy`, `catch_up`).
 
 Concurrency: searches hold the read side of ``lock``; writes (applied one at a time by the engine) and the
 final swap of a freshly trained index hold the write side, briefly. Training itself runs without the lock on
@@ -44,6 +46,10 @@ MASK_CACHE_MAX_FILTER_VALUES = 256
 # for this many times more, up to DISTINCT_MAX_CANDIDATES_FACTOR x max_rerank_candidates.
 DISTINCT_WIDEN_FACTOR = 4
 DISTINCT_MAX_CANDIDATES_FACTOR = 16
+# A partition is compacted once its tombstoned rows are at least this many and at least as many as its live ones:
+# they cost memory, snapshot bytes and restart time, and every exact scan scores them (a catalogue of 4,000
+# images re-ingested 10 times: 44,000 rows, searches 0.7 -> 6.8 ms, a 92 MB snapshot for 8 MB of vectors).
+COMPACT_MIN_DEAD_ROWS = 1_000
 
 
 class ExactScanTooLong(Exception):
@@ -111,8 +117,14 @@ class Partition:
                 self._exact.reserve(extra_rows)
 
     def append(self, image_ids: list[str], product_ids: list[str], vectors: np.ndarray,
-               attributes: list, versions: list[int] | None = None) -> np.ndarray:
+               attributes: list, versions: list[int] | None = None, *,
+               replacing: np.ndarray | None = None) -> np.ndarray:
+        """Append rows; `replacing`: rows of the same images to tombstone in the same step, so that a search sees
+        an image's old row or its new one, never neither (a re-ingested image was missing from 1 in 25,000
+        searches, review)."""
         with self.lock.write():
+            if replacing is not None and len(replacing):
+                self._tombstone(np.asarray(replacing, dtype=np.int64))
             start = len(self.image_ids)
             rows = np.arange(start, start + len(image_ids), dtype=np.int64)
             self.vectors.append(vectors)
@@ -134,12 +146,73 @@ class Partition:
         if len(rows) == 0:
             return
         with self.lock.write():
-            rows = np.asarray(rows, dtype=np.int64)
-            self.alive.view[rows] = False
-            self.live_count -= len(rows)
-            if self.ivf is not None:
-                self.ivf.remove_ids(faiss.IDSelectorBatch(rows))
+            self._tombstone(np.asarray(rows, dtype=np.int64))
             self.version += 1
+
+    def _tombstone(self, rows: np.ndarray) -> None:
+        """Mark live rows deleted; the caller holds the write lock."""
+        self.alive.view[rows] = False
+        self.live_count -= len(rows)
+        if self.ivf is not None:
+            self.ivf.remove_ids(faiss.IDSelectorBatch(rows))
+
+    # --- compaction (the engine's training thread; see the module docstring) ------------------------------------
+    def compaction_due(self) -> bool:
+        dead = len(self.image_ids) - self.live_count
+        return dead >= max(COMPACT_MIN_DEAD_ROWS, self.live_count)
+
+    def compacted_copy(self) -> tuple[Partition, np.ndarray]:
+        """A new partition of this one's live rows, renumbered from 0 in order, with the same trained index
+        structure (no retraining), and the row each new row was copied from. Built from copies taken under the
+        read lock a chunk at a time, so writes wait at most for one chunk; rows written since are added by
+        `catch_up`. Rows never change once written, except that they die."""
+        with self.lock.read():
+            n0 = len(self.image_ids)
+            kept = np.flatnonzero(self.alive.view[:n0])
+            ivf = faiss.clone_index(self.ivf) if self.ivf is not None else None
+            nlist, trained_at_rows = self.nlist, self.trained_at_rows
+        copy = Partition(self.name, self.config)
+        if ivf is not None:
+            ivf.reset()  # keeps the trained quantizer and codebooks
+            copy.ivf, copy.nlist, copy.trained_at_rows, copy._exact = ivf, nlist, trained_at_rows, None
+        copy.vectors.reserve(len(kept))
+        copy._copy_rows(self, kept)
+        return copy, kept
+
+    def catch_up(self, source: Partition, copied_from: np.ndarray, *, final: bool) -> np.ndarray:
+        """Add `source`'s live rows written after the copy (`copied_from`: the source row of each of this
+        partition's rows); with `final` (the caller stops writes meanwhile), also tombstone the rows that
+        `source` deleted since. Returns the new `copied_from`."""
+        with source.lock.read():
+            n = len(source.image_ids)
+            start = int(copied_from[-1]) + 1 if len(copied_from) else 0
+            added = start + np.flatnonzero(source.alive.view[start:n])
+            gone = np.flatnonzero(~source.alive.view[copied_from]) if final else np.empty(0, np.int64)
+        if len(added):
+            self._copy_rows(source, added)
+            copied_from = np.concatenate([copied_from, added])
+        if len(gone):
+            self.delete(gone)
+        return copied_from
+
+    def _copy_rows(self, source: Partition, rows: np.ndarray) -> None:
+        for start in range(0, len(rows), ADD_CHUNK_ROWS):
+            chunk = rows[start:start + ADD_CHUNK_ROWS]
+            with source.lock.read(), self.lock.write():
+                x = source.vectors.take(chunk)
+                new_rows = np.arange(len(self.image_ids), len(self.image_ids) + len(chunk), dtype=np.int64)
+                self.vectors.append(x)
+                if self.ivf is not None:
+                    self.ivf.add_with_ids(x, new_rows)
+                elif self._exact is not None:
+                    self._exact.extend(x)
+                self.attributes.extend_from(source.attributes, chunk)
+                self.alive.extend(np.ones(len(chunk), dtype=bool))
+                self.versions.extend(source.versions.view[chunk])
+                self.image_ids.extend(source.image_ids.view[chunk].tolist())
+                self.product_ids.extend(source.product_ids.view[chunk].tolist())
+                self.live_count += len(chunk)
+                self.version += 1
 
     def records(self, rows: np.ndarray) -> list[tuple[tuple[str, str, dict, int], np.ndarray]]:
         """((image id, product id, attributes, write version), float32 vector) of the given live rows; tombstoned

@@ -482,13 +482,17 @@ def build() -> dict:
     )
     lay.panel(
         "timeseries",
-        "Training events and index swaps",
+        "Training events, index swaps and compactions",
         [
             (
                 f"sum by (event) (increase(imgsearch_shard_training_events_total{{{NS}}}[{RATE}]))",
                 "{{event}}",
             ),
             (f"sum(increase(imgsearch_shard_index_swaps_total{{{NS}}}[{RATE}]))", "swaps"),
+            (
+                f"sum by (event) (increase(imgsearch_shard_compactions_total{{{NS}}}[{RATE}]))",
+                "compaction {{event}}",
+            ),
         ],
         unit="short",
     )

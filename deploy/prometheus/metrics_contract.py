@@ -41,6 +41,7 @@ CONTRACT_METRICS: dict[str, str] = {
     "imgsearch_shard_categories_untrained": "gauge",
     "imgsearch_shard_training_events_total": "counter",
     "imgsearch_shard_index_swaps_total": "counter",
+    "imgsearch_shard_compactions_total": "counter",
     "imgsearch_shard_wal_bytes": "gauge",
     "imgsearch_shard_snapshots_total": "counter",
     "imgsearch_shard_resident_bytes": "gauge",
@@ -59,6 +60,7 @@ CONTRACT_LABELS: dict[str, tuple[str, ...]] = {
     "imgsearch_broker_embed_refused_total": ("work",),
     "imgsearch_shard_partition_search_duration_seconds": ("strategy",),
     "imgsearch_shard_training_events_total": ("event",),
+    "imgsearch_shard_compactions_total": ("event",),
 }
 # Labels every scraped series gets from its target (Prometheus and the ServiceMonitors); shard series also get
 # `shard` (deploy/README.md, Observability).
