@@ -9,6 +9,8 @@ order (SIGTERM, then SIGKILL after a grace period).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -116,6 +118,10 @@ class ManagedProcess:
         return log_tail(self.log_path, lines)
 
 
+# In a work dir: the layout and model its catalogue was stored with (LocalStack.check_layout).
+LAYOUT_FILE = "stack.json"
+
+
 @dataclass(frozen=True, kw_only=True)
 class StackConfig:
     work_dir: Path
@@ -174,6 +180,7 @@ class LocalStack:
                 check_port_free(HOST, port, what)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
+        self.check_layout()
         try:
             if self.redis_url is None:
                 self.start_redis()
@@ -184,6 +191,43 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+
+    def check_layout(self) -> None:
+        """Refuse to start a work dir's catalogue under another layout or model (a review of 2026-12-06): with
+        more replicas the new ones started empty and searches alternated between hits and none; with other shards
+        or pinned categories, categories would be looked for on shards that do not hold them; and a new model's
+        embeddings do not compare with the stored ones (the work dir's Triton repository also kept the old model,
+        so IMGSEARCH_MODEL was silently ignored). The layout is recorded on the first start (LAYOUT_FILE)."""
+        from embedder.model_files import default_model_path
+
+        model = self.config.model_path or default_model_path()
+        if not model.is_file():
+            raise ValueError(f"ONNX model not found: {model}")
+        layout = {"shards": self.config.shards, "replicas": self.config.replicas,
+                  "pinned_categories": dict(sorted(self.config.pinned_categories.items())),
+                  "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+        path = self.work_dir / LAYOUT_FILE
+        if not path.exists():
+            path.write_text(json.dumps(layout, indent=1) + "\n")
+            return
+        try:
+            recorded = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"{path} is not the JSON `imgsearch up` wrote ({exc}); delete it to record the layout "
+                             "of this start") from exc
+        changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in layout.items()
+                   if key != "model_sha256" and recorded.get(key) != value]
+        if changed:
+            raise ValueError(
+                f"{self.work_dir} holds a catalogue stored as {recorded.get('shards')} shard(s) x "
+                f"{recorded.get('replicas')} replica(s) (pinned categories {recorded.get('pinned_categories')}); "
+                f"this start changes {', '.join(changed)}. Start it as it was, or use a new --work-dir and ingest "
+                "again")
+        if recorded.get("model_sha256") != layout["model_sha256"]:
+            raise ValueError(
+                f"{self.work_dir} holds a catalogue embedded by another model than {model}: its vectors do not "
+                "compare with this model's. Use a new --work-dir and ingest again (or start without IMGSEARCH_MODEL "
+                "set as it was)")
 
     def stop(self) -> None:
         """The broker, the shards, Triton, then Redis: nothing is stopped while something started after it still

@@ -210,3 +210,35 @@ def test_a_process_that_exits_before_listening_is_reported_with_the_last_line_of
     with pytest.raises(RuntimeError, match=r"exited with code 1 before listening on \d+: imgsearch-shard: data dir d "
                                            r"is in use by another process$"):
         wait_for_port("127.0.0.1", free_port(), timeout_s=30, process=proc, name="shard-0", log_path=log)
+
+
+def test_a_work_dir_is_started_again_only_with_its_layout_and_model(tmp_path, monkeypatch):
+    """Started again with more replicas, the new ones were empty and searches alternated between hits and none;
+    and IMGSEARCH_MODEL was ignored on a work dir whose Triton repository held the old model (review): a work
+    dir's catalogue keeps the layout and model it was stored with, and another one is refused before anything
+    starts."""
+    from broker.stack import LAYOUT_FILE, LocalStack, StackConfig
+    from embedder.model_files import default_model_path
+
+    def check(**config) -> None:
+        LocalStack(StackConfig(work_dir=tmp_path, **config)).check_layout()
+
+    monkeypatch.delenv("IMGSEARCH_MODEL", raising=False)
+    check(shards=2)
+    assert (tmp_path / LAYOUT_FILE).is_file()
+    check(shards=2)  # as it was
+    with pytest.raises(ValueError, match="replicas 1 -> 2"):
+        check(shards=2, replicas=2)
+    with pytest.raises(ValueError, match="shards 2 -> 3"):
+        check(shards=3)
+    with pytest.raises(ValueError, match="pinned_categories"):
+        check(shards=2, pinned_categories={"Milk": 1})
+    other_model = tmp_path / "other.onnx"
+    other_model.write_bytes(default_model_path().read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="another model"):
+        check(shards=2, model_path=other_model)
+    monkeypatch.setenv("IMGSEARCH_MODEL", str(other_model))
+    with pytest.raises(ValueError, match="another model"):
+        check(shards=2)
+    with pytest.raises(ValueError, match="not found"):
+        check(shards=2, model_path=tmp_path / "missing.onnx")
