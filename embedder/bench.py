@@ -320,6 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out-json", type=Path, default=REPO_ROOT / "docs" / "bench-embedder.json",
                         help="JSON report (default: the repository's docs/bench-embedder.json, replaced)")
     args = parser.parse_args(argv)
+    try:
+        concurrencies = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        parser.error(f"--concurrency {args.concurrency!r}: comma-separated whole numbers")
+    # zeros measured nothing and ended in a traceback of an empty percentile or a division by zero (review)
+    if min(concurrencies) < 1 or args.images < 1 or args.threads < 1 or not args.duration_s > 0:
+        parser.error("--concurrency, --images and --threads must be at least 1, --duration-s above 0")
     args.argv = argv
     return asyncio.run(run(args))
 

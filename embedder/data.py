@@ -59,7 +59,7 @@ def _read_catalogue_csv(csv_path: Path) -> list[CatalogueImage]:
             # a header row: `path, product_id, ...`, or `image, ...` as `imgsearch ingest` reads it
             if not row or not row[0] or row[0].startswith("#") or row[0].lower() in ("path", "image"):
                 continue
-            if len(row) < 2:
+            if len(row) < 2 or not row[1]:  # an empty product id was one product "" of every such row (review)
                 raise InputFileError(f"{csv_path}: row {row!r} needs at least path and product id")
             path = Path(row[0])
             items.append(CatalogueImage(path=path if path.is_absolute() else csv_path.parent / path,

@@ -11,13 +11,14 @@ import argparse
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from embedder import data
-from embedder.errors import CheckpointImageSizeError
+from embedder.errors import CheckpointImageSizeError, InputFileError
 from embedder.metrics import cosine_similarities, retrieval_report
 from embedder.model_files import INPUT_NAME, OUTPUT_NAME, default_model_path
 from embedder.preprocess import preprocess_bytes
@@ -181,8 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.show:
         saved = json.loads(args.show.read_text())
-        print(f"model: {saved['model']}")
-        print(summary_markdown(saved["results"]) if args.markdown else summary_table(saved["results"]))
+        try:
+            table = summary_markdown(saved["results"]) if args.markdown else summary_table(saved["results"])
+            print(f"model: {saved['model']}")
+        except (KeyError, TypeError, AttributeError) as exc:  # JSON, but not eval's (a metrics.json, a list...)
+            raise InputFileError(f"{args.show}: not a results file written by eval --out ({type(exc).__name__}: "
+                                 f"{exc})") from exc
+        print(table)
         return 0
     if args.gallery and not args.queries:
         parser.error("--gallery needs --queries")
@@ -202,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
         try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            parser.error(f"--device {args.device!r}: {exc}")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: this torch sees no CUDA device")
+        try:
             net = GeMBaseline() if args.baseline else load_checkpoint(args.checkpoint,
                                                                       any_image_size=args.any_image_size)
         except ValueError as exc:  # trained on crops of another size than serving's
@@ -215,11 +227,21 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     if args.queries and args.gallery:
         queries, gallery = data.read_catalogue(args.queries), data.read_catalogue(args.gallery)
+        # A query that is also a gallery image finds itself: Recall@1 1.0 that says nothing (review).
+        shared = sorted({q.path.resolve() for q in queries} & {g.path.resolve() for g in gallery})
+        if shared:
+            parser.error(f"{len(shared)} query file(s) are in the gallery too (e.g. {shared[0]}): each would find "
+                         "itself. Leave them out of one of the two, or give --queries alone (leave-one-out)")
         results = {"queries_vs_gallery": evaluate_pair(
             embed_catalogue(embed, queries, args.batch_size), [i.product_id for i in queries],
             embed_catalogue(embed, gallery, args.batch_size), [i.product_id for i in gallery])}
     elif args.queries:
         queries = data.read_catalogue(args.queries)
+        listed = Counter(item.path.resolve() for item in queries)
+        twice = sorted(path for path, count in listed.items() if count > 1)
+        if twice:  # leaving a query out left its copy in: it found itself (review)
+            parser.error(f"{len(twice)} file(s) listed more than once in --queries (e.g. {twice[0]}): leave-one-out "
+                         "would find the copy")
         q, labels = embed_catalogue(embed, queries, args.batch_size), [i.product_id for i in queries]
         results = {"queries_leave_one_out": retrieval_report(cosine_similarities(q, q), labels, labels,
                                                              exclude_self=True)}
@@ -231,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             except (ValueError, KeyError, TypeError) as exc:
                 parser.error(f"--heldout {args.heldout}: not a training run's split.json ({type(exc).__name__}: "
                              f"{exc})")
+            if not heldout:  # a run with --val-fraction 0 trained on every product: no heldout rows would appear
+                parser.error(f"--heldout {args.heldout}: the run held no product out of training (val_products is "
+                             "empty)")
         if not (args.grocery / f"{args.grocery_split}.txt").is_file():
             parser.error(f"no grocery split {args.grocery_split!r}: {args.grocery / (args.grocery_split + '.txt')} "
                          "does not exist")

@@ -309,14 +309,23 @@ def load_checkpoint(path: Path, *, any_image_size: bool = False) -> ImageEmbedde
         raise InputFileError(f"{path}: not a checkpoint written by imgsearch-embed train ({exc})") from exc
     if not isinstance(payload, dict) or "model_config" not in payload or "model" not in payload:
         raise InputFileError(f"{path}: not a checkpoint written by imgsearch-embed train (no model_config and model)")
-    trained_size = payload.get("train_config", {}).get("image_size", DEFAULT_IMAGE_SIZE)
+    train_config = payload.get("train_config") or {}
+    if not isinstance(train_config, dict):
+        raise InputFileError(f"{path}: not a checkpoint written by imgsearch-embed train (its train_config is a "
+                             f"{type(train_config).__name__})")
+    trained_size = train_config.get("image_size", DEFAULT_IMAGE_SIZE)
     if trained_size != DEFAULT_IMAGE_SIZE and not any_image_size:
         raise CheckpointImageSizeError(f"checkpoint {path} was trained on {trained_size} px crops; serving, export and "
                          f"evaluation crop to {DEFAULT_IMAGE_SIZE} px, so it would be measured and served on inputs "
                          "it never learned")
-    model = ImageEmbedder(ModelConfig(**payload["model_config"]))
-    missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    # A checkpoint of another version or a damaged one is the user's file: one line (InputFileError), not a
+    # traceback of our loader (review).
+    try:
+        model = ImageEmbedder(ModelConfig(**payload["model_config"]))
+        missing, unexpected = model.load_state_dict(payload["model"], strict=False)
+    except (TypeError, RuntimeError) as exc:
+        raise InputFileError(f"checkpoint {path} does not fit the model: {exc}") from exc
     missing = [k for k in missing if not k.startswith(UNUSED_CLASSIFIER_PREFIX)]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise InputFileError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {unexpected}")
     return model.eval()

@@ -118,6 +118,9 @@ class TritonServer:
     extra_args: Sequence[str] = ()
     _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _workdir: Path | None = field(default=None, init=False, repr=False)
+    # Triton's --id, which its server metadata answers: readiness is asked of this process, not of whatever
+    # listens on the port (another Triton there made a start report ready, then exit: review of 2026-12-06).
+    server_id: str = field(default_factory=lambda: f"imgsearch-{uuid.uuid4().hex}", init=False)
 
     @property
     def grpc_url(self) -> str:
@@ -156,6 +159,7 @@ class TritonServer:
         shm_prefix = f"imgsearch_{os.getpid()}_{uuid.uuid4().hex[:8]}_"
         return [
             str(tritonserver_binary()),
+            f"--id={self.server_id}",
             f"--model-repository={self.model_repository}",
             f"--backend-directory={backend_dir}",
             f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
@@ -233,7 +237,10 @@ class TritonServer:
                     if client.is_server_ready(client_timeout=2.0) and all(
                         client.is_model_ready(name, client_timeout=2.0) for name in self.ready_models
                     ):
-                        return
+                        answering = client.get_server_metadata(client_timeout=2.0).name
+                        if answering == self.server_id:
+                            return
+                        # Another server holds the port; ours exits with "already in use" (the retry in start()).
                 if time.monotonic() > deadline:
                     raise TritonStartError(f"tritonserver not ready after {timeout_s:.0f}s")
                 time.sleep(0.25)
@@ -320,8 +327,9 @@ class ServeConfig:
         parser.add_argument("--preprocess-instances", type=int, default=cls.preprocess_instances,
                             help="decoding instances (processes), about one per core the server may use")
         args = parser.parse_args(argv)
-        if args.instances < 1 or args.preprocess_instances < 1:
-            parser.error("--instances and --preprocess-instances must be at least 1")
+        if args.instances < 1 or args.preprocess_instances < 1 or args.max_batch_size < 1:
+            # a batch size of 0 started a server that refused every call ("Expected [1], got [1,1]": review)
+            parser.error("--instances, --preprocess-instances and --max-batch-size must be at least 1")
         return cls(model_path=args.model, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                    metrics_port=args.metrics_port, max_batch_size=args.max_batch_size,
                    embedding_instances=args.instances, preprocess_instances=args.preprocess_instances)

@@ -91,9 +91,9 @@ def test_eval_says_when_there_is_nothing_to_measure_and_writes_no_nan(catalogue,
     printed = capsys.readouterr().out
     assert "nothing to measure" in printed and "nan" not in printed.lower()
     json.loads(out.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
-    # 3 queries, the Granny-Smith one without its product in the gallery
-    queries.write_text("\n".join(r for r in csv_rows if r.endswith("Banana")) + f"\n{csv_rows[2]}\n")
-    gallery.write_text("\n".join(r for r in csv_rows if r.endswith(("Banana", "Carrots"))) + "\n")
+    # 3 queries, the Granny-Smith one without its product in the gallery (the other photo of each product is)
+    queries.write_text(f"{csv_rows[0]}\n{csv_rows[4]}\n{csv_rows[2]}\n")
+    gallery.write_text(f"{csv_rows[1]}\n{csv_rows[5]}\n" + "\n".join(r for r in csv_rows if r.endswith("Carrots")) + "\n")
     assert main(["eval", "--queries", str(queries), "--gallery", str(gallery)]) == 0
     assert "2 of 3 queries have a right answer" in capsys.readouterr().out
 
@@ -150,3 +150,65 @@ def test_a_value_error_from_a_users_file_is_one_line_with_its_type(tmp_path, cap
     bad = tmp_path / "results.json"
     bad.write_text("{not json")
     _fails_with(capsys, ["eval", "--show", str(bad)], "JSONDecodeError")
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["bench", "--concurrency", "0"], "at least 1"), (["bench", "--duration-s", "0"], "above 0"),
+    (["bench", "--images", "0"], "at least 1"), (["bench", "--concurrency", "1,x"], "whole numbers"),
+    (["serve", "--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+])
+def test_settings_that_measure_or_serve_nothing_are_refused(argv, says, capsys):
+    """`bench` with zeros ended in a traceback (an empty percentile, a division by zero), and `serve
+    --max-batch-size 0` started a Triton that refused every call (review)."""
+    _fails_with(capsys, argv, says)
+
+
+def test_eval_show_of_a_json_that_is_not_evals_is_one_line(tmp_path, capsys):
+    """A JSON that parses but is not eval's results (the model's metrics.json, a list) gave a KeyError or
+    TypeError traceback (review)."""
+    for content in ('{"model": "m"}', "[]", '{"model": "m", "results": null}',
+                    '{"model": "m", "results": {"x": {"recall_at_k": {}}}}'):
+        shown = tmp_path / "shown.json"
+        shown.write_text(content)
+        _fails_with(capsys, ["eval", "--show", str(shown)], "not a results file")
+
+
+def test_eval_heldout_of_a_run_that_held_nothing_out_is_refused(tmp_path, capsys):
+    split = tmp_path / "split.json"
+    split.write_text('{"val_products": [], "train_products": ["a"]}')
+    _fails_with(capsys, ["eval", "--heldout", str(split)], "held no product out")
+
+
+def test_a_checkpoint_of_another_shape_is_one_line(tmp_path, capsys):
+    """A damaged or foreign checkpoint (an unknown model_config key, a train_config that is not a mapping, weights
+    of another network) gave a traceback of our loader in export and eval (review)."""
+    import torch
+
+    for name, payload, says in (
+        ("unknown-key.pt", {"model_config": {"no_such_setting": 1}, "model": {}}, "does not fit the model"),
+        ("bad-train-config.pt", {"model_config": {}, "model": {}, "train_config": [224]}, "train_config is a list"),
+        ("other-weights.pt", {"model_config": {}, "model": {"_conv_stem.weight": torch.zeros(3)}},
+         "does not fit the model"),
+    ):
+        path = tmp_path / name
+        torch.save(payload, path)
+        _fails_with(capsys, ["export", "--checkpoint", str(path), "--out", str(tmp_path / "m.onnx")], says)
+
+
+def test_eval_refuses_queries_that_would_find_themselves(catalogue, capsys):
+    """A file listed twice in --queries found its copy in leave-one-out, --queries X --gallery X found every query
+    itself (Recall@1 1.0 either way), and an empty product id was one product "" (review)."""
+    rows = (catalogue / "catalogue.csv").read_text().splitlines()
+    twice = catalogue / "twice.csv"
+    twice.write_text("\n".join([*rows, rows[1]]) + "\n")
+    _fails_with(capsys, ["eval", "--queries", str(twice)], "listed more than once")
+    same = str(catalogue / "catalogue.csv")
+    _fails_with(capsys, ["eval", "--queries", same, "--gallery", same], "in the gallery too")
+    unlabelled = catalogue / "unlabelled.csv"
+    unlabelled.write_text(rows[1].split(",")[0] + ",\n")
+    _fails_with(capsys, ["eval", "--queries", str(unlabelled)], "needs at least path and product id")
+
+
+@pytest.mark.parametrize("device", ["cuda", "no-such-device"])
+def test_eval_on_a_device_this_torch_lacks_is_one_line(tmp_path, capsys, device):
+    _fails_with(capsys, ["eval", "--baseline", "--device", device], "--device")

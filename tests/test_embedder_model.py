@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from embedder import data, export, train
+from embedder.errors import InputFileError
 from embedder.losses import ArcFaceHead
 from embedder.model import (
     BACKBONES,
@@ -113,7 +114,7 @@ def test_checkpoints_leave_out_the_imagenet_classifier_but_nothing_else(tmp_path
         assert torch.equal(load_checkpoint(tmp_path / "m.pt")(pixels), model(pixels))
     del weights["proj.weight"]
     torch.save({"model": weights, "model_config": vars(model.config)}, tmp_path / "broken.pt")
-    with pytest.raises(RuntimeError, match="proj.weight"):
+    with pytest.raises(InputFileError, match="proj.weight"):  # the user's file: one line in the CLI
         load_checkpoint(tmp_path / "broken.pt")
 
 

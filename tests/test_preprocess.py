@@ -448,3 +448,30 @@ def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_levels():
         assert grey[10, 0] == 0 and grey[10, 63] == 255
     with pytest.raises(InvalidImageError, match="finite"):
         to_rgb(Image.fromarray(np.full((8, 8), np.nan, np.float32), mode="F"))
+
+
+def _png_rgb16(pixels: np.ndarray, key: tuple[int, int, int]) -> bytes:
+    """A 16-bit truecolour PNG (Pillow cannot write one) with a tRNS colour key."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    h, w, _ = pixels.shape
+    raw = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"tRNS", struct.pack(">HHH", *key)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_a_16_bit_truecolour_colour_key_is_composited_on_white():
+    """Pillow decodes 16-bit RGB to its high bytes but kept the tRNS key in 16 bits: a key not a multiple of 257
+    matched other pixels (k mod 256) and left the background dark (review: cosine 0.91 with the 8-bit file)."""
+    key = (1000, 2000, 3000)
+    yy, xx = np.mgrid[:64, :64]
+    disc = (xx - 32) ** 2 + (yy - 32) ** 2 < 20**2
+    pixels = np.empty((64, 64, 3), np.uint16)
+    pixels[:] = key
+    pixels[disc] = (220 * 257, 30 * 257, 30 * 257)
+    decoded = np.asarray(decode_image(_png_rgb16(pixels, key)))
+    assert (decoded[~disc] == 255).all() and (decoded[disc] == (220, 30, 30)).all()

@@ -283,3 +283,11 @@ def test_triton_environment_for_the_python_backend():
     assert sysconfig.get_config_var("LIBDIR") in env["LD_LIBRARY_PATH"].split(":")
     assert str(REPO_ROOT) in env["PYTHONPATH"].split(":")
     assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+
+
+def test_a_start_on_the_port_of_another_triton_fails_instead_of_reporting_it_ready(triton, tmp_path):
+    """Readiness was asked of whatever answered on the port: a second server started on a running one's gRPC port
+    was reported ready at once (the other one answered), then exited with "already in use" (review)."""
+    with pytest.raises(TritonStartError, match="already in use"):
+        start_triton(_repository(tmp_path / "repo"), grpc_port=triton.grpc_port, startup_timeout_s=120)
+    assert triton.is_running()
