@@ -771,14 +771,18 @@ class ShardEngine:
                         self._apply_cond.wait()
                     self._writes_since_snapshot = 0
                     # No write is applied while we hold the condition; later ones wait for the barrier (already
-                    # logged durably in the new segment, which the replay after this snapshot starts with).
-                    path = self.snapshots.write(self.partitions, wal_generation=closed_generation,
-                                                config=self.config, tombstones=list(self.tombstones.items()))
-                    self.snapshots.rebase_vectors(path, self.partitions)
+                    # logged durably in the new segment, which the replay after this snapshot starts with) only
+                    # while the partitions are captured, not while they are written out.
+                    images = self.snapshots.capture(self.partitions)
+                    tombstones = list(self.tombstones.items())
             finally:
                 with self._apply_cond:
                     self._snapshot_barrier = None
                     self._apply_cond.notify_all()
+            path = self.snapshots.write(images, wal_generation=closed_generation, config=self.config,
+                                        tombstones=tombstones)
+            self.snapshots.rebase_vectors(path, images)
+            del images
             self._swaps_since_snapshot -= swaps
             self.wal.drop_through(closed_generation)
             self.snapshots.prune(keep=path)

@@ -34,6 +34,28 @@ PREFIX = "snap-"
 
 
 @dataclass(frozen=True, kw_only=True)
+class PartitionImage:
+    """What a snapshot writes of one partition, taken while no write is applied (SnapshotStore.capture): views of
+    its rows up to `rows` (rows never change once written), copies of what does change (which rows are alive, the
+    text dictionaries) and the serialised index. Written out while writes go on."""
+
+    category: str
+    partition: Partition  # the partition it was taken of (rebase_vectors)
+    rows: int
+    vector_blocks: list[np.ndarray]
+    vector_dtype: np.dtype
+    alive: np.ndarray
+    versions: np.ndarray
+    attribute_arrays: dict[str, np.ndarray]
+    dictionaries: dict[str, list[str]]
+    image_ids: np.ndarray
+    product_ids: np.ndarray
+    index: np.ndarray | None  # faiss.serialize_index
+    nlist: int
+    trained_at_rows: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class LoadedSnapshot:
     wal_generation: int
     partitions: dict[str, Partition]
@@ -75,29 +97,48 @@ class SnapshotStore:
         return sorted(p for p in self.directory.glob(PREFIX + "*") if (p / MANIFEST).exists())
 
     # --- writing ---------------------------------------------------------------------------------------------
-    def write(self, partitions: dict[str, Partition], *, wal_generation: int, config: ShardConfig,
+    @staticmethod
+    def capture(partitions: dict[str, Partition]) -> list[PartitionImage]:
+        """Every partition's image (the caller stops writes meanwhile: ~a millisecond a partition, plus the copy
+        of its index's codes). The dump used to be written while writes waited: 25 s with 5,000 categories."""
+        images = []
+        for category, partition in sorted(partitions.items()):
+            with partition.lock.read():
+                n = len(partition.image_ids)
+                arrays, dictionaries = partition.attributes.to_state()
+                images.append(PartitionImage(
+                    category=category, partition=partition, rows=n,
+                    vector_blocks=[block for _, block in partition.vectors.chunks()],
+                    vector_dtype=partition.vectors.dtype, alive=partition.alive.view[:n].copy(),
+                    versions=partition.versions.view[:n], attribute_arrays={k: v[:n] for k, v in arrays.items()},
+                    dictionaries={k: list(v) for k, v in dictionaries.items()},
+                    image_ids=partition.image_ids.view[:n], product_ids=partition.product_ids.view[:n],
+                    index=faiss.serialize_index(partition.ivf) if partition.ivf is not None else None,
+                    nlist=partition.nlist, trained_at_rows=partition.trained_at_rows))
+        return images
+
+    def write(self, images: list[PartitionImage], *, wal_generation: int, config: ShardConfig,
               tombstones: list[tuple[str, int]] = ()) -> Path:
-        """Dump every partition (the caller stops writes meanwhile). Returns the snapshot's directory."""
+        """Write the captured partitions (`capture`) as a snapshot. Returns the snapshot's directory."""
         name = f"{PREFIX}{wal_generation:012d}"
         tmp = self.directory / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            return self._write_into(tmp, name, partitions, wal_generation=wal_generation, config=config,
+            return self._write_into(tmp, name, images, wal_generation=wal_generation, config=config,
                                     tombstones=tombstones)
         except BaseException:
             # A snapshot that failed part-way (a full disk) must not keep its space from the log until a restart.
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _write_into(self, tmp: Path, name: str, partitions: dict[str, Partition], *, wal_generation: int,
+    def _write_into(self, tmp: Path, name: str, images: list[PartitionImage], *, wal_generation: int,
                     config: ShardConfig, tombstones: list[tuple[str, int]]) -> Path:
         tmp.mkdir()
         entries = []
-        for i, (category, partition) in enumerate(sorted(partitions.items())):
+        for i, image in enumerate(images):
             sub = f"p{i:05d}"
             (tmp / sub).mkdir()
-            with partition.lock.read():
-                entries.append(self._write_partition(tmp / sub, sub, category, partition))
+            entries.append(self._write_partition(tmp / sub, sub, image, config.dimension))
         (tmp / TOMBSTONES).write_text(json.dumps(list(map(list, tombstones))))
         files = {}
         for path in sorted(tmp.rglob("*")):
@@ -120,27 +161,27 @@ class SnapshotStore:
         return final
 
     @staticmethod
-    def _write_partition(directory: Path, sub: str, category: str, partition: Partition) -> dict:
-        n = len(partition.image_ids)
+    def _write_partition(directory: Path, sub: str, image: PartitionImage, dimension: int) -> dict:
+        n = image.rows
         path = directory / "vectors.npy"
-        vectors = np.lib.format.open_memmap(path, mode="w+", dtype=partition.vectors.dtype,
-                                            shape=(n, partition.config.dimension))
+        vectors = np.lib.format.open_memmap(path, mode="w+", dtype=image.vector_dtype, shape=(n, dimension))
         _reserve(path)
-        for start, block in partition.vectors.chunks():
+        start = 0
+        for block in image.vector_blocks:
             vectors[start : start + len(block)] = block
+            start += len(block)
         vectors.flush()
         del vectors
-        np.save(directory / "alive.npy", partition.alive.view)
-        np.save(directory / "versions.npy", partition.versions.view[:n])
-        arrays, dictionaries = partition.attributes.to_state()
-        np.savez(directory / "attributes.npz", **arrays)
+        np.save(directory / "alive.npy", image.alive)
+        np.save(directory / "versions.npy", image.versions)
+        np.savez(directory / "attributes.npz", **image.attribute_arrays)
         (directory / "ids.json").write_text(json.dumps(
-            {"image_ids": partition.image_ids.view[:n].tolist(), "product_ids": partition.product_ids.view[:n].tolist(),
-             "dictionaries": dictionaries}))
-        if partition.ivf is not None:
-            faiss.write_index(partition.ivf, str(directory / "index.faiss"))
-        return {"category": category, "dir": sub, "rows": n, "nlist": partition.nlist,
-                "trained_at_rows": partition.trained_at_rows, "trained": partition.ivf is not None}
+            {"image_ids": image.image_ids.tolist(), "product_ids": image.product_ids.tolist(),
+             "dictionaries": image.dictionaries}))
+        if image.index is not None:
+            (directory / "index.faiss").write_bytes(image.index.tobytes())
+        return {"category": image.category, "dir": sub, "rows": n, "nlist": image.nlist,
+                "trained_at_rows": image.trained_at_rows, "trained": image.index is not None}
 
     def prune(self, keep: Path) -> None:
         for path in self.directory.glob(PREFIX + "*"):
@@ -229,20 +270,21 @@ class SnapshotStore:
             partition._exact = partition.exact_mirror(initial=vectors)
         return partition
 
-    def rebase_vectors(self, path: Path, partitions: dict[str, Partition]) -> None:
-        """Point each partition's exact vectors at the snapshot file (memory-mapped) instead of process memory.
-
-        Only valid while no row was appended since the snapshot was written (the caller still stops writes).
-        """
+    def rebase_vectors(self, path: Path, images: list[PartitionImage]) -> None:
+        """Point each captured partition's exact vectors at the snapshot file (memory-mapped) instead of process
+        memory: its first `rows` rows, which never change; rows appended since stay in memory until the next one."""
         manifest = json.loads((path / MANIFEST).read_text())
-        for entry in manifest["partitions"]:
-            partition = partitions.get(entry["category"])
-            if partition is None or len(partition.image_ids) != entry["rows"]:
-                continue
+        for entry, image in zip(manifest["partitions"], images, strict=True):
+            partition = image.partition
             mapped = map_npy(path / entry["dir"] / "vectors.npy")
             with partition.lock.write():
-                partition.vectors = VectorStore(partition.config.dimension, base=mapped,
-                                                    dtype=partition.config.vector_dtype)
+                old, n = partition.vectors, image.rows
+                if len(old) < n:  # pragma: no cover - rows are never removed from a partition
+                    continue
+                rebased = VectorStore(partition.config.dimension, base=mapped, dtype=partition.config.vector_dtype)
+                if len(old) > n:
+                    rebased.append(old.slice(n, len(old)))
+                partition.vectors = rebased
 
 
 def _reserve(path: Path) -> None:
