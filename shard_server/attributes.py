@@ -150,20 +150,31 @@ class AttributeColumns:
         for name, column in self._flags.items():
             column.extend(np.array([int(a[name]) if name in a else -1 for a in rows], dtype=np.int8))
 
-    def extend_from(self, source: AttributeColumns, rows: np.ndarray) -> None:
-        """Append `source`'s values of `rows` column by column: the columns of a compacted copy of `source`,
-        filled only from it, so that its text dictionaries are a prefix of `source`'s (codes are kept as they
-        are). The caller holds `source`'s read lock."""
+    def dictionary_sizes(self) -> dict[str, int]:
+        return {name: len(values) for name, values in self._values.items()}
+
+    def take(self, rows: np.ndarray, known: Mapping[str, int]) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+        """Copies of these rows' columns, and the text values after the first `known` of each dictionary, for
+        `extend_taken` of a compacted copy (the caller holds the partition's read lock)."""
+        arrays, dictionaries = self.to_state()
+        return ({key: column[rows] for key, column in arrays.items()},
+                {name: values[known.get(name, 0):] for name, values in dictionaries.items()})
+
+    def extend_taken(self, taken: tuple[dict[str, np.ndarray], dict[str, list[str]]]) -> None:
+        """Append rows taken (`take`, given this one's `dictionary_sizes`) from the partition this one is a
+        compacted copy of: filled only from it, its text dictionaries are a prefix of the source's, so codes are
+        kept as they are."""
+        arrays, new_values = taken
         for name, column in self._codes.items():
-            values, theirs = self._values[name], source._values[name]
-            for value in theirs[len(values):]:
+            values = self._values[name]
+            for value in new_values.get(name, ()):
                 self._dictionary[name][value] = len(values)
                 values.append(value)
-            column.extend(source._codes[name].view[rows])
+            column.extend(arrays[f"text.{name}"])
         for name, column in self._numbers.items():
-            column.extend(source._numbers[name].view[rows])
+            column.extend(arrays[f"number.{name}"])
         for name, column in self._flags.items():
-            column.extend(source._flags[name].view[rows])
+            column.extend(arrays[f"flag.{name}"])
 
     def rows(self, indices: Sequence[int] | np.ndarray) -> list[dict[str, str | float | bool]]:
         """The attributes of the given rows (absent values left out), read with one fancy-index per column:

@@ -14,7 +14,7 @@ import logging
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from operator import attrgetter
 
@@ -68,8 +68,10 @@ MANY_PARTITIONS = 8
 # A compaction catches up with rows written while it copied outside the write lock until at most this many are
 # left for the last catch-up, which writes wait for.
 CATCH_UP_ROWS = 4_096
-# Tries of a search over several categories while images move between them (ShardEngine.search).
+# Tries of a search over several categories while images move between them (ShardEngine.search), and how many
+# of the latest moves are remembered to tell whether one was between the searched categories.
 MOVE_RETRIES = 3
+RECENT_MOVES = 1_024
 # How long a get reads again an image caught between two steps of its write (ShardEngine.get).
 GET_SETTLE_S = 1.0
 
@@ -115,6 +117,8 @@ class ShardEngine:
         self.tombstones = Tombstones(config.tombstone_ttl_s)
         self._category_names: list[str] = []
         self._move_epoch = 0  # odd while a write moves images between categories (see search)
+        # (the odd epoch it started at, the categories it moved images between) of the latest moves
+        self._recent_moves: deque[tuple[int, frozenset[str]]] = deque(maxlen=RECENT_MOVES)
         self._relocations = 0  # odd while a compaction renumbers a partition's rows in the id map (see get)
         self._category_numbers: dict[str, int] = {}
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -457,6 +461,9 @@ class ShardEngine:
                 moved.setdefault(category, []).append(row)
         if moved:
             self._move_epoch += 1
+            touched = {*moved, *(latest[image_id].category for image_id, (category, _) in held.items()
+                                 if category != latest[image_id].category)}
+            self._recent_moves.append((self._move_epoch, frozenset(touched)))
         try:
             dim = self.config.dimension
             for category, group in by_category.items():
@@ -575,9 +582,23 @@ class ShardEngine:
             # Unknown categories: no hits, not an error.
             searched = [(c, partitions[c]) for c in dict.fromkeys(categories) if c in partitions]
             result = self._search_partitions(vector, query, searched, nprobe, exhaustive, exact_rows_limit)
-            if len(searched) < 2 or (epoch % 2 == 0 and self._move_epoch == epoch):
+            if len(searched) < 2 or not self._moved_across(epoch, searched):
                 break
         return result
+
+    def _moved_across(self, epoch: int, searched: list[tuple[str, Partition]]) -> bool:
+        """Whether a move between two of the searched categories overlapped a search that started at `epoch`
+        (moves elsewhere do not count: one shared counter had 1.4 passes a search while other categories moved
+        images, review)."""
+        now = self._move_epoch
+        if now == epoch and epoch % 2 == 0:
+            return False
+        first = epoch if epoch % 2 else epoch + 1  # the move under way at the start, or the first one after it
+        moves = list(self._recent_moves)
+        if len(moves) == RECENT_MOVES and moves[0][0] > first:
+            return True  # too many moves since to tell
+        names = {category for category, _ in searched}
+        return any(started >= first and len(categories & names) > 1 for started, categories in moves)
 
     def _search_partitions(self, vector: np.ndarray, query: SearchQuery, searched: list[tuple[str, Partition]],
                            nprobe: int, exhaustive: bool, exact_rows_limit: int | None) -> SearchResult:
@@ -713,28 +734,42 @@ class ShardEngine:
         t0 = time.perf_counter()
         rows_before = len(partition.image_ids)
         copy, copied_from = partition.compacted_copy()
-        for _ in range(3):  # rows written while copying, outside the lock: the final catch-up is then short
+        while True:
+            # Rows written while copying are caught up outside the lock, until few are left for the last catch-up,
+            # which every write waits for. A bulk write under way holds the apply condition for its whole length
+            # (a 20k-row stream made a last catch-up of 20k rows, review): caught up as it goes, and checked again
+            # once the condition is ours.
             caught = len(copied_from)
             copied_from = copy.catch_up(partition, copied_from, final=False)
-            if len(copied_from) - caught <= CATCH_UP_ROWS:
-                break
-        with self._apply_cond:
-            if self.partitions.get(partition.name) is not partition:  # pragma: no cover - one thread compacts
+            if self._stop.is_set():
                 return
-            copy.catch_up(partition, copied_from, final=True)
-            base = self._category_number(partition.name) << ROW_BITS
-            live = np.flatnonzero(copy.alive.view)
-            self._relocations += 1  # odd: `get` waits (it reads the id map without a lock)
-            try:
-                self.id_map.update(zip(copy.image_ids.view[live].tolist(), (base | live).tolist()))
-                self.partitions = {**self.partitions, partition.name: copy}
-            finally:
-                self._relocations += 1
-            self._swaps_since_snapshot += 1  # the next snapshot drops the dead rows from disk too
+            if self._bulk_write_applying.is_set() or len(copied_from) - caught > CATCH_UP_ROWS:
+                time.sleep(0.05 if len(copied_from) == caught else 0)
+                continue
+            with self._apply_cond:
+                if len(partition.image_ids) - copy.source_rows_seen > CATCH_UP_ROWS:
+                    continue
+                if self.partitions.get(partition.name) is not partition:  # pragma: no cover - one thread compacts
+                    return
+                self._swap_in_compacted(partition, copy, copied_from)
+                break
         _export_category(self, partition.name, copy)
         metrics.COMPACTIONS.labels("completed").inc()
         log.info("partition %s: compacted %d rows to %d in %.1fs", partition.name, rows_before,
                  len(copy.image_ids), time.perf_counter() - t0)
+
+    def _swap_in_compacted(self, partition: Partition, copy: Partition, copied_from: np.ndarray) -> None:
+        """The last catch-up, the id map's rows and the swap; the caller holds the apply condition."""
+        copy.catch_up(partition, copied_from, final=True)
+        base = self._category_number(partition.name) << ROW_BITS
+        live = np.flatnonzero(copy.alive.view)
+        self._relocations += 1  # odd: `get` waits (it reads the id map without a lock)
+        try:
+            self.id_map.update(zip(copy.image_ids.view[live].tolist(), (base | live).tolist()))
+            self.partitions = {**self.partitions, partition.name: copy}
+        finally:
+            self._relocations += 1
+        self._swaps_since_snapshot += 1  # the next snapshot drops the dead rows from disk too
 
     # --- snapshots -------------------------------------------------------------------------------------------
     def _snapshot_loop(self) -> None:

@@ -50,6 +50,8 @@ DISTINCT_MAX_CANDIDATES_FACTOR = 16
 # they cost memory, snapshot bytes and restart time, and every exact scan scores them (a catalogue of 4,000
 # images re-ingested 10 times: 44,000 rows, searches 0.7 -> 6.8 ms, a 92 MB snapshot for 8 MB of vectors).
 COMPACT_MIN_DEAD_ROWS = 1_000
+# Rows a compaction copies per hold of the source's read lock (~4 MB of 512-d float32 vectors: a few ms).
+COPY_CHUNK_ROWS = 2_048
 
 
 class ExactScanTooLong(Exception):
@@ -100,6 +102,7 @@ class Partition:
         self._masks: OrderedDict[tuple[Filter, int], _Selection] = OrderedDict()
         self._masks_lock = threading.Lock()
         self.training_failed_at_rows = -1
+        self.source_rows_seen = 0  # a compacted copy (compacted_copy): the rows of its source it has looked at
 
     def exact_mirror(self, initial: np.ndarray | None = None) -> GrowableArray | None:
         """A float32 copy of the rows for exact scans, or None where the stored rows are float32 already."""
@@ -164,19 +167,21 @@ class Partition:
     def compacted_copy(self) -> tuple[Partition, np.ndarray]:
         """A new partition of this one's live rows, renumbered from 0 in order, with the same trained index
         structure (no retraining), and the row each new row was copied from. Built from copies taken under the
-        read lock a chunk at a time, so writes wait at most for one chunk; rows written since are added by
-        `catch_up`. Rows never change once written, except that they die."""
+        read lock a chunk at a time (COPY_CHUNK_ROWS), so a write waits at most for one chunk's copy; rows written
+        since are added by `catch_up`. Rows never change once written, except that they die."""
         with self.lock.read():
             n0 = len(self.image_ids)
             kept = np.flatnonzero(self.alive.view[:n0])
             ivf = faiss.clone_index(self.ivf) if self.ivf is not None else None
             nlist, trained_at_rows = self.nlist, self.trained_at_rows
         copy = Partition(self.name, self.config)
+        copy.training_failed_at_rows = self.training_failed_at_rows  # not tried again until it grows (review)
         if ivf is not None:
             ivf.reset()  # keeps the trained quantizer and codebooks
             copy.ivf, copy.nlist, copy.trained_at_rows, copy._exact = ivf, nlist, trained_at_rows, None
         copy.vectors.reserve(len(kept))
         copy._copy_rows(self, kept)
+        copy.source_rows_seen = n0
         return copy, kept
 
     def catch_up(self, source: Partition, copied_from: np.ndarray, *, final: bool) -> np.ndarray:
@@ -185,32 +190,41 @@ class Partition:
         `source` deleted since. Returns the new `copied_from`."""
         with source.lock.read():
             n = len(source.image_ids)
-            start = int(copied_from[-1]) + 1 if len(copied_from) else 0
+            start = self.source_rows_seen
             added = start + np.flatnonzero(source.alive.view[start:n])
             gone = np.flatnonzero(~source.alive.view[copied_from]) if final else np.empty(0, np.int64)
         if len(added):
             self._copy_rows(source, added)
             copied_from = np.concatenate([copied_from, added])
+        self.source_rows_seen = n
         if len(gone):
             self.delete(gone)
         return copied_from
 
     def _copy_rows(self, source: Partition, rows: np.ndarray) -> None:
-        for start in range(0, len(rows), ADD_CHUNK_ROWS):
-            chunk = rows[start:start + ADD_CHUNK_ROWS]
-            with source.lock.read(), self.lock.write():
+        for start in range(0, len(rows), COPY_CHUNK_ROWS):
+            chunk = rows[start:start + COPY_CHUNK_ROWS]
+            # Only the copies under the source's read lock: encoding them into the IVF index under it held a write
+            # to the source for 0.3 s (every write waits behind it, and the searches queued behind that writer:
+            # review). The copy is this partition's alone until it is swapped in.
+            with source.lock.read():
                 x = source.vectors.take(chunk)
+                attributes = source.attributes.take(chunk, self.attributes.dictionary_sizes())
+                versions = source.versions.view[chunk]
+                image_ids = source.image_ids.view[chunk].tolist()
+                product_ids = source.product_ids.view[chunk].tolist()
+            with self.lock.write():
                 new_rows = np.arange(len(self.image_ids), len(self.image_ids) + len(chunk), dtype=np.int64)
                 self.vectors.append(x)
                 if self.ivf is not None:
                     self.ivf.add_with_ids(x, new_rows)
                 elif self._exact is not None:
                     self._exact.extend(x)
-                self.attributes.extend_from(source.attributes, chunk)
+                self.attributes.extend_taken(attributes)
                 self.alive.extend(np.ones(len(chunk), dtype=bool))
-                self.versions.extend(source.versions.view[chunk])
-                self.image_ids.extend(source.image_ids.view[chunk].tolist())
-                self.product_ids.extend(source.product_ids.view[chunk].tolist())
+                self.versions.extend(versions)
+                self.image_ids.extend(image_ids)
+                self.product_ids.extend(product_ids)
                 self.live_count += len(chunk)
                 self.version += 1
 

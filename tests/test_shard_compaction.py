@@ -230,3 +230,113 @@ def test_gets_during_compactions_find_every_image(tmp_path):
         assert wrong == []
     finally:
         sys.setswitchinterval(switch)
+
+
+def test_a_compaction_copies_rows_without_holding_the_partitions_lock_while_it_indexes_them(tmp_path, monkeypatch):
+    """The copy encoded each chunk into its IVF index under the source partition's read lock: a write to the
+    partition waited 0.3 s for it, every other write behind that one, and new searches behind the writer
+    (review). The source's lock is free while the copy adds what it took."""
+    from shard_server.attributes import AttributeColumns
+
+    engine = _engine(tmp_path, nlist=16, index_factory="IVF{nlist},PQ8x4fs")
+    vectors = _vectors(2_000, 7)
+    engine.upsert(_records(range(2_000), vectors, 1.0))
+    engine.train_pending()
+    engine.upsert(_records(range(2_000), vectors, 2.0))
+    source = engine.partitions["a"]
+    real_extend = AttributeColumns.extend_taken
+    lock_free = []
+
+    def extend_while_probing(self, taken):
+        acquired = threading.Event()
+
+        def take_the_write_lock():
+            with source.lock.write():
+                acquired.set()
+
+        writer = threading.Thread(target=take_the_write_lock)
+        writer.start()
+        lock_free.append(acquired.wait(2))
+        writer.join()
+        return real_extend(self, taken)
+
+    monkeypatch.setattr(AttributeColumns, "extend_taken", extend_while_probing)
+    engine.compact(source)
+    assert lock_free and all(lock_free)
+    assert engine.partitions["a"].live_count == len(engine.partitions["a"].image_ids) == 2_000
+
+
+def test_a_search_is_not_done_again_for_moves_between_other_categories(tmp_path, monkeypatch):
+    """One shared move counter made every search over several categories run again while images moved between
+    two others (1.4 passes a search, review)."""
+    engine = _engine(tmp_path)
+    x = np.ones(DIM, np.float32)
+    engine.upsert([Record(image_id="x", product_id="px", category="a", vector=x),
+                   Record(image_id="y", product_id="py", category="b", vector=-x),
+                   Record(image_id="z", product_id="pz", category="c", vector=x)])
+    real_search = Partition.search
+    passes = []
+
+    def move_z_after_reading_a(self, *args, **kwargs):
+        hits = real_search(self, *args, **kwargs)
+        if self.name == "a":
+            passes.append(1)
+            to = "d" if engine.get(["z"])[0].category == "c" else "c"
+            writer = threading.Thread(target=engine.upsert,
+                                      args=([Record(image_id="z", product_id="pz", category=to, vector=x)],))
+            writer.start()
+            writer.join()
+        return hits
+
+    monkeypatch.setattr(Partition, "search", move_z_after_reading_a)
+    hits = engine.search(SearchQuery(vector=x, top_k=1, categories=("a", "b"))).hits
+    assert [h.image_id for h in hits] == ["x"] and len(passes) == 1
+
+
+def test_a_bulk_write_during_a_compaction_is_caught_up_before_writes_are_stopped(tmp_path, monkeypatch):
+    """A bulk write holds the apply condition for its whole length: one that started during a compaction was
+    caught up whole in the last catch-up, which every write waits for (20,000 rows, review)."""
+    from imgsearch.v1 import shard_pb2
+    from shard_server import convert
+    from shard_server.engine import CATCH_UP_ROWS
+
+    engine = _engine(tmp_path)
+    vectors = _vectors(12_000, 8)
+    engine.upsert(_records(range(2_000), vectors, 1.0))
+    engine.upsert(_records(range(2_000), vectors, 2.0))
+    bulk = [shard_pb2.UpsertStreamRequest(records=[convert.record_to_proto(r) for r in
+                                                   _records(range(lo, lo + 1_000), vectors, 3.0)]).SerializeToString()
+            for lo in range(2_000, 12_000, 1_000)]
+    real_copy, real_catch_up = Partition.compacted_copy, Partition.catch_up
+    writer = threading.Thread(target=engine.upsert_encoded, args=(bulk,))
+    last_catch_up = []
+
+    def copy_then_bulk_write(self):
+        copied = real_copy(self)
+        writer.start()
+        while not engine._bulk_write_applying.is_set() and writer.is_alive():
+            pass
+        return copied
+
+    def catch_up(self, source, copied_from, *, final):
+        caught = real_catch_up(self, source, copied_from, final=final)
+        if final:
+            last_catch_up.append(len(caught) - len(copied_from))
+        return caught
+
+    monkeypatch.setattr(Partition, "compacted_copy", copy_then_bulk_write)
+    monkeypatch.setattr(Partition, "catch_up", catch_up)
+    engine.compact(engine.partitions["a"])
+    writer.join()
+    assert last_catch_up and last_catch_up[0] <= CATCH_UP_ROWS
+    assert engine.partitions["a"].live_count == 12_000 and len(engine.get([f"img-{i}" for i in range(2_000, 12_000)])) == 10_000
+
+
+def test_a_compacted_category_whose_training_failed_is_not_trained_again_until_it_grows(tmp_path):
+    engine = _engine(tmp_path)
+    vectors = _vectors(2_000, 9)
+    engine.upsert(_records(range(2_000), vectors, 1.0))
+    engine.partitions["a"].training_failed_at_rows = 2_000
+    engine.upsert(_records(range(2_000), vectors, 2.0))
+    engine.compact(engine.partitions["a"])
+    assert engine.partitions["a"].training_failed_at_rows == 2_000
