@@ -340,3 +340,15 @@ def test_a_compacted_category_whose_training_failed_is_not_trained_again_until_i
     engine.upsert(_records(range(2_000), vectors, 2.0))
     engine.compact(engine.partitions["a"])
     assert engine.partitions["a"].training_failed_at_rows == 2_000
+
+
+@pytest.mark.timeout(30)
+def test_a_category_whose_images_were_all_deleted_is_compacted_to_nothing(tmp_path):
+    """The catch-up measured what was left to copy from the last row copied: with no live row at all, more than
+    CATCH_UP_ROWS rows always seemed left, and the compaction never ended (found while fixing the review)."""
+    engine = _engine(tmp_path)
+    engine.upsert(_records(range(5_000), _vectors(5_000, 10), 1.0))
+    engine.delete([f"img-{i}" for i in range(5_000)])
+    assert engine.partitions["a"].compaction_due()
+    engine.compact(engine.partitions["a"])
+    assert len(engine.partitions["a"].image_ids) == engine.partitions["a"].live_count == 0
