@@ -25,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from broker.routing import ShardMap
+from broker.routing import ShardMap, ShardMapError
 from imgsearch.ports import free_port
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,10 @@ class ManagedProcess:
 LAYOUT_FILE = "stack.json"
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @dataclass(frozen=True, kw_only=True)
 class StackConfig:
     work_dir: Path
@@ -146,7 +150,8 @@ class StackConfig:
 class LocalStack:
     def __init__(self, config: StackConfig):
         self.config = config
-        self.work_dir = config.work_dir
+        # absolute: the children run in it, and the paths given to them must not be read from there again
+        self.work_dir = config.work_dir.resolve()
         self.logs = self.work_dir / "logs"
         self.processes: dict[str, ManagedProcess] = {}
         self.triton = None
@@ -188,6 +193,7 @@ class LocalStack:
             self.start_shards()
             self.start_broker()
             self.wait_until_serving()
+            self.record_layout()
         except BaseException:
             self.stop()
             raise
@@ -197,37 +203,73 @@ class LocalStack:
         more replicas the new ones started empty and searches alternated between hits and none; with other shards
         or pinned categories, categories would be looked for on shards that do not hold them; and a new model's
         embeddings do not compare with the stored ones (the work dir's Triton repository also kept the old model,
-        so IMGSEARCH_MODEL was silently ignored). The layout is recorded on the first start (LAYOUT_FILE)."""
+        so IMGSEARCH_MODEL was silently ignored). The layout is recorded once a start serves (`record_layout`);
+        a work dir of an older version is judged by the shard map its last start wrote, and the model by the
+        copy its Triton repository serves. A work dir whose broker never started holds nothing: any layout and
+        model go, and its Triton repository is written again."""
+        model = self._model()
+        layout_file, map_file = self.work_dir / LAYOUT_FILE, self.work_dir / "shard-map.json"
+        if not layout_file.exists() and not map_file.exists():
+            shutil.rmtree(self.work_dir / "triton-repo", ignore_errors=True)
+            return
+        recorded = self._recorded_layout(layout_file, map_file)
+        wanted = self._layout(model)
+        changed = [f"{key} {recorded[key]!r} -> {wanted[key]!r}" for key in ("shards", "replicas", "pinned_categories")
+                   if recorded[key] != wanted[key]]
+        if changed:
+            raise ValueError(
+                f"{self.work_dir} holds a catalogue stored as {recorded['shards']} shard(s) x {recorded['replicas']} "
+                f"replica(s) (pinned categories {recorded['pinned_categories'] or 'none'}); this start changes "
+                f"{', '.join(changed)}. Start it as it was, or use a new --work-dir and ingest again")
+        served = self.work_dir / "triton-repo" / "imgsearch_embedding" / "1" / "model.onnx"
+        stored_by = _sha256(served) if served.is_file() else recorded.get("model_sha256")
+        if stored_by is not None and stored_by != wanted["model_sha256"]:
+            raise ValueError(
+                f"{self.work_dir} holds a catalogue embedded by another model than {model}: its vectors do not "
+                "compare with this model's. Use a new --work-dir and ingest again (or start it with the model it "
+                "was started with)")
+
+    def record_layout(self) -> None:
+        """Write the layout and model this start serves (`check_layout`), atomically."""
+        path = self.work_dir / LAYOUT_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._layout(self._model()), indent=1) + "\n")
+        os.replace(tmp, path)
+
+    def _model(self) -> Path:
         from embedder.model_files import default_model_path
 
         model = self.config.model_path or default_model_path()
         if not model.is_file():
             raise ValueError(f"ONNX model not found: {model}")
-        layout = {"shards": self.config.shards, "replicas": self.config.replicas,
-                  "pinned_categories": dict(sorted(self.config.pinned_categories.items())),
-                  "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
-        path = self.work_dir / LAYOUT_FILE
-        if not path.exists():
-            path.write_text(json.dumps(layout, indent=1) + "\n")
-            return
+        return model
+
+    def _layout(self, model: Path) -> dict:
+        return {"shards": self.config.shards, "replicas": self.config.replicas,
+                "pinned_categories": dict(sorted(self.config.pinned_categories.items())),
+                "model_sha256": _sha256(model)}
+
+    def _recorded_layout(self, layout_file: Path, map_file: Path) -> dict:
+        """The recorded layout (LAYOUT_FILE), else the one of the shard map the last start wrote."""
+        problem = None
+        if layout_file.exists():
+            try:
+                recorded = json.loads(layout_file.read_text())
+                if isinstance(recorded, dict) and {"shards", "replicas", "pinned_categories"} <= recorded.keys():
+                    return recorded
+                problem = "it does not hold the layout"
+            except ValueError as exc:
+                problem = str(exc)
         try:
-            recorded = json.loads(path.read_text())
-        except ValueError as exc:
-            raise ValueError(f"{path} is not the JSON `imgsearch up` wrote ({exc}); delete it to record the layout "
-                             "of this start") from exc
-        changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in layout.items()
-                   if key != "model_sha256" and recorded.get(key) != value]
-        if changed:
-            raise ValueError(
-                f"{self.work_dir} holds a catalogue stored as {recorded.get('shards')} shard(s) x "
-                f"{recorded.get('replicas')} replica(s) (pinned categories {recorded.get('pinned_categories')}); "
-                f"this start changes {', '.join(changed)}. Start it as it was, or use a new --work-dir and ingest "
-                "again")
-        if recorded.get("model_sha256") != layout["model_sha256"]:
-            raise ValueError(
-                f"{self.work_dir} holds a catalogue embedded by another model than {model}: its vectors do not "
-                "compare with this model's. Use a new --work-dir and ingest again (or start without IMGSEARCH_MODEL "
-                "set as it was)")
+            shard_map = ShardMap.load(map_file)
+        except (ShardMapError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{layout_file} is not the layout `imgsearch up` wrote ({problem}), and {map_file} "
+                             f"cannot tell it either ({exc}); start it as it was started before, after deleting "
+                             f"{layout_file}") from exc
+        replicas = {len(addresses) for addresses in shard_map.shards.values()}
+        return {"shards": len(shard_map.shards), "replicas": replicas.pop() if len(replicas) == 1 else sorted(replicas),
+                "pinned_categories": dict(sorted((category, int(shard.rpartition("-")[2]))
+                                                 for category, shard in shard_map.categories.items()))}
 
     def stop(self) -> None:
         """The broker, the shards, Triton, then Redis: nothing is stopped while something started after it still

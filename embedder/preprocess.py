@@ -213,22 +213,43 @@ def decode_image(
         raise ImageTooLargeError(f"image is {width}x{height} pixels, the longest side accepted is {MAX_IMAGE_SIDE}")
     if draft_min_side and img.format in ("JPEG", "MPO"):  # MPO: phone JPEGs with a multi-picture block
         img.draft(None, (draft_min_side, draft_min_side))
-    # Pillow decodes a 16-bit truecolour PNG to 8 bits (the high bytes) but keeps its tRNS colour key in 16: the
-    # key then matched the wrong pixels (a review: the background stayed dark, cosine 0.91 with the 8-bit file).
-    sixteen_bit_rgb = img.format == "PNG" and img.mode == "RGB" and any(
-        str(tile[3]).startswith("RGB;16") for tile in img.tile)
+    # A PNG's tRNS colour key is given at the image's bit depth, which Pillow decodes to 8 bits but leaves the key
+    # as it is: keyed 16-bit truecolour (high bytes only: the key matched other pixels, a review: cosine 0.91 with
+    # the 8-bit file) and 2- and 4-bit greyscale (scaled to 0..255) are matched at their own depth.
+    rawmode = str(img.tile[0][3]) if img.format == "PNG" and len(img.tile) == 1 else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img.load()
-            if sixteen_bit_rgb and isinstance(img.info.get("transparency"), tuple):
-                img.info["transparency"] = tuple(int(level) >> 8 for level in img.info["transparency"])
+            if "transparency" in img.info and rawmode in _LOW_DEPTH_GREY_SCALE:
+                img.info["transparency"] = int(img.info["transparency"]) * _LOW_DEPTH_GREY_SCALE[rawmode]
+            elif rawmode == "RGB;16B" and isinstance(img.info.get("transparency"), tuple):
+                img = _keyed_16_bit_rgb(img, data)
             img = _upright(img)
             return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise _too_many_pixels(exc, max_image_pixels) from exc
     except Exception as exc:
         raise InvalidImageError(f"could not decode image: {exc}") from exc
+
+
+# Pillow's 8-bit levels of 2- and 4-bit greyscale PNG samples.
+_LOW_DEPTH_GREY_SCALE = {"L;2": 85, "L;4": 17}
+
+
+def _keyed_16_bit_rgb(img: Image.Image, data: bytes) -> Image.Image:
+    """A 16-bit truecolour PNG with a tRNS colour key, as RGBA: transparent exactly where all 16 bits of a pixel
+    equal the key (as browsers and libpng compare it). Pillow decodes the high bytes only; the low bytes are
+    decoded by reading the same samples as little-endian."""
+    key = np.asarray(img.info["transparency"], dtype=np.int64)
+    low = Image.open(io.BytesIO(data))
+    low.tile = [tile._replace(args="RGB;16L") for tile in low.tile]
+    low.load()
+    high = np.asarray(img)
+    keyed = (high == (key >> 8)).all(axis=2) & (np.asarray(low) == (key & 255)).all(axis=2)
+    rgba = Image.fromarray(np.dstack([high, np.where(keyed, 0, 255).astype(np.uint8)]), mode="RGBA")
+    rgba.info = {k: v for k, v in img.info.items() if k != "transparency"}  # EXIF orientation, ICC profile
+    return rgba
 
 
 def _too_many_pixels(exc: Exception, max_image_pixels: int) -> ImageTooLargeError:

@@ -216,16 +216,24 @@ def test_a_work_dir_is_started_again_only_with_its_layout_and_model(tmp_path, mo
     """Started again with more replicas, the new ones were empty and searches alternated between hits and none;
     and IMGSEARCH_MODEL was ignored on a work dir whose Triton repository held the old model (review): a work
     dir's catalogue keeps the layout and model it was stored with, and another one is refused before anything
-    starts."""
+    starts. A work dir of an older version is judged by its shard map and Triton repository; one whose first start
+    failed before its broker started holds nothing and takes any layout (review of the first version)."""
+    import json
+
     from broker.stack import LAYOUT_FILE, LocalStack, StackConfig
     from embedder.model_files import default_model_path
 
-    def check(**config) -> None:
-        LocalStack(StackConfig(work_dir=tmp_path, **config)).check_layout()
+    def check(**config) -> LocalStack:
+        stack = LocalStack(StackConfig(work_dir=tmp_path, **config))
+        stack.check_layout()
+        return stack
 
     monkeypatch.delenv("IMGSEARCH_MODEL", raising=False)
-    check(shards=2)
-    assert (tmp_path / LAYOUT_FILE).is_file()
+    (tmp_path / "triton-repo").mkdir()
+    check(shards=3)  # a first start that failed: nothing recorded, and its Triton repository is written again
+    assert not (tmp_path / "triton-repo").exists()
+    check(shards=2).record_layout()  # a start that served
+    assert json.loads((tmp_path / LAYOUT_FILE).read_text())["shards"] == 2
     check(shards=2)  # as it was
     with pytest.raises(ValueError, match="replicas 1 -> 2"):
         check(shards=2, replicas=2)
@@ -240,5 +248,34 @@ def test_a_work_dir_is_started_again_only_with_its_layout_and_model(tmp_path, mo
     monkeypatch.setenv("IMGSEARCH_MODEL", str(other_model))
     with pytest.raises(ValueError, match="another model"):
         check(shards=2)
+    monkeypatch.delenv("IMGSEARCH_MODEL")
     with pytest.raises(ValueError, match="not found"):
         check(shards=2, model_path=tmp_path / "missing.onnx")
+    # a work dir of an older version: no layout file, the shard map and Triton repository of its last start
+    (tmp_path / LAYOUT_FILE).unlink()
+    (tmp_path / "shard-map.json").write_text(json.dumps(
+        {"shards": {"shard-0": ["127.0.0.1:1"], "shard-1": ["127.0.0.1:2"]}, "categories": {"Milk": "shard-1"}}))
+    served = tmp_path / "triton-repo" / "imgsearch_embedding" / "1" / "model.onnx"
+    served.parent.mkdir(parents=True)
+    served.write_bytes(other_model.read_bytes())
+    check(shards=2, pinned_categories={"Milk": 1}, model_path=other_model)
+    with pytest.raises(ValueError, match="replicas 1 -> 2"):
+        check(shards=2, replicas=2, pinned_categories={"Milk": 1}, model_path=other_model)
+    with pytest.raises(ValueError, match="another model"):  # the repository serves other.onnx
+        check(shards=2, pinned_categories={"Milk": 1})
+    for unreadable in ("[]", "{", '{"shards": 2}'):  # falls back on the shard map
+        (tmp_path / LAYOUT_FILE).write_text(unreadable)
+        with pytest.raises(ValueError, match="shards 2 -> 1"):
+            check(shards=1, pinned_categories={"Milk": 1}, model_path=other_model)
+    (tmp_path / "shard-map.json").write_text("[]")
+    with pytest.raises(ValueError, match="cannot tell it either"):
+        check(shards=2, pinned_categories={"Milk": 1}, model_path=other_model)
+
+
+def test_a_relative_work_dir_is_resolved(tmp_path, monkeypatch):
+    """The stack's processes run in the work dir, and were given paths relative to the caller's folder: a relative
+    --work-dir made redis-server refuse its `dir` (review)."""
+    from broker.stack import LocalStack, StackConfig
+
+    monkeypatch.chdir(tmp_path)
+    assert LocalStack(StackConfig(work_dir=Path("w"))).work_dir == tmp_path / "w"

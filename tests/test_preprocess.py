@@ -475,3 +475,35 @@ def test_a_16_bit_truecolour_colour_key_is_composited_on_white():
     pixels[disc] = (220 * 257, 30 * 257, 30 * 257)
     decoded = np.asarray(decode_image(_png_rgb16(pixels, key)))
     assert (decoded[~disc] == 255).all() and (decoded[disc] == (220, 30, 30)).all()
+
+
+def test_a_16_bit_truecolour_key_is_matched_at_16_bits_and_low_depth_grey_keys_at_theirs():
+    """The first fix compared the key's high bytes only, so colours within 1/256 of it turned white too (review);
+    and a 2- or 4-bit greyscale key was compared with Pillow's 8-bit levels (key 2 of a 2-bit image is level
+    170), so it matched nothing."""
+    import struct
+    import zlib
+
+    key = (1000, 2000, 3000)
+    pixels = np.empty((8, 8, 3), np.uint16)
+    pixels[:] = (60000, 100, 100)
+    pixels[0, :4] = key
+    pixels[1, :4] = (1001, 2000, 3000)  # the same high bytes, other low bytes: opaque
+    pixels[2, :4] = (1023, 2047, 3071)
+    decoded = np.asarray(decode_image(_png_rgb16(pixels, key)))
+    assert (decoded[0, :4] == 255).all()
+    assert (decoded[1, :4] == (3, 7, 11)).all() and (decoded[2, :4] == (3, 7, 11)).all()
+    assert (decoded[3:] == (60000 >> 8, 0, 0)).all()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    for depth, key, samples in ((2, 2, bytes([0b00011011])), (4, 9, bytes([0x09, 0x3F]))):
+        raw = b"".join(b"\0" + samples for _ in range(4))
+        width = 8 * len(samples) // depth
+        grey = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, 4, depth, 0, 0, 0, 0))
+                + chunk(b"tRNS", struct.pack(">H", key)) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+        decoded = np.asarray(decode_image(grey))[..., 0]
+        levels = np.asarray(Image.open(io.BytesIO(grey)).convert("L"))
+        keyed = levels == key * (255 // (2**depth - 1))
+        assert keyed.any() and (decoded[keyed] == 255).all() and (decoded[~keyed] == levels[~keyed]).all()
