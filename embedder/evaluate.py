@@ -207,12 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         from embedder.model import GeMBaseline, load_checkpoint
 
         torch.set_num_threads(args.threads)
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as exc:
-            parser.error(f"--device {args.device!r}: {exc}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error(f"--device {args.device}: this torch sees no CUDA device")
+        try:  # a tensor on it: torch.device() accepts every type it knows of, whether this build has it or not
+            torch.empty(1, device=torch.device(args.device)).tolist()
+        except (RuntimeError, AssertionError, NotImplementedError) as exc:
+            parser.error(f"--device {args.device!r}: this torch cannot use it ({type(exc).__name__}: {exc})")
         try:
             net = GeMBaseline() if args.baseline else load_checkpoint(args.checkpoint,
                                                                       any_image_size=args.any_image_size)

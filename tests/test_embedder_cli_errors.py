@@ -209,6 +209,6 @@ def test_eval_refuses_queries_that_would_find_themselves(catalogue, capsys):
     _fails_with(capsys, ["eval", "--queries", str(unlabelled)], "needs at least path and product id")
 
 
-@pytest.mark.parametrize("device", ["cuda", "no-such-device"])
+@pytest.mark.parametrize("device", ["cuda", "no-such-device", "mps", "meta"])
 def test_eval_on_a_device_this_torch_lacks_is_one_line(tmp_path, capsys, device):
     _fails_with(capsys, ["eval", "--baseline", "--device", device], "--device")
