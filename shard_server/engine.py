@@ -582,23 +582,25 @@ class ShardEngine:
             # Unknown categories: no hits, not an error.
             searched = [(c, partitions[c]) for c in dict.fromkeys(categories) if c in partitions]
             result = self._search_partitions(vector, query, searched, nprobe, exhaustive, exact_rows_limit)
-            if len(searched) < 2 or not self._moved_across(epoch, searched):
+            if not self._moved_across(epoch, set(query.categories) if query.categories else None):
                 break
         return result
 
-    def _moved_across(self, epoch: int, searched: list[tuple[str, Partition]]) -> bool:
-        """Whether a move between two of the searched categories overlapped a search that started at `epoch`
-        (moves elsewhere do not count: one shared counter had 1.4 passes a search while other categories moved
-        images, review)."""
+    def _moved_across(self, epoch: int, asked: set[str] | None) -> bool:
+        """Whether a move between two of the asked categories (None: every category, those created meanwhile
+        too) overlapped a search that started at `epoch`. Moves elsewhere do not count: one shared counter had 1.4
+        passes a search while other categories moved images (review); a move into a category created during the
+        search does (it was not among the partitions searched: review)."""
         now = self._move_epoch
         if now == epoch and epoch % 2 == 0:
+            return False
+        if asked is not None and len(asked) < 2:
             return False
         first = epoch if epoch % 2 else epoch + 1  # the move under way at the start, or the first one after it
         moves = list(self._recent_moves)
         if len(moves) == RECENT_MOVES and moves[0][0] > first:
             return True  # too many moves since to tell
-        names = {category for category, _ in searched}
-        return any(started >= first and len(categories & names) > 1 for started, categories in moves)
+        return any(started >= first and (asked is None or len(categories & asked) > 1) for started, categories in moves)
 
     def _search_partitions(self, vector: np.ndarray, query: SearchQuery, searched: list[tuple[str, Partition]],
                            nprobe: int, exhaustive: bool, exact_rows_limit: int | None) -> SearchResult:
@@ -714,7 +716,8 @@ class ShardEngine:
             metrics.TRAINING_EVENTS.labels("completed").inc()
             metrics.INDEX_SWAPS.inc()
             _export_category(self, partition.name, partition)
-            self._swaps_since_snapshot += 1
+            with self._apply_cond:  # the snapshot thread subtracts what it covered
+                self._swaps_since_snapshot += 1
             swapped += 1
         for partition in list(self.partitions.values()):
             if self._stop.is_set() or self._bulk_write_applying.is_set() or not partition.compaction_due():
@@ -799,12 +802,12 @@ class ShardEngine:
                 # The boundary is set with the rotation, before any write of the new segment can be applied.
                 closed_generation, last_seq = self.wal.rotate()
                 self._snapshot_barrier = last_seq
-            swaps = self._swaps_since_snapshot
             try:
                 with self._apply_cond:
                     while self._applied_seq < last_seq:
                         self._apply_cond.wait()
-                    self._writes_since_snapshot = 0
+                    swaps = self._swaps_since_snapshot
+                    writes, self._writes_since_snapshot = self._writes_since_snapshot, 0
                     # No write is applied while we hold the condition; later ones wait for the barrier (already
                     # logged durably in the new segment, which the replay after this snapshot starts with) only
                     # while the partitions are captured, not while they are written out.
@@ -814,11 +817,20 @@ class ShardEngine:
                 with self._apply_cond:
                     self._snapshot_barrier = None
                     self._apply_cond.notify_all()
-            path = self.snapshots.write(images, wal_generation=closed_generation, config=self.config,
-                                        tombstones=tombstones)
+            try:
+                path = self.snapshots.write(images, wal_generation=closed_generation, config=self.config,
+                                            tombstones=tombstones)
+            except BaseException:
+                # Counted again, so that the snapshot loop tries again and close() takes one: a failed write used
+                # to leave no write to snapshot, and the log was replayed at every start (review).
+                with self._apply_cond:
+                    self._writes_since_snapshot += writes
+                raise
             self.snapshots.rebase_vectors(path, images)
             del images
-            self._swaps_since_snapshot -= swaps
+            release_free_memory()  # the in-memory vectors now read from the snapshot's file
+            with self._apply_cond:
+                self._swaps_since_snapshot -= swaps
             self.wal.drop_through(closed_generation)
             self.snapshots.prune(keep=path)
             self._last_snapshot_at = time.monotonic()

@@ -103,12 +103,12 @@ class SnapshotStore:
         of its index's codes). The dump used to be written while writes waited: 25 s with 5,000 categories."""
         images = []
         for category, partition in sorted(partitions.items()):
-            with partition.lock.read():
+            with partition.lock.write():  # freezing the vectors' tail changes the store (searches wait ~a ms)
                 n = len(partition.image_ids)
                 arrays, dictionaries = partition.attributes.to_state()
                 images.append(PartitionImage(
                     category=category, partition=partition, rows=n,
-                    vector_blocks=[block for _, block in partition.vectors.chunks()],
+                    vector_blocks=partition.vectors.freeze(),
                     vector_dtype=partition.vectors.dtype, alive=partition.alive.view[:n].copy(),
                     versions=partition.versions.view[:n], attribute_arrays={k: v[:n] for k, v in arrays.items()},
                     dictionaries={k: list(v) for k, v in dictionaries.items()},
@@ -272,19 +272,13 @@ class SnapshotStore:
 
     def rebase_vectors(self, path: Path, images: list[PartitionImage]) -> None:
         """Point each captured partition's exact vectors at the snapshot file (memory-mapped) instead of process
-        memory: its first `rows` rows, which never change; rows appended since stay in memory until the next one."""
+        memory: the rows its capture froze (VectorStore.freeze); rows appended since stay in memory until the next
+        snapshot."""
         manifest = json.loads((path / MANIFEST).read_text())
         for entry, image in zip(manifest["partitions"], images, strict=True):
-            partition = image.partition
             mapped = map_npy(path / entry["dir"] / "vectors.npy")
-            with partition.lock.write():
-                old, n = partition.vectors, image.rows
-                if len(old) < n:  # pragma: no cover - rows are never removed from a partition
-                    continue
-                rebased = VectorStore(partition.config.dimension, base=mapped, dtype=partition.config.vector_dtype)
-                if len(old) > n:
-                    rebased.append(old.slice(n, len(old)))
-                partition.vectors = rebased
+            with image.partition.lock.write():
+                image.partition.vectors.rebase(mapped)
 
 
 def _reserve(path: Path) -> None:

@@ -54,21 +54,50 @@ def inner_products_by_rows(vectors: np.ndarray, rows: np.ndarray, query: np.ndar
 
 
 class VectorStore:
+    """Rows in read-only parts (the snapshot's memory-mapped file; tails frozen by a snapshot's capture until its
+    file is mapped in their place) followed by a growable in-memory tail."""
+
     def __init__(self, dim: int, base: np.ndarray | None = None, *, dtype: str = "float32"):
         self.dim = dim
         self.dtype = STORAGE_DTYPES[dtype]
         # A snapshot written with the other dtype is read as it is; new rows and the next snapshot use `dtype`.
-        self._base = base if base is not None else np.empty((0, dim), dtype=self.dtype)
+        self._parts: list[np.ndarray] = [base] if base is not None and len(base) else []
+        self._mapped = [True] * len(self._parts)  # page cache, not process memory
         self._tail = GrowableArray(self.dtype, row_shape=(dim,))
 
     def __len__(self) -> int:
-        return len(self._base) + len(self._tail)
+        return sum(map(len, self._parts)) + len(self._tail)
 
     def append(self, vectors: np.ndarray) -> None:
         self._tail.extend(vectors.astype(self.dtype, copy=False))
 
     def reserve(self, extra_rows: int) -> None:
         self._tail.reserve(extra_rows)
+
+    def freeze(self) -> list[np.ndarray]:
+        """Every row, as read-only blocks, for a snapshot: the tail becomes a part and a new tail starts, so that
+        rows appended while the snapshot is written do not copy the frozen ones when the tail grows (a captured
+        view of the tail kept its old array alive: twice the in-memory vectors during a bulk write, review). The
+        caller holds the partition's write lock."""
+        if len(self._tail):
+            self._parts.append(self._tail.view)
+            self._mapped.append(False)
+            self._tail = GrowableArray(self.dtype, row_shape=(self.dim,))
+        return list(self._parts)
+
+    def rebase(self, mapped: np.ndarray) -> None:
+        """Read the first len(mapped) rows, the parts a `freeze` returned, from the snapshot file they were
+        written to. The caller holds the partition's write lock."""
+        covered, count = 0, 0
+        for part in self._parts:
+            if covered == len(mapped):
+                break
+            covered += len(part)
+            count += 1
+        if covered != len(mapped):  # pragma: no cover - the parts frozen for the snapshot are never split
+            raise ValueError(f"{len(mapped)} mapped rows do not cover whole parts")
+        self._parts[:count] = [mapped] if len(mapped) else []
+        self._mapped[:count] = [True] if len(mapped) else []
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """float32 copies of the given rows (sorted or not)."""
@@ -85,30 +114,41 @@ class VectorStore:
         query = np.ascontiguousarray(query, dtype=np.float32)
         return self._per_block(rows, (), lambda block, local: inner_products_by_rows(block, local, query))
 
+    def _blocks(self) -> list[np.ndarray]:
+        return [*self._parts, self._tail.view] if len(self._tail) else self._parts
+
     def _per_block(self, rows, row_shape: tuple[int, ...], compute) -> np.ndarray:
-        """float32 ``compute(block, local_rows)`` over the memory-mapped base and the in-memory tail, in the
-        order of ``rows``."""
+        """float32 ``compute(block, local_rows)`` over the parts and the tail, in the order of ``rows``."""
         rows = np.asarray(rows, dtype=np.int64)
-        nbase = len(self._base)
         if len(rows) == 0:
             return np.empty((0, *row_shape), dtype=np.float32)
-        if rows.max() < nbase:
-            return compute(self._base, rows)
-        if rows.min() >= nbase:
-            return compute(self._tail.view, rows - nbase)
-        out = np.empty((len(rows), *row_shape), dtype=np.float32)
-        in_base = rows < nbase
-        out[in_base] = compute(self._base, rows[in_base])
-        out[~in_base] = compute(self._tail.view, rows[~in_base] - nbase)
+        blocks = self._blocks()
+        if len(blocks) == 1:  # the common case: every row in the mapped snapshot file, or all in memory
+            return compute(blocks[0], rows)
+        lo, hi = int(rows.min()), int(rows.max())
+        if lo < 0 or hi >= len(self):
+            raise IndexError(f"rows {lo}..{hi} of {len(self)}")
+        out = None
+        start = 0
+        for block in blocks:
+            stop = start + len(block)
+            if lo >= start and hi < stop:
+                return compute(block, rows - start)
+            inside = (rows >= start) & (rows < stop)
+            if inside.any():
+                if out is None:
+                    out = np.empty((len(rows), *row_shape), dtype=np.float32)
+                out[inside] = compute(block, rows[inside] - start)
+            start = stop
         return out
 
     @property
     def all_float32(self) -> bool:
-        return self._base.dtype == np.float32 and self.dtype == np.float32
+        return self.dtype == np.float32 and all(part.dtype == np.float32 for part in self._parts)
 
     def scores(self, query: np.ndarray) -> np.ndarray:
         """Inner products of every row with a float32 query, in row order (an exact scan, in place)."""
-        parts = [block @ query for block in (self._base, self._tail.view) if len(block)]
+        parts = [block @ query for block in self._blocks() if len(block)]
         if not parts:
             return np.empty(0, dtype=np.float32)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -118,14 +158,13 @@ class VectorStore:
 
     def chunks(self, chunk_rows: int = 65536):
         """(start, block) over all rows, for streaming to disk without a full copy."""
-        nbase = len(self._base)
-        for start in range(0, nbase, chunk_rows):
-            yield start, self._base[start : min(nbase, start + chunk_rows)]
-        tail = self._tail.view
-        for start in range(0, len(tail), chunk_rows):
-            yield nbase + start, tail[start : start + chunk_rows]
+        start = 0
+        for block in self._blocks():
+            for offset in range(0, len(block), chunk_rows):
+                yield start + offset, block[offset : offset + chunk_rows]
+            start += len(block)
 
     @property
     def resident_nbytes(self) -> int:
-        """Anonymous memory held (the memory-mapped base is page cache, not counted)."""
-        return self._tail.nbytes
+        """Anonymous memory held (the memory-mapped file is page cache, not counted)."""
+        return self._tail.nbytes + sum(part.nbytes for part, mapped in zip(self._parts, self._mapped) if not mapped)

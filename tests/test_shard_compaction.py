@@ -352,3 +352,29 @@ def test_a_category_whose_images_were_all_deleted_is_compacted_to_nothing(tmp_pa
     assert engine.partitions["a"].compaction_due()
     engine.compact(engine.partitions["a"])
     assert len(engine.partitions["a"].image_ids) == engine.partitions["a"].live_count == 0
+
+
+@pytest.mark.parametrize("asked", [("a", "n"), ()])
+def test_an_image_moved_into_a_category_created_during_the_search_is_not_missed(tmp_path, monkeypatch, asked):
+    """The search retried only for moves between the partitions it had searched: a move into a category created
+    after it started (so not among them) left the image in neither (review)."""
+    engine = _engine(tmp_path)
+    x = np.ones(DIM, np.float32)
+    engine.upsert([Record(image_id="x", product_id="px", category="a", vector=x),
+                   Record(image_id="y", product_id="py", category="b", vector=-x)])
+    real_search = Partition.search
+    moved = threading.Event()
+
+    def move_x_to_a_new_category(self, *args, **kwargs):
+        hits = real_search(self, *args, **kwargs)
+        if self.name == "a" and not moved.is_set():
+            moved.set()
+            writer = threading.Thread(target=engine.upsert,
+                                      args=([Record(image_id="x", product_id="px", category="n", vector=x)],))
+            writer.start()
+            writer.join()
+        return hits
+
+    monkeypatch.setattr(Partition, "search", move_x_to_a_new_category)
+    hits = engine.search(SearchQuery(vector=x, top_k=1, categories=asked)).hits
+    assert moved.is_set() and [(h.image_id, h.category) for h in hits] == [("x", "n")]

@@ -1058,3 +1058,25 @@ def test_writes_go_on_while_a_snapshot_is_written_and_survive_a_restart(tmp_path
     assert later[0].image_id not in held and "img-00000003" not in held
     assert sum(p.live_count for p in restarted.partitions.values()) == 258
     restarted.close()
+
+
+def test_a_snapshot_whose_files_failed_is_taken_again(tmp_path, monkeypatch):
+    """The writes a snapshot covers were forgotten when it captured them: after its files failed (a full disk)
+    no later snapshot was due, close() took none, and every start replayed the log (review)."""
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=DIM))
+    engine.load()
+    engine.upsert(synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=2).records(0, 50))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("shard_server.snapshot.SnapshotStore._write_partition", staticmethod(disk_full))
+    with pytest.raises(OSError):
+        engine.snapshot()
+    monkeypatch.undo()
+    engine.close(snapshot=True)
+    assert len(list((tmp_path / "snapshots").glob("snap-*"))) == 1
+    restarted = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=DIM))
+    restarted.load()
+    assert restarted._writes_since_snapshot == 0 and sum(p.live_count for p in restarted.partitions.values()) == 50
+    restarted.close()

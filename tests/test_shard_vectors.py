@@ -33,3 +33,32 @@ def test_inner_products_by_rows_reads_strided_arrays_too():
     np.testing.assert_allclose(inner_products_by_rows(vectors, rows, query), vectors[rows] @ query, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(inner_products_by_rows(np.ascontiguousarray(vectors), rows, query),
                                vectors[rows] @ query, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_frozen_tail_stays_put_while_rows_are_appended_and_is_rebased_on_its_file(tmp_path, dtype):
+    """A snapshot froze views of the in-memory tail; a bulk write growing the tail then copied every row into a new
+    array while the views kept the old one (twice the in-memory vectors, review). The tail is now frozen as a
+    part of its own, new rows go to a new tail, and the snapshot's file replaces the frozen part."""
+    rng = np.random.default_rng(5)
+    np.save(tmp_path / "base.npy", rng.standard_normal((100, DIM)).astype(dtype))
+    store = VectorStore(DIM, map_npy(tmp_path / "base.npy"), dtype=dtype)
+    store.append(rng.standard_normal((50, DIM)).astype(np.float32))
+    blocks = store.freeze()
+    assert [len(b) for b in blocks] == [100, 50]
+    before = store.take(np.arange(150))
+    store.reserve(10_000)
+    store.append(rng.standard_normal((3_000, DIM)).astype(np.float32))
+    assert np.shares_memory(blocks[1], store._parts[1])  # not copied by the tail's growth
+    rows = np.array([0, 99, 100, 149, 150, 3_149, 120, 5], dtype=np.int64)
+    query = rng.standard_normal(DIM).astype(np.float32)
+    np.testing.assert_allclose(store.inner_products(rows, query), store.take(rows) @ query, rtol=1e-5, atol=1e-5)
+    tail_rows = store.take(np.arange(150, 3_150))
+    np.save(tmp_path / "snapshot.npy", np.concatenate([np.asarray(b, dtype=store.dtype) for b in blocks]))
+    store.rebase(map_npy(tmp_path / "snapshot.npy"))
+    assert len(store) == 3_150 and len(store._parts) == 1
+    np.testing.assert_array_equal(store.take(np.arange(150)), before)
+    np.testing.assert_array_equal(store.take(np.arange(150, 3_150)), tail_rows)
+    assert store.resident_nbytes == store._tail.nbytes
+    with pytest.raises(IndexError):
+        store.take(np.array([0, 3_150]))
