@@ -807,12 +807,13 @@ class ShardEngine:
                     while self._applied_seq < last_seq:
                         self._apply_cond.wait()
                     swaps = self._swaps_since_snapshot
-                    writes, self._writes_since_snapshot = self._writes_since_snapshot, 0
                     # No write is applied while we hold the condition; later ones wait for the barrier (already
                     # logged durably in the new segment, which the replay after this snapshot starts with) only
                     # while the partitions are captured, not while they are written out.
                     images = self.snapshots.capture(self.partitions)
                     tombstones = list(self.tombstones.items())
+                    # once captured (a capture that failed left them counted: review)
+                    writes, self._writes_since_snapshot = self._writes_since_snapshot, 0
             finally:
                 with self._apply_cond:
                     self._snapshot_barrier = None

@@ -103,12 +103,14 @@ class SnapshotStore:
         of its index's codes). The dump used to be written while writes waited: 25 s with 5,000 categories."""
         images = []
         for category, partition in sorted(partitions.items()):
-            with partition.lock.write():  # freezing the vectors' tail changes the store (searches wait ~a ms)
+            with partition.lock.write():  # freezing the vectors' tail changes the store
+                vector_blocks = partition.vectors.freeze()
+            with partition.lock.read():  # writes are stopped: nothing changed in between
                 n = len(partition.image_ids)
                 arrays, dictionaries = partition.attributes.to_state()
                 images.append(PartitionImage(
                     category=category, partition=partition, rows=n,
-                    vector_blocks=partition.vectors.freeze(),
+                    vector_blocks=vector_blocks,
                     vector_dtype=partition.vectors.dtype, alive=partition.alive.view[:n].copy(),
                     versions=partition.versions.view[:n], attribute_arrays={k: v[:n] for k, v in arrays.items()},
                     dictionaries={k: list(v) for k, v in dictionaries.items()},

@@ -1080,3 +1080,23 @@ def test_a_snapshot_whose_files_failed_is_taken_again(tmp_path, monkeypatch):
     restarted.load()
     assert restarted._writes_since_snapshot == 0 and sum(p.live_count for p in restarted.partitions.values()) == 50
     restarted.close()
+
+
+def test_a_snapshot_whose_capture_failed_is_taken_again(tmp_path, monkeypatch):
+    """The count of writes to snapshot was cleared before the capture: one that failed (out of memory serialising
+    an index) left nothing to snapshot, and close() took none (review)."""
+    from shard_server.snapshot import SnapshotStore
+
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=DIM))
+    engine.load()
+    engine.upsert(synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=2).records(0, 50))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(SnapshotStore, "capture", staticmethod(out_of_memory))
+    with pytest.raises(MemoryError):
+        engine.snapshot()
+    monkeypatch.undo()
+    engine.close(snapshot=True)
+    assert len(list((tmp_path / "snapshots").glob("snap-*"))) == 1
