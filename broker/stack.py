@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -126,6 +127,19 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _holds_data(shard_dir: Path) -> bool:
+    """Whether a shard's data folder holds anything: a snapshot, or a write in its log."""
+    if any((shard_dir / "snapshots").glob("snap-*")):
+        return True
+    return any(f.stat().st_size > 0 for f in (shard_dir / "wal").glob("*.wal*") if f.is_file())
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True, kw_only=True)
 class StackConfig:
     work_dir: Path
@@ -203,24 +217,33 @@ class LocalStack:
         more replicas the new ones started empty and searches alternated between hits and none; with other shards
         or pinned categories, categories would be looked for on shards that do not hold them; and a new model's
         embeddings do not compare with the stored ones (the work dir's Triton repository also kept the old model,
-        so IMGSEARCH_MODEL was silently ignored). The layout is recorded once a start serves (`record_layout`);
-        a work dir of an older version is judged by the shard map its last start wrote, and the model by the
-        copy its Triton repository serves. A work dir whose broker never started holds nothing: any layout and
-        model go, and its Triton repository is written again."""
+        so IMGSEARCH_MODEL was silently ignored). Whether the work dir holds a catalogue is told by its shards'
+        data (a snapshot, or a write in their logs), not by the files a start writes: a start that failed or was
+        interrupted holds nothing, and any layout and model may follow it (its Triton repository is written
+        again). The layout is that of `stack.json` (written once a start serves, `record_layout`), else of the
+        shard map the last start wrote (a work dir of an older version), else of the shards' data folders; the
+        model is the copy its Triton repository serves."""
         model = self._model()
-        layout_file, map_file = self.work_dir / LAYOUT_FILE, self.work_dir / "shard-map.json"
-        if not layout_file.exists() and not map_file.exists():
+        if not self._holds_data():
             shutil.rmtree(self.work_dir / "triton-repo", ignore_errors=True)
+            (self.work_dir / LAYOUT_FILE).unlink(missing_ok=True)
             return
-        recorded = self._recorded_layout(layout_file, map_file)
+        recorded = self._recorded_layout()
         wanted = self._layout(model)
+        if "shards_at_least" in recorded:
+            if wanted["shards"] < recorded["shards_at_least"] or wanted["replicas"] < recorded["replicas_at_least"]:
+                raise ValueError(
+                    f"{self.work_dir} holds data of at least {recorded['shards_at_least']} shard(s) x "
+                    f"{recorded['replicas_at_least']} replica(s) (its stack.json and shard-map.json are missing or "
+                    "unreadable); start it with the --shards and --replicas it was started with")
+            recorded = {}
         changed = [f"{key} {recorded[key]!r} -> {wanted[key]!r}" for key in ("shards", "replicas", "pinned_categories")
-                   if recorded[key] != wanted[key]]
+                   if key in recorded and recorded[key] != wanted[key]]
         if changed:
             raise ValueError(
                 f"{self.work_dir} holds a catalogue stored as {recorded['shards']} shard(s) x {recorded['replicas']} "
-                f"replica(s) (pinned categories {recorded['pinned_categories'] or 'none'}); this start changes "
-                f"{', '.join(changed)}. Start it as it was, or use a new --work-dir and ingest again")
+                f"replica(s) (pinned categories {recorded.get('pinned_categories', 'unknown') or 'none'}); this start "
+                f"changes {', '.join(changed)}. Start it as it was, or use a new --work-dir and ingest again")
         served = self.work_dir / "triton-repo" / "imgsearch_embedding" / "1" / "model.onnx"
         stored_by = _sha256(served) if served.is_file() else recorded.get("model_sha256")
         if stored_by is not None and stored_by != wanted["model_sha256"]:
@@ -229,12 +252,13 @@ class LocalStack:
                 "compare with this model's. Use a new --work-dir and ingest again (or start it with the model it "
                 "was started with)")
 
+    def _holds_data(self) -> bool:
+        """Whether a shard of the work dir has stored anything."""
+        return any(_holds_data(shard) for shard in self.work_dir.glob("shard-*"))
+
     def record_layout(self) -> None:
         """Write the layout and model this start serves (`check_layout`), atomically."""
-        path = self.work_dir / LAYOUT_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._layout(self._model()), indent=1) + "\n")
-        os.replace(tmp, path)
+        _write_atomically(self.work_dir / LAYOUT_FILE, json.dumps(self._layout(self._model()), indent=1) + "\n")
 
     def _model(self) -> Path:
         from embedder.model_files import default_model_path
@@ -249,27 +273,28 @@ class LocalStack:
                 "pinned_categories": dict(sorted(self.config.pinned_categories.items())),
                 "model_sha256": _sha256(model)}
 
-    def _recorded_layout(self, layout_file: Path, map_file: Path) -> dict:
-        """The recorded layout (LAYOUT_FILE), else the one of the shard map the last start wrote."""
-        problem = None
-        if layout_file.exists():
-            try:
-                recorded = json.loads(layout_file.read_text())
-                if isinstance(recorded, dict) and {"shards", "replicas", "pinned_categories"} <= recorded.keys():
-                    return recorded
-                problem = "it does not hold the layout"
-            except ValueError as exc:
-                problem = str(exc)
-        try:
-            shard_map = ShardMap.load(map_file)
-        except (ShardMapError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"{layout_file} is not the layout `imgsearch up` wrote ({problem}), and {map_file} "
-                             f"cannot tell it either ({exc}); start it as it was started before, after deleting "
-                             f"{layout_file}") from exc
-        replicas = {len(addresses) for addresses in shard_map.shards.values()}
-        return {"shards": len(shard_map.shards), "replicas": replicas.pop() if len(replicas) == 1 else sorted(replicas),
-                "pinned_categories": dict(sorted((category, int(shard.rpartition("-")[2]))
-                                                 for category, shard in shard_map.categories.items()))}
+    def _recorded_layout(self) -> dict:
+        """The layout of LAYOUT_FILE, else of the shard map the last start wrote, else the least one the shards'
+        data folders (`shard-<i>`, `shard-<i>-r<j>`) show."""
+        with contextlib.suppress(OSError, ValueError):
+            recorded = json.loads((self.work_dir / LAYOUT_FILE).read_text())
+            if isinstance(recorded, dict) and {"shards", "replicas", "pinned_categories"} <= recorded.keys():
+                return recorded
+        with contextlib.suppress(OSError, ShardMapError, ValueError, KeyError, TypeError, AttributeError):
+            shard_map = ShardMap.load(self.work_dir / "shard-map.json")
+            replicas = {len(addresses) for addresses in shard_map.shards.values()}
+            return {"shards": len(shard_map.shards),
+                    "replicas": replicas.pop() if len(replicas) == 1 else sorted(replicas),
+                    "pinned_categories": dict(sorted((category, int(shard.rpartition("-")[2]))
+                                                     for category, shard in shard_map.categories.items()))}
+        # The shards' folders that hold data tell a lower bound only (a shard that owns no category yet holds
+        # nothing): a start with fewer shards or replicas than they show is refused.
+        shards, replicas = 0, 0
+        for folder in self.work_dir.glob("shard-*"):
+            found = re.fullmatch(r"shard-(\d+)(?:-r(\d+))?", folder.name)
+            if found and _holds_data(folder):
+                shards, replicas = max(shards, int(found[1]) + 1), max(replicas, int(found[2] or 0) + 1)
+        return {"shards_at_least": shards, "replicas_at_least": replicas}
 
     def stop(self) -> None:
         """The broker, the shards, Triton, then Redis: nothing is stopped while something started after it still
@@ -422,7 +447,7 @@ class LocalStack:
     def start_broker(self) -> None:
         port = self.config.broker_port or free_port()
         metrics_port = self.config.broker_metrics_port or free_port()
-        (self.work_dir / "shard-map.json").write_text(self.shard_map.to_json())
+        _write_atomically(self.work_dir / "shard-map.json", self.shard_map.to_json())
         argv = [
             *console_script("imgsearch-broker"),
             "--host",

@@ -216,8 +216,9 @@ def test_a_work_dir_is_started_again_only_with_its_layout_and_model(tmp_path, mo
     """Started again with more replicas, the new ones were empty and searches alternated between hits and none;
     and IMGSEARCH_MODEL was ignored on a work dir whose Triton repository held the old model (review): a work
     dir's catalogue keeps the layout and model it was stored with, and another one is refused before anything
-    starts. A work dir of an older version is judged by its shard map and Triton repository; one whose first start
-    failed before its broker started holds nothing and takes any layout (review of the first version)."""
+    starts. Whether it holds a catalogue is told by the shards' data: a start that failed or was interrupted, even
+    after it wrote its shard map, holds nothing and takes any layout (reviews of the first two versions); a work
+    dir of an older version is judged by its shard map, else its shards' folders, and its Triton repository."""
     import json
 
     from broker.stack import LAYOUT_FILE, LocalStack, StackConfig
@@ -228,11 +229,24 @@ def test_a_work_dir_is_started_again_only_with_its_layout_and_model(tmp_path, mo
         stack.check_layout()
         return stack
 
+    def shard_folders(*names: str, data: bool) -> None:
+        for name in names:
+            (tmp_path / name / "wal").mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / "wal" / "000000000001.wal2").write_bytes(b"\xa5\x1e\xb3\x0f..." if data else b"")
+
     monkeypatch.delenv("IMGSEARCH_MODEL", raising=False)
+    other_model = tmp_path / "other.onnx"
+    other_model.write_bytes(default_model_path().read_bytes() + b"\0")
+    # a first start that failed after writing its layout and shard map: nothing stored, anything goes
     (tmp_path / "triton-repo").mkdir()
-    check(shards=3)  # a first start that failed: nothing recorded, and its Triton repository is written again
-    assert not (tmp_path / "triton-repo").exists()
-    check(shards=2).record_layout()  # a start that served
+    shard_folders("shard-0", "shard-1", "shard-2", data=False)
+    (tmp_path / LAYOUT_FILE).write_text(json.dumps({"shards": 3, "replicas": 1, "pinned_categories": {}}))
+    (tmp_path / "shard-map.json").write_text(json.dumps({"shards": {"shard-0": ["a"], "shard-1": ["b"]}}))
+    check(shards=2, model_path=other_model)
+    assert not (tmp_path / "triton-repo").exists() and not (tmp_path / LAYOUT_FILE).exists()
+    # a start that served and stored
+    shard_folders("shard-0", "shard-1", data=True)
+    check(shards=2).record_layout()
     assert json.loads((tmp_path / LAYOUT_FILE).read_text())["shards"] == 2
     check(shards=2)  # as it was
     with pytest.raises(ValueError, match="replicas 1 -> 2"):
@@ -241,8 +255,6 @@ def test_a_work_dir_is_started_again_only_with_its_layout_and_model(tmp_path, mo
         check(shards=3)
     with pytest.raises(ValueError, match="pinned_categories"):
         check(shards=2, pinned_categories={"Milk": 1})
-    other_model = tmp_path / "other.onnx"
-    other_model.write_bytes(default_model_path().read_bytes() + b"\0")
     with pytest.raises(ValueError, match="another model"):
         check(shards=2, model_path=other_model)
     monkeypatch.setenv("IMGSEARCH_MODEL", str(other_model))
@@ -267,9 +279,16 @@ def test_a_work_dir_is_started_again_only_with_its_layout_and_model(tmp_path, mo
         (tmp_path / LAYOUT_FILE).write_text(unreadable)
         with pytest.raises(ValueError, match="shards 2 -> 1"):
             check(shards=1, pinned_categories={"Milk": 1}, model_path=other_model)
-    (tmp_path / "shard-map.json").write_text("[]")
-    with pytest.raises(ValueError, match="cannot tell it either"):
-        check(shards=2, pinned_categories={"Milk": 1}, model_path=other_model)
+    # neither file tells: the shards' folders that hold data tell the least layout, and nothing is deleted
+    (tmp_path / "shard-map.json").write_text("{")
+    with pytest.raises(ValueError, match="at least 2 shard"):
+        check(shards=1, model_path=other_model)
+    check(shards=2, model_path=other_model)  # shard-2 of the failed start holds nothing
+    shard_folders("shard-0-r1", data=True)
+    with pytest.raises(ValueError, match="x 2 replica"):
+        check(shards=2, model_path=other_model)
+    check(shards=2, replicas=2, model_path=other_model)
+    assert served.is_file()
 
 
 def test_a_relative_work_dir_is_resolved(tmp_path, monkeypatch):

@@ -507,3 +507,17 @@ def test_a_16_bit_truecolour_key_is_matched_at_16_bits_and_low_depth_grey_keys_a
         levels = np.asarray(Image.open(io.BytesIO(grey)).convert("L"))
         keyed = levels == key * (255 // (2**depth - 1))
         assert keyed.any() and (decoded[keyed] == 255).all() and (decoded[~keyed] == levels[~keyed]).all()
+
+
+def test_a_truecolour_key_out_of_the_images_range_matches_nothing():
+    """An 8-bit image's key (256, 0, 0) was cast to (0, 0, 0) and turned black pixels white (review)."""
+    keyed = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 0, 0)).save(keyed, format="PNG")
+    png = bytearray(keyed.getvalue())
+    import struct
+    import zlib
+
+    body = struct.pack(">HHH", 256, 0, 0)
+    trns = struct.pack(">I", len(body)) + b"tRNS" + body + struct.pack(">I", zlib.crc32(b"tRNS" + body) & 0xFFFFFFFF)
+    at = png.index(b"IDAT") - 4
+    assert (np.asarray(decode_image(bytes(png[:at]) + trns + bytes(png[at:]))) == 0).all()
