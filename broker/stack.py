@@ -231,12 +231,14 @@ class LocalStack:
         recorded = self._recorded_layout()
         wanted = self._layout(model)
         if "shards_at_least" in recorded:
-            if wanted["shards"] < recorded["shards_at_least"] or wanted["replicas"] < recorded["replicas_at_least"]:
-                raise ValueError(
-                    f"{self.work_dir} holds data of at least {recorded['shards_at_least']} shard(s) x "
-                    f"{recorded['replicas_at_least']} replica(s) (its stack.json and shard-map.json are missing or "
-                    "unreadable); start it with the --shards and --replicas it was started with")
-            recorded = {}
+            # Its shards hold data, but no file says how it was laid out: a larger layout would route categories to
+            # shards that do not hold them (a review: 2 of 3 categories lost), so the user says it.
+            raise ValueError(
+                f"{self.work_dir} holds a catalogue of at least {recorded['shards_at_least']} shard(s) x "
+                f"{recorded['replicas_at_least']} replica(s), but its {LAYOUT_FILE} and shard-map.json are missing or "
+                f"unreadable. Write the layout it was started with to {self.work_dir / LAYOUT_FILE}, for example "
+                f'{{"shards": {recorded["shards_at_least"]}, "replicas": {recorded["replicas_at_least"]}, '
+                '"pinned_categories": {}}, and start it with the same --shards and --replicas')
         changed = [f"{key} {recorded[key]!r} -> {wanted[key]!r}" for key in ("shards", "replicas", "pinned_categories")
                    if key in recorded and recorded[key] != wanted[key]]
         if changed:

@@ -803,29 +803,31 @@ class ShardEngine:
                 closed_generation, last_seq = self.wal.rotate()
                 self._snapshot_barrier = last_seq
             try:
-                with self._apply_cond:
-                    while self._applied_seq < last_seq:
-                        self._apply_cond.wait()
-                    swaps = self._swaps_since_snapshot
-                    # No write is applied while we hold the condition; later ones wait for the barrier (already
-                    # logged durably in the new segment, which the replay after this snapshot starts with) only
-                    # while the partitions are captured, not while they are written out.
-                    images = self.snapshots.capture(self.partitions)
-                    tombstones = list(self.tombstones.items())
-                    # once captured (a capture that failed left them counted: review)
-                    writes, self._writes_since_snapshot = self._writes_since_snapshot, 0
-            finally:
-                with self._apply_cond:
-                    self._snapshot_barrier = None
-                    self._apply_cond.notify_all()
+                try:
+                    with self._apply_cond:
+                        while self._applied_seq < last_seq:
+                            self._apply_cond.wait()
+                        swaps = self._swaps_since_snapshot
+                        # No write is applied while we hold the condition; later ones wait for the barrier (already
+                        # logged durably in the new segment, which the replay after this snapshot starts with) only
+                        # while the partitions are captured, not while they are written out.
+                        images = self.snapshots.capture(self.partitions)
+                        tombstones = list(self.tombstones.items())
+                        # once captured (a capture that failed left them counted: review)
+                        writes, self._writes_since_snapshot = self._writes_since_snapshot, 0
+                finally:
+                    with self._apply_cond:
+                        self._snapshot_barrier = None
+                        self._apply_cond.notify_all()
+            except BaseException:
+                self._after_failed_snapshot(0)
+                raise
             try:
                 path = self.snapshots.write(images, wal_generation=closed_generation, config=self.config,
                                             tombstones=tombstones)
             except BaseException:
-                # Counted again, so that the snapshot loop tries again and close() takes one: a failed write used
-                # to leave no write to snapshot, and the log was replayed at every start (review).
-                with self._apply_cond:
-                    self._writes_since_snapshot += writes
+                del images  # its frozen parts, before they are merged into one
+                self._after_failed_snapshot(writes)
                 raise
             self.snapshots.rebase_vectors(path, images)
             del images
@@ -838,6 +840,15 @@ class ShardEngine:
             metrics.SNAPSHOTS.inc()
             self._update_gauges()
             log.info("snapshot %s written in %.1fs", path.name, time.perf_counter() - t0)
+
+    def _after_failed_snapshot(self, writes: int) -> None:
+        """The writes it covered counted again, so that the snapshot loop tries again and close() takes one (a
+        failed write used to leave no write to snapshot, and the log was replayed at every start: review), and the
+        vectors' tails it froze made one part again (VectorStore.merge_frozen)."""
+        with self._apply_cond:
+            self._writes_since_snapshot += writes
+        for partition in list(self.partitions.values()):
+            partition.vectors.merge_frozen(partition.lock)
 
 
 def _answer(found: list[tuple[float, str, tuple[str, str, dict, int]]], query: SearchQuery, *,

@@ -86,16 +86,27 @@ class VectorStore:
         view of the tail kept its old array alive: twice the in-memory vectors during a bulk write, review). The
         caller holds the partition's write lock."""
         if len(self._tail):
-            if self._parts and not self._mapped[-1]:
-                # frozen by a snapshot that failed: one part with the tail, or parts would pile up (and every read
-                # walk them) for as long as snapshots fail (a full disk: 400 parts, searches 0.4 -> 2.3 ms, review)
-                self._parts[-1] = np.concatenate([self._parts[-1], self._tail.view])
-            else:
-                self._parts.append(self._tail.view)
-                self._mapped.append(False)
+            self._parts.append(self._tail.view)
+            self._mapped.append(False)
             self._tail = GrowableArray(self.dtype, row_shape=(self.dim,))
             self._parts_changed()
         return list(self._parts)
+
+    def merge_frozen(self, lock) -> None:
+        """After a snapshot failed: its frozen parts, and those of the snapshots that failed before it, made one,
+        or they would pile up (and every read walk them) for as long as snapshots fail (a full disk: 400 parts,
+        searches 0.4 -> 2.3 ms, review). Copied outside `lock` (the partition's), swapped in under its write lock;
+        the caller holds the snapshot lock, so no part is frozen or mapped meanwhile."""
+        with lock.read():
+            frozen = [part for part, mapped in zip(self._parts, self._mapped) if not mapped]
+        if len(frozen) < 2:
+            return
+        merged = np.concatenate(frozen)
+        with lock.write():
+            keep = len(self._parts) - len(frozen)  # the mapped file comes first
+            self._parts[keep:] = [merged]
+            self._mapped[keep:] = [False]
+            self._parts_changed()
 
     def rebase(self, mapped: np.ndarray) -> None:
         """Read the first len(mapped) rows, the parts a `freeze` returned, from the snapshot file they were
@@ -139,12 +150,11 @@ class VectorStore:
         if len(blocks) == 1:  # the common case: every row in the mapped snapshot file, or all in memory
             return compute(blocks[0], rows)
         first = len(blocks[0])
-        hi = int(rows.max())
-        if hi < first:  # the next most common: every row in the file, new ones in the tail
-            return compute(blocks[0], rows)
-        lo = int(rows.min())
+        lo, hi = int(rows.min()), int(rows.max())
         if lo < 0 or hi >= len(self):
             raise IndexError(f"rows {lo}..{hi} of {len(self)}")
+        if hi < first:  # the next most common: every row in the file, new ones in the tail
+            return compute(blocks[0], rows)
         if len(blocks) == 2:  # the file and the tail: no loop
             if lo >= first:
                 return compute(blocks[1], rows - first)

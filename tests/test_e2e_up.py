@@ -279,16 +279,16 @@ def test_a_work_dir_is_started_again_only_with_its_layout_and_model(tmp_path, mo
         (tmp_path / LAYOUT_FILE).write_text(unreadable)
         with pytest.raises(ValueError, match="shards 2 -> 1"):
             check(shards=1, pinned_categories={"Milk": 1}, model_path=other_model)
-    # neither file tells: the shards' folders that hold data tell the least layout, and nothing is deleted
+    # neither file tells: refused (a larger layout lost categories, review), saying what the shards' folders that
+    # hold data show and how to write the layout; nothing is deleted
     (tmp_path / "shard-map.json").write_text("{")
-    with pytest.raises(ValueError, match="at least 2 shard"):
-        check(shards=1, model_path=other_model)
-    check(shards=2, model_path=other_model)  # shard-2 of the failed start holds nothing
     shard_folders("shard-0-r1", data=True)
-    with pytest.raises(ValueError, match="x 2 replica"):
-        check(shards=2, model_path=other_model)
-    check(shards=2, replicas=2, model_path=other_model)
+    for shards in (1, 2, 3):
+        with pytest.raises(ValueError, match=r"at least 2 shard\(s\) x 2 replica.*Write the layout"):
+            check(shards=shards, replicas=2, model_path=other_model)
     assert served.is_file()
+    (tmp_path / LAYOUT_FILE).write_text(json.dumps({"shards": 2, "replicas": 2, "pinned_categories": {"Milk": 1}}))
+    check(shards=2, replicas=2, pinned_categories={"Milk": 1}, model_path=other_model)
 
 
 def test_a_relative_work_dir_is_resolved(tmp_path, monkeypatch):

@@ -68,13 +68,18 @@ def test_tails_frozen_by_failed_snapshots_are_one_part(tmp_path):
     """Each capture froze the tail as a part of its own and only a snapshot that was written merged them into its
     file: while snapshots failed (a full disk), parts piled up and every read walked them (400 parts: searches
     0.4 -> 2.3 ms, review)."""
+    from shard_server.rwlock import ReadWriteLock
+
     rng = np.random.default_rng(6)
     np.save(tmp_path / "base.npy", rng.standard_normal((100, DIM)).astype(np.float32))
-    store = VectorStore(DIM, map_npy(tmp_path / "base.npy"))
+    store, lock = VectorStore(DIM, map_npy(tmp_path / "base.npy")), ReadWriteLock()
     added = []
     for _ in range(5):  # a write, then a snapshot whose files fail (frozen, never rebased)
         added.append(rng.standard_normal((10, DIM)).astype(np.float32))
         store.append(added[-1])
         store.freeze()
+        store.merge_frozen(lock)  # what the engine does after a failed snapshot
     assert len(store._parts) == 2 and len(store) == 150
     np.testing.assert_array_equal(store.take(np.arange(100, 150)), np.concatenate(added))
+    with pytest.raises(IndexError):
+        store.take(np.array([-1, 0]))
