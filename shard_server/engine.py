@@ -455,21 +455,20 @@ class ShardEngine:
         # An image's old row in the category it is written to is replaced in the same step as its new row is
         # added (Partition.append); one in another category (a move) is removed after it, and searches over both
         # categories that overlap the move are done again (see search).
+        moves = [(category, row, latest[image_id].category) for image_id, (category, row) in held.items()
+                 if category != latest[image_id].category]
         moved: dict[str, list[int]] = {}
-        for image_id, (category, row) in held.items():
-            if category != latest[image_id].category:
-                moved.setdefault(category, []).append(row)
-        if moved:
+        for category, row, _ in moves:
+            moved.setdefault(category, []).append(row)
+        if moves:
             self._move_epoch += 1
-            touched = {*moved, *(latest[image_id].category for image_id, (category, _) in held.items()
-                                 if category != latest[image_id].category)}
-            self._recent_moves.append((self._move_epoch, frozenset(touched)))
+            self._recent_moves.append((self._move_epoch, frozenset(c for old, _, new in moves for c in (old, new))))
         try:
             dim = self.config.dimension
             for category, group in by_category.items():
                 partition = self._partition_for_write(category)
                 vectors = np.stack([normalised(r.vector, dim, r.image_id) for r in group])
-                replacing = [held[r.image_id][1] for r in group if held.get(r.image_id, ("",))[0] == category]
+                replacing = [held[r.image_id][1] for r in group if r.image_id in held and held[r.image_id][0] == category]
                 rows = partition.append([r.image_id for r in group], [r.product_id for r in group], vectors,
                                         [r.attributes for r in group], [r.version for r in group],
                                         replacing=np.asarray(replacing, dtype=np.int64))
