@@ -234,11 +234,12 @@ class LocalStack:
             # Its shards hold data, but no file says how it was laid out: a larger layout would route categories to
             # shards that do not hold them (a review: 2 of 3 categories lost), so the user says it.
             raise ValueError(
-                f"{self.work_dir} holds a catalogue of at least {recorded['shards_at_least']} shard(s) x "
-                f"{recorded['replicas_at_least']} replica(s), but its {LAYOUT_FILE} and shard-map.json are missing or "
-                f"unreadable. Write the layout it was started with to {self.work_dir / LAYOUT_FILE}, for example "
-                f'{{"shards": {recorded["shards_at_least"]}, "replicas": {recorded["replicas_at_least"]}, '
-                '"pinned_categories": {}}, and start it with the same --shards and --replicas')
+                f"{self.work_dir} holds a catalogue, but its {LAYOUT_FILE} and shard-map.json are missing or "
+                f"unreadable; its shards' data shows at least {recorded['shards_at_least']} shard(s) x "
+                f"{recorded['replicas_at_least']} replica(s), which is only a lower bound. Write the layout it was "
+                f'started with to {self.work_dir / LAYOUT_FILE} ({{"shards": S, "replicas": R, '
+                '"pinned_categories": {category: shard index}}) and start it with the same flags: any other '
+                "layout, smaller or larger, routes categories to shards that do not hold them")
         changed = [f"{key} {recorded[key]!r} -> {wanted[key]!r}" for key in ("shards", "replicas", "pinned_categories")
                    if key in recorded and recorded[key] != wanted[key]]
         if changed:

@@ -828,13 +828,21 @@ class ShardEngine:
                 del images  # its frozen parts, before they are merged into one
                 self._after_failed_snapshot(writes)
                 raise
-            self.snapshots.rebase_vectors(path, images)
-            del images
-            release_free_memory()  # the in-memory vectors now read from the snapshot's file
+            # Written and renamed into place: the snapshot is durable, whatever happens next (a rebase that failed
+            # left the log and every older snapshot behind, one more at each retry: review).
             with self._apply_cond:
                 self._swaps_since_snapshot -= swaps
             self.wal.drop_through(closed_generation)
-            self.snapshots.prune(keep=path)
+            self.snapshots.prune(keep=path)  # the files of older ones may stay mapped until the rebase: Linux keeps them
+            try:
+                self.snapshots.rebase_vectors(path, images)
+            except Exception:  # noqa: BLE001 - the vectors stay in memory, read as before
+                log.exception("mapping snapshot %s's vectors failed; they stay in memory", path.name)
+                del images
+                self._after_failed_snapshot(0)
+            else:
+                del images
+            release_free_memory()  # the in-memory vectors now read from the snapshot's file
             self._last_snapshot_at = time.monotonic()
             metrics.SNAPSHOTS.inc()
             self._update_gauges()
@@ -847,7 +855,10 @@ class ShardEngine:
         with self._apply_cond:
             self._writes_since_snapshot += writes
         for partition in list(self.partitions.values()):
-            partition.vectors.merge_frozen(partition.lock)
+            try:
+                partition.vectors.merge_frozen(partition.lock)
+            except Exception:  # noqa: BLE001 - only a saving: it must not hide the snapshot's own error (review)
+                log.exception("merging partition %s's frozen vectors failed", partition.name)
 
 
 def _answer(found: list[tuple[float, str, tuple[str, str, dict, int]]], query: SearchQuery, *,
