@@ -242,6 +242,13 @@ class LocalStack:
                 "layout, smaller or larger, routes categories to shards that do not hold them")
         changed = [f"{key} {recorded[key]!r} -> {wanted[key]!r}" for key in ("shards", "replicas", "pinned_categories")
                    if key in recorded and recorded[key] != wanted[key]]
+        least_shards, least_replicas = self._data_bound()
+        if not changed and (wanted["shards"] < least_shards or wanted["replicas"] < least_replicas):
+            # a layout written by hand, smaller than the shards that hold data (a review)
+            raise ValueError(
+                f"{self.work_dir}: shards' data exists for at least {least_shards} shard(s) x {least_replicas} "
+                f"replica(s), more than {wanted['shards']} x {wanted['replicas']}; start it with the layout it was "
+                f"started with (and correct {LAYOUT_FILE} if it was written by hand)")
         if changed:
             raise ValueError(
                 f"{self.work_dir} holds a catalogue stored as {recorded['shards']} shard(s) x {recorded['replicas']} "
@@ -290,14 +297,18 @@ class LocalStack:
                     "replicas": replicas.pop() if len(replicas) == 1 else sorted(replicas),
                     "pinned_categories": dict(sorted((category, int(shard.rpartition("-")[2]))
                                                      for category, shard in shard_map.categories.items()))}
-        # The shards' folders that hold data tell a lower bound only (a shard that owns no category yet holds
-        # nothing): a start with fewer shards or replicas than they show is refused.
+        shards, replicas = self._data_bound()
+        return {"shards_at_least": shards, "replicas_at_least": replicas}
+
+    def _data_bound(self) -> tuple[int, int]:
+        """The least (shards, replicas) the shards' folders that hold data show (a shard that owns no category
+        yet holds nothing, so only a lower bound)."""
         shards, replicas = 0, 0
         for folder in self.work_dir.glob("shard-*"):
             found = re.fullmatch(r"shard-(\d+)(?:-r(\d+))?", folder.name)
             if found and _holds_data(folder):
                 shards, replicas = max(shards, int(found[1]) + 1), max(replicas, int(found[2] or 0) + 1)
-        return {"shards_at_least": shards, "replicas_at_least": replicas}
+        return shards, replicas
 
     def stop(self) -> None:
         """The broker, the shards, Triton, then Redis: nothing is stopped while something started after it still

@@ -828,20 +828,30 @@ class ShardEngine:
                 del images  # its frozen parts, before they are merged into one
                 self._after_failed_snapshot(writes)
                 raise
-            # Written and renamed into place: the snapshot is durable, whatever happens next (a rebase that failed
-            # left the log and every older snapshot behind, one more at each retry: review).
+            # Written and renamed into place: the snapshot is durable, whatever happens next. Each step after it is
+            # tried whatever the others do (a rebase that failed left the log and every older snapshot behind, one
+            # more at each retry; a log drop that failed left the vectors unmapped, a part more each time: reviews);
+            # a failed one is tried again with the next snapshot, after the loop's backoff.
             with self._apply_cond:
                 self._swaps_since_snapshot -= swaps
-            self.wal.drop_through(closed_generation)
-            self.snapshots.prune(keep=path)  # the files of older ones may stay mapped until the rebase: Linux keeps them
-            try:
-                self.snapshots.rebase_vectors(path, images)
-            except Exception:  # noqa: BLE001 - the vectors stay in memory, read as before
-                log.exception("mapping snapshot %s's vectors failed; they stay in memory", path.name)
-                del images
-                self._after_failed_snapshot(0)
-            else:
-                del images
+            failed: list[BaseException] = []
+
+            def attempt(step, *args) -> None:
+                try:
+                    step(*args)
+                except Exception as exc:  # noqa: BLE001 - logged, and raised once the others have run
+                    log.exception("after snapshot %s", path.name)
+                    failed.append(exc)
+
+            attempt(self.wal.drop_through, closed_generation)
+            attempt(self.snapshots.prune, path)  # the files of older ones stay readable while mapped (Linux)
+            attempt(self.snapshots.rebase_vectors, path, images)
+            del images
+            if failed:
+                self._after_failed_snapshot(0)  # the vectors not mapped stay in memory, as one part
+                with self._apply_cond:
+                    self._swaps_since_snapshot += 1
+                raise failed[0]
             release_free_memory()  # the in-memory vectors now read from the snapshot's file
             self._last_snapshot_at = time.monotonic()
             metrics.SNAPSHOTS.inc()

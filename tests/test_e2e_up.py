@@ -289,6 +289,10 @@ def test_a_work_dir_is_started_again_only_with_its_layout_and_model(tmp_path, mo
     assert served.is_file()
     (tmp_path / LAYOUT_FILE).write_text(json.dumps({"shards": 2, "replicas": 2, "pinned_categories": {"Milk": 1}}))
     check(shards=2, replicas=2, pinned_categories={"Milk": 1}, model_path=other_model)
+    # a layout written by hand, smaller than the shards that hold data
+    (tmp_path / LAYOUT_FILE).write_text(json.dumps({"shards": 1, "replicas": 1, "pinned_categories": {}}))
+    with pytest.raises(ValueError, match="more than 1 x 1"):
+        check(shards=1, model_path=other_model)
 
 
 def test_a_relative_work_dir_is_resolved(tmp_path, monkeypatch):

@@ -1106,6 +1106,33 @@ def test_a_snapshot_whose_capture_failed_is_taken_again(tmp_path, monkeypatch):
     assert len(list((tmp_path / "snapshots").glob("snap-*"))) == 1
 
 
+def test_a_snapshot_whose_log_drop_fails_still_maps_its_vectors(tmp_path, monkeypatch):
+    """Nothing after the log's drop ran when it failed (EIO): the vectors stayed unmapped, a part more at each
+    snapshot, and older snapshots stayed (review)."""
+    from shard_server.wal import WriteAheadLog
+
+    engine = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=DIM))
+    engine.load()
+    catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=6)
+
+    def io_error(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(WriteAheadLog, "drop_through", io_error)
+    for lo in (0, 20, 40):
+        engine.upsert(catalogue.records(lo, lo + 20))
+        with pytest.raises(OSError, match="Input/output"):
+            engine.snapshot()
+        assert all(len(p.vectors._parts) == 1 and p.vectors._mapped == [True] for p in engine.partitions.values())
+        assert len(list((tmp_path / "snapshots").glob("snap-*"))) == 1
+    monkeypatch.undo()
+    engine.close(snapshot=True)
+    restarted = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=DIM))
+    restarted.load()
+    assert sum(p.live_count for p in restarted.partitions.values()) == 60
+    restarted.close()
+
+
 def test_a_snapshot_that_fails_after_its_files_are_written_still_counts(tmp_path, monkeypatch):
     """Mapping the written vectors failed (ENOMEM) and nothing after it ran: the log and every older snapshot
     stayed, one more full copy at each retry, and the frozen vectors piled up as parts (review). Once its files
@@ -1126,8 +1153,11 @@ def test_a_snapshot_that_fails_after_its_files_are_written_still_counts(tmp_path
     monkeypatch.setattr(SnapshotStore, "rebase_vectors", no_memory)
     for lo in (50, 60, 70):
         engine.upsert(catalogue.records(lo, lo + 10))
-        engine.snapshot()
+        with pytest.raises(OSError, match="Cannot allocate"):  # raised once the log is dropped and old ones pruned
+            engine.snapshot()
+        assert engine._swaps_since_snapshot == 1  # tried again (after the loop's backoff)
     assert len(list((tmp_path / "snapshots").glob("snap-*"))) == 1
+    assert len(list((tmp_path / "wal").glob("*.wal2"))) == 1
     assert all(len(p.vectors._parts) <= 2 for p in engine.partitions.values())  # the mapped file, one frozen part
     monkeypatch.undo()
 
