@@ -581,25 +581,26 @@ class ShardEngine:
             # Unknown categories: no hits, not an error.
             searched = [(c, partitions[c]) for c in dict.fromkeys(categories) if c in partitions]
             result = self._search_partitions(vector, query, searched, nprobe, exhaustive, exact_rows_limit)
-            if not self._moved_across(epoch, set(query.categories) if query.categories else None):
+            if not self._moved_across(epoch, query.categories):
                 break
         return result
 
-    def _moved_across(self, epoch: int, asked: set[str] | None) -> bool:
-        """Whether a move between two of the asked categories (None: every category, those created meanwhile
-        too) overlapped a search that started at `epoch`. Moves elsewhere do not count: one shared counter had 1.4
+    def _moved_across(self, epoch: int, categories: Sequence[str]) -> bool:
+        """Whether a move between two of the asked categories (none asked: every category, those created
+        meanwhile too) overlapped a search that started at `epoch`. Moves elsewhere do not count: one shared counter had 1.4
         passes a search while other categories moved images (review); a move into a category created during the
         search does (it was not among the partitions searched: review)."""
         now = self._move_epoch
-        if now == epoch and epoch % 2 == 0:
+        if now == epoch and epoch % 2 == 0:  # the common case, first: no move at all
             return False
+        asked = set(categories) if categories else None
         if asked is not None and len(asked) < 2:
             return False
         first = epoch if epoch % 2 else epoch + 1  # the move under way at the start, or the first one after it
         moves = list(self._recent_moves)
         if len(moves) == RECENT_MOVES and moves[0][0] > first:
             return True  # too many moves since to tell
-        return any(started >= first and (asked is None or len(categories & asked) > 1) for started, categories in moves)
+        return any(started >= first and (asked is None or len(touched & asked) > 1) for started, touched in moves)
 
     def _search_partitions(self, vector: np.ndarray, query: SearchQuery, searched: list[tuple[str, Partition]],
                            nprobe: int, exhaustive: bool, exact_rows_limit: int | None) -> SearchResult:

@@ -128,22 +128,26 @@ class Partition:
         with self.lock.write():
             if replacing is not None and len(replacing):
                 self._tombstone(np.asarray(replacing, dtype=np.int64))
-            start = len(self.image_ids)
-            rows = np.arange(start, start + len(image_ids), dtype=np.int64)
-            self.vectors.append(vectors)
-            if self.ivf is not None:
-                self.ivf.add_with_ids(vectors, rows)
-            elif self._exact is not None:
-                self._exact.extend(vectors)
             self.attributes.append(attributes)
-            self.alive.extend(np.ones(len(rows), dtype=bool))
-            self.versions.extend(np.asarray(versions if versions is not None else np.zeros(len(rows)),
-                                            dtype=np.uint64))
-            self.image_ids.extend(image_ids)
-            self.product_ids.extend(map(sys.intern, product_ids))  # several images share a product id
-            self.live_count += len(rows)
-            self.version += 1
-            return rows
+            return self._append_rows(vectors, versions if versions is not None else np.zeros(len(image_ids)),
+                                     image_ids, map(sys.intern, product_ids))  # several images share a product id
+
+    def _append_rows(self, vectors: np.ndarray, versions, image_ids, product_ids) -> np.ndarray:
+        """Append rows (all but their attributes, which the caller appends); the caller holds the write lock."""
+        start = len(self.image_ids)
+        rows = np.arange(start, start + len(vectors), dtype=np.int64)
+        self.vectors.append(vectors)
+        if self.ivf is not None:
+            self.ivf.add_with_ids(vectors, rows)
+        elif self._exact is not None:
+            self._exact.extend(vectors)
+        self.alive.extend(np.ones(len(rows), dtype=bool))
+        self.versions.extend(np.asarray(versions, dtype=np.uint64))
+        self.image_ids.extend(image_ids)
+        self.product_ids.extend(product_ids)
+        self.live_count += len(rows)
+        self.version += 1
+        return rows
 
     def delete(self, rows: np.ndarray) -> None:
         if len(rows) == 0:
@@ -214,19 +218,8 @@ class Partition:
                 image_ids = source.image_ids.view[chunk].tolist()
                 product_ids = source.product_ids.view[chunk].tolist()
             with self.lock.write():
-                new_rows = np.arange(len(self.image_ids), len(self.image_ids) + len(chunk), dtype=np.int64)
-                self.vectors.append(x)
-                if self.ivf is not None:
-                    self.ivf.add_with_ids(x, new_rows)
-                elif self._exact is not None:
-                    self._exact.extend(x)
                 self.attributes.extend_taken(attributes)
-                self.alive.extend(np.ones(len(chunk), dtype=bool))
-                self.versions.extend(versions)
-                self.image_ids.extend(image_ids)
-                self.product_ids.extend(product_ids)
-                self.live_count += len(chunk)
-                self.version += 1
+                self._append_rows(x, versions, image_ids, product_ids)
 
     def records(self, rows: np.ndarray) -> list[tuple[tuple[str, str, dict, int], np.ndarray]]:
         """((image id, product id, attributes, write version), float32 vector) of the given live rows; tombstoned

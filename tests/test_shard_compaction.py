@@ -170,6 +170,29 @@ def test_an_image_written_again_in_its_category_is_never_missing_from_a_search(t
     assert [h.attributes for h in engine.search(SearchQuery(vector=x, top_k=1)).hits] == [{"price": 2.0}]
 
 
+def _moving_after_reading(engine: ShardEngine, monkeypatch, category: str, image_id: str, destination,
+                          *, once: bool = True) -> list[str]:
+    """Patches Partition.search: right after a search reads `category`, a writer thread moves `image_id`, whole, to
+    `destination(its category)`. With `once`, only while the returned list of moves is empty (clear it to move
+    again); otherwise at every such read."""
+    real_search = Partition.search
+    moves: list[str] = []
+
+    def search_then_move(self, *args, **kwargs):
+        hits = real_search(self, *args, **kwargs)
+        if self.name == category and not (once and moves):
+            [held] = engine.get([image_id])
+            moves.append(destination(held.category))
+            writer = threading.Thread(target=engine.upsert, args=([Record(
+                image_id=image_id, product_id=held.product_id, category=moves[-1], vector=held.vector)],))
+            writer.start()
+            writer.join()
+        return hits
+
+    monkeypatch.setattr(Partition, "search", search_then_move)
+    return moves
+
+
 @pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
 def test_an_image_moved_between_the_searched_categories_is_never_missing(tmp_path, monkeypatch, order):
     """A search reads its categories one at a time: one that read the image's new category before the move and
@@ -178,25 +201,11 @@ def test_an_image_moved_between_the_searched_categories_is_never_missing(tmp_pat
     x = np.ones(DIM, np.float32)
     engine.upsert([Record(image_id="x", product_id="px", category="a", vector=x),
                    Record(image_id="y", product_id="py", category="b", vector=-x)])
-    real_search = Partition.search
-    moved = threading.Event()
-
-    def move_after_the_first_category(self, *args, **kwargs):
-        hits = real_search(self, *args, **kwargs)
-        if self.name == order[0] and not moved.is_set():
-            moved.set()  # a writer moves x to the other category, whole, between the two reads
-            to = "b" if engine.get(["x"])[0].category == "a" else "a"
-            writer = threading.Thread(target=engine.upsert,
-                                      args=([Record(image_id="x", product_id="px", category=to, vector=x)],))
-            writer.start()
-            writer.join()
-        return hits
-
-    monkeypatch.setattr(Partition, "search", move_after_the_first_category)
+    moves = _moving_after_reading(engine, monkeypatch, order[0], "x", lambda held_in: "b" if held_in == "a" else "a")
     for _ in range(2):  # a to b, then b to a
-        moved.clear()
+        moves.clear()
         hits = engine.search(SearchQuery(vector=x, top_k=1, categories=order)).hits
-        assert moved.is_set() and [h.image_id for h in hits] == ["x"]
+        assert moves and [h.image_id for h in hits] == ["x"]
 
 
 def test_gets_during_compactions_find_every_image(tmp_path):
@@ -274,21 +283,8 @@ def test_a_search_is_not_done_again_for_moves_between_other_categories(tmp_path,
     engine.upsert([Record(image_id="x", product_id="px", category="a", vector=x),
                    Record(image_id="y", product_id="py", category="b", vector=-x),
                    Record(image_id="z", product_id="pz", category="c", vector=x)])
-    real_search = Partition.search
-    passes = []
-
-    def move_z_after_reading_a(self, *args, **kwargs):
-        hits = real_search(self, *args, **kwargs)
-        if self.name == "a":
-            passes.append(1)
-            to = "d" if engine.get(["z"])[0].category == "c" else "c"
-            writer = threading.Thread(target=engine.upsert,
-                                      args=([Record(image_id="z", product_id="pz", category=to, vector=x)],))
-            writer.start()
-            writer.join()
-        return hits
-
-    monkeypatch.setattr(Partition, "search", move_z_after_reading_a)
+    passes = _moving_after_reading(engine, monkeypatch, "a", "z", lambda held_in: "d" if held_in == "c" else "c",
+                                   once=False)
     hits = engine.search(SearchQuery(vector=x, top_k=1, categories=("a", "b"))).hits
     assert [h.image_id for h in hits] == ["x"] and len(passes) == 1
 
@@ -362,19 +358,6 @@ def test_an_image_moved_into_a_category_created_during_the_search_is_not_missed(
     x = np.ones(DIM, np.float32)
     engine.upsert([Record(image_id="x", product_id="px", category="a", vector=x),
                    Record(image_id="y", product_id="py", category="b", vector=-x)])
-    real_search = Partition.search
-    moved = threading.Event()
-
-    def move_x_to_a_new_category(self, *args, **kwargs):
-        hits = real_search(self, *args, **kwargs)
-        if self.name == "a" and not moved.is_set():
-            moved.set()
-            writer = threading.Thread(target=engine.upsert,
-                                      args=([Record(image_id="x", product_id="px", category="n", vector=x)],))
-            writer.start()
-            writer.join()
-        return hits
-
-    monkeypatch.setattr(Partition, "search", move_x_to_a_new_category)
+    moves = _moving_after_reading(engine, monkeypatch, "a", "x", lambda held_in: "n")
     hits = engine.search(SearchQuery(vector=x, top_k=1, categories=asked)).hits
-    assert moved.is_set() and [(h.image_id, h.category) for h in hits] == [("x", "n")]
+    assert moves and [(h.image_id, h.category) for h in hits] == [("x", "n")]

@@ -745,6 +745,14 @@ def test_a_second_shard_process_on_the_same_data_dir_is_refused(tmp_path):
         first.kill()
 
 
+def _raising(error: BaseException | type[BaseException]):
+    """A stand-in for a disk or memory that fails: raises `error` whatever it is called with."""
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
 def test_a_snapshot_that_fails_part_way_leaves_no_temporary_directory(tmp_path, monkeypatch):
     """A snapshot failing on a full disk left its .tmp-snap directory until the next restart, keeping its space
     from the log that still holds every write (found by a disk-full chaos run)."""
@@ -752,9 +760,7 @@ def test_a_snapshot_that_fails_part_way_leaves_no_temporary_directory(tmp_path, 
     engine.load()
     engine.upsert(synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=2).records(0, 50))
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
+    disk_full = _raising(OSError(28, "No space left on device"))
     monkeypatch.setattr("shard_server.snapshot.SnapshotStore._write_partition", staticmethod(disk_full))
     with pytest.raises(OSError):
         engine.snapshot()
@@ -1067,9 +1073,7 @@ def test_a_snapshot_whose_files_failed_is_taken_again(tmp_path, monkeypatch):
     engine.load()
     engine.upsert(synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=2).records(0, 50))
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
+    disk_full = _raising(OSError(28, "No space left on device"))
     monkeypatch.setattr("shard_server.snapshot.SnapshotStore._write_partition", staticmethod(disk_full))
     for _ in range(3):
         engine.upsert(synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=3).records(50, 60))
@@ -1095,9 +1099,7 @@ def test_a_snapshot_whose_capture_failed_is_taken_again(tmp_path, monkeypatch):
     engine.load()
     engine.upsert(synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=2).records(0, 50))
 
-    def out_of_memory(*args, **kwargs):
-        raise MemoryError
-
+    out_of_memory = _raising(MemoryError)
     monkeypatch.setattr(SnapshotStore, "capture", staticmethod(out_of_memory))
     with pytest.raises(MemoryError):
         engine.snapshot()
@@ -1115,9 +1117,7 @@ def test_a_snapshot_whose_log_drop_fails_still_maps_its_vectors(tmp_path, monkey
     engine.load()
     catalogue = synthetic.SyntheticCatalogue(dim=DIM, clusters=3, seed=6)
 
-    def io_error(*args, **kwargs):
-        raise OSError(5, "Input/output error")
-
+    io_error = _raising(OSError(5, "Input/output error"))
     monkeypatch.setattr(WriteAheadLog, "drop_through", io_error)
     for lo in (0, 20, 40):
         engine.upsert(catalogue.records(lo, lo + 20))
@@ -1147,9 +1147,7 @@ def test_a_snapshot_that_fails_after_its_files_are_written_still_counts(tmp_path
     engine.upsert(catalogue.records(0, 50))
     engine.snapshot()
 
-    def no_memory(*args, **kwargs):
-        raise OSError(12, "Cannot allocate memory")
-
+    no_memory = _raising(OSError(12, "Cannot allocate memory"))
     monkeypatch.setattr(SnapshotStore, "rebase_vectors", no_memory)
     for lo in (50, 60, 70):
         engine.upsert(catalogue.records(lo, lo + 10))
@@ -1161,9 +1159,7 @@ def test_a_snapshot_that_fails_after_its_files_are_written_still_counts(tmp_path
     assert all(len(p.vectors._parts) <= 2 for p in engine.partitions.values())  # the mapped file, one frozen part
     monkeypatch.undo()
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
+    disk_full = _raising(OSError(28, "No space left on device"))
     def merge_fails(self, lock):
         raise MemoryError
 
