@@ -64,6 +64,17 @@ _CALLERS_FAULT = (InvalidArgumentError, ResourceExhaustedError)
 
 log = logging.getLogger(__name__)
 
+
+async def _all_settled(*calls) -> list:
+    """Every call's result, once every call has ended; then the first failure is raised (a caller's fault before
+    an outage). A plain gather raises at the first failure and leaves the other shards' writes in flight: the
+    caller got its error while a delete was still landing elsewhere, outside the image ids' locks."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise next((f for f in failures if isinstance(f, _CALLERS_FAULT)), failures[0])
+    return results
+
 OK, TIMEOUT, UNAVAILABLE, ERROR = "ok", "timeout", "unavailable", "error"
 
 
@@ -240,9 +251,9 @@ class ShardPool:
         if len(by_shard) > 1:
             # A shard refuses a bad record (its attribute schema is its own) before writing any of the request,
             # but another shard would already have written its share: ask them all first, write second.
-            await asyncio.gather(*(self._validate_on(name, recs, deadline) for name, recs in by_shard.items()))
+            await _all_settled(*(self._validate_on(name, recs, deadline) for name, recs in by_shard.items()))
         write_s = max(0.0, deadline - time.monotonic())  # what the validation left
-        await asyncio.gather(
+        await _all_settled(
             *(
                 self._on_every_replica(name, lambda c, recs=recs: c.upsert(recs, timeout_s=write_s))
                 for name, recs in by_shard.items()
@@ -320,7 +331,7 @@ class ShardPool:
         for start in range(0, len(image_ids), DELETE_BATCH_IDS):
             batch = list(image_ids[start : start + DELETE_BATCH_IDS])
             remaining = max(0.0, deadline - time.monotonic())
-            counts = await asyncio.gather(
+            counts = await _all_settled(
                 *(
                     self._on_every_replica(
                         name, lambda c, b=batch, t=remaining: c.delete(b, timeout_s=t, version=version))

@@ -338,3 +338,43 @@ async def test_a_replica_that_keeps_failing_is_asked_last_for_longer_each_time(m
     await search_twice()
     assert pool._strikes.get("h:0") is None
     await pool.close()
+
+
+async def test_a_delete_that_fails_on_a_down_shard_answers_once_the_other_shards_have_deleted(monkeypatch):
+    """s1 is down (refused at once), s0 takes 0.2 s: the caller's UNAVAILABLE comes once s0's delete has landed,
+    as the docs promise ("removed the ids from the shards it reached"), and inside the caller's id locks. A gather
+    that raised at the first failure answered while s0's delete was still in flight (a search right after the
+    error found the image, review of 2026-12-06)."""
+    slow = FakeShard(delete_s=0.2)
+    clients = {"h:0": slow, "h:1": FakeShard(down=True)}
+    pool = _pool(monkeypatch, clients, {"s0": ("h:0",), "s1": ("h:1",)}, {"a": "s0", "b": "s1"})
+    with pytest.raises(UnavailableError):
+        await pool.delete(["gone"], timeout_s=5)
+    assert slow.deletes == [["gone"]]
+
+
+async def test_a_write_across_shards_that_fails_on_one_answers_once_the_others_have_written(monkeypatch):
+    """The same for an ingest whose records go to two shards: the error comes after the other shard's write."""
+    class SlowWriter(FakeShard):
+        def __init__(self):
+            super().__init__()
+            self.written = []
+
+        async def upsert(self, records, *, timeout_s, validate_only=False):
+            if not validate_only:
+                await asyncio.sleep(0.2)
+                self.written.extend(r.image_id for r in records)
+            return len(records)
+
+    class FailingWriter(FakeShard):
+        async def upsert(self, records, *, timeout_s, validate_only=False):
+            if validate_only:
+                return len(records)
+            raise UnavailableError("connection reset")
+
+    slow = SlowWriter()
+    clients = {"h:0": slow, "h:1": FailingWriter()}
+    pool = _pool(monkeypatch, clients, {"s0": ("h:0",), "s1": ("h:1",)}, {"a": "s0", "b": "s1"})
+    with pytest.raises(UnavailableError):
+        await pool.upsert([_rec("x", "a"), _rec("y", "b")], timeout_s=5)
+    assert slow.written == ["x"]
