@@ -637,3 +637,17 @@ def test_in_production_two_replicas_of_a_shard_never_share_a_node(rendered):
         (term,) = anti["requiredDuringSchedulingIgnoredDuringExecution"]
         assert term["topologyKey"] == "kubernetes.io/hostname"
         assert term["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"], sts["metadata"]["name"]
+
+
+def test_labels_that_may_change_stay_out_of_volume_claim_templates_and_reach_every_pod(rendered):
+    """A StatefulSet's volumeClaimTemplates cannot be changed (`kubectl apply` is refused), so labels that the
+    base says may change (part-of, managed-by) must not be in them; the pods still carry them."""
+    changeable = {"app.kubernetes.io/part-of", "app.kubernetes.io/managed-by", "app.kubernetes.io/version"}
+    for overlay, docs in rendered.items():
+        workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+        assert workloads, overlay
+        for w in workloads:
+            pod_labels = w["spec"]["template"]["metadata"]["labels"]
+            assert {"app.kubernetes.io/part-of", "app.kubernetes.io/managed-by"} <= set(pod_labels), w["metadata"]
+            for claim in w["spec"].get("volumeClaimTemplates", ()):
+                assert not changeable & set(claim["metadata"].get("labels", {})), (overlay, w["metadata"]["name"])
