@@ -205,7 +205,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.max_batch_size < 1 or args.max_queue_delay_us < 0:
         parser.error("--max-batch-size must be at least 1 and --max-queue-delay-us at least 0")
     if args.model is not None and args.model.is_file():
-        import onnx
+        try:
+            import onnx
+        except ImportError:
+            parser.error("checking --model needs the onnx package: pip install 'onnx>=1.16' (or the train extra)")
 
         try:  # a PyTorch checkpoint was copied in as model.onnx, and Triton failed only when it loaded it (review)
             onnx.load_model(str(args.model), load_external_data=False)
