@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embedder.data import grocery_classes
+from embedder.data import grocery_classes, grocery_listing
 from shard_server.config import DEFAULT_ATTRIBUTE_SCHEMA
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
@@ -59,13 +59,8 @@ def grocery_split(data_dir: Path, split: str = "train", *, level: str = "coarse"
     """The grocery photos of a split: product = fine class, category = coarse class (or top class: Fruit,
     Vegetables, Packages, with level="top")."""
     root = data_dir / "grocery"
-    classes = grocery_classes(root)
     files = []
-    for line in (root / f"{split}.txt").read_text().splitlines():
-        if not line.strip():
-            continue
-        rel, fine, _coarse = (part.strip() for part in line.split(","))
-        cls = classes[int(fine)]
+    for rel, cls in grocery_listing(root, split):  # a bad line: InputFileError naming the file and line
         category = rel.split("/")[1] if level == "top" else cls.coarse_name
         image_id = rel.rsplit(".", 1)[0]
         files.append(

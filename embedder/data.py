@@ -109,21 +109,32 @@ def grocery_classes(root: Path) -> dict[int, GroceryClass]:
     return classes
 
 
-def read_grocery(root: Path, split: str = "train") -> list[CatalogueImage]:
-    """The grocery dataset's `train`/`val` photos: product = fine class name, category = coarse class name."""
+def grocery_listing(root: Path, split: str = "train") -> list[tuple[str, GroceryClass]]:
+    """The (path relative to `root`, class) of each photo a split's listing (`train.txt`, `val.txt`, `test.txt`)
+    names. A line that is not `path, fine class id, coarse class id` of a class in classes.csv, or a listing that
+    names no photo, raises InputFileError naming the file and line. A byte-order mark (a file saved by Excel or
+    Notepad) is not part of the first path."""
     classes = grocery_classes(root)
-    items = []
     listing = root / f"{split}.txt"
-    for number, line in enumerate(listing.read_text().splitlines(), start=1):
+    photos = []
+    for number, line in enumerate(listing.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if line.strip():
             try:
                 rel, fine, _coarse = (part.strip() for part in line.split(","))
-                cls = classes[int(fine)]
+                photos.append((rel, classes[int(fine)]))
             except (ValueError, KeyError) as exc:
                 raise InputFileError(f"{listing}, line {number}: {line!r} is not `path, fine class id, coarse "
                                      "class id` of a class in classes.csv") from exc
-            items.append(CatalogueImage(path=root / rel, product_id=cls.name, category=cls.coarse_name))
-    return items
+    if not photos:
+        raise InputFileError(f"{listing} lists no photos")
+    return photos
+
+
+def read_grocery(root: Path, split: str = "train") -> list[CatalogueImage]:
+    """The grocery dataset's `train`/`val`/`test` photos: product = fine class name, category = coarse class
+    name."""
+    return [CatalogueImage(path=root / rel, product_id=cls.name, category=cls.coarse_name)
+            for rel, cls in grocery_listing(root, split)]
 
 
 def read_grocery_iconic(root: Path) -> list[CatalogueImage]:
