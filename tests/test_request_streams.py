@@ -79,3 +79,22 @@ async def test_a_reused_stream_whose_write_fails_is_replaced_not_given_up():
     first.write_error = grpc.StatusCode.INTERNAL  # the connection died while the stream sat idle
     assert await pool.ask(shard_pb2.ShardServiceSearchStreamRequest(), timeout_s=1.0) is not None
     assert first.cancelled and second.limits and pool.usable()
+
+
+async def test_idle_streams_past_their_age_are_closed_not_only_the_one_a_request_takes(monkeypatch):
+    """After a burst, the idle streams were aged only when a request used one: they stayed open, holding the
+    server's slots, and the client's requests stayed on their old server one request per stream (review of
+    2026-12-06)."""
+    monkeypatch.setattr(request_streams, "IDLE_CHECK_S", 0.0)
+    calls = [StandInCall() for _ in range(6)]
+    made = iter(calls)
+    pool = StreamPool(lambda: next(made), peer="stand-in", max_message_bytes=1 << 20)
+    request = shard_pb2.ShardServiceSearchStreamRequest
+    await asyncio.gather(*(pool.ask(request(), timeout_s=1.0) for _ in range(5)))  # a burst: five streams
+    assert pool.idle_streams == 5
+    monkeypatch.setattr(request_streams, "MAX_STREAM_AGE_S", 0.2)  # a minute, shortened
+    await asyncio.sleep(0.3)
+    await pool.ask(request(), timeout_s=1.0)
+    # every old stream closed at once; the request went over a new one, kept idle
+    assert all(c.cancelled for c in calls[:5]) and not calls[5].cancelled
+    pool.close()

@@ -441,3 +441,58 @@ async def test_streams_over_the_servers_limit_are_refused_and_their_searches_go_
             assert streams.open_streams <= 1
     finally:
         await handle.stop(snapshot=False)
+
+
+async def test_a_stream_left_idle_by_a_vanished_client_is_ended_and_its_slot_given_back(tmp_path, monkeypatch):
+    """A client that vanished without closing its connection (power loss, a partition, a proxy holding the
+    connection) left its idle streams open for grpc's 2-hour keepalive, each holding one of max_search_streams:
+    once they were all held every new stream was refused (review of 2026-12-06). A stream idle for
+    STREAM_IDLE_LIMIT_S is now ended with status OK, and the client's next search goes over a new stream."""
+    from imgsearch import serving
+
+    monkeypatch.setattr(serving, "STREAM_IDLE_LIMIT_S", 0.5)
+    monkeypatch.setattr(serving, "STREAM_IDLE_SWEEP_S", 0.1)
+    handle = await start_shard_server(_config(tmp_path, max_search_streams=2))
+    address = f"127.0.0.1:{handle.port}"
+    try:
+        async with ShardClient(address) as client:
+            catalogue = await _load(client)
+            query = SearchQuery(vector=catalogue.queries(1)[0], top_k=5, categories=("a",))
+            expected = await client.search(query, timeout_s=5)
+            async with grpc.aio.insecure_channel(address) as channel:
+                vanished = shard_pb2_grpc.ShardServiceStub(channel).SearchStream()  # never written to again
+                await vanished.write(convert.stream_request_to_proto([query], timeout_s=5))
+                assert (await vanished.read()).outcomes[0].HasField("result")
+                (streams,) = handle.service.request_streams
+                assert streams.open_streams == 2
+                await settle(lambda: streams.open_streams == 0, timeout_s=5)
+                assert streams.open_streams == 0
+                assert await vanished.read() is grpc.aio.EOF and await vanished.code() is grpc.StatusCode.OK
+            ok0 = _handled("Search", "OK")
+            assert await client.search(query, timeout_s=5) == expected  # over a new stream, not a unary call
+            assert _handled("Search", "OK") == ok0 and streams.open_streams == 1
+    finally:
+        await handle.stop(snapshot=False)
+
+
+async def test_a_stream_kept_busy_is_not_ended_as_idle(tmp_path, monkeypatch):
+    from imgsearch import serving
+
+    monkeypatch.setattr(serving, "STREAM_IDLE_LIMIT_S", 0.3)
+    monkeypatch.setattr(serving, "STREAM_IDLE_SWEEP_S", 0.05)
+    handle = await start_shard_server(_config(tmp_path))
+    try:
+        async with ShardClient(f"127.0.0.1:{handle.port}") as client:
+            catalogue = await _load(client)
+            query = SearchQuery(vector=catalogue.queries(1)[0], top_k=5, categories=("a",))
+            (streams,) = handle.service.request_streams
+            await client.search(query, timeout_s=5)
+            handlers = set(streams._open)  # the one stream's handler task
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 1.5
+            while loop.time() < until:  # one search every 0.1 s: never idle for 0.3 s
+                await client.search(query, timeout_s=5)
+                await asyncio.sleep(0.1)
+            assert len(handlers) == 1 and set(streams._open) == handlers
+    finally:
+        await handle.stop(snapshot=False)

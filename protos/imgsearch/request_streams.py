@@ -46,6 +46,9 @@ MAX_IDLE_STREAMS = 16
 # A stream carries requests for this long at most, then is closed when it is next idle: new streams are how a
 # client's load moves to servers added behind a load balancer (a stream stays with the server it started on).
 MAX_STREAM_AGE_S = 60.0
+# How often the idle streams are checked for their age (at a request's turn: a client with no requests closes
+# none; its server ends streams idle for STREAM_IDLE_LIMIT_S, imgsearch/serving.py).
+IDLE_CHECK_S = 5.0
 # How long a stream whose request gave up at its time limit waits in the background for the server's late answer
 # (DEADLINE_EXCEEDED, sent at the same limit counted from the message's arrival) before it is dropped.
 LATE_ANSWER_WAIT_S = 1.0
@@ -82,6 +85,7 @@ class StreamPool:
         self._busy: set[_Stream] = set()
         self._late: set[asyncio.Task] = set()  # streams waiting for a late answer (the loop keeps weak refs)
         self._off_until = float("-inf") if enabled else float("inf")
+        self._next_idle_check = float("-inf")
         self._closed = False
 
     @property
@@ -187,6 +191,15 @@ class StreamPool:
             return response
 
     def _take_idle(self) -> _Stream | None:
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_idle_check:
+            # Streams left idle after a burst were only aged when a request next used them, so they stayed open
+            # (holding the server's stream slots) and kept the client's requests on their old server one request
+            # per stream (review of 2026-12-06): every idle stream past its age is closed now and then.
+            self._next_idle_check = now + IDLE_CHECK_S
+            for stream in [s for s in self._idle if now - s.opened_at > MAX_STREAM_AGE_S]:
+                self._idle.remove(stream)
+                stream.call.cancel()
         while self._idle:
             stream = self._idle.pop()
             if not stream.call.done():  # else it ended while idle: the server restarted or shut down

@@ -537,16 +537,30 @@ class MessageMetrics:
         GRPC_HANDLED.labels(*self._labels, code).inc()
 
 
+# A request stream that carried no message for this long is ended (status OK; clients open a new one when they
+# next need it). A client that vanished without closing its connection (power loss, a partition, a proxy that
+# holds the connection) left its idle streams open for grpc's 2-hour keepalive, each holding one of
+# max_search_streams: once they were all held, every new stream was refused (review of 2026-12-06). Well above
+# the Python clients' MAX_STREAM_AGE_S (60 s), after which they close an idle stream themselves.
+STREAM_IDLE_LIMIT_S = 300.0
+# How often the idle streams are looked for (the limit is enforced to within this).
+STREAM_IDLE_SWEEP_S = 30.0
+
+
 class RequestStreams:
     """The open long-lived request streams of a servicer, so that shutting down does not wait for them.
 
     grpc's graceful stop waits up to its grace period for every open call, and such a stream stays open as long
     as its client: every stop took the whole grace. `end()` (GrpcService.stop calls it before stopping the
     server) ends each stream at once if it is waiting for its next message, or right after the answer it is
-    working on; the client opens a new stream (to another replica, or to this one once it is back)."""
+    working on; the client opens a new stream (to another replica, or to this one once it is back). A stream that
+    waits longer than STREAM_IDLE_LIMIT_S for its next message is ended the same way."""
 
     def __init__(self, *, max_open: int = ServerOptions.max_search_streams) -> None:
         self._open: dict[asyncio.Task, bool] = {}  # handler task -> answering a message now
+        self._last_message: dict[asyncio.Task, float] = {}  # handler task -> event-loop time of its last message
+        self._idle_ended: set[asyncio.Task] = set()
+        self._sweeper: asyncio.Task | None = None  # runs while streams are open
         self.ending = False
         # Each open stream holds a handler task and grpc's call state for as long as its client keeps it: without
         # a bound, clients (or one faulty client) could open streams until the process ran out of memory.
@@ -565,29 +579,54 @@ class RequestStreams:
             raise TooManyStreamsError(f"{len(self._open)} streams of this method are open, this server's limit "
                                       "(max_search_streams); send the request as a unary call")
         task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
         self._open[task] = False
+        self._last_message[task] = loop.time()
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._end_idle_streams())
         try:
-            async for message in self._until_ended(request_iterator):
+            async for message in self._until_ended(request_iterator, task):
                 self._open[task] = True
                 yield await answer(message)
                 if self.ending:
                     return
                 self._open[task] = False
+                self._last_message[task] = loop.time()
         finally:
             self._open.pop(task, None)
+            self._last_message.pop(task, None)
+            self._idle_ended.discard(task)
 
-    async def _until_ended(self, request_iterator: AsyncIterator) -> AsyncIterator:
-        # `end()` cancels the wait for the next message; that must end the stream with a status: grpc.aio sends
-        # none for a handler cancelled from inside the server, and its graceful stop then waited for the call.
+    async def _until_ended(self, request_iterator: AsyncIterator, task: asyncio.Task) -> AsyncIterator:
+        # `end()` and the idle sweep cancel the wait for the next message; that must end the stream with a status:
+        # grpc.aio sends none for a handler cancelled from inside the server, and its graceful stop then waited
+        # for the call.
         try:
             async for message in request_iterator:
                 yield message
         except asyncio.CancelledError:
-            if not self.ending:
+            if not (self.ending or task in self._idle_ended):
                 raise  # the client hung up
+
+    async def _end_idle_streams(self) -> None:
+        """While streams are open: end those waiting for a message for over STREAM_IDLE_LIMIT_S."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._open and not self.ending:
+                await asyncio.sleep(min(STREAM_IDLE_SWEEP_S, STREAM_IDLE_LIMIT_S))
+                now = loop.time()
+                for task, busy in list(self._open.items()):
+                    if not busy and task not in self._idle_ended and \
+                            now - self._last_message.get(task, now) > STREAM_IDLE_LIMIT_S:
+                        self._idle_ended.add(task)
+                        task.cancel()  # waiting for its next message: it ends with status OK (as in `end()`)
+        finally:
+            self._sweeper = None
 
     def end(self) -> None:
         self.ending = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for task, busy in list(self._open.items()):
             if not busy:
                 # Waiting for its next message: the handler catches this cancel and ends the stream with status
