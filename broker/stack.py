@@ -9,6 +9,7 @@ order (SIGTERM, then SIGKILL after a grace period).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -121,6 +122,8 @@ class ManagedProcess:
 
 # In a work dir: the layout and model its catalogue was stored with (LocalStack.check_layout).
 LAYOUT_FILE = "stack.json"
+# Held (flock) by the stack that runs in a work dir, from before its layout check until it has stopped.
+LOCK_FILE = "stack.lock"
 
 
 def _sha256(path: Path) -> str:
@@ -179,6 +182,7 @@ class LocalStack:
         self.broker_address = ""
         self.broker_metrics_port = 0
         self.shard_map: ShardMap | None = None
+        self._lock: int | None = None  # the descriptor holding LOCK_FILE
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> LocalStack:
@@ -198,8 +202,13 @@ class LocalStack:
             if port:
                 check_port_free(HOST, port, what)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(exist_ok=True)
-        self.check_layout()
+        self._take_work_dir()
+        try:
+            self.logs.mkdir(exist_ok=True)
+            self.check_layout()
+        except BaseException:
+            self._release_work_dir()
+            raise
         try:
             if self.redis_url is None:
                 self.start_redis()
@@ -211,6 +220,30 @@ class LocalStack:
         except BaseException:
             self.stop()
             raise
+
+    def _take_work_dir(self) -> None:
+        """One stack per work dir. A second `imgsearch up` on the work dir of a running stack that held no data
+        yet deleted that stack's Triton repository (check_layout starts a fresh work dir's anew) before its own
+        shards were refused the data dirs (review of 2026-12-05)."""
+        fd = os.open(self.work_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise OSError(f"{self.work_dir} is in use by another stack (`imgsearch up`, pid {holder or 'unknown'});"
+                          " stop it first, or use another --work-dir") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock = fd
+
+    def _release_work_dir(self) -> None:
+        if self._lock is not None:
+            fd, self._lock = self._lock, None
+            os.close(fd)  # releases the flock
 
     def check_layout(self) -> None:
         """Refuse to start a work dir's catalogue under another layout or model (a review of 2026-12-06): with
@@ -313,11 +346,14 @@ class LocalStack:
     def stop(self) -> None:
         """The broker, the shards, Triton, then Redis: nothing is stopped while something started after it still
         runs."""
-        for name in reversed(list(self.processes)):
-            if name != "redis":
-                self.processes[name].stop()
-        self.stop_triton()
-        self.stop_redis()
+        try:
+            for name in reversed(list(self.processes)):
+                if name != "redis":
+                    self.processes[name].stop()
+            self.stop_triton()
+            self.stop_redis()
+        finally:
+            self._release_work_dir()
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
         log_path = self.logs / f"{name}.log"

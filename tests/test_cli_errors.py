@@ -333,3 +333,27 @@ def test_a_grocery_listing_saved_with_a_byte_order_mark_keeps_its_first_photo(li
     [file] = grocery_split(grocery.parent, "test")
     assert photo.path == file.path == grocery / first_val.split(",")[0].strip()
     assert photo.path.is_file() and not file.image_id.startswith("\ufeff")
+
+
+def test_up_refuses_a_work_dir_another_stack_runs_in_and_leaves_its_files(tmp_path, capsys):
+    """A second `imgsearch up` on the work dir of a running stack that held no data yet deleted that stack's
+    Triton repository before its own shards were refused the data dirs (review of 2026-12-05). The running
+    stack holds the work dir's lock (here: taken as `up` takes it), and the second start touches nothing."""
+    import fcntl
+    import os
+
+    work = tmp_path / "stack"
+    served = work / "triton-repo" / "imgsearch_embedding" / "1" / "model.onnx"
+    served.parent.mkdir(parents=True)
+    served.write_bytes(b"the running stack's model")
+    fd = os.open(work / "stack.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"4242\n")
+        code = cli.main(["up", "--work-dir", str(work)])
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert code == 1 and "is in use by another stack" in err and "pid 4242" in err, err
+    assert served.read_bytes() == b"the running stack's model"
+    assert not (work / "logs").exists()
