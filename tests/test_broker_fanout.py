@@ -378,3 +378,25 @@ async def test_a_write_across_shards_that_fails_on_one_answers_once_the_others_h
     with pytest.raises(UnavailableError):
         await pool.upsert([_rec("x", "a"), _rec("y", "b")], timeout_s=5)
     assert slow.written == ["x"]
+
+
+async def test_a_record_refused_by_one_shard_is_answered_at_once_while_another_validates_slowly(monkeypatch):
+    """Validation writes nothing: a refusal answers at once (waiting for every shard turned INVALID_ARGUMENT into
+    the caller's DEADLINE_EXCEEDED when another shard was slow; review of 2026-12-06)."""
+    from imgsearch.errors import InvalidArgumentError
+
+    class Refusing(FakeShard):
+        async def upsert(self, records, *, timeout_s, validate_only=False):
+            raise InvalidArgumentError("record 'x': unknown attribute 'size'")
+
+    class Hung(FakeShard):
+        async def upsert(self, records, *, timeout_s, validate_only=False):
+            await asyncio.sleep(timeout_s)
+            raise DeadlineExceededError("deadline")
+
+    clients = {"h:0": Refusing(), "h:1": Hung()}
+    pool = _pool(monkeypatch, clients, {"s0": ("h:0",), "s1": ("h:1",)}, {"a": "s0", "b": "s1"})
+    started = time.monotonic()
+    with pytest.raises(InvalidArgumentError):
+        await pool.upsert([_rec("x", "a"), _rec("y", "b")], timeout_s=3)
+    assert time.monotonic() - started < 1.0
