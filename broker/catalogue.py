@@ -55,12 +55,13 @@ def synthetic_attributes(product_id: str, image_id: str) -> dict[str, str | floa
     }
 
 
-def grocery_split(data_dir: Path, split: str = "train", *, level: str = "coarse") -> list[CatalogueFile]:
+def grocery_split(data_dir: Path, split: str = "train", *, level: str = "coarse",
+                  allow_empty: bool = False) -> list[CatalogueFile]:
     """The grocery photos of a split: product = fine class, category = coarse class (or top class: Fruit,
     Vegetables, Packages, with level="top")."""
     root = data_dir / "grocery"
     files = []
-    for rel, cls in grocery_listing(root, split):  # a bad line: InputFileError naming the file and line
+    for rel, cls in grocery_listing(root, split, allow_empty=allow_empty):  # a bad line: InputFileError naming the file and line
         category = rel.split("/")[1] if level == "top" else cls.coarse_name
         image_id = rel.rsplit(".", 1)[0]
         files.append(

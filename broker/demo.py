@@ -63,7 +63,8 @@ def run_demo(*, data_dir: Path, shards: int = 2, queries: int = 6, limit: int = 
     if limit:
         train = train[:: max(1, len(train) // limit)][:limit]
     val = grocery_split(data_dir, "val")
-    test = grocery_split(data_dir, "test") if (data_dir / "grocery" / "test.txt").is_file() else []
+    # the held-out split is optional: absent or empty, the demo skips it
+    test = grocery_split(data_dir, "test", allow_empty=True) if (data_dir / "grocery" / "test.txt").is_file() else []
     products = {f.product_id for f in train}
     packshots = [f for f in grocery_packshots(data_dir) if f.product_id in products]
     with tempfile.TemporaryDirectory(prefix="imgsearch-demo-") as work:

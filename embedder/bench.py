@@ -153,8 +153,9 @@ def model_only_throughput(model_path: Path, images: list[bytes], *, threads: int
 
 
 def load_images(count: int) -> list[bytes]:
-    listing = DATA_DIR / "grocery" / "val.txt"
-    paths = [line.split(",")[0].strip() for line in listing.read_text().splitlines() if line.strip()]
+    from embedder.data import grocery_listing
+
+    paths = [rel for rel, _ in grocery_listing(DATA_DIR / "grocery", "val")]
     step = max(1, len(paths) // count)
     return [(DATA_DIR / "grocery" / p).read_bytes() for p in paths[::step][:count]]
 

@@ -109,11 +109,11 @@ def grocery_classes(root: Path) -> dict[int, GroceryClass]:
     return classes
 
 
-def grocery_listing(root: Path, split: str = "train") -> list[tuple[str, GroceryClass]]:
+def grocery_listing(root: Path, split: str = "train", *, allow_empty: bool = False) -> list[tuple[str, GroceryClass]]:
     """The (path relative to `root`, class) of each photo a split's listing (`train.txt`, `val.txt`, `test.txt`)
     names. A line that is not `path, fine class id, coarse class id` of a class in classes.csv, or a listing that
-    names no photo, raises InputFileError naming the file and line. A byte-order mark (a file saved by Excel or
-    Notepad) is not part of the first path."""
+    names no photo (unless `allow_empty`), raises InputFileError naming the file and line. A byte-order mark (a
+    file saved by Excel or Notepad) is not part of the first path."""
     classes = grocery_classes(root)
     listing = root / f"{split}.txt"
     photos = []
@@ -125,7 +125,7 @@ def grocery_listing(root: Path, split: str = "train") -> list[tuple[str, Grocery
             except (ValueError, KeyError) as exc:
                 raise InputFileError(f"{listing}, line {number}: {line!r} is not `path, fine class id, coarse "
                                      "class id` of a class in classes.csv") from exc
-    if not photos:
+    if not photos and not allow_empty:
         raise InputFileError(f"{listing} lists no photos")
     return photos
 

@@ -357,3 +357,18 @@ def test_up_refuses_a_work_dir_another_stack_runs_in_and_leaves_its_files(tmp_pa
     assert code == 1 and "is in use by another stack" in err and "pid 4242" in err, err
     assert served.read_bytes() == b"the running stack's model"
     assert not (work / "logs").exists()
+
+
+def test_an_empty_optional_split_is_no_split_and_every_reader_skips_a_byte_order_mark(listings, monkeypatch):
+    """The demo's held-out split is optional: an empty test.txt skips it (it was refused before the stack started,
+    review of 2026-12-06); `imgsearch-embed bench` read val.txt with the mark as part of the first path."""
+    from broker.catalogue import grocery_split
+    from embedder import bench
+
+    root, first_val = listings
+    assert grocery_split(root / "empty", "test", allow_empty=True) == []
+    with pytest.raises(ValueError, match="lists no photos"):
+        grocery_split(root / "empty", "test")
+    (root / "empty" / "grocery" / "val.txt").write_bytes(f"{first_val}\n".encode("utf-8-sig"))
+    monkeypatch.setattr(bench, "DATA_DIR", root / "empty")
+    assert len(bench.load_images(1)) == 1
