@@ -43,7 +43,11 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
             with contextlib.suppress(TypeError):
                 value = fields[name] = operator.index(value)  # numpy integers too
         if not isinstance(value, int) or isinstance(value, bool) or not lowest <= value <= _MAX_INT32:
-            raise InvalidArgumentError(f"{name} must be an integer from {lowest} to {_MAX_INT32}, got {value!r}")
+            # What the message can carry; the broker holds top_k to its own limit (1..1000 by default), so the
+            # int32 bound is not named as if it were the range (`-k 0` said "from 1 to 2147483647": docs review)
+            raise InvalidArgumentError(f"{name} must be a whole number of at least {lowest}, got {value!r}"
+                                       if not isinstance(value, int) or isinstance(value, bool) or value < lowest
+                                       else f"{name} must be at most {_MAX_INT32}, got {value!r}")
     given = [name for name in ("image", "vector", "image_id") if fields[name] is not None]
     if len(given) > 1:
         raise InvalidArgumentError(f"a search takes one of image, vector and image_id, got {' and '.join(given)}")
