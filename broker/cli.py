@@ -140,6 +140,15 @@ def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
                         "(or IMGSEARCH_TLS_CLIENT_KEY_FILE)")
 
 
+def _token_hint(error) -> str | None:
+    """What to do about a write the broker refused for its token (UNAUTHENTICATED, PERMISSION_DENIED)."""
+    if error.code.name == "UNAUTHENTICATED":
+        return "  The broker requires a write token: set IMGSEARCH_WRITE_TOKEN to it."
+    if error.code.name == "PERMISSION_DENIED":
+        return "  IMGSEARCH_WRITE_TOKEN is not the broker's write token: set it to the token the broker was given."
+    return None
+
+
 # ---------------------------------------------------------------------- commands
 def cmd_up(args) -> int:
     from broker.stack import LocalStack, StackConfig
@@ -318,8 +327,12 @@ def cmd_ingest(args) -> int:
     # again below it (review).
     if failure is not None:
         print(f"imgsearch ingest: {failure.code.name}: {failure}", file=sys.stderr)
-        print("  Part of the images may be stored. Running the same command again is safe: an image id is "
-              "stored once, the last write winning.", file=sys.stderr)
+        hint = _token_hint(failure)
+        if hint:  # refused before any image was taken: nothing is stored, and the same command fails the same way
+            print(hint, file=sys.stderr)
+        else:
+            print("  Part of the images may be stored. Running the same command again is safe: an image id is "
+                  "stored once, the last write winning.", file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - t0
     print(
@@ -654,8 +667,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ImgsearchError as exc:
         print(f"imgsearch {args.command}: {exc.code.name}: {exc}", file=sys.stderr)
-        if exc.code.name in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-            print("  The broker requires a write token: set IMGSEARCH_WRITE_TOKEN to it.", file=sys.stderr)
+        hint = _token_hint(exc)
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
     except BrokenPipeError:  # `imgsearch search --json | head`: the reader left; not an error of ours to print
         devnull = os.open(os.devnull, os.O_WRONLY)

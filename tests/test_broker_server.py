@@ -523,3 +523,29 @@ def test_one_category_given_as_a_string_is_that_category():
                                "nprobe": 0, "use_duplicate_cache": True, "distinct_products": False,
                                "timeout_s": None})
     assert len(request.vector.values) == 4 and list(request.categories) == []
+
+
+@pytest.mark.parametrize(("token", "code", "hint"), [
+    (None, "UNAUTHENTICATED", "requires a write token: set IMGSEARCH_WRITE_TOKEN"),
+    ("wrong", "PERMISSION_DENIED", "IMGSEARCH_WRITE_TOKEN is not the broker's write token"),
+])
+async def test_imgsearch_ingest_refused_for_its_token_says_what_to_set_not_that_part_may_be_stored(
+        tmp_path, monkeypatch, capsys, data_dir, token, code, hint):
+    """`imgsearch ingest` refused for its token said that part of the images may be stored and that running the
+    same command again is safe: nothing was stored, and it fails the same way again (docs review of 2026-12-06);
+    `imgsearch delete` already gave the token hint."""
+    from broker import cli
+
+    handle = await start_broker(_config())
+    try:
+        monkeypatch.setenv("IMGSEARCH_BROKER", f"127.0.0.1:{handle.port}")
+        monkeypatch.delenv("IMGSEARCH_WRITE_TOKEN", raising=False)
+        if token:
+            monkeypatch.setenv("IMGSEARCH_WRITE_TOKEN", token)
+        photo = next((data_dir / "grocery" / "iconic-images-and-descriptions").rglob("*.jpg"))
+        for command in (["ingest", str(photo), "--image-id", "t1", "--category", "Milk"], ["delete", "t1"]):
+            assert await asyncio.to_thread(cli.main, command) == 1
+            err = capsys.readouterr().err
+            assert code in err and hint in err and "may be stored" not in err, err
+    finally:
+        await handle.stop()
