@@ -372,3 +372,23 @@ def test_an_empty_optional_split_is_no_split_and_every_reader_skips_a_byte_order
     (root / "empty" / "grocery" / "val.txt").write_bytes(f"{first_val}\n".encode("utf-8-sig"))
     monkeypatch.setattr(bench, "DATA_DIR", root / "empty")
     assert len(bench.load_images(1)) == 1
+
+
+def test_images_directly_in_an_ingested_folder_are_products_of_their_own(tmp_path):
+    """`imgsearch ingest photos/ --category Shoes` with photos/a.jpg and photos/b.png made both the product
+    'photos', so a distinct-products search answered one of them (docs review of 2026-12-06). Folders laid out
+    as <product>/<image> or <category>/<product>/<image> keep their products and categories."""
+    from broker.catalogue import files_from_folder
+
+    flat = tmp_path / "photos"
+    (flat / "boots").mkdir(parents=True)
+    for rel in ("a.jpg", "b.png", "boots/1.jpg"):
+        (flat / rel).write_bytes(b"x")
+    got = {(f.image_id, f.product_id, f.category) for f in files_from_folder(flat, category="Shoes")}
+    assert got == {("a", "a", "Shoes"), ("b", "b", "Shoes"), ("boots/1", "boots", "Shoes")}
+    got = {(f.image_id, f.product_id, f.category) for f in files_from_folder(flat)}
+    assert got == {("a", "a", "photos"), ("b", "b", "photos"), ("boots/1", "boots", "boots")}
+    (flat / "Shoes" / "boots").mkdir(parents=True)
+    (flat / "Shoes" / "boots" / "2.jpg").write_bytes(b"x")
+    assert ("Shoes/boots/2", "boots", "Shoes") in {(f.image_id, f.product_id, f.category)
+                                                   for f in files_from_folder(flat)}
