@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from collections.abc import Iterator
 
@@ -50,6 +51,13 @@ MAX_HEADER_STEPS = 10_000
 # inside metadata (an EXIF thumbnail's) count too, which leaves room to spare.
 MAX_JPEG_SCANS = 128
 
+# Strips or tiles of a TIFF. Pillow makes a Python tile of each when it opens the file and decodes them one by one:
+# a 10 MB file of a 1x2-pixel image in 1.3 million strips took 8 s and ~330 MB in the broker per search, and the
+# decode budget counted 2 pixels (review of 2026-12-06). Twice the longest side accepted: a strip per row even of
+# the tallest image passes (40,000 strips: 0.19 s to hash).
+MAX_TIFF_STRIPS = 2 * MAX_IMAGE_SIDE
+_TIFF_STRIP_TAGS = frozenset((273, 279, 324, 325))  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start of frame: baseline, extended, progressive, lossless..., not DHT (C4), JPG (C8) or DAC (CC).
 _JPEG_FRAME_MARKERS = frozenset(0xFFC0 + n for n in range(16)) - {0xFFC4, 0xFFC8, 0xFFCC}
@@ -65,6 +73,9 @@ def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_STEPS) -> None
         walk = _png_steps(data)
     elif data[:6] in (b"GIF87a", b"GIF89a"):
         walk = _gif_steps(data)
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        _check_tiff_strips(data, limit=limit)
+        return
     else:
         return
     for steps, _ in enumerate(walk, start=1):
@@ -142,6 +153,33 @@ def _jpeg_steps(data: bytes) -> Iterator[None]:
             pos += 2  # an escaped 0xFF
         else:
             return  # Pillow refuses it: "no marker found"
+
+
+def _check_tiff_strips(data: bytes, *, limit: int) -> None:
+    """Refuse a TIFF (or BigTIFF) whose first directory, the one Pillow opens, has more than `limit` entries or
+    more than MAX_TIFF_STRIPS strips or tiles; lengths only, anything malformed is left to the decoder."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    count_size, entry_size, offset_at = (8, 20, 8) if big else (2, 12, 4)
+    offset_format, count_format = (f"{order}Q", f"{order}Q") if big else (f"{order}I", f"{order}H")
+    try:
+        (ifd,) = struct.unpack_from(offset_format, data, offset_at)
+        (entries,) = struct.unpack_from(count_format, data, ifd)
+    except struct.error:
+        return
+    if entries > limit:
+        raise InvalidImageError(f"TIFF directory of {entries} entries: not a real image")
+    value_count_format = f"{order}Q" if big else f"{order}I"
+    for i in range(entries):
+        at = ifd + count_size + i * entry_size
+        try:
+            (tag,) = struct.unpack_from(f"{order}H", data, at)
+            (values,) = struct.unpack_from(value_count_format, data, at + 4)
+        except struct.error:
+            return
+        if tag in _TIFF_STRIP_TAGS and values > MAX_TIFF_STRIPS:
+            raise InvalidImageError(f"TIFF of {values} strips or tiles (at most {MAX_TIFF_STRIPS}): not a real "
+                                    "image (each is decoded on its own)")
 
 
 def _png_steps(data: bytes) -> Iterator[None]:
@@ -296,35 +334,36 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return rgb
     if img.mode == "RGB":
         return img
+    # Whole-image float64 arrays took 1.1-1.3 GB for a 40 Mpx 16-bit or float image of ~100 KB (a review: a dev
+    # broker's 1 GiB limit passed at one search), where the decode budget counts ~12 bytes a pixel: 16-bit levels
+    # go through a lookup table, and scaled ranges are computed a block of rows at a time.
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         # 16-bit levels are absolute (0..65535), as a browser shows them: no per-image auto-contrast, and
         # values of at most 255 are near black, not 8-bit levels.
-        arr = np.asarray(img, dtype=np.float64) / 257.0
-        return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+        return Image.fromarray(_LEVELS_16_TO_8[np.asarray(img)], mode="L").convert("RGB")
     if img.mode == "I":
         # 32-bit integers. Decoded from a file (16-bit PGM/PPM, which Pillow scales to 0..65535): 16-bit levels,
         # absolute like I;16's. Converted in memory from an 8-bit mode: 0..255 as they are. Values outside
         # 0..65535 have no known scale and are stretched to their own range.
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        arr = np.asarray(img)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
         if lo < 0 or hi > 65535:
-            arr = (arr - lo) / ((hi - lo) or 1.0) * 255.0
+            out = _stretched(arr, float(lo), float(hi), rounded=True)
         elif img.format is not None or hi > 255:
-            arr = arr / 257.0
-        return Image.fromarray(arr.round().clip(0, 255).astype(np.uint8), mode="L").convert("RGB")
+            out = _LEVELS_16_TO_8[arr]
+        else:
+            out = arr.astype(np.uint8)
+        return Image.fromarray(out, mode="L").convert("RGB")
     if img.mode == "F":
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.asarray(img)
         finite = np.isfinite(arr)
-        if not finite.all():
-            # One NaN or inf pixel made the whole range NaN, and the image black (review): the range comes from
-            # the finite pixels, and the others take its ends (NaN the low one).
-            if not finite.any():
-                raise InvalidImageError("float image without a single finite pixel")
-            values = arr[finite]
-            arr = np.nan_to_num(arr, nan=values.min(), posinf=values.max(), neginf=values.min())
-        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-        arr = ((arr - lo) / ((hi - lo) or 1.0) * 255.0).clip(0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
+        if not finite.all() and not finite.any():
+            raise InvalidImageError("float image without a single finite pixel")
+        # One NaN or inf pixel made the whole range NaN, and the image black (review): the range comes from the
+        # finite pixels, and the others take its ends (NaN the low one).
+        lo = float(np.min(arr, where=finite, initial=np.inf)) if arr.size else 0.0
+        hi = float(np.max(arr, where=finite, initial=-np.inf)) if arr.size else 0.0
+        return Image.fromarray(_stretched(arr, lo, hi, rounded=False), mode="L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -332,6 +371,28 @@ def to_rgb(img: Image.Image) -> Image.Image:
         composite = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         return composite.convert("RGB")
     return img.convert("RGB")
+
+
+# round(v / 257) for every 16-bit level v (no ties: 257k + 128.5 is never a whole number)
+_LEVELS_16_TO_8 = ((np.arange(65536, dtype=np.uint32) * 2 + 257) // 514).astype(np.uint8)
+# Pixels scaled at a time by _stretched (its float64 temporaries: ~8 MB each)
+_STRETCH_BLOCK_PIXELS = 1 << 20
+
+
+def _stretched(arr: np.ndarray, lo: float, hi: float, *, rounded: bool) -> np.ndarray:
+    """`arr` (2-d) mapped from lo..hi to 0..255 as uint8 (NaN to lo's level, infinities to the ends), computed in
+    float64 one block of rows at a time."""
+    out = np.empty(arr.shape, dtype=np.uint8)
+    rows = max(1, _STRETCH_BLOCK_PIXELS // max(1, arr.shape[1] if arr.ndim == 2 else 1))
+    for start in range(0, arr.shape[0], rows):
+        block = arr[start:start + rows].astype(np.float64)
+        if not np.isfinite(block).all():
+            block = np.nan_to_num(block, nan=lo, posinf=hi, neginf=lo)
+        block = (block - lo) / ((hi - lo) or 1.0) * 255.0
+        if rounded:
+            block = block.round()
+        out[start:start + rows] = block.clip(0, 255).astype(np.uint8)
+    return out
 
 
 def _without_transparency(img: Image.Image) -> Image.Image:

@@ -521,3 +521,85 @@ def test_a_truecolour_key_out_of_the_images_range_matches_nothing():
     trns = struct.pack(">I", len(body)) + b"tRNS" + body + struct.pack(">I", zlib.crc32(b"tRNS" + body) & 0xFFFFFFFF)
     at = png.index(b"IDAT") - 4
     assert (np.asarray(decode_image(bytes(png[:at]) + trns + bytes(png[at:]))) == 0).all()
+
+
+def _strips_tiff(strips: int, *, big_endian: bool = False, bigtiff: bool = False) -> bytes:
+    """A valid grey TIFF of 1 x 2 pixels stored in `strips` strips (all of them the same pixel bytes)."""
+    import struct
+
+    order = ">" if big_endian else "<"
+    short, long_, long8 = 3, 4, 16
+    if bigtiff:
+        header = (b"MM\x00+" if big_endian else b"II+\x00") + struct.pack(f"{order}HHQ", 8, 0, 16)
+        entry, count_format, next_format, first = f"{order}HHQQ", f"{order}Q", f"{order}Q", 16
+        offsets_type, entry_size, count_size = long8, 20, 8
+    else:
+        header = (b"MM\x00*" if big_endian else b"II*\x00") + struct.pack(f"{order}I", 8)
+        entry, count_format, next_format, first = f"{order}HHII", f"{order}H", f"{order}I", 8
+        offsets_type, entry_size, count_size = long_, 12, 2
+    n_entries = 9
+    pixel_at = first + count_size + n_entries * entry_size + struct.calcsize(next_format)
+    offsets_at = pixel_at + 2
+    value_size = 8 if bigtiff else 4
+    counts_at = offsets_at + value_size * strips
+
+    def tag(number, kind, count, value):
+        if bigtiff and kind == long_:
+            kind = long8  # a value fills the entry's 8 bytes (a LONG is left-justified in them)
+        if kind == short and not bigtiff:
+            return struct.pack(f"{order}HHIHH", number, kind, count, value, 0)
+        if kind == short:
+            return struct.pack(f"{order}HHQH6x", number, kind, count, value)
+        return struct.pack(entry, number, kind, count, value)
+
+    one = offsets_type
+    ifd = struct.pack(count_format, n_entries) + b"".join([
+        tag(256, long_, 1, 1), tag(257, long_, 1, 2), tag(258, short, 1, 8), tag(259, short, 1, 1),
+        tag(262, short, 1, 1), tag(273, one, strips, offsets_at if strips > 1 else pixel_at),
+        tag(277, short, 1, 1), tag(278, long_, 1, 1 if strips > 1 else 2),
+        tag(279, one, strips, counts_at if strips > 1 else 2)]) + struct.pack(next_format, 0)
+    value = "Q" if bigtiff else "I"
+    return (header + ifd + b"\x80\xc0" + struct.pack(f"{order}{strips}{value}", *([pixel_at] * strips))
+            + struct.pack(f"{order}{strips}{value}", *([1] * strips)))
+
+
+@pytest.mark.parametrize("layout", [{}, {"big_endian": True}, {"bigtiff": True}],
+                         ids=["little-endian", "big-endian", "bigtiff"])
+def test_a_tiff_of_more_strips_than_any_real_image_is_refused_before_pillow_reads_them(layout):
+    """A 10 MB TIFF of a 1x2-pixel image in 1.3 million strips took 8 s and ~330 MB per search in the broker (a
+    Python tile per strip), which the decode budget counted as 2 pixels (review of 2026-12-06)."""
+    from embedder.preprocess import MAX_TIFF_STRIPS
+
+    assert np.asarray(decode_image(_strips_tiff(1, **layout))).shape == (2, 1, 3)  # the file is a real TIFF
+    started = time.perf_counter()
+    assert decode_image(_strips_tiff(MAX_TIFF_STRIPS, **layout)).size == (1, 2)
+    assert time.perf_counter() - started < 2.0
+    with pytest.raises(InvalidImageError, match="strips or tiles"):
+        decode_image(_strips_tiff(MAX_TIFF_STRIPS + 1, **layout))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_16_bit_and_float_images_convert_in_a_few_bytes_a_pixel(mode, monkeypatch):
+    """Whole-image float64 arrays took 1.1-1.3 GB for a 40 Mpx 16-bit or float image of ~100 KB, past a dev
+    broker's 1 GiB at one search, where the decode budget counts ~12 bytes a pixel (review of 2026-12-06).
+    numpy's and Pillow's array copies (tracemalloc sees them): 4-8 bytes a pixel now, 24-25 before."""
+    import tracemalloc
+
+    from embedder import preprocess
+
+    # blocks as small a part of this 4 Mpx image as the default's are of a 40 Mpx one
+    monkeypatch.setattr(preprocess, "_STRETCH_BLOCK_PIXELS", 1 << 17)
+    rng = np.random.default_rng(3)
+    levels = rng.integers(0, 65536, (2000, 2000))
+    img = {"I;16": lambda: Image.fromarray(levels.astype(np.uint16)),
+           "I": lambda: Image.fromarray((levels * 40 - 1_000_000).astype(np.int32)),
+           "F": lambda: Image.fromarray(levels.astype(np.float32) / 7)}[mode]()
+    assert img.mode == mode
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(img)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rgb.mode == "RGB" and rgb.size == (2000, 2000)
+    assert peak < 10 * 2000 * 2000, peak / 4e6
