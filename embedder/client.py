@@ -511,15 +511,23 @@ class TritonEmbedder(Embedder):
 
     async def _infer(self, images: list[bytes], timeout_s: float) -> np.ndarray:
         # The broker's batch size and the model's max_batch_size are configured in two places; Triton refuses
-        # a bigger batch outright, so a batch over the model's limit goes out in parts.
+        # a bigger batch outright, so a batch over the model's limit goes out in parts. A model reloaded with a
+        # smaller limit than the one read refuses the batch: the limit is read again and the batch sent again in
+        # parts, once (its callers failed with INTERNAL, review of 2026-12-06).
         deadline = time.monotonic() + timeout_s
-        limit = await self._model_batch_limit(timeout_s)
-        if limit is None or len(images) <= limit:
-            return await self._infer_once(images, max(deadline - time.monotonic(), 0.001))
-        remaining_s = max(deadline - time.monotonic(), 0.001)
-        parts = await asyncio.gather(*(self._infer_once(images[i : i + limit], remaining_s)
-                                       for i in range(0, len(images), limit)))
-        return np.concatenate(parts)
+        for attempt in range(2):
+            limit = await self._model_batch_limit(max(deadline - time.monotonic(), 0.001))
+            try:
+                if limit is None or len(images) <= limit:
+                    return await self._infer_once(images, max(deadline - time.monotonic(), 0.001))
+                remaining_s = max(deadline - time.monotonic(), 0.001)
+                parts = await asyncio.gather(*(self._infer_once(images[i : i + limit], remaining_s)
+                                               for i in range(0, len(images), limit)))
+                return np.concatenate(parts)
+            except EmbedderUnavailableError as exc:
+                if attempt or self._model_max_batch is not None or "batch-size must be" not in str(exc):
+                    raise
+        raise AssertionError("unreachable")
 
     async def _model_batch_limit(self, timeout_s: float) -> int | None:
         """The served model's max_batch_size (None when Triton cannot say; the inference then reports why)."""
@@ -585,8 +593,12 @@ def triton_error(exc: Exception) -> EmbedderError:
         return InvalidImageError(message)
     if status.endswith("DEADLINE_EXCEEDED") or "timeout expired" in message:  # the queue policy's rejection
         return EmbedderTimeoutError(f"Triton deadline exceeded: {message}")
+    # "Stub process ... is not healthy": a python-backend process of the model died (OOM-killed, say), and every
+    # call fails until Triton restarts (its liveness probe runs an inference: embedder/triton_probe.py); INTERNAL
+    # said it was our fault, and no replica was tried. "batch-size must be": the model was reloaded with a smaller
+    # max_batch_size than this client read (TritonEmbedder._infer retries in parts once).
     if status.endswith(("UNAVAILABLE", "NOT_FOUND", "CANCELLED")) or "unknown model" in message \
-            or "is not ready" in message:
+            or "is not ready" in message or "is not healthy" in message or "batch-size must be" in message:
         return EmbedderUnavailableError(f"Triton unavailable ({status}): {message}")
     return EmbedderError(f"Triton error ({status}): {message}")
 

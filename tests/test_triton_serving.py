@@ -291,3 +291,35 @@ def test_a_start_on_the_port_of_another_triton_fails_instead_of_reporting_it_rea
     with pytest.raises(TritonStartError, match="already in use"):
         start_triton(_repository(tmp_path / "repo"), grpc_port=triton.grpc_port, startup_timeout_s=120)
     assert triton.is_running()
+
+
+async def test_a_model_reloaded_with_a_smaller_batch_limit_is_sent_the_batch_again_in_parts(triton, images):
+    """The client read the model's max_batch_size (here as if it had read 32 before the model was reloaded with
+    8): Triton refuses the batch, and its callers failed with INTERNAL (review of 2026-12-06). The limit is read
+    again and the batch sent in parts, once."""
+    many = images * 3  # 24 images, one call
+    embedder = TritonEmbedder(triton.grpc_url, max_batch=32)
+    reference = TritonEmbedder(triton.grpc_url, max_batch=8)
+    try:
+        embedder._model_max_batch = 32  # what it read before the reload
+        served = await embedder.embed(many, timeout_s=TIMEOUT_S)
+        assert embedder._model_max_batch == 8
+        expected = await reference.embed(many, timeout_s=TIMEOUT_S)
+    finally:
+        await embedder.close()
+        await reference.close()
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+
+
+def test_a_dead_backend_process_is_unavailable_not_internal():
+    """A python-backend stub that died (OOM-killed) fails every call with INTERNAL "Stub process ... is not
+    healthy" until Triton restarts: that is an outage of that server (UNAVAILABLE), not a fault of ours."""
+    from tritonclient.utils import InferenceServerException
+
+    from embedder.client import triton_error
+    from embedder.errors import EmbedderUnavailableError
+
+    dead = InferenceServerException(
+        msg="in ensemble 'imgsearch', Stub process 'imgsearch_preprocess_0_0' is not healthy.",
+        status="StatusCode.INTERNAL")
+    assert isinstance(triton_error(dead), EmbedderUnavailableError)
