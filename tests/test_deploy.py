@@ -283,14 +283,18 @@ def test_the_ingress_lets_a_bulk_ingest_stream_run_for_an_hour(rendered):
         assert int(annotations[f"nginx.ingress.kubernetes.io/{name}"]) >= 3600
 
 
-def test_triton_probes_health_endpoints_and_mounts_shm_and_the_model_repository(rendered):
+def test_triton_probes_health_and_an_inference_and_mounts_shm_and_the_model_repository(rendered):
     for overlay, docs in rendered.items():
         triton = named(docs, "Deployment", "imgsearch-triton")
         spec = pod_spec(triton)
         (server,) = spec["containers"]
         assert server["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
         assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-        assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        # liveness is a real inference: a dead python-backend stub leaves /v2/health/live at 200 (review)
+        liveness = server["livenessProbe"]
+        assert liveness["exec"]["command"][:3] == ["python3", "-m", "embedder.triton_probe"], overlay
+        probe_timeout_s = float(liveness["exec"]["command"][liveness["exec"]["command"].index("--timeout-s") + 1])
+        assert liveness["timeoutSeconds"] > probe_timeout_s and liveness["periodSeconds"] >= liveness["timeoutSeconds"]
         volumes = {v["name"]: v for v in spec["volumes"]}
         mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
         shm = volumes[mounts["/dev/shm"]["name"]]
