@@ -99,14 +99,18 @@ def grocery_packshots(data_dir: Path) -> list[CatalogueFile]:
 def files_from_folder(folder: Path, *, category: str | None = None, unique_ids: bool = True) -> list[CatalogueFile]:
     """Every image under `folder`: product = parent folder name, category = its parent's name (or `category`),
     image id = path relative to `folder` without suffix (two files of one id refused with ValueError, unless
-    `unique_ids` is False: query photos are not stored under their ids). An image directly in `folder` is a
-    product of its own (product = its file name without the suffix; category = the folder's name, or
+    `unique_ids` is False: query photos are not stored under their ids). A catalogue image directly in `folder`
+    is a product of its own (product = its file name without the suffix; category = the folder's name, or
     `category`): as the folder's name, every image of a flat folder was one product, and distinct-product
-    searches answered one of them (docs review of 2026-12-06)."""
+    searches answered one of them (docs review of 2026-12-06). Query photos directly in `folder` (`unique_ids`
+    False: `imgsearch eval <one product's folder>`) are photos of the product the folder is named after."""
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
         rel = path.relative_to(folder)
-        if len(rel.parts) == 1:
+        if len(rel.parts) == 1 and not unique_ids:
+            product = folder.resolve().name
+            cat = category or product
+        elif len(rel.parts) == 1:
             product = path.stem
             cat = category or folder.resolve().name
         else:

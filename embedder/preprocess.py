@@ -53,9 +53,13 @@ MAX_JPEG_SCANS = 128
 
 # Strips or tiles of a TIFF. Pillow makes a Python tile of each when it opens the file and decodes them one by one:
 # a 10 MB file of a 1x2-pixel image in 1.3 million strips took 8 s and ~330 MB in the broker per search, and the
-# decode budget counted 2 pixels (review of 2026-12-06). Twice the longest side accepted: a strip per row even of
-# the tallest image passes (40,000 strips: 0.19 s to hash).
-MAX_TIFF_STRIPS = 2 * MAX_IMAGE_SIDE
+# decode budget counted 2 pixels (review of 2026-12-06). Four times the longest side accepted: a strip per row of
+# each plane (planar CMYK or RGBA stores one plane after another) even of the tallest image passes (40,000
+# strips took 0.19 s to hash; 80,000 about twice that).
+MAX_TIFF_STRIPS = 4 * MAX_IMAGE_SIDE
+# The magic numbers Pillow opens as TIFF: II*\0 and MM\0*, BigTIFF's II+\0 and MM\0+, and two it reads as TIFF
+# anyway ("invalid header, assume ...-endian"), which let a file past a check of the first two (review).
+_TIFF_MAGIC = frozenset((b"II*\x00", b"MM\x00*", b"MM*\x00", b"II\x00*", b"II+\x00", b"MM\x00+"))
 _TIFF_STRIP_TAGS = frozenset((273, 279, 324, 325))  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -73,7 +77,7 @@ def check_header_segments(data: bytes, *, limit: int = MAX_HEADER_STEPS) -> None
         walk = _png_steps(data)
     elif data[:6] in (b"GIF87a", b"GIF89a"):
         walk = _gif_steps(data)
-    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    elif data[:4] in _TIFF_MAGIC:
         _check_tiff_strips(data, limit=limit)
         return
     else:
@@ -159,11 +163,13 @@ def _check_tiff_strips(data: bytes, *, limit: int) -> None:
     """Refuse a TIFF (or BigTIFF) whose first directory, the one Pillow opens, has more than `limit` entries or
     more than MAX_TIFF_STRIPS strips or tiles; lengths only, anything malformed is left to the decoder."""
     order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")
+    big = data[2] == 0x2B  # as Pillow reads it (TiffImagePlugin: ifh[2] == 43; MM\0+ is read as classic TIFF)
     count_size, entry_size, offset_at = (8, 20, 8) if big else (2, 12, 4)
     offset_format, count_format = (f"{order}Q", f"{order}Q") if big else (f"{order}I", f"{order}H")
     try:
         (ifd,) = struct.unpack_from(offset_format, data, offset_at)
+        if ifd >= len(data):  # an offset past the file (2**63 overflowed unpack_from's offset)
+            return
         (entries,) = struct.unpack_from(count_format, data, ifd)
     except struct.error:
         return
@@ -172,6 +178,8 @@ def _check_tiff_strips(data: bytes, *, limit: int) -> None:
     value_count_format = f"{order}Q" if big else f"{order}I"
     for i in range(entries):
         at = ifd + count_size + i * entry_size
+        if at >= len(data):
+            return
         try:
             (tag,) = struct.unpack_from(f"{order}H", data, at)
             (values,) = struct.unpack_from(value_count_format, data, at + 4)

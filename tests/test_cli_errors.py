@@ -388,6 +388,9 @@ def test_images_directly_in_an_ingested_folder_are_products_of_their_own(tmp_pat
     assert got == {("a", "a", "Shoes"), ("b", "b", "Shoes"), ("boots/1", "boots", "Shoes")}
     got = {(f.image_id, f.product_id, f.category) for f in files_from_folder(flat)}
     assert got == {("a", "a", "photos"), ("b", "b", "photos"), ("boots/1", "boots", "boots")}
+    # query photos (eval) directly in a folder are photos of the product it is named after (review)
+    got = {(f.image_id, f.product_id) for f in files_from_folder(flat, unique_ids=False)}
+    assert got == {("a", "photos"), ("b", "photos"), ("boots/1", "boots")}
     (flat / "Shoes" / "boots").mkdir(parents=True)
     (flat / "Shoes" / "boots" / "2.jpg").write_bytes(b"x")
     assert ("Shoes/boots/2", "boots", "Shoes") in {(f.image_id, f.product_id, f.category)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import os
 import time
 from pathlib import Path
@@ -574,8 +575,55 @@ def test_a_tiff_of_more_strips_than_any_real_image_is_refused_before_pillow_read
     started = time.perf_counter()
     assert decode_image(_strips_tiff(MAX_TIFF_STRIPS, **layout)).size == (1, 2)
     assert time.perf_counter() - started < 2.0
+    too_many = _strips_tiff(MAX_TIFF_STRIPS + 1, **layout)
     with pytest.raises(InvalidImageError, match="strips or tiles"):
-        decode_image(_strips_tiff(MAX_TIFF_STRIPS + 1, **layout))
+        decode_image(too_many)
+    # the magic numbers Pillow also opens as TIFF ("invalid header, assume ...-endian") are checked too (review)
+    other_magic = {b"II*\x00": b"II\x00*", b"MM\x00*": b"MM*\x00"}.get(too_many[:4])
+    if other_magic is not None:
+        with pytest.raises(InvalidImageError, match="strips or tiles"):
+            decode_image(other_magic + too_many[4:])
+
+
+def _planar_rgb_tiff(rgb: np.ndarray) -> bytes:
+    """Uncompressed RGB, PlanarConfiguration 2 (the planes one after another), one row per strip."""
+    import struct
+
+    height, width, _ = rgb.shape
+    strips = [rgb[y, :, c].tobytes() for c in range(3) for y in range(height)]
+    n, entries = len(strips), 11
+    bits_at = 8 + 2 + entries * 12 + 4
+    offsets_at = bits_at + 6
+    counts_at = offsets_at + 4 * n
+    offsets = list(itertools.accumulate((len(s) for s in strips[:-1]), initial=counts_at + 4 * n))
+
+    def tag(number, kind, count, value):
+        return struct.pack("<HHII", number, kind, count, value)
+
+    ifd = struct.pack("<H", entries) + b"".join([
+        tag(256, 4, 1, width), tag(257, 4, 1, height), tag(258, 3, 3, bits_at), tag(259, 3, 1, 1),
+        tag(262, 3, 1, 2), tag(273, 4, n, offsets_at), tag(277, 3, 1, 3), tag(278, 4, 1, 1),
+        tag(279, 4, n, counts_at), tag(284, 3, 1, 2), tag(296, 3, 1, 1)]) + bytes(4)
+    return (b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<HHH", 8, 8, 8)
+            + struct.pack(f"<{n}I", *offsets) + struct.pack(f"<{n}I", *(len(s) for s in strips)) + b"".join(strips))
+
+
+def test_a_planar_tiff_of_a_strip_per_row_of_each_plane_is_a_real_image():
+    """Planar RGB stores one plane after another: a strip per row of a 15,000-row image is 45,000 strips, which
+    the first limit refused (review of 2026-12-06)."""
+    rgb = np.random.default_rng(5).integers(0, 256, (15000, 4, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(decode_image(_planar_rgb_tiff(rgb))), rgb)
+
+
+@pytest.mark.parametrize("header", [
+    b"II+\x00\x08\x00\x00\x00" + (2**63).to_bytes(8, "little") + bytes(16),  # a directory past any file
+    b"II*\x00\xff\xff\xff\x7f", b"II*\x00\x08\x00\x00\x00\xff\xff" + bytes(6), b"MM\x00*",
+], ids=["bigtiff-offset-2**63", "offset-past-the-end", "entries-past-the-end", "no-offset"])
+def test_a_malformed_tiff_header_is_left_to_the_decoder(header):
+    """The header check reads lengths only; a malformed one is the decoder's clear error, never an OverflowError
+    (a BigTIFF offset of 2**63 overflowed struct.unpack_from: INTERNAL through the broker, review)."""
+    with pytest.raises(InvalidImageError):
+        decode_image(header)
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])
