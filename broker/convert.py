@@ -14,6 +14,7 @@ from broker.types import (
     StageTimings,
 )
 from imgsearch.v1 import broker_pb2, common_pb2
+from shard_server.attributes import check_search_categories
 from shard_server.convert import (
     add_hits,
     attributes_from_proto,
@@ -59,6 +60,7 @@ def query_from_proto(req: broker_pb2.SearchRequest) -> Query:
         raise InvalidRequestError("a search needs an image, a vector or an image id")
     if req.options.exactness not in _EXACTNESS_FROM_PROTO:
         raise InvalidRequestError(f"unknown exactness {req.options.exactness}")
+    check_search_categories(req.categories)
     return Query(
         image=req.image if which == "image" else None,
         vector=vector_from_proto(req.vector) if which == "vector" else None,

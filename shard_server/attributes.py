@@ -15,7 +15,7 @@ import numpy as np
 from imgsearch.errors import quoted
 from shard_server.columns import GrowableArray
 from shard_server.errors import InvalidRequestError
-from shard_server.types import AnyOf, Attributes, Condition, Equals, Filter, Is, Range
+from shard_server.types import MAX_ID_CHARS, AnyOf, Attributes, Condition, Equals, Filter, Is, Range
 
 _PREDICATE_KIND = {Equals: "text", AnyOf: "text", Range: "number", Is: "flag"}
 
@@ -29,6 +29,24 @@ MAX_ANY_OF_VALUES = 4096  # over all the filter's any_of conditions
 MAX_FILTER_TEXT_CHARS = 64 * 1024  # the filter's text values together
 # Attributes are for filtering (brand, colour): a longer text is a mistake, and each distinct text stays in memory.
 MAX_TEXT_ATTRIBUTE_CHARS = 1024
+
+
+# Categories one search may name. Each costs the broker a routing step and each shard a lookup, on their event
+# loops: a search of a million unknown names (10 MB) held the broker's loop 1.2-2.9 s, other clients' searches
+# with it (review of 2026-12-06). A search of every category names none.
+MAX_SEARCH_CATEGORIES = 1024
+
+
+def check_search_categories(categories: Sequence[str]) -> None:
+    """A search's category names: at most MAX_SEARCH_CATEGORIES, each at most MAX_ID_CHARS long (a longer one was
+    never stored: writes refuse it, so it could never match)."""
+    if len(categories) > MAX_SEARCH_CATEGORIES:
+        raise InvalidRequestError(f"a search names {len(categories)} categories; the limit is {MAX_SEARCH_CATEGORIES}"
+                                  " (name none to search them all)")
+    for name in categories:
+        if len(name) > MAX_ID_CHARS:
+            raise InvalidRequestError(f"a category name of {len(name)} characters; categories hold at most "
+                                      f"{MAX_ID_CHARS}, so it could never match")
 
 
 def check_filter_size(conditions: int, any_of_sizes: Iterable[int]) -> None:

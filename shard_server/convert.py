@@ -10,7 +10,7 @@ import numpy as np
 
 from imgsearch.errors import ImgsearchError, from_status, quoted
 from imgsearch.v1 import common_pb2, shard_pb2
-from shard_server.attributes import check_filter_size, check_filter_text
+from shard_server.attributes import check_filter_size, check_filter_text, check_search_categories
 from shard_server.errors import InvalidRequestError
 from shard_server.types import (
     AnyOf,
@@ -299,6 +299,7 @@ def query_from_proto(message: shard_pb2.ShardServiceSearchRequest) -> SearchQuer
     exactness = _EXACTNESS_FROM_PROTO.get(message.options.exactness)
     if exactness is None:
         raise InvalidRequestError(f"unknown exactness {message.options.exactness}")
+    check_search_categories(message.categories)
     return SearchQuery(
         vector=vector_from_proto(message.vector),
         top_k=message.top_k,
