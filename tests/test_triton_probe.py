@@ -60,7 +60,38 @@ def test_the_probe_fails_in_one_line_on_a_closed_port_and_on_a_silent_server():
         silent.bind(("127.0.0.1", 0))
         silent.listen(4)
         port = silent.getsockname()[1]
-        _assert_fails_with(_probe("--url", f"127.0.0.1:{port}", "--timeout-s", "0.5"), "within 0.5s")
+        _assert_fails_with(_probe("--url", f"127.0.0.1:{port}", "--timeout-s", "0.5"),
+                           "not even to /v2/health/live")
+
+
+def test_a_busy_server_that_is_still_live_passes():
+    """The probe's image queues behind real traffic: on a busy CPU pod it took 6-9 s, and a healthy pod was
+    restarted after three probes (review of 2026-12-06). A server that does not answer the inference in time but
+    answers /v2/health/live is busy, not dead (a stand-in HTTP server: a unit test of the probe)."""
+    import http.server
+    import threading
+
+    class Busy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200 if self.path == "/v2/health/live" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_POST(self):  # noqa: N802
+            threading.Event().wait(2.0)  # queued behind real traffic
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        busy = _probe("--url", f"127.0.0.1:{server.server_port}", "--timeout-s", "0.5")
+        assert busy.returncode == 0, busy.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.mark.slow
@@ -84,5 +115,31 @@ def test_the_probe_passes_on_a_healthy_triton_and_fails_once_a_stub_is_killed(tm
         for path in ("/v2/health/live", "/v2/health/ready"):
             assert urllib.request.urlopen(server.http_url + path, timeout=10).status == 200, path
         _assert_fails_with(_probe("--url", url), "not healthy")
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_the_probe_fails_every_time_once_one_of_several_stubs_is_killed(tmp_path):
+    """With two decoding instances and one stub dead, only the requests that reached it failed: the probe passed
+    every other time and the pod was never restarted (review of 2026-12-06). It counts the server's stubs."""
+    options = RepositoryOptions(max_batch_size=8, preferred_batch_sizes=(4, 8), intra_op_threads=1,
+                                preprocess_instances=2)
+    repo = write_model_repository(tmp_path / "repo", model_path=default_model_path(), embedding_backend="python",
+                                  options=options)
+    server = start_triton(repo)
+    try:
+        url = f"127.0.0.1:{server.http_port}"
+        assert _probe("--url", url).returncode == 0
+        stubs = _preprocess_stubs(server.pid)
+        assert len(stubs) == 2, stubs
+        os.kill(stubs[0], signal.SIGKILL)
+        from embedder.triton_probe import missing_stubs
+
+        assert "1 of the 2 processes of model imgsearch_preprocess" in (missing_stubs(url, 5.0) or "")
+        for _ in range(4):  # every time, not every other time: by the inference that reached it, else the count
+            failed = _probe("--url", url)
+            assert failed.returncode == 1, failed.stderr
+            assert "1 of the 2 processes" in failed.stderr or "not healthy" in failed.stderr, failed.stderr
     finally:
         server.stop()
