@@ -515,19 +515,33 @@ class TritonEmbedder(Embedder):
         # smaller limit than the one read refuses the batch: the limit is read again and the batch sent again in
         # parts, once (its callers failed with INTERNAL, review of 2026-12-06).
         deadline = time.monotonic() + timeout_s
-        for attempt in range(2):
-            limit = await self._model_batch_limit(max(deadline - time.monotonic(), 0.001))
-            try:
-                if limit is None or len(images) <= limit:
-                    return await self._infer_once(images, max(deadline - time.monotonic(), 0.001))
-                remaining_s = max(deadline - time.monotonic(), 0.001)
-                parts = await asyncio.gather(*(self._infer_once(images[i : i + limit], remaining_s)
-                                               for i in range(0, len(images), limit)))
-                return np.concatenate(parts)
-            except EmbedderUnavailableError as exc:
-                if attempt or self._model_max_batch is not None or "batch-size must be" not in str(exc):
-                    raise
-        raise AssertionError("unreachable")
+        limit = await self._model_batch_limit(max(deadline - time.monotonic(), 0.001))
+        try:
+            return await self._infer_in_parts(images, limit, deadline)
+        except EmbedderUnavailableError as refused:
+            if self._model_max_batch is not None or "batch-size must be" not in str(refused):
+                raise
+            # Sent again only in parts of a limit read anew, in the time left (else the refusal, or the deadline,
+            # is the answer: the whole batch again would be refused again).
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise EmbedderTimeoutError(f"no time left to send the batch again in parts: {refused}") from None
+            limit = await self._model_batch_limit(remaining_s)
+            if limit is None:  # could not be read: the whole batch would be refused again
+                if deadline - time.monotonic() <= 0:
+                    raise EmbedderTimeoutError(f"no time left to send the batch again in parts: {refused}") from None
+                raise
+            if deadline - time.monotonic() <= 0:
+                raise EmbedderTimeoutError(f"no time left to send the batch again in parts: {refused}") from None
+            return await self._infer_in_parts(images, limit, deadline)
+
+    async def _infer_in_parts(self, images: list[bytes], limit: int | None, deadline: float) -> np.ndarray:
+        remaining_s = max(deadline - time.monotonic(), 0.001)
+        if limit is None or len(images) <= limit:
+            return await self._infer_once(images, remaining_s)
+        parts = await asyncio.gather(*(self._infer_once(images[i : i + limit], remaining_s)
+                                       for i in range(0, len(images), limit)))
+        return np.concatenate(parts)
 
     async def _model_batch_limit(self, timeout_s: float) -> int | None:
         """The served model's max_batch_size (None when Triton cannot say; the inference then reports why)."""

@@ -323,3 +323,35 @@ def test_a_dead_backend_process_is_unavailable_not_internal():
         msg="in ensemble 'imgsearch', Stub process 'imgsearch_preprocess_0_0' is not healthy.",
         status="StatusCode.INTERNAL")
     assert isinstance(triton_error(dead), EmbedderUnavailableError)
+
+
+async def test_a_batch_refused_for_its_size_with_no_time_left_to_reread_the_limit_is_a_deadline_error():
+    """With the limit unreadable in the time left, the whole batch went again, was refused again, and the caller
+    got UNAVAILABLE (which clients retry) for what was its deadline (review of 2026-12-06). A stand-in for
+    tritonclient's client (a unit test of TritonEmbedder): refusals come at once, a config read takes 5 ms."""
+    from tritonclient.utils import InferenceServerException
+
+    from embedder.errors import EmbedderTimeoutError
+
+    class ReloadedTriton:
+        def __init__(self):
+            self.calls = []
+
+        async def get_model_config(self, name, as_json, client_timeout):
+            self.calls.append("config")
+            await asyncio.sleep(min(0.005, client_timeout))
+            if client_timeout < 0.005:
+                raise InferenceServerException("Deadline Exceeded", status="StatusCode.DEADLINE_EXCEEDED")
+            return {"config": {"max_batch_size": 8}}
+
+        async def infer(self, model, inputs, outputs, client_timeout, timeout):
+            self.calls.append(inputs[0].shape()[0])
+            raise InferenceServerException("inference request batch-size must be <= 8 for 'imgsearch'",
+                                           status="StatusCode.INVALID_ARGUMENT")
+
+    embedder = TritonEmbedder("stand-in:1")
+    embedder._client = stand_in = ReloadedTriton()
+    embedder._model_max_batch = 32  # read before the reload
+    with pytest.raises(EmbedderTimeoutError):
+        await embedder._infer([b"x"] * 24, 0.003)
+    assert stand_in.calls == [24, "config"]  # not the whole batch again
