@@ -94,6 +94,11 @@ class ShardConfig:
     # ingest sends its ids to every shard that does not own them, so each shard keeps ~ (cluster-wide ingests
     # per second x this) tombstones, about 160 bytes each.
     tombstone_ttl_s: float = 120.0
+    # Tombstones held at most (~160 bytes each): a versioned delete that would hold more is refused with
+    # RESOURCE_EXHAUSTED (retry once older ones expired). Every id of a versioned delete is remembered, held here or
+    # not: five deletes of a million unknown ids took a shard from 594 to 1,248 MB, and at the rate one client can
+    # send them the 120 s window held ~17 million (2.3 GB) against a 4 GiB pod (review of 2026-12-06).
+    max_tombstones: int = 2_000_000
     # Write versions (the brokers' wall clocks, ns) more than this ahead of the shard's clock are refused: one far
     # in the future would keep every later write of its id out, each still answered OK. Well below
     # tombstone_ttl_s: remembered deletes expire by the newest write version, so a write that far ahead would
@@ -150,6 +155,8 @@ class ShardConfig:
         if not 0 < self.max_version_ahead_s < self.tombstone_ttl_s:
             raise ValueError(f"max_version_ahead_s must be in (0, tombstone_ttl_s = {self.tombstone_ttl_s}), got "
                              f"{self.max_version_ahead_s}")
+        if self.max_tombstones < 1:
+            raise ValueError(f"max_tombstones must be at least 1, got {self.max_tombstones}")
         if self.vector_dtype not in ("float32", "float16"):
             raise ValueError(f"vector_dtype must be float32 or float16, got {self.vector_dtype!r}")
         check_event_loop(self.event_loop)

@@ -316,6 +316,11 @@ class ShardEngine:
         self._check_versions([version])
         if not image_ids:
             return 0
+        if version and len(self.tombstones) + len(image_ids) > self.config.max_tombstones:
+            raise RequestTooLargeError(
+                f"this shard remembers {len(self.tombstones)} recent deletes, and {len(image_ids)} more would pass "
+                f"its limit of {self.config.max_tombstones} (max_tombstones): retry once they expire "
+                f"({self.config.tombstone_ttl_s:g} s after they were made)")
         payload = OP_DELETE + shard_pb2.ShardServiceDeleteRequest(image_ids=list(image_ids),
                                                                   version=version).SerializeToString()
         result: list[int] = []
