@@ -48,6 +48,7 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         self._ingest_bytes = PixelBudget(max_ingest_bytes_in_flight, unit="bytes")
         self._max_streams = max_ingest_streams
         self._streams = asyncio.Semaphore(max_ingest_streams)
+        self._streams_waiting = 0  # IngestStreams waiting for a turn (a slow stream gives its turn up to them)
         self.search_streams = RequestStreams()  # ended by GrpcService.stop
         self._stream_metrics = MessageMetrics(broker_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name,
                                               "SearchStream")
@@ -136,12 +137,15 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         # Given up a little before the caller's deadline, so that the caller is told why (its own
         # DEADLINE_EXCEEDED came first, at the same moment, and the refusal never arrived: review of 2026-12-05).
         wait_s = remaining_timeout_s(context, self._ingest_timeout_s)
+        self._streams_waiting += 1
         try:
             async with asyncio.timeout(max(0.0, wait_s - min(STREAM_TURN_MARGIN_S, wait_s / 10))):
                 await self._streams.acquire()
         except TimeoutError:
             raise ResourceExhaustedError(
                 f"more than {self._max_streams} IngestStreams at once: none ended within the deadline") from None
+        finally:
+            self._streams_waiting -= 1
         try:
             return await self._ingest_stream(request_iterator, context)
         finally:
@@ -212,34 +216,58 @@ class BrokerService(broker_pb2_grpc.BrokerServiceServicer):
         chunk: list[CatalogueItem] = []
         chunk_bytes = 0
         messages = aiter(request_iterator)
+        loop = asyncio.get_running_loop()
+        # By when the chunk being filled must be full (or the stream closed) while other streams wait for a turn.
+        chunk_due = loop.time() + self._ingest_timeout_s
+        reading: asyncio.Future | None = None
         try:
             while True:
                 # Each message within the write timeout (the caller's deadline when shorter): a client that stops
                 # sending without closing its stream held one of the max_ingest_streams turns for good, and
                 # with them every other stream (review of 2026-12-05). A long stream that keeps sending is not
-                # cut short.
+                # cut short, unless it is too slow to fill a chunk within the write timeout while other streams
+                # wait for a turn: clients trickling an item just inside the timeout held every turn (review of
+                # 2026-12-06).
                 idle_s = remaining_s()
+                idle_until = loop.time() + idle_s
+                if reading is None:
+                    reading = asyncio.ensure_future(anext(messages))
+                while not reading.done():
+                    wait_s = min(idle_until, chunk_due) - loop.time()
+                    if wait_s > 0:
+                        await asyncio.wait((reading,), timeout=wait_s)
+                        continue
+                    if loop.time() >= idle_until:
+                        if idle_s < self._ingest_timeout_s:  # the caller's own deadline came first
+                            raise DeadlineExceededError("the IngestStream's deadline passed")
+                        raise DeadlineExceededError(
+                            f"no message on the IngestStream for {idle_s:.1f}s: a stream must keep sending or close")
+                    if self._streams_waiting:
+                        raise ResourceExhaustedError(
+                            f"the IngestStream sent {len(chunk)} items in {self._ingest_timeout_s:g}s while other "
+                            f"streams waited for a turn: fill a chunk of {self._chunk} items (or "
+                            f"{INGEST_CHUNK_MAX_BYTES >> 20} MiB) within that time, or send a slow feed as Ingest "
+                            "calls; the items of the unfilled chunk are not stored")
+                    chunk_due = loop.time() + self._ingest_timeout_s  # nobody waits: slow is fine
                 try:
-                    async with asyncio.timeout(idle_s):
-                        message = await anext(messages)
+                    message = reading.result()
                 except StopAsyncIteration:
                     break
-                except TimeoutError:
-                    if idle_s < self._ingest_timeout_s:  # the caller's own deadline came first
-                        raise DeadlineExceededError("the IngestStream's deadline passed") from None
-                    raise DeadlineExceededError(
-                        f"no message on the IngestStream for {idle_s:.1f}s: a stream must keep sending or close"
-                    ) from None
+                finally:
+                    reading = None
                 chunk.append(convert.item_from_proto(message.item))
                 chunk_bytes += message.ByteSize()
                 # A chunk is also cut by size: 32 images of up to 10 MiB each would hold 320 MiB per chunk.
                 if len(chunk) >= self._chunk or chunk_bytes >= INGEST_CHUNK_MAX_BYTES:
                     await submit(chunk, chunk_bytes)
                     chunk, chunk_bytes = [], 0
+                    chunk_due = loop.time() + self._ingest_timeout_s  # waits for room do not count
             if chunk:
                 await submit(chunk, chunk_bytes)
             summaries = await asyncio.gather(*tasks)
         except BaseException:
+            if reading is not None:
+                reading.cancel()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)

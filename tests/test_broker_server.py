@@ -473,6 +473,36 @@ async def test_a_stream_that_stops_sending_without_closing_gives_its_turn_back()
     assert (await service.IngestStream(slow_but_steady(), _StreamContext())).ingested == 4  # the turn is free
 
 
+async def test_streams_too_slow_to_fill_a_chunk_give_their_turns_up_to_streams_that_wait():
+    """Clients trickling one item just inside the write timeout held every IngestStream turn for as long as they
+    liked, and every other stream was refused (review of 2026-12-06: two such streams, 39 s of refusals with a 4 s
+    timeout). While a stream waits for a turn, one that has not filled its chunk within the write timeout is ended
+    (RESOURCE_EXHAUSTED, its unfilled chunk not stored) and the waiting stream gets the turn; with nobody waiting
+    a slow stream goes on (the test above)."""
+    broker = _HeldIngests()
+    broker.release.set()
+    service = BrokerService(broker, search_timeout_s=1, ingest_timeout_s=0.5, ingest_chunk_size=4,
+                            max_ingest_streams=1)
+    sent = []
+
+    async def trickle():
+        for i in range(100):
+            await asyncio.sleep(0.3)  # inside the 0.5 s per message, but 4 items take 1.2 s
+            sent.append(i)
+            yield broker_pb2.IngestStreamRequest(item=broker_pb2.CatalogueItem(
+                image_id=f"trickle-{i}", product_id="p", category="c", image=b"x"))
+
+    slow = asyncio.ensure_future(service.IngestStream(trickle(), _StreamContext()))
+    await asyncio.sleep(0.1)
+    started = asyncio.get_running_loop().time()
+    waiting = await service.IngestStream(_messages("patient", 1, 10), _DeadlineContext(5))
+    assert waiting.ingested == 1
+    assert asyncio.get_running_loop().time() - started < 1.5  # not the trickle's 30 s
+    with pytest.raises(ResourceExhaustedError, match="while other streams waited for a turn"):
+        await slow
+    assert len(sent) < 10
+
+
 @pytest.mark.parametrize(
     ("arguments", "says"),
     [
