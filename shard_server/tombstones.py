@@ -33,6 +33,11 @@ class Tombstones:
             self._versions[image_id] = version
             heapq.heappush(self._heap, (version, image_id))
 
+    def kept_after_expiry(self, now_version: int) -> int:
+        """How many `expire(now_version)` would keep (nothing is changed)."""
+        cutoff = now_version - self._ttl_ns
+        return sum(1 for version in self._versions.values() if version >= cutoff)
+
     def forget(self, image_id: str) -> None:
         """A write newer than the delete took the id."""
         self._versions.pop(image_id, None)

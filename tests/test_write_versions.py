@@ -528,3 +528,19 @@ def test_versioned_deletes_past_the_tombstone_budget_are_refused_until_older_one
     engine.upsert([_record("later", now + int(200e9))])  # a write 200 s on: the older deletes expire
     assert engine.delete([f"w{i}" for i in range(10)], version=now + int(200e9) + 1) == 0
     engine.close()
+
+
+def test_a_full_tombstone_budget_drains_with_the_deletes_that_arrive(tmp_path):
+    """Tombstones expire when a write or delete is applied; a refused delete applied nothing, so a shard that
+    received only removals (it owns none of the categories being ingested) refused them for good once its budget
+    was full (review of 2026-12-06). The check counts what the delete's own expiry would keep."""
+    from shard_server.errors import RequestTooLargeError
+
+    engine = _engine(tmp_path, max_tombstones=10)
+    old = time.time_ns() - int(200e9)
+    assert engine.delete([f"u{i}" for i in range(10)], version=old) == 0
+    with pytest.raises(RequestTooLargeError):
+        engine.delete(["v0"], version=old + 1)  # the ten are not expired at this version
+    assert engine.delete(["v1"], version=time.time_ns()) == 0  # they are now: accepted, and they go
+    assert len(engine.tombstones) == 1
+    engine.close()
