@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from imgsearch.errors import DeadlineExceededError, ImgsearchError
@@ -24,10 +25,9 @@ from shard_server.types import Exactness, SearchQuery, SearchResult
 # Get requests for at most this many ids run on the event loop; larger ones (random reads of the mapped vectors)
 # in the search pool.
 INLINE_GET_MAX_IDS = 64
-# How long a batch's searches may hold the event loop; the rest of the batch goes to the search pool, this many
-# searches a job (_answer_batch).
+# How long a batch's searches may hold the event loop; the rest of the batch goes to the search pool, in jobs of
+# about as long (_answer_batch).
 BATCH_LOOP_SLICE_S = 0.005
-BATCH_POOL_SEARCHES = 16
 
 
 class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
@@ -87,9 +87,9 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         done = 0
         # Searches on the event loop do not yield: a batch of 256 heavy ones (top_k 1,000 of distinct products)
         # held it for 2.6-3 s, every other call of the shard with it (review of 2026-12-06). Once a batch has held
-        # the loop BATCH_LOOP_SLICE_S, the rest goes to the search pool, BATCH_POOL_SEARCHES a job (one job per
-        # search cost light batches 6-17 % of their throughput), and the message's time limit can end it between
-        # jobs. (A yield between searches was not enough: another call needs several turns of the loop.)
+        # the loop BATCH_LOOP_SLICE_S, the rest goes to the search pool in jobs of about as long (one job per search
+        # cost light batches 6-17 % of their throughput; 16 heavy searches a job held single searches back), and
+        # the message's time limit can end it between jobs. (A yield between searches was not enough: another call needs several turns of the loop.)
         while done < len(searches) and loop.time() - started <= BATCH_LOOP_SLICE_S:
             try:
                 outcome = await self._search(searches[done])
@@ -97,21 +97,26 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
                 outcome = exc
             convert.add_outcome(response.outcomes, outcome)
             done += 1
-        for start in range(done, len(searches), BATCH_POOL_SEARCHES):
-            outcomes = await self._run(self._search_pool, self._searches_in_turn,
-                                       searches[start:start + BATCH_POOL_SEARCHES])
+        while done < len(searches):
+            outcomes = await self._run(self._search_pool, self._searches_in_turn, searches[done:])
             for outcome in outcomes:
                 convert.add_outcome(response.outcomes, outcome)
+            done += len(outcomes)
         return response
 
     def _searches_in_turn(self, messages) -> list:
-        """Each search's result or error, in a thread of the search pool."""
+        """The results (or errors) of the first searches of `messages` done within BATCH_LOOP_SLICE_S (at least
+        one), in a thread of the search pool: a job of a fixed count of heavy searches kept single searches queued
+        behind it in the pool 8-15 times longer (review of 2026-12-06)."""
         outcomes = []
+        started = time.perf_counter()
         for message in messages:
             try:
                 outcomes.append(self.engine.search(convert.query_from_proto(message)))
             except ImgsearchError as exc:
                 outcomes.append(exc)
+            if time.perf_counter() - started > BATCH_LOOP_SLICE_S:
+                break
         return outcomes
 
     async def SearchBatch(self, request, context):
