@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import numbers
 import operator
 import time
 from collections.abc import AsyncIterable, Iterable, Sequence
@@ -20,7 +22,13 @@ import grpc
 
 from broker import convert
 from broker.types import CatalogueItem, IngestSummary, Query, SearchAnswer, ShardSummary
-from imgsearch.errors import InvalidArgumentError, from_rpc_error, from_status
+from imgsearch.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    UnavailableError,
+    from_rpc_error,
+    from_status,
+)
 from imgsearch.request_streams import StreamPool
 from imgsearch.serving import client_channel_options, tls_credentials
 from imgsearch.v1 import broker_pb2, broker_pb2_grpc
@@ -79,10 +87,28 @@ def _search_request(arguments: dict) -> broker_pb2.SearchRequest:
     return convert.query_to_proto(Query(vector=vector, categories=categories, filter=filter or Filter(), **fields))
 
 
+# Timeouts above this are no deadline at all: grpc failed calls of finite timeouts from about 9e9 s on at once with
+# DEADLINE_EXCEEDED (API review of 2026-12-06).
+_NO_DEADLINE_ABOVE_S = 1e8
+
+
+def _seconds(value, what: str) -> float:
+    """A timeout given in seconds as a real number: a text, None where not allowed, or NaN is InvalidArgumentError
+    (they raised TypeError from inside the client, or a DEADLINE_EXCEEDED that said nothing of why)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise InvalidArgumentError(f"{what} must be a number of seconds, got {value!r}")
+    value = float(value)
+    return math.inf if value > _NO_DEADLINE_ABOVE_S else value
+
+
 def _or(timeout_s: float | None, default_s: float) -> float:
-    """The call's timeout: `default_s` only when none is given (0 meant the default before: a caller's 0 s is
-    an immediate DEADLINE_EXCEEDED, as grpc gives it)."""
-    return default_s if timeout_s is None else timeout_s
+    """The call's timeout: `default_s` only when none is given (0 meant the default before). A timeout of 0 or
+    below is DEADLINE_EXCEEDED before anything is sent: sent, a search came back as an empty partial answer, and
+    an ingest was stored (API review of 2026-12-06)."""
+    timeout_s = default_s if timeout_s is None else _seconds(timeout_s, "timeout_s")
+    if timeout_s <= 0:
+        raise DeadlineExceededError(f"no time for the call (timeout_s {timeout_s})")
+    return timeout_s
 
 
 def _grpc_timeout(timeout_s: float) -> float | None:
@@ -102,12 +128,16 @@ class _Items:
 
     def __init__(self, items):
         self.items = [items] if isinstance(items, CatalogueItem) else items  # one item is one item
+        if not (hasattr(self.items, "__iter__") or hasattr(self.items, "__aiter__")) or \
+                isinstance(self.items, (str, bytes, dict)):
+            raise InvalidArgumentError(f"items must be CatalogueItems (one, or an iterable of them), got "
+                                       f"{type(items).__name__}")
         self.error: BaseException | None = None
 
     def __iter__(self):
         try:
             for item in self.items:
-                yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
+                yield broker_pb2.IngestStreamRequest(item=convert.checked_item_to_proto(item))
         except Exception as exc:
             self.error = exc
             raise
@@ -119,14 +149,67 @@ class _Items:
             return
         try:
             async for item in self.items:
-                yield broker_pb2.IngestStreamRequest(item=convert.item_to_proto(item))
+                yield broker_pb2.IngestStreamRequest(item=convert.checked_item_to_proto(item))
         except Exception as exc:
             self.error = exc
             raise
 
 
+def _delete_ids(image_ids) -> list[str]:
+    """The ids of a delete: bytes are refused by name (iterated, they were numbers), and so are ids of only
+    spaces, as ingest refuses them (API review of 2026-12-06)."""
+    if isinstance(image_ids, (bytes, bytearray, memoryview)):
+        raise InvalidArgumentError("image ids must be strings, got bytes (decode them first)")
+    ids = image_id_list(image_ids)
+    if any(not i.strip() for i in ids):
+        raise InvalidArgumentError("an image id is empty or only spaces")
+    return ids
+
+
 def _metadata(token: str | None):
-    return (("authorization", f"Bearer {token}"),) if token else None
+    """The write token's metadata. Its surrounding spaces are dropped (a token read from a file ends in a newline:
+    every write failed INTERNAL "Invalid metadata"), and anything but ASCII text is refused (bytes were sent as
+    "b'...'", API review of 2026-12-06)."""
+    if token is None:
+        return None
+    if not isinstance(token, str):
+        raise InvalidArgumentError(f"token must be a string, got {type(token).__name__}")
+    token = token.strip()
+    if not token:
+        return None
+    if not token.isascii() or not token.isprintable():
+        raise InvalidArgumentError("token must be printable ASCII (a bearer token)")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _checked_settings(address, timeout_s, ingest_timeout_s, max_message_bytes) -> tuple[float, float]:
+    """A client's settings, or InvalidArgumentError: they raised AttributeError or OverflowError from grpc, or were
+    taken and failed every call later (API review of 2026-12-06)."""
+    if not isinstance(address, str) or not address:
+        raise InvalidArgumentError(f"address must be a non-empty string such as '127.0.0.1:7100', got {address!r}")
+    if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int) or \
+            not 0 < max_message_bytes <= _MAX_INT32:
+        raise InvalidArgumentError(f"max_message_bytes must be a whole number in 1..{_MAX_INT32}, got "
+                                   f"{max_message_bytes!r}")
+    timeouts = []
+    for name, value in (("timeout_s", timeout_s), ("ingest_timeout_s", ingest_timeout_s)):
+        value = _seconds(value, name)
+        if value <= 0:
+            raise InvalidArgumentError(f"{name} must be above 0, got {value}")
+        timeouts.append(value)
+    return timeouts[0], timeouts[1]
+
+
+def _credentials(root_certificates, certificate_chain, private_key):
+    for name, value in (("root_certificates", root_certificates), ("certificate_chain", certificate_chain),
+                        ("private_key", private_key)):
+        if value is not None and not isinstance(value, bytes):
+            raise InvalidArgumentError(f"{name} must be the PEM file's bytes (read the file first), got "
+                                       f"{type(value).__name__}")
+    try:
+        return tls_credentials(root_certificates, certificate_chain, private_key)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
 
 
 class BrokerClient:
@@ -147,8 +230,11 @@ class BrokerClient:
         max_message_bytes: int = 64 * 1024 * 1024,
         search_streams: bool = True,
     ):
+        self.timeout_s, self.ingest_timeout_s = _checked_settings(address, timeout_s, ingest_timeout_s,
+                                                                  max_message_bytes)
+        self._metadata = _metadata(token)
         options = client_channel_options(max_message_bytes)
-        credentials = tls_credentials(root_certificates, certificate_chain, private_key)
+        credentials = _credentials(root_certificates, certificate_chain, private_key)
         if credentials is not None:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         else:
@@ -156,9 +242,8 @@ class BrokerClient:
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
         self._search_streams = StreamPool(self._stub.SearchStream, peer=f"broker {address}",
                                           max_message_bytes=max_message_bytes, enabled=search_streams)
-        self._metadata = _metadata(token)
-        self.timeout_s = timeout_s
-        self.ingest_timeout_s = ingest_timeout_s
+        self._address = address
+        self._closed = False
 
     async def __aenter__(self) -> BrokerClient:
         return self
@@ -166,7 +251,12 @@ class BrokerClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    def _check_open(self) -> None:
+        if self._closed:  # grpc's own error was a raw UsageError "Channel is closed" (API review of 2026-12-06)
+            raise UnavailableError(f"the client of broker {self._address} is closed")
+
     async def close(self) -> None:
+        self._closed = True
         self._search_streams.close()
         await self._channel.close()
 
@@ -186,6 +276,7 @@ class BrokerClient:
         timeout_s: float | None = None,
     ) -> SearchAnswer:
         req = _search_request(locals())
+        self._check_open()
         timeout_s = _or(timeout_s, self.timeout_s)
         if self._search_streams.usable():
             deadline = time.monotonic() + timeout_s
@@ -203,7 +294,8 @@ class BrokerClient:
         return convert.answer_from_proto(resp)
 
     async def ingest(self, item: CatalogueItem, *, timeout_s: float | None = None) -> IngestSummary:
-        req = broker_pb2.IngestRequest(item=convert.item_to_proto(item))
+        req = broker_pb2.IngestRequest(item=convert.checked_item_to_proto(item))
+        self._check_open()
         try:
             resp = await self._stub.Ingest(
                 req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
@@ -216,6 +308,7 @@ class BrokerClient:
         self, items: Iterable[CatalogueItem] | AsyncIterable[CatalogueItem], *, timeout_s: float | None = None
     ) -> IngestSummary:
         messages = _Items(items)
+        self._check_open()
         try:
             resp = await self._stub.IngestStream(
                 messages.__aiter__(), timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
@@ -229,7 +322,8 @@ class BrokerClient:
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
 
     async def delete(self, image_ids: Sequence[str] | str, *, timeout_s: float | None = None) -> int:
-        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=image_id_list(image_ids))
+        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=_delete_ids(image_ids))
+        self._check_open()
         try:
             resp = await self._stub.Delete(req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
         except grpc.RpcError as err:
@@ -237,6 +331,7 @@ class BrokerClient:
         return resp.deleted
 
     async def stats(self, *, timeout_s: float | None = None) -> list[ShardSummary]:
+        self._check_open()
         try:
             resp = await self._stub.Stats(
                 broker_pb2.BrokerServiceStatsRequest(), timeout=_call_timeout(timeout_s, self.timeout_s)
@@ -261,16 +356,18 @@ class SyncBrokerClient:
         ingest_timeout_s: float = 120.0,
         max_message_bytes: int = 64 * 1024 * 1024,
     ):
+        self.timeout_s, self.ingest_timeout_s = _checked_settings(address, timeout_s, ingest_timeout_s,
+                                                                  max_message_bytes)
+        self._metadata = _metadata(token)
         options = client_channel_options(max_message_bytes)
-        credentials = tls_credentials(root_certificates, certificate_chain, private_key)
+        credentials = _credentials(root_certificates, certificate_chain, private_key)
         if credentials is not None:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
         self._stub = broker_pb2_grpc.BrokerServiceStub(self._channel)
-        self._metadata = _metadata(token)
-        self.timeout_s = timeout_s
-        self.ingest_timeout_s = ingest_timeout_s
+        self._address = address
+        self._closed = False
 
     def __enter__(self) -> SyncBrokerClient:
         return self
@@ -278,7 +375,13 @@ class SyncBrokerClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _check_open(self) -> None:
+        if self._closed:  # grpc raised a raw ValueError, and a health check on the closed channel crashed the
+            # process (a segmentation fault: API review of 2026-12-06)
+            raise UnavailableError(f"the client of broker {self._address} is closed")
+
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def search(
@@ -297,13 +400,15 @@ class SyncBrokerClient:
         timeout_s: float | None = None,
     ) -> SearchAnswer:
         req = _search_request(locals())
+        self._check_open()
         try:
             return convert.answer_from_proto(self._stub.Search(req, timeout=_call_timeout(timeout_s, self.timeout_s)))
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
 
     def ingest(self, item: CatalogueItem, *, timeout_s: float | None = None) -> IngestSummary:
-        req = broker_pb2.IngestRequest(item=convert.item_to_proto(item))
+        req = broker_pb2.IngestRequest(item=convert.checked_item_to_proto(item))
+        self._check_open()
         try:
             resp = self._stub.Ingest(req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata)
         except grpc.RpcError as err:
@@ -314,6 +419,7 @@ class SyncBrokerClient:
         self, items: Iterable[CatalogueItem], *, timeout_s: float | None = None
     ) -> IngestSummary:
         messages = _Items(items)
+        self._check_open()
         try:
             resp = self._stub.IngestStream(
                 iter(messages), timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
@@ -325,7 +431,8 @@ class SyncBrokerClient:
         return IngestSummary(ingested=resp.ingested, cache_pending=resp.cache_pending)
 
     def delete(self, image_ids: Sequence[str] | str, *, timeout_s: float | None = None) -> int:
-        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=image_id_list(image_ids))
+        req = broker_pb2.BrokerServiceDeleteRequest(image_ids=_delete_ids(image_ids))
+        self._check_open()
         try:
             return self._stub.Delete(
                 req, timeout=_call_timeout(timeout_s, self.ingest_timeout_s), metadata=self._metadata
@@ -334,6 +441,7 @@ class SyncBrokerClient:
             raise from_rpc_error(err) from None
 
     def stats(self, *, timeout_s: float | None = None) -> list[ShardSummary]:
+        self._check_open()
         try:
             resp = self._stub.Stats(
                 broker_pb2.BrokerServiceStatsRequest(), timeout=_call_timeout(timeout_s, self.timeout_s)
@@ -348,8 +456,8 @@ class SyncBrokerClient:
 
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        from imgsearch.errors import UnavailableError
-
+        self._check_open()
+        timeout_s = _seconds(timeout_s, "timeout_s")
         stub = health_pb2_grpc.HealthStub(self._channel)
         deadline = time.monotonic() + timeout_s
         last = "no answer"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
 from broker.errors import InvalidRequestError
 from broker.types import (
     CacheOutcome,
@@ -13,6 +16,7 @@ from broker.types import (
     ShardSummary,
     StageTimings,
 )
+from imgsearch.errors import InvalidArgumentError
 from imgsearch.v1 import broker_pb2, common_pb2
 from shard_server.attributes import check_search_categories
 from shard_server.convert import (
@@ -23,6 +27,7 @@ from shard_server.convert import (
     category_stats_to_proto,
     filter_from_proto,
     filter_to_proto,
+    float32_array,
     hit_from_proto,
     vector_from_proto,
     vector_to_proto,
@@ -167,6 +172,38 @@ def item_to_proto(item: CatalogueItem) -> broker_pb2.CatalogueItem:
     for key, value in attributes_to_proto(item.attributes).items():
         msg.attributes[key].CopyFrom(value)
     return msg
+
+
+def checked_item_to_proto(item) -> broker_pb2.CatalogueItem:
+    """`item_to_proto` for a client's item, InvalidArgumentError naming what is wrong (a dict, a path as the
+    image, an id that is no string raised AttributeError or TypeError from inside the client), and a vector of
+    more than one dimension refused as search refuses it (a (2, 256) array was stored as one 512-d vector; API
+    review of 2026-12-06). Bytes-like images are taken, as search takes them."""
+    if not isinstance(item, CatalogueItem):
+        raise InvalidArgumentError(f"an item must be a CatalogueItem, got {type(item).__name__}")
+    for name in ("image_id", "product_id", "category"):
+        if not isinstance(getattr(item, name), str):
+            raise InvalidArgumentError(f"item {name} must be a string, got {type(getattr(item, name)).__name__}")
+    image, vector = item.image, item.vector
+    if image is not None:
+        if not isinstance(image, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(f"item {item.image_id[:64]!r}: image must be the encoded file's bytes, got "
+                                       f"{type(image).__name__} (read the file first)")
+        image = bytes(image)
+    elif vector is not None:
+        vector = float32_array(vector)
+        if vector.ndim == 2 and vector.shape[0] == 1:
+            vector = vector[0]
+        if vector.ndim != 1:
+            raise InvalidArgumentError(f"item {item.image_id[:64]!r}: vector must be one-dimensional, got shape "
+                                       f"{vector.shape}")
+    if not isinstance(item.attributes, Mapping) or not all(isinstance(k, str) for k in item.attributes):
+        raise InvalidArgumentError(f"item {item.image_id[:64]!r}: attributes must be a mapping of names (strings) "
+                                   "to values")
+    try:
+        return item_to_proto(dataclasses.replace(item, image=image, vector=vector))
+    except (TypeError, ValueError, AttributeError) as exc:  # protobuf's own refusals of a value
+        raise InvalidArgumentError(f"item {item.image_id[:64]!r}: {exc}") from None
 
 
 def summary_to_proto(s: IngestSummary) -> broker_pb2.IngestResponse:
