@@ -61,7 +61,8 @@ def grocery_split(data_dir: Path, split: str = "train", *, level: str = "coarse"
     Vegetables, Packages, with level="top")."""
     root = data_dir / "grocery"
     files = []
-    for rel, cls in grocery_listing(root, split, allow_empty=allow_empty):  # a bad line: InputFileError naming the file and line
+    # a bad line: InputFileError naming the file and line
+    for rel, cls in grocery_listing(root, split, allow_empty=allow_empty):
         category = rel.split("/")[1] if level == "top" else cls.coarse_name
         image_id = rel.rsplit(".", 1)[0]
         files.append(

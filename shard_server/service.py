@@ -87,9 +87,10 @@ class ShardServicer(shard_pb2_grpc.ShardServiceServicer):
         done = 0
         # Searches on the event loop do not yield: a batch of 256 heavy ones (top_k 1,000 of distinct products)
         # held it for 2.6-3 s, every other call of the shard with it (review of 2026-12-06). Once a batch has held
-        # the loop BATCH_LOOP_SLICE_S, the rest goes to the search pool in jobs of about as long (one job per search
-        # cost light batches 6-17 % of their throughput; 16 heavy searches a job held single searches back), and
-        # the message's time limit can end it between jobs. (A yield between searches was not enough: another call needs several turns of the loop.)
+        # the loop BATCH_LOOP_SLICE_S, the rest goes to the search pool in jobs of about as long (one job per
+        # search cost light batches 6-17 % of their throughput; 16 heavy searches a job held single searches
+        # back), and the message's time limit can end it between jobs. (A yield between searches was not enough:
+        # another call needs several turns of the loop.)
         while done < len(searches) and loop.time() - started <= BATCH_LOOP_SLICE_S:
             try:
                 outcome = await self._search(searches[done])

@@ -521,7 +521,8 @@ async def test_streams_too_slow_to_fill_a_chunk_give_their_turns_up_to_streams_t
         ({"vector": [1.0] * 4, "exactness": "fast"}, "exactness must be an Exactness"),
         ({"vector": [1.0] * 4, "filter": {"price": 1}}, "filter must be a Filter, got dict"),
     ],
-    ids=["top_k-overflow", "negative-nprobe", "zero-top_k", "fractional-top_k", "image-and-vector", "two-dimensional-vector",
+    ids=["top_k-overflow", "negative-nprobe", "zero-top_k", "fractional-top_k", "image-and-vector",
+         "two-dimensional-vector",
          "bool-top_k", "image-path", "numeric-image-id", "text-vector", "numeric-categories", "exactness-text",
          "filter-dict"],
 )

@@ -35,19 +35,13 @@ def _assert_fails_with(result: subprocess.CompletedProcess, text: str) -> None:
 
 
 def _preprocess_stubs(server_pid: int) -> list[int]:
-    """The python-backend stub processes of imgsearch_preprocess started by this tritonserver (from /proc: `ps`
-    cuts command lines at $COLUMNS)."""
-    stubs = []
-    for proc in Path("/proc").iterdir():
-        try:
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except (OSError, ValueError, IndexError):  # not a process, or gone meanwhile
-            continue
-        if ppid == server_pid and args[0].endswith("triton_python_backend_stub") and any(
-                a.startswith(f"{PREPROCESS_MODEL}_") for a in args):  # the instance name, imgsearch_preprocess_0_0
-            stubs.append(int(proc.name))
-    return stubs
+    """The python-backend stub processes of imgsearch_preprocess started by this tritonserver (the probe's own
+    /proc reading: `ps` cuts command lines at $COLUMNS)."""
+    from embedder.triton_probe import _processes
+
+    return [pid for pid, ppid, args in _processes()
+            if ppid == server_pid and args[0].endswith("triton_python_backend_stub")
+            and any(a.startswith(f"{PREPROCESS_MODEL}_") for a in args)]  # the instance, imgsearch_preprocess_0_0
 
 
 def test_the_probe_image_is_a_valid_image():
