@@ -161,7 +161,7 @@ def cmd_up(args) -> int:
         broker_port=args.port,
         broker_metrics_port=args.metrics_port,
         redis_url=os.environ.get("REDIS_URL") or None,
-        write_token=os.environ.get("IMGSEARCH_WRITE_TOKEN") or None,
+        write_token=(os.environ.get("IMGSEARCH_WRITE_TOKEN") or "").strip() or None,
         shard_args=("--attribute-schema", args.attribute_schema),
     )
     stop = {"now": False, "starting": True, "interrupted": False}

@@ -234,7 +234,9 @@ class BrokerConfig:
         a = p.parse_args(argv)
         if not a.shard_map:
             p.error("a shard map is required (--shard-map or IMGSEARCH_SHARD_MAP)")
-        token = env("IMGSEARCH_WRITE_TOKEN") or None
+        # stripped as the file's is, and as the clients strip theirs: a variable set from a file ends in a newline,
+        # and no client could then write (review of 2026-12-06)
+        token = (env("IMGSEARCH_WRITE_TOKEN") or "").strip() or None
         if a.write_token_file:
             token = Path(a.write_token_file).read_text().strip() or None
         if bool(a.shard_tls_cert_file) != bool(a.shard_tls_key_file):

@@ -145,3 +145,42 @@ async def test_mistakes_in_items_timeouts_tokens_and_ids_are_clear_errors(broker
             SyncBrokerClient(broker, **settings)
     with pytest.raises(InvalidArgumentError, match="address"):
         SyncBrokerClient(None)
+
+
+async def test_a_caller_cancelled_as_its_client_closes_stays_cancelled(tmp_path):
+    """close() cancels the searches in flight and turns that into UNAVAILABLE; a search whose owner cancelled it
+    in the same turn took UNAVAILABLE too, and a retry on it kept running after its cancel (review of 2026-12-06)."""
+    hung = grpc.aio.server()
+    hung.add_generic_rpc_handlers((_HungShard(),))
+    hung_port = hung.add_insecure_port("127.0.0.1:0")
+    await hung.start()
+    handle = await start_broker(BrokerConfig(
+        server=ServerOptions(host="127.0.0.1", port=0), dimension=DIM, search_timeout_s=30,
+        shard_map=ShardMap(shards={"s0": (f"127.0.0.1:{hung_port}",)}), triton_url=f"127.0.0.1:{free_port()}"))
+    try:
+        for cancel_first in (True, False):
+            client = BrokerClient(f"127.0.0.1:{handle.port}", timeout_s=math.inf)
+            search = asyncio.ensure_future(client.search(vector=_vector(0)))
+            await asyncio.sleep(0.5)
+            if cancel_first:
+                search.cancel()
+                await client.close()
+            else:
+                closing = asyncio.ensure_future(client.close())
+                search.cancel()
+                await closing
+            await asyncio.wait([search], timeout=3)
+            assert search.cancelled(), (cancel_first, search.done() and search.exception())
+    finally:
+        await handle.stop(grace_s=1)
+        await hung.stop(None)
+
+
+def test_a_broker_token_from_the_environment_is_stripped_as_the_clients_is(monkeypatch, tmp_path):
+    from broker.config import BrokerConfig as Config
+
+    shard_map = tmp_path / "shard-map.json"
+    shard_map.write_text('{"shards": {"s0": ["127.0.0.1:1"]}}')
+    monkeypatch.setenv("IMGSEARCH_WRITE_TOKEN", "secret\n")
+    config = Config.from_env(["--shard-map", str(shard_map)])
+    assert config.write_token == "secret"

@@ -122,8 +122,10 @@ class StreamPool:
         try:
             return await self._ask(request, timeout_s, loop)
         except asyncio.CancelledError:
-            if current is not None and current in self._cut_by_close:
-                current.uncancel()  # close()'s own cancel: the caller is not cancelled, its client was closed
+            # close()'s own cancel, when it was the only one: the caller is not cancelled, its client was closed.
+            # A caller cancelled too (its owner's cancel in the same turn) stays cancelled: a retry on
+            # UNAVAILABLE kept running after it (review of 2026-12-06).
+            if current is not None and current in self._cut_by_close and current.uncancel() == 0:
                 raise UnavailableError(f"the client of {self._peer} was closed during the request") from None
             raise
         finally:
