@@ -238,7 +238,12 @@ class BrokerConfig:
         # and no client could then write (review of 2026-12-06)
         token = (env("IMGSEARCH_WRITE_TOKEN") or "").strip() or None
         if a.write_token_file:
-            token = Path(a.write_token_file).read_text().strip() or None
+            token = Path(a.write_token_file).read_text().strip()
+            if not token:  # read as "no token", the broker ran open to writes (review of 2026-12-06)
+                p.error(f"--write-token-file {a.write_token_file} holds no token")
+        if token is not None and not (token.isascii() and token.isprintable()):
+            # gRPC metadata carries printable ASCII only, and the clients refuse anything else: no write could pass
+            p.error("the write token must be printable ASCII")
         if bool(a.shard_tls_cert_file) != bool(a.shard_tls_key_file):
             p.error("--shard-tls-cert-file and --shard-tls-key-file go together")
         if a.shard_tls_cert_file and not a.shard_tls_ca_file:

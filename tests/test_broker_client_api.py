@@ -184,3 +184,43 @@ def test_a_broker_token_from_the_environment_is_stripped_as_the_clients_is(monke
     monkeypatch.setenv("IMGSEARCH_WRITE_TOKEN", "secret\n")
     config = Config.from_env(["--shard-map", str(shard_map)])
     assert config.write_token == "secret"
+
+
+async def test_closing_a_client_twice_at_once_gives_its_searches_unavailable(tmp_path):
+    """Two close() in one turn (an `async with` exit and a shutdown hook) cancelled a search in flight twice, and
+    one uncancel left it cancelled: its caller got CancelledError though nobody cancelled it (review)."""
+    hung = grpc.aio.server()
+    hung.add_generic_rpc_handlers((_HungShard(),))
+    hung_port = hung.add_insecure_port("127.0.0.1:0")
+    await hung.start()
+    handle = await start_broker(BrokerConfig(
+        server=ServerOptions(host="127.0.0.1", port=0), dimension=DIM, search_timeout_s=30,
+        shard_map=ShardMap(shards={"s0": (f"127.0.0.1:{hung_port}",)}), triton_url=f"127.0.0.1:{free_port()}"))
+    try:
+        client = BrokerClient(f"127.0.0.1:{handle.port}", timeout_s=math.inf)
+        search = asyncio.ensure_future(client.search(vector=_vector(0)))
+        await asyncio.sleep(0.5)
+        await asyncio.gather(client.close(), client.close())
+        await asyncio.wait([search], timeout=3)
+        assert not search.cancelled() and isinstance(search.exception(), UnavailableError)
+    finally:
+        await handle.stop(grace_s=1)
+        await hung.stop(None)
+
+
+@pytest.mark.parametrize(("variable", "file_text", "says"), [
+    ("tök", None, "printable ASCII"), ("real-token", "  \n", "holds no token")])
+def test_a_broker_refuses_a_write_token_no_client_could_send(monkeypatch, tmp_path, capsys, variable, file_text,
+                                                               says):
+    from broker.config import BrokerConfig as Config
+
+    shard_map = tmp_path / "shard-map.json"
+    shard_map.write_text('{"shards": {"s0": ["127.0.0.1:1"]}}')
+    monkeypatch.setenv("IMGSEARCH_WRITE_TOKEN", variable)
+    argv = ["--shard-map", str(shard_map)]
+    if file_text is not None:
+        (tmp_path / "token").write_text(file_text)
+        argv += ["--write-token-file", str(tmp_path / "token")]
+    with pytest.raises(SystemExit):
+        Config.from_env(argv)
+    assert says in capsys.readouterr().err

@@ -266,7 +266,8 @@ class StreamPool:
         except RuntimeError:  # closed outside the event loop
             current = None
         for task in list(self._asking):
-            if task is not current and not task.done():
+            # once: a second close() in the same turn cancelled it twice, and one uncancel left it cancelled
+            if task is not current and not task.done() and task not in self._cut_by_close:
                 self._cut_by_close.add(task)
                 task.cancel()
         for task in list(self._late):
