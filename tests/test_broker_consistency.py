@@ -428,6 +428,15 @@ async def test_a_delete_during_a_cache_repair_round_is_not_undone(shards, redis,
     await asyncio.sleep(REDIS_BACKOFF_S + 0.1)
 
     victim = items[-1].image_id  # queued last, so replayed last
+    # Each replayed write a little slower, so that the round outlasts the delete on a loaded box (the delete
+    # finished after the round once, with the 2 cores busy: a clean-clone run of 2026-12-06).
+    cache_upsert = broker.repair._cache.upsert
+
+    async def slower_upsert(write):
+        await asyncio.sleep(0.005)
+        return await cache_upsert(write)
+
+    broker.repair._cache.upsert = slower_upsert
     replay = asyncio.create_task(broker.repair.repair_once())
     try:
         while len(broker.repair) > n - 10:  # the round is under way
