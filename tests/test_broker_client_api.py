@@ -83,8 +83,9 @@ class _HungShard(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(unary)
 
 
-async def test_closing_the_client_ends_the_searches_in_flight(tmp_path):
-    """19 of 20 searches in flight when the client was closed waited for their time limit, or for ever."""
+@pytest.fixture
+async def hung_broker():
+    """A broker whose one shard never answers: its searches stay in flight."""
     hung = grpc.aio.server()
     hung.add_generic_rpc_handlers((_HungShard(),))
     hung_port = hung.add_insecure_port("127.0.0.1:0")
@@ -92,19 +93,22 @@ async def test_closing_the_client_ends_the_searches_in_flight(tmp_path):
     handle = await start_broker(BrokerConfig(
         server=ServerOptions(host="127.0.0.1", port=0), dimension=DIM, search_timeout_s=30,
         shard_map=ShardMap(shards={"s0": (f"127.0.0.1:{hung_port}",)}), triton_url=f"127.0.0.1:{free_port()}"))
-    try:
-        client = BrokerClient(f"127.0.0.1:{handle.port}", timeout_s=math.inf)
-        searches = [asyncio.ensure_future(client.search(vector=_vector(i), timeout_s=math.inf))
-                    for i in range(20)]
-        await asyncio.sleep(1.0)
-        assert not any(s.done() for s in searches), [s.exception() or s.result() for s in searches if s.done()]
-        await client.close()
-        done, pending = await asyncio.wait(searches, timeout=3)
-        assert not pending, f"{len(pending)} searches still waiting"
-        assert all(isinstance(s.exception(), UnavailableError) for s in done), [s.exception() for s in done]
-    finally:
-        await handle.stop(grace_s=1)
-        await hung.stop(None)
+    yield f"127.0.0.1:{handle.port}"
+    await handle.stop(grace_s=1)
+    await hung.stop(None)
+
+
+async def test_closing_the_client_ends_the_searches_in_flight(hung_broker):
+    """19 of 20 searches in flight when the client was closed waited for their time limit, or for ever."""
+    client = BrokerClient(hung_broker, timeout_s=math.inf)
+    searches = [asyncio.ensure_future(client.search(vector=_vector(i), timeout_s=math.inf))
+                for i in range(20)]
+    await asyncio.sleep(1.0)
+    assert not any(s.done() for s in searches), [s.exception() or s.result() for s in searches if s.done()]
+    await client.close()
+    done, pending = await asyncio.wait(searches, timeout=3)
+    assert not pending, f"{len(pending)} searches still waiting"
+    assert all(isinstance(s.exception(), UnavailableError) for s in done), [s.exception() for s in done]
 
 
 async def test_mistakes_in_items_timeouts_tokens_and_ids_are_clear_errors(broker):
@@ -147,65 +151,48 @@ async def test_mistakes_in_items_timeouts_tokens_and_ids_are_clear_errors(broker
         SyncBrokerClient(None)
 
 
-async def test_a_caller_cancelled_as_its_client_closes_stays_cancelled(tmp_path):
+async def test_a_caller_cancelled_as_its_client_closes_stays_cancelled(hung_broker):
     """close() cancels the searches in flight and turns that into UNAVAILABLE; a search whose owner cancelled it
     in the same turn took UNAVAILABLE too, and a retry on it kept running after its cancel (review of 2026-12-06)."""
-    hung = grpc.aio.server()
-    hung.add_generic_rpc_handlers((_HungShard(),))
-    hung_port = hung.add_insecure_port("127.0.0.1:0")
-    await hung.start()
-    handle = await start_broker(BrokerConfig(
-        server=ServerOptions(host="127.0.0.1", port=0), dimension=DIM, search_timeout_s=30,
-        shard_map=ShardMap(shards={"s0": (f"127.0.0.1:{hung_port}",)}), triton_url=f"127.0.0.1:{free_port()}"))
-    try:
-        for cancel_first in (True, False):
-            client = BrokerClient(f"127.0.0.1:{handle.port}", timeout_s=math.inf)
-            search = asyncio.ensure_future(client.search(vector=_vector(0)))
-            await asyncio.sleep(0.5)
-            if cancel_first:
-                search.cancel()
-                await client.close()
-            else:
-                closing = asyncio.ensure_future(client.close())
-                search.cancel()
-                await closing
-            await asyncio.wait([search], timeout=3)
-            assert search.cancelled(), (cancel_first, search.done() and search.exception())
-    finally:
-        await handle.stop(grace_s=1)
-        await hung.stop(None)
+    for cancel_first in (True, False):
+        client = BrokerClient(hung_broker, timeout_s=math.inf)
+        search = asyncio.ensure_future(client.search(vector=_vector(0)))
+        await asyncio.sleep(0.5)
+        if cancel_first:
+            search.cancel()
+            await client.close()
+        else:
+            closing = asyncio.ensure_future(client.close())
+            search.cancel()
+            await closing
+        await asyncio.wait([search], timeout=3)
+        assert search.cancelled(), (cancel_first, search.done() and search.exception())
+
+
+def _shard_map_file(tmp_path):
+    path = tmp_path / "shard-map.json"
+    path.write_text('{"shards": {"s0": ["127.0.0.1:1"]}}')
+    return path
 
 
 def test_a_broker_token_from_the_environment_is_stripped_as_the_clients_is(monkeypatch, tmp_path):
     from broker.config import BrokerConfig as Config
 
-    shard_map = tmp_path / "shard-map.json"
-    shard_map.write_text('{"shards": {"s0": ["127.0.0.1:1"]}}')
+    shard_map = _shard_map_file(tmp_path)
     monkeypatch.setenv("IMGSEARCH_WRITE_TOKEN", "secret\n")
     config = Config.from_env(["--shard-map", str(shard_map)])
     assert config.write_token == "secret"
 
 
-async def test_closing_a_client_twice_at_once_gives_its_searches_unavailable(tmp_path):
+async def test_closing_a_client_twice_at_once_gives_its_searches_unavailable(hung_broker):
     """Two close() in one turn (an `async with` exit and a shutdown hook) cancelled a search in flight twice, and
     one uncancel left it cancelled: its caller got CancelledError though nobody cancelled it (review)."""
-    hung = grpc.aio.server()
-    hung.add_generic_rpc_handlers((_HungShard(),))
-    hung_port = hung.add_insecure_port("127.0.0.1:0")
-    await hung.start()
-    handle = await start_broker(BrokerConfig(
-        server=ServerOptions(host="127.0.0.1", port=0), dimension=DIM, search_timeout_s=30,
-        shard_map=ShardMap(shards={"s0": (f"127.0.0.1:{hung_port}",)}), triton_url=f"127.0.0.1:{free_port()}"))
-    try:
-        client = BrokerClient(f"127.0.0.1:{handle.port}", timeout_s=math.inf)
-        search = asyncio.ensure_future(client.search(vector=_vector(0)))
-        await asyncio.sleep(0.5)
-        await asyncio.gather(client.close(), client.close())
-        await asyncio.wait([search], timeout=3)
-        assert not search.cancelled() and isinstance(search.exception(), UnavailableError)
-    finally:
-        await handle.stop(grace_s=1)
-        await hung.stop(None)
+    client = BrokerClient(hung_broker, timeout_s=math.inf)
+    search = asyncio.ensure_future(client.search(vector=_vector(0)))
+    await asyncio.sleep(0.5)
+    await asyncio.gather(client.close(), client.close())
+    await asyncio.wait([search], timeout=3)
+    assert not search.cancelled() and isinstance(search.exception(), UnavailableError)
 
 
 @pytest.mark.parametrize(("variable", "file_text", "says"), [
@@ -214,8 +201,7 @@ def test_a_broker_refuses_a_write_token_no_client_could_send(monkeypatch, tmp_pa
                                                                says):
     from broker.config import BrokerConfig as Config
 
-    shard_map = tmp_path / "shard-map.json"
-    shard_map.write_text('{"shards": {"s0": ["127.0.0.1:1"]}}')
+    shard_map = _shard_map_file(tmp_path)
     monkeypatch.setenv("IMGSEARCH_WRITE_TOKEN", variable)
     argv = ["--shard-map", str(shard_map)]
     if file_text is not None:

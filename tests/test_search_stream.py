@@ -40,6 +40,12 @@ async def _load(client: ShardClient) -> synthetic.SyntheticCatalogue:
     return catalogue
 
 
+async def _loaded_query(client: ShardClient) -> SearchQuery:
+    """Load the catalogue through `client`; a query of category "a"."""
+    catalogue = await _load(client)
+    return SearchQuery(vector=catalogue.queries(1)[0], top_k=5, categories=("a",))
+
+
 @pytest.fixture
 async def shard(tmp_path):
     handle = await start_shard_server(_config(tmp_path))
@@ -412,8 +418,7 @@ async def test_streams_over_the_servers_limit_are_refused_and_their_searches_go_
     address = f"127.0.0.1:{handle.port}"
     try:
         async with ShardClient(address) as client:
-            catalogue = await _load(client)
-            query = SearchQuery(vector=catalogue.queries(1)[0], top_k=5, categories=("a",))
+            query = await _loaded_query(client)
             expected = await client.search(query, timeout_s=5)  # over one stream, kept idle by client
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = shard_pb2_grpc.ShardServiceStub(channel)
@@ -458,8 +463,7 @@ async def test_a_stream_left_idle_by_a_vanished_client_is_ended_and_its_slot_giv
     address = f"127.0.0.1:{handle.port}"
     try:
         async with ShardClient(address) as client:
-            catalogue = await _load(client)
-            query = SearchQuery(vector=catalogue.queries(1)[0], top_k=5, categories=("a",))
+            query = await _loaded_query(client)
             expected = await client.search(query, timeout_s=5)
             async with grpc.aio.insecure_channel(address) as channel:
                 vanished = shard_pb2_grpc.ShardServiceStub(channel).SearchStream()  # never written to again
@@ -485,8 +489,7 @@ async def test_a_stream_kept_busy_is_not_ended_as_idle(tmp_path, monkeypatch):
     handle = await start_shard_server(_config(tmp_path))
     try:
         async with ShardClient(f"127.0.0.1:{handle.port}") as client:
-            catalogue = await _load(client)
-            query = SearchQuery(vector=catalogue.queries(1)[0], top_k=5, categories=("a",))
+            query = await _loaded_query(client)
             (streams,) = handle.service.request_streams
             await client.search(query, timeout_s=5)
             handlers = set(streams._open)  # the one stream's handler task

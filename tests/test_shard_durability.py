@@ -745,6 +745,16 @@ def test_a_second_shard_process_on_the_same_data_dir_is_refused(tmp_path):
         first.kill()
 
 
+def _live_rows_after_restart(data_dir: Path) -> int:
+    """Live rows of a shard started again from `data_dir` (its snapshot and log)."""
+    restarted = ShardEngine(ShardConfig(data_dir=data_dir, dimension=DIM))
+    restarted.load()
+    try:
+        return sum(p.live_count for p in restarted.partitions.values())
+    finally:
+        restarted.close()
+
+
 def _raising(error: BaseException | type[BaseException]):
     """A stand-in for a disk or memory that fails: raises `error` whatever it is called with."""
     def fail(*args, **kwargs):
@@ -1127,10 +1137,7 @@ def test_a_snapshot_whose_log_drop_fails_still_maps_its_vectors(tmp_path, monkey
         assert len(list((tmp_path / "snapshots").glob("snap-*"))) == 1
     monkeypatch.undo()
     engine.close(snapshot=True)
-    restarted = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=DIM))
-    restarted.load()
-    assert sum(p.live_count for p in restarted.partitions.values()) == 60
-    restarted.close()
+    assert _live_rows_after_restart(tmp_path) == 60
 
 
 def test_a_snapshot_that_fails_after_its_files_are_written_still_counts(tmp_path, monkeypatch):
@@ -1169,7 +1176,4 @@ def test_a_snapshot_that_fails_after_its_files_are_written_still_counts(tmp_path
         engine.snapshot()
     monkeypatch.undo()
     engine.close(snapshot=True)
-    restarted = ShardEngine(ShardConfig(data_dir=tmp_path, dimension=DIM))
-    restarted.load()
-    assert sum(p.live_count for p in restarted.partitions.values()) == 80
-    restarted.close()
+    assert _live_rows_after_restart(tmp_path) == 80
